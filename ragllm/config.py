@@ -1,0 +1,159 @@
+"""The settings tree: defaults < profile file < environment < CLI flags.
+
+Profiles are data (``ragllm/profiles/<name>.toml``). Environment variables use the ``RAGLLM_``
+prefix with ``__`` between sections (``RAGLLM_ENGINE__MAX_WAITING=32``), except the names the
+deployment README already taught users (``DEPLOYMENT_ENV_NAMES``), which are honoured as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+PROFILES = ("local", "cloud")
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# The deployment README's variable names → their place in the settings tree.
+DEPLOYMENT_ENV_NAMES: dict[str, tuple[str, str]] = {
+    "LLM_MODEL_ID": ("engine", "model"),
+    "MODEL_CACHE_DIR": ("engine", "model_cache_dir"),
+    "HUGGING_FACE_HUB_TOKEN": ("engine", "hf_token"),
+    "TENSOR_PARALLEL_SIZE": ("engine", "tensor_parallel_size"),
+    "VLLM_MAX_NUM_SEQS": ("engine", "max_num_seqs"),
+    "VLLM_MAX_BATCH_SIZE": ("engine", "max_batch_size"),
+    "REDIS_URL": ("redis", "url"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("telemetry", "otlp_endpoint"),
+}
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ragllm"
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class EngineSettings(BaseModel):
+    name: str = Field("transformers", description="Engine implementation (see ragllm.engines).")
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face id, local directory or .gguf file.")
+    served_model_name: str | None = Field(None, description="Name clients send; default: model.")
+    model_cache_dir: Path = Field(default_factory=_default_cache_dir)
+    hf_token: SecretStr | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int = Field(6, ge=1, description="Sequences holding KV cache at once.")
+    max_batch_size: int = Field(4, ge=1, description="Rows in one decode forward pass.")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget per scheduling step.")
+    chunked_prefill: bool = False
+    max_model_len: int | None = Field(None, ge=16, description="Context window; default: model's.")
+    max_waiting: int = Field(16, ge=0, description="Queued requests before answering 503.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
+
+    @model_validator(mode="after")
+    def _batch_within_seqs(self) -> "EngineSettings":
+        # A decode batch larger than the running set could never fill; clamp rather than refuse.
+        self.max_batch_size = min(self.max_batch_size, self.max_num_seqs)
+        return self
+
+    @property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class RedisSettings(BaseModel):
+    url: str | None = None
+
+
+class TelemetrySettings(BaseModel):
+    otlp_endpoint: str | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAGLLM_", env_nested_delimiter="__", extra="ignore", nested_model_default_partial_update=True
+    )
+
+    profile: Literal["local", "cloud"] = "local"
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        profile = _requested_profile(init_settings)
+        return (
+            init_settings,
+            DeploymentEnvSource(settings_cls),
+            env_settings,
+            ProfileSource(settings_cls, profile),
+        )
+
+
+def _requested_profile(init_settings: PydanticBaseSettingsSource) -> str:
+    init_kwargs = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+    return init_kwargs.get("profile") or os.environ.get("RAGLLM_PROFILE") or "local"
+
+
+class DeploymentEnvSource(PydanticBaseSettingsSource):
+    """Reads the deployment README's variable names (``LLM_MODEL_ID``, ``VLLM_MAX_NUM_SEQS``, ...)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        tree: dict[str, Any] = {}
+        for env_name, (section, key) in DEPLOYMENT_ENV_NAMES.items():
+            value = os.environ.get(env_name)
+            if value not in (None, ""):
+                tree.setdefault(section, {})[key] = value
+        return tree
+
+
+class ProfileSource(PydanticBaseSettingsSource):
+    """The profile's TOML file shipped inside the package."""
+
+    def __init__(self, settings_cls: type[BaseSettings], profile: str) -> None:
+        super().__init__(settings_cls)
+        self.profile = profile
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {**load_profile(self.profile), "profile": self.profile}
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """The profile file as a dict; raises ValueError for an unknown profile."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    text = resources.files("ragllm.profiles").joinpath(f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def load_settings(**cli_overrides: Any) -> Settings:
+    """Build the settings tree; ``cli_overrides`` is nested like the tree (``engine={"model": ...}``)."""
+    return Settings(**{key: value for key, value in cli_overrides.items() if value is not None})

@@ -1,0 +1,130 @@
+"""The engine seam: one generate call, ``health()`` and ``aclose()``.
+
+Everything that produces tokens (the in-process engine, an upstream pool, a supervised vLLM)
+implements ``Engine``; compositions such as a router implement it too. The dataclasses here are the
+whole vocabulary the service and the engines share.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: up to the end of the context window
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A chat (``messages``) or a completion (``prompt`` text or token ids), never both."""
+
+    request_id: str
+    params: SamplingParams
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(slots=True)
+class Delta:
+    """New text for one request since the previous delta.
+
+    ``num_tokens`` counts the tokens generated since the previous delta (text may lag tokens when a
+    multi-byte character or a possible stop string is held back). The last delta has a
+    ``finish_reason`` and the final ``completion_tokens``.
+    """
+
+    text: str
+    num_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    queue_time_s: float | None = None  # set on the first delta
+
+
+class DeltaStream(abc.ABC):
+    """An admitted generation; iterate for deltas, ``aclose()`` to cancel and free its slot."""
+
+    request_id: str
+    prompt_tokens: int
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[Delta]: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    BROKEN = "broken"
+
+
+@dataclass(slots=True)
+class EngineHealth:
+    state: EngineState
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    id: str
+    max_model_len: int
+    owned_by: str = "ragllm"
+    fingerprint: str = ""
+
+
+class Engine(abc.ABC):
+    """The seam. ``generate`` validates and admits (raising ``ragllm.errors`` types); the stream it
+    returns yields deltas until one carries a ``finish_reason``."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load whatever the engine needs; called once, in the background, by the app's lifespan."""
+
+    @abc.abstractmethod
+    async def generate(self, request: GenerationRequest) -> DeltaStream: ...
+
+    @abc.abstractmethod
+    def models(self) -> list[ModelCard]: ...
+
+    @abc.abstractmethod
+    def health(self) -> EngineHealth: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...

@@ -1,0 +1,112 @@
+"""Loading a transformers model and tokenizer, and turning requests into prompt token ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragllm.config import EngineSettings
+from ragllm.engines.base import GenerationRequest
+from ragllm.errors import InvalidRequest, ModelLoadError
+from ragllm.models import resolve_model
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    path: Path
+    device: Any
+    dtype_name: str
+    stop_token_ids: frozenset[int]
+    max_position_embeddings: int
+
+
+def load_model_and_tokenizer(settings: EngineSettings) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    path = resolve_model(settings.model, settings.model_cache_dir, token)
+    device = _device(settings.device)
+    dtype = _dtype(settings.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"model at {path} has no chat template; chat completions need one")
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        device=device,
+        dtype_name=str(dtype).removeprefix("torch."),
+        stop_token_ids=_stop_token_ids(model, tokenizer),
+        max_position_embeddings=int(getattr(model.config, "max_position_embeddings", 2048)),
+    )
+
+
+def _device(requested: str) -> Any:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but torch sees no CUDA device")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def _dtype(requested: str, device: Any) -> Any:
+    import torch
+
+    if requested == "auto":
+        # bf16 on GPUs; float32 on CPU, where it is both exact and (without AMX) as fast.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, requested)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """Token ids of the request's prompt: chat template for messages, plain text or given ids."""
+    if request.messages is not None:
+        return _chat_prompt_ids(tokenizer, request.messages)
+    if request.prompt_token_ids is not None:
+        _check_token_ids(tokenizer, request.prompt_token_ids)
+        return list(request.prompt_token_ids)
+    ids = tokenizer(request.prompt or "").input_ids
+    if not ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    return ids
+
+
+def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # templates raise on conversations they do not accept
+        raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _check_token_ids(tokenizer: Any, ids: list[int]) -> None:
+    if not ids:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    vocab_size = len(tokenizer)
+    bad = next((token for token in ids if not 0 <= token < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param="prompt")

@@ -1,0 +1,214 @@
+"""The continuous-batching loop of the in-process engine, run on its own thread.
+
+Each step decodes one token for every decoding sequence (in micro-batches of at most
+``max_batch_size`` rows), then prefills waiting prompts within the step's token budget. Requests join
+at the next step and leave as soon as they finish or are aborted; nothing holds a lock across a
+request's generation.
+
+Slot layout: the running list's index is the sequence's KV slot. Decoding sequences form a prefix
+(slots ``0..d-1``) and prefilling ones the suffix, in arrival order; releasing a slot keeps that so.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ragllm.engines.model_runner import ModelRunner
+from ragllm.engines.sampling import sample_next_tokens
+from ragllm.engines.sequence import Sequence, SequenceStatus
+from ragllm.engines.base import Delta, FinishReason
+
+logger = logging.getLogger(__name__)
+
+# Hands a step's results to the event loop in one go: [(sequence, delta or exception), ...].
+Deliver = Callable[[list[tuple[Sequence, "Delta | BaseException"]]], None]
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_batch_size: int
+    max_num_batched_tokens: int
+    chunked_prefill: bool
+
+
+class _Abort:
+    __slots__ = ("request_id",)
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+
+_SHUTDOWN = object()
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver) -> None:
+        self.runner = runner
+        self.limits = limits
+        self._deliver = deliver
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._loop, name="ragllm-engine", daemon=True)
+
+    # -- called from the event loop -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, sequence: Sequence) -> None:
+        self._inbox.put(sequence)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def stop(self) -> None:
+        self._inbox.put(_SHUTDOWN)
+        self._thread.join(timeout=30)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            idle = not self.running and not self.waiting
+            if not self._drain_inbox(block=idle):
+                break
+            self._admit()
+            if not self.running:
+                continue
+            results: list[tuple[Sequence, Delta | BaseException]] = []
+            try:
+                self.step(results)
+            except Exception as exc:  # a broken step must fail its requests, not the loop
+                logger.exception("engine step failed")
+                results.extend(self._fail_running(exc))
+            if results:
+                self._deliver(results)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Move submitted work into the queues; returns False on shutdown."""
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if item is _SHUTDOWN:
+                return False
+            if isinstance(item, _Abort):
+                self._abort(item.request_id)
+            else:
+                self.waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _abort(self, request_id: str) -> None:
+        for sequence in self.waiting:
+            if sequence.request_id == request_id:
+                self.waiting.remove(sequence)
+                return
+        for slot, sequence in enumerate(self.running):
+            if sequence.request_id == request_id:
+                self._release(slot)
+                return
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.limits.max_num_seqs:
+            sequence = self.waiting.popleft()
+            sequence.status = SequenceStatus.PREFILLING
+            self.running.append(sequence)
+
+    def step(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
+        """One scheduling step: decode every decoding sequence once, then prefill within budget."""
+        self.num_steps += 1
+        num_decoding = self._decode_all(results)
+        self._prefill_within_budget(self.limits.max_num_batched_tokens - num_decoding, results)
+        self._release_finished()
+
+    def _decode_all(self, results: list) -> int:
+        decoding = [s for s in self.running if s.status is SequenceStatus.DECODING]
+        batch_size = self.limits.max_batch_size
+        for first in range(0, len(decoding), batch_size):
+            batch = decoding[first : first + batch_size]
+            logits = self.runner.decode(first, [s.output_ids[-1] for s in batch],
+                                        [s.next_position for s in batch])
+            self._sample_and_record(batch, logits, results)
+        return len(decoding)
+
+    def _prefill_within_budget(self, budget: int, results: list) -> None:
+        for slot, sequence in enumerate(self.running):
+            if sequence.status is not SequenceStatus.PREFILLING:
+                continue
+            remaining = sequence.num_prompt_tokens - sequence.num_computed
+            if self.limits.chunked_prefill:
+                chunk = min(remaining, budget)
+            else:
+                # Whole prompts only; the first one always runs so a long prompt cannot starve.
+                chunk = remaining if remaining <= budget or budget == self.limits.max_num_batched_tokens else 0
+            if chunk <= 0:
+                return
+            budget -= chunk
+            sequence.mark_scheduled()
+            start = sequence.num_computed
+            logits = self.runner.prefill(slot, sequence.prompt_ids[start : start + chunk], start)
+            sequence.num_computed += chunk
+            if sequence.num_computed == sequence.num_prompt_tokens:
+                sequence.status = SequenceStatus.DECODING
+                self._sample_and_record([sequence], logits[None], results)
+            if budget <= 0:
+                return
+
+    def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
+        tokens = sample_next_tokens(
+            logits,
+            [s.params for s in batch],
+            [s.history() if s.params.repetition_penalty != 1.0 else [] for s in batch],
+            [s.generator for s in batch],
+        )
+        for sequence, token in zip(batch, tokens):
+            delta = sequence.append_token(token)
+            if delta is not None:
+                results.append((sequence, delta))
+
+    def _release_finished(self) -> None:
+        for slot in range(len(self.running) - 1, -1, -1):
+            if self.running[slot].status is SequenceStatus.FINISHED:
+                self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        """Free a slot, keeping decoding sequences a prefix and prefilling ones in order behind them."""
+        self.running[slot].status = SequenceStatus.FINISHED
+        num_decoding = sum(1 for s in self.running if s.prefill_done)
+        if slot < num_decoding:
+            last = num_decoding - 1  # fill the hole with the last decoding sequence
+            if slot != last:
+                moved = self.running[last]
+                self.runner.cache.move(last, slot, moved.num_cached)
+                self.running[slot] = moved
+            slot = last
+        del self.running[slot]
+        for new_slot in range(slot, len(self.running)):  # prefilling sequences shift down one slot
+            shifted = self.running[new_slot]
+            if shifted.num_cached:
+                self.runner.cache.move(new_slot + 1, new_slot, shifted.num_cached)
+
+    def _fail_running(self, exc: Exception) -> list[tuple[Sequence, BaseException]]:
+        failed = [(sequence, exc) for sequence in self.running]
+        for sequence in self.running:
+            sequence.status = SequenceStatus.FINISHED
+        self.running.clear()
+        return failed

@@ -1,0 +1,106 @@
+"""One request's life inside the in-process engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ragllm.engines.base import Delta, FinishReason, SamplingParams
+from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+# Receives deltas (or an exception) on the engine thread; it must hand them over to the event loop.
+DeltaSink = Callable[["Sequence", "Delta | BaseException"], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopMatcher
+    sink: Any  # the consumer's queue; opaque to the engine thread
+    generator: torch.Generator | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0  # prompt tokens already in the KV cache
+    output_ids: list[int] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    queue_time_s: float | None = None
+    tokens_since_delta: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed == self.num_prompt_tokens
+
+    @property
+    def next_position(self) -> int:
+        """Position of the last sampled token, which the next decode step feeds in."""
+        return self.num_prompt_tokens + len(self.output_ids) - 1
+
+    @property
+    def num_cached(self) -> int:
+        """Positions of this sequence held in its KV slot."""
+        if self.status is SequenceStatus.DECODING:
+            return self.next_position
+        return self.num_computed
+
+    def history(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def mark_scheduled(self) -> None:
+        if self.queue_time_s is None:
+            self.queue_time_s = time.monotonic() - self.arrival_time
+
+    def append_token(self, token_id: int) -> Delta | None:
+        """Record a sampled token; returns a delta when there is something to tell the consumer."""
+        self.output_ids.append(token_id)
+        self.tokens_since_delta += 1
+        if token_id in self.stop_token_ids:
+            return self._finish(FinishReason.STOP, "")
+        text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
+        if hit_stop:
+            return self._finish(FinishReason.STOP, text)
+        if len(self.output_ids) >= self.max_tokens:
+            tail = self.detokenizer.flush()
+            released, hit_stop = self.stop_matcher.feed(tail)
+            reason = FinishReason.STOP if hit_stop else FinishReason.LENGTH
+            rest = "" if hit_stop else self.stop_matcher.flush()
+            return self._finish(reason, text + released + rest)
+        if not text:
+            return None
+        return self._delta(text, None)
+
+    def _finish(self, reason: FinishReason, text: str) -> Delta:
+        self.status = SequenceStatus.FINISHED
+        return self._delta(text, reason)
+
+    def _delta(self, text: str, reason: FinishReason | None) -> Delta:
+        delta = Delta(
+            text=text,
+            num_tokens=self.tokens_since_delta,
+            prompt_tokens=self.num_prompt_tokens,
+            completion_tokens=len(self.output_ids),
+            finish_reason=reason,
+            queue_time_s=self.queue_time_s,
+        )
+        self.tokens_since_delta = 0
+        return delta

@@ -1,0 +1,231 @@
+"""The in-process engine: a transformers model on CPU or CUDA with continuous batching.
+
+The event loop only validates, tokenises (on a worker thread) and queues; the model runs on the
+scheduler's thread, which hands each step's deltas back to the loop in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ragllm import __version__
+from ragllm.config import DEFAULT_MODEL, EngineSettings
+from ragllm.engines.base import (
+    Delta,
+    DeltaStream,
+    Engine,
+    EngineHealth,
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    ModelCard,
+)
+from ragllm.engines.sequence import Sequence
+from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    EngineNotReady,
+    EngineOverloaded,
+    InvalidRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self._health = EngineHealth(EngineState.LOADING, "model is loading")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scheduler: Any = None
+        self._tokenizer: Any = None
+        self._device: Any = None
+        self._card: ModelCard | None = None
+        self._stop_token_ids: frozenset[int] = frozenset()
+        self._admitted = 0  # requests generating or queued; guarded by _admission_lock
+        self._admission_lock = threading.Lock()
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(self._load)
+        except Exception as exc:
+            self._health = EngineHealth(EngineState.BROKEN, f"model failed to load: {exc}")
+            raise
+        self._health = EngineHealth(EngineState.READY)
+
+    def _load(self) -> None:
+        from ragllm.engines.loading import load_model_and_tokenizer
+        from ragllm.engines.model_runner import ModelRunner
+        from ragllm.engines.scheduler import Scheduler, SchedulerLimits
+
+        loaded = load_model_and_tokenizer(self.settings)
+        self._tokenizer, self._device = loaded.tokenizer, loaded.device
+        self._stop_token_ids = loaded.stop_token_ids
+        max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
+        runner = ModelRunner(loaded.model, self.settings.max_num_seqs, max_model_len)
+        limits = SchedulerLimits(
+            max_num_seqs=self.settings.max_num_seqs,
+            max_batch_size=self.settings.max_batch_size,
+            max_num_batched_tokens=self.settings.max_num_batched_tokens,
+            chunked_prefill=self.settings.chunked_prefill,
+        )
+        self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread)
+        self._card = ModelCard(
+            id=self._public_name(),
+            max_model_len=max_model_len,
+            fingerprint=_fingerprint(loaded.path, loaded.dtype_name, loaded.device),
+        )
+        self._scheduler.start()
+        logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
+
+    def _public_name(self) -> str:
+        if self.settings.served_model_name:
+            return self.settings.served_model_name
+        return DEFAULT_MODEL if self.settings.model == "default" else self.settings.model
+
+    async def aclose(self) -> None:
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.stop)
+
+    # -- the seam -------------------------------------------------------------------------------
+    def models(self) -> list[ModelCard]:
+        return [self._card] if self._card else []
+
+    def health(self) -> EngineHealth:
+        if self._health.state is EngineState.READY and not self._scheduler._thread.is_alive():
+            return EngineHealth(EngineState.BROKEN, "engine thread has stopped")
+        return self._health
+
+    def stats(self) -> EngineStats:
+        if self._scheduler is None:
+            return EngineStats()
+        running = self._scheduler.num_running
+        return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running))
+
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
+        if self._health.state is not EngineState.READY:
+            raise EngineNotReady(self._health.detail or "engine is not ready")
+        self._reserve_admission()
+        try:
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+            sequence = self._new_sequence(request, prompt_ids)
+        except BaseException:
+            self._release_admission()
+            raise
+        stream = _QueueStream(self, sequence)
+        self._scheduler.submit(sequence)
+        return stream
+
+    # -- admission ------------------------------------------------------------------------------
+    def _reserve_admission(self) -> None:
+        capacity = self.settings.max_num_seqs + self.settings.max_waiting
+        with self._admission_lock:
+            if self._admitted >= capacity:
+                raise EngineOverloaded(
+                    f"the engine is at capacity ({self.settings.max_num_seqs} running, "
+                    f"{self.settings.max_waiting} waiting); retry shortly"
+                )
+            self._admitted += 1
+
+    def _release_admission(self) -> None:
+        with self._admission_lock:
+            self._admitted -= 1
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        from ragllm.engines.loading import prompt_token_ids
+
+        return prompt_token_ids(self._tokenizer, request)
+
+    def _new_sequence(self, request: GenerationRequest, prompt_ids: list[int]) -> Sequence:
+        import torch
+
+        max_tokens = self._max_tokens(len(prompt_ids), request.params.max_tokens)
+        generator = None
+        if request.params.seed is not None and not request.params.greedy:
+            generator = torch.Generator(device=self._device).manual_seed(request.params.seed)
+        return Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            params=request.params,
+            max_tokens=max_tokens,
+            stop_token_ids=self._stop_token_ids,
+            detokenizer=IncrementalDetokenizer(self._tokenizer, prompt_ids),
+            stop_matcher=StopMatcher(request.params.stop),
+            sink=asyncio.Queue(),
+            generator=generator,
+        )
+
+    def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
+        window = self._card.max_model_len
+        room = window - num_prompt_tokens
+        if requested is None:
+            if room <= 0:
+                raise ContextLengthExceeded(
+                    f"this model's maximum context length is {window} tokens; the prompt has "
+                    f"{num_prompt_tokens} tokens, leaving no room for a completion",
+                    param="messages",
+                )
+            return room
+        if requested > room:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {window} tokens; you requested "
+                f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, "
+                f"{requested} for the completion); reduce the prompt or max_tokens",
+                param="max_tokens",
+            )
+        return requested
+
+    # -- engine thread → event loop ---------------------------------------------------------------
+    def _deliver_from_engine_thread(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
+        self._loop.call_soon_threadsafe(_dispatch, results)
+
+    def _abort(self, request_id: str) -> None:
+        self._scheduler.abort(request_id)
+
+
+def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
+    for sequence, item in results:
+        sequence.sink.put_nowait(item)
+
+
+def _fingerprint(path: Any, dtype_name: str, device: Any) -> str:
+    identity = f"{path}:{dtype_name}:{device}:{__version__}"
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
+class _QueueStream(DeltaStream):
+    def __init__(self, engine: TransformersEngine, sequence: Sequence) -> None:
+        self.request_id = sequence.request_id
+        self.prompt_tokens = sequence.num_prompt_tokens
+        self._engine = engine
+        self._queue: asyncio.Queue = sequence.sink
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        while not self._done:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self._finish()
+                raise EngineFailure(f"generation failed: {item}") from item
+            if item.finish_reason is not None:
+                self._finish()
+            yield item
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._finish()
+            self._engine._abort(self.request_id)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._engine._release_admission()

@@ -1,0 +1,96 @@
+"""One error tree for the whole service.
+
+Each class knows its HTTP status and its OpenAI error ``type``/``code``; the service raises them and
+``ragllm.api.handlers`` is the only place that turns them into the OpenAI error envelope.
+"""
+
+from __future__ import annotations
+
+
+class RagLLMError(Exception):
+    """Base of every error the service reports to a client."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_envelope(self) -> dict:
+        """The OpenAI error envelope for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(RagLLMError):
+    """The request is well-formed HTTP but its content is not acceptable (400)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested completion does not fit the model's context window (400)."""
+
+    code = "context_length_exceeded"
+
+
+class Unsupported(InvalidRequest):
+    """A valid OpenAI field whose value this server does not support (400)."""
+
+    code = "unsupported_value"
+
+
+class ModelNotFound(RagLLMError):
+    """The requested model is not served here (404)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(RagLLMError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class EngineOverloaded(RagLLMError):
+    """The engine's waiting queue is full; the client should retry later (503)."""
+
+    status_code = 503
+    error_type = "server_overloaded"
+    code = "engine_overloaded"
+    retry_after_s = 1
+
+
+class EngineNotReady(RagLLMError):
+    """The model is still loading, or the engine failed to start (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "engine_not_ready"
+    retry_after_s = 5
+
+
+class EngineFailure(RagLLMError):
+    """The engine broke while serving a request (500)."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "engine_error"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be resolved or loaded; raised at start-up, not per request."""

