@@ -62,6 +62,8 @@ class EngineSettings(BaseModel):
     chunked_prefill: bool = False
     max_model_len: int | None = Field(None, ge=16, description="Context window; default: model's.")
     max_waiting: int = Field(16, ge=0, description="Queued requests before answering 503.")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="Completion cap when a request sets none; None: the rest of the context.")
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
 
     @model_validator(mode="after")
@@ -72,7 +74,10 @@ class EngineSettings(BaseModel):
 
     @property
     def public_model_name(self) -> str:
-        return self.served_model_name or self.model
+        """The name clients send as ``model``."""
+        if self.served_model_name:
+            return self.served_model_name
+        return DEFAULT_MODEL if self.model == "default" else self.model
 
 
 class RedisSettings(BaseModel):

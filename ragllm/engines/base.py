@@ -102,6 +102,8 @@ class ModelCard:
     max_model_len: int
     owned_by: str = "ragllm"
     fingerprint: str = ""
+    # The model's own sampling defaults (its generation config), used for fields a request leaves out.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(abc.ABC):

@@ -21,6 +21,7 @@ class LoadedModel:
     dtype_name: str
     stop_token_ids: frozenset[int]
     max_position_embeddings: int
+    sampling_defaults: dict[str, float]
 
 
 def load_model_and_tokenizer(settings: EngineSettings) -> LoadedModel:
@@ -48,7 +49,19 @@ def load_model_and_tokenizer(settings: EngineSettings) -> LoadedModel:
         dtype_name=str(dtype).removeprefix("torch."),
         stop_token_ids=_stop_token_ids(model, tokenizer),
         max_position_embeddings=int(getattr(model.config, "max_position_embeddings", 2048)),
+        sampling_defaults=sampling_defaults(model.generation_config),
     )
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(generation_config: Any) -> dict[str, float]:
+    """Sampling values the model's authors set (only those differing from transformers' defaults)."""
+    if generation_config is None:
+        return {}
+    changed = generation_config.to_diff_dict()
+    return {key: changed[key] for key in SAMPLING_FIELDS if changed.get(key) is not None}
 
 
 def _device(requested: str) -> Any:

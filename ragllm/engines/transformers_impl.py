@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ragllm import __version__
-from ragllm.config import DEFAULT_MODEL, EngineSettings
+from ragllm.config import EngineSettings
 from ragllm.engines.base import (
     Delta,
     DeltaStream,
@@ -81,17 +81,13 @@ class TransformersEngine(Engine):
         )
         self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread)
         self._card = ModelCard(
-            id=self._public_name(),
+            id=self.settings.public_model_name,
             max_model_len=max_model_len,
             fingerprint=_fingerprint(loaded.path, loaded.dtype_name, loaded.device),
+            sampling_defaults=loaded.sampling_defaults,
         )
         self._scheduler.start()
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
-
-    def _public_name(self) -> str:
-        if self.settings.served_model_name:
-            return self.settings.served_model_name
-        return DEFAULT_MODEL if self.settings.model == "default" else self.settings.model
 
     async def aclose(self) -> None:
         if self._scheduler is not None:
@@ -169,6 +165,9 @@ class TransformersEngine(Engine):
         window = self._card.max_model_len
         room = window - num_prompt_tokens
         if requested is None:
+            requested_default = self.settings.default_max_tokens
+            if requested_default is not None and room > 0:
+                return min(room, requested_default)
             if room <= 0:
                 raise ContextLengthExceeded(
                     f"this model's maximum context length is {window} tokens; the prompt has "

@@ -1,0 +1,98 @@
+"""Server-sent events straight onto the ASGI ``send`` channel, with cancellation on disconnect.
+
+Starlette's StreamingResponse costs ~20 us per event more than sending ASGI messages directly, and
+every token of every stream passes here, so this response talks ASGI itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # keep reverse proxies from buffering the stream
+]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was complete."""
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work`` but cancel it (and raise ClientDisconnected) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            watcher.cancel()
+            raise ClientDisconnected()
+        watcher.cancel()
+    return task.result()
+
+
+class EventStreamResponse(Response):
+    """Sends each item of ``events`` as one body message; ``on_disconnect`` runs if the client leaves.
+
+    A watcher task waits for ``http.disconnect``; when it comes, the sending task is cancelled at
+    whatever it awaits (often the engine's next delta), so the engine slot is freed at its next step.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
+                 on_disconnect: Callable[[], None]) -> None:
+        self.status_code = 200
+        self.background = None
+        self._events = events
+        self._on_disconnect = on_disconnect
+        self.raw_headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sender = asyncio.current_task()
+        disconnected = finished = False
+
+        def cancel_sender(watcher: asyncio.Future) -> None:
+            nonlocal disconnected
+            if not watcher.cancelled() and not finished:
+                disconnected = True
+                sender.cancel()
+
+        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watcher.add_done_callback(cancel_sender)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self._events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise  # the server is shutting down: let the cancellation through
+            sender.uncancel()
+            self._on_disconnect()
+        except OSError:  # the transport broke while sending
+            self._on_disconnect()
+        finally:
+            finished = True
+            watcher.cancel()
+            await _close(self._events)
+
+
+async def _close(events: Any) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()

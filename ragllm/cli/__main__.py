@@ -1,0 +1,5 @@
+import sys
+
+from ragllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""OpenAI wire models (requests and documented responses). Dumb on purpose: no behaviour here.
+
+Fields OpenAI defines are spelled as OpenAI spells them; our extensions (``top_k``, ``min_p``,
+``repetition_penalty``) are extra optional fields, described in the OpenAPI schema. Unknown fields are
+ignored, as vLLM does, so clients that send newer OpenAI fields keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_SEQUENCES = 16
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextContentPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart | dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Wire):
+    type: str
+
+
+class SamplingFields(_Wire):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(description="A model id from GET /v1/models.")
+    max_tokens: int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(1, ge=1, description="Only 1 is supported.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings, never included in the output.")
+    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    # Extensions beyond OpenAI's API (as in vLLM):
+    top_k: int | None = Field(None, ge=-1, description="Extension: sample among the k most likely tokens; -1 or 0 = off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension: drop tokens below min_p × the top probability.")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="Extension: CTRL-style penalty on tokens already present; 1 = off.")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1, description="Preferred spelling of max_tokens.")
+    logprobs: bool | None = Field(None, description="Not supported; must be false.")
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
+    tool_choice: Any = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="One prompt: a string or a list of token ids (a one-element list of either is accepted).")
+    echo: bool | None = Field(False, description="Not supported; must be false.")
+    logprobs: int | None = Field(None, description="Not supported; must be null.")
+    suffix: str | None = Field(None, description="Not supported; must be null.")
+    best_of: int | None = Field(None, description="Only 1 is supported.")
+
+
+# -- responses (documentation for the OpenAPI schema; responses are encoded with orjson) -------------
+class Usage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(_Wire):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Wire):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(_Wire):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(_Wire):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(_Wire):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelObject(_Wire):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int = Field(description="Extension: the model's context window in tokens.")
+
+
+class ModelList(_Wire):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class ErrorDetail(_Wire):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Wire):
+    error: ErrorDetail
+
+
+class HealthResponse(_Wire):
+    status: Literal["ok", "loading", "error"]
+    model: str
+    engine: str
+    uptime_s: float
+    detail: str = ""
+    running: int = 0
+    waiting: int = 0

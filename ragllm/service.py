@@ -1,0 +1,211 @@
+"""The request pipeline between the HTTP layer and the engine.
+
+It turns OpenAI requests into engine requests (refusing what the engine cannot honour, with a clear
+400), admits them, and runs non-streaming ones to the end. The HTTP layer frames the results.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ragllm.engines.base import Delta, DeltaStream, Engine, GenerationRequest, ModelCard, SamplingParams
+from ragllm.errors import InvalidRequest, ModelNotFound, Unsupported
+from ragllm.protocol.openai import (
+    MAX_STOP_SEQUENCES,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+)
+from ragllm.telemetry.metrics import Metrics, RequestTimer
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A validated request with everything the response framing needs."""
+
+    kind: Literal["chat", "completion"]
+    id: str
+    created: int
+    model: ModelCard
+    generation: GenerationRequest
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(slots=True)
+class Outcome:
+    text: str
+    last: Delta
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    # -- preparing ------------------------------------------------------------------------------
+    def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+        model = self._model(body.model)
+        _refuse_unsupported_chat_fields(body)
+        if not body.messages:
+            raise InvalidRequest("messages must contain at least one message", param="messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        generation = GenerationRequest(
+            request_id=request_id,
+            params=_sampling_params(body, max_tokens, model.sampling_defaults),
+            messages=[_template_message(message, index) for index, message in enumerate(body.messages)],
+        )
+        return self._prepared("chat", request_id, model, generation, body)
+
+    def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
+        model = self._model(body.model)
+        _refuse_unsupported_completion_fields(body)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        text, token_ids = _single_prompt(body.prompt)
+        generation = GenerationRequest(
+            request_id=request_id,
+            params=_sampling_params(body, body.max_tokens, model.sampling_defaults),
+            prompt=text,
+            prompt_token_ids=token_ids,
+        )
+        return self._prepared("completion", request_id, model, generation, body)
+
+    def _prepared(self, kind: Literal["chat", "completion"], request_id: str, model: ModelCard,
+                  generation: GenerationRequest, body: SamplingFields) -> PreparedRequest:
+        return PreparedRequest(
+            kind=kind,
+            id=request_id,
+            created=int(time.time()),
+            model=model,
+            generation=generation,
+            stream=bool(body.stream),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+
+    def _model(self, name: str) -> ModelCard:
+        for card in self.engine.models():
+            if card.id == name:
+                return card
+        served = ", ".join(card.id for card in self.engine.models()) or "none (still loading)"
+        raise ModelNotFound(f"the model {name!r} does not exist; served models: {served}", param="model")
+
+    # -- running --------------------------------------------------------------------------------
+    async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
+        timer = self.metrics.request_timer()
+        stream = await self.engine.generate(prepared.generation)
+        return stream, timer
+
+    async def run_to_end(self, stream: DeltaStream, timer: RequestTimer) -> Outcome:
+        parts: list[str] = []
+        last: Delta | None = None
+        try:
+            async for delta in stream:
+                timer.on_delta(delta)
+                parts.append(delta.text)
+                last = delta
+        finally:
+            await stream.aclose()
+        timer.on_finish(last)
+        return Outcome("".join(parts), last)
+
+
+def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float]) -> SamplingParams:
+    """The request's values; where it leaves one out, the model's default, else OpenAI's."""
+
+    def pick(name: str, fallback: float) -> float:
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=max(0, int(pick("top_k", 0))),
+        min_p=pick("min_p", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        seed=body.seed,
+        stop=_stop_strings(body.stop),
+    )
+
+
+def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A message as chat templates expect it: role and plain-text content."""
+    role = "system" if message.role == "developer" else message.role
+    if role == "tool":
+        raise Unsupported("tool messages are not supported: this server does not call tools",
+                          param=f"messages[{index}].role")
+    return {"role": role, "content": _text_content(message, index)}
+
+
+def _text_content(message: ChatMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, dict):  # a part type other than text (image_url, input_audio, ...)
+            kind = part.get("type", "unknown")
+            raise Unsupported(f"content parts of type {kind!r} are not supported; send text",
+                              param=f"messages[{index}].content")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if prompt and all(isinstance(token, int) for token in prompt):
+        return None, list(prompt)
+    if len(prompt) == 1:
+        return _single_prompt(prompt[0])
+    raise Unsupported("exactly one prompt per request is supported; send several requests instead",
+                      param="prompt")
+
+
+def _refuse_common(body: SamplingFields) -> None:
+    if body.n not in (None, 1):
+        raise Unsupported("only n=1 is supported; send several requests for several choices", param="n")
+    for field in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, field):
+            raise Unsupported(f"{field} is not supported (use repetition_penalty)", param=field)
+    if body.logit_bias:
+        raise Unsupported("logit_bias is not supported", param="logit_bias")
+
+
+def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
+    _refuse_common(body)
+    if body.logprobs or body.top_logprobs:
+        raise Unsupported("logprobs are not supported", param="logprobs")
+    if body.tools:
+        raise Unsupported("tools are not supported: this server does not call tools", param="tools")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise Unsupported(f"response_format {body.response_format.type!r} is not supported; only 'text'",
+                          param="response_format")
+
+
+def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:
+    _refuse_common(body)
+    if body.echo:
+        raise Unsupported("echo is not supported", param="echo")
+    if body.logprobs is not None:
+        raise Unsupported("logprobs are not supported", param="logprobs")
+    if body.suffix is not None:
+        raise Unsupported("suffix is not supported", param="suffix")
+    if body.best_of not in (None, 1):
+        raise Unsupported("only best_of=1 is supported", param="best_of")

@@ -1,0 +1,115 @@
+"""Every metric the service exports, defined once.
+
+vLLM's names are kept where the meaning is the same, so dashboards built for vLLM work unchanged;
+the rest live under ``ragllm_``. Each app owns its registry (no module globals), so several apps can
+live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ragllm.engines.base import Delta, EngineStats
+
+# Buckets as vLLM uses them, so percentiles line up with vLLM's own panels.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+               20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between output tokens.", labels, buckets=ITL_BUCKETS,
+            registry=r)
+        self.e2e_latency = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds", "Time a request waited before its prefill.", labels,
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.", labels, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r)
+        self.request_success = Counter(
+            "vllm:request_success", "Finished requests.", labels + ["finished_reason"], registry=r)
+        self.requests = Counter(
+            "ragllm_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+        self.in_flight = Gauge("ragllm_requests_in_flight", "Requests being served.", registry=r)
+        self.client_disconnects = Counter(
+            "ragllm_client_disconnects", "Streams cancelled because the client went away.", registry=r)
+        self._labels = (model_name,)
+
+    def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
+        """Export the engine's running/waiting counts, read at scrape time (no cost per step)."""
+        self.registry.register(_EngineStatsCollector(stats, self.model_name))
+
+    def request_timer(self) -> "RequestTimer":
+        return RequestTimer(self)
+
+
+class RequestTimer:
+    """Per-request timing from the service's view: fed each delta, it records vLLM's histograms."""
+
+    __slots__ = ("_metrics", "_start", "_last", "first_token_s")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._start = self._last = time.perf_counter()
+        self.first_token_s: float | None = None
+
+    def on_delta(self, delta: Delta) -> None:
+        if not delta.num_tokens:
+            return
+        now = time.perf_counter()
+        m, labels = self._metrics, self._metrics._labels
+        if self.first_token_s is None:
+            self.first_token_s = now - self._start
+            m.time_to_first_token.labels(*labels).observe(self.first_token_s)
+            if delta.queue_time_s is not None:
+                m.queue_time.labels(*labels).observe(delta.queue_time_s)
+            later_tokens = delta.num_tokens - 1
+        else:
+            later_tokens = delta.num_tokens
+        if later_tokens:
+            per_token = (now - self._last) / later_tokens
+            histogram = m.inter_token_latency.labels(*labels)
+            for _ in range(later_tokens):
+                histogram.observe(per_token)
+        self._last = now
+
+    def on_finish(self, last: Delta) -> None:
+        m, labels = self._metrics, self._metrics._labels
+        m.e2e_latency.labels(*labels).observe(time.perf_counter() - self._start)
+        m.prompt_tokens.labels(*labels).inc(last.prompt_tokens)
+        m.generation_tokens.labels(*labels).inc(last.completion_tokens)
+        m.request_success.labels(*labels, last.finish_reason.value).inc()
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str) -> None:
+        self._stats = stats
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        for name, doc, value in (
+            ("vllm:num_requests_running", "Requests in the engine's running batch.", stats.num_running),
+            ("vllm:num_requests_waiting", "Requests queued for the engine.", stats.num_waiting),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._model_name], value)
+            yield family

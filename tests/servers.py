@@ -1,0 +1,77 @@
+"""Starting real ``ragllm serve`` processes on loopback for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+READY_TIMEOUT_S = 300  # the first start on a fresh machine converts the packaged model (~20 s)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log_path = (log_dir or Path("/tmp")) / f"ragllm-serve-{self.port}.log"
+        command = [sys.executable, "-m", "ragllm.cli", "serve", "--port", str(self.port), *args]
+        self._log = open(self._log_path, "wb")
+        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_until(self, predicate, timeout_s: float = READY_TIMEOUT_S) -> httpx.Response:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                response = httpx.get(f"{self.url}/health", timeout=2)
+                if predicate(response):
+                    return response
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not in the expected state after {timeout_s}s:\n{self.log_tail()}")
+
+    def wait_ready(self) -> "ServerProcess":
+        self.wait_until(lambda response: response.status_code == 200)
+        return self
+
+    def log_tail(self) -> str:
+        return self._log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+def metric_value(text: str, name: str) -> float:
+    """The sum of a metric's samples in Prometheus text (all label sets)."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise KeyError(name)
+    return total
