@@ -11,8 +11,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragllm.engines.base import Delta, DeltaStream, Engine, GenerationRequest, ModelCard, SamplingParams
-from ragllm.errors import InvalidRequest, ModelNotFound, Unsupported
+from ragllm.engines.base import (
+    Delta,
+    DeltaStream,
+    Engine,
+    EngineState,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+)
+from ragllm.errors import EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
 from ragllm.protocol.openai import (
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
@@ -88,6 +96,9 @@ class CompletionService:
         )
 
     def _model(self, name: str) -> ModelCard:
+        health = self.engine.health()
+        if health.state is not EngineState.READY:
+            raise EngineNotReady(health.detail or f"the engine is {health.state.value}")
         for card in self.engine.models():
             if card.id == name:
                 return card

@@ -84,19 +84,25 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             idle = not self.running and not self.waiting
-            if not self._drain_inbox(block=idle):
+            results = self.run_once(block=idle)
+            if results is None:
                 break
-            self._admit()
-            if not self.running:
-                continue
-            results: list[tuple[Sequence, Delta | BaseException]] = []
+            if results:
+                self._deliver(results)
+
+    def run_once(self, block: bool = False) -> list[tuple[Sequence, Delta | BaseException]] | None:
+        """Take in submitted work, admit, and run one step; None once shut down."""
+        if not self._drain_inbox(block=block):
+            return None
+        self._admit()
+        results: list[tuple[Sequence, Delta | BaseException]] = []
+        if self.running:
             try:
                 self.step(results)
             except Exception as exc:  # a broken step must fail its requests, not the loop
                 logger.exception("engine step failed")
                 results.extend(self._fail_running(exc))
-            if results:
-                self._deliver(results)
+        return results
 
     def _drain_inbox(self, block: bool) -> bool:
         """Move submitted work into the queues; returns False on shutdown."""

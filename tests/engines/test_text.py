@@ -1,0 +1,64 @@
+"""Incremental detokenization and stop strings, with the packaged model's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragllm.config import load_settings
+from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from ragllm.models import resolve_model
+
+    engine = load_settings().engine
+    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
+
+
+@pytest.mark.parametrize("text", [
+    "Plain ASCII words, with punctuation!",
+    "Ünïcödé: 東京は日本の首都です 🚀🔥 — done",
+    "👩‍👩‍👧 family emoji and ∑∫√ maths",
+])
+def test_deltas_never_split_a_character_and_add_up_to_the_text(tokenizer, text):
+    prompt = tokenizer("Say:").input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens here
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detokenizer.push(token) for token in ids]
+    deltas.append(detokenizer.flush())
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == tokenizer.decode(ids)
+
+
+def test_stop_string_split_across_deltas_is_withheld():
+    matcher = StopMatcher(("END",))
+    assert matcher.feed("hello E") == ("hello ", False)
+    assert matcher.feed("N") == ("", False)
+    assert matcher.feed("D and more") == ("", True)
+
+
+def test_false_start_of_a_stop_string_is_released():
+    matcher = StopMatcher(("END",))
+    assert matcher.feed("an E") == ("an ", False)
+    assert matcher.feed("xit") == ("Exit", False)
+    assert matcher.flush() == ""
+
+
+def test_earliest_of_several_stop_strings_wins():
+    matcher = StopMatcher(("world", "lo w"))
+    assert matcher.feed("hello world") == ("hel", True)
+
+
+def test_no_stop_strings_passes_text_through():
+    matcher = StopMatcher(())
+    assert matcher.feed("anything") == ("anything", False)
+
+
+def test_pending_text_is_flushed_at_the_end():
+    matcher = StopMatcher(("STOP",))
+    assert matcher.feed("almost ST") == ("almost ", False)
+    assert matcher.flush() == "ST"

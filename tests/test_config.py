@@ -1,0 +1,74 @@
+"""The settings tree: defaults < profile file < environment < CLI flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragllm.cli import build_parser
+from ragllm.cli.serve import settings_from_args
+from ragllm.config import DEFAULT_MODEL, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("LLM_MODEL_ID", "MODEL_CACHE_DIR", "VLLM_MAX_NUM_SEQS", "VLLM_MAX_BATCH_SIZE",
+                 "RAGLLM_PROFILE", "RAGLLM_ENGINE__MAX_WAITING", "HUGGING_FACE_HUB_TOKEN", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_local_profile_is_the_default():
+    settings = load_settings()
+    assert settings.profile == "local"
+    assert (settings.engine.max_num_seqs, settings.engine.max_batch_size) == (6, 4)
+    assert settings.engine.max_num_batched_tokens == 1024
+    assert settings.engine.chunked_prefill is False
+    assert settings.engine.model == DEFAULT_MODEL
+    assert settings.server.port == 8081
+
+
+def test_cloud_profile_file_overrides_defaults():
+    settings = load_settings(profile="cloud")
+    assert (settings.engine.max_num_seqs, settings.engine.max_batch_size) == (32, 32)
+    assert settings.engine.chunked_prefill is True
+    assert settings.server.host == "0.0.0.0"
+    assert str(settings.engine.model_cache_dir) == "/var/lib/llm-cache"
+
+
+def test_environment_overrides_profile(monkeypatch):
+    monkeypatch.setenv("RAGLLM_PROFILE", "cloud")
+    monkeypatch.setenv("VLLM_MAX_NUM_SEQS", "12")
+    monkeypatch.setenv("VLLM_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("LLM_MODEL_ID", "Qwen/Qwen2.5-1.5B-Instruct-AWQ")
+    monkeypatch.setenv("MODEL_CACHE_DIR", "/tmp/models")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret")
+    monkeypatch.setenv("RAGLLM_ENGINE__MAX_WAITING", "3")
+    settings = load_settings()
+    assert settings.profile == "cloud"
+    assert (settings.engine.max_num_seqs, settings.engine.max_batch_size) == (12, 8)
+    assert settings.engine.model == "Qwen/Qwen2.5-1.5B-Instruct-AWQ"
+    assert str(settings.engine.model_cache_dir) == "/tmp/models"
+    assert settings.engine.hf_token.get_secret_value() == "hf_secret"
+    assert "hf_secret" not in repr(settings)
+    assert settings.engine.max_waiting == 3
+    assert settings.engine.chunked_prefill is True  # untouched profile values survive
+
+
+def test_cli_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("LLM_MODEL_ID", "from-env")
+    monkeypatch.setenv("RAGLLM_PROFILE", "cloud")
+    args = build_parser().parse_args(["serve", "--profile", "local", "--model", "from-cli", "--port", "9000"])
+    settings = settings_from_args(args)
+    assert settings.profile == "local"
+    assert settings.engine.model == "from-cli"
+    assert settings.server.port == 9000
+    assert settings.engine.max_num_seqs == 6
+
+
+def test_batch_size_never_exceeds_running_sequences(monkeypatch):
+    monkeypatch.setenv("VLLM_MAX_NUM_SEQS", "2")
+    assert load_settings(profile="cloud").engine.max_batch_size == 2
+
+
+def test_unknown_profile_is_refused():
+    with pytest.raises(ValueError, match="unknown profile"):
+        load_settings(profile="staging")
