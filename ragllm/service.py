@@ -141,6 +141,7 @@ def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dic
         repetition_penalty=pick("repetition_penalty", 1.0),
         seed=body.seed,
         stop=_stop_strings(body.stop),
+        ignore_eos=bool(body.ignore_eos),
     )
 
 

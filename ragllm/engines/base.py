@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

@@ -154,7 +154,7 @@ class TransformersEngine(Engine):
             prompt_ids=prompt_ids,
             params=request.params,
             max_tokens=max_tokens,
-            stop_token_ids=self._stop_token_ids,
+            stop_token_ids=frozenset() if request.params.ignore_eos else self._stop_token_ids,
             detokenizer=IncrementalDetokenizer(self._tokenizer, prompt_ids),
             stop_matcher=StopMatcher(request.params.stop),
             sink=asyncio.Queue(),

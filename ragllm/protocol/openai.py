@@ -58,6 +58,8 @@ class SamplingFields(_Wire):
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension: drop tokens below min_p × the top probability.")
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension: CTRL-style penalty on tokens already present; 1 = off.")
+    ignore_eos: bool | None = Field(
+        None, description="Extension: keep generating past end-of-sequence tokens (for benchmarks).")
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -1,0 +1,60 @@
+"""Random-weight checkpoints of real architectures, built locally (no model hub).
+
+Same shapes, so the same compute and memory traffic as the real checkpoints; the outputs are
+gibberish. The tokenizer is a word-level one covering the whole vocabulary, so any sampled id
+detokenizes, with a ChatML template so the chat path works too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCHITECTURES = {
+    # SmolLM2-135M-Instruct (the packaged model)
+    "smollm2-135m": ("llama", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    # Qwen2.5-1.5B-Instruct (the deployment README's model, before AWQ)
+    "qwen2.5-1.5b": ("qwen2", dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+}
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Write config, random weights and a tokenizer to ``directory`` (reused when present)."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, shape = ARCHITECTURES[architecture]
+    config = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    _write_tokenizer(directory, shape["vocab_size"])
+    return directory
+
+
+def _write_tokenizer(directory: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    vocab.update({"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": CHATML,
+    }))
