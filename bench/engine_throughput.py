@@ -92,17 +92,13 @@ async def main(args: argparse.Namespace) -> dict:
         "benchmark": "engine_throughput",
         "model": args.random or args.model,
         "random_weights": bool(args.random),
-        "device": str(engine._device),
-        "dtype": engine.models()[0].fingerprint and _dtype_name(engine),
+        "device": engine.device_name,
+        "dtype": engine.dtype_name,
         "machine": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "rows": rows,
     }
-
-
-def _dtype_name(engine: TransformersEngine) -> str:
-    return str(engine._scheduler.runner.dtype).removeprefix("torch.")
 
 
 def print_table(report: dict) -> None:

@@ -92,5 +92,13 @@ class EngineFailure(RagLLMError):
     code = "engine_error"
 
 
+class ClientClosedRequest(RagLLMError):
+    """The client disconnected before a non-streaming answer was ready (499, as nginx logs it)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+    code = "client_closed_request"
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be resolved or loaded; raised at start-up, not per request."""

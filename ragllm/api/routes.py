@@ -13,7 +13,7 @@ from ragllm.api.encoding import DONE_EVENT, ChunkEncoder, error_event, full_resp
 from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.engines.base import DeltaStream, EngineState
-from ragllm.errors import RagLLMError
+from ragllm.errors import ClientClosedRequest, RagLLMError
 from ragllm.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -54,7 +54,11 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request)
     if prepared.stream:
         events = _stream_events(prepared, stream, timer)
         return EventStreamResponse(events, headers, on_disconnect=state.metrics.client_disconnects.inc)
-    outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
+    try:
+        outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
+    except ClientClosedRequest:
+        state.metrics.client_disconnects.inc()
+        raise
     return Response(full_response(prepared, outcome), media_type="application/json", headers=headers)
 
 

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from ragllm.errors import ClientClosedRequest
+
 T = TypeVar("T")
 
 SSE_HEADERS = [
@@ -22,29 +24,27 @@ SSE_HEADERS = [
 ]
 
 
-class ClientDisconnected(Exception):
-    """The client went away before the response was complete."""
-
-
 async def _wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work`` but cancel it (and raise ClientDisconnected) if the client disconnects first."""
+    """Await ``work`` but cancel it (and raise ClientClosedRequest) if the client disconnects first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            watcher.cancel()
-            raise ClientDisconnected()
         watcher.cancel()
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()  # the work's own cleanup (aborting the engine request) runs on cancellation
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientClosedRequest("the client closed the connection before the response was ready")
 
 
 class EventStreamResponse(Response):

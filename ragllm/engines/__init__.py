@@ -12,7 +12,6 @@ if TYPE_CHECKING:
 # name → "module:factory"; the import happens only when the engine is chosen (torch is heavy).
 ENGINES: dict[str, str] = {
     "transformers": "ragllm.engines.transformers_impl:TransformersEngine",
-    "echo": "ragllm.engines.echo:EchoEngine",
 }
 
 

@@ -72,6 +72,9 @@ class Scheduler:
         self._inbox.put(_SHUTDOWN)
         self._thread.join(timeout=30)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -84,7 +87,11 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             idle = not self.running and not self.waiting
-            results = self.run_once(block=idle)
+            try:
+                results = self.run_once(block=idle)
+            except Exception as exc:  # outside a step: fail everything queued rather than hang it
+                logger.exception("engine loop failed")
+                results = self._fail_running(exc) + self._fail_waiting(exc)
             if results is None:
                 break
             if results:
@@ -211,6 +218,11 @@ class Scheduler:
             shifted = self.running[new_slot]
             if shifted.num_cached:
                 self.runner.cache.move(new_slot + 1, new_slot, shifted.num_cached)
+
+    def _fail_waiting(self, exc: Exception) -> list[tuple[Sequence, BaseException]]:
+        failed = [(sequence, exc) for sequence in self.waiting]
+        self.waiting.clear()
+        return failed
 
     def _fail_running(self, exc: Exception) -> list[tuple[Sequence, BaseException]]:
         failed = [(sequence, exc) for sequence in self.running]

@@ -48,6 +48,7 @@ class TransformersEngine(Engine):
         self._scheduler: Any = None
         self._tokenizer: Any = None
         self._device: Any = None
+        self.dtype_name = ""
         self._card: ModelCard | None = None
         self._stop_token_ids: frozenset[int] = frozenset()
         self._admitted = 0  # requests generating or queued; guarded by _admission_lock
@@ -70,6 +71,7 @@ class TransformersEngine(Engine):
 
         loaded = load_model_and_tokenizer(self.settings)
         self._tokenizer, self._device = loaded.tokenizer, loaded.device
+        self.dtype_name = loaded.dtype_name
         self._stop_token_ids = loaded.stop_token_ids
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
         runner = ModelRunner(loaded.model, self.settings.max_num_seqs, max_model_len)
@@ -93,12 +95,16 @@ class TransformersEngine(Engine):
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
 
+    @property
+    def device_name(self) -> str:
+        return str(self._device)
+
     # -- the seam -------------------------------------------------------------------------------
     def models(self) -> list[ModelCard]:
         return [self._card] if self._card else []
 
     def health(self) -> EngineHealth:
-        if self._health.state is EngineState.READY and not self._scheduler._thread.is_alive():
+        if self._health.state is EngineState.READY and not self._scheduler.is_alive():
             return EngineHealth(EngineState.BROKEN, "engine thread has stopped")
         return self._health
 
@@ -109,8 +115,9 @@ class TransformersEngine(Engine):
         return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running))
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
-        if self._health.state is not EngineState.READY:
-            raise EngineNotReady(self._health.detail or "engine is not ready")
+        health = self.health()
+        if health.state is not EngineState.READY:
+            raise EngineNotReady(health.detail or "engine is not ready")
         self._reserve_admission()
         try:
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request)

@@ -62,6 +62,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, model):
 
 
 async def test_disconnect_while_waiting_for_a_non_streaming_answer_frees_the_slot(server, model):
+    disconnects_before = metric_value(httpx.get(f"{server.url}/metrics").text, "ragllm_client_disconnects_total")
     payload = {"model": model, "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
                "max_tokens": 2000, "temperature": 0}
     async with httpx.AsyncClient(timeout=60) as http:
@@ -76,6 +77,9 @@ async def test_disconnect_while_waiting_for_a_non_streaming_answer_frees_the_slo
     while _running(server) != 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert _running(server) == 0
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, "ragllm_client_disconnects_total") == disconnects_before + 1
+    assert 'status="499"' in text
 
 
 @pytest.fixture(scope="module")
