@@ -11,35 +11,61 @@ from fastapi import FastAPI
 
 from ragllm import __version__
 from ragllm.api.handlers import install_error_handlers
-from ragllm.api.middleware import RequestMetricsMiddleware
+from ragllm.api.record import RequestRecordMiddleware
 from ragllm.api.routes import router
 from ragllm.api.state import AppState
+from ragllm.cache import ResponseCache
+from ragllm.cache.memory import MemoryCache
 from ragllm.config import Settings
 from ragllm.engines import create_engine
 from ragllm.engines.base import Engine
+from ragllm.limits import KeyRing, RateLimiter
+from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
 from ragllm.telemetry.metrics import Metrics
+from ragllm.telemetry.request_log import RequestLog
 
 logger = logging.getLogger(__name__)
 
 
+class ConfigurationError(ValueError):
+    """The settings cannot work together; raised before anything starts."""
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. The engine loads in the background: /health answers 503 until it is ready."""
+    if settings.redis.required and not settings.redis.url:
+        raise ConfigurationError(f"the {settings.profile} profile needs Redis: set REDIS_URL "
+                                 "(e.g. redis://127.0.0.1:6379/0)")
+    try:
+        keys = KeyRing.from_settings(settings.auth, settings.limits)
+    except (ValueError, OSError) as exc:
+        raise ConfigurationError(str(exc)) from exc
     engine = engine or create_engine(settings.engine)
     metrics = Metrics(settings.engine.public_model_name)
     metrics.watch_engine(engine.stats)
-    state = AppState(settings=settings, engine=engine, metrics=metrics,
-                     service=CompletionService(engine, metrics))
+    redis = None
+    if settings.redis.url:
+        redis = RedisLink(settings.redis, on_fallback=lambda op: metrics.redis_fallbacks.labels(op).inc())
+    state = AppState(
+        settings=settings, engine=engine, metrics=metrics, service=CompletionService(engine, metrics),
+        redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
+        request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_start_engine(engine))
+        state.request_log.start()
         try:
             yield
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.aclose()
+            await state.request_log.aclose()
+            if redis is not None:
+                await redis.aclose()
 
     app = FastAPI(
         title="rag-llm-service",
@@ -52,8 +78,16 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.ragllm = state
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestRecordMiddleware, state=state)
     return app
+
+
+def _response_cache(settings: Settings, redis: RedisLink | None) -> ResponseCache:
+    if redis is not None:
+        from ragllm.cache.redis_impl import RedisCache
+
+        return RedisCache(redis)
+    return MemoryCache(settings.cache.max_bytes)
 
 
 async def _start_engine(engine: Engine) -> None:

@@ -81,7 +81,35 @@ class EngineSettings(BaseModel):
 
 
 class RedisSettings(BaseModel):
-    url: str | None = None
+    url: str | None = Field(None, description="REDIS_URL; unset: in-memory cache, per-process limits.")
+    required: bool = Field(False, description="Refuse to start without a Redis URL (cloud profile).")
+    prefix: str = Field("ragllm", description="Prefix of every key the service writes.")
+    timeout_s: float = Field(0.25, gt=0, description="Bound on any one Redis call; past it, fall back.")
+    retry_interval_s: float = Field(1.0, gt=0, description="After a failure, how long to bypass Redis.")
+
+
+class CacheSettings(BaseModel):
+    enabled: bool = True
+    ttl_s: int = Field(3600, ge=1, description="How long a cached response is served.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Bound of the in-memory backend.")
+
+
+class AuthSettings(BaseModel):
+    required: bool = Field(False, description="Demand an API key (cloud profile).")
+    keys: SecretStr | None = Field(None, description="Comma-separated id:secret pairs.")
+    keys_file: Path | None = Field(None, description="JSON list of {id, key | sha256, rpm?, tpm?}.")
+
+
+class LimitsSettings(BaseModel):
+    rpm: int | None = Field(None, ge=1, description="Requests per minute per API key; None: unlimited.")
+    tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute per key.")
+
+
+class RequestLogSettings(BaseModel):
+    enabled: bool = True
+    stream: str = Field("requests", description="Redis Stream name (after the prefix).")
+    maxlen: int = Field(100_000, ge=100, description="Approximate bound of the stream.")
+    buffer: int = Field(10_000, ge=10, description="Entries kept in memory while Redis is away.")
 
 
 class TelemetrySettings(BaseModel):
@@ -97,6 +125,10 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @classmethod

@@ -20,6 +20,7 @@ from ragllm.engines.base import (
     ModelCard,
     SamplingParams,
 )
+from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.errors import EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
 from ragllm.protocol.openai import (
     MAX_STOP_SEQUENCES,
@@ -221,3 +222,28 @@ def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:
         raise Unsupported("suffix is not supported", param="suffix")
     if body.best_of not in (None, 1):
         raise Unsupported("only best_of=1 is supported", param="best_of")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What the response cache may do for one request."""
+
+    key: str | None  # None: the request is not cacheable (not deterministic, or caching is off)
+    read: bool
+    write: bool
+
+
+NO_CACHE = CachePlan(None, False, False)
+
+
+def cache_plan(prepared: PreparedRequest, tenant: str | None, cache_control: str | None, enabled: bool) -> CachePlan:
+    """Deterministic requests are cached; ``Cache-Control: no-cache`` skips the lookup and
+    ``no-store`` the write, as in HTTP."""
+    if not enabled or not is_deterministic(prepared.generation):
+        return NO_CACHE
+    directives = {part.strip().lower() for part in (cache_control or "").split(",")}
+    return CachePlan(
+        key=cache_key(prepared.model, prepared.generation, tenant),
+        read="no-cache" not in directives,
+        write="no-store" not in directives,
+    )

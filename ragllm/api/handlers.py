@@ -25,10 +25,9 @@ def error_response(status: int, message: str, error_type: str, param: str | None
 
 
 async def _service_error(request: Request, exc: RagLLMError) -> Response:
-    headers = None
-    retry_after = getattr(exc, "retry_after_s", None)
-    if retry_after is not None:
-        headers = {"retry-after": str(retry_after)}
+    headers = dict(exc.headers or {})
+    if exc.retry_after_s is not None:
+        headers.setdefault("retry-after", str(exc.retry_after_s))
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
 
 

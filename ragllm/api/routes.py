@@ -1,19 +1,27 @@
-"""HTTP routes: OpenAI's endpoints plus /health and /metrics."""
+"""HTTP routes: OpenAI's endpoints plus /health and /metrics.
+
+Per generation request: authenticate → rate limit → prepare → cache lookup → engine → cache store;
+the record middleware logs the outcome and spends the tokens against the caller's limit.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
+from ragllm.api.deps import app_state, authenticated, record_of
 from ragllm.api.encoding import DONE_EVENT, ChunkEncoder, error_event, full_response
+from ragllm.api.record import RequestRecord
 from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
-from ragllm.engines.base import DeltaStream, EngineState
+from ragllm.cache import CachedResponse
+from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason
 from ragllm.errors import ClientClosedRequest, RagLLMError
+from ragllm.limits import Allowance, Principal, RateLimited
 from ragllm.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -23,57 +31,100 @@ from ragllm.protocol.openai import (
     HealthResponse,
     ModelList,
 )
-from ragllm.service import PreparedRequest
+from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer
 
 router = APIRouter()
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
 _STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
+_CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store skips the write."
 
 
-def _state(request: Request) -> AppState:
-    return request.app.state.ragllm
+@router.post("/v1/chat/completions", description=_CACHE_DOC,
+             responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **_ERRORS})
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           principal: Principal = Depends(authenticated)) -> Response:
+    state = app_state(request)
+    allowance = await _rate_limit(state, principal)
+    return await _respond(state, state.service.prepare_chat(body), request, principal, allowance)
 
 
-@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **_ERRORS})
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    state = _state(request)
-    return await _respond(state, state.service.prepare_chat(body), request)
+@router.post("/v1/completions", description=_CACHE_DOC,
+             responses={200: {"model": Completion, "content": _STREAM_DOC}, **_ERRORS})
+async def completions(body: CompletionRequest, request: Request,
+                      principal: Principal = Depends(authenticated)) -> Response:
+    state = app_state(request)
+    allowance = await _rate_limit(state, principal)
+    return await _respond(state, state.service.prepare_completion(body), request, principal, allowance)
 
 
-@router.post("/v1/completions", responses={200: {"model": Completion, "content": _STREAM_DOC}, **_ERRORS})
-async def completions(body: CompletionRequest, request: Request) -> Response:
-    state = _state(request)
-    return await _respond(state, state.service.prepare_completion(body), request)
+async def _rate_limit(state: AppState, principal: Principal) -> Allowance | None:
+    try:
+        return await state.limiter.admit(principal)
+    except RateLimited as exc:
+        state.metrics.rate_limited.labels(exc.error_type).inc()
+        raise
 
 
-async def _respond(state: AppState, prepared: PreparedRequest, request: Request) -> Response:
+async def _respond(state: AppState, prepared: PreparedRequest, request: Request, principal: Principal,
+                   allowance: Allowance | None) -> Response:
+    record = record_of(request)
+    record.request_id, record.model, record.stream = prepared.id, prepared.model.id, prepared.stream
+    plan = cache_plan(prepared, principal.key_id, request.headers.get("cache-control"), state.settings.cache.enabled)
+    headers = {"x-request-id": prepared.id, **(allowance.headers() if allowance else {})}
+    if plan.read:
+        cached = await state.cache.get(plan.key)
+        state.metrics.cache_lookups.labels("hit" if cached else "miss").inc()
+        if cached is not None:
+            return _replay(prepared, cached, record, {**headers, "x-ragllm-cache": "hit"})
+    record.cache = "miss" if plan.key else "bypass"
+    headers["x-ragllm-cache"] = record.cache
     stream, timer = await state.service.open(prepared)
-    headers = {"x-request-id": prepared.id}
+    record.timer = timer
     if prepared.stream:
-        events = _stream_events(prepared, stream, timer)
-        return EventStreamResponse(events, headers, on_disconnect=state.metrics.client_disconnects.inc)
+        events = _stream_events(state, prepared, stream, timer, record, plan)
+        return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record))
     try:
         outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
     except ClientClosedRequest:
-        state.metrics.client_disconnects.inc()
+        _disconnected(state, record)
         raise
+    await _finished(state, record, plan, outcome.text, outcome.last)
     return Response(full_response(prepared, outcome), media_type="application/json", headers=headers)
 
 
-async def _stream_events(prepared: PreparedRequest, stream: DeltaStream, timer: RequestTimer) -> AsyncIterator[bytes]:
+def _disconnected(state: AppState, record: RequestRecord) -> None:
+    record.disconnected = True
+    state.metrics.client_disconnects.inc()
+
+
+async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, text: str, last: Delta) -> None:
+    record.finish_reason = last.finish_reason.value
+    record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
+    record.queue_s = last.queue_time_s
+    if plan.write and last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+        cached = CachedResponse(text, last.finish_reason.value, last.prompt_tokens, last.completion_tokens)
+        await state.cache.put(plan.key, cached, state.settings.cache.ttl_s)
+
+
+async def _stream_events(state: AppState, prepared: PreparedRequest, stream: DeltaStream, timer: RequestTimer,
+                         record: RequestRecord, plan: CachePlan) -> AsyncIterator[bytes]:
     encoder = ChunkEncoder(prepared)
+    parts: list[str] | None = [] if plan.write else None  # keep the text only when it will be cached
     try:
         opening = encoder.opening()
         if opening is not None:
             yield opening
         async for delta in stream:
             timer.on_delta(delta)
+            if parts is not None:
+                parts.append(delta.text)
             if delta.finish_reason is not None:
                 timer.on_finish(delta)
                 closing = encoder.closing(delta)
                 yield encoder.text(delta.text) + closing if delta.text else closing
+                await _finished(state, record, plan, "".join(parts or ()), delta)
             elif delta.text:
                 yield encoder.text(delta.text)
     except RagLLMError as exc:  # the stream has started: report in-band, then end it properly
@@ -82,20 +133,35 @@ async def _stream_events(prepared: PreparedRequest, stream: DeltaStream, timer: 
         await stream.aclose()
 
 
-@router.get("/v1/models", response_model=ModelList)
+def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRecord,
+            headers: dict[str, str]) -> Response:
+    """A cache hit: the original content and usage, under this request's fresh id and timestamp."""
+    last = Delta(text="", num_tokens=0, prompt_tokens=cached.prompt_tokens,
+                 completion_tokens=cached.completion_tokens, finish_reason=FinishReason(cached.finish_reason))
+    record.cache, record.finish_reason = "hit", cached.finish_reason
+    record.prompt_tokens, record.completion_tokens = cached.prompt_tokens, cached.completion_tokens
+    if not prepared.stream:
+        body = full_response(prepared, Outcome(cached.text, last))
+        return Response(body, media_type="application/json", headers=headers)
+    encoder = ChunkEncoder(prepared)
+    events = (encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"") + encoder.closing(last)
+    return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(authenticated)])
 async def list_models(request: Request) -> dict:
-    cards = _state(request).engine.models()
-    created = int(_state(request).started_at_wall)
+    state = app_state(request)
+    created = int(state.started_at_wall)
     return {
         "object": "list",
         "data": [{"id": c.id, "object": "model", "created": created, "owned_by": c.owned_by,
-                  "max_model_len": c.max_model_len} for c in cards],
+                  "max_model_len": c.max_model_len} for c in state.engine.models()],
     }
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     engine_health = state.engine.health()
     stats = state.engine.stats()
     status = {EngineState.READY: "ok", EngineState.LOADING: "loading"}.get(engine_health.state, "error")
@@ -107,6 +173,8 @@ async def health(request: Request) -> Response:
         detail=engine_health.detail,
         running=stats.num_running,
         waiting=stats.num_waiting,
+        redis=state.redis.status() if state.redis else "disabled",
+        cache=state.cache.name if state.settings.cache.enabled else "off",
     )
     return Response(body.model_dump_json(), status_code=200 if status == "ok" else 503,
                     media_type="application/json")
@@ -114,4 +182,6 @@ async def health(request: Request) -> Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    state = app_state(request)
+    state.metrics.request_log_pending.set(state.request_log.num_pending)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

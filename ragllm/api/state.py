@@ -1,14 +1,18 @@
-"""What the routes share: built once per app in its lifespan."""
+"""What the routes share: built once per app."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import time
+from dataclasses import dataclass, field
 
+from ragllm.cache import ResponseCache
 from ragllm.config import Settings
 from ragllm.engines.base import Engine
+from ragllm.limits import KeyRing, RateLimiter
+from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
 from ragllm.telemetry.metrics import Metrics
+from ragllm.telemetry.request_log import RequestLog
 
 
 @dataclass
@@ -17,5 +21,10 @@ class AppState:
     engine: Engine
     metrics: Metrics
     service: CompletionService
+    redis: RedisLink | None
+    cache: ResponseCache
+    keys: KeyRing
+    limiter: RateLimiter
+    request_log: RequestLog
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from ragllm.config import PROFILES, load_settings
@@ -42,11 +43,15 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ragllm.app import create_app
+    from ragllm.app import ConfigurationError, create_app
 
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigurationError as exc:
+        print(f"ragllm serve: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
                 log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=10)
     return 0

@@ -85,7 +85,7 @@ class TransformersEngine(Engine):
         self._card = ModelCard(
             id=self.settings.public_model_name,
             max_model_len=max_model_len,
-            fingerprint=_fingerprint(loaded.path, loaded.dtype_name, loaded.device),
+            fingerprint=_fingerprint(loaded.path, loaded.dtype_name, loaded.device, self._tokenizer.chat_template),
             sampling_defaults=loaded.sampling_defaults,
         )
         self._scheduler.start()
@@ -204,8 +204,9 @@ def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
         sequence.sink.put_nowait(item)
 
 
-def _fingerprint(path: Any, dtype_name: str, device: Any) -> str:
-    identity = f"{path}:{dtype_name}:{device}:{__version__}"
+def _fingerprint(path: Any, dtype_name: str, device: Any, chat_template: str) -> str:
+    """Identifies what shapes outputs: weights, numerics, template and engine version."""
+    identity = f"{path}:{dtype_name}:{device}:{__version__}:{chat_template}"
     return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:10]
 
 

@@ -159,3 +159,5 @@ class HealthResponse(_Wire):
     detail: str = ""
     running: int = 0
     waiting: int = 0
+    redis: Literal["ok", "degraded", "disabled"] = "disabled"
+    cache: str = "memory"

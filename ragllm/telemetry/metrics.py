@@ -51,6 +51,17 @@ class Metrics:
         self.in_flight = Gauge("ragllm_requests_in_flight", "Requests being served.", registry=r)
         self.client_disconnects = Counter(
             "ragllm_client_disconnects", "Streams cancelled because the client went away.", registry=r)
+        self.redis_fallbacks = Counter(
+            "ragllm_redis_fallbacks", "Redis calls that failed or were skipped, by operation.", ["operation"],
+            registry=r)
+        self.cache_lookups = Counter(
+            "ragllm_cache_lookups", "Response cache lookups by result.", ["result"], registry=r)
+        self.request_log_dropped = Counter(
+            "ragllm_request_log_dropped", "Request-log entries dropped from a full buffer.", registry=r)
+        self.request_log_pending = Gauge(
+            "ragllm_request_log_pending", "Request-log entries waiting to be written to Redis.", registry=r)
+        self.rate_limited = Counter(
+            "ragllm_rate_limited", "Requests refused by a rate limit, by kind.", ["kind"], registry=r)
         self._labels = (model_name,)
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}  # compare fresh generations, not cache replays
 STORY = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
@@ -32,7 +33,8 @@ def test_usage_counts_prompt_and_completion_tokens(client, model):
 
 def test_streaming_chat_arrives_in_chunks_with_usage_last(client, model):
     stream = client.chat.completions.create(model=model, messages=STORY, temperature=0, max_tokens=24,
-                                            stream=True, stream_options={"include_usage": True})
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_headers=NO_CACHE)
     chunks = list(stream)
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(texts) >= 5
@@ -44,7 +46,8 @@ def test_streaming_chat_arrives_in_chunks_with_usage_last(client, model):
     assert all(c.usage is None for c in chunks[:-1])
     assert len({c.id for c in chunks}) == 1
 
-    whole = client.chat.completions.create(model=model, messages=STORY, temperature=0, max_tokens=24)
+    whole = client.chat.completions.create(model=model, messages=STORY, temperature=0, max_tokens=24,
+                                           extra_headers=NO_CACHE)
     assert "".join(texts) == whole.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
@@ -87,7 +90,7 @@ def test_stop_string_spanning_tokens_is_never_emitted(client, model, as_list):
     assert completion.choices[0].finish_reason == "stop"
 
     stream = client.chat.completions.create(model=model, messages=STORY, temperature=0, max_tokens=40,
-                                            stop=stop_arg, stream=True)
+                                            stop=stop_arg, stream=True, extra_headers=NO_CACHE)
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == expected
 
@@ -95,7 +98,8 @@ def test_stop_string_spanning_tokens_is_never_emitted(client, model, as_list):
 def test_seeded_sampling_is_reproducible(client, model):
     def sample(seed):
         return client.chat.completions.create(model=model, messages=STORY, temperature=1.0, top_p=0.95,
-                                              seed=seed, max_tokens=16).choices[0].message.content
+                                              seed=seed, max_tokens=16,
+                                              extra_headers=NO_CACHE).choices[0].message.content
 
     assert sample(7) == sample(7)
     assert len({sample(seed) for seed in (1, 2, 3)}) > 1

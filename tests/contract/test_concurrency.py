@@ -23,9 +23,13 @@ QUESTIONS = [
 ]
 
 
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}  # these tests are about the engine, not the cache
+
+
 async def _greedy(client: openai.AsyncOpenAI, model: str, question: str) -> str:
     completion = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24)
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24,
+        extra_headers=NO_CACHE)
     return completion.choices[0].message.content
 
 

@@ -1,0 +1,95 @@
+"""One record per HTTP request, filled in along the way and written to the request log at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ragllm.api.state import AppState
+    from ragllm.limits import Principal
+    from ragllm.telemetry.metrics import RequestTimer
+
+RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+SCOPE_KEY = "ragllm.record"
+
+
+@dataclass
+class RequestRecord:
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    request_id: str = ""
+    principal: "Principal | None" = None
+    model: str = ""
+    status: int = 500  # until a response starts, an exception is what happened
+    finish_reason: str = ""
+    cache: str = ""  # hit, miss, bypass
+    stream: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float | None = None
+    timer: "RequestTimer | None" = None
+    disconnected: bool = False
+
+    def entry(self) -> dict[str, Any]:
+        ttft = self.timer.first_token_s if self.timer else None
+        return {
+            "request_id": self.request_id,
+            "key_id": self.principal.key_id if self.principal else "",
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "status": 499 if self.disconnected else self.status,
+            "finish_reason": self.finish_reason or ("cancelled" if self.disconnected else ""),
+            "cache": self.cache,
+            "stream": self.stream,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "queue_ms": _ms(self.queue_s),
+            "ttft_ms": _ms(ttft),
+            "latency_ms": _ms(time.perf_counter() - self.started),
+            "time": round(time.time(), 3),
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+class RequestRecordMiddleware:
+    """Counts requests by status, tracks in-flight ones, and logs each finished generation request."""
+
+    def __init__(self, app: ASGIApp, state: "AppState") -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        if scope["type"] != "http" or path not in RECORDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(endpoint=path)
+        scope[SCOPE_KEY] = record
+        metrics = self.state.metrics
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(path, str(record.status)).inc()
+            if path in GENERATION_PATHS:
+                await self._finish(record)
+
+    async def _finish(self, record: RequestRecord) -> None:
+        self.state.request_log.append(record.entry())
+        if record.principal is not None and record.cache != "hit":
+            await self.state.limiter.spend(record.principal, record.prompt_tokens + record.completion_tokens)

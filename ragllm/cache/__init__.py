@@ -1,0 +1,34 @@
+"""The response cache: a seam with an in-process and a Redis backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    """What a deterministic generation produced; replayed with a fresh id and timestamp."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def dumps(self) -> bytes:
+        return orjson.dumps([self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens])
+
+    @classmethod
+    def loads(cls, raw: bytes) -> "CachedResponse":
+        text, finish_reason, prompt_tokens, completion_tokens = orjson.loads(raw)
+        return cls(text, finish_reason, prompt_tokens, completion_tokens)
+
+
+class ResponseCache(Protocol):
+    name: str
+
+    async def get(self, key: str) -> CachedResponse | None: ...
+
+    async def put(self, key: str, value: CachedResponse, ttl_s: int) -> None: ...

@@ -1,0 +1,37 @@
+"""Cache keys: a canonical hash of everything that can change a response.
+
+The key covers the model's identity (id and fingerprint: weights, dtype, chat template, engine
+version), the whole engine request (messages or prompt, every sampling parameter, extensions
+included, since they are read field by field from the dataclass), and the tenant. ``stream`` and the
+request id are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import orjson
+
+from ragllm.engines.base import GenerationRequest, ModelCard
+
+KEY_VERSION = 1  # bump when the material below changes meaning
+
+
+def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) -> str:
+    material = {
+        "v": KEY_VERSION,
+        "model": model.id,
+        "fingerprint": model.fingerprint,
+        "tenant": tenant,
+        "messages": request.messages,
+        "prompt": request.prompt,
+        "prompt_token_ids": request.prompt_token_ids,
+        "params": dataclasses.asdict(request.params),
+    }
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def is_deterministic(request: GenerationRequest) -> bool:
+    """Only these are cached by default: greedy decoding, or sampling with a fixed seed."""
+    return request.params.greedy or request.params.seed is not None
