@@ -30,3 +30,13 @@ def async_client(server) -> openai.AsyncOpenAI:
 @pytest.fixture(scope="session")
 def model() -> str:
     return MODEL
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url() -> str:
+    """The machine's Redis on 127.0.0.1:6379; each test isolates itself with its own key prefix."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/0"
+    redis.Redis.from_url(url).ping()
+    return url

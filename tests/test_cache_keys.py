@@ -1,0 +1,57 @@
+"""Cache keys: any field that can change the output changes the key; stream and ids do not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ragllm.cache.keys import cache_key, is_deterministic
+from ragllm.engines.base import GenerationRequest, ModelCard, SamplingParams
+
+MODEL = ModelCard(id="m", max_model_len=100, fingerprint="fp_1")
+BASE = GenerationRequest(request_id="a", params=SamplingParams(temperature=0.0),
+                         messages=[{"role": "user", "content": "hi"}])
+
+CHANGED_PARAMS = {
+    "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "min_p": 0.1,
+    "repetition_penalty": 1.2, "seed": 1, "stop": ("x",), "ignore_eos": True,
+}
+
+
+def test_every_sampling_field_is_covered_by_this_test():
+    assert set(CHANGED_PARAMS) == {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+@pytest.mark.parametrize("field, value", sorted(CHANGED_PARAMS.items()))
+def test_each_sampling_field_changes_the_key(field, value):
+    changed = dataclasses.replace(BASE, params=dataclasses.replace(BASE.params, **{field: value}))
+    assert cache_key(MODEL, changed, "t") != cache_key(MODEL, BASE, "t")
+
+
+@pytest.mark.parametrize("changed", [
+    dataclasses.replace(BASE, messages=[{"role": "user", "content": "hi!"}]),
+    dataclasses.replace(BASE, messages=[{"role": "system", "content": "hi"}]),
+    dataclasses.replace(BASE, messages=None, prompt="hi"),
+    dataclasses.replace(BASE, messages=None, prompt_token_ids=[1, 2]),
+])
+def test_prompt_content_changes_the_key(changed):
+    assert cache_key(MODEL, changed, "t") != cache_key(MODEL, BASE, "t")
+
+
+def test_model_identity_and_tenant_change_the_key():
+    key = cache_key(MODEL, BASE, "t")
+    assert cache_key(dataclasses.replace(MODEL, id="other"), BASE, "t") != key
+    assert cache_key(dataclasses.replace(MODEL, fingerprint="fp_2"), BASE, "t") != key
+    assert cache_key(MODEL, BASE, "other-tenant") != key
+
+
+def test_request_id_does_not_change_the_key():
+    assert cache_key(MODEL, dataclasses.replace(BASE, request_id="b"), "t") == cache_key(MODEL, BASE, "t")
+
+
+def test_only_greedy_or_seeded_requests_are_deterministic():
+    assert is_deterministic(BASE)
+    sampled = dataclasses.replace(BASE, params=SamplingParams(temperature=0.7))
+    assert not is_deterministic(sampled)
+    assert is_deterministic(dataclasses.replace(BASE, params=SamplingParams(temperature=0.7, seed=3)))
