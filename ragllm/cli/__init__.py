@@ -6,13 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ragllm.cli import serve
+from ragllm.cli import serve, stats
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragllm", description="OpenAI-compatible completions for RAG.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
+    stats.add_parser(commands)
     return parser
 
 
