@@ -10,7 +10,7 @@ import openai
 import pytest
 import redis
 
-from tests.servers import MODEL, ServerProcess
+from tests.servers import MODEL, ServerProcess, wait_clear_of_window_edge
 
 KEYS = "team-a:secret-a,team-b:secret-b"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -134,6 +134,7 @@ def test_missing_or_wrong_key_is_401(cache_server):
 
 def test_rate_limit_holds_across_two_processes(limited_pair, shared_redis_url, prefix):
     first, second = limited_pair
+    wait_clear_of_window_edge()
     headers = []
     for server in (first, second, first, second):  # 4 allowed per minute in all, wherever they land
         raw = _chat(_client(server), {"Cache-Control": "no-cache"}, max_tokens=2)
