@@ -45,6 +45,7 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
 
 
 class EngineSettings(BaseModel):

@@ -60,6 +60,20 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _payload_too_large(limit: int) -> ASGIApp:
+    from ragllm.api.handlers import error_response
+
+    return error_response(413, f"the request body is larger than {limit} bytes", "invalid_request_error",
+                          code="request_too_large")
+
+
 class RequestRecordMiddleware:
     """Counts requests by status, tracks in-flight ones, and logs each finished generation request."""
 
@@ -75,6 +89,7 @@ class RequestRecordMiddleware:
         record = RequestRecord(endpoint=path)
         scope[SCOPE_KEY] = record
         metrics = self.state.metrics
+        too_large = _declared_length(scope) > self.state.settings.server.max_body_bytes
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -83,7 +98,10 @@ class RequestRecordMiddleware:
 
         metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, recording_send)
+            if too_large:
+                await _payload_too_large(self.state.settings.server.max_body_bytes)(scope, receive, recording_send)
+            else:
+                await self.app(scope, receive, recording_send)
         finally:
             metrics.in_flight.dec()
             metrics.requests.labels(path, str(record.status)).inc()

@@ -99,3 +99,10 @@ def test_completion_errors(client, model):
         client.completions.create(model=model, prompt="")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
+
+
+def test_oversized_body_is_413_without_reading_it(server, model):
+    body = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "' + b"a" * (33 << 20) + b'"}]}'
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert _assert_envelope(response, 413)["code"] == "request_too_large"
