@@ -36,6 +36,20 @@ class RequestRecord:
     timer: "RequestTimer | None" = None
     disconnected: bool = False
 
+    def timing_headers(self) -> dict[str, str]:
+        """Timings of a finished non-streaming response (a stream's headers leave before they exist)."""
+        ttft = self.timer.first_token_s if self.timer else None
+        headers = {
+            "x-ragllm-total-ms": f"{(time.perf_counter() - self.started) * 1000:.2f}",
+            "x-ragllm-prompt-tokens": str(self.prompt_tokens),
+            "x-ragllm-completion-tokens": str(self.completion_tokens),
+        }
+        if self.queue_s is not None:
+            headers["x-ragllm-queue-ms"] = f"{self.queue_s * 1000:.2f}"
+        if ttft is not None:
+            headers["x-ragllm-ttft-ms"] = f"{ttft * 1000:.2f}"
+        return headers
+
     def entry(self) -> dict[str, Any]:
         ttft = self.timer.first_token_s if self.timer else None
         return {

@@ -91,7 +91,8 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
         _disconnected(state, record)
         raise
     await _finished(state, record, plan, outcome.text, outcome.last)
-    return Response(full_response(prepared, outcome), media_type="application/json", headers=headers)
+    return Response(full_response(prepared, outcome), media_type="application/json",
+                    headers={**headers, **record.timing_headers()})
 
 
 def _disconnected(state: AppState, record: RequestRecord) -> None:
@@ -142,7 +143,7 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
     record.prompt_tokens, record.completion_tokens = cached.prompt_tokens, cached.completion_tokens
     if not prepared.stream:
         body = full_response(prepared, Outcome(cached.text, last))
-        return Response(body, media_type="application/json", headers=headers)
+        return Response(body, media_type="application/json", headers={**headers, **record.timing_headers()})
     encoder = ChunkEncoder(prepared)
     events = (encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"") + encoder.closing(last)
     return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})

@@ -79,3 +79,15 @@ def test_openapi_documents_extension_fields(server):
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     for field in ("top_k", "min_p", "repetition_penalty"):
         assert "Extension" in chat[field]["description"]
+
+
+def test_non_streaming_responses_carry_timing_headers(client, model):
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        extra_headers={"Cache-Control": "no-cache"})
+    completion = raw.parse()
+    headers = raw.headers
+    assert int(headers["x-ragllm-prompt-tokens"]) == completion.usage.prompt_tokens
+    assert int(headers["x-ragllm-completion-tokens"]) == completion.usage.completion_tokens
+    queue, ttft, total = (float(headers[f"x-ragllm-{name}-ms"]) for name in ("queue", "ttft", "total"))
+    assert 0 <= queue <= ttft <= total
