@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ragllm.cli import serve, stats
+from ragllm.cli import loadtest, serve, stats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
     stats.add_parser(commands)
+    loadtest.add_parser(commands)
     return parser
 
 
