@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ragllm.loadtest import Bounds, Workload, as_dict, comparison, report_json, run_level
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: keep the table whole
     try:
         bounds = Bounds(requests=args.requests, duration_s=args.duration)
     except ValueError as exc:

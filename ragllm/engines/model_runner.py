@@ -60,6 +60,7 @@ class SlotKVCache:
             new[:, :, : old.shape[2]] = old
         return new
 
+    @torch.inference_mode()  # the tensors are inference tensors once grown inside a forward pass
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first ``length`` positions of one slot into another (slot compaction)."""
         for layer_keys, layer_values in zip(self.keys, self.values):

@@ -135,3 +135,12 @@ def test_finish_reasons_and_stop_strings():
     assert stop_text == text[: text.index(stop)]
     length_text = "".join(d.text for s, d in results if s.request_id == "len")
     assert length_text == text
+
+
+def test_slots_are_compacted_after_the_cache_has_grown():
+    """Growth happens inside a forward pass; moving a slot afterwards must still work."""
+    scheduler = _scheduler(max_num_seqs=3, max_batch_size=3, max_num_batched_tokens=512)
+    sequences = [_sequence("short", [1, 2, 3], 2), _sequence("long", [i % 200 + 1 for i in range(300)], 6),
+                 _sequence("mid", [5, 6], 10)]
+    _run_to_completion(scheduler, {0: sequences})  # "short" leaves first: "mid" moves into its slot
+    _check_against_reference(sequences)
