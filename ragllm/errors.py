@@ -62,10 +62,25 @@ class ModelNotFound(RagLLMError):
     code = "model_not_found"
 
 
-class NotFound(RagLLMError):
-    status_code = 404
+class AuthenticationFailed(RagLLMError):
+    """No API key, or a wrong one, where keys are required (401)."""
+
+    status_code = 401
     error_type = "invalid_request_error"
-    code = "not_found"
+    code = "invalid_api_key"
+
+
+class RateLimited(RagLLMError):
+    """A per-key window is spent (429); ``error_type`` says which: requests or tokens."""
+
+    status_code = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, error_type: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.headers = headers  # x-ratelimit-* and retry-after
 
 
 class EngineOverloaded(RagLLMError):

@@ -16,28 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ragllm.config import AuthSettings, LimitsSettings
-from ragllm.errors import RagLLMError
+from ragllm.errors import AuthenticationFailed, RateLimited
 from ragllm.redis_link import RedisLink, RedisUnavailable
 
 WINDOW_S = 60
 ANONYMOUS = "anonymous"
-
-
-class AuthenticationFailed(RagLLMError):
-    status_code = 401
-    error_type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class RateLimited(RagLLMError):
-    status_code = 429
-    error_type = "requests"
-    code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, error_type: str, headers: dict[str, str]) -> None:
-        super().__init__(message)
-        self.error_type = error_type
-        self.headers = headers  # x-ratelimit-* and retry-after
 
 
 @dataclass(frozen=True)

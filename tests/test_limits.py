@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from ragllm.config import AuthSettings, LimitsSettings, RedisSettings
-from ragllm.limits import AuthenticationFailed, KeyRing, Principal, RateLimited, RateLimiter, digest
+from ragllm.errors import AuthenticationFailed, RateLimited
+from ragllm.limits import KeyRing, Principal, RateLimiter, digest
 from ragllm.redis_link import RedisLink
 from tests.servers import wait_clear_of_window_edge
 

@@ -20,8 +20,8 @@ from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.cache import CachedResponse
 from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason
-from ragllm.errors import ClientClosedRequest, RagLLMError
-from ragllm.limits import Allowance, Principal, RateLimited
+from ragllm.errors import ClientClosedRequest, RagLLMError, RateLimited
+from ragllm.limits import Allowance, Principal
 from ragllm.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,

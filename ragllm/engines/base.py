@@ -45,7 +45,6 @@ class GenerationRequest:
 class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
-    ABORT = "abort"
 
 
 @dataclass(slots=True)
@@ -69,7 +68,6 @@ class DeltaStream(abc.ABC):
     """An admitted generation; iterate for deltas, ``aclose()`` to cancel and free its slot."""
 
     request_id: str
-    prompt_tokens: int
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[Delta]: ...
@@ -94,7 +92,6 @@ class EngineHealth:
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,7 +213,6 @@ def _fingerprint(path: Any, dtype_name: str, device: Any, chat_template: str) ->
 class _QueueStream(DeltaStream):
     def __init__(self, engine: TransformersEngine, sequence: Sequence) -> None:
         self.request_id = sequence.request_id
-        self.prompt_tokens = sequence.num_prompt_tokens
         self._engine = engine
         self._queue: asyncio.Queue = sequence.sink
         self._done = False

@@ -62,7 +62,14 @@ class Metrics:
             "ragllm_request_log_pending", "Request-log entries waiting to be written to Redis.", registry=r)
         self.rate_limited = Counter(
             "ragllm_rate_limited", "Requests refused by a rate limit, by kind.", ["kind"], registry=r)
-        self._labels = (model_name,)
+        # Children bound to this model once: ``labels()`` takes a lock and a dict lookup per call,
+        # and the histograms below are observed on every token.
+        self.ttft_for_model = self.time_to_first_token.labels(model_name)
+        self.itl_for_model = self.inter_token_latency.labels(model_name)
+        self.e2e_for_model = self.e2e_latency.labels(model_name)
+        self.queue_time_for_model = self.queue_time.labels(model_name)
+        self.prompt_tokens_for_model = self.prompt_tokens.labels(model_name)
+        self.generation_tokens_for_model = self.generation_tokens.labels(model_name)
 
     def watch_engine(self, stats: Callable[[], EngineStats]) -> None:
         """Export the engine's running/waiting counts, read at scrape time (no cost per step)."""
@@ -86,28 +93,27 @@ class RequestTimer:
         if not delta.num_tokens:
             return
         now = time.perf_counter()
-        m, labels = self._metrics, self._metrics._labels
+        m = self._metrics
         if self.first_token_s is None:
             self.first_token_s = now - self._start
-            m.time_to_first_token.labels(*labels).observe(self.first_token_s)
+            m.ttft_for_model.observe(self.first_token_s)
             if delta.queue_time_s is not None:
-                m.queue_time.labels(*labels).observe(delta.queue_time_s)
+                m.queue_time_for_model.observe(delta.queue_time_s)
             later_tokens = delta.num_tokens - 1
         else:
             later_tokens = delta.num_tokens
         if later_tokens:
             per_token = (now - self._last) / later_tokens
-            histogram = m.inter_token_latency.labels(*labels)
             for _ in range(later_tokens):
-                histogram.observe(per_token)
+                m.itl_for_model.observe(per_token)
         self._last = now
 
     def on_finish(self, last: Delta) -> None:
-        m, labels = self._metrics, self._metrics._labels
-        m.e2e_latency.labels(*labels).observe(time.perf_counter() - self._start)
-        m.prompt_tokens.labels(*labels).inc(last.prompt_tokens)
-        m.generation_tokens.labels(*labels).inc(last.completion_tokens)
-        m.request_success.labels(*labels, last.finish_reason.value).inc()
+        m = self._metrics
+        m.e2e_for_model.observe(time.perf_counter() - self._start)
+        m.prompt_tokens_for_model.inc(last.prompt_tokens)
+        m.generation_tokens_for_model.inc(last.completion_tokens)
+        m.request_success.labels(m.model_name, last.finish_reason.value).inc()
 
 
 class _EngineStatsCollector(Collector):

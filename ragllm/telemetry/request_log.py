@@ -47,9 +47,6 @@ class RequestLog:
         if len(self._pending) >= BATCH_SIZE:
             self._wake.set()
 
-    def recent(self) -> list[dict[str, Any]]:
-        return list(self._pending)
-
     @property
     def num_pending(self) -> int:
         return len(self._pending) if self._link is not None else 0
