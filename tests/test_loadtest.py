@@ -107,6 +107,8 @@ def test_cli_writes_table_and_json_and_compares(delayed_server, tmp_path, capsys
     assert main(["loadtest", "--url", delayed_server.url, "--concurrency", "1,2", "--requests", "4",
                  "--json", str(first)]) == 0
     report = json.loads(first.read_text())
+    png = first.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]
     assert all(level["completed"] == 4 for level in report["levels"])
     assert main(["loadtest", "--url", delayed_server.url, "--concurrency", "1,2", "--requests", "4",

@@ -27,6 +27,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--repeat-rate", type=float, default=0.75, help="share of requests reusing a set")
     parser.add_argument("--prompt-file", type=Path, help="one prompt per line instead of RAG-shaped prompts")
     parser.add_argument("--json", type=Path, default=Path("loadtest.json"), help="where to write the report")
+    parser.add_argument("--png", type=Path, help="where to draw the plot (default: the JSON path with .png)")
     parser.add_argument("--compare", type=Path, help="an earlier report to print the change against")
     parser.set_defaults(run=run)
 
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ragllm.loadtest import Bounds, Workload, as_dict, comparison, report_json, run_level
+    from ragllm.loadtest_plot import plot_report
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: keep the table whole
     try:
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(_table(results))
     settings = {"url": args.url, "requests": args.requests, "duration_s": args.duration, **as_dict(workload)}
     args.json.write_bytes(report_json(results, settings))
-    console.print(f"wrote {args.json}")
+    png = plot_report(results, args.png or args.json.with_suffix(".png"), title=f"ragllm loadtest: {args.url}")
+    console.print(f"wrote {args.json} and {png}")
     if args.compare:
         old = json.loads(args.compare.read_text())
         new = json.loads(args.json.read_text())
