@@ -46,6 +46,9 @@ class ServerSettings(BaseModel):
     port: int = Field(8081, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (cloud).")
+    log_requests: bool = Field(True, description="One log line per finished generation request.")
+    log_prompts: bool = Field(False, description="Include prompts and completions in request lines.")
 
 
 class EngineSettings(BaseModel):

@@ -95,7 +95,9 @@ def _file_digest(path: Path) -> str:
 def _convert(gguf_path: Path, target: Path, sampling_defaults: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     logger.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -51,7 +51,10 @@ class ServerProcess:
         return self
 
     def log_tail(self) -> str:
-        return self._log_path.read_text(errors="replace")[-4000:]
+        return self.log_tail_full()[-4000:]
+
+    def log_tail_full(self) -> str:
+        return self._log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.process.poll() is None:

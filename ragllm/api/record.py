@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from ragllm.api.state import AppState
     from ragllm.limits import Principal
     from ragllm.telemetry.metrics import RequestTimer
+
+request_logger = logging.getLogger("ragllm.requests")
 
 RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -35,6 +38,8 @@ class RequestRecord:
     queue_s: float | None = None
     timer: "RequestTimer | None" = None
     disconnected: bool = False
+    prompt: Any = None  # only kept when server.log_prompts is on
+    completion: str | None = None
 
     def timing_headers(self) -> dict[str, str]:
         """Timings of a finished non-streaming response (a stream's headers leave before they exist)."""
@@ -123,6 +128,11 @@ class RequestRecordMiddleware:
                 await self._finish(record)
 
     async def _finish(self, record: RequestRecord) -> None:
-        self.state.request_log.append(record.entry())
+        entry = record.entry()
+        self.state.request_log.append(entry)
+        if self.state.settings.server.log_requests:
+            if record.prompt is not None:
+                entry = {**entry, "prompt": record.prompt, "completion": record.completion}
+            request_logger.info("request finished", extra={"fields": entry})
         if record.principal is not None and record.cache != "hit":
             await self.state.limiter.spend(record.principal, record.prompt_tokens + record.completion_tokens)

@@ -71,6 +71,9 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
                    allowance: Allowance | None) -> Response:
     record = record_of(request)
     record.request_id, record.model, record.stream = prepared.id, prepared.model.id, prepared.stream
+    if state.settings.server.log_prompts:
+        generation = prepared.generation
+        record.prompt = generation.messages or generation.prompt or generation.prompt_token_ids
     plan = cache_plan(prepared, principal.key_id, request.headers.get("cache-control"), state.settings.cache.enabled)
     headers = {"x-request-id": prepared.id, **(allowance.headers() if allowance else {})}
     if plan.read:
@@ -104,6 +107,8 @@ async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, tex
     record.finish_reason = last.finish_reason.value
     record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
     record.queue_s = last.queue_time_s
+    if record.prompt is not None:
+        record.completion = text
     if plan.write and last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
         cached = CachedResponse(text, last.finish_reason.value, last.prompt_tokens, last.completion_tokens)
         await state.cache.put(plan.key, cached, state.settings.cache.ttl_s)
@@ -112,7 +117,8 @@ async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, tex
 async def _stream_events(state: AppState, prepared: PreparedRequest, stream: DeltaStream, timer: RequestTimer,
                          record: RequestRecord, plan: CachePlan) -> AsyncIterator[bytes]:
     encoder = ChunkEncoder(prepared)
-    parts: list[str] | None = [] if plan.write else None  # keep the text only when it will be cached
+    # Keep the text only when it will be cached or logged: most streams need neither.
+    parts: list[str] | None = [] if plan.write or record.prompt is not None else None
     try:
         opening = encoder.opening()
         if opening is not None:

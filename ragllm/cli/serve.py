@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -44,14 +43,16 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ragllm.app import ConfigurationError, create_app
+    from ragllm.telemetry.logging import configure_logging
 
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.server)
     try:
         app = create_app(settings)
     except ConfigurationError as exc:
         print(f"ragllm serve: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
-                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=10)
+                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=10,
+                log_config=None)  # keep the handlers configure_logging installed
     return 0

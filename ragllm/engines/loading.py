@@ -27,7 +27,9 @@ class LoadedModel:
 def load_model_and_tokenizer(settings: EngineSettings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # bars in a server's log are noise (and not JSON)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
