@@ -24,6 +24,7 @@ from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
 from ragllm.telemetry.metrics import Metrics
 from ragllm.telemetry.request_log import RequestLog
+from ragllm.telemetry.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         settings=settings, engine=engine, metrics=metrics, service=CompletionService(engine, metrics),
         redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
         request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
+        tracing=Tracing(settings.telemetry),
     )
 
     @contextlib.asynccontextmanager
@@ -64,6 +66,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             await asyncio.gather(loading, return_exceptions=True)
             await engine.aclose()
             await state.request_log.aclose()
+            state.tracing.shutdown()
             if redis is not None:
                 await redis.aclose()
 

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from ragllm.api.state import AppState
+    from ragllm.telemetry.tracing import RequestSpan
     from ragllm.limits import Principal
     from ragllm.telemetry.metrics import RequestTimer
 
@@ -40,6 +41,8 @@ class RequestRecord:
     disconnected: bool = False
     prompt: Any = None  # only kept when server.log_prompts is on
     completion: str | None = None
+    span: "RequestSpan | None" = None  # when tracing is on
+    finished_at: float | None = None  # perf_counter time of the last token
 
     def timing_headers(self) -> dict[str, str]:
         """Timings of a finished non-streaming response (a stream's headers leave before they exist)."""
@@ -72,7 +75,29 @@ class RequestRecord:
             "ttft_ms": _ms(ttft),
             "latency_ms": _ms(time.perf_counter() - self.started),
             "time": round(time.time(), 3),
+            "trace_id": self.span.trace_id if self.span else "",
         }
+
+    def end_span(self) -> None:
+        """Place the engine's phases under the request span, then close it."""
+        span, timer = self.span, self.timer
+        if span is None:
+            return
+        if timer is not None and timer.first_token_s is not None:
+            submitted = timer.started_at
+            scheduled = submitted + (self.queue_s or 0.0)
+            first_token = submitted + timer.first_token_s
+            span.child_between("queue", submitted, scheduled)
+            span.child_between("prefill", scheduled, first_token)
+            span.child_between("decode", first_token, self.finished_at or time.perf_counter())
+        span.finish({
+            "http.request.method": "POST", "http.route": self.endpoint,
+            "http.response.status_code": 499 if self.disconnected else self.status,
+            "ragllm.request_id": self.request_id, "gen_ai.request.model": self.model,
+            "gen_ai.usage.input_tokens": self.prompt_tokens, "gen_ai.usage.output_tokens": self.completion_tokens,
+            "gen_ai.response.finish_reasons": self.finish_reason, "ragllm.cache": self.cache,
+            "ragllm.key_id": self.principal.key_id if self.principal else None,
+        })
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -109,10 +134,17 @@ class RequestRecordMiddleware:
         scope[SCOPE_KEY] = record
         metrics = self.state.metrics
         too_large = _declared_length(scope) > self.state.settings.server.max_body_bytes
+        trace_header: list[tuple[bytes, bytes]] = []
+        if path in GENERATION_PATHS and self.state.tracing.enabled:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            record.span = self.state.tracing.start_request(f"POST {path}", headers)
+            trace_header = [(b"x-trace-id", record.span.trace_id.encode())]
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
+                if trace_header:
+                    message = {**message, "headers": [*message.get("headers", ()), *trace_header]}
             await send(message)
 
         metrics.in_flight.inc()
@@ -136,3 +168,4 @@ class RequestRecordMiddleware:
             request_logger.info("request finished", extra={"fields": entry})
         if record.principal is not None and record.cache != "hit":
             await self.state.limiter.spend(record.principal, record.prompt_tokens + record.completion_tokens)
+        record.end_span()

@@ -33,6 +33,7 @@ from ragllm.protocol.openai import (
 )
 from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer
+from ragllm.telemetry.tracing import child_span
 
 router = APIRouter()
 
@@ -46,7 +47,7 @@ _CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store 
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(authenticated)) -> Response:
     state = app_state(request)
-    allowance = await _rate_limit(state, principal)
+    allowance = await _rate_limit(state, principal, request)
     return await _respond(state, state.service.prepare_chat(body), request, principal, allowance)
 
 
@@ -55,13 +56,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 async def completions(body: CompletionRequest, request: Request,
                       principal: Principal = Depends(authenticated)) -> Response:
     state = app_state(request)
-    allowance = await _rate_limit(state, principal)
+    allowance = await _rate_limit(state, principal, request)
     return await _respond(state, state.service.prepare_completion(body), request, principal, allowance)
 
 
-async def _rate_limit(state: AppState, principal: Principal) -> Allowance | None:
+async def _rate_limit(state: AppState, principal: Principal, request: Request) -> Allowance | None:
     try:
-        return await state.limiter.admit(principal)
+        with child_span(record_of(request).span, "rate_limit"):
+            return await state.limiter.admit(principal)
     except RateLimited as exc:
         state.metrics.rate_limited.labels(exc.error_type).inc()
         raise
@@ -77,7 +79,8 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
     plan = cache_plan(prepared, principal.key_id, request.headers.get("cache-control"), state.settings.cache.enabled)
     headers = {"x-request-id": prepared.id, **(allowance.headers() if allowance else {})}
     if plan.read:
-        cached = await state.cache.get(plan.key)
+        with child_span(record.span, "cache_lookup"):
+            cached = await state.cache.get(plan.key)
         state.metrics.cache_lookups.labels("hit" if cached else "miss").inc()
         if cached is not None:
             return _replay(prepared, cached, record, {**headers, "x-ragllm-cache": "hit"})
@@ -104,6 +107,7 @@ def _disconnected(state: AppState, record: RequestRecord) -> None:
 
 
 async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, text: str, last: Delta) -> None:
+    record.finished_at = time.perf_counter()
     record.finish_reason = last.finish_reason.value
     record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
     record.queue_s = last.queue_time_s

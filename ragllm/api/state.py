@@ -13,6 +13,7 @@ from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
 from ragllm.telemetry.metrics import Metrics
 from ragllm.telemetry.request_log import RequestLog
+from ragllm.telemetry.tracing import Tracing
 
 
 @dataclass
@@ -26,5 +27,6 @@ class AppState:
     keys: KeyRing
     limiter: RateLimiter
     request_log: RequestLog
+    tracing: Tracing
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)

@@ -82,11 +82,11 @@ class Metrics:
 class RequestTimer:
     """Per-request timing from the service's view: fed each delta, it records vLLM's histograms."""
 
-    __slots__ = ("_metrics", "_start", "_last", "first_token_s")
+    __slots__ = ("_metrics", "started_at", "_last", "first_token_s")
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._start = self._last = time.perf_counter()
+        self.started_at = self._last = time.perf_counter()
         self.first_token_s: float | None = None
 
     def on_delta(self, delta: Delta) -> None:
@@ -95,7 +95,7 @@ class RequestTimer:
         now = time.perf_counter()
         m = self._metrics
         if self.first_token_s is None:
-            self.first_token_s = now - self._start
+            self.first_token_s = now - self.started_at
             m.ttft_for_model.observe(self.first_token_s)
             if delta.queue_time_s is not None:
                 m.queue_time_for_model.observe(delta.queue_time_s)
@@ -110,7 +110,7 @@ class RequestTimer:
 
     def on_finish(self, last: Delta) -> None:
         m = self._metrics
-        m.e2e_for_model.observe(time.perf_counter() - self._start)
+        m.e2e_for_model.observe(time.perf_counter() - self.started_at)
         m.prompt_tokens_for_model.inc(last.prompt_tokens)
         m.generation_tokens_for_model.inc(last.completion_tokens)
         m.request_success.labels(m.model_name, last.finish_reason.value).inc()

@@ -1,0 +1,112 @@
+"""Spans reach a real OTLP/HTTP endpoint started by the test, with the caller's trace id."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.servers import MODEL, ServerProcess, free_port
+
+CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN_ID = "00f067aa0ba902b7"
+
+
+class OtlpCollector:
+    """An OTLP/HTTP endpoint: it accepts POST /v1/traces and decodes the protobuf it receives."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.spans: list = []
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                assert self.path == "/v1/traces"
+                assert self.headers["content-type"] == "application/x-protobuf"
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                for resource_spans in request.resource_spans:
+                    for scope_spans in resource_spans.scope_spans:
+                        collector.spans.extend(scope_spans.spans)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+@pytest.fixture
+def collector():
+    endpoint = OtlpCollector()
+    yield endpoint
+    endpoint.close()
+
+
+def test_request_span_tree_continues_the_callers_trace(collector, tmp_path):
+    server = ServerProcess(env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100",
+                                "RAGLLM_SERVER__LOG_FORMAT": "json"}, log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        traceparent = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
+        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
+                              headers={"traceparent": traceparent},
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                    "max_tokens": 4, "temperature": 0})
+        assert response.status_code == 200
+        assert response.headers["x-trace-id"] == CALLER_TRACE_ID
+        deadline = time.monotonic() + 10
+        while len({s.name for s in collector.spans}) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spans = {span.name: span for span in collector.spans}
+        root = spans["POST /v1/chat/completions"]
+        assert root.trace_id.hex() == CALLER_TRACE_ID
+        assert root.parent_span_id.hex() == CALLER_SPAN_ID
+        for child in ("auth", "rate_limit", "cache_lookup", "queue", "prefill", "decode"):
+            assert spans[child].trace_id == root.trace_id
+            assert spans[child].parent_span_id == root.span_id, child
+            assert root.start_time_unix_nano <= spans[child].start_time_unix_nano
+            assert spans[child].end_time_unix_nano <= root.end_time_unix_nano
+        assert spans["queue"].end_time_unix_nano <= spans["prefill"].start_time_unix_nano + 1
+        assert spans["prefill"].end_time_unix_nano <= spans["decode"].start_time_unix_nano + 1
+        attributes = {a.key: a.value for a in root.attributes}
+        assert attributes["http.response.status_code"].int_value == 200
+        assert attributes["gen_ai.usage.output_tokens"].int_value == response.json()["usage"]["completion_tokens"]
+        lines = [json.loads(raw) for raw in server.log_tail_full().splitlines() if '"ragllm.requests"' in raw]
+        assert lines[-1]["trace_id"] == CALLER_TRACE_ID
+    finally:
+        server.stop()
+
+
+def test_a_request_without_traceparent_starts_a_new_trace(collector, tmp_path):
+    server = ServerProcess(env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+                           log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        response = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+        trace_id = response.headers["x-trace-id"]
+        assert len(trace_id) == 32 and trace_id != CALLER_TRACE_ID
+        deadline = time.monotonic() + 10
+        roots: list = []
+        while not roots and time.monotonic() < deadline:
+            time.sleep(0.05)
+            roots = [s for s in collector.spans if s.name == "POST /v1/completions"]
+        [root] = roots
+        assert root.trace_id.hex() == trace_id and not root.parent_span_id
+    finally:
+        server.stop()
