@@ -44,6 +44,15 @@ class RequestRecord:
     span: "RequestSpan | None" = None  # when tracing is on
     finished_at: float | None = None  # perf_counter time of the last token
 
+    def first_token_headers(self) -> dict[str, str]:
+        """What a stream's headers can carry: they are sent with its first token."""
+        headers = {"x-ragllm-prompt-tokens": str(self.prompt_tokens)} if self.prompt_tokens else {}
+        if self.queue_s is not None:
+            headers["x-ragllm-queue-ms"] = f"{self.queue_s * 1000:.2f}"
+        if self.timer is not None and self.timer.first_token_s is not None:
+            headers["x-ragllm-ttft-ms"] = f"{self.timer.first_token_s * 1000:.2f}"
+        return headers
+
     def timing_headers(self) -> dict[str, str]:
         """Timings of a finished non-streaming response (a stream's headers leave before they exist)."""
         ttft = self.timer.first_token_s if self.timer else None

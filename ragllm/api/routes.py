@@ -90,7 +90,8 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
     record.timer = timer
     if prepared.stream:
         events = _stream_events(state, prepared, stream, timer, record, plan)
-        return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record))
+        return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record),
+                                   late_headers=record.first_token_headers)
     try:
         outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
     except ClientClosedRequest:
@@ -123,21 +124,22 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
     encoder = ChunkEncoder(prepared)
     # Keep the text only when it will be cached or logged: most streams need neither.
     parts: list[str] | None = [] if plan.write or record.prompt is not None else None
+    opening = encoder.opening() or b""  # sent with the first delta, once its timings are known
     try:
-        opening = encoder.opening()
-        if opening is not None:
-            yield opening
         async for delta in stream:
             timer.on_delta(delta)
             if parts is not None:
                 parts.append(delta.text)
+            events = encoder.text(delta.text) if delta.text else b""
+            if opening:
+                record.queue_s, record.prompt_tokens = delta.queue_time_s, delta.prompt_tokens
+                events, opening = opening + events, b""
             if delta.finish_reason is not None:
                 timer.on_finish(delta)
-                closing = encoder.closing(delta)
-                yield encoder.text(delta.text) + closing if delta.text else closing
+                yield events + encoder.closing(delta)
                 await _finished(state, record, plan, "".join(parts or ()), delta)
-            elif delta.text:
-                yield encoder.text(delta.text)
+            elif events:
+                yield events
     except RagLLMError as exc:  # the stream has started: report in-band, then end it properly
         yield error_event(exc.to_envelope()) + DONE_EVENT
     finally:

@@ -55,11 +55,13 @@ class EventStreamResponse(Response):
     """
 
     def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
-                 on_disconnect: Callable[[], None]) -> None:
+                 on_disconnect: Callable[[], None],
+                 late_headers: Callable[[], dict[str, str]] = dict) -> None:
         self.status_code = 200
         self.background = None
         self._events = events
         self._on_disconnect = on_disconnect
+        self._late_headers = late_headers
         self.raw_headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -75,7 +77,12 @@ class EventStreamResponse(Response):
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         watcher.add_done_callback(cancel_sender)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            # Headers wait for the first event, so they can carry what it taught (queue time, TTFT).
+            first = await anext(aiter(self._events), None)
+            late = [(k.encode(), v.encode()) for k, v in self._late_headers().items()]
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers + late})
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
             async for chunk in self._events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

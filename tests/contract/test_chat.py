@@ -32,10 +32,12 @@ def test_usage_counts_prompt_and_completion_tokens(client, model):
 
 
 def test_streaming_chat_arrives_in_chunks_with_usage_last(client, model):
-    stream = client.chat.completions.create(model=model, messages=STORY, temperature=0, max_tokens=24,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_headers=NO_CACHE)
-    chunks = list(stream)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=STORY, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}, extra_headers=NO_CACHE)
+    chunks = list(raw.parse())
+    # The headers leave with the first token, so they carry its timings.
+    assert 0 <= float(raw.headers["x-ragllm-queue-ms"]) <= float(raw.headers["x-ragllm-ttft-ms"])
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(texts) >= 5
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -50,6 +52,7 @@ def test_streaming_chat_arrives_in_chunks_with_usage_last(client, model):
                                            extra_headers=NO_CACHE)
     assert "".join(texts) == whole.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert int(raw.headers["x-ragllm-prompt-tokens"]) == whole.usage.prompt_tokens
 
 
 def test_stream_without_include_usage_has_no_usage(client, model):
