@@ -69,6 +69,9 @@ class EngineSettings(BaseModel):
     default_max_tokens: int | None = Field(
         None, ge=1, description="Completion cap when a request sets none; None: the rest of the context.")
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
+    no_think_suffix: bool = Field(
+        False, description="The model understands '/no_think' in the user turn (thinking models without a "
+                           "template switch); appended to RAG questions unless reasoning is asked for.")
 
     @model_validator(mode="after")
     def _batch_within_seqs(self) -> "EngineSettings":

@@ -21,6 +21,9 @@ from ragllm.engines.base import (
     SamplingParams,
 )
 from ragllm.cache.keys import cache_key, is_deterministic
+from ragllm.prompting import load_template, rank
+from ragllm.protocol.rag import RagOptions
+from ragllm.rag import PackRequest, RagContext, pack
 from ragllm.errors import EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
 from ragllm.protocol.openai import (
     MAX_STOP_SEQUENCES,
@@ -43,6 +46,8 @@ class PreparedRequest:
     generation: GenerationRequest
     stream: bool
     include_usage: bool
+    rag: RagContext | None = None  # the request carried documents
+    strip_thinking: bool = False  # remove <think>...</think> from the answer
 
 
 @dataclass(slots=True)
@@ -57,19 +62,39 @@ class CompletionService:
         self.metrics = metrics
 
     # -- preparing ------------------------------------------------------------------------------
-    def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+    async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
         model = self._model(body.model)
         _refuse_unsupported_chat_fields(body)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        messages = [_template_message(message, index) for index, message in enumerate(body.messages)]
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        strip_thinking = template_kwargs.get("enable_thinking") is False
+        rag_context = None
+        if body.documents is not None or body.rag is not None:
+            options = body.rag or RagOptions()
+            no_think = False
+            if not options.reasoning:
+                strip_thinking = True
+                if model.thinking_switch:
+                    template_kwargs.setdefault("enable_thinking", False)
+                else:
+                    no_think = model.no_think_suffix
+            messages, rag_context = await pack(self.engine, PackRequest(
+                model=model, template=load_template(options.template), ranked=rank(body.documents or []),
+                messages=messages, template_kwargs=template_kwargs or None, max_tokens=max_tokens,
+                options=options, no_think=no_think))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generation = GenerationRequest(
             request_id=request_id,
             params=_sampling_params(body, max_tokens, model.sampling_defaults),
-            messages=[_template_message(message, index) for index, message in enumerate(body.messages)],
+            messages=messages,
+            chat_template_kwargs=template_kwargs or None,
         )
-        return self._prepared("chat", request_id, model, generation, body)
+        prepared = self._prepared("chat", request_id, model, generation, body)
+        prepared.rag, prepared.strip_thinking = rag_context, strip_thinking
+        return prepared
 
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
         model = self._model(body.model)

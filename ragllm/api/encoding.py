@@ -32,8 +32,8 @@ def _head(prepared: PreparedRequest, object_name: str) -> dict:
     }
 
 
-def full_response(prepared: PreparedRequest, outcome: Outcome) -> bytes:
-    """The non-streaming body for a chat or text completion."""
+def full_response(prepared: PreparedRequest, outcome: Outcome, extra: dict | None = None) -> bytes:
+    """The non-streaming body for a chat or text completion; ``extra`` adds top-level extension fields."""
     reason = outcome.last.finish_reason.value
     if prepared.kind == "chat":
         body = _head(prepared, "chat.completion")
@@ -44,6 +44,8 @@ def full_response(prepared: PreparedRequest, outcome: Outcome) -> bytes:
         choice = {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": reason}
     body["choices"] = [choice]
     body["usage"] = _usage(outcome.last)
+    if extra:
+        body.update(extra)
     return orjson.dumps(body)
 
 
@@ -67,13 +69,13 @@ class ChunkEncoder:
         before, after = rendered.split(orjson.dumps(marker))
         self._text_prefix, self._text_suffix = before, after
 
-    def _render(self, text: str | None, finish_reason: str | None) -> bytes:
+    def _render(self, text: str | None, finish_reason: str | None, extra: dict | None = None) -> bytes:
         if self._chat:
             delta = {} if text is None else {"content": text}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
+        return b"data: " + orjson.dumps({**self._head, "choices": [choice], **(extra or {})}) + b"\n\n"
 
     def opening(self) -> bytes | None:
         """Chat streams open with the assistant role, as OpenAI's do."""
@@ -85,9 +87,9 @@ class ChunkEncoder:
     def text(self, text: str) -> bytes:
         return self._text_prefix + orjson.dumps(text) + self._text_suffix
 
-    def closing(self, last: Delta) -> bytes:
-        """The finish-reason event, then the usage event when the client asked for it."""
-        events = self._render(None, last.finish_reason.value)
+    def closing(self, last: Delta, extra: dict | None = None) -> bytes:
+        """The finish-reason event (with ``extra`` fields), then the usage event if asked for."""
+        events = self._render(None, last.finish_reason.value, extra)
         if self._prepared.include_usage:
             usage = {**self._head, "choices": [], "usage": _usage(last)}
             events += b"data: " + orjson.dumps(usage) + b"\n\n"

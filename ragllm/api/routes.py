@@ -31,6 +31,7 @@ from ragllm.protocol.openai import (
     HealthResponse,
     ModelList,
 )
+from ragllm.prompting import ThinkStripper, strip_thinking
 from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer
 from ragllm.telemetry.tracing import child_span
@@ -48,7 +49,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(authenticated)) -> Response:
     state = app_state(request)
     allowance = await _rate_limit(state, principal, request)
-    return await _respond(state, state.service.prepare_chat(body), request, principal, allowance)
+    return await _respond(state, await state.service.prepare_chat(body), request, principal, allowance)
 
 
 @router.post("/v1/completions", description=_CACHE_DOC,
@@ -97,9 +98,16 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
     except ClientClosedRequest:
         _disconnected(state, record)
         raise
+    if prepared.strip_thinking:
+        outcome = Outcome(strip_thinking(outcome.text), outcome.last)
     await _finished(state, record, plan, outcome.text, outcome.last)
-    return Response(full_response(prepared, outcome), media_type="application/json",
+    return Response(full_response(prepared, outcome, _extensions(prepared, outcome.text)), media_type="application/json",
                     headers={**headers, **record.timing_headers()})
+
+
+def _extensions(prepared: PreparedRequest, answer: str) -> dict | None:
+    """Extension fields of a finished answer: the RAG report with its checked citations."""
+    return {"rag": prepared.rag.report(answer)} if prepared.rag is not None else None
 
 
 def _disconnected(state: AppState, record: RequestRecord) -> None:
@@ -122,22 +130,28 @@ async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, tex
 async def _stream_events(state: AppState, prepared: PreparedRequest, stream: DeltaStream, timer: RequestTimer,
                          record: RequestRecord, plan: CachePlan) -> AsyncIterator[bytes]:
     encoder = ChunkEncoder(prepared)
-    # Keep the text only when it will be cached or logged: most streams need neither.
-    parts: list[str] | None = [] if plan.write or record.prompt is not None else None
+    # Keep the text only when it will be cached, logged or checked for citations: most streams need none.
+    keep_text = plan.write or record.prompt is not None or prepared.rag is not None
+    parts: list[str] | None = [] if keep_text else None
+    stripper = ThinkStripper() if prepared.strip_thinking else None
     opening = encoder.opening() or b""  # sent with the first delta, once its timings are known
     try:
         async for delta in stream:
             timer.on_delta(delta)
+            text = delta.text
+            if stripper is not None:
+                text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
             if parts is not None:
-                parts.append(delta.text)
-            events = encoder.text(delta.text) if delta.text else b""
+                parts.append(text)
+            events = encoder.text(text) if text else b""
             if opening:
                 record.queue_s, record.prompt_tokens = delta.queue_time_s, delta.prompt_tokens
                 events, opening = opening + events, b""
             if delta.finish_reason is not None:
                 timer.on_finish(delta)
-                yield events + encoder.closing(delta)
-                await _finished(state, record, plan, "".join(parts or ()), delta)
+                answer = "".join(parts or ())
+                yield events + encoder.closing(delta, _extensions(prepared, answer))
+                await _finished(state, record, plan, answer, delta)
             elif events:
                 yield events
     except RagLLMError as exc:  # the stream has started: report in-band, then end it properly
@@ -153,11 +167,13 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
                  completion_tokens=cached.completion_tokens, finish_reason=FinishReason(cached.finish_reason))
     record.cache, record.finish_reason = "hit", cached.finish_reason
     record.prompt_tokens, record.completion_tokens = cached.prompt_tokens, cached.completion_tokens
+    extensions = _extensions(prepared, cached.text)
     if not prepared.stream:
-        body = full_response(prepared, Outcome(cached.text, last))
+        body = full_response(prepared, Outcome(cached.text, last), extensions)
         return Response(body, media_type="application/json", headers={**headers, **record.timing_headers()})
     encoder = ChunkEncoder(prepared)
-    events = (encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"") + encoder.closing(last)
+    events = ((encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"")
+              + encoder.closing(last, extensions))
     return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 

@@ -27,6 +27,7 @@ def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) 
         "messages": request.messages,
         "prompt": request.prompt,
         "prompt_token_ids": request.prompt_token_ids,
+        "chat_template_kwargs": request.chat_template_kwargs,
         "params": dataclasses.asdict(request.params),
     }
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -40,6 +40,7 @@ class GenerationRequest:
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": False}
 
 
 class FinishReason(str, enum.Enum):
@@ -102,6 +103,10 @@ class ModelCard:
     fingerprint: str = ""
     # The model's own sampling defaults (its generation config), used for fields a request leaves out.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    # The chat template has a thinking switch (``enable_thinking``, as Qwen3's do).
+    thinking_switch: bool = False
+    # The model understands a trailing ``/no_think`` in the user turn (set per model in settings).
+    no_think_suffix: bool = False
 
 
 class Engine(abc.ABC):
@@ -116,6 +121,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def generate(self, request: GenerationRequest) -> DeltaStream: ...
+
+    @abc.abstractmethod
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens the request's prompt takes (template applied), for context budgeting."""
 
     @abc.abstractmethod
     def models(self) -> list[ModelCard]: ...

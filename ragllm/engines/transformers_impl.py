@@ -87,6 +87,8 @@ class TransformersEngine(Engine):
             max_model_len=max_model_len,
             fingerprint=_fingerprint(loaded.path, loaded.dtype_name, loaded.device, self._tokenizer.chat_template),
             sampling_defaults=loaded.sampling_defaults,
+            thinking_switch="enable_thinking" in (self._tokenizer.chat_template or ""),
+            no_think_suffix=self.settings.no_think_suffix,
         )
         self._scheduler.start()
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
@@ -128,6 +130,9 @@ class TransformersEngine(Engine):
         stream = _QueueStream(self, sequence)
         self._scheduler.submit(sequence)
         return stream
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(await asyncio.to_thread(self._prompt_ids, request))
 
     # -- admission ------------------------------------------------------------------------------
     def _reserve_admission(self) -> None:

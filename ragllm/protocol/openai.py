@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ragllm.protocol.rag import RagDocument, RagOptions, RagReport
+
 MAX_STOP_SEQUENCES = 16
 
 
@@ -70,6 +72,13 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
     tool_choice: Any = None
+    # Extensions: the RAG contract (see the README) and template switches.
+    documents: list[RagDocument] | None = Field(
+        None, description="Extension: retrieved documents; the RAG template renders them and the answer's "
+                          "[id] citations are checked against them.")
+    rag: RagOptions | None = Field(None, description="Extension: RAG options (template, budget, reasoning).")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension: passed to the chat template, e.g. {\"enable_thinking\": false}.")
 
 
 class CompletionRequest(SamplingFields):
@@ -101,6 +110,7 @@ class ChatChoice(_Wire):
 
 
 class ChatCompletion(_Wire):
+    rag: RagReport | None = Field(None, description="Extension: present when the request carried documents.")
     id: str
     object: Literal["chat.completion"]
     created: int

@@ -1,0 +1,43 @@
+"""Wire models of the RAG contract: typed documents in, a report of what was used out."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RagDocument(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[^\[\],\s]+$",
+                    description="Cited as [id]; no spaces, commas or brackets.")
+    text: str
+    title: str | None = None
+    source: str | None = Field(None, description="Where it came from (URL, path); returned with citations.")
+    score: float | None = Field(None, description="Retrieval score; higher ranks first.")
+
+
+class RagOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    template: str = Field("default@1", description="Versioned prompt template.")
+    citations: bool = Field(True, description="Parse [id] citations out of the answer.")
+    max_context_tokens: int | None = Field(None, ge=1, description="Cap on tokens spent on documents.")
+    reasoning: bool = Field(False, description="Let thinking models think (and keep <think> output).")
+
+
+class Citation(BaseModel):
+    id: str
+    title: str | None = None
+    source: str | None = None
+
+
+class RagReport(BaseModel):
+    """The ``rag`` object of a response (in a stream: of its final chunk)."""
+
+    template: str
+    used_documents: list[str]
+    dropped_documents: list[str]
+    context_tokens: int
+    citations: list[Citation] = []
+    unknown_citations: list[str] = []
+    cited: bool = False

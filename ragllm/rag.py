@@ -1,0 +1,106 @@
+"""Fitting a RAG request into the model's context: documents packed by rank with the real tokenizer.
+
+Whole documents are dropped, lowest-ranked first; the instruction and the question never are. When
+even they do not fit beside the room kept for the answer, the request is refused (400): nothing is
+ever truncated silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ragllm.engines.base import Engine, GenerationRequest, ModelCard, SamplingParams
+from ragllm.errors import ContextLengthExceeded
+from ragllm.prompting import RagTemplate, parse_citations, render_messages, with_no_think
+from ragllm.protocol.rag import RagDocument, RagOptions
+
+# Room kept for the answer when a RAG request sets no max_tokens.
+DEFAULT_ANSWER_TOKENS = 512
+
+
+@dataclass(slots=True)
+class RagContext:
+    """What packing decided; turned into the response's ``rag`` object once the answer is known."""
+
+    template: str
+    documents: dict[str, RagDocument]  # every supplied document, by id
+    used: list[str]
+    dropped: list[str]
+    context_tokens: int
+    citations: bool
+
+    def report(self, answer: str) -> dict[str, Any]:
+        citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
+        return {
+            "template": self.template,
+            "used_documents": self.used,
+            "dropped_documents": self.dropped,
+            "context_tokens": self.context_tokens,
+            "citations": [c.model_dump() for c in citations],
+            "unknown_citations": unknown,
+            "cited": bool(citations),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PackRequest:
+    model: ModelCard
+    template: RagTemplate
+    ranked: list[RagDocument]
+    messages: list[dict[str, Any]]
+    template_kwargs: dict[str, Any] | None
+    max_tokens: int | None
+    options: RagOptions
+    no_think: bool
+
+
+async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any]], RagContext]:
+    """The rendered messages holding as many top-ranked documents as fit, and the packing report."""
+    reserve = request.max_tokens or DEFAULT_ANSWER_TOKENS
+    window = request.model.max_model_len
+    budget = window - reserve
+
+    async def render(count: int) -> tuple[list[dict[str, Any]], int]:
+        messages = render_messages(request.template, request.ranked[:count], request.messages)
+        if request.no_think:
+            messages = with_no_think(messages)
+        probe = GenerationRequest("count", SamplingParams(), messages=messages,
+                                  chat_template_kwargs=request.template_kwargs)
+        return messages, await engine.count_prompt_tokens(probe)
+
+    bare_messages, bare = await render(0)
+    if bare > budget:
+        raise ContextLengthExceeded(
+            f"the instruction and the question alone take {bare} tokens; with {reserve} kept for the answer, "
+            f"the model's {window}-token context cannot hold them; shorten the question or lower max_tokens",
+            param="messages")
+    cap = request.options.max_context_tokens
+
+    def fits(tokens: int) -> bool:
+        return tokens <= budget and (cap is None or tokens - bare <= cap)
+
+    best_count, best = 0, (bare_messages, bare)
+    everything = await render(len(request.ranked)) if request.ranked else best
+    if fits(everything[1]):  # the common case: two renders
+        best_count, best = len(request.ranked), everything
+    else:  # the largest prefix of the ranking that fits, by bisection
+        low, high = 0, len(request.ranked) - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            candidate = await render(middle)
+            if fits(candidate[1]):
+                low, best = middle, candidate
+            else:
+                high = middle - 1
+        best_count = low
+    messages, tokens = best
+    context = RagContext(
+        template=request.template.name,
+        documents={d.id: d for d in request.ranked},
+        used=[d.id for d in request.ranked[:best_count]],
+        dropped=[d.id for d in request.ranked[best_count:]],
+        context_tokens=tokens - bare,
+        citations=request.options.citations,
+    )
+    return messages, context
