@@ -56,14 +56,19 @@ def render_messages(template: RagTemplate, documents: list[RagDocument],
     """One system message (instruction, the caller's system text, the documents), then the
     conversation, whose last user turn is the question."""
     caller_system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
-    rendered = [template.document.format(id=d.id, title=d.title or "", source=d.source or "", text=d.text.strip())
-                for d in documents]
+    rendered = [_tidy(template.document.format(id=d.id, title=d.title or "", source=d.source or "",
+                                               text=d.text.strip())) for d in documents]
     block = template.document_separator.join(rendered) if rendered else "(no documents)"
     system = "\n\n".join([template.instruction, *caller_system, f"{template.documents_header}\n\n{block}"])
     conversation = [m for m in messages if m["role"] != "system"]
     if not conversation or conversation[-1]["role"] != "user":
         raise InvalidRequest("a RAG request ends with the user's question", param="messages")
     return [{"role": "system", "content": system}, *conversation]
+
+
+def _tidy(text: str) -> str:
+    """No trailing blanks (an untitled document would leave one after its id)."""
+    return "\n".join(line.rstrip() for line in text.split("\n"))
 
 
 def with_no_think(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
