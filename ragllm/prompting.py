@@ -16,6 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from ragllm.engines.text import partial_suffix_length
 from ragllm.errors import InvalidRequest
 from ragllm.protocol.rag import Citation, RagDocument
 
@@ -120,7 +121,7 @@ class ThinkStripper:
                 buffer = buffer[index + len(tag):]
                 self._thinking = not self._thinking
                 continue
-            held = _partial_suffix(buffer, tag)
+            held = partial_suffix_length(buffer, (tag,))
             if not self._thinking:
                 out.append(buffer[: len(buffer) - held])
             self._pending = buffer[len(buffer) - held:]
@@ -136,13 +137,6 @@ class ThinkStripper:
             text = text.lstrip()
             self._at_start = not text
         return text
-
-
-def _partial_suffix(buffer: str, tag: str) -> int:
-    for length in range(min(len(buffer), len(tag) - 1), 0, -1):
-        if tag.startswith(buffer[-length:]):
-            return length
-    return 0
 
 
 def strip_thinking(text: str) -> str:

@@ -63,7 +63,7 @@ class StopMatcher:
         if hit is not None:
             self._pending = ""
             return buffer[:hit], True
-        held = self._held_suffix_length(buffer)
+        held = partial_suffix_length(buffer, self._stops)
         self._pending = buffer[len(buffer) - held :]
         return buffer[: len(buffer) - held], False
 
@@ -75,10 +75,13 @@ class StopMatcher:
         positions = [index for stop in self._stops if (index := buffer.find(stop)) >= 0]
         return min(positions) if positions else None
 
-    def _held_suffix_length(self, buffer: str) -> int:
-        longest = min(len(buffer), max(len(stop) for stop in self._stops) - 1)
-        for length in range(longest, 0, -1):
-            suffix = buffer[-length:]
-            if any(stop.startswith(suffix) for stop in self._stops):
-                return length
-        return 0
+
+
+def partial_suffix_length(buffer: str, candidates: tuple[str, ...]) -> int:
+    """Length of the longest end of ``buffer`` that could begin one of ``candidates`` (to hold back)."""
+    longest = min(len(buffer), max(len(candidate) for candidate in candidates) - 1)
+    for length in range(longest, 0, -1):
+        suffix = buffer[-length:]
+        if any(candidate.startswith(suffix) for candidate in candidates):
+            return length
+    return 0
