@@ -7,16 +7,18 @@ deployment README already taught users (``DEPLOYMENT_ENV_NAMES``), which are hon
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -87,6 +89,31 @@ class EngineSettings(BaseModel):
         return DEFAULT_MODEL if self.model == "default" else self.model
 
 
+class UpstreamSettings(BaseModel):
+    """The ``upstream`` engine: a pool of OpenAI-compatible servers (vLLM, SGLang, llama.cpp, ragllm)."""
+
+    urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Base URLs (without /v1); a JSON list or comma-separated.")
+    api_key: SecretStr | None = Field(None, description="Bearer key sent upstream.")
+    connect_timeout_s: float = Field(2.0, gt=0)
+    first_token_timeout_s: float = Field(120.0, gt=0, description="Request sent → first chunk.")
+    idle_timeout_s: float = Field(60.0, gt=0, description="Longest silence between chunks.")
+    total_timeout_s: float = Field(1800.0, gt=0)
+    probe_interval_s: float = Field(2.0, gt=0, description="Active health probes of every upstream.")
+    eject_after_failures: int = Field(2, ge=1, description="Consecutive failures that eject an upstream.")
+    eject_for_s: float = Field(5.0, gt=0, description="How long an ejected upstream is skipped.")
+    affinity_slack: int = Field(2, ge=0, description="Outstanding requests an affine replica may carry "
+                                                      "beyond the least loaded before affinity yields.")
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+            return [part.strip().rstrip("/") for part in parts if part.strip()]
+        return value
+
+
 class RedisSettings(BaseModel):
     url: str | None = Field(None, description="REDIS_URL; unset: in-memory cache, per-process limits.")
     required: bool = Field(False, description="Refuse to start without a Redis URL (cloud profile).")
@@ -131,6 +158,7 @@ class Settings(BaseSettings):
     profile: Literal["local", "cloud"] = "local"
     server: ServerSettings = Field(default_factory=ServerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -109,6 +109,13 @@ class EngineFailure(RagLLMError):
     code = "engine_error"
 
 
+class EngineInterrupted(EngineFailure):
+    """An answer broke off part-way (an upstream died); a client that has seen nothing yet may be
+    served by running the request again."""
+
+    code = "engine_interrupted"
+
+
 class ClientClosedRequest(RagLLMError):
     """The client disconnected before a non-streaming answer was ready (499, as nginx logs it)."""
 

@@ -31,6 +31,7 @@ from ragllm.protocol.openai import (
     ChatMessage,
     CompletionRequest,
     SamplingFields,
+    TokenizeRequest,
 )
 from ragllm.telemetry.metrics import Metrics, RequestTimer
 
@@ -108,6 +109,16 @@ class CompletionService:
             prompt_token_ids=token_ids,
         )
         return self._prepared("completion", request_id, model, generation, body)
+
+    def prepare_tokenize(self, body: TokenizeRequest) -> tuple[ModelCard, GenerationRequest]:
+        model = self._model(body.model)
+        if (body.messages is None) == (body.prompt is None):
+            raise InvalidRequest("send either messages or prompt", param="messages")
+        messages = None
+        if body.messages is not None:
+            messages = [_template_message(message, index) for index, message in enumerate(body.messages)]
+        return model, GenerationRequest("tokenize", SamplingParams(), messages=messages, prompt=body.prompt,
+                                        chat_template_kwargs=body.chat_template_kwargs)
 
     def _prepared(self, kind: Literal["chat", "completion"], request_id: str, model: ModelCard,
                   generation: GenerationRequest, body: SamplingFields) -> PreparedRequest:

@@ -23,8 +23,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_path = (log_dir or Path("/tmp")) / f"ragllm-serve-{self.port}.log"
         command = [sys.executable, "-m", "ragllm.cli", "serve", "--port", str(self.port), *args]
@@ -55,6 +56,13 @@ class ServerProcess:
 
     def log_tail_full(self) -> str:
         return self._log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no graceful shutdown."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:

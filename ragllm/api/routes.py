@@ -20,7 +20,7 @@ from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.cache import CachedResponse
 from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason
-from ragllm.errors import ClientClosedRequest, RagLLMError, RateLimited
+from ragllm.errors import ClientClosedRequest, EngineInterrupted, RagLLMError, RateLimited
 from ragllm.limits import Allowance, Principal
 from ragllm.protocol.openai import (
     ChatCompletion,
@@ -30,6 +30,8 @@ from ragllm.protocol.openai import (
     ErrorResponse,
     HealthResponse,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from ragllm.prompting import ThinkStripper, strip_thinking
 from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
@@ -89,15 +91,32 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
     headers["x-ragllm-cache"] = record.cache
     stream, timer = await state.service.open(prepared)
     record.timer = timer
-    if prepared.stream:
-        events = _stream_events(state, prepared, stream, timer, record, plan)
-        return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record),
-                                   late_headers=record.first_token_headers)
-    try:
-        outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
-    except ClientClosedRequest:
-        _disconnected(state, record)
-        raise
+    if not prepared.stream:
+        return await _respond_whole(state, prepared, request, record, plan, headers, stream, timer)
+    events = _stream_events(state, prepared, stream, timer, record, plan)
+    return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record),
+                               late_headers=record.first_token_headers)
+
+
+# A whole (non-streaming) answer that broke off part-way is run again: the client has seen nothing.
+MAX_INTERRUPTED_RUNS = 3
+
+
+async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Request, record: RequestRecord,
+                         plan: CachePlan, headers: dict[str, str], stream: DeltaStream,
+                         timer: RequestTimer) -> Response:
+    for run in range(1, MAX_INTERRUPTED_RUNS + 1):
+        try:
+            outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
+            break
+        except ClientClosedRequest:
+            _disconnected(state, record)
+            raise
+        except EngineInterrupted:
+            if run == MAX_INTERRUPTED_RUNS:
+                raise
+            stream, timer = await state.service.open(prepared)
+            record.timer = timer
     if prepared.strip_thinking:
         outcome = Outcome(strip_thinking(outcome.text), outcome.last)
     await _finished(state, record, plan, outcome.text, outcome.last)
@@ -175,6 +194,15 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
     events = ((encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"")
               + encoder.closing(last, extensions))
     return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(authenticated)],
+             responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    """Token counts as vLLM's /tokenize gives them (what an upstream gateway budgets RAG prompts with)."""
+    state = app_state(request)
+    model, generation = state.service.prepare_tokenize(body)
+    return {"count": await state.engine.count_prompt_tokens(generation), "max_model_len": model.max_model_len}
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(authenticated)])

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 # name → "module:factory"; the import happens only when the engine is chosen (torch is heavy).
 ENGINES: dict[str, str] = {
     "transformers": "ragllm.engines.transformers_impl:TransformersEngine",
+    "upstream": "ragllm.engines.upstream:UpstreamEngine",
 }
 
 

@@ -161,6 +161,21 @@ class ErrorResponse(_Wire):
     error: ErrorDetail
 
 
+class TokenizeRequest(_Wire):
+    """vLLM's /tokenize: count the tokens of a chat (template applied) or of a prompt."""
+
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(_Wire):
+    count: int
+    max_model_len: int
+
+
 class HealthResponse(_Wire):
     status: Literal["ok", "loading", "error"]
     model: str

@@ -1,0 +1,315 @@
+"""The ``upstream`` engine: a pool of OpenAI-compatible servers behind the engine seam.
+
+vLLM, SGLang, llama.cpp's server, Ollama or another ragllm: requests go to one replica chosen by
+``router.ReplicaPool`` over one keep-alive connection pool. A request fails over to another replica
+only while nothing has reached the client: the first chunk is awaited before ``generate`` returns.
+After that, a broken upstream ends the stream with an error event, never a spliced answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from ragllm.config import EngineSettings, UpstreamSettings, load_settings
+from ragllm.engines.base import (
+    Delta,
+    DeltaStream,
+    Engine,
+    EngineHealth,
+    EngineState,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    ModelCard,
+)
+from ragllm.engines.router import Replica, ReplicaPool, affinity_key
+from ragllm.errors import EngineFailure, EngineInterrupted, EngineNotReady, RagLLMError
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONTEXT = 8192  # when an upstream does not report max_model_len
+
+
+class UpstreamError(RagLLMError):
+    """An upstream refused the request (4xx): its status and message are passed on."""
+
+    def __init__(self, status: int, envelope: dict) -> None:
+        error = envelope.get("error") if isinstance(envelope.get("error"), dict) else {}
+        super().__init__(str(error.get("message") or envelope), param=error.get("param"), code=error.get("code"))
+        self.status_code = status
+        self.error_type = error.get("type") or "invalid_request_error"
+
+
+class _RetryElsewhere(Exception):
+    """This replica failed before anything reached the client."""
+
+
+class UpstreamEngine(Engine):
+    name = "upstream"
+
+    def __init__(self, settings: EngineSettings, upstream: UpstreamSettings | None = None) -> None:
+        self.settings = settings
+        self.upstream = upstream or load_settings().upstream
+        if not self.upstream.urls:
+            raise ValueError("the upstream engine needs RAGLLM_UPSTREAM__URLS (one or more base URLs)")
+        self.pool = ReplicaPool(self.upstream.urls, self.upstream.affinity_slack,
+                                self.upstream.eject_after_failures, self.upstream.eject_for_s)
+        self._session: Any = None
+        self._probes: asyncio.Task | None = None
+        self._cards: list[ModelCard] = []
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        import aiohttp
+
+        headers = {}
+        if self.upstream.api_key:
+            headers["authorization"] = f"Bearer {self.upstream.api_key.get_secret_value()}"
+        self._session = aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=self.upstream.total_timeout_s,
+                                          sock_connect=self.upstream.connect_timeout_s,
+                                          sock_read=self.upstream.idle_timeout_s))
+        await self._probe_all()
+        self._probes = asyncio.create_task(self._probe_forever())
+
+    async def aclose(self) -> None:
+        if self._probes is not None:
+            self._probes.cancel()
+            await asyncio.gather(self._probes, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.upstream.probe_interval_s)
+            await self._probe_all()
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(replica) for replica in self.pool.replicas))
+        self._cards = self._model_cards()
+
+    async def _probe(self, replica: Replica) -> None:
+        import aiohttp
+
+        probe_timeout = aiohttp.ClientTimeout(total=self.upstream.connect_timeout_s + 1)
+        try:
+            # /health is 200 only once a model is loaded (vLLM, llama.cpp's server, ragllm).
+            async with self._session.get(f"{replica.url}/health", timeout=probe_timeout) as response:
+                ok = response.status == 200
+            if ok:
+                async with self._session.get(f"{replica.url}/v1/models", timeout=probe_timeout) as response:
+                    replica.models = (await response.json()).get("data", []) if response.status == 200 else []
+                    ok = bool(replica.models)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            ok = False
+        if ok != replica.probe_ok:
+            logger.info("upstream %s is %s", replica.url, "up" if ok else "down")
+        self.pool.probed(replica, ok)
+
+    def _model_cards(self) -> list[ModelCard]:
+        cards: dict[str, ModelCard] = {}
+        for replica in self.pool.replicas:
+            for model in replica.models:
+                name = self.settings.served_model_name or model["id"]
+                cards.setdefault(name, ModelCard(
+                    id=name, max_model_len=int(model.get("max_model_len") or DEFAULT_CONTEXT),
+                    owned_by=model.get("owned_by", "upstream"),
+                    fingerprint="fp_up_" + hashlib.sha256(model["id"].encode()).hexdigest()[:10]))
+        return list(cards.values()) or self._cards
+
+    # -- the seam -------------------------------------------------------------------------------
+    def models(self) -> list[ModelCard]:
+        return self._cards
+
+    def health(self) -> EngineHealth:
+        if self._session is None:
+            return EngineHealth(EngineState.LOADING, "probing upstreams")
+        now = _now()
+        down = [r.url for r in self.pool.replicas if not r.available(now)]
+        if not self.pool.any_available():
+            return EngineHealth(EngineState.BROKEN, f"no upstream is reachable: {', '.join(down)}")
+        return EngineHealth(EngineState.READY, f"unavailable: {', '.join(down)}" if down else "")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=sum(r.outstanding for r in self.pool.replicas))
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        body: dict[str, Any] = {"model": self._upstream_model()}
+        if request.messages is not None:
+            body.update(messages=request.messages, add_generation_prompt=True)
+            if request.chat_template_kwargs:
+                body["chat_template_kwargs"] = request.chat_template_kwargs
+        else:
+            body["prompt"] = request.prompt or ""
+        replica = self.pool.pick(None)
+        if replica is None:
+            raise EngineNotReady("no upstream is reachable")
+        async with self._session.post(f"{replica.url}/tokenize", json=body) as response:
+            if response.status != 200:
+                raise UpstreamError(response.status, await _json(response))
+            return int((await response.json())["count"])
+
+    async def generate(self, request: GenerationRequest) -> DeltaStream:
+        if self._session is None:
+            raise EngineNotReady("probing upstreams")
+        affinity = affinity_key(request.messages, request.prompt)
+        tried: set[Replica] = set()
+        while True:
+            replica = self.pool.pick(affinity, exclude=tried)
+            if replica is None:
+                raise EngineNotReady("no upstream could take the request: "
+                                     + ", ".join(f"{r.url}" for r in self.pool.replicas))
+            tried.add(replica)
+            try:
+                return await self._open(replica, request)
+            except _RetryElsewhere as exc:
+                logger.warning("upstream %s failed before answering (%s); trying another", replica.url, exc)
+
+    def _upstream_model(self, name: str | None = None) -> str:
+        for replica in self.pool.replicas:
+            if replica.models:
+                return replica.models[0]["id"]
+        return name or self.settings.model
+
+    async def _open(self, replica: Replica, request: GenerationRequest) -> "_UpstreamStream":
+        import aiohttp
+
+        path, body = self._payload(request)
+        replica.outstanding += 1
+        stream = None
+        try:
+            response = await self._session.post(f"{replica.url}{path}", data=orjson.dumps(body),
+                                                headers={"content-type": "application/json"})
+            if response.status >= 500:
+                text = await response.text()
+                response.release()
+                raise _RetryElsewhere(f"HTTP {response.status}: {text[:200]}")
+            if response.status >= 400:
+                envelope = await _json(response)
+                response.release()
+                raise UpstreamError(response.status, envelope)
+            stream = _UpstreamStream(self, replica, response, request.request_id)
+            await asyncio.wait_for(stream.prefetch(), self.upstream.first_token_timeout_s)
+        except (aiohttp.ClientError, asyncio.TimeoutError, _RetryElsewhere) as exc:
+            self._release(replica, failed=True)
+            if stream is not None:
+                stream.response.close()
+            raise _RetryElsewhere(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self._release(replica, failed=False)
+            raise
+        self.pool.succeeded(replica)
+        return stream
+
+    def _release(self, replica: Replica, failed: bool) -> None:
+        replica.outstanding -= 1
+        if failed:
+            self.pool.failed(replica)
+
+    def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        params = request.params
+        body: dict[str, Any] = {
+            "model": self._upstream_model(), "stream": True, "stream_options": {"include_usage": True},
+            "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
+        }
+        if params.max_tokens is not None:
+            body["max_tokens"] = params.max_tokens
+        if params.stop:
+            body["stop"] = list(params.stop)
+        # Extensions vLLM (and ragllm) understand; left out when at their neutral value.
+        for key, value, neutral in (("top_k", params.top_k, 0), ("min_p", params.min_p, 0.0),
+                                    ("repetition_penalty", params.repetition_penalty, 1.0),
+                                    ("ignore_eos", params.ignore_eos, False)):
+            if value != neutral:
+                body[key] = value
+        if request.messages is not None:
+            body["messages"] = request.messages
+            if request.chat_template_kwargs:
+                body["chat_template_kwargs"] = request.chat_template_kwargs
+            return "/v1/chat/completions", body
+        body["prompt"] = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+        return "/v1/completions", body
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+async def _json(response: Any) -> dict:
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return {"error": {"message": (await response.text())[:500]}}
+
+
+class _UpstreamStream(DeltaStream):
+    """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead."""
+
+    def __init__(self, engine: UpstreamEngine, replica: Replica, response: Any, request_id: str) -> None:
+        self.request_id = request_id
+        self.response = response
+        self._engine, self._replica = engine, replica
+        self._events = self._parse()
+        self._first: Delta | None = None
+        self._done = False
+
+    async def prefetch(self) -> None:
+        self._first = await anext(self._events)
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        import aiohttp
+
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                yield first
+            async for delta in self._events:
+                yield delta
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self._engine.pool.failed(self._replica)
+            raise EngineInterrupted(f"the upstream {self._replica.url} broke off the answer "
+                                    f"({type(exc).__name__}); the answer is incomplete") from exc
+        finally:
+            await self.aclose()
+
+    async def _parse(self) -> AsyncIterator[Delta]:
+        completion_tokens = prompt_tokens = 0
+        finish: FinishReason | None = None
+        async for raw in self.response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            event = orjson.loads(data)
+            if "error" in event:
+                raise EngineFailure(f"upstream error: {event['error'].get('message')}")
+            usage = event.get("usage")
+            if usage:
+                prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+            for choice in event.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                if choice.get("finish_reason"):
+                    finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
+                if text:
+                    completion_tokens += 1  # one chunk ≈ one token until the usage chunk says exactly
+                    yield Delta(text=text, num_tokens=1, prompt_tokens=prompt_tokens,
+                                completion_tokens=completion_tokens)
+        if finish is None:
+            raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
+        yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    finish_reason=finish)
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self.response.close()
+            self._engine._release(self._replica, failed=False)

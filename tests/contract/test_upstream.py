@@ -1,0 +1,180 @@
+"""The upstream engine and its router, against real upstream processes on loopback.
+
+Two `ragllm serve` processes with the packaged model are the upstreams; a third, `--engine upstream`,
+is the gateway in front of them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.servers import MODEL, ServerProcess, free_port, metric_value
+
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}
+LONG_DOCUMENTS = [{"id": "bridge", "text": "The Verdant Bridge in Oslund was completed in 1987. " * 8},
+                  {"id": "ferry", "text": "Before the bridge, a ferry crossed the river every hour. " * 8}]
+
+
+class Cluster:
+    def __init__(self, tmp_path_factory) -> None:
+        self.log_dir = tmp_path_factory.mktemp("cluster")
+        self.ports = [free_port(), free_port()]
+        self.upstreams = [self._upstream(port) for port in self.ports]
+        urls = ",".join(f"http://127.0.0.1:{port}" for port in self.ports)
+        self.gateway = ServerProcess("--engine", "upstream", log_dir=self.log_dir, env={
+            "RAGLLM_UPSTREAM__URLS": urls, "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.3",
+            "RAGLLM_UPSTREAM__EJECT_FOR_S": "1", "RAGLLM_UPSTREAM__AFFINITY_SLACK": "1",
+            "RAGLLM_ENGINE__MAX_WAITING": "64"})
+
+    def _upstream(self, port: int) -> ServerProcess:
+        return ServerProcess(port=port, log_dir=self.log_dir, env={"RAGLLM_ENGINE__MAX_WAITING": "64"})
+
+    def ready(self) -> "Cluster":
+        for server in self.upstreams:
+            server.wait_ready()
+        self.wait_all_upstreams_up()
+        return self
+
+    def wait_all_upstreams_up(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{self.gateway.url}/health").json()
+            if health["status"] == "ok" and not health["detail"]:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway never saw every upstream up: {health}")
+
+    def served(self) -> list[float]:
+        """Chat requests each upstream has answered so far."""
+        counts = []
+        for server in self.upstreams:
+            text = httpx.get(f"{server.url}/metrics").text
+            try:
+                counts.append(metric_value(text, 'ragllm_requests_total{endpoint="/v1/chat/completions",status="200"}'))
+            except KeyError:
+                counts.append(0.0)
+        return counts
+
+    def stop(self) -> None:
+        for server in (self.gateway, *self.upstreams):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory)
+    try:
+        yield cluster.ready()
+    finally:
+        cluster.stop()
+
+
+def _client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _chat(server: ServerProcess, content: str, **extra):
+    return _client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=extra.pop("max_tokens", 8), extra_headers=NO_CACHE, **extra)
+
+
+def test_gateway_answers_as_the_upstream_does(cluster):
+    direct = _chat(cluster.upstreams[0], "What is the capital of France?")
+    through = _chat(cluster.gateway, "What is the capital of France?")
+    assert through.choices[0].message.content == direct.choices[0].message.content
+    assert through.usage == direct.usage
+    chunks = list(_client(cluster.gateway).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        max_tokens=8, stream=True, stream_options={"include_usage": True}, extra_headers=NO_CACHE))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct.choices[0].message.content
+    assert chunks[-1].usage == direct.usage
+    assert [m.id for m in _client(cluster.gateway).models.list().data] == [MODEL]
+    with pytest.raises(openai.NotFoundError):
+        _client(cluster.gateway).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_rag_requests_are_budgeted_through_the_upstreams_tokenizer(cluster):
+    completion = _chat(cluster.gateway, "When was the bridge completed?", max_tokens=16,
+                       extra_body={"documents": LONG_DOCUMENTS, "rag": {"max_context_tokens": 150}})
+    report = completion.model_extra["rag"]
+    assert report["used_documents"] == ["bridge"] and report["dropped_documents"] == ["ferry"]
+
+
+def test_load_spreads_over_both_replicas(cluster):
+    before = cluster.served()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda i: _chat(cluster.gateway, f"Say the number {i}."), range(6)))
+    after = cluster.served()
+    shares = [a - b for a, b in zip(after, before)]
+    assert sum(shares) == 6 and min(shares) >= 2
+
+
+def test_affinity_keeps_a_document_set_on_one_replica_within_the_bound(cluster):
+    def ask(i: int):
+        return _chat(cluster.gateway, f"Question {i} about the bridge?", extra_body={"documents": LONG_DOCUMENTS})
+
+    before = cluster.served()
+    for i in range(4):  # one at a time: the preferred replica is never busier than the other
+        ask(i)
+    after = cluster.served()
+    assert sorted(a - b for a, b in zip(after, before)) == [0, 4]
+    before = after
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # at once: slack 1 spills to the other replica
+        list(pool.map(ask, range(6)))
+    shares = sorted(a - b for a, b in zip(cluster.served(), before))
+    assert sum(shares) == 6 and shares[0] >= 1
+
+
+def test_killing_an_upstream_loses_no_request_and_the_pool_recovers(cluster):
+    statuses: list[int] = []
+
+    def request(i: int) -> int:
+        response = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", timeout=120, headers=NO_CACHE,
+                              json={"model": MODEL, "messages": [{"role": "user", "content": f"Count to {i}."}],
+                                    "max_tokens": 12, "temperature": 0})
+        return response.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(request, i) for i in range(12)]
+        while sum(f.done() for f in futures) < 3:
+            time.sleep(0.05)
+        cluster.upstreams[1].kill()  # a crash, mid-load; some requests are on it
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * 12
+    cluster.upstreams[1] = cluster._upstream(cluster.ports[1])
+    cluster.upstreams[1].wait_ready()
+    cluster.wait_all_upstreams_up()
+    before = cluster.served()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: _chat(cluster.gateway, f"Say {i}."), range(4)))
+    assert all(a - b >= 1 for a, b in zip(cluster.served(), before))
+
+
+def test_a_stream_cut_mid_way_ends_with_an_error_event(cluster):
+    payload = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long essay about rivers."}],
+               "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    lines: list[str] = []
+    with httpx.stream("POST", f"{cluster.gateway.url}/v1/chat/completions", json=payload, headers=NO_CACHE,
+                      timeout=120) as response:
+        iterator = response.iter_lines()
+        for line in iterator:
+            if line.startswith("data:"):
+                lines.append(line)
+            if len(lines) == 4:
+                break
+        serving = next(i for i, server in enumerate(cluster.upstreams)
+                       if metric_value(httpx.get(f"{server.url}/metrics").text, "vllm:num_requests_running") == 1)
+        cluster.upstreams[serving].kill()
+        lines += [line for line in iterator if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert '"error"' in lines[-2] and "broke off" in lines[-2]
+    assert not any('"finish_reason":"length"' in line for line in lines)
+    cluster.upstreams[serving] = cluster._upstream(cluster.ports[serving])
+    cluster.upstreams[serving].wait_ready()
+    cluster.wait_all_upstreams_up()
