@@ -1,0 +1,52 @@
+"""The replica choice: least outstanding, affinity within its slack, ejection and recovery."""
+
+from __future__ import annotations
+
+from ragllm.engines.router import ReplicaPool, affinity_key
+
+
+def _pool(slack: int = 1) -> ReplicaPool:
+    pool = ReplicaPool(["http://a", "http://b", "http://c"], slack=slack, eject_after=2, eject_for_s=60)
+    for replica in pool.replicas:
+        pool.probed(replica, True)
+    return pool
+
+
+def test_least_outstanding_wins_and_ties_rotate():
+    pool = _pool()
+    picked = [pool.pick(None).url for _ in range(6)]
+    assert sorted(picked) == ["http://a", "http://a", "http://b", "http://b", "http://c", "http://c"]
+    pool.replicas[0].outstanding, pool.replicas[1].outstanding = 3, 1
+    assert pool.pick(None).url == "http://c"
+
+
+def test_affinity_is_stable_and_yields_past_the_slack():
+    pool = _pool(slack=1)
+    key = affinity_key([{"role": "system", "content": "documents " * 100}], None)
+    preferred = pool.pick(key)
+    assert all(pool.pick(key) is preferred for _ in range(5))  # nothing outstanding: always the same
+    preferred.outstanding = 1  # one beyond the least loaded: still within the slack
+    assert pool.pick(key) is preferred
+    preferred.outstanding = 2  # two beyond: the least-loaded replica takes it
+    assert pool.pick(key) is not preferred
+
+
+def test_short_prefixes_carry_no_affinity():
+    assert affinity_key([{"role": "user", "content": "hi"}], None) is None
+    assert affinity_key(None, "x" * 300) is not None
+
+
+def test_failures_eject_and_a_good_probe_brings_back():
+    pool = _pool()
+    a = pool.replicas[0]
+    pool.failed(a)
+    assert any(pool.pick(None) is a for _ in range(6))  # one failure does not eject
+    pool.failed(a)
+    assert all(pool.pick(None) is not a for _ in range(6))
+    pool.probed(a, True)
+    assert any(pool.pick(None) is a for _ in range(6))
+    pool.probed(a, False)
+    assert all(pool.pick(None) is not a for _ in range(6))
+    for replica in pool.replicas:
+        pool.probed(replica, False)
+    assert pool.pick(None) is None and not pool.any_available()
