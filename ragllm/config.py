@@ -114,6 +114,16 @@ class UpstreamSettings(BaseModel):
         return value
 
 
+class VllmSettings(BaseModel):
+    """Flags for a `vllm serve` child that only vLLM has (the shared ones come from ``engine``)."""
+
+    port: int = Field(8000, ge=1, le=65535, description="Where the child listens, on 127.0.0.1.")
+    quantization: str | None = Field(None, description="--quantization, e.g. awq.")
+    kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype, e.g. fp8.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    extra_args: list[str] = Field(default_factory=list, description="Appended as they are.")
+
+
 class RedisSettings(BaseModel):
     url: str | None = Field(None, description="REDIS_URL; unset: in-memory cache, per-process limits.")
     required: bool = Field(False, description="Refuse to start without a Redis URL (cloud profile).")
@@ -159,6 +169,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -1,0 +1,46 @@
+"""The `vllm serve` command line derived from the settings tree (profile, README variables, flags).
+
+| setting (variable)                         | vLLM flag                        |
+| ------------------------------------------ | -------------------------------- |
+| engine.model (LLM_MODEL_ID)                | positional model                 |
+| engine.served_model_name                   | --served-model-name              |
+| engine.model_cache_dir (MODEL_CACHE_DIR)   | --download-dir                   |
+| engine.tensor_parallel_size (TENSOR_...)   | --tensor-parallel-size           |
+| engine.max_num_seqs (VLLM_MAX_NUM_SEQS)    | --max-num-seqs                   |
+| engine.max_num_batched_tokens              | --max-num-batched-tokens         |
+| engine.chunked_prefill                     | --enable-chunked-prefill         |
+| engine.max_model_len                       | --max-model-len                  |
+| engine.max_batch_size (VLLM_MAX_BATCH_SIZE)| none: vLLM decodes every running sequence each step, so its decode batch is bounded by --max-num-seqs alone |
+| vllm.quantization / vllm.kv_cache_dtype    | --quantization / --kv-cache-dtype|
+| vllm.gpu_memory_utilization               | --gpu-memory-utilization         |
+| telemetry.otlp_endpoint (OTEL_...)         | --otlp-traces-endpoint           |
+| (always)                                   | --enable-prompt-tokens-details   |
+"""
+
+from __future__ import annotations
+
+from ragllm.config import Settings
+
+
+def vllm_serve_args(settings: Settings, executable: str = "vllm") -> list[str]:
+    engine, vllm = settings.engine, settings.vllm
+    args = [executable, "serve", engine.model,
+            "--host", "127.0.0.1", "--port", str(vllm.port),
+            "--served-model-name", engine.public_model_name,
+            "--download-dir", str(engine.model_cache_dir),
+            "--tensor-parallel-size", str(engine.tensor_parallel_size),
+            "--max-num-seqs", str(engine.max_num_seqs),
+            "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+            "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
+            "--enable-prompt-tokens-details"]
+    if engine.chunked_prefill:
+        args.append("--enable-chunked-prefill")
+    if engine.max_model_len:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if vllm.quantization:
+        args += ["--quantization", vllm.quantization]
+    if vllm.kv_cache_dtype:
+        args += ["--kv-cache-dtype", vllm.kv_cache_dtype]
+    if settings.telemetry.otlp_endpoint:
+        args += ["--otlp-traces-endpoint", settings.telemetry.otlp_endpoint]
+    return args + list(vllm.extra_args)

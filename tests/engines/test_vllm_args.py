@@ -1,0 +1,67 @@
+"""The `vllm serve` command line for both profiles, against vLLM's documented flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragllm.config import load_settings
+from ragllm.engines.vllm_args import vllm_serve_args
+
+# `vllm serve --help` (vLLM's CLI reference): the flags this mapping may use, and whether each takes a value.
+DOCUMENTED = {
+    "--host": True, "--port": True, "--served-model-name": True, "--download-dir": True,
+    "--tensor-parallel-size": True, "--max-num-seqs": True, "--max-num-batched-tokens": True,
+    "--gpu-memory-utilization": True, "--enable-prompt-tokens-details": False, "--enable-chunked-prefill": False,
+    "--max-model-len": True, "--quantization": True, "--kv-cache-dtype": True, "--otlp-traces-endpoint": True,
+}
+
+
+def _flags(args: list[str]) -> dict[str, str | None]:
+    flags, index = {}, 3
+    while index < len(args):
+        flag = args[index]
+        assert flag in DOCUMENTED, f"not a documented vllm serve flag: {flag}"
+        if DOCUMENTED[flag]:
+            flags[flag] = args[index + 1]
+            index += 2
+        else:
+            flags[flag] = None
+            index += 1
+    return flags
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("LLM_MODEL_ID", "VLLM_MAX_NUM_SEQS", "VLLM_MAX_BATCH_SIZE", "TENSOR_PARALLEL_SIZE",
+                 "MODEL_CACHE_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT", "RAGLLM_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_local_profile_matches_the_deployment_readme(monkeypatch):
+    monkeypatch.setenv("LLM_MODEL_ID", "Qwen/Qwen2.5-1.5B-Instruct-AWQ")
+    args = vllm_serve_args(load_settings(profile="local"))
+    assert args[:3] == ["vllm", "serve", "Qwen/Qwen2.5-1.5B-Instruct-AWQ"]
+    flags = _flags(args)
+    assert flags["--max-num-seqs"] == "6" and flags["--max-num-batched-tokens"] == "1024"
+    assert flags["--quantization"] == "awq" and flags["--kv-cache-dtype"] == "fp8"
+    assert "--enable-chunked-prefill" not in flags and "--enable-prompt-tokens-details" in flags
+    assert flags["--host"] == "127.0.0.1"
+
+
+def test_cloud_profile_with_the_readme_variables(monkeypatch):
+    monkeypatch.setenv("LLM_MODEL_ID", "Qwen/Qwen2.5-7B-Instruct-AWQ")
+    monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("MODEL_CACHE_DIR", "/var/lib/llm-cache")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4318")
+    flags = _flags(vllm_serve_args(load_settings(profile="cloud")))
+    assert flags["--max-num-seqs"] == "32" and flags["--tensor-parallel-size"] == "2"
+    assert "--enable-chunked-prefill" in flags and flags["--quantization"] == "awq"
+    assert flags["--download-dir"] == "/var/lib/llm-cache"
+    assert flags["--otlp-traces-endpoint"] == "http://otel:4318"
+    assert flags["--served-model-name"] == "Qwen/Qwen2.5-7B-Instruct-AWQ"
+
+
+def test_max_batch_size_has_no_vllm_flag(monkeypatch):
+    monkeypatch.setenv("VLLM_MAX_BATCH_SIZE", "3")
+    args = vllm_serve_args(load_settings(profile="cloud"))
+    assert "3" not in args[3:]  # documented: vLLM decodes all running sequences; --max-num-seqs bounds it
