@@ -42,7 +42,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         keys = KeyRing.from_settings(settings.auth, settings.limits)
     except (ValueError, OSError) as exc:
         raise ConfigurationError(str(exc)) from exc
-    engine = engine or create_engine(settings.engine)
+    engine = engine or create_engine(settings)
     metrics = Metrics(settings.engine.public_model_name)
     metrics.watch_engine(engine.stats)
     redis = None

@@ -117,7 +117,14 @@ class UpstreamSettings(BaseModel):
 class VllmSettings(BaseModel):
     """Flags for a `vllm serve` child that only vLLM has (the shared ones come from ``engine``)."""
 
+    command: str = Field("vllm", description="How to run vLLM's CLI (split like a shell would); "
+                                             "'serve' and the derived flags follow it.")
     port: int = Field(8000, ge=1, le=65535, description="Where the child listens, on 127.0.0.1.")
+    startup_timeout_s: float = Field(1200.0, gt=0, description="Spawn → /health 200, weights download "
+                                                               "and CUDA graph capture included.")
+    restart_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between restarts of a "
+                                                                 "child that keeps dying.")
+    stop_grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL at shutdown.")
     quantization: str | None = Field(None, description="--quantization, e.g. awq.")
     kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype, e.g. fp8.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)

@@ -35,7 +35,7 @@ from ragllm.protocol.openai import (
 )
 from ragllm.prompting import ThinkStripper, strip_thinking
 from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
-from ragllm.telemetry.metrics import RequestTimer
+from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams
 from ragllm.telemetry.tracing import child_span
 
 router = APIRouter()
@@ -241,4 +241,7 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = app_state(request)
     state.metrics.request_log_pending.set(state.request_log.num_pending)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    scraped = await state.engine.scrape_metrics()
+    if not scraped:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition_with_upstreams(state.metrics.registry, scraped), media_type=CONTENT_TYPE_LATEST)

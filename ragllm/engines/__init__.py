@@ -6,23 +6,25 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ragllm.config import EngineSettings
+    from ragllm.config import Settings
     from ragllm.engines.base import Engine
 
-# name → "module:factory"; the import happens only when the engine is chosen (torch is heavy).
+# name → "module:class"; the import happens only when the engine is chosen (torch is heavy).
+# Each class has ``from_settings(settings)`` taking the whole settings tree.
 ENGINES: dict[str, str] = {
     "transformers": "ragllm.engines.transformers_impl:TransformersEngine",
     "upstream": "ragllm.engines.upstream:UpstreamEngine",
+    "vllm": "ragllm.engines.vllm:VllmEngine",
 }
 
 
-def create_engine(settings: "EngineSettings") -> "Engine":
-    """Instantiate the engine named by ``settings.name``; raises ValueError for an unknown name."""
+def create_engine(settings: "Settings") -> "Engine":
+    """Instantiate the engine named by ``settings.engine.name``; raises ValueError for an unknown name."""
     try:
-        target = ENGINES[settings.name]
+        target = ENGINES[settings.engine.name]
     except KeyError:
         known = ", ".join(sorted(ENGINES))
-        raise ValueError(f"unknown engine {settings.name!r}; known engines: {known}") from None
+        raise ValueError(f"unknown engine {settings.engine.name!r}; known engines: {known}") from None
     module_name, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(settings)
+    engine_class = getattr(importlib.import_module(module_name), attr)
+    return engine_class.from_settings(settings)

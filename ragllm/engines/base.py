@@ -76,6 +76,10 @@ class DeltaStream(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None: ...
 
+    async def scrape_metrics(self) -> list[tuple[str, str]]:
+        """(source, Prometheus text) of engines that export their own metrics (a vLLM upstream)."""
+        return []
+
 
 class EngineState(str, enum.Enum):
     LOADING = "loading"
@@ -137,3 +141,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def aclose(self) -> None: ...
+
+    async def scrape_metrics(self) -> list[tuple[str, str]]:
+        """(source, Prometheus text) of engines that export their own metrics (a vLLM upstream)."""
+        return []

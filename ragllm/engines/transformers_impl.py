@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ragllm import __version__
-from ragllm.config import EngineSettings
+from ragllm.config import EngineSettings, Settings
 from ragllm.engines.base import (
     Delta,
     DeltaStream,
@@ -53,6 +53,10 @@ class TransformersEngine(Engine):
         self._stop_token_ids: frozenset[int] = frozenset()
         self._admitted = 0  # requests generating or queued; guarded by _admission_lock
         self._admission_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TransformersEngine":
+        return cls(settings.engine)
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from ragllm.config import EngineSettings, UpstreamSettings, load_settings
+from ragllm.config import EngineSettings, Settings, UpstreamSettings
 from ragllm.engines.base import (
     Delta,
     DeltaStream,
@@ -34,6 +34,7 @@ from ragllm.errors import EngineFailure, EngineInterrupted, EngineNotReady, RagL
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 8192  # when an upstream does not report max_model_len
+METRICS_SCRAPE_TIMEOUT_S = 1.0  # a slow replica must not stall our own /metrics
 
 
 class UpstreamError(RagLLMError):
@@ -53,9 +54,9 @@ class _RetryElsewhere(Exception):
 class UpstreamEngine(Engine):
     name = "upstream"
 
-    def __init__(self, settings: EngineSettings, upstream: UpstreamSettings | None = None) -> None:
+    def __init__(self, settings: EngineSettings, upstream: UpstreamSettings) -> None:
         self.settings = settings
-        self.upstream = upstream or load_settings().upstream
+        self.upstream = upstream
         if not self.upstream.urls:
             raise ValueError("the upstream engine needs RAGLLM_UPSTREAM__URLS (one or more base URLs)")
         self.pool = ReplicaPool(self.upstream.urls, self.upstream.affinity_slack,
@@ -63,6 +64,10 @@ class UpstreamEngine(Engine):
         self._session: Any = None
         self._probes: asyncio.Task | None = None
         self._cards: list[ModelCard] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "UpstreamEngine":
+        return cls(settings.engine, settings.upstream)
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +144,25 @@ class UpstreamEngine(Engine):
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=sum(r.outstanding for r in self.pool.replicas))
+
+    async def scrape_metrics(self) -> list[tuple[str, str]]:
+        """Each reachable replica's /metrics (vLLM's ``vllm:*`` series), fetched concurrently."""
+        if self._session is None:
+            return []
+        now = _now()
+        replicas = [r for r in self.pool.replicas if r.available(now)]
+        texts = await asyncio.gather(*(self._scrape(r) for r in replicas))
+        return [(r.url, text) for r, text in zip(replicas, texts) if text]
+
+    async def _scrape(self, replica: Replica) -> str:
+        import aiohttp
+
+        try:
+            async with self._session.get(f"{replica.url}/metrics",
+                                         timeout=aiohttp.ClientTimeout(total=METRICS_SCRAPE_TIMEOUT_S)) as response:
+                return await response.text() if response.status == 200 else ""
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return ""
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         body: dict[str, Any] = {"model": self._upstream_model()}

@@ -22,9 +22,10 @@ from __future__ import annotations
 from ragllm.config import Settings
 
 
-def vllm_serve_args(settings: Settings, executable: str = "vllm") -> list[str]:
+def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> list[str]:
+    """The child's argv: ``executable`` (default ``["vllm"]``), ``serve``, the model, then flags."""
     engine, vllm = settings.engine, settings.vllm
-    args = [executable, "serve", engine.model,
+    args = [*(executable or ["vllm"]), "serve", engine.model,
             "--host", "127.0.0.1", "--port", str(vllm.port),
             "--served-model-name", engine.public_model_name,
             "--download-dir", str(engine.model_cache_dir),

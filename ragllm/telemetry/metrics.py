@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from prometheus_client.registry import Collector
 
 from ragllm.engines.base import Delta, EngineStats
@@ -130,3 +132,40 @@ class _EngineStatsCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self._model_name], value)
             yield family
+
+
+def exposition_with_upstreams(registry: CollectorRegistry, scraped: list[tuple[str, str]]) -> bytes:
+    """Our registry's text plus each upstream's ``vllm:*`` series, labelled ``upstream="<url>"``.
+
+    A family both sides export (``vllm:num_requests_running``, ...) becomes one family: ours are the
+    service's view (no ``upstream`` label), the engine's own carry the label, so PromQL can pick
+    either (``vllm:num_requests_waiting{upstream!=""}`` is the engine queue autoscalers want).
+    """
+    families: dict[str, Metric] = {family.name: family for family in registry.collect()}
+    for source, text in scraped:
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except ValueError:  # a replica answered something that is not Prometheus text
+            continue
+        for family in parsed:
+            if not family.name.startswith("vllm:"):
+                continue
+            labelled = [Sample(s.name, {**s.labels, "upstream": source}, s.value, s.timestamp, s.exemplar)
+                        for s in family.samples]
+            mine = families.get(family.name)
+            if mine is None:
+                family.samples = labelled
+                families[family.name] = family
+            elif mine.type == family.type:
+                mine.samples = [*mine.samples, *labelled]
+    return generate_latest(_Families(list(families.values())))
+
+
+class _Families:
+    """What ``generate_latest`` needs: something with ``collect()``."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
