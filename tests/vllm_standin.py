@@ -10,10 +10,26 @@ import argparse
 import os
 import sys
 
-VALUE_FLAGS = ("--host", "--port", "--served-model-name", "--download-dir", "--tensor-parallel-size",
-               "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization", "--max-model-len",
-               "--quantization", "--kv-cache-dtype", "--otlp-traces-endpoint")
-SWITCHES = ("--enable-prompt-tokens-details", "--enable-chunked-prefill")
+# `vllm serve --help` (vLLM's CLI reference): the flags rag-llm-service uses, and whether each takes
+# a value. --model is vLLM's older spelling of the positional model, still accepted; compose uses it.
+DOCUMENTED: dict[str, bool] = {
+    "--model": True, "--host": True, "--port": True, "--served-model-name": True, "--download-dir": True,
+    "--tensor-parallel-size": True, "--max-num-seqs": True, "--max-num-batched-tokens": True,
+    "--gpu-memory-utilization": True, "--enable-prompt-tokens-details": False, "--enable-chunked-prefill": False,
+    "--max-model-len": True, "--quantization": True, "--kv-cache-dtype": True, "--otlp-traces-endpoint": True,
+}
+
+
+def flag_values(args: list[str]) -> dict[str, str | None]:
+    """``--flag value`` pairs (None for a switch); AssertionError on a flag vLLM does not document."""
+    flags: dict[str, str | None] = {}
+    index = 0
+    while index < len(args):
+        flag = args[index]
+        assert flag in DOCUMENTED, f"not a documented vllm serve flag: {flag}"
+        flags[flag] = args[index + 1] if DOCUMENTED[flag] else None
+        index += 2 if DOCUMENTED[flag] else 1
+    return flags
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -21,10 +37,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vllm")
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("model")
-    for flag in VALUE_FLAGS:
-        parser.add_argument(flag)
-    for flag in SWITCHES:
-        parser.add_argument(flag, action="store_true")
+    for flag, takes_value in DOCUMENTED.items():
+        if flag != "--model":
+            parser.add_argument(flag, **({} if takes_value else {"action": "store_true"}))
     return parser.parse_args(argv)
 
 

@@ -63,6 +63,10 @@ class TransformersEngine(Engine):
         self._loop = asyncio.get_running_loop()
         try:
             await asyncio.to_thread(self._load)
+        except ImportError as exc:
+            self._health = EngineHealth(EngineState.BROKEN, f"the in-process engine needs {exc.name or exc}: "
+                                                             "pip install 'ragllm[engine]'")
+            raise
         except Exception as exc:
             self._health = EngineHealth(EngineState.BROKEN, f"model failed to load: {exc}")
             raise

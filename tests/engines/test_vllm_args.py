@@ -7,27 +7,11 @@ import pytest
 from ragllm.config import load_settings
 from ragllm.engines.vllm_args import vllm_serve_args
 
-# `vllm serve --help` (vLLM's CLI reference): the flags this mapping may use, and whether each takes a value.
-DOCUMENTED = {
-    "--host": True, "--port": True, "--served-model-name": True, "--download-dir": True,
-    "--tensor-parallel-size": True, "--max-num-seqs": True, "--max-num-batched-tokens": True,
-    "--gpu-memory-utilization": True, "--enable-prompt-tokens-details": False, "--enable-chunked-prefill": False,
-    "--max-model-len": True, "--quantization": True, "--kv-cache-dtype": True, "--otlp-traces-endpoint": True,
-}
+from tests.vllm_standin import flag_values
 
 
 def _flags(args: list[str]) -> dict[str, str | None]:
-    flags, index = {}, 3
-    while index < len(args):
-        flag = args[index]
-        assert flag in DOCUMENTED, f"not a documented vllm serve flag: {flag}"
-        if DOCUMENTED[flag]:
-            flags[flag] = args[index + 1]
-            index += 2
-        else:
-            flags[flag] = None
-            index += 1
-    return flags
+    return flag_values(args[3:])
 
 
 @pytest.fixture(autouse=True)
