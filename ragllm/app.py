@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import AsyncIterator
 
@@ -77,12 +78,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        **_without_framework_telemetry(),
     )
     app.state.ragllm = state
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(RequestRecordMiddleware, state=state)
     return app
+
+
+def _without_framework_telemetry() -> dict:
+    """FastAPI's own OpenTelemetry hooks (newer releases) are off: ``telemetry.tracing`` makes the
+    request spans, and the hooks cost a provider lookup through ``os.environ`` on every request."""
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
 
 
 def _response_cache(settings: Settings, redis: RedisLink | None) -> ResponseCache:

@@ -7,7 +7,7 @@ It turns OpenAI requests into engine requests (refusing what the engine cannot h
 from __future__ import annotations
 
 import time
-import uuid
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -86,7 +86,7 @@ class CompletionService:
                 model=model, template=load_template(options.template), ranked=rank(body.documents or []),
                 messages=messages, template_kwargs=template_kwargs or None, max_tokens=max_tokens,
                 options=options, no_think=no_think))
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"chatcmpl-{os.urandom(16).hex()}"
         generation = GenerationRequest(
             request_id=request_id,
             params=_sampling_params(body, max_tokens, model.sampling_defaults),
@@ -100,7 +100,7 @@ class CompletionService:
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
         model = self._model(body.model)
         _refuse_unsupported_completion_fields(body)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"cmpl-{os.urandom(16).hex()}"
         text, token_ids = _single_prompt(body.prompt)
         generation = GenerationRequest(
             request_id=request_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ SCOPE_KEY = "ragllm.record"
 class RequestRecord:
     endpoint: str
     started: float = field(default_factory=time.perf_counter)
-    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex}")  # replaced once prepared
+    request_id: str = field(default_factory=lambda: f"req-{os.urandom(16).hex()}")  # replaced once prepared
     principal: "Principal | None" = None
     model: str = ""
     status: int = 500  # until a response starts, an exception is what happened
