@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench
+.PHONY: install run test bench bench-gateway
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,12 @@ test: install
 
 bench: install
 	$(BIN)/python bench/engine_throughput.py $(ARGS)
+
+# LiteLLM's proxy lives in its own venv: it is only the comparison, and its pins are its own.
+LITELLM_VENV := .bench-venvs/litellm
+$(LITELLM_VENV)/bin/litellm:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet "litellm[proxy]==1.108.7"
+
+bench-gateway: install $(LITELLM_VENV)/bin/litellm
+	$(BIN)/python bench/gateway_overhead.py --litellm $(LITELLM_VENV)/bin/litellm $(ARGS)

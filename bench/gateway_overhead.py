@@ -195,7 +195,7 @@ def litellm_config(directory: Path, stub_url: str) -> Path:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description="gateway overhead: direct vs ragllm vs LiteLLM")
-    parser.add_argument("--requests", type=int, default=300, help="sequential requests per latency series")
+    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per latency series")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of the concurrency-64 run")
     parser.add_argument("--streams", type=int, default=300, help="streams per CPU-per-event series")
     parser.add_argument("--litellm", default=shutil.which("litellm"), help="LiteLLM's CLI (skipped if absent)")
@@ -206,14 +206,14 @@ async def main() -> None:
     stub_port = free_port()
     stub_url = f"http://127.0.0.1:{stub_port}"
     processes = [start([sys.executable, str(ROOT / "bench/stub_upstream.py"), "--port", str(stub_port)], CLIENT_CORE)]
-    targets = [Target("direct (stub)", stub_url, "stub")]
+    targets = [Target("direct", stub_url, "stub")]
     try:
         ragllm_port = free_port()
         ragllm = start([sys.executable, "-m", "ragllm.cli", "serve", "--engine", "upstream", "--port", str(ragllm_port)],
                        GATEWAY_CORE, env={"RAGLLM_UPSTREAM__URLS": stub_url, "RAGLLM_AUTH__REQUIRED": "true",
                                           "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}", "RAGLLM_SERVER__LOG_LEVEL": "warning"})
         processes.append(ragllm)
-        targets.append(Target("ragllm --engine upstream", f"http://127.0.0.1:{ragllm_port}", "stub", ragllm))
+        targets.append(Target("ragllm upstream", f"http://127.0.0.1:{ragllm_port}", "stub", ragllm))
         if args.litellm:
             workdir = Path(tempfile.mkdtemp(prefix="litellm-bench-"))
             litellm_port = free_port()
@@ -221,7 +221,7 @@ async def main() -> None:
                              str(litellm_port), "--num_workers", "1"], GATEWAY_CORE,
                             env={"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"})
             processes.append(litellm)
-            targets.append(Target("LiteLLM proxy", f"http://127.0.0.1:{litellm_port}", "stub", litellm))
+            targets.append(Target("LiteLLM", f"http://127.0.0.1:{litellm_port}", "stub", litellm))
         for target in targets:
             ready_path = "/health/liveliness" if target.name.startswith("LiteLLM") else "/health"
             await wait_ready(target.url, ready_path, {"authorization": f"Bearer {API_KEY}"})

@@ -9,11 +9,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.routing import Route
 
 from ragllm import __version__
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.record import RequestRecordMiddleware
-from ragllm.api.routes import router
+from ragllm.api.routes import lean_chat_completions, lean_completions, router
 from ragllm.api.state import AppState
 from ragllm.cache import ResponseCache
 from ragllm.cache.memory import MemoryCache
@@ -81,6 +82,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         **_without_framework_telemetry(),
     )
     app.state.ragllm = state
+    # Served by the lean routes, matched first; the FastAPI routes after them document the API.
+    app.router.routes.extend([Route("/v1/chat/completions", lean_chat_completions, methods=["POST"]),
+                              Route("/v1/completions", lean_completions, methods=["POST"])])
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(RequestRecordMiddleware, state=state)

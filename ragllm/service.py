@@ -92,6 +92,7 @@ class CompletionService:
             params=_sampling_params(body, max_tokens, model.sampling_defaults),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
+            incremental=bool(body.stream),
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking = rag_context, strip_thinking
@@ -107,6 +108,7 @@ class CompletionService:
             params=_sampling_params(body, body.max_tokens, model.sampling_defaults),
             prompt=text,
             prompt_token_ids=token_ids,
+            incremental=bool(body.stream),
         )
         return self._prepared("completion", request_id, model, generation, body)
 

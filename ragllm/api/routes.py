@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import orjson
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 
@@ -39,6 +45,7 @@ from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams
 from ragllm.telemetry.tracing import child_span
 
 router = APIRouter()
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
 _STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
@@ -70,6 +77,55 @@ async def _rate_limit(state: AppState, principal: Principal, request: Request) -
     except RateLimited as exc:
         state.metrics.rate_limited.labels(exc.error_type).inc()
         raise
+
+
+async def lean_chat_completions(request: Request) -> Response:
+    """POST /v1/chat/completions as a plain Starlette route: the same steps as ``chat_completions``
+    (which stays registered for the OpenAPI schema) without FastAPI's per-request dependency solving
+    and body re-validation, which cost a gateway about a fifth of its CPU per request."""
+    body = await _json_body(request)
+    principal = await authenticated(request)
+    chat = _validated(ChatCompletionRequest, body)
+    state = app_state(request)
+    allowance = await _rate_limit(state, principal, request)
+    return await _respond(state, await state.service.prepare_chat(chat), request, principal, allowance)
+
+
+async def lean_completions(request: Request) -> Response:
+    """POST /v1/completions, as ``lean_chat_completions``."""
+    body = await _json_body(request)
+    principal = await authenticated(request)
+    completion = _validated(CompletionRequest, body)
+    state = app_state(request)
+    allowance = await _rate_limit(state, principal, request)
+    return await _respond(state, state.service.prepare_completion(completion), request, principal, allowance)
+
+
+async def _json_body(request: Request) -> Any:
+    """The decoded body; errors shaped as FastAPI's own body parsing reports them."""
+    raw = await request.body()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if raw and _not_utf8(raw):
+            raise HTTPException(400, "invalid UTF-8 in the request body") from exc
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(exc)}]) from exc
+
+
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _validated(model: type[BaseModelT], body: Any) -> BaseModelT:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from exc
 
 
 async def _respond(state: AppState, prepared: PreparedRequest, request: Request, principal: Principal,

@@ -41,6 +41,9 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": False}
+    # False: only the whole answer matters (a non-streaming client); an upstream is then asked for
+    # it in one piece rather than token by token, which spares parsing one event per token.
+    incremental: bool = True
 
 
 class FinishReason(str, enum.Enum):

@@ -219,8 +219,11 @@ class UpstreamEngine(Engine):
                 envelope = await _json(response)
                 response.release()
                 raise UpstreamError(response.status, envelope)
-            stream = _UpstreamStream(self, replica, response, request.request_id)
-            await asyncio.wait_for(stream.prefetch(), self.upstream.first_token_timeout_s)
+            stream = _UpstreamStream(self, replica, response, request.request_id, request.incremental)
+            # A whole answer arrives at its end, so the total bound applies rather than the first-token one.
+            first_delta_timeout = (self.upstream.first_token_timeout_s if request.incremental
+                                   else self.upstream.total_timeout_s)
+            await asyncio.wait_for(stream.prefetch(), first_delta_timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, _RetryElsewhere) as exc:
             self._release(replica, failed=True)
             if stream is not None:
@@ -240,9 +243,11 @@ class UpstreamEngine(Engine):
     def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         params = request.params
         body: dict[str, Any] = {
-            "model": self._upstream_model(), "stream": True, "stream_options": {"include_usage": True},
+            "model": self._upstream_model(), "stream": request.incremental,
             "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
         }
+        if request.incremental:
+            body["stream_options"] = {"include_usage": True}
         if params.max_tokens is not None:
             body["max_tokens"] = params.max_tokens
         if params.stop:
@@ -276,11 +281,12 @@ async def _json(response: Any) -> dict:
 class _UpstreamStream(DeltaStream):
     """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead."""
 
-    def __init__(self, engine: UpstreamEngine, replica: Replica, response: Any, request_id: str) -> None:
+    def __init__(self, engine: UpstreamEngine, replica: Replica, response: Any, request_id: str,
+                 incremental: bool = True) -> None:
         self.request_id = request_id
         self.response = response
         self._engine, self._replica = engine, replica
-        self._events = self._parse()
+        self._events = self._parse() if incremental else self._parse_whole()
         self._first: Delta | None = None
         self._done = False
 
@@ -331,6 +337,19 @@ class _UpstreamStream(DeltaStream):
             raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
         yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     finish_reason=finish)
+
+    async def _parse_whole(self) -> AsyncIterator[Delta]:
+        """A non-streaming answer: one delta with all of it."""
+        answer = orjson.loads(await self.response.read())
+        choice = (answer.get("choices") or [{}])[0]
+        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
+        usage = answer.get("usage") or {}
+        if not choice.get("finish_reason"):
+            raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=completion_tokens,
+                    finish_reason=FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP)
 
     async def aclose(self) -> None:
         if not self._done:

@@ -101,7 +101,8 @@ class RequestTimer:
             m.ttft_for_model.observe(self.first_token_s)
             if delta.queue_time_s is not None:
                 m.queue_time_for_model.observe(delta.queue_time_s)
-            later_tokens = delta.num_tokens - 1
+            # A whole answer in one delta (a non-streaming upstream) has no inter-token timings to report.
+            later_tokens = delta.num_tokens - 1 if delta.finish_reason is None else 0
         else:
             later_tokens = delta.num_tokens
         if later_tokens:
