@@ -71,6 +71,11 @@ class EngineSettings(BaseModel):
     default_max_tokens: int | None = Field(
         None, ge=1, description="Completion cap when a request sets none; None: the rest of the context.")
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="CUDA: share of the GPU's memory the "
+                                       "weights, KV cache and activations may use; checked at start.")
+    prefix_cache_slots: int = Field(4, ge=0, description="CUDA: recent prompts (RAG template and documents) "
+                                    "kept for reuse by requests that start the same way.")
+    cuda_graphs: bool = Field(True, description="CUDA: replay decode steps as captured graphs.")
     no_think_suffix: bool = Field(
         False, description="The model understands '/no_think' in the user turn (thinking models without a "
                            "template switch); appended to RAG questions unless reasoning is asked for.")

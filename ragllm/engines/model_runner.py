@@ -86,9 +86,23 @@ class ModelRunner:
         self.group_size = self.num_heads // self.num_kv_heads
         self.max_model_len = max_model_len
         self.layers = model.model.layers
-        self.cache = SlotKVCache(len(self.layers), num_slots, self.num_kv_heads, self.head_dim,
-                                 max_model_len, self.device, self.dtype)
+        self.cache = self._make_cache(len(self.layers), num_slots)
         self.cos, self.sin = self._rotary_tables(model, max_model_len)
+
+    def _make_cache(self, num_layers: int, num_slots: int) -> SlotKVCache:
+        return SlotKVCache(num_layers, num_slots, self.num_kv_heads, self.head_dim, self.max_model_len,
+                           self.device, self.dtype)
+
+    def prefill_many(self, items: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
+        """``prefill(slot, token_ids, start)`` for each item; a runner may batch them."""
+        return [self.prefill(slot, token_ids, start) for slot, token_ids, start in items]
+
+    def reuse_prefix(self, slot: int, prompt_ids: list[int]) -> int:
+        """Fill ``slot`` with a remembered prefix of the prompt; returns its length (here: none kept)."""
+        return 0
+
+    def remember_prefix(self, slot: int, prompt_ids: list[int]) -> None:
+        """Offer a prefilled prompt for later reuse (here: not kept)."""
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":

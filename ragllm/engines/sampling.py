@@ -19,13 +19,21 @@ def sample_next_tokens(
 ) -> list[int]:
     """One token per row of ``logits`` [batch, vocab].
 
-    Greedy rows without a repetition penalty take the batched argmax fast path; the rest are
-    filtered and sampled row by row (each row may carry its own seeded generator).
+    Greedy rows without a repetition penalty take the batched argmax; unseeded sampled rows without a
+    penalty are filtered and drawn together (one set of kernels, no sync per row: what a GPU needs);
+    the rest (seeded or penalised) row by row, each row with its own generator.
     """
-    greedy_tokens = logits.argmax(dim=-1).tolist()
-    tokens = list(greedy_tokens)
+    chosen = logits.argmax(dim=-1)
+    together = [row for row, p in enumerate(params)
+                if not p.greedy and p.repetition_penalty == 1.0 and generators[row] is None]
+    if together:
+        rows = torch.tensor(together, device=logits.device)
+        probs = filtered_probabilities_batched(logits[rows].float(), [params[row] for row in together])
+        chosen[rows] = torch.multinomial(probs, 1)[:, 0]
+    tokens = chosen.tolist()
+    done = set(together)
     for row, row_params in enumerate(params):
-        if row_params.greedy and row_params.repetition_penalty == 1.0:
+        if row in done or (row_params.greedy and row_params.repetition_penalty == 1.0):
             continue
         row_logits = logits[row].float()
         if row_params.repetition_penalty != 1.0:
@@ -36,6 +44,28 @@ def sample_next_tokens(
         probs = filtered_probabilities(row_logits, row_params)
         tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]))
     return tokens
+
+
+def filtered_probabilities_batched(logits: torch.Tensor, params: Sequence["SamplingParams"]) -> torch.Tensor:
+    """``filtered_probabilities`` for every row at once, each row with its own parameters."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temperature[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(top_k) < vocab:
+        kth = torch.topk(logits, max(top_k)).values.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    top_p = [p.top_p for p in params]
+    if min(top_p) < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= torch.tensor(top_p, device=device)[:, None]
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
+    min_p = [p.min_p for p in params]
+    if max(min_p) > 0.0:
+        floor = torch.tensor(min_p, device=device)[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:

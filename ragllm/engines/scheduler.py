@@ -144,6 +144,8 @@ class Scheduler:
             sequence = self.waiting.popleft()
             sequence.status = SequenceStatus.PREFILLING
             self.running.append(sequence)
+            # A prompt that starts like a recent one (same RAG template and documents) starts past it.
+            sequence.num_computed = self.runner.reuse_prefix(len(self.running) - 1, sequence.prompt_ids)
 
     def step(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
         """One scheduling step: decode every decoding sequence once, then prefill within budget."""
@@ -163,7 +165,10 @@ class Scheduler:
         return len(decoding)
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
+        chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
         for slot, sequence in enumerate(self.running):
+            if budget <= 0:
+                break
             if sequence.status is not SequenceStatus.PREFILLING:
                 continue
             remaining = sequence.num_prompt_tokens - sequence.num_computed
@@ -173,17 +178,23 @@ class Scheduler:
                 # Whole prompts only; the first one always runs so a long prompt cannot starve.
                 chunk = remaining if remaining <= budget or budget == self.limits.max_num_batched_tokens else 0
             if chunk <= 0:
-                return
+                break
             budget -= chunk
+            chunks.append((slot, sequence, chunk))
+        if not chunks:
+            return
+        items = []
+        for slot, sequence, chunk in chunks:
             sequence.mark_scheduled()
             start = sequence.num_computed
-            logits = self.runner.prefill(slot, sequence.prompt_ids[start : start + chunk], start)
+            items.append((slot, sequence.prompt_ids[start : start + chunk], start))
+        all_logits = self.runner.prefill_many(items)
+        for (slot, sequence, chunk), logits in zip(chunks, all_logits):
             sequence.num_computed += chunk
             if sequence.num_computed == sequence.num_prompt_tokens:
                 sequence.status = SequenceStatus.DECODING
+                self.runner.remember_prefix(slot, sequence.prompt_ids)
                 self._sample_and_record([sequence], logits[None], results)
-            if budget <= 0:
-                return
 
     def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
         tokens = sample_next_tokens(

@@ -74,7 +74,6 @@ class TransformersEngine(Engine):
 
     def _load(self) -> None:
         from ragllm.engines.loading import load_model_and_tokenizer
-        from ragllm.engines.model_runner import ModelRunner
         from ragllm.engines.scheduler import Scheduler, SchedulerLimits
 
         loaded = load_model_and_tokenizer(self.settings)
@@ -82,7 +81,7 @@ class TransformersEngine(Engine):
         self.dtype_name = loaded.dtype_name
         self._stop_token_ids = loaded.stop_token_ids
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
-        runner = ModelRunner(loaded.model, self.settings.max_num_seqs, max_model_len)
+        runner = self._runner(loaded.model, max_model_len)
         limits = SchedulerLimits(
             max_num_seqs=self.settings.max_num_seqs,
             max_batch_size=self.settings.max_batch_size,
@@ -100,6 +99,22 @@ class TransformersEngine(Engine):
         )
         self._scheduler.start()
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
+
+    def _runner(self, model: Any, max_model_len: int) -> Any:
+        from ragllm.engines.model_runner import ModelRunner
+
+        if self._device.type != "cuda":
+            return ModelRunner(model, self.settings.max_num_seqs, max_model_len)
+        from ragllm.engines.cuda_runner import CudaGraphRunner, CudaRunnerOptions
+
+        options = CudaRunnerOptions(
+            max_batch_size=self.settings.max_batch_size,
+            max_num_batched_tokens=self.settings.max_num_batched_tokens,
+            gpu_memory_fraction=self.settings.gpu_memory_fraction,
+            prefix_cache_slots=self.settings.prefix_cache_slots,
+            cuda_graphs=self.settings.cuda_graphs,
+        )
+        return CudaGraphRunner(model, self.settings.max_num_seqs, max_model_len, options)
 
     async def aclose(self) -> None:
         if self._scheduler is not None:

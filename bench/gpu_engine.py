@@ -1,0 +1,295 @@
+"""The in-process engine on a GPU against Hugging Face `generate` and transformers' `generate_batch`,
+side by side in one run, on random weights of a real architecture (default Qwen2.5-1.5B, bf16).
+
+Measures single-stream decode tokens/s, time to first token for 512- and 2,048-token prompts, aggregate
+tokens/s at 8, 32 and 64 concurrent streams, the fraction of the memory-bandwidth floor a single
+stream reaches, and the same model end to end through `ragllm serve` (HTTP, streaming) at concurrency
+1 and 32, to show what the service layer costs.
+
+    python bench/gpu_engine.py [--architecture qwen2.5-1.5b] [--skip-serve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from ragllm.config import EngineSettings  # noqa: E402
+from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+
+CONCURRENCY = (8, 32, 64)
+PROMPT_TOKENS = 128
+DECODE_TOKENS = 256
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architecture", default="qwen2.5-1.5b", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/ragllm-bench-models"))
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--skip-hf", action="store_true", help="only our engine")
+    parser.add_argument("--skip-serve", action="store_true", help="no end-to-end run through ragllm serve")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/gpu_engine.json"))
+    return parser.parse_args()
+
+
+def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth in bytes/s, from a large device-to-device copy (read + write)."""
+    source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 2 * source.numel() * 10 / (time.perf_counter() - start)
+
+
+def timed(function) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+# -- Hugging Face generate ----------------------------------------------------------------------------
+def hf_generate(model, vocab: int) -> dict:
+    def run(batch: int, prompt_len: int, new_tokens: int) -> float:
+        ids = torch.tensor([random_prompt(prompt_len, vocab, seed) for seed in range(batch)], device="cuda")
+        return timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                            do_sample=False, pad_token_id=0))
+
+    run(1, PROMPT_TOKENS, 4)  # warm-up
+    results = {"ttft_ms": {}, "aggregate_tok_s": {}}
+    for length in (512, 2048):
+        results["ttft_ms"][length] = min(run(1, length, 1) for _ in range(3)) * 1e3
+    one = run(1, PROMPT_TOKENS, 1)
+    results["single_stream_tok_s"] = (DECODE_TOKENS - 1) / (run(1, PROMPT_TOKENS, DECODE_TOKENS) - one)
+    for batch in CONCURRENCY:
+        elapsed = run(batch, PROMPT_TOKENS, DECODE_TOKENS)
+        results["aggregate_tok_s"][batch] = batch * DECODE_TOKENS / elapsed
+    return results
+
+
+def hf_generate_batch(model, vocab: int) -> dict:
+    from transformers import GenerationConfig
+
+    # Random weights: end-of-sequence comes about once in 150k tokens, so every request runs to its cap.
+    config = GenerationConfig(max_new_tokens=DECODE_TOKENS, do_sample=False, pad_token_id=0)
+    results: dict = {"aggregate_tok_s": {}}
+    try:
+        model.generate_batch([random_prompt(PROMPT_TOKENS, vocab, 0)], generation_config=config,
+                             progress_bar=False)  # warm-up (and graph capture where it does that)
+        for batch in CONCURRENCY:
+            inputs = [random_prompt(PROMPT_TOKENS, vocab, seed) for seed in range(batch)]
+            start = time.perf_counter()
+            outputs = model.generate_batch(inputs, generation_config=config, progress_bar=False)
+            elapsed = time.perf_counter() - start
+            generated = sum(len(o.generated_tokens) for o in outputs.values())
+            results["aggregate_tok_s"][batch] = generated / elapsed
+    except Exception as exc:  # an API change across transformers releases: report, don't abort the run
+        results["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return results
+
+
+# -- our engine ------------------------------------------------------------------------------------------
+async def ours(model_dir: Path, vocab: int, max_model_len: int) -> dict:
+    settings = EngineSettings(model=str(model_dir), device="cuda", dtype="bfloat16", max_num_seqs=64,
+                              max_batch_size=64, max_num_batched_tokens=8192, max_model_len=max_model_len,
+                              max_waiting=256)
+    engine = TransformersEngine(settings)
+    started = time.perf_counter()
+    await engine.start()
+    results: dict = {"start_s": time.perf_counter() - started, "ttft_ms": {}, "aggregate_tok_s": {}}
+
+    async def stream(request_id: str, prompt: list[int], max_tokens: int) -> list[float]:
+        """Arrival time of every token."""
+        request = GenerationRequest(request_id, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens),
+                                    prompt_token_ids=prompt)
+        times: list[float] = []
+        deltas = await engine.generate(request)
+        async for delta in deltas:
+            times.extend([time.perf_counter()] * delta.num_tokens)
+        return times
+
+    await stream("warm", random_prompt(PROMPT_TOKENS, vocab, 99), 8)
+    for length in (512, 2048):
+        best = float("inf")
+        for attempt in range(3):
+            start = time.perf_counter()
+            times = await stream(f"ttft-{length}-{attempt}", random_prompt(length, vocab, 1000 + attempt), 1)
+            best = min(best, times[0] - start)
+        results["ttft_ms"][length] = best * 1e3
+    # The same documents with another question: the prompt prefix is reused.
+    documents = random_prompt(1984, vocab, 7)
+    await stream("prefix-a", documents + random_prompt(64, vocab, 8), 1)
+    start = time.perf_counter()
+    times = await stream("prefix-b", documents + random_prompt(64, vocab, 9), 1)
+    results["ttft_ms"]["2048_shared_prefix"] = (times[0] - start) * 1e3
+    times = await stream("single", random_prompt(PROMPT_TOKENS, vocab, 1), DECODE_TOKENS)
+    results["single_stream_tok_s"] = (len(times) - 1) / (times[-1] - times[0])
+    for batch in CONCURRENCY:
+        start = time.perf_counter()
+        runs = await asyncio.gather(*(stream(f"c{batch}-{i}", random_prompt(PROMPT_TOKENS, vocab, 5000 + i),
+                                             DECODE_TOKENS) for i in range(batch)))
+        results["aggregate_tok_s"][batch] = sum(len(t) for t in runs) / (time.perf_counter() - start)
+    runner = engine._scheduler.runner
+    results["decode_step_ms"] = {batch: step_time(runner, batch) * 1e3 for batch in (1, 32, 64)}
+    await engine.aclose()
+    return results
+
+
+def step_time(runner, batch: int, steps: int = 50) -> float:
+    """One decode step of the runner alone (graph replay or eager), without the scheduler."""
+    tokens, positions = [5] * batch, [PROMPT_TOKENS] * batch
+    runner.decode(0, tokens, positions)
+    return timed(lambda: [runner.decode(0, tokens, positions) for _ in range(steps)]) / steps
+
+
+# -- end to end through ragllm serve --------------------------------------------------------------------------
+def serve_end_to_end(model_dir: Path, max_model_len: int) -> dict:
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RAGLLM_ENGINE__MAX_NUM_SEQS": "64", "RAGLLM_ENGINE__MAX_BATCH_SIZE": "64",
+           "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "8192", "RAGLLM_ENGINE__MAX_WAITING": "256",
+           "RAGLLM_ENGINE__DTYPE": "bfloat16", "RAGLLM_SERVER__LOG_REQUESTS": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "ragllm.cli", "serve", "--model", str(model_dir), "--device",
+                               "cuda", "--port", str(port), "--max-model-len", str(max_model_len),
+                               "--served-model-name", "bench"],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        return asyncio.run(_drive(url))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+async def _drive(url: str) -> dict:
+    import httpx
+
+    async def one(client: httpx.AsyncClient, index: int) -> tuple[float, int, float]:
+        body = {"model": "bench", "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": " ".join(f"t{(index * 131 + i) % 5000 + 3}"
+                                                                  for i in range(PROMPT_TOKENS))}]}
+        start = time.perf_counter()
+        first, tokens = None, 0
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                                 headers={"cache-control": "no-store"}) as response:
+            async for line in response.aiter_lines():
+                if first is None and '"content"' in line:
+                    first = time.perf_counter() - start
+                if '"usage"' in line and '"completion_tokens"' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        return first or float("nan"), tokens, time.perf_counter() - start
+
+    results = {}
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=100)) as client:
+        await one(client, 0)
+        for concurrency in (1, 32):
+            start = time.perf_counter()
+            runs = await asyncio.gather(*(one(client, i) for i in range(concurrency)))
+            elapsed = time.perf_counter() - start
+            results[concurrency] = {"aggregate_tok_s": sum(r[1] for r in runs) / elapsed,
+                                    "ttft_ms_median": sorted(r[0] for r in runs)[len(runs) // 2] * 1e3}
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    model_dir = build_random_checkpoint(args.architecture, args.model_dir / args.architecture)
+    vocab = ARCHITECTURES[args.architecture][1]["vocab_size"]
+    report: dict = {"device": torch.cuda.get_device_name(), "architecture": args.architecture, "torch": torch.__version__,
+                    "bandwidth_gb_s": copy_bandwidth() / 1e9}
+    from transformers import AutoModelForCausalLM
+
+    if not args.skip_hf:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+        report["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+        report["hf_generate"] = hf_generate(model, vocab)
+        report["hf_generate_batch"] = hf_generate_batch(model, vocab)
+        del model
+        torch.cuda.empty_cache()
+    report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len))
+    torch.cuda.empty_cache()
+    if "weights_gb" in report:
+        floor = report["bandwidth_gb_s"] / report["weights_gb"]  # tokens/s if only the weights were read
+        report["bandwidth_floor_tok_s"] = floor
+        report["ragllm"]["fraction_of_floor"] = report["ragllm"]["single_stream_tok_s"] / floor
+        report["hf_generate"]["fraction_of_floor"] = report["hf_generate"]["single_stream_tok_s"] / floor
+    if not args.skip_serve:
+        report["ragllm_serve"] = serve_end_to_end(model_dir, args.max_model_len)
+    print_table(report)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.json}")
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['architecture']} bf16 random weights on {report['device']} (torch {report['torch']}); "
+          f"copy bandwidth {report['bandwidth_gb_s']:.0f} GB/s")
+    header = f"{'engine':<22}{'1 stream':>10}{'floor':>7}{'TTFT 512':>10}{'TTFT 2048':>11}" + "".join(
+        f"{f'{c} streams':>12}" for c in CONCURRENCY)
+    print(header)
+    print("-" * len(header))
+    for name in ("hf_generate", "hf_generate_batch", "ragllm"):
+        r = report.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"{name:<22}failed: {r['error']}")
+            continue
+        single = r.get("single_stream_tok_s")
+        cells = [f"{single:>10.0f}" if single else f"{'-':>10}",
+                 f"{r['fraction_of_floor']:>7.0%}" if "fraction_of_floor" in r else f"{'-':>7}"]
+        ttft = r.get("ttft_ms", {})
+        cells += [f"{ttft[512]:>8.1f}ms" if 512 in ttft else f"{'-':>10}",
+                  f"{ttft[2048]:>9.1f}ms" if 2048 in ttft else f"{'-':>11}"]
+        cells += [f"{r['aggregate_tok_s'].get(c, float('nan')):>12.0f}" for c in CONCURRENCY]
+        print(f"{name:<22}" + "".join(cells))
+    ours = report["ragllm"]
+    print(f"\nragllm: TTFT for 2,048 tokens sharing a 1,984-token prefix with the previous prompt: "
+          f"{ours['ttft_ms']['2048_shared_prefix']:.1f} ms; decode step alone (ms): {ours['decode_step_ms']}; "
+          f"engine start {ours['start_s']:.1f} s")
+    if "ragllm_serve" in report:
+        for concurrency, r in report["ragllm_serve"].items():
+            print(f"ragllm serve (HTTP, streaming) at {concurrency}: {r['aggregate_tok_s']:.0f} tok/s, "
+                  f"median TTFT {r['ttft_ms_median']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

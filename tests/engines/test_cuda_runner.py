@@ -1,0 +1,154 @@
+"""The CUDA path's runner (static cache, fused projections, batched prefill, prefix reuse, decode
+graphs) against transformers' forward on the same weights. On the CPU it runs without graphs, so
+all but the capture is covered everywhere; the ``cuda`` cases run on a GPU (the device tool)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragllm.engines.base import SamplingParams
+from ragllm.engines.cuda_runner import CudaGraphRunner, CudaRunnerOptions, MIN_PREFIX_TOKENS
+from ragllm.engines.sampling import filtered_probabilities, filtered_probabilities_batched
+from ragllm.engines.scheduler import Scheduler, SchedulerLimits
+from ragllm.errors import ModelLoadError
+from tests.engines.test_scheduler import LetterTokenizer  # noqa: F401  (shared test double)
+from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
+from tests.tiny_models import ARCHITECTURES, tiny_model
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+DEVICES = ["cpu", CUDA]
+# Relative to the largest reference logit: float32 agrees to rounding; bf16 to its 8-bit mantissa.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+def _runner(model, num_slots=4, max_model_len=512, max_batch_size=4, **options) -> CudaGraphRunner:
+    return CudaGraphRunner(model, num_slots, max_model_len,
+                           CudaRunnerOptions(max_batch_size=max_batch_size, max_num_batched_tokens=1024, **options))
+
+
+def _reference(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = expected.abs().max()
+    error = (actual.float() - expected).abs().max()
+    assert error <= TOLERANCE[dtype] * scale, f"max error {float(error):.3g} vs scale {float(scale):.3g}"
+
+
+def _dtypes(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_teacher_forced_logits_match_transformers_at_every_step(device, architecture):
+    """A batch of mixed-length prompts prefilled together, then decoded (graphs on CUDA) with the
+    reference's own tokens fed back: every step's logits against a full transformers forward."""
+    for dtype in _dtypes(device):
+        model = tiny_model(architecture, dtype=dtype).to(device)
+        runner = _runner(model)
+        prompts = [list(range(10, 50)), list(range(60, 95)), [7] * 44]  # close lengths: one padded batch
+        for logits, prompt in zip(runner.prefill_many([(slot, p, 0) for slot, p in enumerate(prompts)]), prompts):
+            _assert_close(logits, _reference(model, prompt), dtype)
+        sequences = [list(p) + [int(_reference(model, p).argmax())] for p in prompts]
+        for _ in range(6):
+            logits = runner.decode(0, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+            for row, sequence in enumerate(sequences):
+                expected = _reference(model, sequence)
+                _assert_close(logits[row], expected, dtype)
+                sequence.append(int(expected.argmax()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_tokens_equal_transformers_generate_in_float32(device):
+    model = tiny_model("qwen2", dtype=torch.float32).to(device)
+    runner = _runner(model, num_slots=2)
+    prompt = list(range(20, 60))
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt], device=device), max_new_tokens=16, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    tokens = [int(runner.prefill(0, prompt, 0).argmax())]
+    for step in range(15):
+        tokens.append(int(runner.decode(0, [tokens[-1]], [len(prompt) + step]).argmax()))
+    assert tokens == expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_reuse_gives_the_same_logits_as_without(device):
+    model = tiny_model("llama", dtype=torch.float32).to(device)
+    shared = list(range(3, 3 + MIN_PREFIX_TOKENS + 40))  # a template and documents, say
+    first, second = shared + [101, 102, 103], shared + [150, 151]
+    runner = _runner(model, num_slots=3)
+    runner.prefill(0, first, 0)
+    runner.remember_prefix(0, first)
+    reused = runner.reuse_prefix(1, second)
+    assert reused == len(shared) and runner.prefix_hits == 1
+    logits = runner.prefill(1, second[reused:], reused)
+    fresh = _runner(model, num_slots=3, prefix_cache_slots=0)
+    _assert_close(logits, fresh.prefill(1, second, 0), torch.float32)
+    _assert_close(logits, _reference(model, second), torch.float32)
+    token = int(logits.argmax())
+    after = runner.decode(0, [0, token], [len(first), len(second)])[1]  # row 0 is the first prompt's slot
+    _assert_close(after, _reference(model, second + [token]), torch.float32)
+
+
+def test_short_or_unrelated_prompts_reuse_nothing():
+    runner = _runner(tiny_model("llama"), num_slots=2)
+    prompt = list(range(5, 5 + MIN_PREFIX_TOKENS + 10))
+    runner.prefill(0, prompt, 0)
+    runner.remember_prefix(0, prompt)
+    assert runner.reuse_prefix(1, list(range(200, 200 + MIN_PREFIX_TOKENS + 10))) == 0
+    assert runner.reuse_prefix(1, prompt[:10]) == 0
+    # The same prompt again reuses all but its last token, which must run for its logits.
+    assert runner.reuse_prefix(1, prompt) == len(prompt) - 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
+    """Continuous batching over the static cache: arrivals at different steps, slot moves as
+    sequences leave, prefix reuse among prompts that share a start; each equals its solo run."""
+    model = tiny_model("llama", seed=3).to(device)
+    runner = _runner(model, num_slots=4, max_batch_size=4)
+    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                                  chunked_prefill=False), deliver=lambda results: None)
+    shared = list(range(30, 30 + MIN_PREFIX_TOKENS + 8))
+    prompts = PROMPTS + [shared + [5, 6], shared + [9]]
+    max_tokens = MAX_TOKENS + [10, 10]
+    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    arrivals = {0: sequences[:2], 2: sequences[2:4], 3: sequences[4:5], 5: sequences[6:7], 6: sequences[5:6],
+                9: sequences[7:]}
+    for step in range(400):
+        for sequence in arrivals.pop(step, []):
+            scheduler.submit(sequence)
+        scheduler.run_once()
+        if not arrivals and not scheduler.running and not scheduler.waiting:
+            break
+    assert runner.prefix_hits >= 1
+    for sequence in sequences:
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
+                                      max_new_tokens=sequence.max_tokens, eos_token_id=0,
+                                      pad_token_id=0)[0, len(sequence.prompt_ids):].tolist()
+        assert sequence.output_ids == expected, sequence.request_id
+
+
+def test_batched_filtering_equals_row_by_row():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=20),
+              SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=0.9, min_p=0.05),
+              SamplingParams(temperature=0.5, top_k=50, top_p=0.9, min_p=0.01)]
+    batched = filtered_probabilities_batched(logits, params)
+    for row, row_params in enumerate(params):
+        assert torch.allclose(batched[row], filtered_probabilities(logits[row], row_params), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_a_cache_that_does_not_fit_is_refused_at_start(device):
+    model = tiny_model("llama").to(device)
+    with pytest.raises(ModelLoadError, match="KV cache does not fit.*MAX_NUM_SEQS"):
+        _runner(model, num_slots=100_000, max_model_len=512)
