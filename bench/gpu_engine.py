@@ -34,6 +34,7 @@ from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
 CONCURRENCY = (8, 32, 64)
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 256
+BATCH_API_TOKENS = 64  # generate_batch is slow enough that 256 tokens per request would dominate the run
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,8 +97,8 @@ def hf_generate_batch(model, vocab: int) -> dict:
     from transformers import GenerationConfig
 
     # Random weights: end-of-sequence comes about once in 150k tokens, so every request runs to its cap.
-    config = GenerationConfig(max_new_tokens=DECODE_TOKENS, do_sample=False, pad_token_id=0)
-    results: dict = {"aggregate_tok_s": {}}
+    config = GenerationConfig(max_new_tokens=BATCH_API_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=-1)
+    results: dict = {"aggregate_tok_s": {}, "tokens_per_request": BATCH_API_TOKENS}
     try:
         model.generate_batch([random_prompt(PROMPT_TOKENS, vocab, 0)], generation_config=config,
                              progress_bar=False)  # warm-up (and graph capture where it does that)
@@ -168,8 +169,10 @@ def step_time(runner, batch: int, steps: int = 50) -> float:
 
 
 # -- end to end through ragllm serve --------------------------------------------------------------------------
-def serve_end_to_end(model_dir: Path, max_model_len: int) -> dict:
+def serve_end_to_end(model_dir: Path, max_model_len: int, log_path: Path) -> dict:
     import httpx
+
+    log = open(log_path, "wb")
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -180,18 +183,24 @@ def serve_end_to_end(model_dir: Path, max_model_len: int) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "ragllm.cli", "serve", "--model", str(model_dir), "--device",
                                "cuda", "--port", str(port), "--max-model-len", str(max_model_len),
                                "--served-model-name", "bench"],
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while True:
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
+                health = httpx.get(f"{url}/health")
+                if health.status_code == 200:
                     break
             except httpx.TransportError:
-                pass
+                health = None
+            if time.monotonic() > deadline or server.poll() is not None:
+                return {"error": f"not ready: {health.text if health is not None else 'no answer'}"}
             time.sleep(0.5)
-        return asyncio.run(_drive(url))
+        try:
+            return asyncio.run(_drive(url))
+        except Exception as exc:  # reported, with the server's log beside the JSON
+            return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
@@ -209,6 +218,8 @@ async def _drive(url: str) -> dict:
         first, tokens = None, 0
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
                                  headers={"cache-control": "no-store"}) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
             async for line in response.aiter_lines():
                 if first is None and '"content"' in line:
                     first = time.perf_counter() - start
@@ -235,27 +246,32 @@ def main() -> None:
     vocab = ARCHITECTURES[args.architecture][1]["vocab_size"]
     report: dict = {"device": torch.cuda.get_device_name(), "architecture": args.architecture, "torch": torch.__version__,
                     "bandwidth_gb_s": copy_bandwidth() / 1e9}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every phase, so a run cut short still leaves what it measured
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        print(json.dumps({k: v for k, v in report.items() if isinstance(v, dict)}, default=str)[-1500:], flush=True)
+
     from transformers import AutoModelForCausalLM
 
+    report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len))
+    torch.cuda.empty_cache()
+    save()
+    if not args.skip_serve:
+        report["ragllm_serve"] = serve_end_to_end(model_dir, args.max_model_len, args.json.with_suffix(".serve.log"))
+        save()
     if not args.skip_hf:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
         report["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-        report["hf_generate"] = hf_generate(model, vocab)
-        report["hf_generate_batch"] = hf_generate_batch(model, vocab)
-        del model
-        torch.cuda.empty_cache()
-    report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len))
-    torch.cuda.empty_cache()
-    if "weights_gb" in report:
         floor = report["bandwidth_gb_s"] / report["weights_gb"]  # tokens/s if only the weights were read
         report["bandwidth_floor_tok_s"] = floor
         report["ragllm"]["fraction_of_floor"] = report["ragllm"]["single_stream_tok_s"] / floor
+        report["hf_generate"] = hf_generate(model, vocab)
         report["hf_generate"]["fraction_of_floor"] = report["hf_generate"]["single_stream_tok_s"] / floor
-    if not args.skip_serve:
-        report["ragllm_serve"] = serve_end_to_end(model_dir, args.max_model_len)
+        save()
+        report["hf_generate_batch"] = hf_generate_batch(model, vocab)
+        save()
     print_table(report)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {args.json}")
 
 
@@ -287,6 +303,9 @@ def print_table(report: dict) -> None:
           f"engine start {ours['start_s']:.1f} s")
     if "ragllm_serve" in report:
         for concurrency, r in report["ragllm_serve"].items():
+            if concurrency == "error":
+                print(f"ragllm serve failed: {r}")
+                continue
             print(f"ragllm serve (HTTP, streaming) at {concurrency}: {r['aggregate_tok_s']:.0f} tok/s, "
                   f"median TTFT {r['ttft_ms_median']:.1f} ms")
 

@@ -9,7 +9,8 @@ the model's own weights, norms and rotary tables. Differences, each for speed:
   start and sized against a GPU memory fraction, so its addresses never change (graphs need that)
   and a prefix is copied between slots in one kernel.
 - q/k/v and gate/up projections run as one matmul each; the modules' weights become views of the
-  fused tensors, so memory is not doubled.
+  fused tensors, so memory is not doubled. RMSNorm (with the residual add), rotary embedding (with
+  the KV-cache write) and SiLU-and-multiply are fused kernels (``cuda_kernels``).
 - Decode for the first ``b`` slots is captured once per (batch bucket, attention span) and replayed:
   one launch per step instead of ~20 per layer. Rows past the real batch write to a scratch slot.
 """
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.model_runner import ModelRunner, SlotKVCache, _apply_rope
+from ragllm.engines.cuda_kernels import add_rms_norm, rope_and_cache, silu_and_mul
+from ragllm.engines.model_runner import ModelRunner, SlotKVCache
 from ragllm.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -129,43 +131,94 @@ class CudaGraphRunner(ModelRunner):
                 f"RAGLLM_ENGINE__GPU_MEMORY_FRACTION")
         logger.info("KV cache: %d slots x %d tokens = %.2f GiB", total_slots, self.max_model_len, kv_bytes / GIB)
 
-    # -- fused projections ------------------------------------------------------------------------
+    # -- the layer stack over flat tokens ---------------------------------------------------------------
     @torch.inference_mode()
     def _fuse_projections(self) -> None:
         self._fused: list[dict[str, Any]] = []
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            qkv = _fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj])
-            gate_up = _fuse_linears([mlp.gate_proj, mlp.up_proj])
-            self._fused.append({"qkv": qkv, "gate_up": gate_up, "act": mlp.act_fn})
+            self._fused.append({
+                "qkv": _fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
+                "gate_up": _fuse_linears([mlp.gate_proj, mlp.up_proj]),
+                "input_norm": (layer.input_layernorm.weight, _eps(layer.input_layernorm)),
+                "post_norm": (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
+            })
+        norm = self.model.model.norm
+        self._final_norm = (norm.weight, _eps(norm))
 
-    def _layer(self, layer: Any, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, attend: Any) -> torch.Tensor:
-        fused = self._fused[layer_index]
-        attention = layer.self_attn
-        batch, length, _ = hidden.shape
+    def _forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                        attend: Any) -> torch.Tensor:
+        """Tokens [T] at ``positions`` of sequences in ``slots`` through every layer; their k/v go to
+        the cache and ``attend(layer_index, qkv)`` returns attention output [T, heads * head_dim].
+        Returns the final-normed hidden states [T, hidden]."""
+        hidden, residual = self.model.model.embed_tokens(ids), None
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = F.linear(layer.input_layernorm(hidden), *fused["qkv"]).view(batch, length, heads + 2 * kv_heads,
-                                                                           head_dim)
-        query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=2)
-        if hasattr(attention, "q_norm"):  # Qwen3 normalises each head before rope
-            query, key = attention.q_norm(query), attention.k_norm(key)
-        query = _apply_rope(query.transpose(1, 2), cos, sin)
-        key = _apply_rope(key.transpose(1, 2), cos, sin)
-        attended = attend(query, key, value.transpose(1, 2))
-        hidden = hidden + attention.o_proj(attended)
-        gate, up = F.linear(layer.post_attention_layernorm(hidden), *fused["gate_up"]).chunk(2, dim=-1)
-        return hidden + layer.mlp.down_proj(fused["act"](gate) * up)
+        for layer_index, layer in enumerate(self.layers):
+            fused = self._fused[layer_index]
+            normed, residual = add_rms_norm(hidden, residual, *fused["input_norm"])
+            qkv = F.linear(normed, *fused["qkv"])
+            if hasattr(layer.self_attn, "q_norm"):  # Qwen3 normalises each head before rope
+                self._qk_norm(layer.self_attn, qkv)
+            rope_and_cache(qkv, positions, slots, self.cos, self.sin, self.cache.keys[layer_index],
+                           self.cache.values[layer_index], heads, kv_heads, head_dim)
+            hidden = layer.self_attn.o_proj(attend(layer_index, qkv))
+            normed, residual = add_rms_norm(hidden, residual, *fused["post_norm"])
+            hidden = layer.mlp.down_proj(silu_and_mul(F.linear(normed, *fused["gate_up"])))
+        normed, _ = add_rms_norm(hidden, residual, *self._final_norm)
+        return normed
+
+    def _qk_norm(self, attention: Any, qkv: torch.Tensor) -> None:
+        tokens, q_width = qkv.shape[0], self.num_heads * self.head_dim
+        k_width = self.num_kv_heads * self.head_dim
+        query = qkv[:, :q_width].view(tokens, self.num_heads, self.head_dim)
+        key = qkv[:, q_width:q_width + k_width].view(tokens, self.num_kv_heads, self.head_dim)
+        query.copy_(attention.q_norm(query))
+        key.copy_(attention.k_norm(key))
+
+    def _split(self, qkv: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of q, k, v as [batch, heads, length, head_dim] from flat tokens (batch-major)."""
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        per_head = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
+        query, key, value = per_head.split([heads, kv_heads, kv_heads], dim=2)
+        return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+    def _logits_of(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(normed).float()
+
+    # -- prefill ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
+        length = len(token_ids)
+        end = start + length
+        self.cache.ensure_capacity(end)
+        ids = torch.tensor(token_ids, device=self.device)
+        positions = torch.arange(start, end, device=self.device)
+        slots = torch.full((length,), slot, device=self.device)
+        causal = None if start == 0 else torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+
+        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+            query, key, value = self._split(qkv, 1, length)
+            if causal is not None:  # a continuation: earlier positions come from the cache
+                key = self.cache.keys[layer_index][slot : slot + 1, :, :end]
+                value = self.cache.values[layer_index][slot : slot + 1, :, :end]
+            with self._attention_backends():
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, is_causal=causal is None,
+                                                     enable_gqa=True)
+            return out.transpose(1, 2).reshape(length, self.num_heads * self.head_dim)
+
+        return self._logits_of(self._forward_tokens(ids, positions, slots, attend)[-1])
 
     # -- decode through graphs --------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, first_slot: int, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         batch = len(token_ids)
         longest = max(positions) + 1
-        if first_slot != 0 or batch > self._batch_buckets[-1] or not self._graphs:
-            return super().decode(first_slot, token_ids, positions)
-        bucket = self._batch_buckets[bisect.bisect_left(self._batch_buckets, batch)]
         span = self._spans[bisect.bisect_left(self._spans, longest)]
+        if first_slot != 0 or batch > self._batch_buckets[-1] or not self._graphs:
+            rows = torch.tensor([token_ids, positions, list(range(first_slot, first_slot + batch))],
+                                device=self.device)
+            return self._decode_rows(rows, first_slot, batch, span)
+        bucket = self._batch_buckets[bisect.bisect_left(self._batch_buckets, batch)]
         padding = bucket - batch
         rows = torch.tensor([token_ids + [0] * padding, positions + [0] * padding,
                              list(range(batch)) + [self.scratch_slot] * padding], dtype=torch.long)
@@ -174,29 +227,27 @@ class CudaGraphRunner(ModelRunner):
         graph.replay()
         return logits[:batch]
 
-    def _decode_static(self, bucket: int, span: int) -> torch.Tensor:
-        """The captured step: reads ``_static_inputs`` (ids, positions, slots) for ``bucket`` rows."""
-        ids, positions, slots = self._static_inputs[:, :bucket]
-        cos = self.cos[positions][:, None, None]
-        sin = self.sin[positions][:, None, None]
+    def _decode_rows(self, rows: torch.Tensor, first_slot: int, batch: int, span: int) -> torch.Tensor:
+        """One decode step for ``batch`` sequences in slots ``first_slot..``; ``rows`` holds their
+        (token, position, write slot). Captured as a graph for ``first_slot == 0``."""
+        ids, positions, slots = rows
         mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        hidden = self.model.model.embed_tokens(ids[:, None])
-        with self._attention_backends():
-            for layer_index, layer in enumerate(self.layers):
-                hidden = self._layer(layer, layer_index, hidden, cos, sin, lambda q, k, v, li=layer_index:
-                                     self._graph_attention(q, k, v, li, slots, positions, bucket, span, mask))
-        return self._logits(hidden[:, 0])
+        kv_heads, group, head_dim = self.num_kv_heads, self.group_size, self.head_dim
 
-    def _graph_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_index: int,
-                         slots: torch.Tensor, positions: torch.Tensor, bucket: int, span: int,
-                         mask: torch.Tensor) -> torch.Tensor:
-        layer_keys, layer_values = self.cache.keys[layer_index], self.cache.values[layer_index]
-        layer_keys[slots, :, positions] = key[:, :, 0]
-        layer_values[slots, :, positions] = value[:, :, 0]
-        grouped = query.reshape(bucket, self.num_kv_heads, self.group_size, self.head_dim)
-        out = F.scaled_dot_product_attention(grouped, layer_keys[:bucket, :, :span], layer_values[:bucket, :, :span],
-                                             attn_mask=mask)
-        return out.reshape(bucket, 1, self.num_heads * self.head_dim)
+        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+            # One query per sequence: each KV head's query group becomes the query-length axis, so
+            # grouped-query attention reads the cache views as they are.
+            grouped = qkv[:, : self.num_heads * head_dim].view(batch, kv_heads, group, head_dim)
+            keys = self.cache.keys[layer_index][first_slot : first_slot + batch, :, :span]
+            values = self.cache.values[layer_index][first_slot : first_slot + batch, :, :span]
+            with self._attention_backends():
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+            return out.reshape(batch, self.num_heads * head_dim)
+
+        return self._logits_of(self._forward_tokens(ids, positions, slots, attend))
+
+    def _decode_static(self, bucket: int, span: int) -> torch.Tensor:
+        return self._decode_rows(self._static_inputs[:, :bucket], 0, bucket, span)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
@@ -239,24 +290,20 @@ class CudaGraphRunner(ModelRunner):
     def _prefill_padded(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         # Right padding: with a causal mask every real token sees only real tokens. The padded
         # positions write garbage KV past each prompt's end, which decode overwrites before reading.
-        longest = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
-        slot_index = torch.tensor(slots, device=self.device)
-        cos, sin = self.cos[:longest][None, None], self.sin[:longest][None, None]
-        hidden = self.model.model.embed_tokens(ids)
-        with self._attention_backends():
-            for layer_index, layer in enumerate(self.layers):
-                hidden = self._layer(layer, layer_index, hidden, cos, sin, lambda q, k, v, li=layer_index:
-                                     self._padded_attention(q, k, v, li, slot_index, longest))
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(hidden[torch.arange(len(prompts), device=self.device), last])
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device).view(-1)
+        positions = torch.arange(longest, device=self.device).repeat(batch)
+        slot_ids = torch.tensor(slots, device=self.device).repeat_interleave(longest)
 
-    def _padded_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_index: int,
-                          slots: torch.Tensor, length: int) -> torch.Tensor:
-        self.cache.keys[layer_index][slots, :, :length] = key
-        self.cache.values[layer_index][slots, :, :length] = value
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2).reshape(query.shape[0], length, self.num_heads * self.head_dim)
+        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+            query, key, value = self._split(qkv, batch, longest)
+            with self._attention_backends():
+                out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2).reshape(batch * longest, self.num_heads * self.head_dim)
+
+        normed = self._forward_tokens(ids, positions, slot_ids, attend)
+        last = torch.tensor([row * longest + len(p) - 1 for row, p in enumerate(prompts)], device=self.device)
+        return self._logits_of(normed[last])
 
     # -- prefix reuse -------------------------------------------------------------------------------
     def reuse_prefix(self, slot: int, prompt_ids: list[int]) -> int:
@@ -313,6 +360,10 @@ def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.T
             linear.bias.data = bias[offset:offset + rows]
         offset += rows
     return weight, bias
+
+
+def _eps(norm: Any) -> float:
+    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
 def _batch_buckets(max_batch_size: int) -> list[int]:

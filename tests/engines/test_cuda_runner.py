@@ -151,4 +151,4 @@ def test_batched_filtering_equals_row_by_row():
 def test_a_cache_that_does_not_fit_is_refused_at_start(device):
     model = tiny_model("llama").to(device)
     with pytest.raises(ModelLoadError, match="KV cache does not fit.*MAX_NUM_SEQS"):
-        _runner(model, num_slots=100_000, max_model_len=512)
+        _runner(model, num_slots=1_000_000, max_model_len=512)
