@@ -49,10 +49,12 @@ def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bf
 def _write_tokenizer(directory: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    vocab.update({"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2})
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate(specials)}
+    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(specials)  # already in the vocabulary: they keep ids 0-2
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<|im_start|>",

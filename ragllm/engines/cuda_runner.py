@@ -210,19 +210,24 @@ class CudaGraphRunner(ModelRunner):
 
     # -- decode through graphs --------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, first_slot: int, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, first_slot: int, token_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
         batch = len(token_ids)
         longest = max(positions) + 1
         span = self._spans[bisect.bisect_left(self._spans, longest)]
+        on_device = isinstance(token_ids, torch.Tensor)
         if first_slot != 0 or batch > self._batch_buckets[-1] or not self._graphs:
-            rows = torch.tensor([token_ids, positions, list(range(first_slot, first_slot + batch))],
-                                device=self.device)
-            return self._decode_rows(rows, first_slot, batch, span)
+            places = torch.tensor([positions, list(range(first_slot, first_slot + batch))], device=self.device)
+            ids = token_ids.to(self.device) if on_device else torch.tensor(token_ids, device=self.device)
+            return self._decode_rows(torch.cat([ids[None], places]), first_slot, batch, span)
         bucket = self._batch_buckets[bisect.bisect_left(self._batch_buckets, batch)]
         padding = bucket - batch
-        rows = torch.tensor([token_ids + [0] * padding, positions + [0] * padding,
-                             list(range(batch)) + [self.scratch_slot] * padding], dtype=torch.long)
-        self._static_inputs[:, :bucket].copy_(rows, non_blocking=True)
+        places = torch.tensor([positions + [0] * padding, list(range(batch)) + [self.scratch_slot] * padding],
+                              dtype=torch.long)
+        self._static_inputs[1:, :bucket].copy_(places, non_blocking=True)
+        if on_device:  # the previous step's choice, never read back to the host first
+            self._static_inputs[0, :batch].copy_(token_ids)
+        else:
+            self._static_inputs[0, :batch].copy_(torch.tensor(token_ids), non_blocking=True)
         graph, logits = self._graphs[(bucket, span)]
         graph.replay()
         return logits[:batch]

@@ -136,12 +136,13 @@ class ModelRunner:
         return self._logits(hidden[:, -1])[0]
 
     @torch.inference_mode()
-    def decode(self, first_slot: int, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of the sequences in slots ``first_slot..``; returns logits [batch, vocab]."""
+    def decode(self, first_slot: int, token_ids: "list[int] | torch.Tensor", positions: list[int]) -> torch.Tensor:
+        """One token for each of the sequences in slots ``first_slot..``; returns logits [batch, vocab].
+        ``token_ids`` may be a tensor on the device (the previous step's choice, not yet read back)."""
         batch = len(token_ids)
         max_end = min(-(-(max(positions) + 1) // _SPAN_QUANTUM) * _SPAN_QUANTUM, self.max_model_len)
         self.cache.ensure_capacity(max_end)
-        ids = torch.tensor(token_ids, device=self.device)[:, None]
+        ids = _as_ids(token_ids, self.device)[:, None]
         position_tensor = torch.tensor(positions, device=self.device)
         slots = torch.arange(first_slot, first_slot + batch, device=self.device)
         cos = self.cos[position_tensor][:, None, None]
@@ -202,6 +203,13 @@ class ModelRunner:
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(last_hidden)).float()
+
+
+def _as_ids(token_ids: "list[int] | torch.Tensor", device: torch.device) -> torch.Tensor:
+    """Decode inputs come as a list, or as a tensor already on the device (tokens chosen there)."""
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.to(device)
+    return torch.tensor(token_ids, device=device)
 
 
 def _apply_rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,25 @@ def sample_next_tokens(
     return tokens
 
 
+def samplable_on_device(params: Sequence["SamplingParams"], generators: Sequence[torch.Generator | None]) -> bool:
+    """Every row can be chosen without the host: no repetition penalty (needs the history) and no
+    per-request seed (needs the row's own generator)."""
+    return all(p.repetition_penalty == 1.0 and (p.greedy or generator is None)
+               for p, generator in zip(params, generators))
+
+
+def sample_on_device(logits: torch.Tensor, params: Sequence["SamplingParams"]) -> torch.Tensor:
+    """Next tokens [batch] on the logits' device, without a sync; rows as ``sample_next_tokens``
+    chooses them (``samplable_on_device`` must hold)."""
+    chosen = logits.argmax(dim=-1)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        probs = filtered_probabilities_batched(logits[rows].float(), [params[row] for row in sampled])
+        chosen[rows] = torch.multinomial(probs, 1)[:, 0]
+    return chosen
+
+
 def filtered_probabilities_batched(logits: torch.Tensor, params: Sequence["SamplingParams"]) -> torch.Tensor:
     """``filtered_probabilities`` for every row at once, each row with its own parameters."""
     device, vocab = logits.device, logits.shape[-1]

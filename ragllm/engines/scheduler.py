@@ -18,8 +18,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from ragllm.engines.model_runner import ModelRunner
-from ragllm.engines.sampling import sample_next_tokens
+from ragllm.engines.sampling import sample_next_tokens, sample_on_device, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta, FinishReason
 
@@ -47,8 +49,43 @@ class _Abort:
 _SHUTDOWN = object()
 
 
+@dataclass
+class _LaunchedStep:
+    batch: list[Sequence]  # the decoding sequences, in slot order, it was launched for
+    logits: "torch.Tensor"
+
+
+class _TokenReadback:
+    """Copies chosen tokens to the host without waiting for work queued after them (on CUDA: into
+    pinned memory, then an event), so the next step can be launched before the copy is awaited."""
+
+    def __init__(self, size: int, device: "torch.device | None") -> None:
+        self._cuda = device is not None and device.type == "cuda"
+        if self._cuda:
+            self._host = torch.empty(size, dtype=torch.long, pin_memory=True)
+            self._event = torch.cuda.Event()
+        self._tokens: torch.Tensor | None = None
+        self._count = 0
+
+    def start(self, tokens: "torch.Tensor") -> "_TokenReadback":
+        self._count = len(tokens)
+        if self._cuda:
+            self._host[: self._count].copy_(tokens, non_blocking=True)
+            self._event.record()
+        else:
+            self._tokens = tokens
+        return self
+
+    def finish(self) -> list[int]:
+        if self._cuda:
+            self._event.synchronize()
+            return self._host[: self._count].tolist()
+        return self._tokens.tolist()
+
+
 class Scheduler:
-    def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver) -> None:
+    def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver,
+                 launch_ahead: bool | None = None) -> None:
         self.runner = runner
         self.limits = limits
         self._deliver = deliver
@@ -56,6 +93,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_steps = 0
+        self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
+        self._readback = _TokenReadback(limits.max_batch_size, getattr(runner, "device", None))
+        # Launching the next step early only pays where it runs asynchronously (a GPU); on the CPU it
+        # would compute the step before this one's tokens are delivered. Tests force it on.
+        device = getattr(runner, "device", None)
+        self.launch_ahead = launch_ahead if launch_ahead is not None else (device is not None and device.type == "cuda")
         self._thread = threading.Thread(target=self._loop, name="ragllm-engine", daemon=True)
 
     # -- called from the event loop -------------------------------------------------------------
@@ -157,12 +200,39 @@ class Scheduler:
     def _decode_all(self, results: list) -> int:
         decoding = [s for s in self.running if s.status is SequenceStatus.DECODING]
         batch_size = self.limits.max_batch_size
+        if decoding and len(decoding) <= batch_size and samplable_on_device(
+                [s.params for s in decoding], [s.generator for s in decoding]):
+            self._decode_pipelined(decoding, results)
+            return len(decoding)
+        self._ahead = None
         for first in range(0, len(decoding), batch_size):
             batch = decoding[first : first + batch_size]
             logits = self.runner.decode(first, [s.output_ids[-1] for s in batch],
                                         [s.next_position for s in batch])
             self._sample_and_record(batch, logits, results)
         return len(decoding)
+
+    def _decode_pipelined(self, decoding: list[Sequence], results: list) -> None:
+        """One decode step whose tokens are chosen on the device; when the batch can only stay as it
+        is (nothing waits to join), the next step is launched before this one's tokens are read back,
+        so the host's per-token work (detokenizing, stop strings, handing deltas over) overlaps the
+        device's next step instead of leaving it idle. A launched step whose batch then changes (a
+        sequence finished, was aborted or joined) is dropped: its cache writes lie at positions the
+        real step rewrites before anything reads them."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.batch == decoding:
+            logits = ahead.logits
+        else:
+            logits = self.runner.decode(0, [s.output_ids[-1] for s in decoding], [s.next_position for s in decoding])
+        tokens = sample_on_device(logits, [s.params for s in decoding])
+        host_tokens = self._readback.start(tokens)
+        if self.launch_ahead and not self.waiting and all(s.status is SequenceStatus.DECODING for s in self.running):
+            next_logits = self.runner.decode(0, tokens, [s.next_position + 1 for s in decoding])
+            self._ahead = _LaunchedStep(decoding, next_logits)
+        for sequence, token in zip(decoding, host_tokens.finish()):
+            delta = sequence.append_token(token)
+            if delta is not None:
+                results.append((sequence, delta))
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
@@ -236,6 +306,7 @@ class Scheduler:
         return failed
 
     def _fail_running(self, exc: Exception) -> list[tuple[Sequence, BaseException]]:
+        self._ahead = None
         failed = [(sequence, exc) for sequence in self.running]
         for sequence in self.running:
             sequence.status = SequenceStatus.FINISHED

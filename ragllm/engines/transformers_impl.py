@@ -51,6 +51,7 @@ class TransformersEngine(Engine):
         self.dtype_name = ""
         self._card: ModelCard | None = None
         self._stop_token_ids: frozenset[int] = frozenset()
+        self._embedding_rows = 0
         self._admitted = 0  # requests generating or queued; guarded by _admission_lock
         self._admission_lock = threading.Lock()
 
@@ -80,6 +81,7 @@ class TransformersEngine(Engine):
         self._tokenizer, self._device = loaded.tokenizer, loaded.device
         self.dtype_name = loaded.dtype_name
         self._stop_token_ids = loaded.stop_token_ids
+        self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
         runner = self._runner(loaded.model, max_model_len)
         limits = SchedulerLimits(
@@ -175,7 +177,13 @@ class TransformersEngine(Engine):
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids
 
-        return prompt_token_ids(self._tokenizer, request)
+        ids = prompt_token_ids(self._tokenizer, request)
+        # A tokenizer with tokens the model has no embedding for would crash the device (CUDA asserts
+        # on an out-of-range index and the context is lost): refuse the request instead.
+        if max(ids) >= self._embedding_rows:
+            raise EngineFailure(f"the tokenizer produced token id {max(ids)}, but the model embeds only "
+                                f"{self._embedding_rows} tokens: the tokenizer does not match the model")
+        return ids
 
     def _new_sequence(self, request: GenerationRequest, prompt_ids: list[int]) -> Sequence:
         import torch

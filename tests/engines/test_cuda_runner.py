@@ -152,3 +152,34 @@ def test_a_cache_that_does_not_fit_is_refused_at_start(device):
     model = tiny_model("llama").to(device)
     with pytest.raises(ModelLoadError, match="KV cache does not fit.*MAX_NUM_SEQS"):
         _runner(model, num_slots=1_000_000, max_model_len=512)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_launched_ahead_give_the_same_tokens(device):
+    """The next decode step launched before this one's tokens are read back (what the GPU path does),
+    with sequences finishing, joining and being aborted mid-run: every output equals its solo run."""
+    model = tiny_model("llama", seed=3).to(device)
+    runner = _runner(model, num_slots=4, max_batch_size=4)
+    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                                  chunked_prefill=False), deliver=lambda results: None,
+                          launch_ahead=True)
+    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    doomed = _sequence("aborted", [3, 1, 4, 1, 5], 40)
+    arrivals = {0: sequences[:2] + [doomed], 3: sequences[2:4], 7: sequences[4:]}
+    launched_ahead = 0
+    for step in range(400):
+        for sequence in arrivals.pop(step, []):
+            scheduler.submit(sequence)
+        if step == 5:
+            scheduler.abort("aborted")
+        scheduler.run_once()
+        launched_ahead += scheduler._ahead is not None
+        if not arrivals and not scheduler.running and not scheduler.waiting:
+            break
+    assert launched_ahead > 10
+    for sequence in sequences:
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
+                                      max_new_tokens=sequence.max_tokens, eos_token_id=0,
+                                      pad_token_id=0)[0, len(sequence.prompt_ids):].tolist()
+        assert sequence.output_ids == expected, sequence.request_id
