@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--skip-hf", action="store_true", help="only our engine")
     parser.add_argument("--skip-serve", action="store_true", help="no end-to-end run through ragllm serve")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of a prefill and a decode step")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gpu_engine.json"))
     return parser.parse_args()
 
@@ -115,7 +116,7 @@ def hf_generate_batch(model, vocab: int) -> dict:
 
 
 # -- our engine ------------------------------------------------------------------------------------------
-async def ours(model_dir: Path, vocab: int, max_model_len: int) -> dict:
+async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = False) -> dict:
     settings = EngineSettings(model=str(model_dir), device="cuda", dtype="bfloat16", max_num_seqs=64,
                               max_batch_size=64, max_num_batched_tokens=8192, max_model_len=max_model_len,
                               max_waiting=256)
@@ -157,8 +158,40 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int) -> dict:
         results["aggregate_tok_s"][batch] = sum(len(t) for t in runs) / (time.perf_counter() - start)
     runner = engine._scheduler.runner
     results["decode_step_ms"] = {batch: step_time(runner, batch) * 1e3 for batch in (1, 32, 64)}
+    results["prefill_ms"] = prefill_times(runner, vocab)
+    if profile:
+        profile_kernels(runner, vocab)
     await engine.aclose()
     return results
+
+
+def prefill_times(runner, vocab: int) -> dict:
+    """The runner's prefill alone (no scheduler), and a continuation after a reused prefix."""
+    slot = runner.num_sequence_slots - 1
+    times = {}
+    for length in (512, 2048):
+        prompt = random_prompt(length, vocab, 77 + length)
+        runner.prefill(slot, prompt, 0)
+        times[length] = min(timed(lambda: runner.prefill(slot, prompt, 0)) for _ in range(3)) * 1e3
+    prompt = random_prompt(2048, vocab, 78)
+    times["2048_after_1984_reused"] = min(timed(lambda: runner.prefill(slot, prompt[1984:], 1984))
+                                         for _ in range(3)) * 1e3
+    return times
+
+
+def profile_kernels(runner, vocab: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = random_prompt(2048, vocab, 79)
+    for name, work in (("prefill 2048", lambda: runner.prefill(0, prompt, 0)),
+                       ("10 decode steps, batch 1", lambda: [runner.decode(0, [5], [300]) for _ in range(10)])):
+        work()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            work()
+            torch.cuda.synchronize()
+        print(f"--- {name}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def step_time(runner, batch: int, steps: int = 50) -> float:
@@ -254,7 +287,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len))
+    report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len, args.profile))
     torch.cuda.empty_cache()
     save()
     if not args.skip_serve:
@@ -300,6 +333,7 @@ def print_table(report: dict) -> None:
     ours = report["ragllm"]
     print(f"\nragllm: TTFT for 2,048 tokens sharing a 1,984-token prefix with the previous prompt: "
           f"{ours['ttft_ms']['2048_shared_prefix']:.1f} ms; decode step alone (ms): {ours['decode_step_ms']}; "
+          f"prefill alone (ms): {ours['prefill_ms']}; "
           f"engine start {ours['start_s']:.1f} s")
     if "ragllm_serve" in report:
         for concurrency, r in report["ragllm_serve"].items():

@@ -220,14 +220,22 @@ class CudaGraphRunner(ModelRunner):
             ids = token_ids.to(self.device) if on_device else torch.tensor(token_ids, device=self.device)
             return self._decode_rows(torch.cat([ids[None], places]), first_slot, batch, span)
         bucket = self._batch_buckets[bisect.bisect_left(self._batch_buckets, batch)]
-        padding = bucket - batch
-        places = torch.tensor([positions + [0] * padding, list(range(batch)) + [self.scratch_slot] * padding],
-                              dtype=torch.long)
-        self._static_inputs[1:, :bucket].copy_(places, non_blocking=True)
+        # Staged through pinned memory: a copy from pageable memory would wait for the device to
+        # drain the work queued before it, and the host could no longer run a step ahead. Two
+        # buffers in turn: the one written now was last read by a copy that has completed.
+        staging = self._staging[self._num_decodes % 2]
+        self._num_decodes += 1
+        host = staging.numpy()
+        host[1, :batch] = positions
+        host[1, batch:bucket] = 0
+        host[2, :batch] = self._row_slots[:batch]  # row i decodes the sequence in slot i
+        host[2, batch:bucket] = self.scratch_slot
         if on_device:  # the previous step's choice, never read back to the host first
+            self._static_inputs[1:, :bucket].copy_(staging[1:, :bucket], non_blocking=True)
             self._static_inputs[0, :batch].copy_(token_ids)
         else:
-            self._static_inputs[0, :batch].copy_(torch.tensor(token_ids), non_blocking=True)
+            host[0, :batch] = token_ids
+            self._static_inputs[:, :bucket].copy_(staging[:, :bucket], non_blocking=True)
         graph, logits = self._graphs[(bucket, span)]
         graph.replay()
         return logits[:batch]
@@ -259,6 +267,9 @@ class CudaGraphRunner(ModelRunner):
         largest = self._batch_buckets[-1]
         self._static_inputs = torch.zeros(3, largest, dtype=torch.long, device=self.device)
         self._static_inputs[2] = self.scratch_slot  # warm-up and capture write only to the scratch slot
+        self._staging = [torch.zeros(3, largest, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._row_slots = torch.arange(largest).numpy()
+        self._num_decodes = 0
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
