@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.cuda_kernels import add_rms_norm, rope_and_cache, silu_and_mul
+from ragllm.engines.cuda_kernels import add_rms_norm, decode_attention, rope_and_cache, silu_and_mul, use_triton
 from ragllm.engines.model_runner import ModelRunner, SlotKVCache
 from ragllm.errors import ModelLoadError
 
@@ -198,12 +198,16 @@ class CudaGraphRunner(ModelRunner):
 
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
             query, key, value = self._split(qkv, 1, length)
-            if causal is not None:  # a continuation: earlier positions come from the cache
-                key = self.cache.keys[layer_index][slot : slot + 1, :, :end]
-                value = self.cache.values[layer_index][slot : slot + 1, :, :end]
-            with self._attention_backends():
-                out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, is_causal=causal is None,
-                                                     enable_gqa=True)
+            if causal is None:
+                with self._attention_backends():
+                    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+            else:  # a continuation (after a reused prefix): earlier positions come from the cache.
+                # Keys repeated per query head: with a mask, grouped attention would fall back to the
+                # unfused kernel, slower here than the copy.
+                key = self.cache.keys[layer_index][slot : slot + 1, :, :end].repeat_interleave(self.group_size, dim=1)
+                value = self.cache.values[layer_index][slot : slot + 1, :, :end].repeat_interleave(self.group_size, dim=1)
+                with self._attention_backends():
+                    out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal)
             return out.transpose(1, 2).reshape(length, self.num_heads * self.head_dim)
 
         return self._logits_of(self._forward_tokens(ids, positions, slots, attend)[-1])
@@ -248,6 +252,9 @@ class CudaGraphRunner(ModelRunner):
         kv_heads, group, head_dim = self.num_kv_heads, self.group_size, self.head_dim
 
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+            if use_triton(qkv):
+                return decode_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index], positions,
+                                        first_slot, self.num_heads, kv_heads, head_dim)
             # One query per sequence: each KV head's query group becomes the query-length axis, so
             # grouped-query attention reads the cache views as they are.
             grouped = qkv[:, : self.num_heads * head_dim].view(batch, kv_heads, group, head_dim)
