@@ -23,7 +23,7 @@ import torch
 from ragllm.engines.model_runner import ModelRunner
 from ragllm.engines.sampling import sample_next_tokens, sample_on_device, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
-from ragllm.engines.base import Delta, FinishReason
+from ragllm.engines.base import Delta
 
 logger = logging.getLogger(__name__)
 

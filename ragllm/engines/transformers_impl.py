@@ -33,7 +33,6 @@ from ragllm.errors import (
     EngineFailure,
     EngineNotReady,
     EngineOverloaded,
-    InvalidRequest,
 )
 
 logger = logging.getLogger(__name__)
