@@ -9,12 +9,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from starlette.routing import Route
 
 from ragllm import __version__
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.record import RequestRecordMiddleware
-from ragllm.api.routes import lean_chat_completions, lean_completions, router
+from ragllm.api.routes import LEAN_ROUTES, router
 from ragllm.api.state import AppState
 from ragllm.cache import ResponseCache
 from ragllm.cache.memory import MemoryCache
@@ -83,8 +82,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.ragllm = state
     # Served by the lean routes, matched first; the FastAPI routes after them document the API.
-    app.router.routes.extend([Route("/v1/chat/completions", lean_chat_completions, methods=["POST"]),
-                              Route("/v1/completions", lean_completions, methods=["POST"])])
+    app.router.routes.extend(LEAN_ROUTES)
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(RequestRecordMiddleware, state=state)

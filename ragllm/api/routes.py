@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
+from starlette.routing import Route
 
 from ragllm.api.deps import app_state, authenticated, record_of
 from ragllm.api.encoding import DONE_EVENT, ChunkEncoder, error_event, full_response
@@ -56,18 +57,25 @@ _CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store 
              responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(authenticated)) -> Response:
-    state = app_state(request)
-    allowance = await _rate_limit(state, principal, request)
-    return await _respond(state, await state.service.prepare_chat(body), request, principal, allowance)
+    return await _generate(request, principal, body)
 
 
 @router.post("/v1/completions", description=_CACHE_DOC,
              responses={200: {"model": Completion, "content": _STREAM_DOC}, **_ERRORS})
 async def completions(body: CompletionRequest, request: Request,
                       principal: Principal = Depends(authenticated)) -> Response:
+    return await _generate(request, principal, body)
+
+
+async def _generate(request: Request, principal: Principal,
+                    body: ChatCompletionRequest | CompletionRequest) -> Response:
     state = app_state(request)
     allowance = await _rate_limit(state, principal, request)
-    return await _respond(state, state.service.prepare_completion(body), request, principal, allowance)
+    if isinstance(body, ChatCompletionRequest):
+        prepared = await state.service.prepare_chat(body)
+    else:
+        prepared = state.service.prepare_completion(body)
+    return await _respond(state, prepared, request, principal, allowance)
 
 
 async def _rate_limit(state: AppState, principal: Principal, request: Request) -> Allowance | None:
@@ -79,26 +87,22 @@ async def _rate_limit(state: AppState, principal: Principal, request: Request) -
         raise
 
 
-async def lean_chat_completions(request: Request) -> Response:
-    """POST /v1/chat/completions as a plain Starlette route: the same steps as ``chat_completions``
-    (which stays registered for the OpenAPI schema) without FastAPI's per-request dependency solving
+def _lean(body_model: type[ChatCompletionRequest] | type[CompletionRequest]):
+    """The generation endpoint as a plain Starlette route: the same steps as the FastAPI route above it
+    (which stays registered for the OpenAPI schema), without FastAPI's per-request dependency solving
     and body re-validation, which cost a gateway about a fifth of its CPU per request."""
-    body = await _json_body(request)
-    principal = await authenticated(request)
-    chat = _validated(ChatCompletionRequest, body)
-    state = app_state(request)
-    allowance = await _rate_limit(state, principal, request)
-    return await _respond(state, await state.service.prepare_chat(chat), request, principal, allowance)
+
+    async def endpoint(request: Request) -> Response:
+        body = await _json_body(request)
+        principal = await authenticated(request)
+        return await _generate(request, principal, _validated(body_model, body))
+
+    return endpoint
 
 
-async def lean_completions(request: Request) -> Response:
-    """POST /v1/completions, as ``lean_chat_completions``."""
-    body = await _json_body(request)
-    principal = await authenticated(request)
-    completion = _validated(CompletionRequest, body)
-    state = app_state(request)
-    allowance = await _rate_limit(state, principal, request)
-    return await _respond(state, state.service.prepare_completion(completion), request, principal, allowance)
+# Matched before the FastAPI routes of the same paths (see ``create_app``).
+LEAN_ROUTES = [Route("/v1/chat/completions", _lean(ChatCompletionRequest), methods=["POST"]),
+               Route("/v1/completions", _lean(CompletionRequest), methods=["POST"])]
 
 
 async def _json_body(request: Request) -> Any:
