@@ -19,22 +19,14 @@ def sample_next_tokens(
 ) -> list[int]:
     """One token per row of ``logits`` [batch, vocab].
 
-    Greedy rows without a repetition penalty take the batched argmax; unseeded sampled rows without a
-    penalty are filtered and drawn together (one set of kernels, no sync per row: what a GPU needs);
-    the rest (seeded or penalised) row by row, each row with its own generator.
+    Rows ``sample_on_device`` can choose are chosen there together (one set of kernels, no sync per
+    row: what a GPU needs); the rest (seeded or penalised) row by row, each with its own generator.
     """
-    chosen = logits.argmax(dim=-1)
-    together = [row for row, p in enumerate(params)
-                if not p.greedy and p.repetition_penalty == 1.0 and generators[row] is None]
-    if together:
-        rows = torch.tensor(together, device=logits.device)
-        probs = filtered_probabilities_batched(logits[rows].float(), [params[row] for row in together])
-        chosen[rows] = torch.multinomial(probs, 1)[:, 0]
-    tokens = chosen.tolist()
-    done = set(together)
-    for row, row_params in enumerate(params):
-        if row in done or (row_params.greedy and row_params.repetition_penalty == 1.0):
-            continue
+    on_host = [row for row, (p, generator) in enumerate(zip(params, generators))
+               if not _choosable_on_device(p, generator)]
+    tokens = sample_on_device(logits, params, skip=on_host).tolist()
+    for row in on_host:
+        row_params = params[row]
         row_logits = logits[row].float()
         if row_params.repetition_penalty != 1.0:
             row_logits = apply_repetition_penalty(row_logits, histories[row], row_params.repetition_penalty)
@@ -46,18 +38,23 @@ def sample_next_tokens(
     return tokens
 
 
+def _choosable_on_device(params: "SamplingParams", generator: torch.Generator | None) -> bool:
+    # A repetition penalty needs the history, a per-request seed the row's own generator.
+    return params.repetition_penalty == 1.0 and (params.greedy or generator is None)
+
+
 def samplable_on_device(params: Sequence["SamplingParams"], generators: Sequence[torch.Generator | None]) -> bool:
-    """Every row can be chosen without the host: no repetition penalty (needs the history) and no
-    per-request seed (needs the row's own generator)."""
-    return all(p.repetition_penalty == 1.0 and (p.greedy or generator is None)
-               for p, generator in zip(params, generators))
+    """Every row can be chosen without the host."""
+    return all(_choosable_on_device(p, generator) for p, generator in zip(params, generators))
 
 
-def sample_on_device(logits: torch.Tensor, params: Sequence["SamplingParams"]) -> torch.Tensor:
-    """Next tokens [batch] on the logits' device, without a sync; rows as ``sample_next_tokens``
-    chooses them (``samplable_on_device`` must hold)."""
+def sample_on_device(logits: torch.Tensor, params: Sequence["SamplingParams"],
+                     skip: Sequence[int] = ()) -> torch.Tensor:
+    """Next tokens [batch] on the logits' device, without a sync: greedy rows by argmax, the others
+    drawn together after temperature, top-k, top-p and min-p. Rows in ``skip`` are left to the caller."""
     chosen = logits.argmax(dim=-1)
-    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    skipped = set(skip)
+    sampled = [row for row, p in enumerate(params) if not p.greedy and row not in skipped]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         probs = filtered_probabilities_batched(logits[rows].float(), [params[row] for row in sampled])

@@ -59,9 +59,9 @@ class _TokenReadback:
     """Copies chosen tokens to the host without waiting for work queued after them (on CUDA: into
     pinned memory, then an event), so the next step can be launched before the copy is awaited."""
 
-    def __init__(self, size: int, device: "torch.device | None") -> None:
-        self._cuda = device is not None and device.type == "cuda"
-        if self._cuda:
+    def __init__(self, size: int, cuda: bool) -> None:
+        self._cuda = cuda
+        if cuda:
             self._host = torch.empty(size, dtype=torch.long, pin_memory=True)
             self._event = torch.cuda.Event()
         self._tokens: torch.Tensor | None = None
@@ -94,11 +94,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_steps = 0
         self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
-        self._readback = _TokenReadback(limits.max_batch_size, getattr(runner, "device", None))
+        on_gpu = runner.device.type == "cuda"
+        self._readback = _TokenReadback(limits.max_batch_size, on_gpu)
         # Launching the next step early only pays where it runs asynchronously (a GPU); on the CPU it
         # would compute the step before this one's tokens are delivered. Tests force it on.
-        device = getattr(runner, "device", None)
-        self.launch_ahead = launch_ahead if launch_ahead is not None else (device is not None and device.type == "cuda")
+        self.launch_ahead = on_gpu if launch_ahead is None else launch_ahead
         self._thread = threading.Thread(target=self._loop, name="ragllm-engine", daemon=True)
 
     # -- called from the event loop -------------------------------------------------------------
@@ -229,10 +229,7 @@ class Scheduler:
         if self.launch_ahead and not self.waiting and all(s.status is SequenceStatus.DECODING for s in self.running):
             next_logits = self.runner.decode(0, tokens, [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
-        for sequence, token in zip(decoding, host_tokens.finish()):
-            delta = sequence.append_token(token)
-            if delta is not None:
-                results.append((sequence, delta))
+        self._record(decoding, host_tokens.finish(), results)
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
@@ -273,6 +270,10 @@ class Scheduler:
             [s.history() if s.params.repetition_penalty != 1.0 else [] for s in batch],
             [s.generator for s in batch],
         )
+        self._record(batch, tokens, results)
+
+    @staticmethod
+    def _record(batch: list[Sequence], tokens: list[int], results: list) -> None:
         for sequence, token in zip(batch, tokens):
             delta = sequence.append_token(token)
             if delta is not None:
