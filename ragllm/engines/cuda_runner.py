@@ -11,7 +11,7 @@ the model's own weights, norms and rotary tables. Differences, each for speed:
 - q/k/v and gate/up projections run as one matmul each; the modules' weights become views of the
   fused tensors, so memory is not doubled. RMSNorm (with the residual add), rotary embedding (with
   the KV-cache write) and SiLU-and-multiply are fused kernels (``cuda_kernels``).
-- Decode for the first ``b`` slots is captured once per (batch bucket, attention span) and replayed:
+- Decode for the first ``b`` slots is captured once per batch bucket and replayed:
   one launch per step instead of ~20 per layer. Rows past the real batch write to a scratch slot.
 """
 
@@ -70,10 +70,10 @@ class StaticSlotKVCache(SlotKVCache):
         if length > self.max_len:
             raise ValueError(f"{length} positions exceed the context window of {self.max_len}")
 
-    @torch.inference_mode()
     def move(self, source: int, target: int, length: int) -> None:
         self.copy_prefix(source, target, length)
 
+    @torch.inference_mode()
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         self.storage[:, :, target, :, :length] = self.storage[:, :, source, :, :length]
 
@@ -94,11 +94,13 @@ class CudaGraphRunner(ModelRunner):
         self._prefixes: list[_Prefix] = []
         self._clock = 0
         self.prefix_hits = 0
-        self.prefix_tokens_reused = 0
         super().__init__(model, num_slots, max_model_len)
         self._fuse_projections()
         self._batch_buckets = _batch_buckets(options.max_batch_size)
-        self._spans = _spans(max_model_len)
+        # The Triton decode attention reads each row's keys up to its own position, so one graph per
+        # batch bucket serves every length; PyTorch's attention reads a fixed span, bucketed.
+        self._triton_attention = self.device.type == "cuda" and use_triton(self.cos)
+        self._spans = [max_model_len] if self._triton_attention else _spans(max_model_len)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if options.cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
@@ -248,13 +250,17 @@ class CudaGraphRunner(ModelRunner):
         """One decode step for ``batch`` sequences in slots ``first_slot..``; ``rows`` holds their
         (token, position, write slot). Captured as a graph for ``first_slot == 0``."""
         ids, positions, slots = rows
-        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         kv_heads, group, head_dim = self.num_kv_heads, self.group_size, self.head_dim
-
-        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
-            if use_triton(qkv):
+        if self._triton_attention:
+            def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
                 return decode_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index], positions,
                                         first_slot, self.num_heads, kv_heads, head_dim)
+
+            return self._logits_of(self._forward_tokens(ids, positions, slots, attend))
+
+        mask = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+
+        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
             # One query per sequence: each KV head's query group becomes the query-length axis, so
             # grouped-query attention reads the cache views as they are.
             grouped = qkv[:, : self.num_heads * head_dim].view(batch, kv_heads, group, head_dim)
@@ -344,10 +350,8 @@ class CudaGraphRunner(ModelRunner):
             return 0
         self._clock += 1
         best.last_used = self._clock
-        with torch.inference_mode():
-            self.cache.copy_prefix(best.slot, slot, best_length)
+        self.cache.copy_prefix(best.slot, slot, best_length)
         self.prefix_hits += 1
-        self.prefix_tokens_reused += best_length
         return best_length
 
     def remember_prefix(self, slot: int, prompt_ids: list[int]) -> None:
@@ -366,8 +370,7 @@ class CudaGraphRunner(ModelRunner):
         else:
             entry = min(self._prefixes, key=lambda e: e.last_used)
             entry.tokens, entry.last_used = tokens, self._clock
-        with torch.inference_mode():
-            self.cache.copy_prefix(slot, entry.slot, len(tokens))
+        self.cache.copy_prefix(slot, entry.slot, len(tokens))
 
 
 def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:

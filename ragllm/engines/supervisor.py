@@ -50,13 +50,8 @@ class ChildSupervisor:
         self.restarts = 0
         self.process: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
-        self._healthy_seen = False
         self._stopping = False
         self._task: asyncio.Task | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
 
     async def start(self) -> None:
         """Begin supervising; returns at once (``wait_ready`` waits for the first ready child)."""
@@ -118,29 +113,30 @@ class ChildSupervisor:
         """Wait for readiness (or give up on it), then for the child's exit; returns its exit code."""
         exited = asyncio.create_task(self.process.wait())
         try:
-            await asyncio.wait_for(self._until_healthy(exited), self.timings.startup_timeout_s)
+            healthy = await asyncio.wait_for(self._until_healthy(exited), self.timings.startup_timeout_s)
         except asyncio.TimeoutError:
             logger.error("%s was not ready within %.0f s; killing it", self.name, self.timings.startup_timeout_s)
             await self._terminate()
-        if not exited.done() and self._healthy_seen:
+            healthy = False
+        if healthy and not exited.done():
             self.state = ChildState.READY
             self.detail = ""
             self._ready.set()
             logger.info("%s is ready (pid %d)", self.name, self.process.pid)
         return await exited
 
-    async def _until_healthy(self, exited: asyncio.Task) -> None:
+    async def _until_healthy(self, exited: asyncio.Task) -> bool:
+        """True once the health URL answers 200; False if the child exits first."""
         import aiohttp
 
-        self._healthy_seen = False
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while not exited.done():
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(self.health_url) as response:
                         if response.status == 200:
-                            self._healthy_seen = True
-                            return
+                            return True
                 await asyncio.wait({exited}, timeout=READY_POLL_S)
+        return False
 
     async def _terminate(self) -> None:
         process = self.process
