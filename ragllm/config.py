@@ -71,8 +71,9 @@ class EngineSettings(BaseModel):
     default_max_tokens: int | None = Field(
         None, ge=1, description="Completion cap when a request sets none; None: the rest of the context.")
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
-    gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="CUDA: share of the GPU's memory the "
-                                       "weights, KV cache and activations may use; checked at start.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the weights, "
+                                          "KV cache and activations may use (in-process CUDA engine: checked at "
+                                          "start; vLLM: --gpu-memory-utilization).")
     prefix_cache_slots: int = Field(4, ge=0, description="CUDA: recent prompts (RAG template and documents) "
                                     "kept for reuse by requests that start the same way.")
     cuda_graphs: bool = Field(True, description="CUDA: replay decode steps as captured graphs.")
@@ -132,7 +133,6 @@ class VllmSettings(BaseModel):
     stop_grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL at shutdown.")
     quantization: str | None = Field(None, description="--quantization, e.g. awq.")
     kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype, e.g. fp8.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     extra_args: list[str] = Field(default_factory=list, description="Appended as they are.")
 
 

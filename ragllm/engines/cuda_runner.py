@@ -6,7 +6,7 @@ Same interface as ``ModelRunner`` (the scheduler does not know which one it driv
 the model's own weights, norms and rotary tables. Differences, each for speed:
 
 - The KV cache is one tensor ``[layers, 2, slots, kv_heads, max_model_len, head_dim]`` allocated at
-  start and sized against a GPU memory fraction, so its addresses never change (graphs need that)
+  start and sized against the GPU memory share it may use, so its addresses never change (graphs need that)
   and a prefix is copied between slots in one kernel.
 - q/k/v and gate/up projections run as one matmul each; the modules' weights become views of the
   fused tensors, so memory is not doubled. RMSNorm (with the residual add), rotary embedding (with
@@ -45,7 +45,7 @@ _FIXED_RESERVE_BYTES = 1 * GIB
 class CudaRunnerOptions:
     max_batch_size: int
     max_num_batched_tokens: int
-    gpu_memory_fraction: float = 0.9
+    gpu_memory_utilization: float = 0.9
     prefix_cache_slots: int = 4
     cuda_graphs: bool = True
 
@@ -118,7 +118,7 @@ class CudaGraphRunner(ModelRunner):
         if self.device.type != "cuda":  # on the CPU (tests) the runner runs without graphs or a budget
             return
         free, total = torch.cuda.mem_get_info(self.device)
-        allowed = self.options.gpu_memory_fraction * total - (total - free)  # the weights are already in
+        allowed = self.options.gpu_memory_utilization * total - (total - free)  # the weights are already in
         hidden = self.model.config.hidden_size
         intermediate = self.model.config.intermediate_size
         prefill_bytes = self.options.max_num_batched_tokens * (4 * hidden + 3 * intermediate) * self.dtype.itemsize
@@ -127,10 +127,10 @@ class CudaGraphRunner(ModelRunner):
             raise ModelLoadError(
                 f"the KV cache does not fit: {total_slots} slots of {self.max_model_len} tokens need "
                 f"{kv_bytes / GIB:.1f} GiB (+{reserve / GIB:.1f} GiB for activations), but only "
-                f"{max(allowed, 0) / GIB:.1f} GiB remain under gpu_memory_fraction="
-                f"{self.options.gpu_memory_fraction} of {total / GIB:.1f} GiB after the weights; lower "
+                f"{max(allowed, 0) / GIB:.1f} GiB remain under gpu_memory_utilization="
+                f"{self.options.gpu_memory_utilization} of {total / GIB:.1f} GiB after the weights; lower "
                 f"RAGLLM_ENGINE__MAX_NUM_SEQS (VLLM_MAX_NUM_SEQS) or RAGLLM_ENGINE__MAX_MODEL_LEN, or raise "
-                f"RAGLLM_ENGINE__GPU_MEMORY_FRACTION")
+                f"RAGLLM_ENGINE__GPU_MEMORY_UTILIZATION")
         logger.info("KV cache: %d slots x %d tokens = %.2f GiB", total_slots, self.max_model_len, kv_bytes / GIB)
 
     # -- the layer stack over flat tokens ---------------------------------------------------------------

@@ -118,7 +118,7 @@ class TransformersEngine(Engine):
         options = CudaRunnerOptions(
             max_batch_size=self.settings.max_batch_size,
             max_num_batched_tokens=self.settings.max_num_batched_tokens,
-            gpu_memory_fraction=self.settings.gpu_memory_fraction,
+            gpu_memory_utilization=self.settings.gpu_memory_utilization,
             prefix_cache_slots=self.settings.prefix_cache_slots,
             cuda_graphs=self.settings.cuda_graphs,
         )

@@ -12,7 +12,7 @@
 | engine.max_model_len                       | --max-model-len                  |
 | engine.max_batch_size (VLLM_MAX_BATCH_SIZE)| none: vLLM decodes every running sequence each step, so its decode batch is bounded by --max-num-seqs alone |
 | vllm.quantization / vllm.kv_cache_dtype    | --quantization / --kv-cache-dtype|
-| vllm.gpu_memory_utilization               | --gpu-memory-utilization         |
+| engine.gpu_memory_utilization             | --gpu-memory-utilization         |
 | telemetry.otlp_endpoint (OTEL_...)         | --otlp-traces-endpoint           |
 | (always)                                   | --enable-prompt-tokens-details   |
 """
@@ -32,7 +32,7 @@ def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> 
             "--tensor-parallel-size", str(engine.tensor_parallel_size),
             "--max-num-seqs", str(engine.max_num_seqs),
             "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
-            "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
+            "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
             "--enable-prompt-tokens-details"]
     if engine.chunked_prefill:
         args.append("--enable-chunked-prefill")
