@@ -12,7 +12,6 @@ from ragllm.engines.cuda_runner import CudaGraphRunner, CudaRunnerOptions, MIN_P
 from ragllm.engines.sampling import filtered_probabilities, filtered_probabilities_batched
 from ragllm.engines.scheduler import Scheduler, SchedulerLimits
 from ragllm.errors import ModelLoadError
-from tests.engines.test_scheduler import LetterTokenizer  # noqa: F401  (shared test double)
 from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
@@ -37,6 +36,16 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     scale = expected.abs().max()
     error = (actual.float() - expected).abs().max()
     assert error <= TOLERANCE[dtype] * scale, f"max error {float(error):.3g} vs scale {float(scale):.3g}"
+
+
+def _assert_each_equals_its_solo_run(model, sequences, device: str) -> None:
+    """transformers' own greedy decoding of each prompt alone, stopping at token 0 as the sequences do."""
+    for sequence in sequences:
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
+                                      max_new_tokens=sequence.max_tokens, eos_token_id=0,
+                                      pad_token_id=0)[0, len(sequence.prompt_ids):].tolist()
+        assert sequence.output_ids == expected, sequence.request_id
 
 
 def _dtypes(device: str) -> list[torch.dtype]:
@@ -128,12 +137,7 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
         if not arrivals and not scheduler.running and not scheduler.waiting:
             break
     assert runner.prefix_hits >= 1
-    for sequence in sequences:
-        with torch.no_grad():
-            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
-                                      max_new_tokens=sequence.max_tokens, eos_token_id=0,
-                                      pad_token_id=0)[0, len(sequence.prompt_ids):].tolist()
-        assert sequence.output_ids == expected, sequence.request_id
+    _assert_each_equals_its_solo_run(model, sequences, device)
 
 
 def test_batched_filtering_equals_row_by_row():
@@ -177,9 +181,4 @@ def test_steps_launched_ahead_give_the_same_tokens(device):
         if not arrivals and not scheduler.running and not scheduler.waiting:
             break
     assert launched_ahead > 10
-    for sequence in sequences:
-        with torch.no_grad():
-            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
-                                      max_new_tokens=sequence.max_tokens, eos_token_id=0,
-                                      pad_token_id=0)[0, len(sequence.prompt_ids):].tolist()
-        assert sequence.output_ids == expected, sequence.request_id
+    _assert_each_equals_its_solo_run(model, sequences, device)
