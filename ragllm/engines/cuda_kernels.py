@@ -101,6 +101,34 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     return out
 
 
+def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, positions: torch.Tensor,
+                     slots: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Queries of a prompt chunk that continues a sequence already in the cache: token t attends to
+    the keys of its slot at positions ``0..positions[t]`` (its own chunk's keys are already written).
+    All real tokens share one slot; rows that pad a captured chunk write elsewhere and their output is
+    not used. Returns [tokens, heads * head_dim].
+
+    Measured need: PyTorch's attention with a mask falls back to a kernel that needs the keys repeated
+    per query head (one copy per layer), and its first call with a new mask shape cost tens of ms."""
+    tokens = qkv.shape[0]
+    group = num_heads // num_kv_heads
+    if not use_triton(qkv):
+        query = qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim).transpose(0, 1)[None]
+        slot, end = int(slots[0]), int(positions.max()) + 1
+        keys = key_cache[slot : slot + 1, :, :end].repeat_interleave(group, dim=1)
+        values = value_cache[slot : slot + 1, :, :end].repeat_interleave(group, dim=1)
+        visible = torch.arange(end, device=qkv.device)[None, :] <= positions[:, None]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)
+        return out[0].transpose(0, 1).reshape(tokens, num_heads * head_dim)
+    out = torch.empty(tokens, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    block_rows = 64  # (token, query head) pairs per program: a few tokens times the query group
+    _extend_attention_kernel[(triton.cdiv(tokens * group, block_rows), num_kv_heads)](
+        qkv, key_cache, value_cache, out, positions, slots, tokens, qkv.stride(0), key_cache.stride(0),
+        key_cache.stride(1), key_cache.stride(2), out.stride(0), head_dim ** -0.5,
+        GROUP=group, BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, IEEE=qkv.dtype == torch.float32)
+    return out
+
+
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = states.shape[-1] // 2
     rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
@@ -211,3 +239,50 @@ if triton is not None:
         acc = acc / total[:, None]
         tl.store(out_ptr + row * stride_out + (kv_head * GROUP + queries)[:, None] * HEAD_DIM + dims[None, :],
                  acc.to(dtype), mask=query_mask[:, None])
+
+    @triton.jit
+    def _extend_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, slots_ptr,
+                                 num_tokens, stride_row, stride_slot, stride_head, stride_position, stride_out,
+                                 scale, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        block = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        dtype = out_ptr.dtype.element_ty
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = token * GROUP + query head in the group
+        tokens = rows // GROUP
+        heads = kv_head * GROUP + rows % GROUP
+        valid = tokens < num_tokens
+        dims = tl.arange(0, HEAD_DIM)
+        positions = tl.load(positions_ptr + tokens, mask=valid, other=0)
+        q = tl.load(qkv_ptr + tokens[:, None] * stride_row + heads[:, None] * HEAD_DIM + dims[None, :],
+                    mask=valid[:, None], other=0.0)
+        slot = tl.load(slots_ptr + (block * BLOCK_M) // GROUP)  # the block's first token's slot
+        base = slot * stride_slot + kv_head * stride_head
+        last = tl.max(positions, 0)
+        best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start in range(0, last + 1, BLOCK_N):
+            keys_at = start + tl.arange(0, BLOCK_N)
+            cached = keys_at <= last
+            offsets = base + keys_at[:, None] * stride_position + dims[None, :]
+            k = tl.load(key_cache_ptr + offsets, mask=cached[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            visible = keys_at[None, :] <= positions[:, None]
+            scores = tl.where(visible, scores * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            weights = tl.exp(scores - new_best[:, None])
+            rescale = tl.exp(best - new_best)
+            total = total * rescale + tl.sum(weights, 1)
+            v = tl.load(value_cache_ptr + offsets, mask=cached[:, None], other=0.0)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+            best = new_best
+        acc = acc / total[:, None]
+        tl.store(out_ptr + tokens[:, None] * stride_out + heads[:, None] * HEAD_DIM + dims[None, :], acc.to(dtype),
+                 mask=valid[:, None])

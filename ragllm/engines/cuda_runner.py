@@ -22,10 +22,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.cuda_kernels import add_rms_norm, decode_attention, rope_and_cache, silu_and_mul, use_triton
+from ragllm.engines.cuda_kernels import (
+    add_rms_norm,
+    decode_attention,
+    extend_attention,
+    rope_and_cache,
+    silu_and_mul,
+    use_triton,
+)
+from ragllm.engines.cuda_prefill import PrefillGraphs, graph_buckets
 from ragllm.engines.model_runner import ModelRunner, SlotKVCache
 from ragllm.errors import ModelLoadError
 
@@ -81,7 +90,7 @@ class StaticSlotKVCache(SlotKVCache):
 @dataclass
 class _Prefix:
     slot: int
-    tokens: torch.Tensor  # int64 on the CPU
+    tokens: np.ndarray  # int64
     last_used: int
 
 
@@ -102,8 +111,20 @@ class CudaGraphRunner(ModelRunner):
         self._triton_attention = self.device.type == "cuda" and use_triton(self.cos)
         self._spans = [max_model_len] if self._triton_attention else _spans(max_model_len)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if options.cuda_graphs and self.device.type == "cuda":
+        self._prefill_graphs: PrefillGraphs | None = None
+        if self._uses_graphs:
             self._capture_graphs()
+            self._prefill_graphs = PrefillGraphs(self._prefill_forward, self._prefill_graph_limit,
+                                                 self.scratch_slot, self.device)
+            self._prefill_graphs.capture()
+
+    @property
+    def _uses_graphs(self) -> bool:
+        return self.options.cuda_graphs and self.device.type == "cuda"
+
+    @property
+    def _prefill_graph_limit(self) -> int:
+        return min(self.options.max_num_batched_tokens, self.max_model_len)
 
     # -- memory ---------------------------------------------------------------------------------
     def _make_cache(self, num_layers: int, num_slots: int) -> SlotKVCache:
@@ -121,7 +142,11 @@ class CudaGraphRunner(ModelRunner):
         allowed = self.options.gpu_memory_utilization * total - (total - free)  # the weights are already in
         hidden = self.model.config.hidden_size
         intermediate = self.model.config.intermediate_size
-        prefill_bytes = self.options.max_num_batched_tokens * (4 * hidden + 3 * intermediate) * self.dtype.itemsize
+        # Eager prefill's activations, plus the graph pool that keeps the largest captured prefill's.
+        prefill_tokens = self.options.max_num_batched_tokens
+        if self._uses_graphs:
+            prefill_tokens += max(graph_buckets(self._prefill_graph_limit, whole=True), default=0)
+        prefill_bytes = prefill_tokens * (4 * hidden + 3 * intermediate) * self.dtype.itemsize
         reserve = _FIXED_RESERVE_BYTES + prefill_bytes
         if kv_bytes + reserve > allowed:
             raise ModelLoadError(
@@ -191,28 +216,34 @@ class CudaGraphRunner(ModelRunner):
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
         length = len(token_ids)
-        end = start + length
-        self.cache.ensure_capacity(end)
+        self.cache.ensure_capacity(start + length)
+        if self._prefill_graphs is not None:
+            logits = self._prefill_graphs.run(slot, token_ids, start)
+            if logits is not None:
+                return logits
         ids = torch.tensor(token_ids, device=self.device)
-        positions = torch.arange(start, end, device=self.device)
+        positions = torch.arange(start, start + length, device=self.device)
         slots = torch.full((length,), slot, device=self.device)
-        causal = None if start == 0 else torch.arange(end, device=self.device)[None, :] <= positions[:, None]
+        last = torch.tensor([length - 1], device=self.device)
+        return self._prefill_forward(ids, positions, slots, last, start == 0)[0]
+
+    def _prefill_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                         whole: bool) -> torch.Tensor:
+        """One sequence's prompt chunk; logits [1, vocab] of the token at index ``last``. ``whole``: the
+        chunk starts the prompt, so attention stays within it; otherwise it reads the slot's cache."""
+        length = ids.shape[0]
 
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+            if not whole:
+                return extend_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index],
+                                        positions, slots, self.num_heads, self.num_kv_heads, self.head_dim)
             query, key, value = self._split(qkv, 1, length)
-            if causal is None:
-                with self._attention_backends():
-                    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
-            else:  # a continuation (after a reused prefix): earlier positions come from the cache.
-                # Keys repeated per query head: with a mask, grouped attention would fall back to the
-                # unfused kernel, slower here than the copy.
-                key = self.cache.keys[layer_index][slot : slot + 1, :, :end].repeat_interleave(self.group_size, dim=1)
-                value = self.cache.values[layer_index][slot : slot + 1, :, :end].repeat_interleave(self.group_size, dim=1)
-                with self._attention_backends():
-                    out = F.scaled_dot_product_attention(query, key, value, attn_mask=causal)
+            with self._attention_backends():
+                out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
             return out.transpose(1, 2).reshape(length, self.num_heads * self.head_dim)
 
-        return self._logits_of(self._forward_tokens(ids, positions, slots, attend)[-1])
+        normed = self._forward_tokens(ids, positions, slots, attend)
+        return self._logits_of(normed.index_select(0, last))
 
     # -- decode through graphs --------------------------------------------------------------------
     @torch.inference_mode()
@@ -340,7 +371,7 @@ class CudaGraphRunner(ModelRunner):
         (0: nothing reused). At least the prompt's last token is left to compute, for its logits."""
         if not self._prefixes or len(prompt_ids) <= MIN_PREFIX_TOKENS:
             return 0
-        prompt = torch.tensor(prompt_ids[:-1])
+        prompt = np.asarray(prompt_ids[:-1], dtype=np.int64)
         best, best_length = None, 0
         for entry in self._prefixes:
             length = _common_prefix_length(entry.tokens, prompt)
@@ -358,7 +389,7 @@ class CudaGraphRunner(ModelRunner):
         """Keep a finished prefill's prompt KV in a prefix slot (least recently used one replaced)."""
         if not self.prefix_slots or len(prompt_ids) < MIN_PREFIX_TOKENS:
             return
-        tokens = torch.tensor(prompt_ids)
+        tokens = np.asarray(prompt_ids, dtype=np.int64)
         self._clock += 1
         for entry in self._prefixes:
             if len(entry.tokens) >= len(tokens) and _common_prefix_length(entry.tokens, tokens) == len(tokens):
@@ -419,9 +450,7 @@ def _similar_length_groups(indices: list[int], lengths: list[int], max_padding: 
     return groups
 
 
-def _common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+def _common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     length = min(len(a), len(b))
-    if length == 0:
-        return 0
-    different = (a[:length] != b[:length]).nonzero()
+    different = np.flatnonzero(a[:length] != b[:length])
     return int(different[0]) if len(different) else length

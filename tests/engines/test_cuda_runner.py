@@ -105,6 +105,25 @@ def test_prefix_reuse_gives_the_same_logits_as_without(device):
     _assert_close(after, _reference(model, second + [token]), torch.float32)
 
 
+@pytest.mark.parametrize("device", [CUDA])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_prefill_graphs_match_transformers_for_padded_lengths(device, architecture):
+    """Prompts padded up to their captured bucket, whole and as a continuation of a cached prefix
+    (the reused-RAG-prefix case): the real rows' logits are transformers' own."""
+    for dtype in _dtypes(device):
+        model = tiny_model(architecture, dtype=dtype).to(device)
+        runner = _runner(model)
+        for length, more in ((1, 1), (17, 15), (32, 33), (33, 64), (200, 7), (440, 70)):
+            prompt = [(7 * i + 3) % 200 + 1 for i in range(length)]
+            logits = runner._prefill_graphs.run(2, prompt, 0)
+            assert logits is not None, f"no graph for {length} tokens"
+            _assert_close(logits, _reference(model, prompt), dtype)
+            continuation = [(11 * i + 5) % 200 + 1 for i in range(more)]
+            logits = runner._prefill_graphs.run(2, continuation, length)
+            assert logits is not None, f"no graph for {more} tokens after {length}"
+            _assert_close(logits, _reference(model, prompt + continuation), dtype)
+
+
 def test_short_or_unrelated_prompts_reuse_nothing():
     runner = _runner(tiny_model("llama"), num_slots=2)
     prompt = list(range(5, 5 + MIN_PREFIX_TOKENS + 10))
