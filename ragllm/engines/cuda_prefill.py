@@ -56,9 +56,8 @@ class PrefillGraphs:
     def largest(self) -> int:
         return max((b for buckets in self._buckets.values() for b in buckets), default=0)
 
-    def capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self._device)
+    def capture(self, side: torch.cuda.Stream, pool: tuple) -> None:
+        """Capture on ``side`` (not the default stream) into the memory ``pool`` of the runner's other graphs."""
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # capture must not run on the default stream
             for whole, buckets in self._buckets.items():
