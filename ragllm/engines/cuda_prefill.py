@@ -45,8 +45,7 @@ class _Graph:
 
 
 class PrefillGraphs:
-    def __init__(self, forward: PrefillForward, limit: int, scratch_slot: int, device: torch.device) -> None:
-        self._forward = forward
+    def __init__(self, limit: int, scratch_slot: int, device: torch.device) -> None:
         self._scratch_slot = scratch_slot
         self._device = device
         self._buckets = {whole: graph_buckets(limit, whole) for whole in (True, False)}
@@ -56,28 +55,31 @@ class PrefillGraphs:
     def largest(self) -> int:
         return max((b for buckets in self._buckets.values() for b in buckets), default=0)
 
-    def capture(self, side: torch.cuda.Stream, pool: tuple) -> None:
-        """Capture on ``side`` (not the default stream) into the memory ``pool`` of the runner's other graphs."""
+    def capture(self, forward: PrefillForward, side: torch.cuda.Stream, pool: tuple) -> None:
+        """Capture ``forward`` on ``side`` (not the default stream) into the memory ``pool`` of the runner's
+        other graphs. The forward is not kept: a runner that held itself through it would only be freed
+        by the cycle collector, at any time, possibly in the middle of another runner's capture."""
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # capture must not run on the default stream
             for whole, buckets in self._buckets.items():
                 for bucket in reversed(buckets):  # the largest first: the others reuse its pool memory
-                    self._graphs[(whole, bucket)] = self._capture_one(whole, bucket, pool, side)
+                    self._graphs[(whole, bucket)] = self._capture_one(forward, whole, bucket, pool, side)
         torch.cuda.current_stream(self._device).wait_stream(side)
         torch.cuda.synchronize(self._device)
         logger.info("captured %d prefill graphs (whole prompts %s, continuations %s)", len(self._graphs),
                     self._buckets[True], self._buckets[False])
 
-    def _capture_one(self, whole: bool, bucket: int, pool: tuple, stream: torch.cuda.Stream) -> _Graph:
+    def _capture_one(self, forward: PrefillForward, whole: bool, bucket: int, pool: tuple,
+                     stream: torch.cuda.Stream) -> _Graph:
         inputs = torch.zeros(3 * bucket + 1, dtype=torch.long, device=self._device)
         ids, positions, slots, last = _views(inputs, bucket)
         if whole:
             positions.copy_(torch.arange(bucket))
         slots.fill_(self._scratch_slot)  # warm-up and capture write only to the scratch slot
-        self._forward(ids, positions, slots, last, whole)  # warm-up: lazy workspaces, kernel selection
+        forward(ids, positions, slots, last, whole)  # warm-up: lazy workspaces, kernel selection
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            logits = self._forward(ids, positions, slots, last, whole)
+            logits = forward(ids, positions, slots, last, whole)
         return _Graph(graph, inputs, logits)
 
     def run(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor | None:
