@@ -76,7 +76,8 @@ class EngineSettings(BaseModel):
                                           "start; vLLM: --gpu-memory-utilization).")
     prefix_cache_slots: int = Field(4, ge=0, description="CUDA: recent prompts (RAG template and documents) "
                                     "kept for reuse by requests that start the same way.")
-    cuda_graphs: bool = Field(True, description="CUDA: replay decode steps as captured graphs.")
+    cuda_graphs: bool = Field(True, description="CUDA: replay decode steps and single-prompt prefills as "
+                                                "captured graphs.")
     no_think_suffix: bool = Field(
         False, description="The model understands '/no_think' in the user turn (thinking models without a "
                            "template switch); appended to RAG questions unless reasoning is asked for.")

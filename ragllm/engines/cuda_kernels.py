@@ -4,7 +4,9 @@ Measured need (H100, Qwen2.5-1.5B, one stream): a decode step captured as a grap
 most of it ~40 tiny kernels per layer (RMSNorm alone is eight). These three bring a layer to about ten:
 RMSNorm with the residual add folded in, rotary embedding with the KV-cache write folded in, and
 SiLU-and-multiply. Each rounds where transformers' own ops round (to the model's dtype after every
-elementwise op), so results match the reference to its dtype's precision.
+elementwise op), so results match the reference to its dtype's precision. Two attention kernels read
+the slot cache directly: one query token per sequence (decode) and a prompt chunk continuing a cached
+prefix; each states the measurement that called for it.
 """
 
 from __future__ import annotations

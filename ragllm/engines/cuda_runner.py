@@ -1,5 +1,5 @@
-"""The in-process engine's CUDA path: a preallocated KV cache, decode steps replayed as CUDA graphs,
-batched prefill, and reuse of prompt prefixes (the RAG template and documents) across requests.
+"""The in-process engine's CUDA path: a preallocated KV cache, decode steps and single-prompt prefills
+replayed as CUDA graphs, batched prefill, and reuse of prompt prefixes (the RAG template and documents) across requests.
 
 It also runs on the CPU without graphs, so the test suite covers everything but the capture.
 Same interface as ``ModelRunner`` (the scheduler does not know which one it drives), same numerics:
@@ -13,6 +13,7 @@ the model's own weights, norms and rotary tables. Differences, each for speed:
   the KV-cache write) and SiLU-and-multiply are fused kernels (``cuda_kernels``).
 - Decode for the first ``b`` slots is captured once per batch bucket and replayed:
   one launch per step instead of ~20 per layer. Rows past the real batch write to a scratch slot.
+- A prompt prefilled alone is replayed from a graph of its length bucket (``cuda_prefill``).
 """
 
 from __future__ import annotations
