@@ -124,6 +124,20 @@ def test_prefill_graphs_match_transformers_for_padded_lengths(device, architectu
             _assert_close(logits, _reference(model, prompt + continuation), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_continuation_longer_than_any_graph_runs_eagerly_and_matches(device):
+    """A chunked prefill's later chunk (or a long question after a reused prefix) past the largest
+    continuation graph: the eager path with the same attention kernel."""
+    for dtype in _dtypes(device):
+        model = tiny_model("qwen2", dtype=dtype).to(device)
+        runner = _runner(model, max_model_len=1024)
+        prompt = [(5 * i + 2) % 200 + 1 for i in range(900)]
+        runner.prefill(1, prompt[:300], 0)
+        if device == "cuda":
+            assert runner._prefill_graphs.run(1, prompt[300:], 300) is None  # 600 tokens: no graph
+        _assert_close(runner.prefill(1, prompt[300:], 300), _reference(model, prompt), dtype)
+
+
 def test_short_or_unrelated_prompts_reuse_nothing():
     runner = _runner(tiny_model("llama"), num_slots=2)
     prompt = list(range(5, 5 + MIN_PREFIX_TOKENS + 10))
