@@ -55,6 +55,7 @@ class PrefillGraphs:
     def largest(self) -> int:
         return max((b for buckets in self._buckets.values() for b in buckets), default=0)
 
+    @torch.inference_mode()  # nothing recorded for autograd: it would keep every activation alive
     def capture(self, forward: PrefillForward, side: torch.cuda.Stream, pool: tuple) -> None:
         """Capture ``forward`` on ``side`` (not the default stream) into the memory ``pool`` of the runner's
         other graphs. The forward is not kept: a runner that held itself through it would only be freed

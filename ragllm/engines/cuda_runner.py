@@ -1,5 +1,6 @@
-"""The in-process engine's CUDA path: a preallocated KV cache, decode steps and single-prompt prefills
-replayed as CUDA graphs, batched prefill, and reuse of prompt prefixes (the RAG template and documents) across requests.
+"""The in-process engine's CUDA path: a preallocated KV cache, decode steps and single-prompt
+prefills replayed as CUDA graphs, batched prefill, and reuse of prompt prefixes (the RAG template and
+documents) across requests.
 
 It also runs on the CPU without graphs, so the test suite covers everything but the capture.
 Same interface as ``ModelRunner`` (the scheduler does not know which one it drives), same numerics:
