@@ -83,6 +83,7 @@ class PrefillGraphs:
             logits = forward(ids, positions, slots, last, whole)
         return _Graph(graph, inputs, logits)
 
+    @torch.inference_mode()  # the graphs' inputs were made in it, and only it may write them
     def run(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor | None:
         """The logits [vocab] of the chunk's last token, or None when no graph is that long."""
         whole = start == 0

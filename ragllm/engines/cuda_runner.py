@@ -151,7 +151,9 @@ class CudaGraphRunner(ModelRunner):
         allowed = self.options.gpu_memory_utilization * total - (total - free)  # the weights are already in
         hidden = self.model.config.hidden_size
         intermediate = self.model.config.intermediate_size
-        # Eager prefill's activations, plus the graph pool that keeps the largest captured prefill's.
+        # Eager prefill's activations, plus the graph pool that keeps the largest captured prefill's
+        # (measured for Qwen2.5-1.5B up to 4,096 tokens: 360 MiB against 258 estimated here; the
+        # fixed reserve covers the difference).
         prefill_tokens = self.options.max_num_batched_tokens
         if self._uses_graphs:
             prefill_tokens += max(graph_buckets(self._prefill_graph_limit, whole=True), default=0)
