@@ -201,69 +201,14 @@ if triton is not None:
             tl.store(value_cache_ptr + target + full, value)
 
     @triton.jit
-    def _decode_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, stride_row,
-                                 stride_slot, stride_head, stride_position, stride_out, first_slot, scale,
-                                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        dtype = out_ptr.dtype.element_ty
-        position = tl.load(positions_ptr + row)
-        queries = tl.arange(0, GROUP_PAD)
+    def _attend_cached(q, key_cache_ptr, value_cache_ptr, base, positions, last, stride_position, scale,
+                       ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """Queries ``q`` [ROWS, HEAD_DIM] against one slot's cached keys at ``base``, positions ``0..last``;
+        row r sees positions up to ``positions[r]``. Online softmax; returns [ROWS, HEAD_DIM] in float32."""
         dims = tl.arange(0, HEAD_DIM)
-        query_mask = queries < GROUP
-        q = tl.load(qkv_ptr + row * stride_row + (kv_head * GROUP + queries)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=query_mask[:, None], other=0.0)
-        base = (first_slot + row) * stride_slot + kv_head * stride_head
-        best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-        for start in range(0, position + 1, BLOCK_N):
-            keys_at = start + tl.arange(0, BLOCK_N)
-            visible = keys_at <= position
-            offsets = base + keys_at[:, None] * stride_position + dims[None, :]
-            k = tl.load(key_cache_ptr + offsets, mask=visible[:, None], other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(visible[None, :], scores * scale, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            weights = tl.exp(scores - new_best[:, None])
-            rescale = tl.exp(best - new_best)
-            total = total * rescale + tl.sum(weights, 1)
-            v = tl.load(value_cache_ptr + offsets, mask=visible[:, None], other=0.0)
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
-            best = new_best
-        acc = acc / total[:, None]
-        tl.store(out_ptr + row * stride_out + (kv_head * GROUP + queries)[:, None] * HEAD_DIM + dims[None, :],
-                 acc.to(dtype), mask=query_mask[:, None])
-
-    @triton.jit
-    def _extend_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, slots_ptr,
-                                 num_tokens, stride_row, stride_slot, stride_head, stride_position, stride_out,
-                                 scale, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        block = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        dtype = out_ptr.dtype.element_ty
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = token * GROUP + query head in the group
-        tokens = rows // GROUP
-        heads = kv_head * GROUP + rows % GROUP
-        valid = tokens < num_tokens
-        dims = tl.arange(0, HEAD_DIM)
-        positions = tl.load(positions_ptr + tokens, mask=valid, other=0)
-        q = tl.load(qkv_ptr + tokens[:, None] * stride_row + heads[:, None] * HEAD_DIM + dims[None, :],
-                    mask=valid[:, None], other=0.0)
-        slot = tl.load(slots_ptr + (block * BLOCK_M) // GROUP)  # the block's first token's slot
-        base = slot * stride_slot + kv_head * stride_head
-        last = tl.max(positions, 0)
-        best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
         for start in range(0, last + 1, BLOCK_N):
             keys_at = start + tl.arange(0, BLOCK_N)
             cached = keys_at <= last
@@ -285,6 +230,48 @@ if triton is not None:
             else:
                 acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
             best = new_best
-        acc = acc / total[:, None]
-        tl.store(out_ptr + tokens[:, None] * stride_out + heads[:, None] * HEAD_DIM + dims[None, :], acc.to(dtype),
+        return acc / total[:, None]
+
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, stride_row,
+                                 stride_slot, stride_head, stride_position, stride_out, first_slot, scale,
+                                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        dtype = out_ptr.dtype.element_ty
+        position = tl.load(positions_ptr + row)
+        queries = tl.arange(0, GROUP_PAD)
+        dims = tl.arange(0, HEAD_DIM)
+        query_mask = queries < GROUP
+        q = tl.load(qkv_ptr + row * stride_row + (kv_head * GROUP + queries)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=query_mask[:, None], other=0.0)
+        base = (first_slot + row) * stride_slot + kv_head * stride_head
+        positions = tl.zeros([GROUP_PAD], dtype=position.dtype) + position  # the group's queries: one token
+        out = _attend_cached(q, key_cache_ptr, value_cache_ptr, base, positions, position, stride_position, scale,
+                             ROWS=GROUP_PAD, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, IEEE=IEEE)
+        tl.store(out_ptr + row * stride_out + (kv_head * GROUP + queries)[:, None] * HEAD_DIM + dims[None, :],
+                 out.to(dtype), mask=query_mask[:, None])
+
+    @triton.jit
+    def _extend_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, slots_ptr,
+                                 num_tokens, stride_row, stride_slot, stride_head, stride_position, stride_out,
+                                 scale, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        block = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        dtype = out_ptr.dtype.element_ty
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = token * GROUP + query head in the group
+        tokens = rows // GROUP
+        heads = kv_head * GROUP + rows % GROUP
+        valid = tokens < num_tokens
+        dims = tl.arange(0, HEAD_DIM)
+        positions = tl.load(positions_ptr + tokens, mask=valid, other=0)
+        q = tl.load(qkv_ptr + tokens[:, None] * stride_row + heads[:, None] * HEAD_DIM + dims[None, :],
+                    mask=valid[:, None], other=0.0)
+        slot = tl.load(slots_ptr + (block * BLOCK_M) // GROUP)  # the block's first token's slot
+        base = slot * stride_slot + kv_head * stride_head
+        out = _attend_cached(q, key_cache_ptr, value_cache_ptr, base, positions, tl.max(positions, 0),
+                             stride_position, scale, ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, IEEE=IEEE)
+        tl.store(out_ptr + tokens[:, None] * stride_out + heads[:, None] * HEAD_DIM + dims[None, :], out.to(dtype),
                  mask=valid[:, None])

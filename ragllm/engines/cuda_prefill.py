@@ -51,10 +51,6 @@ class PrefillGraphs:
         self._buckets = {whole: graph_buckets(limit, whole) for whole in (True, False)}
         self._graphs: dict[tuple[bool, int], _Graph] = {}
 
-    @property
-    def largest(self) -> int:
-        return max((b for buckets in self._buckets.values() for b in buckets), default=0)
-
     @torch.inference_mode()  # nothing recorded for autograd: it would keep every activation alive
     def capture(self, forward: PrefillForward, side: torch.cuda.Stream, pool: tuple) -> None:
         """Capture ``forward`` on ``side`` (not the default stream) into the memory ``pool`` of the runner's

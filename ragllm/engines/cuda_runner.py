@@ -220,6 +220,13 @@ class CudaGraphRunner(ModelRunner):
         query, key, value = per_head.split([heads, kv_heads, kv_heads], dim=2)
         return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
+    def _causal_attention(self, qkv: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """Attention within each of ``batch`` whole prompts of ``length`` tokens (flat, batch-major)."""
+        query, key, value = self._split(qkv, batch, length)
+        with self._attention_backends():
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).reshape(batch * length, self.num_heads * self.head_dim)
+
     def _logits_of(self, normed: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(normed).float()
 
@@ -235,23 +242,18 @@ class CudaGraphRunner(ModelRunner):
         ids = torch.tensor(token_ids, device=self.device)
         positions = torch.arange(start, start + length, device=self.device)
         slots = torch.full((length,), slot, device=self.device)
-        last = torch.tensor([length - 1], device=self.device)
+        last = torch.full((1,), length - 1, device=self.device)
         return self._prefill_forward(ids, positions, slots, last, start == 0)[0]
 
     def _prefill_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                          whole: bool) -> torch.Tensor:
         """One sequence's prompt chunk; logits [1, vocab] of the token at index ``last``. ``whole``: the
         chunk starts the prompt, so attention stays within it; otherwise it reads the slot's cache."""
-        length = ids.shape[0]
-
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
-            if not whole:
-                return extend_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index],
-                                        positions, slots, self.num_heads, self.num_kv_heads, self.head_dim)
-            query, key, value = self._split(qkv, 1, length)
-            with self._attention_backends():
-                out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2).reshape(length, self.num_heads * self.head_dim)
+            if whole:
+                return self._causal_attention(qkv, 1, ids.shape[0])
+            return extend_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index],
+                                    positions, slots, self.num_heads, self.num_kv_heads, self.head_dim)
 
         normed = self._forward_tokens(ids, positions, slots, attend)
         return self._logits_of(normed.index_select(0, last))
@@ -364,13 +366,8 @@ class CudaGraphRunner(ModelRunner):
         positions = torch.arange(longest, device=self.device).repeat(batch)
         slot_ids = torch.tensor(slots, device=self.device).repeat_interleave(longest)
 
-        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
-            query, key, value = self._split(qkv, batch, longest)
-            with self._attention_backends():
-                out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
-            return out.transpose(1, 2).reshape(batch * longest, self.num_heads * self.head_dim)
-
-        normed = self._forward_tokens(ids, positions, slot_ids, attend)
+        normed = self._forward_tokens(ids, positions, slot_ids,
+                                      lambda layer_index, qkv: self._causal_attention(qkv, batch, longest))
         last = torch.tensor([row * longest + len(p) - 1 for row, p in enumerate(prompts)], device=self.device)
         return self._logits_of(normed[last])
 
