@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from ragllm import __version__
+from ragllm.api.body_limit import BodyLimitMiddleware
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.record import RequestRecordMiddleware
 from ragllm.api.routes import LEAN_ROUTES, router
@@ -20,6 +21,7 @@ from ragllm.cache.memory import MemoryCache
 from ragllm.config import Settings
 from ragllm.engines import create_engine
 from ragllm.engines.base import Engine
+from ragllm.lifecycle import EXIT_ENGINE_FAILED, Lifecycle
 from ragllm.limits import KeyRing, RateLimiter
 from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
@@ -50,21 +52,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     if settings.redis.url:
         redis = RedisLink(settings.redis, on_fallback=lambda op: metrics.redis_fallbacks.labels(op).inc())
     state = AppState(
-        settings=settings, engine=engine, metrics=metrics, service=CompletionService(engine, metrics),
+        settings=settings, engine=engine, metrics=metrics, service=CompletionService(engine, metrics, settings.input),
         redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
         request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
-        tracing=Tracing(settings.telemetry),
+        tracing=Tracing(settings.telemetry), lifecycle=Lifecycle(settings.server.shutdown_grace_s),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_start_engine(engine))
+        watching = asyncio.create_task(_watch_engine(state))
         state.request_log.start()
         try:
             yield
         finally:
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            for task in (loading, watching):
+                task.cancel()
+            await asyncio.gather(loading, watching, return_exceptions=True)
             await engine.aclose()
             await state.request_log.aclose()
             state.tracing.shutdown()
@@ -85,7 +89,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.router.routes.extend(LEAN_ROUTES)
     app.include_router(router)
     install_error_handlers(app)
-    app.add_middleware(RequestRecordMiddleware, state=state)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
+    app.add_middleware(RequestRecordMiddleware, state=state)  # outermost: it records the 413s too
     return app
 
 
@@ -103,6 +108,20 @@ def _response_cache(settings: Settings, redis: RedisLink | None) -> ResponseCach
 
         return RedisCache(redis)
     return MemoryCache(settings.cache.max_bytes)
+
+
+ENGINE_WATCH_INTERVAL_S = 0.5
+
+
+async def _watch_engine(state: AppState) -> None:
+    """An engine broken beyond repair takes the process down (status 70), so the orchestrator starts
+    a fresh one; until then /health says why and requests get 503."""
+    while True:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+        health = state.engine.health()
+        if health.restart_needed and state.settings.server.exit_on_engine_failure:
+            state.lifecycle.request_exit(EXIT_ENGINE_FAILED, health.detail)
+            return
 
 
 async def _start_engine(engine: Engine) -> None:

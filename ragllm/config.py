@@ -51,6 +51,12 @@ class ServerSettings(BaseModel):
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (cloud).")
     log_requests: bool = Field(True, description="One log line per finished generation request.")
     log_prompts: bool = Field(False, description="Include prompts and completions in request lines.")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="SIGTERM: how long running requests may take to finish before the process "
+                                "exits (keep it below the orchestrator's kill timeout).")
+    exit_on_engine_failure: bool = Field(
+        True, description="Exit with status 70 once the engine is broken (a device error, a stalled engine), "
+                          "so the orchestrator restarts the process; false: stay up answering 503.")
 
 
 class EngineSettings(BaseModel):
@@ -68,6 +74,15 @@ class EngineSettings(BaseModel):
     chunked_prefill: bool = False
     max_model_len: int | None = Field(None, ge=16, description="Context window; default: model's.")
     max_waiting: int = Field(16, ge=0, description="Queued requests before answering 503.")
+    max_queue_wait_s: float | None = Field(
+        120.0, gt=0, description="A request whose prefill has not started this long after arrival gets 503 "
+                                 "+ Retry-After; None: no bound.")
+    stall_timeout_s: float = Field(
+        120.0, gt=0, description="With work queued, no completed engine step for this long makes the engine "
+                                 "unhealthy (/health 503).")
+    canary_interval_s: float = Field(
+        30.0, gt=0, description="When idle this long, a one-token canary generation checks that the model "
+                                "still runs (readiness is work done, not a thread alive).")
     default_max_tokens: int | None = Field(
         None, ge=1, description="Completion cap when a request sets none; None: the rest of the context.")
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
@@ -132,8 +147,11 @@ class VllmSettings(BaseModel):
     restart_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between restarts of a "
                                                                  "child that keeps dying.")
     stop_grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL at shutdown.")
-    quantization: str | None = Field(None, description="--quantization, e.g. awq.")
-    kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype, e.g. fp8.")
+    quantization: str | None = Field(None, description="--quantization, e.g. awq; 'auto': awq for an AWQ "
+                                                       "checkpoint, nothing otherwise; None: never passed.")
+    kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype, e.g. fp8; 'auto': fp8 for a "
+                                                         "quantized checkpoint (the deployment README's pairing), "
+                                                         "nothing otherwise; None: never passed.")
     extra_args: list[str] = Field(default_factory=list, description="Appended as they are.")
 
 
@@ -162,6 +180,20 @@ class LimitsSettings(BaseModel):
     tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute per key.")
 
 
+class InputSettings(BaseModel):
+    """Bounds on what one request may carry, so no request can make the server do unbounded work."""
+
+    max_messages: int = Field(1024, ge=1, description="Messages in one chat request.")
+    max_documents: int = Field(1024, ge=0, description="Documents in one RAG request.")
+    max_documents_bytes: int = Field(8 * 1024 * 1024, ge=0, description="UTF-8 bytes of all documents' "
+                                                                        "text, titles and sources.")
+    max_text_bytes: int = Field(8 * 1024 * 1024, ge=1, description="UTF-8 bytes of the prompt or all "
+                                                                   "messages' content.")
+    max_stop_length: int = Field(256, ge=1, description="Characters in one stop string.")
+    allow_request_chat_template: bool = Field(
+        False, description="Let requests supply their own chat template (chat_template_kwargs.chat_template).")
+
+
 class RequestLogSettings(BaseModel):
     enabled: bool = True
     stream: str = Field("requests", description="Redis Stream name (after the prefix).")
@@ -187,6 +219,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 

@@ -54,6 +54,13 @@ class Unsupported(InvalidRequest):
     code = "unsupported_value"
 
 
+class RequestTooLarge(InvalidRequest):
+    """The request carries more than a bound allows (bytes of text, documents) (413)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class ModelNotFound(RagLLMError):
     """The requested model is not served here (404)."""
 
@@ -99,6 +106,15 @@ class EngineNotReady(RagLLMError):
     error_type = "server_error"
     code = "engine_not_ready"
     retry_after_s = 5
+
+
+class ShuttingDown(RagLLMError):
+    """The server is draining before it exits; another replica (or a retry) will answer (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_shutting_down"
+    retry_after_s = 1
 
 
 class EngineFailure(RagLLMError):

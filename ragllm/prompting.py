@@ -45,10 +45,11 @@ def load_template(name: str) -> RagTemplate:
 
 def rank(documents: list[RagDocument]) -> list[RagDocument]:
     """Canonical order: higher score first (unscored last), then id; duplicate ids are refused."""
-    ids = [d.id for d in documents]
-    duplicate = next((i for i in ids if ids.count(i) > 1), None)
-    if duplicate is not None:
-        raise InvalidRequest(f"document id {duplicate!r} appears more than once", param="documents")
+    seen: set[str] = set()
+    for document in documents:  # one pass: a request may carry many documents
+        if document.id in seen:
+            raise InvalidRequest(f"document id {document.id!r} appears more than once", param="documents")
+        seen.add(document.id)
     return sorted(documents, key=lambda d: (d.score is None, -(d.score or 0.0), d.id))
 
 

@@ -7,6 +7,7 @@ ever truncated silently.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +62,13 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
     window = request.model.max_model_len
     budget = window - reserve
 
-    async def render(count: int) -> tuple[list[dict[str, Any]], int]:
+    def render_sync(count: int) -> list[dict[str, Any]]:
         messages = render_messages(request.template, request.ranked[:count], request.messages)
-        if request.no_think:
-            messages = with_no_think(messages)
+        return with_no_think(messages) if request.no_think else messages
+
+    async def render(count: int) -> tuple[list[dict[str, Any]], int]:
+        # Rendering many documents is string work in proportion to their size: off the event loop.
+        messages = await asyncio.to_thread(render_sync, count)
         probe = GenerationRequest("count", SamplingParams(), messages=messages,
                                   chat_template_kwargs=request.template_kwargs)
         return messages, await engine.count_prompt_tokens(probe)

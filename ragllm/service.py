@@ -20,7 +20,9 @@ from ragllm.engines.base import (
     ModelCard,
     SamplingParams,
 )
+from ragllm.bounds import check_chat, check_completion, check_tokenize
 from ragllm.cache.keys import cache_key, is_deterministic
+from ragllm.config import InputSettings
 from ragllm.prompting import load_template, rank
 from ragllm.protocol.rag import RagOptions
 from ragllm.rag import PackRequest, RagContext, pack
@@ -58,12 +60,14 @@ class Outcome:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, bounds: InputSettings | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.bounds = bounds or InputSettings()
 
     # -- preparing ------------------------------------------------------------------------------
     async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+        check_chat(body, self.bounds)
         model = self._model(body.model)
         _refuse_unsupported_chat_fields(body)
         if not body.messages:
@@ -99,6 +103,7 @@ class CompletionService:
         return prepared
 
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
+        check_completion(body, self.bounds)
         model = self._model(body.model)
         _refuse_unsupported_completion_fields(body)
         request_id = f"cmpl-{os.urandom(16).hex()}"
@@ -113,6 +118,7 @@ class CompletionService:
         return self._prepared("completion", request_id, model, generation, body)
 
     def prepare_tokenize(self, body: TokenizeRequest) -> tuple[ModelCard, GenerationRequest]:
+        check_tokenize(body, self.bounds)
         model = self._model(body.model)
         if (body.messages is None) == (body.prompt is None):
             raise InvalidRequest("send either messages or prompt", param="messages")

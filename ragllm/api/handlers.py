@@ -64,7 +64,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     if exc.status_code == 400:  # FastAPI's body parser: undecodable bytes (invalid UTF-8, ...)
         return error_response(400, f"the request body could not be parsed: {exc.detail}", error_type,
                               code="invalid_body")
-    return error_response(exc.status_code, str(exc.detail), error_type, headers=exc.headers)
+    code = "request_too_large" if exc.status_code == 413 else None
+    return error_response(exc.status_code, str(exc.detail), error_type, code=code, headers=exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

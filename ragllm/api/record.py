@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 request_logger = logging.getLogger("ragllm.requests")
 
-RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"})
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 SCOPE_KEY = "ragllm.record"
 
@@ -113,20 +113,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-    return 0
-
-
-def _payload_too_large(limit: int) -> ASGIApp:
-    from ragllm.api.handlers import error_response
-
-    return error_response(413, f"the request body is larger than {limit} bytes", "invalid_request_error",
-                          code="request_too_large")
-
-
 class RequestRecordMiddleware:
     """Counts requests by status, tracks in-flight ones, and logs each finished generation request."""
 
@@ -142,7 +128,6 @@ class RequestRecordMiddleware:
         record = RequestRecord(endpoint=path)
         scope[SCOPE_KEY] = record
         metrics = self.state.metrics
-        too_large = _declared_length(scope) > self.state.settings.server.max_body_bytes
         trace_header: list[tuple[bytes, bytes]] = []
         if path in GENERATION_PATHS and self.state.tracing.enabled:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
@@ -157,12 +142,12 @@ class RequestRecordMiddleware:
             await send(message)
 
         metrics.in_flight.inc()
+        lifecycle = self.state.lifecycle
+        lifecycle.in_flight += 1
         try:
-            if too_large:
-                await _payload_too_large(self.state.settings.server.max_body_bytes)(scope, receive, recording_send)
-            else:
-                await self.app(scope, receive, recording_send)
+            await self.app(scope, receive, recording_send)
         finally:
+            lifecycle.in_flight -= 1
             metrics.in_flight.dec()
             metrics.requests.labels(path, str(record.status)).inc()
             if path in GENERATION_PATHS:

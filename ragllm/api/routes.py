@@ -6,6 +6,7 @@ the record middleware logs the outcome and spends the tokens against the caller'
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -27,7 +28,15 @@ from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.cache import CachedResponse
 from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason
-from ragllm.errors import ClientClosedRequest, EngineInterrupted, RagLLMError, RateLimited
+from ragllm.bounds import check_raw
+from ragllm.errors import (
+    ClientClosedRequest,
+    EngineFailure,
+    EngineInterrupted,
+    RagLLMError,
+    RateLimited,
+    ShuttingDown,
+)
 from ragllm.limits import Allowance, Principal
 from ragllm.protocol.openai import (
     ChatCompletion,
@@ -45,6 +54,7 @@ from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams
 from ragllm.telemetry.tracing import child_span
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
@@ -57,20 +67,26 @@ _CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store 
              responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(authenticated)) -> Response:
-    return await _generate(request, principal, body)
+    return await _generate(request, principal, await _admitted(request, principal), body)
 
 
 @router.post("/v1/completions", description=_CACHE_DOC,
              responses={200: {"model": Completion, "content": _STREAM_DOC}, **_ERRORS})
 async def completions(body: CompletionRequest, request: Request,
                       principal: Principal = Depends(authenticated)) -> Response:
-    return await _generate(request, principal, body)
+    return await _generate(request, principal, await _admitted(request, principal), body)
 
 
-async def _generate(request: Request, principal: Principal,
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request,
+                   principal: Principal = Depends(authenticated)) -> Response:
+    """Token counts as vLLM's /tokenize gives them (what an upstream gateway budgets RAG prompts with)."""
+    return await _tokenize(request, principal, await _admitted(request, principal), body)
+
+
+async def _generate(request: Request, principal: Principal, allowance: Allowance | None,
                     body: ChatCompletionRequest | CompletionRequest) -> Response:
     state = app_state(request)
-    allowance = await _rate_limit(state, principal, request)
     if isinstance(body, ChatCompletionRequest):
         prepared = await state.service.prepare_chat(body)
     else:
@@ -78,7 +94,20 @@ async def _generate(request: Request, principal: Principal,
     return await _respond(state, prepared, request, principal, allowance)
 
 
-async def _rate_limit(state: AppState, principal: Principal, request: Request) -> Allowance | None:
+async def _tokenize(request: Request, principal: Principal, allowance: Allowance | None,
+                    body: TokenizeRequest) -> Response:
+    state = app_state(request)
+    model, generation = state.service.prepare_tokenize(body)
+    count = await state.engine.count_prompt_tokens(generation)
+    return Response(orjson.dumps({"count": count, "max_model_len": model.max_model_len}),
+                    media_type="application/json", headers=allowance.headers() if allowance else None)
+
+
+async def _admitted(request: Request, principal: Principal) -> Allowance | None:
+    """Refused while draining; counted against the caller's rate limit."""
+    state = app_state(request)
+    if state.lifecycle.draining:
+        raise ShuttingDown(f"the server is shutting down ({state.lifecycle.reason}); retry on another replica")
     try:
         with child_span(record_of(request).span, "rate_limit"):
             return await state.limiter.admit(principal)
@@ -87,22 +116,26 @@ async def _rate_limit(state: AppState, principal: Principal, request: Request) -
         raise
 
 
-def _lean(body_model: type[ChatCompletionRequest] | type[CompletionRequest]):
-    """The generation endpoint as a plain Starlette route: the same steps as the FastAPI route above it
-    (which stays registered for the OpenAPI schema), without FastAPI's per-request dependency solving
-    and body re-validation, which cost a gateway about a fifth of its CPU per request."""
+def _lean(handler, body_model: type[BaseModelT]):
+    """A POST endpoint as a plain Starlette route: the same steps as its FastAPI twin (which stays
+    registered for the OpenAPI schema), without FastAPI's per-request dependency solving and body
+    re-validation, which cost a gateway about a fifth of its CPU per request. Unlike FastAPI's order,
+    the caller is authenticated and admitted before a byte of the body is parsed."""
 
     async def endpoint(request: Request) -> Response:
-        body = await _json_body(request)
         principal = await authenticated(request)
-        return await _generate(request, principal, _validated(body_model, body))
+        allowance = await _admitted(request, principal)
+        body = await _json_body(request)
+        check_raw(body, app_state(request).settings.input)
+        return await handler(request, principal, allowance, _validated(body_model, body))
 
     return endpoint
 
 
 # Matched before the FastAPI routes of the same paths (see ``create_app``).
-LEAN_ROUTES = [Route("/v1/chat/completions", _lean(ChatCompletionRequest), methods=["POST"]),
-               Route("/v1/completions", _lean(CompletionRequest), methods=["POST"])]
+LEAN_ROUTES = [Route("/v1/chat/completions", _lean(_generate, ChatCompletionRequest), methods=["POST"]),
+               Route("/v1/completions", _lean(_generate, CompletionRequest), methods=["POST"]),
+               Route("/tokenize", _lean(_tokenize, TokenizeRequest), methods=["POST"])]
 
 
 async def _json_body(request: Request) -> Any:
@@ -149,8 +182,7 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
             return _replay(prepared, cached, record, {**headers, "x-ragllm-cache": "hit"})
     record.cache = "miss" if plan.key else "bypass"
     headers["x-ragllm-cache"] = record.cache
-    stream, timer = await state.service.open(prepared)
-    record.timer = timer
+    stream, timer = await _opened(state, prepared, request, record)
     if not prepared.stream:
         return await _respond_whole(state, prepared, request, record, plan, headers, stream, timer)
     events = _stream_events(state, prepared, stream, timer, record, plan)
@@ -175,13 +207,25 @@ async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Re
         except EngineInterrupted:
             if run == MAX_INTERRUPTED_RUNS:
                 raise
-            stream, timer = await state.service.open(prepared)
-            record.timer = timer
+            stream, timer = await _opened(state, prepared, request, record)
     if prepared.strip_thinking:
         outcome = Outcome(strip_thinking(outcome.text), outcome.last)
     await _finished(state, record, plan, outcome.text, outcome.last)
     return Response(full_response(prepared, outcome, _extensions(prepared, outcome.text)), media_type="application/json",
                     headers={**headers, **record.timing_headers()})
+
+
+async def _opened(state: AppState, prepared: PreparedRequest, request: Request,
+                  record: RequestRecord) -> tuple[DeltaStream, RequestTimer]:
+    """The engine's stream, opened while watching the client: an upstream may take long to answer
+    (its first token, or a whole answer), and a client that leaves meanwhile cancels it at once."""
+    try:
+        stream, timer = await until_disconnect(request.receive, state.service.open(prepared))
+    except ClientClosedRequest:
+        _disconnected(state, record)
+        raise
+    record.timer = timer
+    return stream, timer
 
 
 def _extensions(prepared: PreparedRequest, answer: str) -> dict | None:
@@ -208,15 +252,20 @@ async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, tex
 
 async def _stream_events(state: AppState, prepared: PreparedRequest, stream: DeltaStream, timer: RequestTimer,
                          record: RequestRecord, plan: CachePlan) -> AsyncIterator[bytes]:
+    """The SSE events of one answer. Every stream ends with a finish or an error event, then
+    ``[DONE]``, whatever the engine did; an error before anything was sent is raised instead, so the
+    client gets its real status (a 503 with Retry-After, say) rather than a 200 with an error inside."""
     encoder = ChunkEncoder(prepared)
     # Keep the text only when it will be cached, logged or checked for citations: most streams need none.
     keep_text = plan.write or record.prompt is not None or prepared.rag is not None
     parts: list[str] | None = [] if keep_text else None
     stripper = ThinkStripper() if prepared.strip_thinking else None
     opening = encoder.opening() or b""  # sent with the first delta, once its timings are known
+    started = False
     try:
         async for delta in stream:
             timer.on_delta(delta)
+            started = True
             text = delta.text
             if stripper is not None:
                 text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
@@ -231,12 +280,26 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
                 answer = "".join(parts or ())
                 yield events + encoder.closing(delta, _extensions(prepared, answer))
                 await _finished(state, record, plan, answer, delta)
-            elif events:
+                return
+            if events:
                 yield events
-    except RagLLMError as exc:  # the stream has started: report in-band, then end it properly
-        yield error_event(exc.to_envelope()) + DONE_EVENT
+        raise EngineInterrupted("the engine ended the answer without finishing it")
+    except Exception as exc:
+        error = _as_reported(exc)
+        if not started:
+            raise error from exc
+        record.status, record.finish_reason = error.status_code, "error"
+        yield (opening or b"") + error_event(error.to_envelope()) + DONE_EVENT
     finally:
         await stream.aclose()
+
+
+def _as_reported(exc: Exception) -> RagLLMError:
+    """Our own errors as they are; anything else is a fault of ours, reported without its insides."""
+    if isinstance(exc, RagLLMError):
+        return exc
+    logger.exception("a stream failed")
+    return EngineFailure(f"the answer failed part-way ({type(exc).__name__}); it is incomplete")
 
 
 def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRecord,
@@ -256,15 +319,6 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
     return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(authenticated)],
-             responses=_ERRORS)
-async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    """Token counts as vLLM's /tokenize gives them (what an upstream gateway budgets RAG prompts with)."""
-    state = app_state(request)
-    model, generation = state.service.prepare_tokenize(body)
-    return {"count": await state.engine.count_prompt_tokens(generation), "max_model_len": model.max_model_len}
-
-
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(authenticated)])
 async def list_models(request: Request) -> dict:
     state = app_state(request)
@@ -282,12 +336,15 @@ async def health(request: Request) -> Response:
     engine_health = state.engine.health()
     stats = state.engine.stats()
     status = {EngineState.READY: "ok", EngineState.LOADING: "loading"}.get(engine_health.state, "error")
+    detail = engine_health.detail
+    if state.lifecycle.draining and status == "ok":
+        status, detail = "draining", f"shutting down: {state.lifecycle.reason}"
     body = HealthResponse(
         status=status,
         model=state.settings.engine.public_model_name,
         engine=state.engine.name,
         uptime_s=round(time.monotonic() - state.started_at, 3),
-        detail=engine_health.detail,
+        detail=detail,
         running=stats.num_running,
         waiting=stats.num_waiting,
         redis=state.redis.status() if state.redis else "disabled",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ragllm.cache import ResponseCache
 from ragllm.config import Settings
 from ragllm.engines.base import Engine
+from ragllm.lifecycle import Lifecycle
 from ragllm.limits import KeyRing, RateLimiter
 from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
@@ -28,5 +29,6 @@ class AppState:
     limiter: RateLimiter
     request_log: RequestLog
     tracing: Tracing
+    lifecycle: Lifecycle
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)

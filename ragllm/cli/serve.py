@@ -39,10 +39,15 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+# After a drain (or its grace period), how long uvicorn waits for connections still open.
+CONNECTION_CLOSE_WAIT_S = 2
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ragllm.app import ConfigurationError, create_app
+    from ragllm.cli.draining_server import DrainingServer
     from ragllm.telemetry.logging import configure_logging
 
     settings = settings_from_args(args)
@@ -52,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"ragllm serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port,
-                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=10,
-                log_config=None)  # keep the handlers configure_logging installed
-    return 0
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+                            log_level=settings.server.log_level, access_log=False,
+                            timeout_graceful_shutdown=CONNECTION_CLOSE_WAIT_S,
+                            log_config=None)  # keep the handlers configure_logging installed
+    lifecycle = app.state.ragllm.lifecycle
+    DrainingServer(config, lifecycle).run()
+    return lifecycle.exit_code

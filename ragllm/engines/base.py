@@ -94,6 +94,9 @@ class EngineState(str, enum.Enum):
 class EngineHealth:
     state: EngineState
     detail: str = ""
+    # Broken in a way only a new process mends (a device error, a stalled engine thread); an
+    # unreachable upstream, by contrast, mends itself.
+    restart_needed: bool = False
 
 
 @dataclass(slots=True)

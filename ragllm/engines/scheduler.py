@@ -7,6 +7,16 @@ request's generation.
 
 Slot layout: the running list's index is the sequence's KV slot. Decoding sequences form a prefix
 (slots ``0..d-1``) and prefilling ones the suffix, in arrival order; releasing a slot keeps that so.
+
+Faults: one that belongs to a sequence (its sampling, detokenizing, stop matching) ends that sequence
+alone with an error of its own; the rest of the batch is chosen again row by row and goes on exactly
+as it would have. One that belongs to no sequence (a forward pass failing: a device error) fails every
+request with a 503 and reports the engine broken through ``on_fatal``: after a device error the
+engine's state cannot be trusted, so it is not stepped again.
+
+Admission is first come, first served. A prompt longer than what a step has left after its decodes
+is prefilled in chunks between decode steps (whatever ``chunked_prefill`` says), so no prompt waits
+for running answers to finish; one that has not started within ``max_queue_wait_s`` gets a 503.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,11 +35,14 @@ from ragllm.engines.model_runner import ModelRunner
 from ragllm.engines.sampling import sample_next_tokens, sample_on_device, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta
+from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
 
 logger = logging.getLogger(__name__)
 
 # Hands a step's results to the event loop in one go: [(sequence, delta or exception), ...].
 Deliver = Callable[[list[tuple[Sequence, "Delta | BaseException"]]], None]
+# The head of the prefill queue gets at least this many tokens a step, however many rows decode.
+MIN_PREFILL_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,7 @@ class SchedulerLimits:
     max_batch_size: int
     max_num_batched_tokens: int
     chunked_prefill: bool
+    max_queue_wait_s: float | None = None  # None: a request may wait for its prefill indefinitely
 
 
 class _Abort:
@@ -85,10 +100,15 @@ class _TokenReadback:
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver,
-                 launch_ahead: bool | None = None) -> None:
+                 launch_ahead: bool | None = None,
+                 on_fatal: Callable[[BaseException], None] = lambda exc: None) -> None:
         self.runner = runner
         self.limits = limits
         self._deliver = deliver
+        self._on_fatal = on_fatal
+        self.fatal: BaseException | None = None  # set once a step failed for no sequence in particular
+        self.last_progress = time.monotonic()  # when a step last completed (or the loop last idled)
+        self.num_sequence_faults = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -134,7 +154,7 @@ class Scheduler:
                 results = self.run_once(block=idle)
             except Exception as exc:  # outside a step: fail everything queued rather than hang it
                 logger.exception("engine loop failed")
-                results = self._fail_running(exc) + self._fail_waiting(exc)
+                results = self._fail_everything(exc)
             if results is None:
                 break
             if results:
@@ -144,15 +164,28 @@ class Scheduler:
         """Take in submitted work, admit, and run one step; None once shut down."""
         if not self._drain_inbox(block=block):
             return None
-        self._admit()
         results: list[tuple[Sequence, Delta | BaseException]] = []
+        if self.fatal is not None:  # broken: nothing runs again; whatever arrives is refused
+            return self._fail_everything(self.fatal)
+        self._expire_overdue(results)
+        self._admit()
         if self.running:
             try:
                 self.step(results)
-            except Exception as exc:  # a broken step must fail its requests, not the loop
-                logger.exception("engine step failed")
-                results.extend(self._fail_running(exc))
+            except Exception as exc:  # a failure of no sequence in particular: the device
+                logger.exception("engine step failed; the engine is out of service")
+                return results + self._fail_everything(exc)
+        self.last_progress = time.monotonic()
         return results
+
+    def _fail_everything(self, exc: BaseException) -> list[tuple[Sequence, BaseException]]:
+        first = self.fatal is None
+        self.fatal = exc
+        if first:
+            self._on_fatal(exc)
+        refusal = EngineNotReady(f"the engine failed ({type(exc).__name__}: {exc}) and is out of service "
+                                 "until the server restarts; retry on another replica or shortly")
+        return self._fail_running(refusal) + self._fail_waiting(refusal)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Move submitted work into the queues; returns False on shutdown."""
@@ -173,14 +206,30 @@ class Scheduler:
                 return True
 
     def _abort(self, request_id: str) -> None:
-        for sequence in self.waiting:
+        for sequence in (*self.waiting, *self.running):
             if sequence.request_id == request_id:
-                self.waiting.remove(sequence)
+                self._remove(sequence)
                 return
-        for slot, sequence in enumerate(self.running):
-            if sequence.request_id == request_id:
-                self._release(slot)
-                return
+
+    def _expire_overdue(self, results: list) -> None:
+        """Requests whose prefill has not started within ``max_queue_wait_s`` are refused (503)."""
+        limit = self.limits.max_queue_wait_s
+        if limit is None:
+            return
+        deadline = time.monotonic() - limit
+        overdue = [s for s in self.waiting if s.arrival_time < deadline]
+        overdue += [s for s in self.running if s.queue_time_s is None and s.arrival_time < deadline]
+        for sequence in overdue:
+            refusal = EngineOverloaded(f"the request waited {limit:g} s for the engine without starting; "
+                                       "retry shortly or on another replica")
+            self._remove(sequence)
+            results.append((sequence, refusal))
+
+    def _remove(self, sequence: Sequence) -> None:
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        else:
+            self._release(self.running.index(sequence))
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.limits.max_num_seqs:
@@ -224,7 +273,12 @@ class Scheduler:
             logits = ahead.logits
         else:
             logits = self.runner.decode(0, [s.output_ids[-1] for s in decoding], [s.next_position for s in decoding])
-        tokens = sample_on_device(logits, [s.params for s in decoding])
+        try:
+            tokens = sample_on_device(logits, [s.params for s in decoding])
+        except Exception:
+            logger.warning("batched sampling failed; choosing row by row", exc_info=True)
+            self._record(decoding, self._choose_row_by_row(decoding, logits), results)
+            return
         host_tokens = self._readback.start(tokens)
         if self.launch_ahead and not self.waiting and all(s.status is SequenceStatus.DECODING for s in self.running):
             next_logits = self.runner.decode(0, tokens, [s.next_position + 1 for s in decoding])
@@ -234,18 +288,11 @@ class Scheduler:
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
         for slot, sequence in enumerate(self.running):
-            if budget <= 0:
-                break
             if sequence.status is not SequenceStatus.PREFILLING:
                 continue
-            remaining = sequence.num_prompt_tokens - sequence.num_computed
-            if self.limits.chunked_prefill:
-                chunk = min(remaining, budget)
-            else:
-                # Whole prompts only; the first one always runs so a long prompt cannot starve.
-                chunk = remaining if remaining <= budget or budget == self.limits.max_num_batched_tokens else 0
+            chunk = self._prefill_chunk(sequence, budget, head=not chunks)
             if chunk <= 0:
-                break
+                break  # first come, first served: no later prompt overtakes this one
             budget -= chunk
             chunks.append((slot, sequence, chunk))
         if not chunks:
@@ -263,21 +310,67 @@ class Scheduler:
                 self.runner.remember_prefix(slot, sequence.prompt_ids)
                 self._sample_and_record([sequence], logits[None], results)
 
+    def _prefill_chunk(self, sequence: Sequence, budget: int, head: bool) -> int:
+        """Tokens of this prompt to prefill now. In whole-prompt mode: whole when it fits what the
+        step has left, when the head of the queue fits a step (past what decodes left by at most one
+        token a decoding row), or when nothing decodes (nobody waits on it). Otherwise a chunk of what
+        is left, and the head of the queue always gets one, so running decodes never starve it."""
+        remaining = sequence.num_prompt_tokens - sequence.num_computed
+        if not self.limits.chunked_prefill:
+            step = self.limits.max_num_batched_tokens
+            nothing_decodes = budget == step
+            if remaining <= budget or (head and (remaining <= step or nothing_decodes)):
+                return remaining
+            if not head:  # whole-prompt mode chunks only the head, and only when it exceeds a step
+                return 0
+        if head:
+            budget = max(budget, MIN_PREFILL_CHUNK)
+        return min(remaining, max(budget, 0))
+
     def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
-        tokens = sample_next_tokens(
-            logits,
-            [s.params for s in batch],
-            [s.history() if s.params.repetition_penalty != 1.0 else [] for s in batch],
-            [s.generator for s in batch],
-        )
+        generators = [s.generator for s in batch]
+        saved = [g.get_state() if g is not None else None for g in generators]
+        try:
+            tokens: list = sample_next_tokens(logits, [s.params for s in batch], _histories(batch), generators)
+        except Exception:
+            logger.warning("batched sampling failed; choosing row by row", exc_info=True)
+            for generator, state in zip(generators, saved):  # as if the failed attempt never drew
+                if generator is not None:
+                    generator.set_state(state)
+            tokens = self._choose_row_by_row(batch, logits)
         self._record(batch, tokens, results)
 
     @staticmethod
-    def _record(batch: list[Sequence], tokens: list[int], results: list) -> None:
+    def _choose_row_by_row(batch: list[Sequence], logits) -> list:
+        """Each row's token chosen alone, so a fault ends only the sequence it belongs to."""
+        tokens: list = []
+        for row, sequence in enumerate(batch):
+            try:
+                tokens += sample_next_tokens(logits[row : row + 1], [sequence.params], _histories([sequence]),
+                                             [sequence.generator])
+            except Exception as exc:
+                tokens.append(exc)
+        return tokens
+
+    def _record(self, batch: list[Sequence], tokens: list, results: list) -> None:
         for sequence, token in zip(batch, tokens):
-            delta = sequence.append_token(token)
+            try:
+                if isinstance(token, BaseException):
+                    raise token
+                delta = sequence.append_token(token)
+            except Exception as exc:
+                self._fail_sequence(sequence, exc, results)
+                continue
             if delta is not None:
                 results.append((sequence, delta))
+
+    def _fail_sequence(self, sequence: Sequence, exc: Exception, results: list) -> None:
+        """End one sequence with an error of its own; its slot is released at the end of the step."""
+        logger.error("request %s failed alone: %s: %s", sequence.request_id, type(exc).__name__, exc)
+        self.num_sequence_faults += 1
+        sequence.status = SequenceStatus.FINISHED
+        results.append((sequence, EngineFailure(f"generating this answer failed ({type(exc).__name__}: {exc}); "
+                                                "other requests were not affected")))
 
     def _release_finished(self) -> None:
         for slot in range(len(self.running) - 1, -1, -1):
@@ -301,15 +394,20 @@ class Scheduler:
             if shifted.num_cached:
                 self.runner.cache.move(new_slot + 1, new_slot, shifted.num_cached)
 
-    def _fail_waiting(self, exc: Exception) -> list[tuple[Sequence, BaseException]]:
+    def _fail_waiting(self, exc: BaseException) -> list[tuple[Sequence, BaseException]]:
         failed = [(sequence, exc) for sequence in self.waiting]
         self.waiting.clear()
         return failed
 
-    def _fail_running(self, exc: Exception) -> list[tuple[Sequence, BaseException]]:
+    def _fail_running(self, exc: BaseException) -> list[tuple[Sequence, BaseException]]:
         self._ahead = None
         failed = [(sequence, exc) for sequence in self.running]
         for sequence in self.running:
             sequence.status = SequenceStatus.FINISHED
         self.running.clear()
         return failed
+
+
+def _histories(batch: list[Sequence]) -> list[list[int]]:
+    """What a repetition penalty needs; empty for rows without one."""
+    return [s.history() if s.params.repetition_penalty != 1.0 else [] for s in batch]

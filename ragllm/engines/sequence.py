@@ -75,19 +75,23 @@ class Sequence:
         self.output_ids.append(token_id)
         self.tokens_since_delta += 1
         if token_id in self.stop_token_ids:
-            return self._finish(FinishReason.STOP, "")
+            # The end-of-sequence token adds no text, but text held back so far (an unfinished
+            # character, a possible stop-string prefix) is part of the answer.
+            return self._finish(FinishReason.STOP, self._flush_held_back()[0])
         text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
         if hit_stop:
             return self._finish(FinishReason.STOP, text)
         if len(self.output_ids) >= self.max_tokens:
-            tail = self.detokenizer.flush()
-            released, hit_stop = self.stop_matcher.feed(tail)
-            reason = FinishReason.STOP if hit_stop else FinishReason.LENGTH
-            rest = "" if hit_stop else self.stop_matcher.flush()
-            return self._finish(reason, text + released + rest)
+            tail, hit_stop = self._flush_held_back()
+            return self._finish(FinishReason.STOP if hit_stop else FinishReason.LENGTH, text + tail)
         if not text:
             return None
         return self._delta(text, None)
+
+    def _flush_held_back(self) -> tuple[str, bool]:
+        """Everything still held back, cut at a stop string if one completes; (text, stop reached)."""
+        released, hit_stop = self.stop_matcher.feed(self.detokenizer.flush())
+        return (released if hit_stop else released + self.stop_matcher.flush()), hit_stop
 
     def _finish(self, reason: FinishReason, text: str) -> Delta:
         self.status = SequenceStatus.FINISHED

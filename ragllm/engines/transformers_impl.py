@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from ragllm.errors import (
     EngineFailure,
     EngineNotReady,
     EngineOverloaded,
+    RagLLMError,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class TransformersEngine(Engine):
         self._embedding_rows = 0
         self._admitted = 0  # requests generating or queued; guarded by _admission_lock
         self._admission_lock = threading.Lock()
+        self._canary: asyncio.Task | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TransformersEngine":
@@ -73,6 +77,7 @@ class TransformersEngine(Engine):
             self._health = EngineHealth(EngineState.BROKEN, f"model failed to load: {exc}")
             raise
         self._health = EngineHealth(EngineState.READY)
+        self._canary = asyncio.create_task(self._canary_forever())
 
     def _load(self) -> None:
         from ragllm.engines.loading import load_model_and_tokenizer
@@ -83,6 +88,7 @@ class TransformersEngine(Engine):
         self.dtype_name = loaded.dtype_name
         self._stop_token_ids = loaded.stop_token_ids
         self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
+        self._canary_token = next(iter(loaded.stop_token_ids), 0)  # any valid id serves
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
         runner = self._runner(loaded.model, max_model_len)
         limits = SchedulerLimits(
@@ -90,8 +96,9 @@ class TransformersEngine(Engine):
             max_batch_size=self.settings.max_batch_size,
             max_num_batched_tokens=self.settings.max_num_batched_tokens,
             chunked_prefill=self.settings.chunked_prefill,
+            max_queue_wait_s=self.settings.max_queue_wait_s,
         )
-        self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread)
+        self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal)
         self._card = ModelCard(
             id=self.settings.public_model_name,
             max_model_len=max_model_len,
@@ -125,8 +132,42 @@ class TransformersEngine(Engine):
         return CudaGraphRunner(model, self.settings.max_num_seqs, max_model_len, options)
 
     async def aclose(self) -> None:
+        if self._canary is not None:
+            self._canary.cancel()
+            await asyncio.gather(self._canary, return_exceptions=True)
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.stop)
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        """Engine thread: a step failed for no sequence in particular (a device error)."""
+        self._health = EngineHealth(EngineState.BROKEN, f"engine failed: {type(exc).__name__}: {exc}",
+                                    restart_needed=True)
+
+    # -- readiness ------------------------------------------------------------------------------
+    async def _canary_forever(self) -> None:
+        """While idle, prove every ``canary_interval_s`` that the model still produces a token."""
+        interval = self.settings.canary_interval_s
+        while self._health.state is EngineState.READY:
+            await asyncio.sleep(interval / 2)
+            idle_for = time.monotonic() - self._scheduler.last_progress
+            if self._admitted == 0 and idle_for >= interval:
+                await self._run_canary()
+
+    async def _run_canary(self) -> None:
+        from ragllm.engines.base import SamplingParams
+
+        request = GenerationRequest("canary-" + os.urandom(6).hex(), SamplingParams(max_tokens=1, temperature=0.0),
+                                    prompt_token_ids=[self._canary_token])
+        sequence = self._new_sequence(request, [self._canary_token])
+        self._scheduler.submit(sequence)
+        try:
+            answer = await asyncio.wait_for(sequence.sink.get(), self.settings.stall_timeout_s)
+        except asyncio.TimeoutError:
+            self._scheduler.abort(request.request_id)
+            answer = TimeoutError(f"no token within {self.settings.stall_timeout_s:g} s")
+        if isinstance(answer, BaseException) and self._health.state is EngineState.READY:
+            self._health = EngineHealth(EngineState.BROKEN, f"the canary generation failed: {answer}",
+                                        restart_needed=True)
 
     @property
     def device_name(self) -> str:
@@ -137,8 +178,14 @@ class TransformersEngine(Engine):
         return [self._card] if self._card else []
 
     def health(self) -> EngineHealth:
-        if self._health.state is EngineState.READY and not self._scheduler.is_alive():
-            return EngineHealth(EngineState.BROKEN, "engine thread has stopped")
+        if self._health.state is not EngineState.READY:
+            return self._health
+        if not self._scheduler.is_alive():
+            return EngineHealth(EngineState.BROKEN, "engine thread has stopped", restart_needed=True)
+        stalled_for = time.monotonic() - self._scheduler.last_progress
+        if self._admitted and stalled_for > self.settings.stall_timeout_s:
+            return EngineHealth(EngineState.BROKEN, f"the engine has completed no step for {stalled_for:.0f} s "
+                                                    f"with {self._admitted} requests admitted", restart_needed=True)
         return self._health
 
     def stats(self) -> EngineStats:
@@ -262,6 +309,9 @@ class _QueueStream(DeltaStream):
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self._done:
             item = await self._queue.get()
+            if isinstance(item, RagLLMError):  # the engine's own verdict on this request
+                self._finish()
+                raise item
             if isinstance(item, BaseException):
                 self._finish()
                 raise EngineFailure(f"generation failed: {item}") from item

@@ -229,8 +229,10 @@ class UpstreamEngine(Engine):
             if stream is not None:
                 stream.response.close()
             raise _RetryElsewhere(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:
+        except BaseException:  # the client left (cancelled) or the upstream refused: stop its work now
             self._release(replica, failed=False)
+            if stream is not None:
+                stream.response.close()  # closing the connection is how vLLM (and we) learn to abort
             raise
         self.pool.succeeded(replica)
         return stream
@@ -319,14 +321,12 @@ class _UpstreamStream(DeltaStream):
             data = line[5:].strip()
             if data == b"[DONE]":
                 break
-            event = orjson.loads(data)
-            if "error" in event:
-                raise EngineFailure(f"upstream error: {event['error'].get('message')}")
+            event = self._event(data)
             usage = event.get("usage")
             if usage:
-                prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-            for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                prompt_tokens, completion_tokens = _usage_counts(usage, prompt_tokens, completion_tokens)
+            for choice in _choices(event):
+                text = _choice_text(choice)
                 if choice.get("finish_reason"):
                     finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
                 if text:
@@ -340,19 +340,54 @@ class _UpstreamStream(DeltaStream):
 
     async def _parse_whole(self) -> AsyncIterator[Delta]:
         """A non-streaming answer: one delta with all of it."""
-        answer = orjson.loads(await self.response.read())
-        choice = (answer.get("choices") or [{}])[0]
-        text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
-        usage = answer.get("usage") or {}
+        answer = self._event(await self.response.read())
+        choice = (_choices(answer) or [{}])[0]
+        text = _choice_text(choice)
         if not choice.get("finish_reason"):
             raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-        yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
+        yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
                     finish_reason=FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP)
+
+    def _event(self, data: bytes) -> dict[str, Any]:
+        """One upstream JSON object; an error it reports, or anything malformed, as our EngineFailure."""
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise EngineFailure(f"the upstream {self._replica.url} sent malformed JSON: {data[:80]!r}") from exc
+        if not isinstance(event, dict):
+            raise EngineFailure(f"the upstream {self._replica.url} sent {type(event).__name__}, not an object")
+        if event.get("error") is not None:
+            error = event["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise EngineFailure(f"upstream error: {str(message)[:500]}")
+        return event
 
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
             self.response.close()
             self._engine._release(self._replica, failed=False)
+
+
+def _choices(event: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = event.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        raise EngineFailure("the upstream sent malformed choices")
+    return choices
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    holder = choice.get("delta") or choice.get("message") or {}
+    text = (holder.get("content") if isinstance(holder, dict) else None) or choice.get("text") or ""
+    if not isinstance(text, str):
+        raise EngineFailure("the upstream sent text that is not a string")
+    return text
+
+
+def _usage_counts(usage: Any, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
+    try:
+        return int(usage.get("prompt_tokens", prompt_tokens)), int(usage.get("completion_tokens", completion_tokens))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise EngineFailure("the upstream sent malformed usage") from exc

@@ -11,7 +11,7 @@
 | engine.chunked_prefill                     | --enable-chunked-prefill         |
 | engine.max_model_len                       | --max-model-len                  |
 | engine.max_batch_size (VLLM_MAX_BATCH_SIZE)| none: vLLM decodes every running sequence each step, so its decode batch is bounded by --max-num-seqs alone |
-| vllm.quantization / vllm.kv_cache_dtype    | --quantization / --kv-cache-dtype|
+| vllm.quantization / vllm.kv_cache_dtype    | --quantization / --kv-cache-dtype ("auto": only for a quantized checkpoint) |
 | engine.gpu_memory_utilization             | --gpu-memory-utilization         |
 | telemetry.otlp_endpoint (OTEL_...)         | --otlp-traces-endpoint           |
 | (always)                                   | --enable-prompt-tokens-details   |
@@ -19,7 +19,28 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 from ragllm.config import Settings
+
+AUTO = "auto"
+NAMED_METHODS = ("awq", "gptq")
+
+
+def checkpoint_quantization(model: str) -> str | None:
+    """The quantization a checkpoint declares: its local config.json's ``quant_method``, else an
+    ``-AWQ`` / ``-GPTQ`` name as Hugging Face ids spell them; None for a full-precision checkpoint."""
+    config = Path(model) / "config.json"
+    if config.is_file():
+        try:
+            declared = json.loads(config.read_text()).get("quantization_config") or {}
+        except (OSError, ValueError):
+            declared = {}
+        return declared.get("quant_method")
+    name = model.rsplit("/", 1)[-1].lower()
+    return next((method for method in NAMED_METHODS if re.search(rf"(^|[-_.]){method}($|[-_.])", name)), None)
 
 
 def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> list[str]:
@@ -38,10 +59,13 @@ def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> 
         args.append("--enable-chunked-prefill")
     if engine.max_model_len:
         args += ["--max-model-len", str(engine.max_model_len)]
-    if vllm.quantization:
-        args += ["--quantization", vllm.quantization]
-    if vllm.kv_cache_dtype:
-        args += ["--kv-cache-dtype", vllm.kv_cache_dtype]
+    quantized = checkpoint_quantization(engine.model)
+    quantization = quantized if vllm.quantization == AUTO else vllm.quantization
+    kv_cache_dtype = ("fp8" if quantized else None) if vllm.kv_cache_dtype == AUTO else vllm.kv_cache_dtype
+    if quantization:
+        args += ["--quantization", quantization]
+    if kv_cache_dtype:
+        args += ["--kv-cache-dtype", kv_cache_dtype]
     if settings.telemetry.otlp_endpoint:
         args += ["--otlp-traces-endpoint", settings.telemetry.otlp_endpoint]
     return args + list(vllm.extra_args)

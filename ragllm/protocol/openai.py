@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ragllm.protocol.rag import RagDocument, RagOptions, RagReport
 
 MAX_STOP_SEQUENCES = 16
+MAX_INT32 = 2**31 - 1
 
 
 class _Wire(BaseModel):
@@ -43,20 +44,22 @@ class SamplingFields(_Wire):
     """Fields shared by chat and text completions."""
 
     model: str = Field(description="A model id from GET /v1/models.")
-    max_tokens: int | None = Field(None, ge=1, description="Upper bound on generated tokens.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32, description="Upper bound on generated tokens.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0,
+                                      description="0 means greedy decoding; otherwise at least 0.01.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1, description="Only 1 is supported.")
+    n: int | None = Field(1, ge=1, le=128, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings, never included in the output.")
-    seed: int | None = Field(None, description="Makes sampling reproducible.")
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings (256 characters each by "
+                                          "default), never included in the output.")
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1, description="Makes sampling reproducible.")
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
     # Extensions beyond OpenAI's API (as in vLLM):
-    top_k: int | None = Field(None, ge=-1, description="Extension: sample among the k most likely tokens; -1 or 0 = off.")
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="Extension: sample among the k most likely tokens; -1 or 0 = off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension: drop tokens below min_p × the top probability.")
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension: CTRL-style penalty on tokens already present; 1 = off.")
@@ -66,9 +69,10 @@ class SamplingFields(_Wire):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1, description="Preferred spelling of max_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32,
+                                              description="Preferred spelling of max_tokens.")
     logprobs: bool | None = Field(None, description="Not supported; must be false.")
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
     tool_choice: Any = None
@@ -78,7 +82,8 @@ class ChatCompletionRequest(SamplingFields):
                           "[id] citations are checked against them.")
     rag: RagOptions | None = Field(None, description="Extension: RAG options (template, budget, reasoning).")
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="Extension: passed to the chat template, e.g. {\"enable_thinking\": false}.")
+        None, description="Extension: switches passed to the chat template: enable_thinking, thinking, "
+                          "reasoning_effort (chat_template only where the server allows it).")
 
 
 class CompletionRequest(SamplingFields):
@@ -177,7 +182,7 @@ class TokenizeResponse(_Wire):
 
 
 class HealthResponse(_Wire):
-    status: Literal["ok", "loading", "error"]
+    status: Literal["ok", "loading", "error", "draining"]
     model: str
     engine: str
     uptime_s: float

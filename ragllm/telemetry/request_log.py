@@ -31,19 +31,22 @@ class RequestLog:
                  on_drop: Callable[[int], None] = lambda n: None) -> None:
         self.settings = settings
         self._link = link
-        self._pending: deque[dict[str, Any]] = deque()
+        # Without Redis the queue is the log: a ring of the most recent entries, where letting the
+        # oldest go is what a ring does, not a loss (so it is not counted as one).
+        self._pending: deque[dict[str, Any]] = deque(maxlen=None if link else settings.buffer)
         self._on_drop = on_drop
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.stream_key = link.key(settings.stream) if link else settings.stream
 
     def append(self, entry: dict[str, Any]) -> None:
-        if len(self._pending) >= self.settings.buffer:
+        if self._link is None:
+            self._pending.append(entry)
+            return
+        if len(self._pending) >= self.settings.buffer:  # Redis away this long: an entry is lost
             self._pending.popleft()
             self._on_drop(1)
         self._pending.append(entry)
-        if self._link is None:  # without Redis the queue is the log: a bounded ring of recent requests
-            return
         if len(self._pending) >= BATCH_SIZE:
             self._wake.set()
 

@@ -1,0 +1,113 @@
+"""Bounds on what one request may carry, so that no request makes the server do unbounded work.
+
+Counts (messages, documents) are checked on the decoded JSON before it is validated: a request with
+30,000 documents is refused without building 30,000 models. Sizes (UTF-8 bytes of text and of
+documents), stop strings, sampling values that would break the numerics, and template switches are
+checked on the validated request. Every refusal is a 400 (or 413 for sizes) naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ragllm.config import InputSettings
+from ragllm.errors import InvalidRequest, RequestTooLarge
+from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
+
+# Below this a temperature divides logits into overflow (inf, then NaN probabilities); 0 is greedy.
+MIN_TEMPERATURE = 1e-2
+# chat_template_kwargs a request may set: the documented switches of the templates we serve.
+TEMPLATE_SWITCHES = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
+REQUEST_TEMPLATE_KEY = "chat_template"
+TEMPLATE_VALUE_MAX_CHARS = 64
+
+
+def check_raw(body: Any, bounds: InputSettings) -> None:
+    """Counts of the decoded JSON body, before validation."""
+    if not isinstance(body, dict):
+        return
+    for field, limit in (("messages", bounds.max_messages), ("documents", bounds.max_documents)):
+        items = body.get(field)
+        if isinstance(items, list) and len(items) > limit:
+            raise InvalidRequest(f"{field} has {len(items)} items; at most {limit} are allowed "
+                                 f"(RAGLLM_INPUT__MAX_{field.upper()})", param=field, code="array_above_max_length")
+
+
+def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> None:
+    check_raw({"messages": body.messages, "documents": body.documents}, bounds)
+    _check_text_bytes(sum(_content_bytes(message.content) for message in body.messages), "messages", bounds)
+    if body.documents:
+        size = sum(_utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents)
+        if size > bounds.max_documents_bytes:
+            raise RequestTooLarge(f"the documents hold {size} bytes; at most {bounds.max_documents_bytes} are "
+                                  "allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)", param="documents")
+    check_template_kwargs(body.chat_template_kwargs, bounds)
+    check_sampling(body, bounds)
+
+
+def check_completion(body: CompletionRequest, bounds: InputSettings) -> None:
+    prompt = body.prompt
+    size = _utf8(prompt) if isinstance(prompt, str) else sum(_utf8(p) for p in prompt if isinstance(p, str))
+    _check_text_bytes(size, "prompt", bounds)
+    check_sampling(body, bounds)
+
+
+def check_tokenize(body: TokenizeRequest, bounds: InputSettings) -> None:
+    if body.messages is not None:
+        check_raw({"messages": body.messages}, bounds)
+        _check_text_bytes(sum(_content_bytes(message.content) for message in body.messages), "messages", bounds)
+    _check_text_bytes(_utf8(body.prompt), "prompt", bounds)
+    check_template_kwargs(body.chat_template_kwargs, bounds)
+
+
+def check_sampling(body: SamplingFields, bounds: InputSettings) -> None:
+    if body.temperature is not None and 0.0 < body.temperature < MIN_TEMPERATURE:
+        raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; "
+                             f"{body.temperature!r} is too small to sample with", param="temperature")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    for index, stop in enumerate(stops):
+        if len(stop) > bounds.max_stop_length:
+            raise InvalidRequest(f"stop strings may be at most {bounds.max_stop_length} characters; "
+                                 f"stop[{index}] has {len(stop)}", param="stop", code="string_above_max_length")
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None, bounds: InputSettings) -> None:
+    """Only the documented switches, as plain values; a template of the caller's own only where allowed."""
+    for key, value in (kwargs or {}).items():
+        if key == REQUEST_TEMPLATE_KEY:
+            if not bounds.allow_request_chat_template:
+                raise InvalidRequest("a chat template supplied by the request is not allowed on this server "
+                                     "(RAGLLM_INPUT__ALLOW_REQUEST_CHAT_TEMPLATE)",
+                                     param=f"chat_template_kwargs.{key}")
+            if not isinstance(value, str):
+                raise InvalidRequest("chat_template must be a string", param=f"chat_template_kwargs.{key}")
+            continue
+        if key not in TEMPLATE_SWITCHES:
+            allowed = ", ".join(sorted(TEMPLATE_SWITCHES))
+            raise InvalidRequest(f"chat_template_kwargs.{key} is not supported; allowed: {allowed}",
+                                 param=f"chat_template_kwargs.{key}")
+        if not isinstance(value, bool | int | float | str) or (isinstance(value, str)
+                                                               and len(value) > TEMPLATE_VALUE_MAX_CHARS):
+            raise InvalidRequest(f"chat_template_kwargs.{key} must be a boolean, a number or a short string",
+                                 param=f"chat_template_kwargs.{key}")
+
+
+def _check_text_bytes(size: int, param: str, bounds: InputSettings) -> None:
+    if size > bounds.max_text_bytes:
+        raise RequestTooLarge(f"the {param} hold {size} bytes of text; at most {bounds.max_text_bytes} are "
+                              "allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)", param=param)
+
+
+def _content_bytes(content: Any) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return _utf8(content)
+    return sum(_utf8(getattr(part, "text", None)) for part in content)
+
+
+def _utf8(text: str | None) -> int:
+    # Bytes of UTF-8 without encoding: ASCII-only text is by far the common case.
+    if not text:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
