@@ -99,12 +99,16 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
                 high = middle - 1
         best_count = low
     messages, tokens = best
-    context = RagContext(
+    context = await asyncio.to_thread(_context, request, best_count, tokens - bare)
+    return messages, context
+
+
+def _context(request: PackRequest, used: int, context_tokens: int) -> RagContext:
+    return RagContext(
         template=request.template.name,
         documents={d.id: d for d in request.ranked},
-        used=[d.id for d in request.ranked[:best_count]],
-        dropped=[d.id for d in request.ranked[best_count:]],
-        context_tokens=tokens - bare,
+        used=[d.id for d in request.ranked[:used]],
+        dropped=[d.id for d in request.ranked[used:]],
+        context_tokens=context_tokens,
         citations=request.options.citations,
     )
-    return messages, context

@@ -6,8 +6,9 @@ It turns OpenAI requests into engine requests (refusing what the engine cannot h
 
 from __future__ import annotations
 
-import time
+import asyncio
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +37,10 @@ from ragllm.protocol.openai import (
     TokenizeRequest,
 )
 from ragllm.telemetry.metrics import Metrics, RequestTimer
+
+
+# Above this many documents, ranking them is done off the event loop.
+MANY_DOCUMENTS = 256
 
 
 @dataclass(slots=True)
@@ -86,8 +91,10 @@ class CompletionService:
                     template_kwargs.setdefault("enable_thinking", False)
                 else:
                     no_think = model.no_think_suffix
+            documents = body.documents or []
+            ranked = await asyncio.to_thread(rank, documents) if len(documents) > MANY_DOCUMENTS else rank(documents)
             messages, rag_context = await pack(self.engine, PackRequest(
-                model=model, template=load_template(options.template), ranked=rank(body.documents or []),
+                model=model, template=load_template(options.template), ranked=ranked,
                 messages=messages, template_kwargs=template_kwargs or None, max_tokens=max_tokens,
                 options=options, no_think=no_think))
         request_id = f"chatcmpl-{os.urandom(16).hex()}"

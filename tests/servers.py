@@ -24,11 +24,11 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, command: tuple[str, ...] = ("-m", "ragllm.cli", "serve")) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_path = (log_dir or Path("/tmp")) / f"ragllm-serve-{self.port}.log"
-        command = [sys.executable, "-m", "ragllm.cli", "serve", "--port", str(self.port), *args]
+        command = [sys.executable, *command, "--port", str(self.port), *args]
         self._log = open(self._log_path, "wb")
         self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)

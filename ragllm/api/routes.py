@@ -9,18 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
 
 import orjson
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ragllm.api.body import BaseModelT, parsed_body
 from ragllm.api.deps import app_state, authenticated, record_of
 from ragllm.api.encoding import DONE_EVENT, ChunkEncoder, error_event, full_response
 from ragllm.api.record import RequestRecord
@@ -28,7 +25,6 @@ from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.cache import CachedResponse
 from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason
-from ragllm.bounds import check_raw
 from ragllm.errors import (
     ClientClosedRequest,
     EngineFailure,
@@ -56,7 +52,6 @@ from ragllm.telemetry.tracing import child_span
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
-BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
 _STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
@@ -125,9 +120,8 @@ def _lean(handler, body_model: type[BaseModelT]):
     async def endpoint(request: Request) -> Response:
         principal = await authenticated(request)
         allowance = await _admitted(request, principal)
-        body = await _json_body(request)
-        check_raw(body, app_state(request).settings.input)
-        return await handler(request, principal, allowance, _validated(body_model, body))
+        body = await parsed_body(await request.body(), body_model, app_state(request).settings.input)
+        return await handler(request, principal, allowance, body)
 
     return endpoint
 
@@ -136,33 +130,6 @@ def _lean(handler, body_model: type[BaseModelT]):
 LEAN_ROUTES = [Route("/v1/chat/completions", _lean(_generate, ChatCompletionRequest), methods=["POST"]),
                Route("/v1/completions", _lean(_generate, CompletionRequest), methods=["POST"]),
                Route("/tokenize", _lean(_tokenize, TokenizeRequest), methods=["POST"])]
-
-
-async def _json_body(request: Request) -> Any:
-    """The decoded body; errors shaped as FastAPI's own body parsing reports them."""
-    raw = await request.body()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if raw and _not_utf8(raw):
-            raise HTTPException(400, "invalid UTF-8 in the request body") from exc
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(exc)}]) from exc
-
-
-def _not_utf8(raw: bytes) -> bool:
-    try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return True
-    return False
-
-
-def _validated(model: type[BaseModelT], body: Any) -> BaseModelT:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from exc
 
 
 async def _respond(state: AppState, prepared: PreparedRequest, request: Request, principal: Principal,

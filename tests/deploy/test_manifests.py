@@ -33,9 +33,11 @@ def _with_defaults(value: str) -> str:
     return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
 
 
-def _profile_flags(profile: str, monkeypatch) -> dict[str, str | None]:
-    for name in ("VLLM_MAX_NUM_SEQS", "TENSOR_PARALLEL_SIZE", "LLM_MODEL_ID", "RAGLLM_PROFILE"):
+def _profile_flags(profile: str, monkeypatch, model: str) -> dict[str, str | None]:
+    """The profile's flags for the model the deploy file serves (quantization flags follow the model)."""
+    for name in ("VLLM_MAX_NUM_SEQS", "TENSOR_PARALLEL_SIZE", "RAGLLM_PROFILE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LLM_MODEL_ID", model)
     flags = flag_values(vllm_serve_args(load_settings(profile=profile))[3:])
     return {flag: value for flag, value in flags.items() if flag in COMPARED_FLAGS}
 
@@ -58,10 +60,12 @@ def test_compose_vllm_flags_mirror_the_profile(profile, monkeypatch):
     services = yaml.safe_load(COMPOSE_FILES[profile].read_text())["services"]
     vllm_services = [s for name, s in services.items() if name.startswith("vllm")]
     assert vllm_services
-    expected = _profile_flags(profile, monkeypatch)
     for service in vllm_services:
-        flags = flag_values([_with_defaults(str(arg)) for arg in service["command"]])
-        assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == expected
+        command = [_with_defaults(str(arg)) for arg in service["command"]]
+        flags = flag_values(command)
+        model = next(arg for arg in command if "/" in arg and not arg.startswith("-"))
+        assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == _profile_flags(profile, monkeypatch, model)
+        assert "--quantization" in flags  # the deploy files serve AWQ checkpoints
 
 
 def test_local_compose_is_host_networked_and_cloud_is_bridged():
@@ -98,7 +102,8 @@ def test_kubernetes_vllm_flags_and_autoscaler_agree_with_the_service(monkeypatch
     env = {item["name"]: item.get("value", "") for item in container["env"]}
     args = [re.sub(r"\$\(([A-Z_]+)\)", lambda m: env[m.group(1)], arg) for arg in container["args"]]
     flags = flag_values(args)
-    assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == _profile_flags("cloud", monkeypatch)
+    expected = _profile_flags("cloud", monkeypatch, env["LLM_MODEL_ID"])
+    assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == expected
     # The vLLM autoscaler never goes past the replicas the service lists as upstreams.
     urls = by_kind[("ConfigMap", "rag-llm-service")]["data"]["RAGLLM_UPSTREAM__URLS"].split(",")
     hpa = by_kind[("HorizontalPodAutoscaler", "vllm")]["spec"]

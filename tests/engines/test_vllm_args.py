@@ -49,3 +49,18 @@ def test_max_batch_size_has_no_vllm_flag(monkeypatch):
     monkeypatch.setenv("VLLM_MAX_BATCH_SIZE", "3")
     args = vllm_serve_args(load_settings(profile="cloud"))
     assert "3" not in args[3:]  # documented: vLLM decodes all running sequences; --max-num-seqs bounds it
+
+
+def test_quantization_flags_follow_the_checkpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLM_MODEL_ID", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    flags = _flags(vllm_serve_args(load_settings(profile="local")))
+    assert "--quantization" not in flags and "--kv-cache-dtype" not in flags  # a bf16 checkpoint
+    local_awq = tmp_path / "my-model"
+    local_awq.mkdir()
+    (local_awq / "config.json").write_text('{"quantization_config": {"quant_method": "awq", "bits": 4}}')
+    monkeypatch.setenv("LLM_MODEL_ID", str(local_awq))
+    flags = _flags(vllm_serve_args(load_settings(profile="local")))
+    assert flags["--quantization"] == "awq" and flags["--kv-cache-dtype"] == "fp8"
+    monkeypatch.setenv("LLM_MODEL_ID", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    monkeypatch.setenv("RAGLLM_VLLM__QUANTIZATION", "fp8")  # the operator says so
+    assert _flags(vllm_serve_args(load_settings(profile="cloud")))["--quantization"] == "fp8"
