@@ -18,6 +18,7 @@ class StreamResult:
     finish_reason: str | None = None
     error: dict | None = None  # the error object of an in-band error event (or of a refused request)
     events: list[dict] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def ends_with_done(self) -> bool:
@@ -45,4 +46,6 @@ def parse(status: int, raw: bytes) -> StreamResult:
 def post_stream(url: str, payload: dict, headers: dict | None = None, path: str = "/v1/chat/completions",
                 timeout: float = 120) -> StreamResult:
     with httpx.stream("POST", f"{url}{path}", json=payload, headers=headers, timeout=timeout) as response:
-        return parse(response.status_code, response.read())
+        result = parse(response.status_code, response.read())
+        result.headers = dict(response.headers)
+        return result
