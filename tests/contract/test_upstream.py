@@ -7,6 +7,8 @@ is the gateway in front of them.
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import socket
 import time
 
 import httpx
@@ -32,7 +34,11 @@ class Cluster:
             "RAGLLM_ENGINE__MAX_WAITING": "64"})
 
     def _upstream(self, port: int) -> ServerProcess:
-        return ServerProcess(port=port, log_dir=self.log_dir, env={"RAGLLM_ENGINE__MAX_WAITING": "64"})
+        # Short chunked-prefill steps: a replica drops a cancelled request between steps, so a long
+        # prompt's prefill can be cut short (the cancellation tests below rely on it).
+        return ServerProcess(port=port, log_dir=self.log_dir, env={
+            "RAGLLM_ENGINE__MAX_WAITING": "64", "RAGLLM_ENGINE__CHUNKED_PREFILL": "true",
+            "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "256"})
 
     def ready(self) -> "Cluster":
         for server in self.upstreams:
@@ -179,3 +185,76 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event(cluster):
     cluster.upstreams[serving] = cluster._upstream(cluster.ports[serving])
     cluster.upstreams[serving].wait_ready()
     cluster.wait_all_upstreams_up()
+
+
+def _running(cluster) -> list[int]:
+    return [httpx.get(f"{server.url}/health").json()["running"] for server in cluster.upstreams]
+
+
+def _wait_idle(cluster, within_s: float) -> float:
+    """Seconds until no replica runs anything; fails past ``within_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < within_s:
+        if sum(_running(cluster)) == 0:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"replicas still running {_running(cluster)} {within_s} s after the clients left")
+
+
+def _wait_busy(cluster, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(_running(cluster)) == 0:
+        assert time.monotonic() < deadline, "no replica started the request"
+        time.sleep(0.02)
+
+
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
+        "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+
+def _send(url: str, body: dict) -> socket.socket:
+    """A chat request on a raw connection, so the test decides to the moment when the client leaves
+    (an HTTP client returns only once response headers arrive: with the first token, or the answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+    return connection
+
+
+def _read_until(connection: socket.socket, marker: bytes) -> None:
+    received = b""
+    while marker not in received:
+        chunk = connection.recv(65536)
+        assert chunk, "the connection closed first"
+        received += chunk
+
+
+def _left_then_idle_s(cluster, body: dict, first_token: bool) -> float:
+    cluster.wait_all_upstreams_up()
+    _wait_idle(cluster, 30)
+    connection = _send(cluster.gateway.url, body)
+    _wait_busy(cluster)
+    if first_token:
+        _read_until(connection, b'"content":"')
+    else:
+        time.sleep(0.5)  # mid-answer (or mid-prefill) with nothing sent back yet
+        assert sum(_running(cluster)) == 1
+    connection.close()
+    return _wait_idle(cluster, 1.0)
+
+
+def test_a_client_that_leaves_a_stream_cancels_the_upstream_request(cluster):
+    assert _left_then_idle_s(cluster, {**LONG, "stream": True}, first_token=True) <= 1.0
+
+
+def test_a_client_that_leaves_before_a_whole_answer_cancels_the_upstream_request(cluster):
+    assert _left_then_idle_s(cluster, {**LONG, "stream": False}, first_token=False) <= 1.0
+
+
+def test_a_client_that_leaves_before_the_first_token_cancels_the_upstream_request(cluster):
+    # ~3,300 tokens: several seconds of prefill in 256-token steps before the first token.
+    long_prompt = " ".join(f"Sentence {i} about the weather in town {i}." for i in range(300))
+    body = {**LONG, "messages": [{"role": "user", "content": long_prompt}], "stream": True}
+    assert _left_then_idle_s(cluster, body, first_token=False) <= 1.0
