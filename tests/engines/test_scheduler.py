@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ragllm.engines import scheduler as scheduler_module
 from ragllm.engines.base import FinishReason, SamplingParams
 from ragllm.engines.model_runner import ModelRunner
 from ragllm.engines.scheduler import Scheduler, SchedulerLimits
+from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
 from ragllm.engines.sequence import Sequence
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
 from tests.tiny_models import tiny_model
@@ -144,3 +146,130 @@ def test_slots_are_compacted_after_the_cache_has_grown():
                  _sequence("mid", [5, 6], 10)]
     _run_to_completion(scheduler, {0: sequences})  # "short" leaves first: "mid" moves into its slot
     _check_against_reference(sequences)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+def _seeded(request_id: str, prompt: list[int], max_tokens: int, seed: int) -> Sequence:
+    sequence = _sequence(request_id, prompt, max_tokens)
+    sequence.params = SamplingParams(temperature=0.9, seed=seed)
+    sequence.generator = torch.Generator().manual_seed(seed)
+    return sequence
+
+
+def _results_by_request(scheduler: Scheduler, arrivals: dict[int, list[Sequence]]) -> dict[str, list]:
+    by_request: dict[str, list] = {}
+    for step in range(500):
+        for sequence in arrivals.pop(step, []):
+            scheduler.submit(sequence)
+        for sequence, item in scheduler.run_once():
+            by_request.setdefault(sequence.request_id, []).append(item)
+        if not arrivals and not scheduler.running and not scheduler.waiting:
+            return by_request
+    raise AssertionError("scheduler did not drain")
+
+
+class FailingDetokenizer(IncrementalDetokenizer):
+    """Test double of a detokenizer that breaks on its fourth token (a fault of one sequence)."""
+
+    def push(self, token_id: int) -> str:
+        if len(self._ids) >= 4 + 3:  # three prompt tokens of context, then four pushes
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return super().push(token_id)
+
+
+def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkeypatch):
+    def solo(seed: int) -> list[int]:
+        sequence = _seeded(f"solo{seed}", [5, 6, 7], 10, seed)
+        _run_to_completion(_scheduler(), {0: [sequence]})
+        return sequence.output_ids
+
+    expected = {seed: solo(seed) for seed in (11, 12, 13)}
+    real_sampler = scheduler_module.sample_next_tokens
+    calls_with_the_faulty_row = 0
+
+    def sampler_failing_on_row_with_seed_13(logits, params, histories, generators):
+        """Fails from the faulty row's second token on, in a batch or alone, after drawing from every
+        row's generator first (as a failure part-way through a batch would)."""
+        nonlocal calls_with_the_faulty_row
+        if any(p.seed == 13 for p in params):
+            calls_with_the_faulty_row += 1
+            if calls_with_the_faulty_row > 1:
+                for row, generator in enumerate(generators):
+                    torch.multinomial(torch.softmax(logits[row].float(), -1), 1, generator=generator)
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sampler(logits, params, histories, generators)
+
+    monkeypatch.setattr(scheduler_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
+    sequences = [_seeded(f"s{seed}", [5, 6, 7], 10, seed) for seed in (11, 12)]
+    faulty = _seeded("s13", [5, 6, 7], 10, 13)
+    scheduler = _scheduler()
+    results = _results_by_request(scheduler, {0: sequences, 1: [faulty]})
+    assert [s.output_ids for s in sequences] == [expected[11], expected[12]]
+    assert isinstance(results["s13"][-1], EngineFailure) and len(faulty.output_ids) == 1
+    assert calls_with_the_faulty_row == 3  # its prefill token, the failed batch, then alone
+    assert scheduler.num_sequence_faults == 1 and scheduler.fatal is None and scheduler.num_running == 0
+
+
+def test_a_detokenizer_fault_ends_only_its_sequence():
+    healthy = _sequence("ok", [1, 2, 3], 8)
+    broken = _sequence("broken", [1, 2, 3], 8)
+    broken.detokenizer = FailingDetokenizer(LetterTokenizer(), [1, 2, 3])
+    scheduler = _scheduler()
+    results = _results_by_request(scheduler, {0: [healthy, broken]})
+    assert healthy.output_ids == _reference([1, 2, 3], 8)
+    assert isinstance(results["broken"][-1], EngineFailure) and "UnicodeDecodeError" in str(results["broken"][-1])
+
+
+def test_a_failed_forward_pass_is_fatal_and_refuses_everything_after(monkeypatch):
+    fatal: list[BaseException] = []
+    runner = ModelRunner(MODEL, num_slots=4, max_model_len=512)
+    scheduler = Scheduler(runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append)
+    first, queued = _sequence("a", [1, 2, 3], 20), _sequence("b", [4, 5], 20)
+    scheduler.submit(first)
+    scheduler.run_once()
+    monkeypatch.setattr(runner, "decode", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost")))
+    scheduler.submit(queued)
+    results = scheduler.run_once()
+    assert {s.request_id for s, _ in results} == {"a", "b"}
+    assert all(isinstance(item, EngineNotReady) for _, item in results)
+    assert len(fatal) == 1 and "device lost" in str(fatal[0])
+    late = _sequence("c", [6], 5)
+    scheduler.submit(late)
+    assert [(s.request_id, type(item)) for s, item in scheduler.run_once()] == [("c", EngineNotReady)]
+
+
+def test_a_request_that_waits_past_the_bound_is_refused_with_503():
+    scheduler = _scheduler(max_num_seqs=1, max_queue_wait_s=0.2)
+    running, waiting = _sequence("long", [1, 2], 400), _sequence("late", [3, 4], 5)
+    scheduler.submit(running)
+    scheduler.submit(waiting)
+    scheduler.run_once()
+    waiting.arrival_time -= 1.0  # as if it had waited a second
+    results = scheduler.run_once()
+    assert [(s.request_id, type(item)) for s, item in results if s is waiting] == [("late", EngineOverloaded)]
+    assert scheduler.num_waiting == 0 and scheduler.num_running == 1
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
+    scheduler = _scheduler(max_num_seqs=4, max_num_batched_tokens=64)
+    decoding = [_sequence(f"d{i}", [i + 1, i + 2], 50) for i in range(3)]
+    for sequence in decoding:
+        sequence.stop_token_ids = frozenset()  # they keep decoding throughout
+    _run_steps(scheduler, decoding, 2)
+    long = _sequence("long", [i % 200 + 1 for i in range(150)], 3)
+    scheduler.submit(long)
+    steps = 0
+    while not long.output_ids:
+        scheduler.run_once()
+        steps += 1
+    assert steps == 3  # 61 + 61 + 28 prompt tokens, beside three decoding rows
+    assert [len(s.output_ids) for s in decoding] == [5, 5, 5]  # a token every step meanwhile
+    _run_to_completion(scheduler, {})
+    _check_against_reference([long])
+
+
+def _run_steps(scheduler: Scheduler, sequences: list[Sequence], steps: int) -> None:
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    for _ in range(steps):
+        scheduler.run_once()
