@@ -1,0 +1,196 @@
+"""Property tests (Hypothesis) for the pure parts that face client input: wire models and bounds,
+the stop-string matcher, the UTF-8-safe detokenizer, the think stripper and document packing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.exceptions import RequestValidationError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.exceptions import HTTPException
+
+from ragllm.api.body import parsed_body
+from ragllm.bounds import check_chat
+from ragllm.config import InputSettings
+from ragllm.engines.base import Engine, ModelCard
+from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.errors import RagLLMError
+from ragllm.prompting import ThinkStripper, load_template, rank
+from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest
+from ragllm.protocol.rag import RagDocument, RagOptions
+from ragllm.rag import PackRequest, pack
+
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _chunked(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(points, points[1:])]
+
+
+# -- wire models and bounds -----------------------------------------------------------------------
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20)
+chat_like = st.fixed_dictionaries({"model": st.text(max_size=5), "messages": st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]), "content": json_values}),
+    max_size=3)}, optional={"temperature": json_values, "stop": json_values, "max_tokens": json_values,
+                           "seed": json_values, "documents": json_values, "chat_template_kwargs": json_values,
+                           "top_k": json_values, "n": json_values})
+
+
+@PROPERTY_SETTINGS
+@given(body=st.one_of(chat_like, json_values))
+def test_any_json_body_is_either_a_request_or_a_clear_client_error(body):
+    """Bodies become a request or one of the errors the handlers turn into a 4xx; never anything else."""
+    raw = orjson.dumps(body)
+    for model in (ChatCompletionRequest, CompletionRequest):
+        try:
+            request = asyncio.run(parsed_body(raw, model, InputSettings()))
+        except (RequestValidationError, RagLLMError, HTTPException):
+            continue
+        if isinstance(request, ChatCompletionRequest):
+            try:
+                check_chat(request, InputSettings())
+            except RagLLMError as error:
+                assert 400 <= error.status_code < 500
+
+
+@PROPERTY_SETTINGS
+@given(raw=st.binary(max_size=200))
+def test_any_bytes_are_a_request_or_a_clear_client_error(raw):
+    try:
+        asyncio.run(parsed_body(raw, ChatCompletionRequest, InputSettings()))
+    except (RequestValidationError, RagLLMError, HTTPException):
+        pass
+
+
+# -- stop strings ---------------------------------------------------------------------------------
+ALPHABET = "abEN "
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text(ALPHABET, max_size=40), stops=st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
+       cuts=st.lists(st.integers(0, 40), max_size=10))
+def test_streamed_stop_matching_equals_matching_the_whole_text(text, stops, cuts):
+    matcher = StopMatcher(tuple(stops))
+    released, hit = "", False
+    for chunk in _chunked(text, cuts):
+        out, hit = matcher.feed(chunk)
+        released += out
+        if hit:
+            break
+    if not hit:
+        released += matcher.flush()
+    assert (released, hit) == _stopped_one_character_at_a_time(text, stops)
+
+
+def _stopped_one_character_at_a_time(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Reference: generation stops where a stop string first completes (the longest, if several do)."""
+    for end in range(1, len(text) + 1):
+        completed = [stop for stop in stops if text[:end].endswith(stop)]
+        if completed:
+            return text[: end - max(map(len, completed))], True
+    return text, False
+
+
+# -- detokenizing ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from ragllm.config import load_settings
+    from ragllm.models import resolve_model
+
+    engine = load_settings().engine
+    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
+
+
+unicode_text = st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), max_size=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=unicode_text)
+def test_deltas_add_up_to_the_decoded_text_and_never_split_a_character(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    detokenizer = IncrementalDetokenizer(tokenizer, tokenizer("Say:").input_ids)
+    deltas = [detokenizer.push(token) for token in ids] + [detokenizer.flush()]
+    assert "".join(deltas) == whole
+    if "\ufffd" not in whole:
+        assert not any("\ufffd" in delta for delta in deltas)
+
+
+# -- thinking -------------------------------------------------------------------------------------
+PIECES = ["<think>", "</think>", "<thi", "nk>", "</", "a", "b ", " ", "\n", "<", ">"]
+
+
+def _reference_strip(text: str) -> str:
+    return re.sub(r"<think>.*?(</think>|\Z)", "", text, flags=re.DOTALL).lstrip()
+
+
+@PROPERTY_SETTINGS
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=15), cuts=st.lists(st.integers(0, 60), max_size=8))
+def test_streamed_think_stripping_equals_stripping_the_whole_text(pieces, cuts):
+    text = "".join(pieces)
+    stripper = ThinkStripper()
+    streamed = "".join(stripper.feed(chunk) for chunk in _chunked(text, cuts)) + stripper.flush()
+    assert streamed == _reference_strip(text)
+
+
+# -- packing --------------------------------------------------------------------------------------
+class WordCountingEngine(Engine):
+    """Test double of an engine for packing: a prompt's tokens are its words (packing is the subject)."""
+
+    name = "words"
+
+    async def start(self) -> None: ...
+    async def generate(self, request): raise NotImplementedError
+    def models(self): return []
+    def health(self): raise NotImplementedError
+    def stats(self): raise NotImplementedError
+    async def aclose(self) -> None: ...
+
+    async def count_prompt_tokens(self, request) -> int:
+        return sum(len(str(m["content"]).split()) for m in request.messages)
+
+
+documents_strategy = st.lists(st.builds(
+    RagDocument, id=st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True), text=st.text("xy ", min_size=1, max_size=80),
+    score=st.none() | st.floats(0, 1)), max_size=12, unique_by=lambda d: d.id)
+
+
+@PROPERTY_SETTINGS
+@given(documents=documents_strategy, window=st.integers(60, 400), max_tokens=st.integers(1, 50),
+       cap=st.none() | st.integers(1, 200))
+def test_packing_keeps_the_longest_ranked_prefix_that_fits(documents, window, max_tokens, cap):
+    engine = WordCountingEngine()
+    ranked = rank(documents)
+    request = PackRequest(model=ModelCard("m", window), template=load_template("default@1"), ranked=ranked,
+                          messages=[{"role": "user", "content": "What is it?"}], template_kwargs=None,
+                          max_tokens=max_tokens, options=RagOptions(max_context_tokens=cap), no_think=False)
+    try:
+        messages, context = asyncio.run(pack(engine, request))
+    except RagLLMError as error:
+        assert error.code == "context_length_exceeded"
+        return
+    used = len(context.used)
+    assert context.used == [d.id for d in ranked[:used]] and context.dropped == [d.id for d in ranked[used:]]
+    total = asyncio.run(_count(engine, messages))
+    assert total <= window - max_tokens and (cap is None or context.context_tokens <= cap)
+    if context.dropped:  # one more document would not have fitted
+        _, fuller = asyncio.run(pack(engine, dataclasses.replace(request, ranked=ranked[: used + 1])))
+        assert len(fuller.used) == used
+
+
+async def _count(engine: WordCountingEngine, messages: list[dict[str, Any]]) -> int:
+    from ragllm.engines.base import GenerationRequest, SamplingParams
+
+    return await engine.count_prompt_tokens(GenerationRequest("count", SamplingParams(), messages=messages))
