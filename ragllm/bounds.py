@@ -14,8 +14,10 @@ from ragllm.config import InputSettings
 from ragllm.errors import InvalidRequest, RequestTooLarge
 from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 
-# Below this a temperature divides logits into overflow (inf, then NaN probabilities); 0 is greedy.
+# Below these a temperature or a repetition penalty divides logits into overflow (inf, then NaN
+# probabilities); a temperature of 0 is greedy.
 MIN_TEMPERATURE = 1e-2
+MIN_REPETITION_PENALTY = 1e-2
 # chat_template_kwargs a request may set: the documented switches of the templates we serve.
 TEMPLATE_SWITCHES = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
 REQUEST_TEMPLATE_KEY = "chat_template"
@@ -64,6 +66,9 @@ def check_sampling(body: SamplingFields, bounds: InputSettings) -> None:
     if body.temperature is not None and 0.0 < body.temperature < MIN_TEMPERATURE:
         raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; "
                              f"{body.temperature!r} is too small to sample with", param="temperature")
+    if body.repetition_penalty is not None and body.repetition_penalty < MIN_REPETITION_PENALTY:
+        raise InvalidRequest(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY} (1 is off); "
+                             f"{body.repetition_penalty!r} is too small", param="repetition_penalty")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     for index, stop in enumerate(stops):
         if len(stop) > bounds.max_stop_length:

@@ -76,6 +76,7 @@ def filtered_probabilities_batched(logits: torch.Tensor, params: Sequence["Sampl
     if min(top_p) < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
         outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= torch.tensor(top_p, device=device)[:, None]
+        outside[:, 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 in float32)
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
     min_p = [p.min_p for p in params]
     if max(min_p) > 0.0:
@@ -113,5 +114,6 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs, order = torch.sort(probs, descending=True)
     # Keep the smallest prefix whose mass reaches top_p (the token crossing the line is kept).
     outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    outside[0] = False  # the most likely token always stays (a tiny top_p rounds to 0 in float32)
     sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     return torch.zeros_like(probs).scatter(0, order, sorted_probs)

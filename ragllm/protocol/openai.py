@@ -62,7 +62,8 @@ class SamplingFields(_Wire):
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="Extension: sample among the k most likely tokens; -1 or 0 = off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension: drop tokens below min_p × the top probability.")
     repetition_penalty: float | None = Field(
-        None, gt=0.0, le=10.0, description="Extension: CTRL-style penalty on tokens already present; 1 = off.")
+        None, gt=0.0, le=10.0, description="Extension: CTRL-style penalty on tokens already present; 1 = off; "
+                                           "at least 0.01.")
     ignore_eos: bool | None = Field(
         None, description="Extension: keep generating past end-of-sequence tokens (for benchmarks).")
 

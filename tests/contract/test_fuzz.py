@@ -1,0 +1,73 @@
+"""Fuzzing the HTTP API from its own OpenAPI schema (Schemathesis): valid and invalid bodies for every
+operation, against a real server. No 5xx, and every response matches the schema it documents.
+
+A 64-token context keeps each generated answer short; most fuzzed requests name the served model
+(otherwise nearly all would stop at 404 and the engine would never be reached).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+from tests.servers import MODEL, ServerProcess
+
+EXAMPLES_PER_OPERATION = 60
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    server = ServerProcess("--max-model-len", "64", log_dir=tmp_path_factory.mktemp("fuzzed"),
+                           env={"RAGLLM_ENGINE__MAX_WAITING": "64"})
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed_server):
+    return schemathesis.openapi.from_url(f"{fuzzed_server.url}/openapi.json")
+
+
+def _operations(schema) -> list:
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_server_errors_and_responses_match_the_schema(api_schema, mode):
+    operations = _operations(api_schema)
+    assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions",
+                                              "POST /tokenize", "GET /v1/models", "GET /health"}
+    statuses: Counter[tuple[str, int]] = Counter()
+    for operation in operations:
+        if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
+            continue  # a GET without parameters has no invalid form
+        _fuzz(operation, mode, statuses)
+    print(f"\nfuzzed ({mode.value}): " + ", ".join(f"{label} {status}: {count}"
+                                                  for (label, status), count in sorted(statuses.items())))
+    assert all(status < 500 for _, status in statuses)
+    if mode is GenerationMode.POSITIVE:  # the engine was reached, not only the validation in front of it
+        assert statuses[("POST /v1/chat/completions", 200)] + statuses[("POST /v1/completions", 200)] >= 2
+
+
+def _fuzz(operation, mode: GenerationMode, statuses: Counter) -> None:
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def one_request(case):
+        if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) \
+                and zlib.crc32(repr(case.body).encode()) % 5:
+            case.body["model"] = MODEL
+        response = case.call_and_validate(checks=[not_a_server_error, response_schema_conformance],
+                                          headers={"Cache-Control": "no-store"}, timeout=60)
+        statuses[(operation.label, response.status_code)] += 1
+
+    one_request()
