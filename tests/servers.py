@@ -116,6 +116,11 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
+    def restart(self) -> "RedisServer":
+        """After a kill: the same port and data directory (what was persisted comes back)."""
+        self.kill()
+        return self.start()
+
 
 def wait_clear_of_window_edge() -> None:
     """Rate limits count per clock minute; keep a short test from straddling two windows."""
