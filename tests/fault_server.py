@@ -6,7 +6,8 @@ service itself carries no fault hooks. A request chooses its fault through its `
 - ``SAMPLING_FAULT_SEED``: choosing this request's tokens raises from its third token on (the fault
   of one sequence: its sampling), whether the row is sampled in a batch or alone;
 - ``DEVICE_FAULT_SEED``: every decode step raises once this request is decoding (a fault of no
-  sequence in particular, as a device error is).
+  sequence in particular, as a device error is);
+- ``HANG_FAULT_SEED``: the engine's next decode step never returns (a hung device).
 
 Usage: ``python -m tests.fault_server [ragllm serve flags...]``.
 """
@@ -14,9 +15,11 @@ Usage: ``python -m tests.fault_server [ragllm serve flags...]``.
 from __future__ import annotations
 
 import sys
+import time
 
 SAMPLING_FAULT_SEED = 666_013
 DEVICE_FAULT_SEED = 666_017
+HANG_FAULT_SEED = 666_023
 FAULT_AFTER_TOKENS = 2
 
 
@@ -48,6 +51,8 @@ def _install_faults() -> None:
     def decode_all_with_fault(self, results):
         if any(s.params.seed == DEVICE_FAULT_SEED and s.prefill_done for s in self.running):
             raise RuntimeError("injected fault: CUDA error: an illegal memory access was encountered")
+        if any(s.params.seed == HANG_FAULT_SEED and s.prefill_done for s in self.running):
+            time.sleep(3600)
         return decode_all(self, results)
 
     scheduler.Scheduler._decode_all = decode_all_with_fault

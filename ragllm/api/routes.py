@@ -154,7 +154,7 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
         return await _respond_whole(state, prepared, request, record, plan, headers, stream, timer)
     events = _stream_events(state, prepared, stream, timer, record, plan)
     return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record),
-                               late_headers=record.first_token_headers)
+                               late_headers=record.first_token_headers, on_abandon=lambda: _abandoned(state, record))
 
 
 # A whole (non-streaming) answer that broke off part-way is run again: the client has seen nothing.
@@ -198,6 +198,15 @@ async def _opened(state: AppState, prepared: PreparedRequest, request: Request,
 def _extensions(prepared: PreparedRequest, answer: str) -> dict | None:
     """Extension fields of a finished answer: the RAG report with its checked citations."""
     return {"rag": prepared.rag.report(answer)} if prepared.rag is not None else None
+
+
+def _abandoned(state: AppState, record: RequestRecord) -> bytes:
+    """A stream the server stops serving (its shutdown grace is over): recorded as the 503 it is, and
+    ended as every stream ends, with an error event and [DONE]."""
+    error = ShuttingDown(f"the server stopped before the answer was complete ({state.lifecycle.reason or 'shutdown'}); "
+                         "retry on another replica")
+    record.status, record.finish_reason = error.status_code, "error"
+    return error_event(error.to_envelope()) + DONE_EVENT
 
 
 def _disconnected(state: AppState, record: RequestRecord) -> None:

@@ -7,6 +7,7 @@ every token of every stream passes here, so this response talks ASGI itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -56,11 +57,13 @@ class EventStreamResponse(Response):
 
     def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
                  on_disconnect: Callable[[], None],
-                 late_headers: Callable[[], dict[str, str]] = dict) -> None:
+                 late_headers: Callable[[], dict[str, str]] = dict,
+                 on_abandon: Callable[[], bytes] = bytes) -> None:
         self.status_code = 200
         self.background = None
         self._events = events
         self._on_disconnect = on_disconnect
+        self._on_abandon = on_abandon  # the server stops mid-stream: the stream's last bytes
         self._late_headers = late_headers
         self.raw_headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
 
@@ -76,19 +79,24 @@ class EventStreamResponse(Response):
 
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         watcher.add_done_callback(cancel_sender)
+        started = False
         try:
             # Headers wait for the first event, so they can carry what it taught (queue time, TTFT).
             first = await anext(aiter(self._events), None)
             late = [(k.encode(), v.encode()) for k, v in self._late_headers().items()]
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers + late})
+            started = True
             if first is not None:
                 await send({"type": "http.response.body", "body": first, "more_body": True})
             async for chunk in self._events:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not disconnected:
-                raise  # the server is shutting down: let the cancellation through
+            if not disconnected:  # the server is stopping: end the stream properly, then let it go
+                if started:
+                    with contextlib.suppress(Exception):
+                        await send({"type": "http.response.body", "body": self._on_abandon(), "more_body": False})
+                raise
             sender.uncancel()
             self._on_disconnect()
         except OSError:  # the transport broke while sending

@@ -131,9 +131,9 @@ class Scheduler:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30) -> None:
         self._inbox.put(_SHUTDOWN)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout_s)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()

@@ -136,7 +136,9 @@ class TransformersEngine(Engine):
             self._canary.cancel()
             await asyncio.gather(self._canary, return_exceptions=True)
         if self._scheduler is not None:
-            await asyncio.to_thread(self._scheduler.stop)
+            # A broken engine's thread may be stuck in a step for good: do not wait for it (it is a
+            # daemon thread, gone with the process).
+            await asyncio.to_thread(self._scheduler.stop, 0 if self.health().restart_needed else 30)
 
     def _on_fatal(self, exc: BaseException) -> None:
         """Engine thread: a step failed for no sequence in particular (a device error)."""
@@ -178,15 +180,20 @@ class TransformersEngine(Engine):
         return [self._card] if self._card else []
 
     def health(self) -> EngineHealth:
-        if self._health.state is not EngineState.READY:
-            return self._health
+        if self._health.state is EngineState.READY:
+            broken = self._broken_now()
+            if broken is not None:  # latched: an engine found broken is not trusted again
+                self._health = broken
+        return self._health
+
+    def _broken_now(self) -> EngineHealth | None:
         if not self._scheduler.is_alive():
             return EngineHealth(EngineState.BROKEN, "engine thread has stopped", restart_needed=True)
         stalled_for = time.monotonic() - self._scheduler.last_progress
         if self._admitted and stalled_for > self.settings.stall_timeout_s:
             return EngineHealth(EngineState.BROKEN, f"the engine has completed no step for {stalled_for:.0f} s "
                                                     f"with {self._admitted} requests admitted", restart_needed=True)
-        return self._health
+        return None
 
     def stats(self) -> EngineStats:
         if self._scheduler is None:

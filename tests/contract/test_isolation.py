@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.fault_server import DEVICE_FAULT_SEED, SAMPLING_FAULT_SEED
+from tests.fault_server import DEVICE_FAULT_SEED, HANG_FAULT_SEED, SAMPLING_FAULT_SEED
 from tests.servers import MODEL, ServerProcess
 from tests.sse import post_stream
 
@@ -95,3 +95,19 @@ def test_a_device_fault_takes_the_engine_out_of_service_and_the_process_exits_70
     post_stream(exiting.url, _payload("Break the device.", DEVICE_FAULT_SEED), NO_CACHE)
     assert exiting.process.wait(timeout=30) == 70
     exiting.stop()
+
+
+def test_a_hung_engine_is_reported_and_the_process_exits_70(tmp_path):
+    server = ServerProcess(command=FAULT_SERVER, log_dir=tmp_path,
+                           env={"RAGLLM_ENGINE__STALL_TIMEOUT_S": "2"}).wait_ready()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hung = pool.submit(post_stream, server.url, _payload("Hang.", HANG_FAULT_SEED), NO_CACHE, timeout=30)
+            unhealthy = server.wait_until(lambda response: response.status_code == 503, timeout_s=10)
+            assert "completed no step" in unhealthy.json()["detail"]
+            assert server.process.wait(timeout=20) == 70
+            # The stream the hung engine held ends properly too, as a 503 the client can retry elsewhere.
+            result = hung.result()
+            assert result.ends_with_done and result.error["code"] == "server_shutting_down"
+    finally:
+        server.stop()
