@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 # Each class has ``from_settings(settings)`` taking the whole settings tree.
 ENGINES: dict[str, str] = {
     "transformers": "ragllm.engines.transformers_impl:TransformersEngine",
-    "upstream": "ragllm.engines.upstream:UpstreamEngine",
+    "upstream": "ragllm.engines.upstream.engine:UpstreamEngine",
     "vllm": "ragllm.engines.vllm:VllmEngine",
 }
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ragllm.engines.model_runner import ModelRunner
+from ragllm.engines.readback import TokenReadback
 from ragllm.engines.sampling import sample_next_tokens, sample_on_device, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta
@@ -70,34 +71,6 @@ class _LaunchedStep:
     logits: "torch.Tensor"
 
 
-class _TokenReadback:
-    """Copies chosen tokens to the host without waiting for work queued after them (on CUDA: into
-    pinned memory, then an event), so the next step can be launched before the copy is awaited."""
-
-    def __init__(self, size: int, cuda: bool) -> None:
-        self._cuda = cuda
-        if cuda:
-            self._host = torch.empty(size, dtype=torch.long, pin_memory=True)
-            self._event = torch.cuda.Event()
-        self._tokens: torch.Tensor | None = None
-        self._count = 0
-
-    def start(self, tokens: "torch.Tensor") -> "_TokenReadback":
-        self._count = len(tokens)
-        if self._cuda:
-            self._host[: self._count].copy_(tokens, non_blocking=True)
-            self._event.record()
-        else:
-            self._tokens = tokens
-        return self
-
-    def finish(self) -> list[int]:
-        if self._cuda:
-            self._event.synchronize()
-            return self._host[: self._count].tolist()
-        return self._tokens.tolist()
-
-
 class Scheduler:
     def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver,
                  launch_ahead: bool | None = None,
@@ -115,7 +88,7 @@ class Scheduler:
         self.num_steps = 0
         self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
         on_gpu = runner.device.type == "cuda"
-        self._readback = _TokenReadback(limits.max_batch_size, on_gpu)
+        self._readback = TokenReadback(limits.max_batch_size, on_gpu)
         # Launching the next step early only pays where it runs asynchronously (a GPU); on the CPU it
         # would compute the step before this one's tokens are delivered. Tests force it on.
         self.launch_ahead = on_gpu if launch_ahead is None else launch_ahead

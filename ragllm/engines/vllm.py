@@ -12,7 +12,7 @@ import shlex
 from ragllm.config import Settings
 from ragllm.engines.base import EngineHealth, EngineState
 from ragllm.engines.supervisor import ChildState, ChildSupervisor, SupervisorTimings
-from ragllm.engines.upstream import UpstreamEngine
+from ragllm.engines.upstream.engine import UpstreamEngine
 from ragllm.engines.vllm_args import vllm_serve_args
 
 

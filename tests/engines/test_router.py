@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ragllm.engines.router import ReplicaPool, affinity_key
+from ragllm.engines.upstream.router import ReplicaPool, affinity_key
 
 
 def _pool(slack: int = 1) -> ReplicaPool:

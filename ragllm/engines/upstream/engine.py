@@ -1,4 +1,4 @@
-"""The ``upstream`` engine: a pool of OpenAI-compatible servers behind the engine seam.
+"""The upstream engine: a pool of OpenAI-compatible servers behind the engine seam.
 
 vLLM, SGLang, llama.cpp's server, Ollama or another ragllm: requests go to one replica chosen by
 ``router.ReplicaPool`` over one keep-alive connection pool. A request fails over to another replica
@@ -12,25 +12,23 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
 from ragllm.config import EngineSettings, Settings, UpstreamSettings
 from ragllm.engines.base import (
-    Delta,
     DeltaStream,
     Engine,
     EngineHealth,
     EngineState,
     EngineStats,
-    FinishReason,
     GenerationRequest,
     ModelCard,
 )
-from ragllm.engines.router import Replica, ReplicaPool, affinity_key
-from ragllm.errors import EngineFailure, EngineInterrupted, EngineNotReady, RagLLMError
+from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
+from ragllm.engines.upstream.stream import UpstreamStream
+from ragllm.errors import EngineNotReady, RagLLMError
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 8192  # when an upstream does not report max_model_len
@@ -202,7 +200,7 @@ class UpstreamEngine(Engine):
                 return replica.models[0]["id"]
         return name or self.settings.model
 
-    async def _open(self, replica: Replica, request: GenerationRequest) -> "_UpstreamStream":
+    async def _open(self, replica: Replica, request: GenerationRequest) -> "UpstreamStream":
         import aiohttp
 
         path, body = self._payload(request)
@@ -219,7 +217,7 @@ class UpstreamEngine(Engine):
                 envelope = await _json(response)
                 response.release()
                 raise UpstreamError(response.status, envelope)
-            stream = _UpstreamStream(self, replica, response, request.request_id, request.incremental)
+            stream = UpstreamStream(self, replica, response, request.request_id, request.incremental)
             # A whole answer arrives at its end, so the total bound applies rather than the first-token one.
             first_delta_timeout = (self.upstream.first_token_timeout_s if request.incremental
                                    else self.upstream.total_timeout_s)
@@ -278,116 +276,3 @@ async def _json(response: Any) -> dict:
         return await response.json(content_type=None)
     except ValueError:
         return {"error": {"message": (await response.text())[:500]}}
-
-
-class _UpstreamStream(DeltaStream):
-    """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead."""
-
-    def __init__(self, engine: UpstreamEngine, replica: Replica, response: Any, request_id: str,
-                 incremental: bool = True) -> None:
-        self.request_id = request_id
-        self.response = response
-        self._engine, self._replica = engine, replica
-        self._events = self._parse() if incremental else self._parse_whole()
-        self._first: Delta | None = None
-        self._done = False
-
-    async def prefetch(self) -> None:
-        self._first = await anext(self._events)
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        import aiohttp
-
-        try:
-            if self._first is not None:
-                first, self._first = self._first, None
-                yield first
-            async for delta in self._events:
-                yield delta
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self._engine.pool.failed(self._replica)
-            raise EngineInterrupted(f"the upstream {self._replica.url} broke off the answer "
-                                    f"({type(exc).__name__}); the answer is incomplete") from exc
-        finally:
-            await self.aclose()
-
-    async def _parse(self) -> AsyncIterator[Delta]:
-        completion_tokens = prompt_tokens = 0
-        finish: FinishReason | None = None
-        async for raw in self.response.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            event = self._event(data)
-            usage = event.get("usage")
-            if usage:
-                prompt_tokens, completion_tokens = _usage_counts(usage, prompt_tokens, completion_tokens)
-            for choice in _choices(event):
-                text = _choice_text(choice)
-                if choice.get("finish_reason"):
-                    finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
-                if text:
-                    completion_tokens += 1  # one chunk ≈ one token until the usage chunk says exactly
-                    yield Delta(text=text, num_tokens=1, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens)
-        if finish is None:
-            raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
-        yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    finish_reason=finish)
-
-    async def _parse_whole(self) -> AsyncIterator[Delta]:
-        """A non-streaming answer: one delta with all of it."""
-        answer = self._event(await self.response.read())
-        choice = (_choices(answer) or [{}])[0]
-        text = _choice_text(choice)
-        if not choice.get("finish_reason"):
-            raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
-        prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
-        yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    finish_reason=FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP)
-
-    def _event(self, data: bytes) -> dict[str, Any]:
-        """One upstream JSON object; an error it reports, or anything malformed, as our EngineFailure."""
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise EngineFailure(f"the upstream {self._replica.url} sent malformed JSON: {data[:80]!r}") from exc
-        if not isinstance(event, dict):
-            raise EngineFailure(f"the upstream {self._replica.url} sent {type(event).__name__}, not an object")
-        if event.get("error") is not None:
-            error = event["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise EngineFailure(f"upstream error: {str(message)[:500]}")
-        return event
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            self.response.close()
-            self._engine._release(self._replica, failed=False)
-
-
-def _choices(event: dict[str, Any]) -> list[dict[str, Any]]:
-    choices = event.get("choices") or []
-    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
-        raise EngineFailure("the upstream sent malformed choices")
-    return choices
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    holder = choice.get("delta") or choice.get("message") or {}
-    text = (holder.get("content") if isinstance(holder, dict) else None) or choice.get("text") or ""
-    if not isinstance(text, str):
-        raise EngineFailure("the upstream sent text that is not a string")
-    return text
-
-
-def _usage_counts(usage: Any, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
-    try:
-        return int(usage.get("prompt_tokens", prompt_tokens)), int(usage.get("completion_tokens", completion_tokens))
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise EngineFailure("the upstream sent malformed usage") from exc
