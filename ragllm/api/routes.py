@@ -53,7 +53,7 @@ from ragllm.telemetry.tracing import child_span
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 _STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
 _CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store skips the write."
 
