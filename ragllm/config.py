@@ -79,7 +79,8 @@ class EngineSettings(BaseModel):
                                  "+ Retry-After; None: no bound.")
     stall_timeout_s: float = Field(
         120.0, gt=0, description="With work queued, no completed engine step for this long makes the engine "
-                                 "unhealthy (/health 503).")
+                                 "unhealthy (/health 503); keep it above the longest step (a whole-context "
+                                 "prefill of the model on this hardware).")
     canary_interval_s: float = Field(
         30.0, gt=0, description="When idle this long, a one-token canary generation checks that the model "
                                 "still runs (readiness is work done, not a thread alive).")
