@@ -12,6 +12,9 @@ import time
 logger = logging.getLogger(__name__)
 
 EXIT_ENGINE_FAILED = 70  # EX_SOFTWARE: the orchestrator restarts the process
+# After an engine failure, /health keeps answering 503 with the reason this long before the exit, so
+# probes and operators see why the process is going away.
+FAILURE_EXIT_DELAY_S = 1.0
 
 
 class Lifecycle:
@@ -21,7 +24,7 @@ class Lifecycle:
         self.exit_code = 0
         self.reason = ""
         self._drain_started: float | None = None
-        self._exit_now = False
+        self._exit_at: float | None = None
 
     @property
     def draining(self) -> bool:
@@ -34,15 +37,15 @@ class Lifecycle:
             self.reason = reason
             logger.info("%s: draining %d requests in flight (grace %.0f s)", reason, self.in_flight, self.grace_s)
 
-    def request_exit(self, code: int, reason: str) -> None:
-        """Exit at the next tick, with ``code``."""
-        if not self._exit_now:
-            logger.critical("exiting with status %d: %s", code, reason)
-            self.exit_code, self.reason, self._exit_now = code, reason, True
+    def request_exit(self, code: int, reason: str, after_s: float = FAILURE_EXIT_DELAY_S) -> None:
+        """Exit with ``code`` in ``after_s`` seconds."""
+        if self._exit_at is None:
+            logger.critical("exiting with status %d in %.1f s: %s", code, after_s, reason)
+            self.exit_code, self.reason, self._exit_at = code, reason, time.monotonic() + after_s
 
     def should_exit(self) -> bool:
-        if self._exit_now:
-            return True
+        if self._exit_at is not None:
+            return time.monotonic() >= self._exit_at
         if self._drain_started is None:
             return False
         return self.in_flight == 0 or time.monotonic() - self._drain_started >= self.grace_s
