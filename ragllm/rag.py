@@ -85,11 +85,12 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
         return tokens <= budget and (cap is None or tokens - bare <= cap)
 
     best_count, best = 0, (bare_messages, bare)
-    everything = await render(len(request.ranked)) if request.ranked else best
+    reachable = within_reach(request.ranked, min(budget - bare, cap or budget), request.model.max_token_bytes)
+    everything = await render(reachable) if reachable else best
     if fits(everything[1]):  # the common case: two renders
-        best_count, best = len(request.ranked), everything
+        best_count, best = reachable, everything
     else:  # the largest prefix of the ranking that fits, by bisection
-        low, high = 0, len(request.ranked) - 1
+        low, high = 0, reachable - 1
         while low < high:
             middle = (low + high + 1) // 2
             candidate = await render(middle)
@@ -101,6 +102,21 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
     messages, tokens = best
     context = await asyncio.to_thread(_context, request, best_count, tokens - bare)
     return messages, context
+
+
+def within_reach(ranked: list[RagDocument], token_room: int, max_token_bytes: int | None) -> int:
+    """How many top-ranked documents could fit at all, known without tokenizing: a token covers at most
+    ``max_token_bytes`` bytes, so documents whose bytes alone need more tokens than there is room for
+    cannot fit. Tokenizing them would only cost time (and a request may carry thousands)."""
+    if max_token_bytes is None:
+        return len(ranked)
+    room_bytes, total = max(token_room, 0) * max_token_bytes, 0
+    for count, document in enumerate(ranked):
+        total += sum(len(part.encode()) for part in (document.id, document.text, document.title or "",
+                                                     document.source or ""))
+        if total > room_bytes:
+            return count
+    return len(ranked)
 
 
 def _context(request: PackRequest, used: int, context_tokens: int) -> RagContext:

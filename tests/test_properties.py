@@ -169,11 +169,13 @@ documents_strategy = st.lists(st.builds(
 
 @PROPERTY_SETTINGS
 @given(documents=documents_strategy, window=st.integers(60, 400), max_tokens=st.integers(1, 50),
-       cap=st.none() | st.integers(1, 200))
-def test_packing_keeps_the_longest_ranked_prefix_that_fits(documents, window, max_tokens, cap):
+       cap=st.none() | st.integers(1, 200), max_token_bytes=st.none() | st.just(81))
+def test_packing_keeps_the_longest_ranked_prefix_that_fits(documents, window, max_tokens, cap, max_token_bytes):
+    """With or without the byte bound (no word here is longer than 81 bytes, so it holds)."""
     engine = WordCountingEngine()
     ranked = rank(documents)
-    request = PackRequest(model=ModelCard("m", window), template=load_template("default@1"), ranked=ranked,
+    model = ModelCard("m", window, max_token_bytes=max_token_bytes)
+    request = PackRequest(model=model, template=load_template("default@1"), ranked=ranked,
                           messages=[{"role": "user", "content": "What is it?"}], template_kwargs=None,
                           max_tokens=max_tokens, options=RagOptions(max_context_tokens=cap), no_think=False)
     try:

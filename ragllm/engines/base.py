@@ -117,6 +117,9 @@ class ModelCard:
     thinking_switch: bool = False
     # The model understands a trailing ``/no_think`` in the user turn (set per model in settings).
     no_think_suffix: bool = False
+    # UTF-8 bytes of the vocabulary's longest token (None: unknown): a lower bound on the tokens a
+    # text needs, known without tokenizing it.
+    max_token_bytes: int | None = None
 
 
 class Engine(abc.ABC):

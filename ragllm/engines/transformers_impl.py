@@ -106,6 +106,7 @@ class TransformersEngine(Engine):
             sampling_defaults=loaded.sampling_defaults,
             thinking_switch="enable_thinking" in (self._tokenizer.chat_template or ""),
             no_think_suffix=self.settings.no_think_suffix,
+            max_token_bytes=_max_token_bytes(self._tokenizer),
         )
         if self._device.type == "cuda":
             # The engine thread and the event loop hand work back and forth through the GIL; at
@@ -298,6 +299,11 @@ class TransformersEngine(Engine):
 def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
     for sequence, item in results:
         sequence.sink.put_nowait(item)
+
+
+def _max_token_bytes(tokenizer: Any) -> int:
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(len(tokenizer.convert_tokens_to_string([token]).encode()) for token in tokens if token is not None)
 
 
 def _fingerprint(path: Any, dtype_name: str, device: Any, chat_template: str) -> str:
