@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ragllm.engines.base import (
@@ -20,6 +20,7 @@ from ragllm.engines.base import (
     GenerationRequest,
     ModelCard,
     SamplingParams,
+    TokenLogprob,
 )
 from ragllm.bounds import check_chat, check_completion, check_tokenize
 from ragllm.cache.keys import cache_key, is_deterministic
@@ -62,6 +63,7 @@ class PreparedRequest:
 class Outcome:
     text: str
     last: Delta
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
 
 
 class CompletionService:
@@ -74,7 +76,7 @@ class CompletionService:
     async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
         check_chat(body, self.bounds)
         model = self._model(body.model)
-        _refuse_unsupported_chat_fields(body)
+        _refuse_unsupported_chat_fields(body, self.engine)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -100,7 +102,7 @@ class CompletionService:
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, max_tokens, model.sampling_defaults),
+            params=_sampling_params(body, max_tokens, model.sampling_defaults, _chat_logprobs(body)),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
             incremental=bool(body.stream),
@@ -112,12 +114,12 @@ class CompletionService:
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
         check_completion(body, self.bounds)
         model = self._model(body.model)
-        _refuse_unsupported_completion_fields(body)
+        _refuse_unsupported_completion_fields(body, self.engine)
         request_id = f"cmpl-{os.urandom(16).hex()}"
         text, token_ids = _single_prompt(body.prompt)
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, body.max_tokens, model.sampling_defaults),
+            params=_sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs),
             prompt=text,
             prompt_token_ids=token_ids,
             incremental=bool(body.stream),
@@ -165,19 +167,22 @@ class CompletionService:
 
     async def run_to_end(self, stream: DeltaStream, timer: RequestTimer) -> Outcome:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: Delta | None = None
         try:
             async for delta in stream:
                 timer.on_delta(delta)
                 parts.append(delta.text)
+                logprobs += delta.logprobs or ()
                 last = delta
         finally:
             await stream.aclose()
         timer.on_finish(last)
-        return Outcome("".join(parts), last)
+        return Outcome("".join(parts), last, logprobs)
 
 
-def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float]) -> SamplingParams:
+def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float],
+                     logprobs: int | None = None) -> SamplingParams:
     """The request's values; where it leaves one out, the model's default, else OpenAI's."""
 
     def pick(name: str, fallback: float) -> float:
@@ -194,7 +199,15 @@ def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dic
         seed=body.seed,
         stop=_stop_strings(body.stop),
         ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs,
     )
+
+
+def _chat_logprobs(body: ChatCompletionRequest) -> int | None:
+    """OpenAI's pair: ``logprobs: true`` asks for them, ``top_logprobs`` for alternatives too."""
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -245,17 +258,21 @@ def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tup
 def _refuse_common(body: SamplingFields) -> None:
     if body.n not in (None, 1):
         raise Unsupported("only n=1 is supported; send several requests for several choices", param="n")
-    for field in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, field):
-            raise Unsupported(f"{field} is not supported (use repetition_penalty)", param=field)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise Unsupported(f"{name} is not supported (use repetition_penalty)", param=name)
     if body.logit_bias:
         raise Unsupported("logit_bias is not supported", param="logit_bias")
 
 
-def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
+def _refuse_logprobs_without_engine_support(wanted: bool, engine: Engine) -> None:
+    if wanted and not engine.supports_logprobs:
+        raise Unsupported(f"logprobs are not supported by the {engine.name} engine yet", param="logprobs")
+
+
+def _refuse_unsupported_chat_fields(body: ChatCompletionRequest, engine: Engine) -> None:
     _refuse_common(body)
-    if body.logprobs or body.top_logprobs:
-        raise Unsupported("logprobs are not supported", param="logprobs")
+    _refuse_logprobs_without_engine_support(bool(body.logprobs or body.top_logprobs), engine)
     if body.tools:
         raise Unsupported("tools are not supported: this server does not call tools", param="tools")
     if body.response_format is not None and body.response_format.type != "text":
@@ -263,12 +280,11 @@ def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
                           param="response_format")
 
 
-def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:
+def _refuse_unsupported_completion_fields(body: CompletionRequest, engine: Engine) -> None:
     _refuse_common(body)
     if body.echo:
         raise Unsupported("echo is not supported", param="echo")
-    if body.logprobs is not None:
-        raise Unsupported("logprobs are not supported", param="logprobs")
+    _refuse_logprobs_without_engine_support(body.logprobs is not None, engine)
     if body.suffix is not None:
         raise Unsupported("suffix is not supported", param="suffix")
     if body.best_of not in (None, 1):
@@ -290,8 +306,8 @@ NO_CACHE = CachePlan(None, False, False)
 def cache_plan(prepared: PreparedRequest, tenant: str | None, cache_control: str | None, enabled: bool) -> CachePlan:
     """Deterministic requests are cached; ``Cache-Control: no-cache`` skips the lookup and
     ``no-store`` the write, as in HTTP."""
-    if not enabled or not is_deterministic(prepared.generation):
-        return NO_CACHE
+    if not enabled or not is_deterministic(prepared.generation) or prepared.generation.params.logprobs is not None:
+        return NO_CACHE  # the cache keeps text and usage, not log probabilities
     directives = {part.strip().lower() for part in (cache_control or "").split(",")}
     return CachePlan(
         key=cache_key(prepared.model, prepared.generation, tenant),

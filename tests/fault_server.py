@@ -24,7 +24,7 @@ FAULT_AFTER_TOKENS = 2
 
 
 def _install_faults() -> None:
-    from ragllm.engines import scheduler
+    from ragllm.engines import sampling, scheduler
 
     calls: dict[int, int] = {}
 
@@ -43,8 +43,10 @@ def _install_faults() -> None:
             return sampler(logits, params, *args, **kwargs)
         return sampler_with_fault
 
+    # The scheduler's batched choice, and the row-by-row retry in the sampling module.
     scheduler.sample_next_tokens = wrap_sampler(scheduler.sample_next_tokens)
     scheduler.sample_on_device = wrap_sampler(scheduler.sample_on_device)
+    sampling.sample_next_tokens = wrap_sampler(sampling.sample_next_tokens)
 
     decode_all = scheduler.Scheduler._decode_all
 

@@ -176,7 +176,7 @@ async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Re
                 raise
             stream, timer = await _opened(state, prepared, request, record)
     if prepared.strip_thinking:
-        outcome = Outcome(strip_thinking(outcome.text), outcome.last)
+        outcome = Outcome(strip_thinking(outcome.text), outcome.last, outcome.logprobs)
     await _finished(state, record, plan, outcome.text, outcome.last)
     return Response(full_response(prepared, outcome, _extensions(prepared, outcome.text)), media_type="application/json",
                     headers={**headers, **record.timing_headers()})
@@ -247,7 +247,7 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
                 text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
             if parts is not None:
                 parts.append(text)
-            events = encoder.text(text) if text else b""
+            events = encoder.text(text, delta.logprobs) if text or delta.logprobs else b""
             if opening:
                 record.queue_s, record.prompt_tokens = delta.queue_time_s, delta.prompt_tokens
                 events, opening = opening + events, b""

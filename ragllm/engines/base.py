@@ -25,6 +25,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks)
+    # None: no log probabilities; k: each token's, with the k most likely alternatives (0 to 20).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +53,16 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log probability under the model (before temperature and filtering, as
+    vLLM reports them by default), with the most likely alternatives at that position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(slots=True)
 class Delta:
     """New text for one request since the previous delta.
@@ -66,6 +78,7 @@ class Delta:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     queue_time_s: float | None = None  # set on the first delta
+    logprobs: list[TokenLogprob] | None = None  # the tokens since the previous delta, when asked for
 
 
 class DeltaStream(abc.ABC):
@@ -127,6 +140,8 @@ class Engine(abc.ABC):
     returns yields deltas until one carries a ``finish_reason``."""
 
     name: str
+    # Whether generate() honours SamplingParams.logprobs; the service refuses them (400) otherwise.
+    supports_logprobs: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:

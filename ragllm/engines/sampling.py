@@ -38,6 +38,23 @@ def sample_next_tokens(
     return tokens
 
 
+def sample_row_by_row(
+    logits: torch.Tensor,
+    params: Sequence["SamplingParams"],
+    histories: Sequence[list[int]],
+    generators: Sequence[torch.Generator | None],
+) -> list[int | Exception]:
+    """Each row's token chosen alone (after a batched choice failed), so that a fault ends only the
+    row it belongs to: its place holds the exception instead of a token."""
+    tokens: list[int | Exception] = []
+    for row, (row_params, history, generator) in enumerate(zip(params, histories, generators)):
+        try:
+            tokens += sample_next_tokens(logits[row : row + 1], [row_params], [history], [generator])
+        except Exception as exc:
+            tokens.append(exc)
+    return tokens
+
+
 def _choosable_on_device(params: "SamplingParams", generator: torch.Generator | None) -> bool:
     # A repetition penalty needs the history, a per-request seed the row's own generator.
     return params.repetition_penalty == 1.0 and (params.greedy or generator is None)

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ragllm.engines.logprobs import scores_on_device, scores_on_host
 from ragllm.engines.model_runner import ModelRunner
 from ragllm.engines.readback import TokenReadback
-from ragllm.engines.sampling import sample_next_tokens, sample_on_device, samplable_on_device
+from ragllm.engines.sampling import sample_next_tokens, sample_on_device, sample_row_by_row, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
@@ -250,13 +251,17 @@ class Scheduler:
             tokens = sample_on_device(logits, [s.params for s in decoding])
         except Exception:
             logger.warning("batched sampling failed; choosing row by row", exc_info=True)
-            self._record(decoding, self._choose_row_by_row(decoding, logits), results)
+            self._sample_and_record(decoding, logits, results, batched=False)
             return
+        # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
+        # step with scores to read back is not launched ahead.
+        scores = scores_on_device(decoding, tokens, logits)
         host_tokens = self._readback.start(tokens)
-        if self.launch_ahead and not self.waiting and all(s.status is SequenceStatus.DECODING for s in self.running):
+        if self.launch_ahead and scores is None and not self.waiting \
+                and all(s.status is SequenceStatus.DECODING for s in self.running):
             next_logits = self.runner.decode(0, tokens, [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
-        self._record(decoding, host_tokens.finish(), results)
+        self._record(decoding, host_tokens.finish(), results, scores_on_host(decoding, scores))
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
@@ -300,37 +305,38 @@ class Scheduler:
             budget = max(budget, MIN_PREFILL_CHUNK)
         return min(remaining, max(budget, 0))
 
-    def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
+    def _sample_and_record(self, batch: list[Sequence], logits, results: list, batched: bool = True) -> None:
         generators = [s.generator for s in batch]
         saved = [g.get_state() if g is not None else None for g in generators]
         try:
+            if not batched:
+                raise RuntimeError("batched sampling already failed")
             tokens: list = sample_next_tokens(logits, [s.params for s in batch], _histories(batch), generators)
         except Exception:
-            logger.warning("batched sampling failed; choosing row by row", exc_info=True)
+            if batched:
+                logger.warning("batched sampling failed; choosing row by row", exc_info=True)
             for generator, state in zip(generators, saved):  # as if the failed attempt never drew
                 if generator is not None:
                     generator.set_state(state)
-            tokens = self._choose_row_by_row(batch, logits)
-        self._record(batch, tokens, results)
+            tokens = sample_row_by_row(logits, [s.params for s in batch], _histories(batch), generators)
+        self._record(batch, tokens, results, self._scores(batch, tokens, logits))
 
     @staticmethod
-    def _choose_row_by_row(batch: list[Sequence], logits) -> list:
-        """Each row's token chosen alone, so a fault ends only the sequence it belongs to."""
-        tokens: list = []
-        for row, sequence in enumerate(batch):
-            try:
-                tokens += sample_next_tokens(logits[row : row + 1], [sequence.params], _histories([sequence]),
-                                             [sequence.generator])
-            except Exception as exc:
-                tokens.append(exc)
-        return tokens
+    def _scores(batch: list[Sequence], tokens: list, logits) -> list:
+        try:
+            return scores_on_host(batch, scores_on_device(batch, tokens, logits))
+        except Exception:  # scoring failed: the rows that asked for it fail alone, in _record
+            logger.warning("scoring logprobs failed", exc_info=True)
+            return [RuntimeError("computing logprobs failed") if s.params.logprobs is not None else None
+                    for s in batch]
 
-    def _record(self, batch: list[Sequence], tokens: list, results: list) -> None:
-        for sequence, token in zip(batch, tokens):
+    def _record(self, batch: list[Sequence], tokens: list, results: list, scores: list | None = None) -> None:
+        for sequence, token, token_scores in zip(batch, tokens, scores or [None] * len(batch)):
             try:
-                if isinstance(token, BaseException):
-                    raise token
-                delta = sequence.append_token(token)
+                for outcome in (token, token_scores):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                delta = sequence.append_token(token, token_scores)
             except Exception as exc:
                 self._fail_sequence(sequence, exc, results)
                 continue
@@ -368,8 +374,7 @@ class Scheduler:
                 self.runner.cache.move(new_slot + 1, new_slot, shifted.num_cached)
 
     def _fail_waiting(self, exc: BaseException) -> list[tuple[Sequence, BaseException]]:
-        failed = [(sequence, exc) for sequence in self.waiting]
-        self.waiting.clear()
+        failed, self.waiting = [(sequence, exc) for sequence in self.waiting], deque()
         return failed
 
     def _fail_running(self, exc: BaseException) -> list[tuple[Sequence, BaseException]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ragllm.engines.base import Delta, FinishReason, SamplingParams
+from ragllm.engines.base import Delta, FinishReason, SamplingParams, TokenLogprob
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
 
 
@@ -20,6 +20,9 @@ class SequenceStatus(enum.Enum):
     DECODING = "decoding"
     FINISHED = "finished"
 
+
+# A token's log probability and its top alternatives as (token id, log probability).
+TokenScores = tuple[float, list[tuple[int, float]]]
 
 # Receives deltas (or an exception) on the engine thread; it must hand them over to the event loop.
 DeltaSink = Callable[["Sequence", "Delta | BaseException"], None]
@@ -42,6 +45,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     queue_time_s: float | None = None
     tokens_since_delta: int = 0
+    token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
+    logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -70,10 +75,15 @@ class Sequence:
         if self.queue_time_s is None:
             self.queue_time_s = time.monotonic() - self.arrival_time
 
-    def append_token(self, token_id: int) -> Delta | None:
-        """Record a sampled token; returns a delta when there is something to tell the consumer."""
+    def append_token(self, token_id: int, scores: "TokenScores | None" = None) -> Delta | None:
+        """Record a sampled token (with its log probabilities, when asked for); returns a delta when
+        there is something to tell the consumer."""
         self.output_ids.append(token_id)
         self.tokens_since_delta += 1
+        if scores is not None and self.token_text is not None:
+            logprob, top = scores
+            self.logprobs_since_delta.append(TokenLogprob(
+                self.token_text(token_id), logprob, tuple((self.token_text(i), value) for i, value in top)))
         if token_id in self.stop_token_ids:
             # The end-of-sequence token adds no text, but text held back so far (an unfinished
             # character, a possible stop-string prefix) is part of the answer.
@@ -105,6 +115,9 @@ class Sequence:
             completion_tokens=len(self.output_ids),
             finish_reason=reason,
             queue_time_s=self.queue_time_s,
+            logprobs=self.logprobs_since_delta or None,
         )
         self.tokens_since_delta = 0
+        if self.logprobs_since_delta:
+            self.logprobs_since_delta = []
         return delta

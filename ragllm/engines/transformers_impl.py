@@ -7,6 +7,7 @@ scheduler's thread, which hands each step's deltas back to the loop in one call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -44,6 +45,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 class TransformersEngine(Engine):
     name = "transformers"
+    supports_logprobs = True
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
@@ -89,6 +91,9 @@ class TransformersEngine(Engine):
         self._stop_token_ids = loaded.stop_token_ids
         self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
         self._canary_token = next(iter(loaded.stop_token_ids), 0)  # any valid id serves
+        # A token's own text, for logprobs (decoded once per id, on the engine thread).
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda token_id: self._tokenizer.decode([token_id], skip_special_tokens=False))
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
         runner = self._runner(loaded.model, max_model_len)
         limits = SchedulerLimits(
@@ -263,6 +268,7 @@ class TransformersEngine(Engine):
             stop_matcher=StopMatcher(request.params.stop),
             sink=asyncio.Queue(),
             generator=generator,
+            token_text=self._token_text if request.params.logprobs is not None else None,
         )
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:

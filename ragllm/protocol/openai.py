@@ -72,8 +72,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32,
                                               description="Preferred spelling of max_tokens.")
-    logprobs: bool | None = Field(None, description="Not supported; must be false.")
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: bool | None = Field(None, description="Return each token's log probability (in-process engine).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely alternatives "
+                                                                    "at each position, up to 20.")
     response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
     tool_choice: Any = None
@@ -91,7 +92,8 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="One prompt: a string or a list of token ids (a one-element list of either is accepted).")
     echo: bool | None = Field(False, description="Not supported; must be false.")
-    logprobs: int | None = Field(None, description="Not supported; must be null.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log probability and this "
+                                                                "many alternatives (in-process engine).")
     suffix: str | None = Field(None, description="Not supported; must be null.")
     best_of: int | None = Field(None, description="Only 1 is supported.")
 
@@ -106,12 +108,28 @@ class Usage(_Wire):
 class ChatCompletionMessage(_Wire):
     role: Literal["assistant"]
     content: str
+    refusal: None = None
+
+
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Wire):
+    content: list[TokenLogprobEntry]
+    refusal: None = None
 
 
 class ChatChoice(_Wire):
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -126,10 +144,17 @@ class ChatCompletion(_Wire):
     usage: Usage
 
 
+class CompletionLogprobs(_Wire):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Wire):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 

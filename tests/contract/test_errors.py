@@ -47,7 +47,7 @@ def test_context_length_exceeded(client, model):
         ({"temperature": 3}, "temperature"),
         ({"n": 2}, "n"),
         ({"stop": 7}, "stop"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages[0].content"),

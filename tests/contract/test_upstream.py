@@ -258,3 +258,9 @@ def test_a_client_that_leaves_before_the_first_token_cancels_the_upstream_reques
     long_prompt = " ".join(f"Sentence {i} about the weather in town {i}." for i in range(300))
     body = {**LONG, "messages": [{"role": "user", "content": long_prompt}], "stream": True}
     assert _left_then_idle_s(cluster, body, first_token=False) <= 1.0
+
+
+def test_logprobs_are_refused_by_the_gateway_until_it_relays_them(cluster):
+    with pytest.raises(openai.BadRequestError) as error:
+        _chat(cluster.gateway, "Hi", logprobs=True)
+    assert error.value.body["param"] == "logprobs" and error.value.body["code"] == "unsupported_value"

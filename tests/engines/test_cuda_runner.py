@@ -215,3 +215,36 @@ def test_steps_launched_ahead_give_the_same_tokens(device):
             break
     assert launched_ahead > 10
     _assert_each_equals_its_solo_run(model, sequences, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
+    """Rows asking for logprobs beside rows that do not: their scores equal transformers' log_softmax,
+    the other rows' tokens are unchanged, and steps are launched ahead once no row needs scores."""
+    model = tiny_model("llama", seed=3).to(device)
+    runner = _runner(model, num_slots=4, max_batch_size=4)
+    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                                  chunked_prefill=False), deliver=lambda results: None,
+                          launch_ahead=True)
+    plain = [_sequence(f"plain{i}", p, 30) for i, p in enumerate(PROMPTS[:2])]
+    for sequence in plain:
+        sequence.stop_token_ids = frozenset()
+    scored = _sequence("scored", PROMPTS[2], 8)
+    scored.params = SamplingParams(temperature=0.0, logprobs=3)
+    scored.token_text = str
+    entries, launched_ahead = [], 0
+    for sequence in (*plain, scored):
+        scheduler.submit(sequence)
+    for _ in range(100):
+        entries += [e for s, item in scheduler.run_once() if s is scored for e in (item.logprobs or ())]
+        launched_ahead += scheduler._ahead is not None
+        if not scheduler.running:
+            break
+    assert launched_ahead > 0 and len(entries) == len(scored.output_ids)
+    ids = list(scored.prompt_ids)
+    for entry, token in zip(entries, scored.output_ids):
+        logprobs = torch.log_softmax(_reference(model, ids), dim=-1)
+        assert entry.token == str(token) and abs(entry.logprob - float(logprobs[token])) < 1e-3
+        assert [int(t) for t, _ in entry.top] == torch.topk(logprobs, 3).indices.tolist()
+        ids.append(token)
+    _assert_each_equals_its_solo_run(model, [scored], device)

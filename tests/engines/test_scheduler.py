@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ragllm.engines import sampling as sampling_module
 from ragllm.engines import scheduler as scheduler_module
 from ragllm.engines.base import FinishReason, SamplingParams
 from ragllm.engines.model_runner import ModelRunner
@@ -200,6 +201,7 @@ def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkey
         return real_sampler(logits, params, histories, generators)
 
     monkeypatch.setattr(scheduler_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
+    monkeypatch.setattr(sampling_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
     sequences = [_seeded(f"s{seed}", [5, 6, 7], 10, seed) for seed in (11, 12)]
     faulty = _seeded("s13", [5, 6, 7], 10, 13)
     scheduler = _scheduler()
@@ -273,3 +275,25 @@ def _run_steps(scheduler: Scheduler, sequences: list[Sequence], steps: int) -> N
         scheduler.submit(sequence)
     for _ in range(steps):
         scheduler.run_once()
+
+
+def test_logprobs_are_the_models_own_for_each_token_in_batches_and_alone():
+    def with_logprobs(request_id: str, prompt: list[int], top: int) -> Sequence:
+        sequence = _sequence(request_id, prompt, 6)
+        sequence.params = SamplingParams(temperature=0.0, logprobs=top)
+        sequence.token_text = lambda token: f"<{token}>"
+        return sequence
+
+    asked, plain = with_logprobs("asked", [1, 2, 3], 2), _sequence("plain", [4, 5], 6)
+    results = _results_by_request(_scheduler(), {0: [asked, plain]})
+    entries = [entry for delta in results["asked"] for entry in (delta.logprobs or ())]
+    assert all(delta.logprobs is None for delta in results["plain"])
+    assert [e.token for e in entries] == [f"<{t}>" for t in asked.output_ids]
+    ids = list(asked.prompt_ids)
+    with torch.no_grad():
+        for entry, token in zip(entries, asked.output_ids):
+            logprobs = torch.log_softmax(MODEL(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            assert abs(entry.logprob - float(logprobs[token])) < 1e-4
+            top = torch.topk(logprobs, 2)
+            assert [t for t, _ in entry.top] == [f"<{int(i)}>" for i in top.indices]
+            ids.append(token)
