@@ -15,7 +15,7 @@ BASE = GenerationRequest(request_id="a", params=SamplingParams(temperature=0.0),
 
 CHANGED_PARAMS = {
     "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "min_p": 0.1,
-    "repetition_penalty": 1.2, "seed": 1, "stop": ("x",), "ignore_eos": True,
+    "repetition_penalty": 1.2, "seed": 1, "stop": ("x",), "ignore_eos": True, "logprobs": 2,
 }
 
 

@@ -38,7 +38,7 @@ class Cluster:
         # prompt's prefill can be cut short (the cancellation tests below rely on it).
         return ServerProcess(port=port, log_dir=self.log_dir, env={
             "RAGLLM_ENGINE__MAX_WAITING": "64", "RAGLLM_ENGINE__CHUNKED_PREFILL": "true",
-            "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "256"})
+            "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "128"})
 
     def ready(self) -> "Cluster":
         for server in self.upstreams:
@@ -254,13 +254,27 @@ def test_a_client_that_leaves_before_a_whole_answer_cancels_the_upstream_request
 
 
 def test_a_client_that_leaves_before_the_first_token_cancels_the_upstream_request(cluster):
-    # ~3,300 tokens: several seconds of prefill in 256-token steps before the first token.
+    # ~3,300 tokens: several seconds of prefill in 128-token steps before the first token.
     long_prompt = " ".join(f"Sentence {i} about the weather in town {i}." for i in range(300))
     body = {**LONG, "messages": [{"role": "user", "content": long_prompt}], "stream": True}
     assert _left_then_idle_s(cluster, body, first_token=False) <= 1.0
 
 
-def test_logprobs_are_refused_by_the_gateway_until_it_relays_them(cluster):
-    with pytest.raises(openai.BadRequestError) as error:
-        _chat(cluster.gateway, "Hi", logprobs=True)
-    assert error.value.body["param"] == "logprobs" and error.value.body["code"] == "unsupported_value"
+def test_logprobs_are_relayed_as_the_upstream_computed_them(cluster):
+    def logprobs(server, stream: bool) -> list[tuple]:
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], temperature=0,
+                      max_tokens=5, logprobs=True, top_logprobs=2, extra_headers=NO_CACHE)
+        if not stream:
+            content = _client(server).chat.completions.create(**kwargs).choices[0].logprobs.content
+        else:
+            chunks = _client(server).chat.completions.create(stream=True, **kwargs)
+            content = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in content]
+
+    direct = logprobs(cluster.upstreams[0], stream=False)
+    assert len(direct) == 5
+    assert logprobs(cluster.gateway, stream=False) == direct
+    assert logprobs(cluster.gateway, stream=True) == direct
+    legacy = _client(cluster.gateway).completions.create(model=MODEL, prompt="Once upon a", max_tokens=3,
+                                                         temperature=0, logprobs=2, extra_headers=NO_CACHE)
+    assert len(legacy.choices[0].logprobs.tokens) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2

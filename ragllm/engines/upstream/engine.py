@@ -51,6 +51,7 @@ class _RetryElsewhere(Exception):
 
 class UpstreamEngine(Engine):
     name = "upstream"
+    supports_logprobs = True  # asked of the upstream and relayed; one that sends none is an error
 
     def __init__(self, settings: EngineSettings, upstream: UpstreamSettings) -> None:
         self.settings = settings
@@ -217,7 +218,8 @@ class UpstreamEngine(Engine):
                 envelope = await _json(response)
                 response.release()
                 raise UpstreamError(response.status, envelope)
-            stream = UpstreamStream(self, replica, response, request.request_id, request.incremental)
+            stream = UpstreamStream(self, replica, response, request.request_id, request.incremental,
+                                    wants_logprobs=request.params.logprobs is not None)
             # A whole answer arrives at its end, so the total bound applies rather than the first-token one.
             first_delta_timeout = (self.upstream.first_token_timeout_s if request.incremental
                                    else self.upstream.total_timeout_s)
@@ -262,8 +264,12 @@ class UpstreamEngine(Engine):
             body["messages"] = request.messages
             if request.chat_template_kwargs:
                 body["chat_template_kwargs"] = request.chat_template_kwargs
+            if params.logprobs is not None:
+                body.update(logprobs=True, top_logprobs=params.logprobs)
             return "/v1/chat/completions", body
         body["prompt"] = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+        if params.logprobs is not None:
+            body["logprobs"] = params.logprobs
         return "/v1/completions", body
 
 

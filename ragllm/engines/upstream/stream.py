@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ragllm.engines.base import Delta, DeltaStream, FinishReason
+from ragllm.engines.base import Delta, DeltaStream, FinishReason, TokenLogprob
 from ragllm.engines.upstream.router import Replica
 from ragllm.errors import EngineFailure, EngineInterrupted
 
@@ -25,10 +25,11 @@ class UpstreamStream(DeltaStream):
     """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead."""
 
     def __init__(self, engine: "UpstreamEngine", replica: Replica, response: Any, request_id: str,
-                 incremental: bool = True) -> None:
+                 incremental: bool = True, wants_logprobs: bool = False) -> None:
         self.request_id = request_id
         self.response = response
         self._engine, self._replica = engine, replica
+        self._wants_logprobs = wants_logprobs
         self._events = self._parse() if incremental else self._parse_whole()
         self._first: Delta | None = None
         self._done = False
@@ -67,13 +68,13 @@ class UpstreamStream(DeltaStream):
             if usage:
                 prompt_tokens, completion_tokens = _usage_counts(usage, prompt_tokens, completion_tokens)
             for choice in _choices(event):
-                text = _choice_text(choice)
+                text, logprobs = _choice_text(choice), self._logprobs(choice)
                 if choice.get("finish_reason"):
                     finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
-                if text:
+                if text or logprobs:
                     completion_tokens += 1  # one chunk ≈ one token until the usage chunk says exactly
                     yield Delta(text=text, num_tokens=1, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens)
+                                completion_tokens=completion_tokens, logprobs=logprobs)
         if finish is None:
             raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
         yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -88,8 +89,23 @@ class UpstreamStream(DeltaStream):
             raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
         prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
         yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
+                    completion_tokens=completion_tokens, logprobs=self._logprobs(choice) if text else None,
                     finish_reason=FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP)
+
+    def _logprobs(self, choice: dict[str, Any]) -> list[TokenLogprob] | None:
+        """The choice's logprobs, when asked for: OpenAI's chat form or the completions' legacy form."""
+        if not self._wants_logprobs:
+            return None
+        logprobs = choice.get("logprobs")
+        if not logprobs:
+            if _choice_text(choice):
+                raise EngineFailure(f"the upstream {self._replica.url} sent no logprobs, though asked; "
+                                    "it may not support them")
+            return None
+        try:
+            return _chat_logprobs(logprobs) if "content" in logprobs else _legacy_logprobs(logprobs)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise EngineFailure(f"the upstream {self._replica.url} sent malformed logprobs") from exc
 
     def _event(self, data: bytes) -> dict[str, Any]:
         """One upstream JSON object; an error it reports, or anything malformed, as our EngineFailure."""
@@ -132,3 +148,16 @@ def _usage_counts(usage: Any, prompt_tokens: int, completion_tokens: int) -> tup
         return int(usage.get("prompt_tokens", prompt_tokens)), int(usage.get("completion_tokens", completion_tokens))
     except (AttributeError, TypeError, ValueError) as exc:
         raise EngineFailure("the upstream sent malformed usage") from exc
+
+
+def _chat_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
+    return [TokenLogprob(entry["token"], float(entry["logprob"]),
+                         tuple((top["token"], float(top["logprob"])) for top in entry.get("top_logprobs") or ()))
+            for entry in logprobs["content"] or ()]
+
+
+def _legacy_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:
+    tokens, values = logprobs["tokens"], logprobs["token_logprobs"]
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    return [TokenLogprob(token, float(value), tuple((t, float(v)) for t, v in (top or {}).items()))
+            for token, value, top in zip(tokens, values, tops, strict=True)]
