@@ -84,6 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         redoc_url=None,
         **_without_framework_telemetry(),
     )
+    metrics.watch_in_flight(lambda: state.lifecycle.in_flight)
     app.state.ragllm = state
     # Served by the lean routes, matched first; the FastAPI routes after them document the API.
     app.router.routes.extend(LEAN_ROUTES)

@@ -20,7 +20,7 @@ FAILURE_EXIT_DELAY_S = 1.0
 class Lifecycle:
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self.in_flight = 0  # generation requests being answered
+        self.in_flight = 0  # API requests being answered (generation, tokenize, models)
         self.exit_code = 0
         self.reason = ""
         self._drain_started: float | None = None

@@ -8,16 +8,33 @@ ever truncated silently.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ragllm.engines.base import Engine, GenerationRequest, ModelCard, SamplingParams
 from ragllm.errors import ContextLengthExceeded
 from ragllm.prompting import RagTemplate, parse_citations, render_messages, with_no_think
 from ragllm.protocol.rag import RagDocument, RagOptions
 
+T = TypeVar("T")
+
 # Room kept for the answer when a RAG request sets no max_tokens.
 DEFAULT_ANSWER_TOKENS = 512
+# Past these, ranking, rendering and reporting documents run on a worker thread; below them the work
+# takes microseconds, less than a hop to a thread and back (which on a busy GPU engine can wait for
+# the GIL a whole switch interval).
+MANY_DOCUMENTS = 256
+LARGE_DOCUMENTS_CHARS = 256 * 1024
+
+
+def is_heavy(documents: list[RagDocument]) -> bool:
+    return len(documents) > MANY_DOCUMENTS or sum(len(d.text) for d in documents) > LARGE_DOCUMENTS_CHARS
+
+
+async def off_loop_if(heavy: bool, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, on a worker thread when the work is heavy, else right here."""
+    return await asyncio.to_thread(function, *args) if heavy else function(*args)
 
 
 @dataclass(slots=True)
@@ -66,9 +83,10 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
         messages = render_messages(request.template, request.ranked[:count], request.messages)
         return with_no_think(messages) if request.no_think else messages
 
+    heavy = is_heavy(request.ranked)
+
     async def render(count: int) -> tuple[list[dict[str, Any]], int]:
-        # Rendering many documents is string work in proportion to their size: off the event loop.
-        messages = await asyncio.to_thread(render_sync, count)
+        messages = await off_loop_if(heavy, render_sync, count)
         probe = GenerationRequest("count", SamplingParams(), messages=messages,
                                   chat_template_kwargs=request.template_kwargs)
         return messages, await engine.count_prompt_tokens(probe)
@@ -100,7 +118,7 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
                 high = middle - 1
         best_count = low
     messages, tokens = best
-    context = await asyncio.to_thread(_context, request, best_count, tokens - bare)
+    context = await off_loop_if(heavy, _context, request, best_count, tokens - bare)
     return messages, context
 
 

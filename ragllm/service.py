@@ -6,7 +6,6 @@ It turns OpenAI requests into engine requests (refusing what the engine cannot h
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.config import InputSettings
 from ragllm.prompting import load_template, rank
 from ragllm.protocol.rag import RagOptions
-from ragllm.rag import PackRequest, RagContext, pack
+from ragllm.rag import PackRequest, RagContext, is_heavy, off_loop_if, pack
 from ragllm.errors import EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
 from ragllm.protocol.openai import (
     MAX_STOP_SEQUENCES,
@@ -38,10 +37,6 @@ from ragllm.protocol.openai import (
     TokenizeRequest,
 )
 from ragllm.telemetry.metrics import Metrics, RequestTimer
-
-
-# Above this many documents, ranking them is done off the event loop.
-MANY_DOCUMENTS = 256
 
 
 @dataclass(slots=True)
@@ -76,7 +71,7 @@ class CompletionService:
     async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
         check_chat(body, self.bounds)
         model = self._model(body.model)
-        _refuse_unsupported_chat_fields(body, self.engine)
+        _refuse_unsupported_chat_fields(body)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -94,7 +89,7 @@ class CompletionService:
                 else:
                     no_think = model.no_think_suffix
             documents = body.documents or []
-            ranked = await asyncio.to_thread(rank, documents) if len(documents) > MANY_DOCUMENTS else rank(documents)
+            ranked = await off_loop_if(is_heavy(documents), rank, documents)
             messages, rag_context = await pack(self.engine, PackRequest(
                 model=model, template=load_template(options.template), ranked=ranked,
                 messages=messages, template_kwargs=template_kwargs or None, max_tokens=max_tokens,
@@ -114,7 +109,7 @@ class CompletionService:
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
         check_completion(body, self.bounds)
         model = self._model(body.model)
-        _refuse_unsupported_completion_fields(body, self.engine)
+        _refuse_unsupported_completion_fields(body)
         request_id = f"cmpl-{os.urandom(16).hex()}"
         text, token_ids = _single_prompt(body.prompt)
         generation = GenerationRequest(
@@ -265,14 +260,8 @@ def _refuse_common(body: SamplingFields) -> None:
         raise Unsupported("logit_bias is not supported", param="logit_bias")
 
 
-def _refuse_logprobs_without_engine_support(wanted: bool, engine: Engine) -> None:
-    if wanted and not engine.supports_logprobs:
-        raise Unsupported(f"logprobs are not supported by the {engine.name} engine yet", param="logprobs")
-
-
-def _refuse_unsupported_chat_fields(body: ChatCompletionRequest, engine: Engine) -> None:
+def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
     _refuse_common(body)
-    _refuse_logprobs_without_engine_support(bool(body.logprobs or body.top_logprobs), engine)
     if body.tools:
         raise Unsupported("tools are not supported: this server does not call tools", param="tools")
     if body.response_format is not None and body.response_format.type != "text":
@@ -280,11 +269,10 @@ def _refuse_unsupported_chat_fields(body: ChatCompletionRequest, engine: Engine)
                           param="response_format")
 
 
-def _refuse_unsupported_completion_fields(body: CompletionRequest, engine: Engine) -> None:
+def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:
     _refuse_common(body)
     if body.echo:
         raise Unsupported("echo is not supported", param="echo")
-    _refuse_logprobs_without_engine_support(body.logprobs is not None, engine)
     if body.suffix is not None:
         raise Unsupported("suffix is not supported", param="suffix")
     if body.best_of not in (None, 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -73,6 +74,18 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+
+
+def send_chat_raw(url: str, body: dict) -> socket.socket:
+    """A chat request (no cache) on a raw connection, so the test decides to the moment when the
+    client leaves (an HTTP client returns only once response headers arrive: with the first token, or
+    the whole answer). The caller closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+    return connection
 
 
 def metric_value(text: str, name: str) -> float:

@@ -19,6 +19,12 @@ class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than {limit} bytes")
 
+    def response(self) -> ASGIApp:
+        """The same refusal, answered directly (where no error handler is in reach yet)."""
+        from ragllm.api.handlers import http_error_response
+
+        return http_error_response(self)
+
 
 def declared_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
@@ -38,7 +44,7 @@ class BodyLimitMiddleware:
             return
         declared = declared_length(scope)
         if declared is not None and declared > self.limit:
-            await self._refuse(scope, receive, send)
+            await BodyTooLarge(self.limit).response()(scope, receive, send)
             return
         await self.app(scope, self._counting(receive), send)
 
@@ -55,10 +61,3 @@ class BodyLimitMiddleware:
             return message
 
         return counting_receive
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from ragllm.api.handlers import error_response
-
-        response = error_response(413, f"the request body is larger than {self.limit} bytes",
-                                  "invalid_request_error", code="request_too_large")
-        await response(scope, receive, send)

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 _HTTP_ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error",
                      413: "invalid_request_error", 429: "rate_limit_exceeded"}
+_HTTP_ERROR_CODES = {413: "request_too_large"}
 
 
 def error_response(status: int, message: str, error_type: str, param: str | None = None,
@@ -60,12 +61,17 @@ def _param_path(location: tuple) -> str | None:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return http_error_response(exc)
+
+
+def http_error_response(exc: HTTPException) -> Response:
+    """Starlette's and FastAPI's HTTP errors (and our own raised as such) in OpenAI's envelope."""
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     if exc.status_code == 400:  # FastAPI's body parser: undecodable bytes (invalid UTF-8, ...)
         return error_response(400, f"the request body could not be parsed: {exc.detail}", error_type,
                               code="invalid_body")
-    code = "request_too_large" if exc.status_code == 413 else None
-    return error_response(exc.status_code, str(exc.detail), error_type, code=code, headers=exc.headers)
+    return error_response(exc.status_code, str(exc.detail), error_type, code=_HTTP_ERROR_CODES.get(exc.status_code),
+                          headers=exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

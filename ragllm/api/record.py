@@ -141,14 +141,12 @@ class RequestRecordMiddleware:
                     message = {**message, "headers": [*message.get("headers", ()), *trace_header]}
             await send(message)
 
-        metrics.in_flight.inc()
         lifecycle = self.state.lifecycle
-        lifecycle.in_flight += 1
+        lifecycle.in_flight += 1  # what a drain waits for, and the in-flight gauge
         try:
             await self.app(scope, receive, recording_send)
         finally:
             lifecycle.in_flight -= 1
-            metrics.in_flight.dec()
             metrics.requests.labels(path, str(record.status)).inc()
             if path in GENERATION_PATHS:
                 await self._finish(record)

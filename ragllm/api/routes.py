@@ -237,11 +237,10 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
     parts: list[str] | None = [] if keep_text else None
     stripper = ThinkStripper() if prepared.strip_thinking else None
     opening = encoder.opening() or b""  # sent with the first delta, once its timings are known
-    started = False
+    started = False  # something was yielded: from then on errors are reported in-band
     try:
         async for delta in stream:
             timer.on_delta(delta)
-            started = True
             text = delta.text
             if stripper is not None:
                 text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
@@ -254,10 +253,12 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
             if delta.finish_reason is not None:
                 timer.on_finish(delta)
                 answer = "".join(parts or ())
+                started = True
                 yield events + encoder.closing(delta, _extensions(prepared, answer))
                 await _finished(state, record, plan, answer, delta)
                 return
             if events:
+                started = True
                 yield events
         raise EngineInterrupted("the engine ended the answer without finishing it")
     except Exception as exc:
@@ -265,7 +266,7 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
         if not started:
             raise error from exc
         record.status, record.finish_reason = error.status_code, "error"
-        yield (opening or b"") + error_event(error.to_envelope()) + DONE_EVENT
+        yield error_event(error.to_envelope()) + DONE_EVENT
     finally:
         await stream.aclose()
 

@@ -140,8 +140,6 @@ class Engine(abc.ABC):
     returns yields deltas until one carries a ``finish_reason``."""
 
     name: str
-    # Whether generate() honours SamplingParams.logprobs; the service refuses them (400) otherwise.
-    supports_logprobs: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:

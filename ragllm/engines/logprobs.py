@@ -28,8 +28,9 @@ class StepScores:
 
 def scores_on_device(batch: list["Sequence"], tokens: torch.Tensor | list, logits: torch.Tensor) -> StepScores | None:
     """None when no row asks for logprobs (the common case costs nothing)."""
-    rows = [row for row, sequence in enumerate(batch)
-            if sequence.params.logprobs is not None and not isinstance(tokens[row], BaseException)]
+    rows = [row for row, sequence in enumerate(batch) if sequence.params.logprobs is not None]
+    if isinstance(tokens, list):  # chosen row by row: a failed row holds its exception, not a token
+        rows = [row for row in rows if not isinstance(tokens[row], BaseException)]
     if not rows:
         return None
     index = torch.tensor(rows, device=logits.device)

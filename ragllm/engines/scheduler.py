@@ -191,7 +191,11 @@ class Scheduler:
         if limit is None:
             return
         deadline = time.monotonic() - limit
-        overdue = [s for s in self.waiting if s.arrival_time < deadline]
+        overdue = []
+        for sequence in self.waiting:  # in arrival order: only its head can be overdue
+            if sequence.arrival_time >= deadline:
+                break
+            overdue.append(sequence)
         overdue += [s for s in self.running if s.queue_time_s is None and s.arrival_time < deadline]
         for sequence in overdue:
             refusal = EngineOverloaded(f"the request waited {limit:g} s for the engine without starting; "
@@ -251,7 +255,8 @@ class Scheduler:
             tokens = sample_on_device(logits, [s.params for s in decoding])
         except Exception:
             logger.warning("batched sampling failed; choosing row by row", exc_info=True)
-            self._sample_and_record(decoding, logits, results, batched=False)
+            tokens = _choose_row_by_row(decoding, logits)
+            self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
             return
         # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
         # step with scores to read back is not launched ahead.
@@ -305,20 +310,8 @@ class Scheduler:
             budget = max(budget, MIN_PREFILL_CHUNK)
         return min(remaining, max(budget, 0))
 
-    def _sample_and_record(self, batch: list[Sequence], logits, results: list, batched: bool = True) -> None:
-        generators = [s.generator for s in batch]
-        saved = [g.get_state() if g is not None else None for g in generators]
-        try:
-            if not batched:
-                raise RuntimeError("batched sampling already failed")
-            tokens: list = sample_next_tokens(logits, [s.params for s in batch], _histories(batch), generators)
-        except Exception:
-            if batched:
-                logger.warning("batched sampling failed; choosing row by row", exc_info=True)
-            for generator, state in zip(generators, saved):  # as if the failed attempt never drew
-                if generator is not None:
-                    generator.set_state(state)
-            tokens = sample_row_by_row(logits, [s.params for s in batch], _histories(batch), generators)
+    def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
+        tokens = _choose(batch, logits)
         self._record(batch, tokens, results, self._scores(batch, tokens, logits))
 
     @staticmethod
@@ -384,6 +377,25 @@ class Scheduler:
             sequence.status = SequenceStatus.FINISHED
         self.running.clear()
         return failed
+
+
+def _choose(batch: list[Sequence], logits) -> list:
+    """One token a row, chosen together; if that fails, each row alone (a fault then ends only its own
+    row), seeded rows from their generator state before the failed attempt."""
+    generators = [s.generator for s in batch]
+    saved = [g.get_state() if g is not None else None for g in generators]
+    try:
+        return sample_next_tokens(logits, [s.params for s in batch], _histories(batch), generators)
+    except Exception:
+        logger.warning("batched sampling failed; choosing row by row", exc_info=True)
+        for generator, state in zip(generators, saved):
+            if generator is not None:
+                generator.set_state(state)
+        return _choose_row_by_row(batch, logits)
+
+
+def _choose_row_by_row(batch: list[Sequence], logits) -> list:
+    return sample_row_by_row(logits, [s.params for s in batch], _histories(batch), [s.generator for s in batch])
 
 
 def _histories(batch: list[Sequence]) -> list[list[int]]:

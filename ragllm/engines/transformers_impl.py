@@ -28,6 +28,7 @@ from ragllm.engines.base import (
     EngineStats,
     GenerationRequest,
     ModelCard,
+    SamplingParams,
 )
 from ragllm.engines.sequence import Sequence
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
@@ -45,7 +46,6 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 class TransformersEngine(Engine):
     name = "transformers"
-    supports_logprobs = True
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
@@ -162,8 +162,6 @@ class TransformersEngine(Engine):
                 await self._run_canary()
 
     async def _run_canary(self) -> None:
-        from ragllm.engines.base import SamplingParams
-
         request = GenerationRequest("canary-" + os.urandom(6).hex(), SamplingParams(max_tokens=1, temperature=0.0),
                                     prompt_token_ids=[self._canary_token])
         sequence = self._new_sequence(request, [self._canary_token])
@@ -328,11 +326,10 @@ class _QueueStream(DeltaStream):
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self._done:
             item = await self._queue.get()
-            if isinstance(item, RagLLMError):  # the engine's own verdict on this request
-                self._finish()
-                raise item
             if isinstance(item, BaseException):
                 self._finish()
+                if isinstance(item, RagLLMError):  # the engine's own verdict on this request
+                    raise item
                 raise EngineFailure(f"generation failed: {item}") from item
             if item.finish_reason is not None:
                 self._finish()

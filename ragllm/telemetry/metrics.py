@@ -77,6 +77,10 @@ class Metrics:
         """Export the engine's running/waiting counts, read at scrape time (no cost per step)."""
         self.registry.register(_EngineStatsCollector(stats, self.model_name))
 
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        """Requests being served, read at scrape time from the one counter the server keeps."""
+        self.in_flight.set_function(count)
+
     def request_timer(self) -> "RequestTimer":
         return RequestTimer(self)
 

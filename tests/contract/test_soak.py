@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import random
-import socket
 import threading
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ from collections import Counter
 import httpx
 import redis
 
-from tests.servers import MODEL, RedisServer, ServerProcess, free_port
+from tests.servers import MODEL, RedisServer, ServerProcess, free_port, send_chat_raw
 from tests.sse import post_stream
 
 LOAD_S = 45
@@ -79,11 +78,8 @@ def _oversized(url: str, rng: random.Random) -> tuple[str, str]:
 
 
 def _disconnecting(url: str, rng: random.Random) -> tuple[str, str]:
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({**_question(rng), "max_tokens": 64, "ignore_eos": True, "stream": rng.random() < 0.5}).encode()
-    with socket.create_connection((host, int(port))) as connection:
-        connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
-                           b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    body = {**_question(rng), "max_tokens": 64, "ignore_eos": True, "stream": rng.random() < 0.5}
+    with send_chat_raw(url, body):
         time.sleep(rng.uniform(0.05, 0.6))  # then leave, answered or not
     return "disconnecting", "left"
 

@@ -7,7 +7,6 @@ is the gateway in front of them.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import socket
 import time
 
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import MODEL, ServerProcess, free_port, metric_value
+from tests.servers import MODEL, ServerProcess, free_port, metric_value, send_chat_raw
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 LONG_DOCUMENTS = [{"id": "bridge", "text": "The Verdant Bridge in Oslund was completed in 1987. " * 8},
@@ -212,17 +211,6 @@ LONG = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very l
         "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
 
-def _send(url: str, body: dict) -> socket.socket:
-    """A chat request on a raw connection, so the test decides to the moment when the client leaves
-    (an HTTP client returns only once response headers arrive: with the first token, or the answer)."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    connection = socket.create_connection((host, int(port)))
-    connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                       b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
-    return connection
-
-
 def _read_until(connection: socket.socket, marker: bytes) -> None:
     received = b""
     while marker not in received:
@@ -234,7 +222,7 @@ def _read_until(connection: socket.socket, marker: bytes) -> None:
 def _left_then_idle_s(cluster, body: dict, first_token: bool) -> float:
     cluster.wait_all_upstreams_up()
     _wait_idle(cluster, 30)
-    connection = _send(cluster.gateway.url, body)
+    connection = send_chat_raw(cluster.gateway.url, body)
     _wait_busy(cluster)
     if first_token:
         _read_until(connection, b'"content":"')

@@ -51,7 +51,6 @@ class _RetryElsewhere(Exception):
 
 class UpstreamEngine(Engine):
     name = "upstream"
-    supports_logprobs = True  # asked of the upstream and relayed; one that sends none is an error
 
     def __init__(self, settings: EngineSettings, upstream: UpstreamSettings) -> None:
         self.settings = settings
