@@ -36,7 +36,11 @@ from ragllm.protocol.openai import (
     SamplingFields,
     TokenizeRequest,
 )
+from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
 from ragllm.telemetry.metrics import Metrics, RequestTimer
+
+# Fields an upstream engine receives as the client sent them (documented in the README).
+PASSTHROUGH_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS)
 
 
 @dataclass(slots=True)
@@ -95,12 +99,15 @@ class CompletionService:
                 messages=messages, template_kwargs=template_kwargs or None, max_tokens=max_tokens,
                 options=options, no_think=no_think))
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
+        passthrough = _passthrough(body)
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, max_tokens, model.sampling_defaults, _chat_logprobs(body)),
+            params=_sampling_params(body, max_tokens, model.sampling_defaults, _chat_logprobs(body),
+                                    structured_output_of(passthrough or {})),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
             incremental=bool(body.stream),
+            passthrough=passthrough,
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking = rag_context, strip_thinking
@@ -112,12 +119,15 @@ class CompletionService:
         _refuse_unsupported_completion_fields(body)
         request_id = f"cmpl-{os.urandom(16).hex()}"
         text, token_ids = _single_prompt(body.prompt)
+        passthrough = _passthrough(body)
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs),
+            params=_sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs,
+                                    structured_output_of(passthrough or {})),
             prompt=text,
             prompt_token_ids=token_ids,
             incremental=bool(body.stream),
+            passthrough=passthrough,
         )
         return self._prepared("completion", request_id, model, generation, body)
 
@@ -177,7 +187,7 @@ class CompletionService:
 
 
 def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float],
-                     logprobs: int | None = None) -> SamplingParams:
+                     logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
     """The request's values; where it leaves one out, the model's default, else OpenAI's."""
 
     def pick(name: str, fallback: float) -> float:
@@ -195,7 +205,16 @@ def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dic
         stop=_stop_strings(body.stop),
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
+        structured=structured,
     )
+
+
+def _passthrough(body: SamplingFields) -> dict[str, Any] | None:
+    """The structured-output fields the client set, as sent (an upstream gets them verbatim)."""
+    fields = body.model_dump(include=set(PASSTHROUGH_FIELDS), exclude_none=True)
+    if fields.get("response_format", {}).get("type") == "text":
+        del fields["response_format"]  # the default: nothing to pass on
+    return fields or None
 
 
 def _chat_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -264,9 +283,6 @@ def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
     _refuse_common(body)
     if body.tools:
         raise Unsupported("tools are not supported: this server does not call tools", param="tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise Unsupported(f"response_format {body.response_format.type!r} is not supported; only 'text'",
-                          param="response_format")
 
 
 def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:

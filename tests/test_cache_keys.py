@@ -8,6 +8,7 @@ import pytest
 
 from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.engines.base import GenerationRequest, ModelCard, SamplingParams
+from ragllm.structured.spec import StructuredOutput
 
 MODEL = ModelCard(id="m", max_model_len=100, fingerprint="fp_1")
 BASE = GenerationRequest(request_id="a", params=SamplingParams(temperature=0.0),
@@ -16,6 +17,7 @@ BASE = GenerationRequest(request_id="a", params=SamplingParams(temperature=0.0),
 CHANGED_PARAMS = {
     "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "min_p": 0.1,
     "repetition_penalty": 1.2, "seed": 1, "stop": ("x",), "ignore_eos": True, "logprobs": 2,
+    "structured": StructuredOutput("regex", "[ab]+"),
 }
 
 
@@ -34,6 +36,7 @@ def test_each_sampling_field_changes_the_key(field, value):
     dataclasses.replace(BASE, messages=[{"role": "system", "content": "hi"}]),
     dataclasses.replace(BASE, messages=None, prompt="hi"),
     dataclasses.replace(BASE, messages=None, prompt_token_ids=[1, 2]),
+    dataclasses.replace(BASE, passthrough={"structured_outputs": {"regex": "[ab]+"}}),
 ])
 def test_prompt_content_changes_the_key(changed):
     assert cache_key(MODEL, changed, "t") != cache_key(MODEL, BASE, "t")
@@ -55,3 +58,13 @@ def test_only_greedy_or_seeded_requests_are_deterministic():
     sampled = dataclasses.replace(BASE, params=SamplingParams(temperature=0.7))
     assert not is_deterministic(sampled)
     assert is_deterministic(dataclasses.replace(BASE, params=SamplingParams(temperature=0.7, seed=3)))
+
+
+def test_equal_constraints_share_a_key_and_different_ones_do_not():
+    def keyed(spec):
+        return cache_key(MODEL, dataclasses.replace(BASE, params=dataclasses.replace(BASE.params, structured=spec)), "t")
+
+    assert keyed(StructuredOutput("json_schema", '{"type":"object"}', "guided_json")) == \
+        keyed(StructuredOutput("json_schema", '{"type":"object"}', "guided_json"))
+    assert keyed(StructuredOutput("regex", "a+")) != keyed(StructuredOutput("regex", "b+"))
+    assert keyed(StructuredOutput("choice", '["a"]')) != keyed(StructuredOutput("grammar", '["a"]'))

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ragllm.structured.spec import StructuredOutput
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -27,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks)
     # None: no log probabilities; k: each token's, with the k most likely alternatives (0 to 20).
     logprobs: int | None = None
+    structured: StructuredOutput | None = None  # the answer must follow this schema, pattern or grammar
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +49,9 @@ class GenerationRequest:
     # False: only the whole answer matters (a non-streaming client); an upstream is then asked for
     # it in one piece rather than token by token, which spares parsing one event per token.
     incremental: bool = True
+    # Fields passed to an upstream as the client sent them (response_format, structured_outputs, ...);
+    # the in-process engine reads their meaning from ``params`` instead.
+    passthrough: dict[str, Any] | None = None
 
 
 class FinishReason(str, enum.Enum):

@@ -38,6 +38,7 @@ from ragllm.engines.sampling import sample_next_tokens, sample_on_device, sample
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
+from ragllm.structured.masks import TokenMasks
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_steps = 0
         self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
+        self._masks: TokenMasks | None = None  # made when a structured-output request first runs
         on_gpu = runner.device.type == "cuda"
         self._readback = TokenReadback(limits.max_batch_size, on_gpu)
         # Launching the next step early only pays where it runs asynchronously (a GPU); on the CPU it
@@ -251,11 +253,12 @@ class Scheduler:
             logits = ahead.logits
         else:
             logits = self.runner.decode(0, [s.output_ids[-1] for s in decoding], [s.next_position for s in decoding])
+        masked, failures = self._constrain(decoding, logits)
         try:
-            tokens = sample_on_device(logits, [s.params for s in decoding])
+            tokens = sample_on_device(masked, [s.params for s in decoding])
         except Exception:
             logger.warning("batched sampling failed; choosing row by row", exc_info=True)
-            tokens = _choose_row_by_row(decoding, logits)
+            tokens = _with_failures(_choose_row_by_row(decoding, masked), failures)
             self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
             return
         # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
@@ -266,7 +269,8 @@ class Scheduler:
                 and all(s.status is SequenceStatus.DECODING for s in self.running):
             next_logits = self.runner.decode(0, tokens, [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
-        self._record(decoding, host_tokens.finish(), results, scores_on_host(decoding, scores))
+        self._record(decoding, _with_failures(host_tokens.finish(), failures), results,
+                     scores_on_host(decoding, scores))
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
@@ -311,8 +315,22 @@ class Scheduler:
         return min(remaining, max(budget, 0))
 
     def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
-        tokens = _choose(batch, logits)
+        masked, failures = self._constrain(batch, logits)
+        tokens = _with_failures(_choose(batch, masked), failures)
         self._record(batch, tokens, results, self._scores(batch, tokens, logits))
+
+    def _constrain(self, batch: list[Sequence], logits) -> tuple["torch.Tensor", list | None]:
+        """The logits to choose from (structured-output rows masked to what their grammar allows) and
+        the rows whose grammar failed (None when no row follows one: the common case costs nothing)."""
+        if all(s.grammar is None for s in batch):
+            return logits, None
+        if self._masks is None:
+            self._masks = TokenMasks(logits.shape[-1], logits.device)
+        try:
+            return self._masks.apply(logits, [s.grammar for s in batch])
+        except Exception as exc:  # the masks themselves failed: the constrained rows end, the rest go on
+            logger.warning("computing token masks failed", exc_info=True)
+            return logits, [exc if s.grammar is not None else None for s in batch]
 
     @staticmethod
     def _scores(batch: list[Sequence], tokens: list, logits) -> list:
@@ -392,6 +410,13 @@ def _choose(batch: list[Sequence], logits) -> list:
             if generator is not None:
                 generator.set_state(state)
         return _choose_row_by_row(batch, logits)
+
+
+def _with_failures(tokens: list, failures: list | None) -> list:
+    """Rows whose grammar failed hold their error instead of a token (and end alone)."""
+    if failures is None:
+        return tokens
+    return [failure if failure is not None else token for token, failure in zip(tokens, failures)]
 
 
 def _choose_row_by_row(batch: list[Sequence], logits) -> list:

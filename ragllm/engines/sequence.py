@@ -12,6 +12,7 @@ import torch
 
 from ragllm.engines.base import Delta, FinishReason, SamplingParams, TokenLogprob
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.structured.grammars import Grammar
 
 
 class SequenceStatus(enum.Enum):
@@ -47,6 +48,7 @@ class Sequence:
     tokens_since_delta: int = 0
     token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
     logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
+    grammar: Grammar | None = None  # the structured output the answer must follow
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -88,9 +90,14 @@ class Sequence:
             # The end-of-sequence token adds no text, but text held back so far (an unfinished
             # character, a possible stop-string prefix) is part of the answer.
             return self._finish(FinishReason.STOP, self._flush_held_back()[0])
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
         if hit_stop:
             return self._finish(FinishReason.STOP, text)
+        if self.grammar is not None and self.grammar.finished:  # complete: only the end could follow
+            tail, _ = self._flush_held_back()
+            return self._finish(FinishReason.STOP, text + tail)
         if len(self.output_ids) >= self.max_tokens:
             tail, hit_stop = self._flush_held_back()
             return self._finish(FinishReason.STOP if hit_stop else FinishReason.LENGTH, text + tail)

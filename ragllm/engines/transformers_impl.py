@@ -32,6 +32,7 @@ from ragllm.engines.base import (
 )
 from ragllm.engines.sequence import Sequence
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.structured.grammars import GrammarCompiler
 from ragllm.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -91,6 +92,7 @@ class TransformersEngine(Engine):
         self._stop_token_ids = loaded.stop_token_ids
         self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
         self._canary_token = next(iter(loaded.stop_token_ids), 0)  # any valid id serves
+        self._grammars = GrammarCompiler(loaded.tokenizer, _logits_width(loaded.model), loaded.stop_token_ids)
         # A token's own text, for logprobs (decoded once per id, on the engine thread).
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda token_id: self._tokenizer.decode([token_id], skip_special_tokens=False))
@@ -213,6 +215,8 @@ class TransformersEngine(Engine):
         try:
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
             sequence = self._new_sequence(request, prompt_ids)
+            if request.params.structured is not None:
+                sequence.grammar = await asyncio.to_thread(self._grammars.grammar, request.params.structured)
         except BaseException:
             self._release_admission()
             raise
@@ -303,6 +307,12 @@ class TransformersEngine(Engine):
 def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
     for sequence, item in results:
         sequence.sink.put_nowait(item)
+
+
+def _logits_width(model: Any) -> int:
+    """Columns of the model's logits (the vocabulary it was trained with, often past the tokenizer's)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
 def _max_token_bytes(tokenizer: Any) -> int:

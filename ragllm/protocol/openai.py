@@ -37,7 +37,9 @@ class StreamOptions(_Wire):
 
 
 class ResponseFormat(_Wire):
-    type: str
+    type: str = Field(description="'text', 'json_object' or 'json_schema'.")
+    json_schema: dict[str, Any] | None = Field(
+        None, description="With type 'json_schema': {name, schema, strict}; the answer follows the schema.")
 
 
 class SamplingFields(_Wire):
@@ -66,6 +68,13 @@ class SamplingFields(_Wire):
                                            "at least 0.01.")
     ignore_eos: bool | None = Field(
         None, description="Extension: keep generating past end-of-sequence tokens (for benchmarks).")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="Extension (as in vLLM): constrain the answer to one of json (a JSON Schema), "
+                          "json_object, regex, choice (a list of strings) or grammar (Lark or GBNF).")
+    guided_json: dict[str, Any] | str | None = Field(None, description="Extension: vLLM's older structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="Extension: vLLM's older structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="Extension: vLLM's older structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="Extension: vLLM's older structured_outputs.grammar.")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -75,7 +84,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = Field(None, description="Return each token's log probability (in-process engine).")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely alternatives "
                                                                     "at each position, up to 20.")
-    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported.")
+    response_format: ResponseFormat | None = Field(
+        None, description="{'type': 'json_schema', 'json_schema': {...}} or {'type': 'json_object'} constrain the "
+                          "answer (enforced token by token in the in-process engine; passed on upstream).")
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
     tool_choice: Any = None
     # Extensions: the RAG contract (see the README) and template switches.

@@ -259,6 +259,7 @@ class UpstreamEngine(Engine):
                                     ("ignore_eos", params.ignore_eos, False)):
             if value != neutral:
                 body[key] = value
+        body.update(request.passthrough or {})  # structured outputs: the upstream enforces them
         if request.messages is not None:
             body["messages"] = request.messages
             if request.chat_template_kwargs:

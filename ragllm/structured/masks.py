@@ -1,0 +1,85 @@
+"""Token masks for the rows of a batch that follow a grammar, applied where the logits live.
+
+The masks are computed on the host (llguidance, in parallel, without the GIL) into a pinned buffer,
+copied to the device without blocking and unpacked there, so on a GPU a constrained row costs the
+host a fraction of a millisecond while the device is busy and never waits for a sync. Rows without
+a grammar are not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ragllm.structured.grammars import Grammar, GrammarViolation
+
+BITS = 32
+
+
+class TokenMasks:
+    """Masks for a model whose logits have ``vocab_size`` columns, on ``device``."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.words = (vocab_size + BITS - 1) // BITS
+        self._pinned = device.type == "cuda"
+        # Two host buffers in turn: a copy still in flight reads one while the next step fills the other.
+        self._buffers: list[torch.Tensor] = []
+        self._turn = 0
+        self._executor: Any = None
+        self._shifts = torch.arange(BITS, dtype=torch.int32, device=device)
+
+    def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
+        """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
+        the caller's logits stay as the model gave them, for log probabilities), and for each row the
+        error that ends it alone (its grammar failed or allows nothing), else None."""
+        rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+        failures: list[Exception | None] = [None] * len(grammars)
+        if not rows:
+            return logits, failures
+        bitmask = self._buffer(len(rows))
+        self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
+        allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
+        index = torch.tensor(rows, device=logits.device)
+        masked = logits.clone()
+        masked[index] = masked[index].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
+        return masked, failures
+
+    def _fill(self, bitmask: torch.Tensor, grammars: list[Grammar], failures: list, rows: list[int]) -> None:
+        import llguidance.torch
+
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor()
+        try:
+            llguidance.torch.fill_next_token_bitmask_par(
+                self._executor, [(g.matcher, i) for i, g in enumerate(grammars)], bitmask)
+        except Exception:  # one matcher misused: fill each alone, so only its own row fails
+            for i, grammar in enumerate(grammars):
+                try:
+                    llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
+                except Exception as exc:
+                    failures[rows[i]] = exc
+                    bitmask[i] = -1
+        empty = (bitmask == 0).all(dim=1).tolist()
+        for i, grammar in enumerate(grammars):
+            error = grammar.error()
+            if failures[rows[i]] is None and (error or empty[i]):
+                failures[rows[i]] = GrammarViolation(f"structured output: {error or 'no token can continue'}")
+                bitmask[i] = -1  # its tokens are not used; an all-masked row would only make NaNs
+
+    def _buffer(self, num_rows: int) -> torch.Tensor:
+        if not self._buffers or self._buffers[0].shape[0] < num_rows:
+            size = max(num_rows, 2 * self._buffers[0].shape[0] if self._buffers else 8)
+            self._buffers = [torch.empty((size, self.words), dtype=torch.int32, pin_memory=self._pinned)
+                             for _ in range(2)]
+        self._turn ^= 1
+        return self._buffers[self._turn][:num_rows]
+
+    def _unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """[rows, words] int32 → [rows, words * 32] bool, bit i of word w is token 32 w + i."""
+        return ((bitmask[:, :, None] >> self._shifts) & 1).bool().reshape(bitmask.shape[0], -1)

@@ -1,0 +1,113 @@
+"""What a request constrains its answer to, read from OpenAI's ``response_format`` or vLLM's
+``structured_outputs`` (and its older ``guided_*`` spellings).
+
+Only the shape of the request is checked here; whether a schema or grammar is one the engine can
+enforce is the grammar compiler's verdict (a 400 naming what it could not compile).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from ragllm.errors import InvalidRequest, Unsupported
+
+Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+# vLLM's older top-level spellings, each the same as one key of ``structured_outputs``.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
+_STRUCTURED_KEYS = {"json", "regex", "choice", "grammar", "json_object"}
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """``source`` is canonical text: sorted JSON for a schema or a choice list, the pattern or grammar
+    as sent otherwise; equal constraints compare (and cache) equal."""
+
+    kind: Kind
+    source: str = ""
+    param: str = field(default="response_format", compare=False)  # the request field it came from
+
+    def schema(self) -> dict[str, Any]:
+        return orjson.loads(self.source) if self.kind == "json_schema" else {"type": "object"}
+
+    def choices(self) -> list[str]:
+        return orjson.loads(self.source)
+
+
+def structured_output_of(fields: dict[str, Any]) -> StructuredOutput | None:
+    """The one constraint a request's fields ask for (None: free text); 400 for two at once or a
+    malformed one. ``fields`` holds ``response_format``, ``structured_outputs`` and ``guided_*`` as sent."""
+    found: list[tuple[str, StructuredOutput]] = []
+    response_format = fields.get("response_format")
+    if response_format is not None:
+        spec = _from_response_format(response_format)
+        if spec is not None:
+            found.append(("response_format", spec))
+    structured = fields.get("structured_outputs")
+    if structured is not None:
+        found += _from_structured_outputs(structured)
+    for name, key in GUIDED_FIELDS.items():
+        if fields.get(name) is not None:
+            found.append((name, _from_key(key, fields[name], name)))
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise InvalidRequest(f"ask for one structured output at a time, not several ({names})",
+                             param=found[1][0])
+    return found[0][1] if found else None
+
+
+def _from_response_format(response_format: dict[str, Any]) -> StructuredOutput | None:
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind == "json_schema":
+        wrapper = response_format.get("json_schema")
+        if not isinstance(wrapper, dict) or not isinstance(wrapper.get("schema"), dict):
+            raise InvalidRequest("response_format of type 'json_schema' needs json_schema.schema, a JSON Schema "
+                                 "object", param="response_format.json_schema.schema")
+        return _schema(wrapper["schema"], "response_format.json_schema.schema")
+    raise Unsupported(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+                      "'json_schema'", param="response_format.type")
+
+
+def _from_structured_outputs(structured: Any) -> list[tuple[str, StructuredOutput]]:
+    if not isinstance(structured, dict):
+        raise InvalidRequest("structured_outputs must be an object", param="structured_outputs")
+    keys = [key for key, value in structured.items() if value is not None and value is not False]
+    unknown = [key for key in keys if key not in _STRUCTURED_KEYS]
+    if unknown:
+        raise Unsupported(f"structured_outputs.{unknown[0]} is not supported; use one of "
+                          f"{', '.join(sorted(_STRUCTURED_KEYS))}", param=f"structured_outputs.{unknown[0]}")
+    return [(f"structured_outputs.{key}", _from_key(key, structured[key], f"structured_outputs.{key}"))
+            for key in keys]
+
+
+def _from_key(key: str, value: Any, param: str) -> StructuredOutput:
+    if key == "json_object":
+        return StructuredOutput("json_object", param=param)
+    if key == "json":
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param) from None
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+        return _schema(value, param)
+    if key == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidRequest(f"{param} must be a non-empty list of non-empty strings", param=param)
+        return StructuredOutput("choice", orjson.dumps(value).decode(), param)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{param} must be a non-empty string", param=param)
+    return StructuredOutput("regex" if key == "regex" else "grammar", value, param)
+
+
+def _schema(schema: dict[str, Any], param: str) -> StructuredOutput:
+    return StructuredOutput("json_schema", orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode(), param)
