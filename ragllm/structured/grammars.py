@@ -111,7 +111,7 @@ def _llguidance_grammar(spec: StructuredOutput) -> str:
 
     matcher = llguidance.LLMatcher
     if spec.kind in ("json_schema", "json_object"):
-        schema = spec.source if spec.kind == "json_schema" else ANY_OBJECT
+        schema = bounded_schema(spec.schema()) if spec.kind == "json_schema" else ANY_OBJECT
         return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS,
                                                 overrides={"whitespace_flexible": False})
     if spec.kind == "regex":
@@ -119,6 +119,64 @@ def _llguidance_grammar(spec: StructuredOutput) -> str:
     if spec.kind == "choice":
         return matcher.grammar_from_lark("start: " + " | ".join(orjson.dumps(c).decode() for c in spec.choices()))
     return llguidance.grammar_from("grammar", spec.source)  # Lark, or GBNF as llama.cpp writes it
+
+
+def bounded_schema(schema: Any) -> Any:
+    """``schema`` as the engine enforces it: the same answers, less what no client could use and a
+    model could run away in. Where a subschema says nothing of these:
+
+    - an object that lists its properties takes no others (``additionalProperties: false``): JSON
+      Schema would allow any extra key, and a model given that freedom invents keys instead of
+      filling the ones asked for. vLLM (xgrammar's strict mode) and OpenAI's strict structured
+      outputs read schemas the same way;
+    - an integer lies within ±(2^53 - 1), the range JSON numbers keep exactly across
+      implementations (RFC 8259, section 6), and a number below 10^15 in magnitude with at most 10
+      decimal places, so neither can be an endless run of digits;
+    - an email address is at most 254 characters (RFC 5321's limit) and a URI at most 2,083;
+    - a key the model names itself, in a map typed only by its values (``dict[str, int]``), is at
+      most 128 characters.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    bounded = dict(schema)
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            bounded[key] = {name: bounded_schema(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            bounded[key] = [bounded_schema(sub) for sub in value]
+        elif key in _SCHEMAS:
+            bounded[key] = bounded_schema(value)
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema \
+            and "patternProperties" not in schema:
+        bounded["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), dict) and not schema.get("properties") \
+            and "patternProperties" not in schema:
+        bounded["patternProperties"] = {f"^.{{0,{MAX_MAP_KEY_LENGTH}}}$": bounded["additionalProperties"]}
+        bounded["additionalProperties"] = False
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        limit = MAX_SAFE_INTEGER if kind == "integer" else MAX_NUMBER
+        if "minimum" not in schema and "exclusiveMinimum" not in schema:
+            bounded["minimum"] = -limit
+        if "maximum" not in schema and "exclusiveMaximum" not in schema:
+            bounded["maximum"] = limit
+        if kind == "number" and "multipleOf" not in schema:
+            bounded["multipleOf"] = NUMBER_STEP
+    if kind == "string" and "maxLength" not in schema and schema.get("format") in FORMAT_MAX_LENGTH:
+        bounded["maxLength"] = FORMAT_MAX_LENGTH[schema["format"]]
+    return bounded
+
+
+MAX_MAP_KEY_LENGTH = 128
+MAX_SAFE_INTEGER = 2**53 - 1
+MAX_NUMBER = 1e15
+NUMBER_STEP = 1e-10
+FORMAT_MAX_LENGTH = {"email": 254, "idn-email": 254, "uri": 2083, "iri": 2083, "hostname": 253}
+# Where a JSON Schema holds other schemas: by name, in a list, or as one.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames",
+            "unevaluatedProperties", "unevaluatedItems")
 
 
 def _refusal(spec: StructuredOutput, reason: str) -> InvalidRequest:

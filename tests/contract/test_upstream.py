@@ -7,6 +7,7 @@ is the gateway in front of them.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import socket
 import time
 
@@ -266,3 +267,22 @@ def test_logprobs_are_relayed_as_the_upstream_computed_them(cluster):
     legacy = _client(cluster.gateway).completions.create(model=MODEL, prompt="Once upon a", max_tokens=3,
                                                          temperature=0, logprobs=2, extra_headers=NO_CACHE)
     assert len(legacy.choices[0].logprobs.tokens) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_structured_outputs_reach_the_upstream_as_sent(cluster):
+    """The gateway enforces nothing itself: the upstream gets response_format and vLLM's fields as
+    the client sent them, and its answers come back unchanged."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    direct = _chat(cluster.upstreams[0], "Where is Paris?", max_tokens=60, response_format=response_format)
+    through = _chat(cluster.gateway, "Where is Paris?", max_tokens=60, response_format=response_format)
+    assert through.choices[0].message.content == direct.choices[0].message.content
+    assert set(json.loads(through.choices[0].message.content)) == {"city", "country"}
+    for extra in ({"guided_choice": ["yes", "no"]}, {"structured_outputs": {"regex": "(yes|no)!"}}):
+        answer = _chat(cluster.gateway, "Is Paris in France?", max_tokens=10, extra_body=extra).choices[0].message.content
+        assert answer in ("yes", "no", "yes!", "no!")
+    refused = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "guided_regex": "(unclosed"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "guided_regex"

@@ -1,0 +1,107 @@
+"""Grammars and token masks over the packaged model's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ragllm.config import load_settings
+from ragllm.errors import InvalidRequest
+from ragllm.structured.grammars import GrammarCompiler, GrammarViolation
+from ragllm.structured.masks import TokenMasks
+from ragllm.structured.spec import StructuredOutput, structured_output_of
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from ragllm.models import resolve_model
+
+    engine = load_settings().engine
+    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    return GrammarCompiler(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+
+
+def _walk(grammar, tokenizer, text: str) -> None:
+    """Feed ``text``'s tokens, checking each was allowed by the mask first."""
+    masks = TokenMasks(len(tokenizer), torch.device("cpu"))
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        masked, failures = masks.apply(torch.zeros(1, len(tokenizer)), [grammar])
+        assert failures == [None]
+        assert masked[0, token] == 0, f"token {token} ({tokenizer.decode([token])!r}) was masked"
+        grammar.accept(token)
+
+
+def test_a_valid_answer_passes_every_mask_and_completes_the_grammar(compiler, tokenizer):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["city", "n"]}
+    grammar = compiler.grammar(StructuredOutput("json_schema", json.dumps(schema)))
+    _walk(grammar, tokenizer, '{"city": "Paris", "n": 3}')
+    assert grammar.finished
+
+
+def test_a_token_outside_the_grammar_is_refused_and_masked(compiler, tokenizer):
+    grammar = compiler.grammar(structured_output_of({"guided_choice": ["yes", "no"]}))
+    masks = TokenMasks(len(tokenizer), torch.device("cpu"))
+    masked, _ = masks.apply(torch.zeros(1, len(tokenizer)), [grammar])
+    maybe = tokenizer.encode("maybe", add_special_tokens=False)[0]
+    assert masked[0, maybe] == float("-inf")
+    assert masked[0, tokenizer.encode("yes", add_special_tokens=False)[0]] == 0
+    with pytest.raises(GrammarViolation):
+        grammar.accept(maybe)
+
+
+def test_masks_leave_unconstrained_rows_and_the_callers_logits_alone(compiler, tokenizer):
+    grammar = compiler.grammar(StructuredOutput("regex", "[0-9]{3}"))
+    logits = torch.randn(3, len(tokenizer))
+    original = logits.clone()
+    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu")).apply(logits, [None, grammar, None])
+    assert failures == [None, None, None]
+    assert torch.equal(logits, original)
+    assert torch.equal(masked[0], original[0]) and torch.equal(masked[2], original[2])
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed and all(tokenizer.decode([t]).isdigit() for t in allowed)
+
+
+def test_grammars_are_compiled_once_per_constraint(compiler):
+    before = compiler.num_compiled
+    first = compiler.grammar(StructuredOutput("regex", "(ab)+c"))
+    second = compiler.grammar(StructuredOutput("regex", "(ab)+c", param="guided_regex"))
+    assert compiler.num_compiled == before + 1
+    assert first.matcher is not second.matcher  # each request gets its own position
+
+
+@pytest.mark.parametrize("spec, words", [
+    (StructuredOutput("json_schema", json.dumps({"type": "string", "format": "no-such-format"}),
+                      "response_format.json_schema.schema"), "no-such-format"),
+    (StructuredOutput("regex", "(unclosed", "guided_regex"), "regular expression"),
+    (StructuredOutput("grammar", "start: undefined_rule", "structured_outputs.grammar"), "grammar"),
+])
+def test_what_cannot_be_enforced_is_a_400_naming_the_field(compiler, spec, words):
+    with pytest.raises(InvalidRequest) as caught:
+        compiler.grammar(spec)
+    assert caught.value.param == spec.param
+    assert words in caught.value.message
+
+
+def test_gbnf_grammars_as_llama_cpp_writes_them_work(compiler, tokenizer):
+    grammar = compiler.grammar(StructuredOutput("grammar", 'root ::= "answer: " ("yes" | "no")'))
+    _walk(grammar, tokenizer, "answer: no")
+    assert grammar.finished
+
+
+def test_a_failed_grammar_fails_only_its_row(compiler, tokenizer):
+    broken = compiler.grammar(StructuredOutput("regex", "a+"))
+    broken.matcher.consume_token(tokenizer.encode("zzz", add_special_tokens=False)[0])  # now in error
+    healthy = compiler.grammar(StructuredOutput("regex", "b+"))
+    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu")).apply(
+        torch.zeros(2, len(tokenizer)), [broken, healthy])
+    assert isinstance(failures[0], GrammarViolation) and failures[1] is None
+    assert torch.isfinite(masked[1]).any()
