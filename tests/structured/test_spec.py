@@ -7,7 +7,7 @@ import pytest
 
 from ragllm.errors import InvalidRequest, Unsupported
 from ragllm.structured.grammars import MAX_SAFE_INTEGER, bounded_schema
-from ragllm.structured.spec import StructuredOutput, structured_output_of
+from ragllm.structured.spec import structured_output_of
 
 SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
 
