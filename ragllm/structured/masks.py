@@ -21,11 +21,12 @@ BITS = 32
 class TokenMasks:
     """Masks for a model whose logits have ``vocab_size`` columns, on ``device``."""
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.words = (vocab_size + BITS - 1) // BITS
         self._pinned = device.type == "cuda"
+        self._whole_batch = self._pinned if whole_batch is None else whole_batch
         # Two host buffers in turn: a copy still in flight reads one while the next step fills the other.
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
@@ -40,33 +41,46 @@ class TokenMasks:
         failures: list[Exception | None] = [None] * len(grammars)
         if not rows:
             return logits, failures
+        if self._whole_batch:
+            # On a GPU every row gets a mask (all ones where there is no grammar): indexing the rows
+            # would copy an index from pageable memory, which waits for the step in flight.
+            bitmask = self._buffer(len(grammars))
+            bitmask.fill_(-1)
+            self._fill(bitmask, grammars, failures)
+            allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
+            return logits.masked_fill(~allowed[:, : logits.shape[-1]], float("-inf")), failures
         bitmask = self._buffer(len(rows))
         self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
-        allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
-        index = torch.tensor(rows, device=logits.device)
+        allowed = self._unpack(bitmask)
+        index = torch.tensor(rows)
         masked = logits.clone()
         masked[index] = masked[index].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
         return masked, failures
 
-    def _fill(self, bitmask: torch.Tensor, grammars: list[Grammar], failures: list, rows: list[int]) -> None:
+    def _fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
+              rows: list[int] | None = None) -> None:
+        """Each grammar's mask into its row of ``bitmask``; ``rows`` maps them to the batch's rows
+        (None: one to one, rows without a grammar left as they are)."""
         import llguidance.torch
 
         if self._executor is None:
             import llguidance
 
             self._executor = llguidance.LLExecutor()
+        rows = rows if rows is not None else list(range(len(grammars)))
+        present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
         try:
             llguidance.torch.fill_next_token_bitmask_par(
-                self._executor, [(g.matcher, i) for i, g in enumerate(grammars)], bitmask)
+                self._executor, [(grammar.matcher, i) for i, grammar in present], bitmask)
         except Exception:  # one matcher misused: fill each alone, so only its own row fails
-            for i, grammar in enumerate(grammars):
+            for i, grammar in present:
                 try:
                     llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
                 except Exception as exc:
                     failures[rows[i]] = exc
                     bitmask[i] = -1
         empty = (bitmask == 0).all(dim=1).tolist()
-        for i, grammar in enumerate(grammars):
+        for i, grammar in present:
             error = grammar.error()
             if failures[rows[i]] is None and (error or empty[i]):
                 failures[rows[i]] = GrammarViolation(f"structured output: {error or 'no token can continue'}")

@@ -58,11 +58,13 @@ def test_a_token_outside_the_grammar_is_refused_and_masked(compiler, tokenizer):
         grammar.accept(maybe)
 
 
-def test_masks_leave_unconstrained_rows_and_the_callers_logits_alone(compiler, tokenizer):
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
+def test_masks_leave_unconstrained_rows_and_the_callers_logits_alone(compiler, tokenizer, whole_batch):
     grammar = compiler.grammar(StructuredOutput("regex", "[0-9]{3}"))
     logits = torch.randn(3, len(tokenizer))
     original = logits.clone()
-    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu")).apply(logits, [None, grammar, None])
+    masks = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch)
+    masked, failures = masks.apply(logits, [None, grammar, None])
     assert failures == [None, None, None]
     assert torch.equal(logits, original)
     assert torch.equal(masked[0], original[0]) and torch.equal(masked[2], original[2])
@@ -97,11 +99,13 @@ def test_gbnf_grammars_as_llama_cpp_writes_them_work(compiler, tokenizer):
     assert grammar.finished
 
 
-def test_a_failed_grammar_fails_only_its_row(compiler, tokenizer):
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
+def test_a_failed_grammar_fails_only_its_row(compiler, tokenizer, whole_batch):
     broken = compiler.grammar(StructuredOutput("regex", "a+"))
     broken.matcher.consume_token(tokenizer.encode("zzz", add_special_tokens=False)[0])  # now in error
     healthy = compiler.grammar(StructuredOutput("regex", "b+"))
-    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu")).apply(
-        torch.zeros(2, len(tokenizer)), [broken, healthy])
-    assert isinstance(failures[0], GrammarViolation) and failures[1] is None
-    assert torch.isfinite(masked[1]).any()
+    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch).apply(
+        torch.zeros(3, len(tokenizer)), [broken, None, healthy])
+    assert isinstance(failures[0], GrammarViolation) and failures[1] is None and failures[2] is None
+    assert torch.isfinite(masked[2]).any() and not torch.isfinite(masked[2]).all()
+    assert torch.isfinite(masked[1]).all()
