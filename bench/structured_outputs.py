@@ -1,0 +1,232 @@
+"""Structured outputs in the in-process engine: constrained against unconstrained decoding, side by
+side in one run, and what compiling a grammar costs the first time and from the cache.
+
+At each concurrency N, three batches run in turn (three rounds, medians reported):
+  free   N unconstrained streams (greedy, end-of-sequence ignored);
+  json   N streams under a JSON Schema that cannot end before the token budget (a long list of
+         records), so both produce the same number of tokens;
+  mixed  N/2 of each in one batch: the free rows' decode rate (from their 8th token, when every
+         row decodes) against the free batch's shows what the constrained neighbours cost them.
+
+    python bench/structured_outputs.py                        # packaged model, this CPU
+    python bench/structured_outputs.py --random qwen2.5-1.5b --tokenizer DIR --device cuda --concurrency 1,8,32
+      # random weights on a GPU; DIR holds a byte-level tokenizer (tokenizer.json, tokenizer_config.json)
+      # for the grammar, since the random checkpoint's own word-level one cannot spell JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from ragllm.config import DEFAULT_MODEL, EngineSettings  # noqa: E402
+from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+from ragllm.structured.spec import StructuredOutput, structured_output_of  # noqa: E402
+
+ROUNDS = 3
+SETTLED_AFTER = 8  # tokens a row has before its rate is measured
+RECORDS = {"type": "object", "required": ["records"], "properties": {"records": {
+    "type": "array", "minItems": 500, "items": {
+        "type": "object", "required": ["id", "label", "score", "ok"],
+        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
+                       "label": {"type": "string", "maxLength": 16},
+                       "score": {"type": "number", "minimum": 0, "maximum": 1},
+                       "ok": {"type": "boolean"}}}}}}
+# Compile-time probes: a small and a nested schema, a regular expression and a grammar.
+COMPILE_PROBES = {
+    "schema, 2 fields": {"guided_json": {"type": "object", "properties": {"answer": {"type": "string"},
+                                                                          "confidence": {"type": "number"}}}},
+    "schema, nested with $defs": {"guided_json": {
+        "type": "object", "properties": {"claims": {"type": "array", "items": {"$ref": "#/$defs/Claim"}},
+                                         "verdict": {"enum": ["supported", "refuted", "unknown"]}},
+        "required": ["claims", "verdict"], "$defs": {"Claim": {"type": "object", "properties": {
+            "text": {"type": "string"}, "sources": {"type": "array", "items": {"type": "integer"}},
+            "date": {"type": "string", "format": "date"}}, "required": ["text", "sources"]}}}},
+    "regex": {"guided_regex": r"(Yes|No)\. [A-Z][a-z ]{0,60}\."},
+    "grammar (GBNF)": {"guided_grammar": 'root ::= answer " [" id "]"\nanswer ::= [A-Za-z ]+\nid ::= [0-9]+'},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model id or path (default: packaged)")
+    parser.add_argument("--random", choices=sorted(ARCHITECTURES), help="random weights of this architecture")
+    parser.add_argument("--random-dir", type=Path, default=Path("bench/results/models"))
+    parser.add_argument("--tokenizer", type=Path, help="with --random: a directory with a byte-level tokenizer")
+    parser.add_argument("--concurrency", default="1,8", help="comma-separated stream counts")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per stream")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--json", type=Path, default=Path("bench/results/structured_outputs.json"))
+    return parser.parse_args(argv)
+
+
+def model_path(args: argparse.Namespace) -> str:
+    if not args.random:
+        return args.model
+    weights = build_random_checkpoint(args.random, args.random_dir / args.random)
+    if args.tokenizer is None:
+        sys.exit("--random needs --tokenizer: the random checkpoint's tokenizer cannot spell JSON")
+    target = args.random_dir / f"{args.random}-{args.tokenizer.name}"
+    target.mkdir(parents=True, exist_ok=True)
+    for source in (*weights.iterdir(), *args.tokenizer.iterdir()):  # the tokenizer's files win
+        if source.is_file() and not source.name.endswith(".safetensors"):
+            shutil.copy(source, target / source.name)
+    for weights_file in weights.glob("*.safetensors"):
+        link = target / weights_file.name
+        if not link.exists():
+            link.symlink_to(weights_file.resolve())
+    return str(target)
+
+
+async def run_batch(engine: TransformersEngine, constrained: list[bool], prompt: list[int], max_tokens: int,
+                    tag: str) -> dict:
+    spec = structured_output_of({"guided_json": RECORDS})
+
+    async def one(index: int, with_grammar: bool) -> tuple[bool, int, float]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=not with_grammar,
+                                structured=spec if with_grammar else None)
+        stream = await engine.generate(GenerationRequest(f"{tag}-{index}", params, prompt_token_ids=prompt))
+        tokens, settled, settled_at = 0, None, 0.0
+        async for delta in stream:
+            tokens = delta.completion_tokens
+            if settled is None and tokens >= SETTLED_AFTER:
+                settled, settled_at = tokens, time.perf_counter()
+        # The decode rate once every row of the batch decodes: rows join a step or two apart (a
+        # grammar is fetched before its request is queued) and a neighbour's prefill must not count.
+        if settled is None or tokens == settled:
+            return with_grammar, tokens, None
+        return with_grammar, tokens, (tokens - settled) / (time.perf_counter() - settled_at)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(i, c) for i, c in enumerate(constrained)))
+    wall = time.perf_counter() - started
+
+    def rate(kind: bool) -> float | None:
+        rates = [r for c, _, r in results if c == kind and r is not None]
+        return round(statistics.mean(rates), 2) if rates else None
+
+    return {"tokens": sum(t for _, t, _ in results), "wall_s": wall,
+            "tokens_per_s": sum(t for _, t, _ in results) / wall,
+            "free_row_tokens_per_s": rate(False), "json_row_tokens_per_s": rate(True)}
+
+
+async def compile_times(engine: TransformersEngine) -> list[dict]:
+    compiler = engine._grammars
+    rows = []
+    for name, fields in COMPILE_PROBES.items():
+        spec: StructuredOutput = structured_output_of(fields)
+        first = time.perf_counter()
+        await asyncio.to_thread(compiler.grammar, spec)
+        first = time.perf_counter() - first
+        cached = []
+        for _ in range(5):
+            start = time.perf_counter()
+            await asyncio.to_thread(compiler.grammar, spec)
+            cached.append(time.perf_counter() - start)
+        rows.append({"probe": name, "first_ms": round(first * 1e3, 2),
+                     "cached_ms": round(statistics.median(cached) * 1e3, 3)})
+    return rows
+
+
+async def main(args: argparse.Namespace) -> dict:
+    levels = [int(level) for level in args.concurrency.split(",")]
+    widest = max(levels)
+    settings = EngineSettings(model=model_path(args), device=args.device, max_num_seqs=widest,
+                              max_batch_size=widest, max_num_batched_tokens=max(1024, args.prompt_tokens),
+                              max_waiting=widest, max_queue_wait_s=None)
+    engine = TransformersEngine(settings)
+    await engine.start()
+    try:
+        # The tokenizer's index is built once per engine, before any grammar: timed on its own.
+        started = time.perf_counter()
+        await asyncio.to_thread(engine._grammars._llg_tokenizer)
+        tokenizer_index_s = time.perf_counter() - started
+        compiles = await compile_times(engine)
+        prompt = [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)]
+        await run_batch(engine, [False, True], prompt, 4, "warm")  # first-call allocations, lazy kernels
+        rows = []
+        for level in levels:
+            shapes = {"free": [False] * level, "json": [True] * level}
+            if level >= 2:
+                shapes["mixed"] = [i % 2 == 1 for i in range(level)]
+            runs: dict[str, list[dict]] = {name: [] for name in shapes}
+            for round_index in range(ROUNDS):  # interleaved, so drift hits every shape alike
+                for name, shape in shapes.items():
+                    runs[name].append(await run_batch(engine, shape, prompt, args.max_tokens,
+                                                      f"{name}-{level}-{round_index}"))
+            rows.append(summarise(level, runs))
+    finally:
+        await engine.aclose()
+    return {
+        "benchmark": "structured_outputs",
+        "model": args.random or args.model,
+        "random_weights": bool(args.random),
+        "tokenizer": str(args.tokenizer) if args.tokenizer else "the model's",
+        "device": engine.device_name,
+        "dtype": engine.dtype_name,
+        "machine": platform.processor() or platform.machine(),
+        "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens,
+        "rounds": ROUNDS,
+        "tokenizer_index_s": round(tokenizer_index_s, 3),
+        "compile": compiles,
+        "rows": rows,
+    }
+
+
+def summarise(level: int, runs: dict[str, list[dict]]) -> dict:
+    def median(name: str, key: str) -> float | None:
+        values = [run[key] for run in runs.get(name, []) if run[key] is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    row = {"concurrency": level}
+    for name in runs:
+        row[f"{name}_tokens_per_s"] = median(name, "tokens_per_s")
+    row["json_vs_free"] = round(row["json_tokens_per_s"] / row["free_tokens_per_s"], 3)
+    if "mixed" in runs:
+        row["mixed_free_row_tokens_per_s"] = median("mixed", "free_row_tokens_per_s")
+        row["free_row_tokens_per_s"] = median("free", "free_row_tokens_per_s")
+        row["mixed_free_rows_vs_free"] = round(row["mixed_free_row_tokens_per_s"] / row["free_row_tokens_per_s"], 3)
+    row["json_row_tokens_per_s"] = median("json", "json_row_tokens_per_s")
+    row["free_row_tokens_per_s"] = median("free", "free_row_tokens_per_s")
+    return row
+
+
+def print_table(report: dict) -> None:
+    print(f"\nstructured_outputs  model={report['model']}  device={report['device']}  dtype={report['dtype']}  "
+          f"prompt={report['prompt_tokens']}  output={report['max_tokens']} tokens/stream  "
+          f"medians of {report['rounds']} rounds")
+    header = (f"{'streams':>8} {'free tok/s':>11} {'json tok/s':>11} {'json/free':>10} {'mixed tok/s':>12} "
+              f"{'free row in mixed / alone':>26}")
+    print(header)
+    print("-" * len(header))
+    for row in report["rows"]:
+        mixed = row.get("mixed_tokens_per_s", "-")
+        ratio = row.get("mixed_free_rows_vs_free", "-")
+        print(f"{row['concurrency']:>8} {row['free_tokens_per_s']:>11} {row['json_tokens_per_s']:>11} "
+              f"{row['json_vs_free']:>10} {mixed!s:>12} {ratio!s:>26}")
+    print(f"\ngrammar compile  (tokenizer index, once per engine: {report['tokenizer_index_s'] * 1e3:.0f} ms)")
+    print(f"{'probe':<28} {'first ms':>9} {'cached ms':>10}")
+    for row in report["compile"]:
+        print(f"{row['probe']:<28} {row['first_ms']:>9} {row['cached_ms']:>10}")
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    report = asyncio.run(main(arguments))
+    print_table(report)
+    arguments.json.parent.mkdir(parents=True, exist_ok=True)
+    arguments.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {arguments.json}")
