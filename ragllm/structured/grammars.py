@@ -9,11 +9,10 @@ work is bounded by its parser limits, so no grammar can stall the engine.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from typing import Any
-
-import orjson
 
 from ragllm.errors import InvalidRequest
 from ragllm.structured.spec import StructuredOutput
@@ -117,7 +116,7 @@ def _llguidance_grammar(spec: StructuredOutput) -> str:
     if spec.kind == "regex":
         return matcher.grammar_from_regex(spec.source)
     if spec.kind == "choice":
-        return matcher.grammar_from_lark("start: " + " | ".join(orjson.dumps(c).decode() for c in spec.choices()))
+        return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choices()))
     return llguidance.grammar_from("grammar", spec.source)  # Lark, or GBNF as llama.cpp writes it
 
 

@@ -7,10 +7,9 @@ enforce is the grammar compiler's verdict (a 400 naming what it could not compil
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import orjson
 
 from ragllm.errors import InvalidRequest, Unsupported
 
@@ -32,10 +31,10 @@ class StructuredOutput:
     param: str = field(default="response_format", compare=False)  # the request field it came from
 
     def schema(self) -> dict[str, Any]:
-        return orjson.loads(self.source) if self.kind == "json_schema" else {"type": "object"}
+        return json.loads(self.source) if self.kind == "json_schema" else {"type": "object"}
 
     def choices(self) -> list[str]:
-        return orjson.loads(self.source)
+        return json.loads(self.source)
 
 
 def structured_output_of(fields: dict[str, Any]) -> StructuredOutput | None:
@@ -94,8 +93,8 @@ def _from_key(key: str, value: Any, param: str) -> StructuredOutput:
     if key == "json":
         if isinstance(value, str):
             try:
-                value = orjson.loads(value)
-            except orjson.JSONDecodeError as exc:
+                value = json.loads(value)
+            except ValueError as exc:
                 raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param) from None
         if not isinstance(value, dict):
             raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
@@ -103,11 +102,15 @@ def _from_key(key: str, value: Any, param: str) -> StructuredOutput:
     if key == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise InvalidRequest(f"{param} must be a non-empty list of non-empty strings", param=param)
-        return StructuredOutput("choice", orjson.dumps(value).decode(), param)
+        return StructuredOutput("choice", json.dumps(value), param)
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"{param} must be a non-empty string", param=param)
     return StructuredOutput("regex" if key == "regex" else "grammar", value, param)
 
 
 def _schema(schema: dict[str, Any], param: str) -> StructuredOutput:
-    return StructuredOutput("json_schema", orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode(), param)
+    return StructuredOutput("json_schema", _canonical(schema), param)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
