@@ -49,8 +49,8 @@ class Grammar:
 
 
 class GrammarCompiler:
-    """Turns structured-output requests into grammars for one tokenizer; compiled (validated)
-    grammars are kept by constraint, least recently used first out. Thread-safe; call it off the
+    """Turns structured-output requests into grammars for one tokenizer; compiled grammars are kept
+    by constraint, least recently used first out. Thread-safe; call it off the
     event loop (building the tokenizer's index takes about half a second, once)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int],
@@ -59,41 +59,43 @@ class GrammarCompiler:
         self._vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
         self._cache_size = cache_size
-        self._compiled: OrderedDict[StructuredOutput, str] = OrderedDict()
+        self._compiled: OrderedDict[StructuredOutput, Any] = OrderedDict()  # constraint → template matcher
         self._lock = threading.Lock()
         self._tokenizer: Any = None
         self.num_compiled = 0  # cache misses, for tests and metrics
 
     def grammar(self, spec: StructuredOutput) -> Grammar:
-        """A fresh position at the start of ``spec``'s grammar; 400 if it cannot be compiled."""
-        import llguidance
-
-        compiled = self._compile(spec)
-        matcher = llguidance.LLMatcher(self._llg_tokenizer(), compiled, log_level=0)
-        if matcher.is_error():
-            raise _refusal(spec, matcher.get_error())
-        return Grammar(matcher)
-
-    def _compile(self, spec: StructuredOutput) -> str:
+        """A fresh position at the start of ``spec``'s grammar; 400 if it cannot be compiled. Each is
+        a copy of one compiled matcher per constraint, so the copies share what the grammar's lexer
+        learns as it runs (its states are built lazily, once for all of them)."""
         with self._lock:
-            if spec in self._compiled:
+            template = self._compiled.get(spec)
+            if template is not None:
                 self._compiled.move_to_end(spec)
-                return self._compiled[spec]
+                return Grammar(template.deep_copy())
+        template = self._compile(spec)
+        with self._lock:
+            self.num_compiled += 1
+            self._compiled[spec] = template
+            while len(self._compiled) > self._cache_size:
+                self._compiled.popitem(last=False)
+            return Grammar(template.deep_copy())
+
+    def _compile(self, spec: StructuredOutput) -> Any:
         import llguidance
 
         try:
             compiled = _llguidance_grammar(spec)
         except ValueError as exc:
             raise _refusal(spec, str(exc)) from None
-        error = llguidance.LLMatcher.validate_grammar(compiled, self._llg_tokenizer())
+        tokenizer = self._llg_tokenizer()
+        error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer)
         if error:
             raise _refusal(spec, error)
-        with self._lock:
-            self.num_compiled += 1
-            self._compiled[spec] = compiled
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
-        return compiled
+        matcher = llguidance.LLMatcher(tokenizer, compiled, log_level=0)
+        if matcher.is_error():
+            raise _refusal(spec, matcher.get_error())
+        return matcher
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:
