@@ -1,23 +1,36 @@
 """RAG evaluation: the project's 44 cases (fictional facts, unanswerable questions, contradicting
-documents) asked through ragllm.client; per model, how often answers hold the expected fact, cite
-validly, decline when they should, notice contradictions, and how many tokens they take.
+documents) asked through ragllm.client, with citations parsed and with citations constrained; per
+model and mode, each category on its own: answerable (the expected fact, valid citations),
+unanswerable (declined, any citation), contradiction (both values given), and tokens taken.
+
+Facts match strictly: on word boundaries, case aside, numbers with their thousands separators
+removed ("1,987" is 1987; "19870" is not).
 
     python bench/rag_eval.py                         # starts a server with the packaged model
-    python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER]
+    python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER] [--citations parsed]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ragllm.client import Document, RagClient  # noqa: E402
-from tests.servers import MODEL, ServerProcess  # noqa: E402
+from ragllm.config import DEFAULT_MODEL  # noqa: E402
+from ragllm.protocol.rag import RagOptions  # noqa: E402
 
 CASES = Path(__file__).with_name("rag_eval_cases.json")
 DECLINE_PHRASES = ("not contain", "does not", "do not", "don't", "doesn't", "no information", "not mention",
@@ -30,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--url", help="server base URL; default: start one with the packaged model")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--citations", choices=("both", "parsed", "constrained"), default="both")
     parser.add_argument("--json", type=Path, default=Path("bench/results/rag_eval.json"))
     return parser.parse_args()
 
@@ -39,12 +53,21 @@ def declined(text: str) -> bool:
     return any(phrase in lowered for phrase in DECLINE_PHRASES)
 
 
-def evaluate(client: RagClient, cases: list[dict], max_tokens: int) -> dict:
+def fact_found(value: str, text: str) -> bool:
+    """``value`` as a whole word of ``text``, case aside, thousands separators removed from numbers."""
+    def normal(s: str) -> str:
+        return re.sub(r"(?<=\d)[,\u202f ](?=\d{3}\b)", "", s.lower())
+
+    return re.search(rf"(?<!\w){re.escape(normal(value))}(?!\w)", normal(text)) is not None
+
+
+def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str) -> dict:
     rows = []
     for case in cases:
         answer = client.answer(case["question"], [Document(**d) for d in case["documents"]], temperature=0,
-                               max_tokens=max_tokens, extra_headers={"Cache-Control": "no-cache, no-store"})
-        found = [value for value in case["expected"] if value.lower() in answer.text.lower()]
+                               max_tokens=max_tokens, options=RagOptions(citations=citations),
+                               extra_headers={"Cache-Control": "no-cache, no-store"})
+        found = [value for value in case["expected"] if fact_found(value, answer.text)]
         rows.append({"id": case["id"], "kind": case["kind"], "answer": answer.text, "found": found,
                      "cited": answer.cited, "unknown_citations": answer.unknown_citations,
                      "declined": declined(answer.text), "tokens": answer.prompt_tokens + answer.completion_tokens})
@@ -59,45 +82,69 @@ def summarize(rows: list[dict]) -> dict:
     answerable = [r for r in rows if r["kind"] == "answerable"]
     unanswerable = [r for r in rows if r["kind"] == "unanswerable"]
     contradictions = [r for r in rows if r["kind"] == "contradiction"]
+    valid = lambda r: r["cited"] and not r["unknown_citations"]  # noqa: E731
     return {
         "cases": len(rows),
-        "expected_fact": _share(answerable + contradictions, lambda r: r["found"]),
-        "valid_citations": _share(answerable + contradictions, lambda r: r["cited"] and not r["unknown_citations"]),
-        "any_unknown_citation": _share(rows, lambda r: r["unknown_citations"]),
+        "answerable_fact": _share(answerable, lambda r: r["found"]),
+        "answerable_valid_citations": _share(answerable, valid),
         "unanswerable_declined": _share(unanswerable, lambda r: r["declined"]),
+        "unanswerable_cited": _share(unanswerable, lambda r: r["cited"]),
         "contradiction_both_values": _share(contradictions, lambda r: len(r["found"]) == 2),
+        "contradiction_valid_citations": _share(contradictions, valid),
+        "any_unknown_citation": _share(rows, lambda r: r["unknown_citations"]),
         "mean_tokens": round(statistics.mean(r["tokens"] for r in rows), 1),
     }
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    """``ragllm serve`` with the packaged model on a free loopback port, once it is ready."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "ragllm.cli", "serve", "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    sys.exit("the server did not become ready")
 
 
 def main() -> None:
     args = parse_args()
     cases = json.loads(CASES.read_text())["cases"]
-    server = None
-    url = args.url
-    if url is None:
-        server = ServerProcess()
-        url = server.wait_ready().url
-    report = {"benchmark": "rag_eval", "cases_file": str(CASES), "max_tokens": args.max_tokens, "models": {}}
+    server, url = (None, args.url) if args.url else start_server()
+    modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
+    report = {"benchmark": "rag_eval", "cases_file": str(CASES), "max_tokens": args.max_tokens, "runs": {}}
     try:
-        for model in args.model or [MODEL]:
+        for model in args.model or [DEFAULT_MODEL]:
             client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=300)
-            report["models"][model] = evaluate(client, cases, args.max_tokens)
+            for mode in modes:
+                citations = "constrained" if mode == "constrained" else True
+                report["runs"][f"{model} / {mode}"] = evaluate(client, cases, args.max_tokens, citations)
             client.close()
     finally:
         if server is not None:
-            server.stop()
-    print(f"\nrag_eval  {len(cases)} cases  max_tokens={args.max_tokens}")
-    header = f"{'model':<40} {'fact':>6} {'cites':>6} {'unknown':>8} {'declined':>9} {'both':>6} {'tokens':>7}"
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+    print(f"\nrag_eval  {len(cases)} cases  max_tokens={args.max_tokens}  greedy")
+    header = (f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
+              f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7}")
     print(header)
     print("-" * len(header))
-    for model, result in report["models"].items():
+    for name, result in report["runs"].items():
         s = result["summary"]
-        print(f"{model:<40} {s['expected_fact']:>6.0%} {s['valid_citations']:>6.0%} {s['any_unknown_citation']:>8.0%} "
-              f"{s['unanswerable_declined']:>9.0%} {s['contradiction_both_values']:>6.0%} {s['mean_tokens']:>7}")
-    print("\nfact: answer holds the expected fact (answerable and contradiction cases); cites: cites a supplied "
-          "document and no unknown id; declined: unanswerable questions declined; both: contradiction cases "
-          "whose answer gives both values")
+        print(f"{name:<48} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
+              f"{s['unanswerable_declined']:>15.0%} {s['unanswerable_cited']:>12.0%} "
+              f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} {s['mean_tokens']:>7}")
+    print("\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no unknown id; "
+          "unans: unanswerable questions; contra both: contradiction cases whose answer gives both values")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

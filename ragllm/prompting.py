@@ -30,6 +30,8 @@ class RagTemplate:
     documents_header: str
     document: str
     document_separator: str
+    # What an answer says when the documents do not hold it (constrained citations allow exactly this).
+    decline: str = "The documents do not contain the answer."
 
 
 @lru_cache(maxsize=32)

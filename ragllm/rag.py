@@ -46,7 +46,7 @@ class RagContext:
     used: list[str]
     dropped: list[str]
     context_tokens: int
-    citations: bool
+    citations: bool | str  # True, False or "constrained" (RagOptions.citations)
 
     def report(self, answer: str) -> dict[str, Any]:
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
@@ -58,6 +58,7 @@ class RagContext:
             "citations": [c.model_dump() for c in citations],
             "unknown_citations": unknown,
             "cited": bool(citations),
+            "citation_mode": "constrained" if self.citations == "constrained" else "parsed" if self.citations else "off",
         }
 
 

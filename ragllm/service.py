@@ -36,6 +36,7 @@ from ragllm.protocol.openai import (
     SamplingFields,
     TokenizeRequest,
 )
+from ragllm.structured.citations import citation_pattern
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
 from ragllm.telemetry.metrics import Metrics, RequestTimer
 
@@ -100,10 +101,12 @@ class CompletionService:
                 options=options, no_think=no_think))
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         passthrough = _passthrough(body)
+        structured = structured_output_of(passthrough or {})
+        if rag_context is not None and rag_context.citations == "constrained":
+            structured, passthrough = _constrained_citations(rag_context, body, structured, passthrough)
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, max_tokens, model.sampling_defaults, _chat_logprobs(body),
-                                    structured_output_of(passthrough or {})),
+            params=_sampling_params(body, max_tokens, model.sampling_defaults, _chat_logprobs(body), structured),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
             incremental=bool(body.stream),
@@ -207,6 +210,21 @@ def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dic
         logprobs=logprobs,
         structured=structured,
     )
+
+
+def _constrained_citations(context: RagContext, body: ChatCompletionRequest, structured: StructuredOutput | None,
+                           passthrough: dict[str, Any] | None) -> tuple[StructuredOutput, dict[str, Any]]:
+    """The answer may cite only the packed documents, and must cite one unless it declines: as a
+    regular expression, enforced in process or by the upstream (vLLM's structured_outputs.regex)."""
+    if structured is not None:
+        raise InvalidRequest("rag.citations 'constrained' cannot be combined with another structured output "
+                             f"({structured.param})", param="rag.citations")
+    if body.rag is not None and body.rag.reasoning:
+        raise InvalidRequest("rag.citations 'constrained' cannot be combined with rag.reasoning: the thinking "
+                             "would be held to the citation pattern too", param="rag.citations")
+    pattern = citation_pattern(context.used, load_template(context.template).decline)
+    return StructuredOutput("regex", pattern, "rag.citations"), {**(passthrough or {}),
+                                                                 "structured_outputs": {"regex": pattern}}
 
 
 def _passthrough(body: SamplingFields) -> dict[str, Any] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -20,7 +22,10 @@ class RagOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     template: str = Field("default@1", description="Versioned prompt template.")
-    citations: bool = Field(True, description="Parse [id] citations out of the answer.")
+    citations: bool | Literal["constrained"] = Field(
+        True, description="true: parse [id] citations out of the answer; \"constrained\": also make decoding allow "
+                          "only well-formed citations of the packed documents, and at least one unless the answer "
+                          "declines with the template's sentence; false: neither.")
     max_context_tokens: int | None = Field(None, ge=1, description="Cap on tokens spent on documents.")
     reasoning: bool = Field(False, description="Let thinking models think (and keep <think> output).")
 
@@ -41,3 +46,4 @@ class RagReport(BaseModel):
     citations: list[Citation] = []
     unknown_citations: list[str] = []
     cited: bool = False
+    citation_mode: Literal["parsed", "constrained", "off"] = "parsed"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import socket
 import time
 
@@ -286,3 +287,14 @@ def test_structured_outputs_reach_the_upstream_as_sent(cluster):
     refused = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", timeout=30, json={
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "guided_regex": "(unclosed"})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "guided_regex"
+
+
+def test_constrained_citations_go_to_the_upstream_as_a_regular_expression(cluster):
+    from ragllm.structured.citations import citation_pattern
+
+    body = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", timeout=120, headers=NO_CACHE, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "When was the bridge completed?"}],
+        "documents": LONG_DOCUMENTS, "rag": {"citations": "constrained"}, "temperature": 0, "max_tokens": 80}).json()
+    answer = body["choices"][0]["message"]["content"]
+    assert body["rag"]["citation_mode"] == "constrained"
+    assert re.fullmatch(citation_pattern(["bridge", "ferry"], "The documents do not contain the answer."), answer), answer

@@ -1,0 +1,43 @@
+"""The constrained-citation pattern, in Python's regex engine and in the engine's grammar library."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ragllm.structured.citations import citation_pattern
+
+IDS = ["doc-1", "a.b", "x+y", "doc-10"]
+DECLINE = "The documents do not contain the answer."
+
+
+@pytest.mark.parametrize("answer, allowed", [
+    ("Paris is the capital. [doc-1]", True),
+    ("It opened in 1987.[doc-10] It closed in 2001! [a.b, x+y]", True),
+    ("It opened in 1987. [doc-1]\n- Then it closed. [x+y]", True),
+    (DECLINE, True),
+    ("No citation at all.", False),
+    ("Cites a document never supplied. [doc-2]", False),
+    ("A sentence. [doc-1] Another without one.", False),
+    ("A sentence. [doc-1] and then a word after the citation. [doc-1]", False),
+    ("Unclosed. [doc-1", False),
+    ("Empty brackets. []", False),
+    ("Nested. [[doc-1]]", False),
+    ("A citation inside [doc-1] a sentence. [doc-1]", False),
+    ("The documents do not contain the answer. Really.", False),
+])
+def test_every_sentence_is_followed_by_a_citation_of_a_packed_document(answer, allowed):
+    assert bool(re.fullmatch(citation_pattern(IDS, DECLINE), answer)) is allowed
+
+
+def test_without_documents_only_the_decline_is_allowed():
+    assert re.fullmatch(citation_pattern([], DECLINE), DECLINE)
+    assert not re.fullmatch(citation_pattern([], DECLINE), "Anything else [x].")
+
+
+def test_the_grammar_library_reads_the_pattern_as_python_does():
+    import llguidance
+
+    pattern = citation_pattern(IDS, DECLINE)
+    assert llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_regex(pattern)) == ""
