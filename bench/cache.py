@@ -7,7 +7,6 @@ in-memory one. Two real servers (same model, same settings but the backend) are 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -18,7 +17,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.servers import MODEL, ServerProcess  # noqa: E402
+from bench.report import write_report  # noqa: E402
+from bench.server import served  # noqa: E402
+from ragllm.config import DEFAULT_MODEL as MODEL  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,13 +74,9 @@ def main() -> None:
     }
     report = {"benchmark": "cache", "model": MODEL, "max_tokens": args.max_tokens, "rows": []}
     for backend, env in backends.items():
-        server = ServerProcess(env=env)
-        try:
-            server.wait_ready()
-            for kind, samples in measure(server.url, args).items():
+        with served(env) as url:
+            for kind, samples in measure(url, args).items():
                 report["rows"].append({"backend": backend, "kind": kind, **summarize(samples)})
-        finally:
-            server.stop()
     rows = {(r["backend"], r["kind"]): r for r in report["rows"]}
     report["hit_speedup_memory"] = round(rows["memory", "miss"]["p50_ms"] / rows["memory", "hit"]["p50_ms"], 1)
     report["hit_speedup_redis"] = round(rows["redis", "miss"]["p50_ms"] / rows["redis", "hit"]["p50_ms"], 1)
@@ -90,9 +87,7 @@ def main() -> None:
         print(f"{row['backend']:>8} {row['kind']:>5} {row['n']:>4} {row['p50_ms']:>9} {row['p95_ms']:>9} {row['mean_ms']:>9}")
     print(f"\nhit vs miss (p50): {report['hit_speedup_memory']}x faster in memory, "
           f"{report['hit_speedup_redis']}x with Redis; Redis adds {report['redis_added_ms_on_hit_p50']} ms to a hit")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

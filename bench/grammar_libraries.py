@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import write_report  # noqa: E402
 from ragllm.config import load_settings  # noqa: E402
 from ragllm.models import resolve_model  # noqa: E402
 
@@ -157,9 +158,7 @@ def main() -> None:
         print(f"{row['library']:<14} {row['tokenizer_index_ms']:>9} {row['compile_first_ms']:>11} "
               f"{row['compile_again_ms']:>9} {row['mask_median_us']:>8} {row['mask_first_ms']:>12} "
               f"{row['answer_allowed']!s:>6}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

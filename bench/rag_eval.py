@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import time
+from contextlib import nullcontext
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.report import write_report  # noqa: E402
+from bench.server import served  # noqa: E402
 from ragllm.client import Document, RagClient  # noqa: E402
 from ragllm.config import DEFAULT_MODEL  # noqa: E402
 from ragllm.protocol.rag import RagOptions  # noqa: E402
@@ -96,43 +92,18 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    """``ragllm serve`` with the packaged model on a free loopback port, once it is ready."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "ragllm.cli", "serve", "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)
-    sys.exit("the server did not become ready")
-
-
 def main() -> None:
     args = parse_args()
     cases = json.loads(CASES.read_text())["cases"]
-    server, url = (None, args.url) if args.url else start_server()
     modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
     report = {"benchmark": "rag_eval", "cases_file": str(CASES), "max_tokens": args.max_tokens, "runs": {}}
-    try:
+    with nullcontext(args.url) if args.url else served() as url:
         for model in args.model or [DEFAULT_MODEL]:
             client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=300)
             for mode in modes:
                 citations = "constrained" if mode == "constrained" else True
                 report["runs"][f"{model} / {mode}"] = evaluate(client, cases, args.max_tokens, citations)
             client.close()
-    finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
     print(f"\nrag_eval  {len(cases)} cases  max_tokens={args.max_tokens}  greedy")
     header = (f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
               f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7}")
@@ -145,9 +116,7 @@ def main() -> None:
               f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} {s['mean_tokens']:>7}")
     print("\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no unknown id; "
           "unans: unanswerable questions; contra both: contradiction cases whose answer gives both values")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import shutil
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from ragllm.config import DEFAULT_MODEL, EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
@@ -227,6 +227,4 @@ if __name__ == "__main__":
     arguments = parse_args()
     report = asyncio.run(main(arguments))
     print_table(report)
-    arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    arguments.json.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {arguments.json}")
+    write_report(arguments.json, report)
