@@ -20,7 +20,6 @@ from ragllm.structured.spec import StructuredOutput
 # Compact JSON with one space after separators, as models write it; no free whitespace, so a model
 # cannot run away in blanks between tokens.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
-ANY_OBJECT = '{"type": "object"}'
 
 
 class GrammarViolation(RuntimeError):
@@ -112,8 +111,7 @@ def _llguidance_grammar(spec: StructuredOutput) -> str:
 
     matcher = llguidance.LLMatcher
     if spec.kind in ("json_schema", "json_object"):
-        schema = bounded_schema(spec.schema()) if spec.kind == "json_schema" else ANY_OBJECT
-        return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS,
+        return matcher.grammar_from_json_schema(bounded_schema(spec.schema()), defaults=JSON_OPTIONS,
                                                 overrides={"whitespace_flexible": False})
     if spec.kind == "regex":
         return matcher.grammar_from_regex(spec.source)

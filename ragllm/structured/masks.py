@@ -20,7 +20,6 @@ class TokenMasks:
     """Masks for a model whose logits have ``vocab_size`` columns, on ``device``."""
 
     def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None) -> None:
-        self.vocab_size = vocab_size
         self.device = device
         self.words = (vocab_size + BITS - 1) // BITS
         self._pinned = device.type == "cuda"
@@ -71,6 +70,7 @@ class TokenMasks:
             except Exception as exc:  # a misused matcher: its own row fails
                 failures[rows[i]] = exc
                 bitmask[i] = -1
+        # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
         empty = (bitmask == 0).all(dim=1).tolist()
         for i, grammar in present:
             error = grammar.error()
