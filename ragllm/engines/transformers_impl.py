@@ -213,10 +213,9 @@ class TransformersEngine(Engine):
             raise EngineNotReady(health.detail or "engine is not ready")
         self._reserve_admission()
         try:
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, request)
+            prompt_ids, grammar = await asyncio.to_thread(self._prompt_and_grammar, request)
             sequence = self._new_sequence(request, prompt_ids)
-            if request.params.structured is not None:
-                sequence.grammar = await asyncio.to_thread(self._grammars.grammar, request.params.structured)
+            sequence.grammar = grammar
         except BaseException:
             self._release_admission()
             raise
@@ -241,6 +240,11 @@ class TransformersEngine(Engine):
     def _release_admission(self) -> None:
         with self._admission_lock:
             self._admitted -= 1
+
+    def _prompt_and_grammar(self, request: GenerationRequest) -> tuple[list[int], Any]:
+        """Off the event loop in one hop: the prompt's ids, and the structured output's grammar if any."""
+        structured = request.params.structured
+        return self._prompt_ids(request), self._grammars.grammar(structured) if structured is not None else None
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids
