@@ -20,23 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E402
+from bench.random_models import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from ragllm.config import DEFAULT_MODEL, EngineSettings  # noqa: E402
+from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model id or path (default: packaged)")
-    parser.add_argument("--random", choices=sorted(ARCHITECTURES), help="random weights of this architecture")
-    parser.add_argument("--random-dir", type=Path, default=Path("bench/results/models"))
-    parser.add_argument("--concurrency", default="1,4,8", help="comma-separated stream counts")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per stream")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--json", type=Path, default=Path("bench/results/engine_throughput.json"))
+    add_engine_arguments(parser, concurrency="1,4,8", json_name="engine_throughput.json")
     return parser.parse_args(argv)
 
 
@@ -80,7 +74,7 @@ async def main(args: argparse.Namespace) -> dict:
     engine = TransformersEngine(settings)
     await engine.start()
     try:
-        prompt = [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)]
+        prompt = synthetic_prompt(args.prompt_tokens)
         await run_level(engine, 1, prompt, 4)  # warm-up: first-call allocations, lazy kernels
         rows = [await run_level(engine, level, prompt, args.max_tokens) for level in levels]
     finally:

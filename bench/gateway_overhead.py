@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.server import stop  # noqa: E402
 GATEWAY_CORE, CLIENT_CORE = 0, 1
 API_KEY = "bench-secret-key"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -81,15 +82,6 @@ def _children(pid: int) -> list[int]:
 def start(command: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, preexec_fn=pinned(core), start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 async def wait_ready(url: str, path: str, headers: dict, timeout_s: float = 120) -> None:
@@ -229,7 +221,7 @@ async def main() -> None:
             await measure(target, args)
     finally:
         for process in processes:
-            stop(process)
+            stop(process, timeout_s=15)
     report(targets, args.output)
 
 

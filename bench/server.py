@@ -28,12 +28,17 @@ def served(env: dict[str, str] | None = None) -> Iterator[str]:
     try:
         yield _wait_ready(process, f"http://127.0.0.1:{port}")
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM to the process group, SIGKILL if it has not exited within ``timeout_s``."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _wait_ready(process: subprocess.Popen, url: str) -> str:

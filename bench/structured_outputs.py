@@ -27,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E402
+from bench.random_models import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from ragllm.config import DEFAULT_MODEL, EngineSettings  # noqa: E402
+from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
 from ragllm.structured.spec import StructuredOutput, structured_output_of  # noqa: E402
@@ -60,15 +61,8 @@ COMPILE_PROBES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model id or path (default: packaged)")
-    parser.add_argument("--random", choices=sorted(ARCHITECTURES), help="random weights of this architecture")
-    parser.add_argument("--random-dir", type=Path, default=Path("bench/results/models"))
+    add_engine_arguments(parser, concurrency="1,8", json_name="structured_outputs.json")
     parser.add_argument("--tokenizer", type=Path, help="with --random: a directory with a byte-level tokenizer")
-    parser.add_argument("--concurrency", default="1,8", help="comma-separated stream counts")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per stream")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--json", type=Path, default=Path("bench/results/structured_outputs.json"))
     return parser.parse_args(argv)
 
 
@@ -154,7 +148,7 @@ async def main(args: argparse.Namespace) -> dict:
         await asyncio.to_thread(engine._grammars._llg_tokenizer)
         tokenizer_index_s = time.perf_counter() - started
         compiles = await compile_times(engine)
-        prompt = [(7 * i) % 1000 + 10 for i in range(args.prompt_tokens)]
+        prompt = synthetic_prompt(args.prompt_tokens)
         await run_batch(engine, [False, True], prompt, 4, "warm")  # first-call allocations, lazy kernels
         rows = []
         for level in levels:
