@@ -36,7 +36,7 @@ def test_without_documents_only_the_decline_is_allowed():
     assert not re.fullmatch(citation_pattern([], DECLINE), "Anything else [x].")
 
 
-def test_the_grammar_library_reads_the_pattern_as_python_does():
+def test_the_grammar_library_accepts_the_pattern():
     import llguidance
 
     pattern = citation_pattern(IDS, DECLINE)
