@@ -54,6 +54,13 @@ class Unsupported(InvalidRequest):
     code = "unsupported_value"
 
 
+class ConstraintUnfollowable(InvalidRequest):
+    """The answer reached a point where its structured-output constraint allows nothing this model
+    can write; the constraint is at fault, not the service (400)."""
+
+    code = "structured_output_failed"
+
+
 class RequestTooLarge(InvalidRequest):
     """The request carries more than a bound allows (bytes of text, documents) (413)."""
 

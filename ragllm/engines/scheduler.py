@@ -38,6 +38,7 @@ from ragllm.engines.sampling import sample_next_tokens, sample_on_device, sample
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
+from ragllm.structured.grammars import GrammarViolation
 from ragllm.structured.masks import TokenMasks
 
 logger = logging.getLogger(__name__)
@@ -355,10 +356,16 @@ class Scheduler:
                 results.append((sequence, delta))
 
     def _fail_sequence(self, sequence: Sequence, exc: Exception, results: list) -> None:
-        """End one sequence with an error of its own; its slot is released at the end of the step."""
-        logger.error("request %s failed alone: %s: %s", sequence.request_id, type(exc).__name__, exc)
+        """End one sequence with an error of its own; its slot is released at the end of the step.
+        A grammar that dead-ends is the request's constraint at fault, told as such (a 400)."""
         self.num_sequence_faults += 1
         sequence.status = SequenceStatus.FINISHED
+        if isinstance(exc, GrammarViolation) and sequence.grammar is not None:
+            logger.warning("request %s: its structured output dead-ended: %s", sequence.request_id,
+                           str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+            results.append((sequence, sequence.grammar.unfollowable(exc)))
+            return
+        logger.error("request %s failed alone: %s: %s", sequence.request_id, type(exc).__name__, exc)
         results.append((sequence, EngineFailure(f"generating this answer failed ({type(exc).__name__}: {exc}); "
                                                 "other requests were not affected")))
 

@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from ragllm.errors import InvalidRequest
+from ragllm.errors import ConstraintUnfollowable, InvalidRequest
 from ragllm.structured.spec import StructuredOutput
 
 # Compact JSON with one space after separators, as models write it; no free whitespace, so a model
@@ -27,12 +27,14 @@ class GrammarViolation(RuntimeError):
 
 
 class Grammar:
-    """One request's position in its grammar: masks come from ``matcher``; ``accept`` moves it on."""
+    """One request's position in its grammar: masks come from ``matcher``; ``accept`` moves it on.
+    ``spec`` is the constraint it follows, to name in an error."""
 
-    __slots__ = ("matcher",)
+    __slots__ = ("matcher", "spec")
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, spec: StructuredOutput) -> None:
         self.matcher = matcher
+        self.spec = spec
 
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
@@ -45,6 +47,13 @@ class Grammar:
 
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
+
+    def unfollowable(self, violation: GrammarViolation) -> ConstraintUnfollowable:
+        """What the client is told when its answer could not go on within the constraint: the
+        constraint asked for what this model cannot write (a 400 naming the field), not a fault of
+        the service."""
+        return ConstraintUnfollowable(f"the answer could not follow the {_DESCRIPTIONS[self.spec.kind]} in "
+                                      f"{self.spec.param}: {_first_line(str(violation))}", param=self.spec.param)
 
 
 class GrammarCompiler:
@@ -61,6 +70,7 @@ class GrammarCompiler:
         self._compiled: OrderedDict[StructuredOutput, Any] = OrderedDict()  # constraint → template matcher
         self._lock = threading.Lock()
         self._tokenizer: Any = None
+        self._missing_bytes: frozenset[int] = frozenset()
         self.num_compiled = 0  # cache misses, for tests and metrics
 
     def grammar(self, spec: StructuredOutput) -> Grammar:
@@ -71,14 +81,14 @@ class GrammarCompiler:
             template = self._compiled.get(spec)
             if template is not None:
                 self._compiled.move_to_end(spec)
-                return Grammar(template.deep_copy())
+                return Grammar(template.deep_copy(), spec)
         template = self._compile(spec)
         with self._lock:
             self.num_compiled += 1
             self._compiled[spec] = template
             while len(self._compiled) > self._cache_size:
                 self._compiled.popitem(last=False)
-            return Grammar(template.deep_copy())
+            return Grammar(template.deep_copy(), spec)
 
     def _compile(self, spec: StructuredOutput) -> Any:
         import llguidance
@@ -88,6 +98,10 @@ class GrammarCompiler:
         except ValueError as exc:
             raise _refusal(spec, str(exc)) from None
         tokenizer = self._llg_tokenizer()
+        unwritable = self._unwritable_character(spec.source)
+        if unwritable is not None:
+            raise _refusal(spec, f"it needs the character U+{ord(unwritable):04X}, which this model's "
+                                 "vocabulary cannot write")
         error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer)
         if error:
             raise _refusal(spec, error)
@@ -101,9 +115,21 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 import llguidance.hf
 
-                self._tokenizer = llguidance.hf.from_tokenizer(
+                tokenizer = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._stop_token_ids or None)
+                self._missing_bytes = _bytes_no_token_writes(tokenizer, self._vocab_size)
+                self._tokenizer = tokenizer
             return self._tokenizer
+
+    def _unwritable_character(self, source: str) -> str | None:
+        """A character written literally in ``source`` that no sequence of tokens can
+        produce, or None. Byte-level vocabularies can lack bytes that real text never holds
+        (SmolLM2's has no 0xF1, the lead byte of planes 4-11); a grammar that demands one would
+        dead-end mid-answer, so it is refused before it starts."""
+        for character in set(source) if self._missing_bytes else ():
+            if self._missing_bytes.intersection(character.encode("utf-8", "surrogatepass")):
+                return character
+        return None
 
 
 def _llguidance_grammar(spec: StructuredOutput) -> str:
@@ -178,8 +204,24 @@ _SCHEMAS = ("items", "additionalProperties", "not", "contains", "if", "then", "e
             "unevaluatedProperties", "unevaluatedItems")
 
 
+def _bytes_no_token_writes(tokenizer: Any, vocab_size: int) -> frozenset[int]:
+    """Bytes that appear in no token of the vocabulary."""
+    written: set[int] = set()
+    for token_id in range(vocab_size):
+        written.update(tokenizer.decode_bytes([token_id]))
+        if len(written) == 256:
+            break
+    return frozenset(range(256)) - written
+
+
+_DESCRIPTIONS = {"json_schema": "JSON Schema", "json_object": "JSON object constraint",
+                 "regex": "regular expression", "choice": "choice list", "grammar": "grammar"}
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+
+
 def _refusal(spec: StructuredOutput, reason: str) -> InvalidRequest:
-    what = {"json_schema": "JSON Schema", "json_object": "JSON object constraint", "regex": "regular expression",
-            "choice": "choice list", "grammar": "grammar"}[spec.kind]
-    reason = reason.strip().splitlines()[0] if reason.strip() else "unknown error"
-    return InvalidRequest(f"the {what} in {spec.param} cannot be enforced: {reason}", param=spec.param)
+    return InvalidRequest(f"the {_DESCRIPTIONS[spec.kind]} in {spec.param} cannot be enforced: {_first_line(reason)}",
+                          param=spec.param)

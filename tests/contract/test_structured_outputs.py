@@ -130,6 +130,8 @@ def test_a_streamed_constrained_answer_is_the_same_as_the_whole_one(client, mode
     ({"guided_grammar": "start: missing_rule"}, "guided_grammar"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+    # U+6815C: its first byte, 0xF1, is in no token of the packaged vocabulary (found by the fuzz test).
+    ({"guided_regex": "2\U0006815c"}, "guided_regex"),
 ])
 def test_what_cannot_be_enforced_is_a_clear_400(server, model, body, param):
     response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
@@ -138,6 +140,20 @@ def test_what_cannot_be_enforced_is_a_clear_400(server, model, body, param):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert error["message"]
+
+
+def test_a_constraint_that_dead_ends_mid_answer_is_a_400_naming_the_field(server, model):
+    """The pattern is written in ASCII escapes, so only the answer finds that byte 0x04 is in no
+    token: the request ends with a 400 of its own, the next request is served as usual."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    dead_end = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, headers=NO_CACHE,
+                          json={**body, "structured_outputs": {"regex": "ab\\x04"}})
+    assert dead_end.status_code == 400, dead_end.text
+    error = dead_end.json()["error"]
+    assert error["code"] == "structured_output_failed" and error["param"] == "structured_outputs.regex"
+    assert error["message"].startswith("the answer could not follow") and "\n" not in error["message"]
+    after = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, headers=NO_CACHE, json=body)
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["content"]
 
 
 async def test_constrained_rows_leave_unconstrained_neighbours_exactly_as_alone(server, model):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ragllm.config import load_settings
-from ragllm.errors import InvalidRequest
+from ragllm.errors import ConstraintUnfollowable, InvalidRequest
 from ragllm.structured.grammars import GrammarCompiler, GrammarViolation
 from ragllm.structured.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput, structured_output_of
@@ -91,6 +91,28 @@ def test_what_cannot_be_enforced_is_a_400_naming_the_field(compiler, spec, words
         compiler.grammar(spec)
     assert caught.value.param == spec.param
     assert words in caught.value.message
+
+
+@pytest.mark.parametrize("spec", [
+    StructuredOutput("regex", "2\U0006815c", "guided_regex"),
+    StructuredOutput("choice", json.dumps(["a", "\U0006815c"], ensure_ascii=False), "guided_choice"),
+    StructuredOutput("json_schema", json.dumps({"const": "\U0006815c"}, ensure_ascii=False), "response_format"),
+])
+def test_a_character_no_token_can_write_is_refused_before_decoding(compiler, spec):
+    """The packaged vocabulary has no token holding byte 0xF1 (the lead byte of U+40000-U+BFFFF):
+    a constraint demanding such a character would dead-end mid-answer."""
+    with pytest.raises(InvalidRequest) as caught:
+        compiler.grammar(spec)
+    assert caught.value.param == spec.param and "U+6815C" in caught.value.message
+
+
+def test_a_dead_end_is_told_as_the_constraints_fault_in_one_line(compiler, tokenizer):
+    grammar = compiler.grammar(StructuredOutput("regex", "a+", "structured_outputs.regex"))
+    refused = grammar.matcher.consume_token(tokenizer.encode("zzz", add_special_tokens=False)[0])
+    assert not refused and grammar.error()
+    error = grammar.unfollowable(GrammarViolation(f"structured output: {grammar.error()}"))
+    assert isinstance(error, ConstraintUnfollowable) and error.status_code == 400
+    assert error.param == "structured_outputs.regex" and "\n" not in error.message
 
 
 def test_gbnf_grammars_as_llama_cpp_writes_them_work(compiler, tokenizer):
