@@ -39,9 +39,15 @@ from ragllm.protocol.openai import (
 from ragllm.structured.citations import citation_pattern
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
 from ragllm.telemetry.metrics import Metrics, RequestTimer
+from ragllm.tools.calls import merge_tool_call_deltas
+from ragllm.tools.formats import call_constraint
+from ragllm.tools.parsing import ToolCallParser
+from ragllm.tools.request import ToolUse, arguments_object, tool_use_of
+from ragllm.tools.stream import ToolCallStream
 
 # Fields an upstream engine receives as the client sent them (documented in the README).
-PASSTHROUGH_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS)
+PASSTHROUGH_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS, "tools", "tool_choice",
+                      "parallel_tool_calls")
 
 
 @dataclass(slots=True)
@@ -57,6 +63,7 @@ class PreparedRequest:
     include_usage: bool
     rag: RagContext | None = None  # the request carried documents
     strip_thinking: bool = False  # remove <think>...</think> from the answer
+    tools: ToolUse | None = None  # tools the answer may call, read out of its text by ``tool_parser``
 
 
 @dataclass(slots=True)
@@ -64,6 +71,7 @@ class Outcome:
     text: str
     last: Delta
     logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # in message form
 
 
 class CompletionService:
@@ -102,6 +110,9 @@ class CompletionService:
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         passthrough = _passthrough(body)
         structured = structured_output_of(passthrough or {})
+        tools = tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls)
+        if tools is not None and tools.must_call and model.tool_call_format is not None:
+            structured = _tool_call_constraint(model.tool_call_format, tools, structured)
         if rag_context is not None and rag_context.citations == "constrained":
             structured, passthrough = _constrained_citations(rag_context, body, structured, passthrough)
         generation = GenerationRequest(
@@ -111,9 +122,10 @@ class CompletionService:
             chat_template_kwargs=template_kwargs or None,
             incremental=bool(body.stream),
             passthrough=passthrough,
+            tools=list(tools.functions) if tools is not None else None,
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
-        prepared.rag, prepared.strip_thinking = rag_context, strip_thinking
+        prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools
         return prepared
 
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
@@ -171,22 +183,42 @@ class CompletionService:
     async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
         timer = self.metrics.request_timer()
         stream = await self.engine.generate(prepared.generation)
-        return stream, timer
+        parser = tool_parser(prepared)
+        return (ToolCallStream(stream, parser) if parser is not None else stream), timer
 
     async def run_to_end(self, stream: DeltaStream, timer: RequestTimer) -> Outcome:
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
+        tool_calls: list[dict[str, Any]] = []
         last: Delta | None = None
         try:
             async for delta in stream:
                 timer.on_delta(delta)
                 parts.append(delta.text)
                 logprobs += delta.logprobs or ()
+                merge_tool_call_deltas(tool_calls, delta.tool_calls or ())
                 last = delta
         finally:
             await stream.aclose()
         timer.on_finish(last)
-        return Outcome("".join(parts), last, logprobs)
+        return Outcome("".join(parts), last, logprobs, tool_calls)
+
+
+def tool_parser(prepared: PreparedRequest) -> ToolCallParser | None:
+    """A reader of tool calls for an answer the engine returns as raw text; None where no tool can
+    be called or the engine reads them itself (an upstream)."""
+    tool_format = prepared.model.tool_call_format
+    if prepared.tools is None or tool_format is None:
+        return None
+    return ToolCallParser(tool_format, prepared.tools.names(), prepared.tools.parallel)
+
+
+def _tool_call_constraint(tool_format: str, tools: ToolUse, structured: StructuredOutput | None) -> StructuredOutput:
+    """tool_choice "required" or a named function, enforced: the answer is calls, arguments valid."""
+    if structured is not None:
+        raise InvalidRequest(f"a tool_choice that requires a call cannot be combined with {structured.param}: "
+                             "the answer must be a tool call", param="tool_choice")
+    return call_constraint(tool_format, tools)
 
 
 def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float],
@@ -252,12 +284,21 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
-    """A message as chat templates expect it: role and plain-text content."""
+    """A message as chat templates and upstreams take it: role, plain-text content, and an assistant's
+    tool calls (arguments as the JSON strings sent) or a tool turn's call id."""
     role = "system" if message.role == "developer" else message.role
+    rendered: dict[str, Any] = {"role": role, "content": _text_content(message, index)}
     if role == "tool":
-        raise Unsupported("tool messages are not supported: this server does not call tools",
-                          param=f"messages[{index}].role")
-    return {"role": role, "content": _text_content(message, index)}
+        if not message.tool_call_id:
+            raise InvalidRequest("a tool message needs tool_call_id", param=f"messages[{index}].tool_call_id")
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        if role != "assistant":
+            raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{index}].tool_calls")
+        for number, call in enumerate(message.tool_calls):  # templates need them as objects: checked now
+            arguments_object(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments")
+        rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    return rendered
 
 
 def _text_content(message: ChatMessage, index: int) -> str:
@@ -299,8 +340,6 @@ def _refuse_common(body: SamplingFields) -> None:
 
 def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
     _refuse_common(body)
-    if body.tools:
-        raise Unsupported("tools are not supported: this server does not call tools", param="tools")
 
 
 def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:

@@ -60,7 +60,7 @@ def full_response(prepared: PreparedRequest, outcome: Outcome, extra: dict | Non
     wants = _wants_logprobs(prepared)
     if prepared.kind == "chat":
         body = _head(prepared, "chat.completion")
-        choice = {"index": 0, "message": {"role": "assistant", "content": outcome.text, "refusal": None},
+        choice = {"index": 0, "message": _message(outcome),
                   "logprobs": chat_logprobs(outcome.logprobs) if wants else None, "finish_reason": reason}
     else:
         body = _head(prepared, "text_completion")
@@ -71,6 +71,14 @@ def full_response(prepared: PreparedRequest, outcome: Outcome, extra: dict | Non
     if extra:
         body.update(extra)
     return orjson.dumps(body)
+
+
+def _message(outcome: Outcome) -> dict:
+    """The assistant's message: its text, and its tool calls when it made some (then a text that is
+    empty is null, as OpenAI sends it)."""
+    if not outcome.tool_calls:
+        return {"role": "assistant", "content": outcome.text, "refusal": None}
+    return {"role": "assistant", "content": outcome.text or None, "refusal": None, "tool_calls": outcome.tool_calls}
 
 
 def error_event(envelope: dict) -> bytes:
@@ -118,6 +126,11 @@ class ChunkEncoder:
         rendered = chat_logprobs(entries) if self._chat else completion_logprobs(entries, self._text_offset)
         self._text_offset += sum(len(entry.token) for entry in entries)
         return self._render(text, None, logprobs=rendered)
+
+    def tool_calls(self, entries: list[dict]) -> bytes:
+        """An event with tool-call entries (each with its index, as OpenAI streams them)."""
+        choice = {"index": 0, "delta": {"tool_calls": entries}, "logprobs": None, "finish_reason": None}
+        return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
 
     def closing(self, last: Delta, extra: dict | None = None) -> bytes:
         """The finish-reason event (with ``extra`` fields), then the usage event if asked for."""

@@ -49,6 +49,7 @@ from ragllm.prompting import ThinkStripper, strip_thinking
 from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams
 from ragllm.telemetry.tracing import child_span
+from ragllm.tools.calls import merge_tool_call_deltas
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -176,8 +177,8 @@ async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Re
                 raise
             stream, timer = await _opened(state, prepared, request, record)
     if prepared.strip_thinking:
-        outcome = Outcome(strip_thinking(outcome.text), outcome.last, outcome.logprobs)
-    await _finished(state, record, plan, outcome.text, outcome.last)
+        outcome = Outcome(strip_thinking(outcome.text), outcome.last, outcome.logprobs, outcome.tool_calls)
+    await _finished(state, record, plan, outcome.text, outcome.last, outcome.tool_calls)
     return Response(full_response(prepared, outcome, _extensions(prepared, outcome.text)), media_type="application/json",
                     headers={**headers, **record.timing_headers()})
 
@@ -214,15 +215,17 @@ def _disconnected(state: AppState, record: RequestRecord) -> None:
     state.metrics.client_disconnects.inc()
 
 
-async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, text: str, last: Delta) -> None:
+async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, text: str, last: Delta,
+                    tool_calls: list[dict] | None = None) -> None:
     record.finished_at = time.perf_counter()
     record.finish_reason = last.finish_reason.value
     record.prompt_tokens, record.completion_tokens = last.prompt_tokens, last.completion_tokens
     record.queue_s = last.queue_time_s
     if record.prompt is not None:
         record.completion = text
-    if plan.write and last.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
-        cached = CachedResponse(text, last.finish_reason.value, last.prompt_tokens, last.completion_tokens)
+    if plan.write:
+        cached = CachedResponse(text, last.finish_reason.value, last.prompt_tokens, last.completion_tokens,
+                                tuple(tool_calls or ()))
         await state.cache.put(plan.key, cached, state.settings.cache.ttl_s)
 
 
@@ -237,6 +240,7 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
     parts: list[str] | None = [] if keep_text else None
     stripper = ThinkStripper() if prepared.strip_thinking else None
     opening = encoder.opening() or b""  # sent with the first delta, once its timings are known
+    tool_calls: list[dict] = []
     started = False  # something was yielded: from then on errors are reported in-band
     try:
         async for delta in stream:
@@ -247,6 +251,9 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
             if parts is not None:
                 parts.append(text)
             events = encoder.text(text, delta.logprobs) if text or delta.logprobs else b""
+            if delta.tool_calls:
+                events += encoder.tool_calls(delta.tool_calls)
+                merge_tool_call_deltas(tool_calls, delta.tool_calls)
             if opening:
                 record.queue_s, record.prompt_tokens = delta.queue_time_s, delta.prompt_tokens
                 events, opening = opening + events, b""
@@ -255,7 +262,7 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
                 answer = "".join(parts or ())
                 started = True
                 yield events + encoder.closing(delta, _extensions(prepared, answer))
-                await _finished(state, record, plan, answer, delta)
+                await _finished(state, record, plan, answer, delta, tool_calls)
                 return
             if events:
                 started = True
@@ -287,12 +294,14 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
     record.cache, record.finish_reason = "hit", cached.finish_reason
     record.prompt_tokens, record.completion_tokens = cached.prompt_tokens, cached.completion_tokens
     extensions = _extensions(prepared, cached.text)
+    tool_calls = [dict(call) for call in cached.tool_calls]
     if not prepared.stream:
-        body = full_response(prepared, Outcome(cached.text, last), extensions)
+        body = full_response(prepared, Outcome(cached.text, last, tool_calls=tool_calls), extensions)
         return Response(body, media_type="application/json", headers={**headers, **record.timing_headers()})
     encoder = ChunkEncoder(prepared)
+    entries = [{"index": index, **call} for index, call in enumerate(tool_calls)]
     events = ((encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"")
-              + encoder.closing(last, extensions))
+              + (encoder.tool_calls(entries) if entries else b"") + encoder.closing(last, extensions))
     return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 

@@ -16,14 +16,16 @@ class CachedResponse:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: tuple[dict, ...] = ()  # in message form
 
     def dumps(self) -> bytes:
-        return orjson.dumps([self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens])
+        fields = [self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens]
+        return orjson.dumps(fields + [list(self.tool_calls)] if self.tool_calls else fields)
 
     @classmethod
     def loads(cls, raw: bytes) -> "CachedResponse":
-        text, finish_reason, prompt_tokens, completion_tokens = orjson.loads(raw)
-        return cls(text, finish_reason, prompt_tokens, completion_tokens)
+        text, finish_reason, prompt_tokens, completion_tokens, *rest = orjson.loads(raw)
+        return cls(text, finish_reason, prompt_tokens, completion_tokens, tuple(rest[0]) if rest else ())
 
 
 class ResponseCache(Protocol):

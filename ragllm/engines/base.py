@@ -49,14 +49,17 @@ class GenerationRequest:
     # False: only the whole answer matters (a non-streaming client); an upstream is then asked for
     # it in one piece rather than token by token, which spares parsing one event per token.
     incremental: bool = True
-    # Fields passed to an upstream as the client sent them (response_format, structured_outputs, ...);
-    # the in-process engine reads their meaning from ``params`` instead.
+    # Fields passed to an upstream as the client sent them (response_format, structured_outputs, tools,
+    # ...); the in-process engine reads their meaning from ``params`` and ``tools`` instead.
     passthrough: dict[str, Any] | None = None
+    # The functions the chat template renders into the prompt (in-process engine).
+    tools: list[dict[str, Any]] | None = None
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
+    TOOL_CALLS = "tool_calls"  # the answer ended with calls of the request's tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,9 @@ class Delta:
     finish_reason: FinishReason | None = None
     queue_time_s: float | None = None  # set on the first delta
     logprobs: list[TokenLogprob] | None = None  # the tokens since the previous delta, when asked for
+    # Tool calls, as OpenAI streams them ({"index", "id", "type", "function": {"name", "arguments"}};
+    # a relayed upstream may split one call over several entries of the same index).
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class DeltaStream(abc.ABC):
@@ -139,6 +145,9 @@ class ModelCard:
     # UTF-8 bytes of the vocabulary's longest token (None: unknown): a lower bound on the tokens a
     # text needs, known without tokenizing it.
     max_token_bytes: int | None = None
+    # How the model writes tool calls ("hermes", "llama3_json"), read out of its answers here; None
+    # where the engine returns calls already parsed (an upstream).
+    tool_call_format: str | None = None
 
 
 class Engine(abc.ABC):

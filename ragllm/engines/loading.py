@@ -10,6 +10,8 @@ from ragllm.config import EngineSettings
 from ragllm.engines.base import GenerationRequest
 from ragllm.errors import InvalidRequest, ModelLoadError
 from ragllm.models import resolve_model
+from ragllm.tools.formats import format_of_template
+from ragllm.tools.rendering import template_inputs
 
 
 @dataclass
@@ -100,7 +102,7 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     """Token ids of the request's prompt: chat template for messages, plain text or given ids."""
     if request.messages is not None:
-        return _chat_prompt_ids(tokenizer, request.messages, request.chat_template_kwargs or {})
+        return _chat_prompt_ids(tokenizer, request.messages, request.chat_template_kwargs or {}, request.tools)
     if request.prompt_token_ids is not None:
         _check_token_ids(tokenizer, request.prompt_token_ids)
         return list(request.prompt_token_ids)
@@ -110,9 +112,12 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return ids
 
 
-def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
+def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+                     tools: list[dict[str, Any]] | None = None) -> list[int]:
+    _, renders_tools = format_of_template(tokenizer.chat_template)
+    messages, tools = template_inputs(messages, tools, renders_tools)
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
                                              **template_kwargs)
     except Exception as exc:  # templates raise on conversations they do not accept
         raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc

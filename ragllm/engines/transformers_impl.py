@@ -33,6 +33,7 @@ from ragllm.engines.base import (
 from ragllm.engines.sequence import Sequence
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
 from ragllm.structured.grammars import GrammarCompiler
+from ragllm.tools.formats import format_of_template
 from ragllm.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -112,6 +113,7 @@ class TransformersEngine(Engine):
             fingerprint=_fingerprint(loaded.path, loaded.dtype_name, loaded.device, self._tokenizer.chat_template),
             sampling_defaults=loaded.sampling_defaults,
             thinking_switch="enable_thinking" in (self._tokenizer.chat_template or ""),
+            tool_call_format=format_of_template(self._tokenizer.chat_template)[0],
             no_think_suffix=self.settings.no_think_suffix,
             max_token_bytes=_max_token_bytes(self._tokenizer),
         )

@@ -26,10 +26,23 @@ class TextContentPart(_Wire):
     text: str
 
 
+class FunctionCall(_Wire):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON object, encoded as a string.")
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart | dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls of the request's tools.")
+    tool_call_id: str | None = Field(None, description="A tool turn: the call whose result it carries.")
 
 
 class StreamOptions(_Wire):
@@ -87,8 +100,13 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = Field(
         None, description="{'type': 'json_schema', 'json_schema': {...}} or {'type': 'json_object'} constrain the "
                           "answer (enforced token by token in the in-process engine; passed on upstream).")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
-    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Functions the model may call: [{'type': 'function', 'function': {name, description, "
+                          "parameters}}], at most 128.")
+    tool_choice: Any = Field(None, description="'none', 'auto' (the default with tools), 'required', or "
+                                               "{'type': 'function', 'function': {'name': ...}}; the last two are "
+                                               "enforced, so arguments always validate (in-process engine).")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
     # Extensions: the RAG contract (see the README) and template switches.
     documents: list[RagDocument] | None = Field(
         None, description="Extension: retrieved documents; the RAG template renders them and the answer's "
@@ -118,8 +136,9 @@ class Usage(_Wire):
 
 class ChatCompletionMessage(_Wire):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the answer is only tool calls.")
     refusal: None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="Present when the answer calls tools.")
 
 
 class TopLogprob(_Wire):
@@ -141,7 +160,7 @@ class ChatChoice(_Wire):
     index: int
     message: ChatCompletionMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(_Wire):

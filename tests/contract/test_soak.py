@@ -160,4 +160,4 @@ def _check(outcomes: Counter, gateway: ServerProcess, survivor: ServerProcess, s
         time.sleep(0.2)
     assert client.xlen(f"{prefix}:requests") == sent
     for server in (gateway, survivor):
-        server.wait_until(lambda response: response.json()["running"] == 0, timeout_s=10)
+        server.wait_until(lambda response: response.json()["running"] == 0, timeout_s=30)

@@ -298,3 +298,30 @@ def test_constrained_citations_go_to_the_upstream_as_a_regular_expression(cluste
     answer = body["choices"][0]["message"]["content"]
     assert body["rag"]["citation_mode"] == "constrained"
     assert re.fullmatch(citation_pattern(["bridge", "ferry"], "The documents do not contain the answer."), answer), answer
+
+
+def test_tool_calls_are_relayed_as_the_upstream_made_them(cluster):
+    """tools, tool_choice and parallel_tool_calls reach the upstream as sent; its calls come back as
+    calls (whole, and as streamed entries), and a tool turn goes back to it."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}}
+    extra = dict(max_tokens=60, tools=[weather], tool_choice="required", parallel_tool_calls=False)
+    direct = _chat(cluster.upstreams[0], "What is the weather in Oslo?", **extra).choices[0]
+    through = _chat(cluster.gateway, "What is the weather in Oslo?", **extra).choices[0]
+    assert through.finish_reason == direct.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in through.message.tool_calls] == \
+        [(c.function.name, c.function.arguments) for c in direct.message.tool_calls]
+    chunks = list(_client(cluster.gateway).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Oslo?"}], temperature=0,
+        stream=True, extra_headers=NO_CACHE, **extra))
+    entries = [e for c in chunks if c.choices and c.choices[0].delta.tool_calls for e in c.choices[0].delta.tool_calls]
+    assert [(e.index, e.function.name, e.function.arguments) for e in entries] == \
+        [(0, c.function.name, c.function.arguments) for c in direct.message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    call = through.message.tool_calls[0]
+    second = _client(cluster.gateway).chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=20, extra_headers=NO_CACHE, tools=[weather], messages=[
+            {"role": "user", "content": "What is the weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "Snow, -3 degrees."}])
+    assert second.choices[0].message.content

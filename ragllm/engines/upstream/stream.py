@@ -68,13 +68,13 @@ class UpstreamStream(DeltaStream):
             if usage:
                 prompt_tokens, completion_tokens = _usage_counts(usage, prompt_tokens, completion_tokens)
             for choice in _choices(event):
-                text, logprobs = _choice_text(choice), self._logprobs(choice)
+                text, logprobs, tool_calls = _choice_text(choice), self._logprobs(choice), _tool_calls(choice)
                 if choice.get("finish_reason"):
-                    finish = FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP
-                if text or logprobs:
+                    finish = _finish_reason(choice)
+                if text or logprobs or tool_calls:
                     completion_tokens += 1  # one chunk ≈ one token until the usage chunk says exactly
                     yield Delta(text=text, num_tokens=1, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens, logprobs=logprobs)
+                                completion_tokens=completion_tokens, logprobs=logprobs, tool_calls=tool_calls)
         if finish is None:
             raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
         yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -90,7 +90,7 @@ class UpstreamStream(DeltaStream):
         prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
         yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens, logprobs=self._logprobs(choice) if text else None,
-                    finish_reason=FinishReason.LENGTH if choice["finish_reason"] == "length" else FinishReason.STOP)
+                    tool_calls=_tool_calls(choice), finish_reason=_finish_reason(choice))
 
     def _logprobs(self, choice: dict[str, Any]) -> list[TokenLogprob] | None:
         """The choice's logprobs, when asked for: OpenAI's chat form or the completions' legacy form."""
@@ -141,6 +141,23 @@ def _choice_text(choice: dict[str, Any]) -> str:
     if not isinstance(text, str):
         raise EngineFailure("the upstream sent text that is not a string")
     return text
+
+
+def _tool_calls(choice: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The choice's tool calls as streamed entries, relayed as the upstream sent them (a whole
+    message's calls get the index their position gives them)."""
+    holder = choice.get("delta") or choice.get("message") or {}
+    calls = holder.get("tool_calls") if isinstance(holder, dict) else None
+    if not calls:
+        return None
+    if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
+        raise EngineFailure("the upstream sent malformed tool_calls")
+    return [{"index": position, **call} if "index" not in call else call for position, call in enumerate(calls)]
+
+
+def _finish_reason(choice: dict[str, Any]) -> FinishReason:
+    reason = choice["finish_reason"]
+    return {"length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS}.get(reason, FinishReason.STOP)
 
 
 def _usage_counts(usage: Any, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
