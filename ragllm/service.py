@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragllm.engines.base import (
-    Delta,
     DeltaStream,
     Engine,
     EngineState,
     GenerationRequest,
     ModelCard,
     SamplingParams,
-    TokenLogprob,
 )
 from ragllm.bounds import check_chat, check_completion, check_tokenize
 from ragllm.cache.keys import cache_key, is_deterministic
@@ -27,7 +26,7 @@ from ragllm.config import InputSettings
 from ragllm.prompting import load_template, rank
 from ragllm.protocol.rag import RagOptions
 from ragllm.rag import PackRequest, RagContext, is_heavy, off_loop_if, pack
-from ragllm.errors import EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
+from ragllm.errors import EngineInterrupted, EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
 from ragllm.protocol.openai import (
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
@@ -38,13 +37,15 @@ from ragllm.protocol.openai import (
 )
 from ragllm.structured.citations import citation_pattern
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
+from ragllm.outcome import Outcome, Tally
 from ragllm.telemetry.metrics import Metrics, RequestTimer
-from ragllm.tools.calls import merge_tool_call_deltas
 from ragllm.tools.formats import call_constraint
 from ragllm.tools.parsing import ToolCallParser
 from ragllm.tools.request import ToolUse, arguments_object, tool_use_of
 from ragllm.tools.stream import ToolCallStream
 
+# Choices one request may ask for: each takes an engine slot for its whole answer.
+MAX_CHOICES = 8
 # Fields an upstream engine receives as the client sent them (documented in the README).
 PASSTHROUGH_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS, "tools", "tool_choice",
                       "parallel_tool_calls")
@@ -64,14 +65,6 @@ class PreparedRequest:
     rag: RagContext | None = None  # the request carried documents
     strip_thinking: bool = False  # remove <think>...</think> from the answer
     tools: ToolUse | None = None  # tools the answer may call, read out of its text by ``tool_parser``
-
-
-@dataclass(slots=True)
-class Outcome:
-    text: str
-    last: Delta
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # in message form
 
 
 class CompletionService:
@@ -183,34 +176,32 @@ class CompletionService:
     async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
         timer = self.metrics.request_timer()
         stream = await self.engine.generate(prepared.generation)
-        parser = tool_parser(prepared)
-        return (ToolCallStream(stream, parser) if parser is not None else stream), timer
+        parsers = tool_parser(prepared)
+        return (ToolCallStream(stream, parsers) if parsers is not None else stream), timer
 
-    async def run_to_end(self, stream: DeltaStream, timer: RequestTimer) -> Outcome:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        tool_calls: list[dict[str, Any]] = []
-        last: Delta | None = None
+    async def run_to_end(self, stream: DeltaStream, timer: RequestTimer, choices: int = 1) -> Outcome:
+        tally = Tally(choices)
+        finished = False
         try:
             async for delta in stream:
                 timer.on_delta(delta)
-                parts.append(delta.text)
-                logprobs += delta.logprobs or ()
-                merge_tool_call_deltas(tool_calls, delta.tool_calls or ())
-                last = delta
+                finished = tally.add(delta)
         finally:
             await stream.aclose()
-        timer.on_finish(last)
-        return Outcome("".join(parts), last, logprobs, tool_calls)
+        if not finished:
+            raise EngineInterrupted("the engine ended the answer without finishing it")
+        outcome = tally.outcome()
+        timer.on_finish(outcome.last)
+        return outcome
 
 
-def tool_parser(prepared: PreparedRequest) -> ToolCallParser | None:
-    """A reader of tool calls for an answer the engine returns as raw text; None where no tool can
-    be called or the engine reads them itself (an upstream)."""
-    tool_format = prepared.model.tool_call_format
-    if prepared.tools is None or tool_format is None:
+def tool_parser(prepared: PreparedRequest) -> Callable[[], ToolCallParser] | None:
+    """Makes a reader of tool calls for each choice of an answer the engine returns as raw text;
+    None where no tool can be called or the engine reads them itself (an upstream)."""
+    tool_format, tools = prepared.model.tool_call_format, prepared.tools
+    if tools is None or tool_format is None:
         return None
-    return ToolCallParser(tool_format, prepared.tools.names(), prepared.tools.parallel)
+    return lambda: ToolCallParser(tool_format, tools.names(), tools.parallel)
 
 
 def _tool_call_constraint(tool_format: str, tools: ToolUse, structured: StructuredOutput | None) -> StructuredOutput:
@@ -241,6 +232,7 @@ def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dic
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
         structured=structured,
+        n=body.n or 1,
     )
 
 
@@ -329,8 +321,8 @@ def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tup
 
 
 def _refuse_common(body: SamplingFields) -> None:
-    if body.n not in (None, 1):
-        raise Unsupported("only n=1 is supported; send several requests for several choices", param="n")
+    if body.n is not None and body.n > MAX_CHOICES:
+        raise InvalidRequest(f"n may be at most {MAX_CHOICES}; send several requests for more choices", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise Unsupported(f"{name} is not supported (use repetition_penalty)", param=name)
@@ -367,8 +359,9 @@ NO_CACHE = CachePlan(None, False, False)
 def cache_plan(prepared: PreparedRequest, tenant: str | None, cache_control: str | None, enabled: bool) -> CachePlan:
     """Deterministic requests are cached; ``Cache-Control: no-cache`` skips the lookup and
     ``no-store`` the write, as in HTTP."""
-    if not enabled or not is_deterministic(prepared.generation) or prepared.generation.params.logprobs is not None:
-        return NO_CACHE  # the cache keeps text and usage, not log probabilities
+    params = prepared.generation.params
+    if not enabled or not is_deterministic(prepared.generation) or params.logprobs is not None or params.n > 1:
+        return NO_CACHE  # the cache keeps one choice's text, calls and usage, not log probabilities
     directives = {part.strip().lower() for part in (cache_control or "").split(",")}
     return CachePlan(
         key=cache_key(prepared.model, prepared.generation, tenant),

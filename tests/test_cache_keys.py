@@ -17,7 +17,7 @@ BASE = GenerationRequest(request_id="a", params=SamplingParams(temperature=0.0),
 CHANGED_PARAMS = {
     "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 3, "min_p": 0.1,
     "repetition_penalty": 1.2, "seed": 1, "stop": ("x",), "ignore_eos": True, "logprobs": 2,
-    "structured": StructuredOutput("regex", "[ab]+"),
+    "structured": StructuredOutput("regex", "[ab]+"), "n": 2,
 }
 
 
@@ -37,6 +37,8 @@ def test_each_sampling_field_changes_the_key(field, value):
     dataclasses.replace(BASE, messages=None, prompt="hi"),
     dataclasses.replace(BASE, messages=None, prompt_token_ids=[1, 2]),
     dataclasses.replace(BASE, passthrough={"structured_outputs": {"regex": "[ab]+"}}),
+    dataclasses.replace(BASE, passthrough={"tool_choice": "required"}),
+    dataclasses.replace(BASE, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
 ])
 def test_prompt_content_changes_the_key(changed):
     assert cache_key(MODEL, changed, "t") != cache_key(MODEL, BASE, "t")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import orjson
 
 from ragllm.engines.base import Delta, TokenLogprob
-from ragllm.service import Outcome, PreparedRequest
+from ragllm.outcome import ChoiceOutcome, Outcome
+from ragllm.service import PreparedRequest
 
 DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -56,29 +57,29 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> di
 
 def full_response(prepared: PreparedRequest, outcome: Outcome, extra: dict | None = None) -> bytes:
     """The non-streaming body for a chat or text completion; ``extra`` adds top-level extension fields."""
-    reason = outcome.last.finish_reason.value
     wants = _wants_logprobs(prepared)
     if prepared.kind == "chat":
         body = _head(prepared, "chat.completion")
-        choice = {"index": 0, "message": _message(outcome),
-                  "logprobs": chat_logprobs(outcome.logprobs) if wants else None, "finish_reason": reason}
+        body["choices"] = [{"index": index, "message": _message(choice),
+                            "logprobs": chat_logprobs(choice.logprobs) if wants else None,
+                            "finish_reason": choice.finish_reason.value} for index, choice in enumerate(outcome.choices)]
     else:
         body = _head(prepared, "text_completion")
-        choice = {"index": 0, "text": outcome.text,
-                  "logprobs": completion_logprobs(outcome.logprobs) if wants else None, "finish_reason": reason}
-    body["choices"] = [choice]
+        body["choices"] = [{"index": index, "text": choice.text,
+                            "logprobs": completion_logprobs(choice.logprobs) if wants else None,
+                            "finish_reason": choice.finish_reason.value} for index, choice in enumerate(outcome.choices)]
     body["usage"] = _usage(outcome.last)
     if extra:
         body.update(extra)
     return orjson.dumps(body)
 
 
-def _message(outcome: Outcome) -> dict:
+def _message(choice: ChoiceOutcome) -> dict:
     """The assistant's message: its text, and its tool calls when it made some (then a text that is
     empty is null, as OpenAI sends it)."""
-    if not outcome.tool_calls:
-        return {"role": "assistant", "content": outcome.text, "refusal": None}
-    return {"role": "assistant", "content": outcome.text or None, "refusal": None, "tool_calls": outcome.tool_calls}
+    if not choice.tool_calls:
+        return {"role": "assistant", "content": choice.text, "refusal": None}
+    return {"role": "assistant", "content": choice.text or None, "refusal": None, "tool_calls": choice.tool_calls}
 
 
 def error_event(envelope: dict) -> bytes:
@@ -86,13 +87,14 @@ def error_event(envelope: dict) -> bytes:
 
 
 class ChunkEncoder:
-    """Renders one request's stream events."""
+    """Renders one request's stream events. Choice 0's text events, the hot path, reuse the JSON
+    around the text, rendered once; other choices' (n > 1) are rendered whole."""
 
     def __init__(self, prepared: PreparedRequest) -> None:
         self._prepared = prepared
         self._chat = prepared.kind == "chat"
         self._wants_logprobs = _wants_logprobs(prepared)
-        self._text_offset = 0  # completions' logprobs: where the next token starts in the text
+        self._text_offsets: dict[int, int] = {}  # completions' logprobs: where a choice's next token starts
         head = _head(prepared, "chat.completion.chunk" if self._chat else "text_completion")
         if prepared.include_usage:
             head["usage"] = None  # OpenAI: every chunk but the last carries "usage": null
@@ -104,38 +106,54 @@ class ChunkEncoder:
         self._text_prefix, self._text_suffix = before, after
 
     def _render(self, text: str | None, finish_reason: str | None, extra: dict | None = None,
-                logprobs: dict | None = None) -> bytes:
+                logprobs: dict | None = None, index: int = 0) -> bytes:
         if self._chat:
             delta = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return b"data: " + orjson.dumps({**self._head, "choices": [choice], **(extra or {})}) + b"\n\n"
 
-    def opening(self) -> bytes | None:
-        """Chat streams open with the assistant role, as OpenAI's do."""
+    def opening(self, choices: int = 1) -> bytes | None:
+        """Chat streams open with the assistant role, for each choice, as OpenAI's do."""
         if not self._chat:
             return None
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
+        return b"".join(b"data: " + orjson.dumps({**self._head, "choices": [
+            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+            + b"\n\n" for index in range(choices))
 
-    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> bytes:
-        if not self._wants_logprobs:  # the hot path: only the text is encoded
-            return self._text_prefix + orjson.dumps(text) + self._text_suffix
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> bytes:
+        if not self._wants_logprobs:
+            if index == 0:  # the hot path: only the text is encoded
+                return self._text_prefix + orjson.dumps(text) + self._text_suffix
+            return self._render(text, None, index=index)
         entries = logprobs or []
-        rendered = chat_logprobs(entries) if self._chat else completion_logprobs(entries, self._text_offset)
-        self._text_offset += sum(len(entry.token) for entry in entries)
-        return self._render(text, None, logprobs=rendered)
+        if self._chat:
+            rendered = chat_logprobs(entries)
+        else:
+            offset = self._text_offsets.get(index, 0)
+            rendered = completion_logprobs(entries, offset)
+            self._text_offsets[index] = offset + sum(len(entry.token) for entry in entries)
+        return self._render(text, None, logprobs=rendered, index=index)
 
-    def tool_calls(self, entries: list[dict]) -> bytes:
+    def tool_calls(self, entries: list[dict], index: int = 0) -> bytes:
         """An event with tool-call entries (each with its index, as OpenAI streams them)."""
-        choice = {"index": 0, "delta": {"tool_calls": entries}, "logprobs": None, "finish_reason": None}
+        choice = {"index": index, "delta": {"tool_calls": entries}, "logprobs": None, "finish_reason": None}
         return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
 
-    def closing(self, last: Delta, extra: dict | None = None) -> bytes:
-        """The finish-reason event (with ``extra`` fields), then the usage event if asked for."""
-        events = self._render(None, last.finish_reason.value, extra)
+    def finish(self, finish_reason: str, index: int = 0, extra: dict | None = None) -> bytes:
+        """One choice's finish event (with ``extra`` fields on the request's last one)."""
+        return self._render(None, finish_reason, extra, index=index)
+
+    def end(self, summary: Delta) -> bytes:
+        """After every choice has finished: the usage event if asked for, then ``[DONE]``."""
+        events = b""
         if self._prepared.include_usage:
-            usage = {**self._head, "choices": [], "usage": _usage(last)}
+            usage = {**self._head, "choices": [], "usage": _usage(summary)}
             events += b"data: " + orjson.dumps(usage) + b"\n\n"
         return events + DONE_EVENT
+
+    def closing(self, last: Delta, extra: dict | None = None) -> bytes:
+        """A one-choice answer's finish event (with ``extra`` fields), then the usage event if asked
+        for, and ``[DONE]``."""
+        return self.finish(last.finish_reason.value, 0, extra) + self.end(last)

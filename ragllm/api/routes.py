@@ -46,10 +46,10 @@ from ragllm.protocol.openai import (
     TokenizeResponse,
 )
 from ragllm.prompting import ThinkStripper, strip_thinking
-from ragllm.service import CachePlan, Outcome, PreparedRequest, cache_plan
+from ragllm.outcome import ChoiceOutcome, Outcome, Tally
+from ragllm.service import CachePlan, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams
 from ragllm.telemetry.tracing import child_span
-from ragllm.tools.calls import merge_tool_call_deltas
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -167,7 +167,8 @@ async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Re
                          timer: RequestTimer) -> Response:
     for run in range(1, MAX_INTERRUPTED_RUNS + 1):
         try:
-            outcome = await until_disconnect(request.receive, state.service.run_to_end(stream, timer))
+            outcome = await until_disconnect(request.receive, state.service.run_to_end(
+                stream, timer, prepared.generation.params.n))
             break
         except ClientClosedRequest:
             _disconnected(state, record)
@@ -177,8 +178,9 @@ async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Re
                 raise
             stream, timer = await _opened(state, prepared, request, record)
     if prepared.strip_thinking:
-        outcome = Outcome(strip_thinking(outcome.text), outcome.last, outcome.logprobs, outcome.tool_calls)
-    await _finished(state, record, plan, outcome.text, outcome.last, outcome.tool_calls)
+        for choice in outcome.choices:
+            choice.text = strip_thinking(choice.text)
+    await _finished(state, record, plan, outcome.text, outcome.last, outcome.choices[0].tool_calls)
     return Response(full_response(prepared, outcome, _extensions(prepared, outcome.text)), media_type="application/json",
                     headers={**headers, **record.timing_headers()})
 
@@ -235,34 +237,34 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
     ``[DONE]``, whatever the engine did; an error before anything was sent is raised instead, so the
     client gets its real status (a 503 with Retry-After, say) rather than a 200 with an error inside."""
     encoder = ChunkEncoder(prepared)
-    # Keep the text only when it will be cached, logged or checked for citations: most streams need none.
-    keep_text = plan.write or record.prompt is not None or prepared.rag is not None
-    parts: list[str] | None = [] if keep_text else None
-    stripper = ThinkStripper() if prepared.strip_thinking else None
-    opening = encoder.opening() or b""  # sent with the first delta, once its timings are known
-    tool_calls: list[dict] = []
+    choices = prepared.generation.params.n
+    tally = Tally(choices)
+    strippers: dict[int, ThinkStripper] | None = {} if prepared.strip_thinking else None
+    opening = encoder.opening(choices) or b""  # sent with the first delta, once its timings are known
     started = False  # something was yielded: from then on errors are reported in-band
     try:
         async for delta in stream:
             timer.on_delta(delta)
-            text = delta.text
-            if stripper is not None:
+            text, index = delta.text, delta.index
+            if strippers is not None:
+                stripper = strippers.setdefault(index, ThinkStripper())
                 text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
-            if parts is not None:
-                parts.append(text)
-            events = encoder.text(text, delta.logprobs) if text or delta.logprobs else b""
+            done = tally.add(delta, text)
+            events = encoder.text(text, delta.logprobs, index) if text or delta.logprobs else b""
             if delta.tool_calls:
-                events += encoder.tool_calls(delta.tool_calls)
-                merge_tool_call_deltas(tool_calls, delta.tool_calls)
+                events += encoder.tool_calls(delta.tool_calls, index)
             if opening:
                 record.queue_s, record.prompt_tokens = delta.queue_time_s, delta.prompt_tokens
                 events, opening = opening + events, b""
             if delta.finish_reason is not None:
-                timer.on_finish(delta)
-                answer = "".join(parts or ())
+                answer = tally.choices[0].text
+                events += encoder.finish(delta.finish_reason.value, index, _extensions(prepared, answer) if done else None)
+            if done:
+                summary = tally.summary()
+                timer.on_finish(summary)
                 started = True
-                yield events + encoder.closing(delta, _extensions(prepared, answer))
-                await _finished(state, record, plan, answer, delta, tool_calls)
+                yield events + encoder.end(summary)
+                await _finished(state, record, plan, answer, summary, tally.choices[0].tool_calls)
                 return
             if events:
                 started = True
@@ -296,7 +298,9 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
     extensions = _extensions(prepared, cached.text)
     tool_calls = [dict(call) for call in cached.tool_calls]
     if not prepared.stream:
-        body = full_response(prepared, Outcome(cached.text, last, tool_calls=tool_calls), extensions)
+        choice = ChoiceOutcome(cached.text, last.finish_reason, tool_calls=tool_calls,
+                               completion_tokens=cached.completion_tokens)
+        body = full_response(prepared, Outcome([choice], last), extensions)
         return Response(body, media_type="application/json", headers={**headers, **record.timing_headers()})
     encoder = ChunkEncoder(prepared)
     entries = [{"index": index, **call} for index, call in enumerate(tool_calls)]

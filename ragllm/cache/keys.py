@@ -15,7 +15,7 @@ import orjson
 
 from ragllm.engines.base import GenerationRequest, ModelCard
 
-KEY_VERSION = 2  # bump when the material below changes meaning
+KEY_VERSION = 3  # bump when the material below changes meaning
 
 
 def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) -> str:
@@ -29,6 +29,7 @@ def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) 
         "prompt_token_ids": request.prompt_token_ids,
         "chat_template_kwargs": request.chat_template_kwargs,
         "passthrough": request.passthrough,
+        "tools": request.tools,
         "params": dataclasses.asdict(request.params),
     }
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()

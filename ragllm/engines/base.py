@@ -30,6 +30,7 @@ class SamplingParams:
     # None: no log probabilities; k: each token's, with the k most likely alternatives (0 to 20).
     logprobs: int | None = None
     structured: StructuredOutput | None = None  # the answer must follow this schema, pattern or grammar
+    n: int = 1  # choices, each sampled from the same prompt (choice i with seed + i)
 
     @property
     def greedy(self) -> bool:
@@ -74,11 +75,12 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class Delta:
-    """New text for one request since the previous delta.
+    """New text for one choice of a request since its previous delta.
 
     ``num_tokens`` counts the tokens generated since the previous delta (text may lag tokens when a
-    multi-byte character or a possible stop string is held back). The last delta has a
-    ``finish_reason`` and the final ``completion_tokens``.
+    multi-byte character or a possible stop string is held back). A choice's last delta has a
+    ``finish_reason`` and the choice's final ``completion_tokens``; ``prompt_tokens`` is the
+    request's prompt, counted once however many choices share it.
     """
 
     text: str
@@ -88,6 +90,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     queue_time_s: float | None = None  # set on the first delta
     logprobs: list[TokenLogprob] | None = None  # the tokens since the previous delta, when asked for
+    index: int = 0  # which choice (of the request's ``n``) the delta belongs to; each finishes on its own
     # Tool calls, as OpenAI streams them ({"index", "id", "type", "function": {"name", "arguments"}};
     # a relayed upstream may split one call over several entries of the same index).
     tool_calls: list[dict[str, Any]] | None = None

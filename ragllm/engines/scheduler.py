@@ -183,10 +183,9 @@ class Scheduler:
                 return True
 
     def _abort(self, request_id: str) -> None:
-        for sequence in (*self.waiting, *self.running):
-            if sequence.request_id == request_id:
-                self._remove(sequence)
-                return
+        """Remove the request: every choice of it (a waiting leader holds its followers)."""
+        for sequence in [s for s in (*self.waiting, *self.running) if s.request_id == request_id]:
+            self._remove(sequence)
 
     def _expire_overdue(self, results: list) -> None:
         """Requests whose prefill has not started within ``max_queue_wait_s`` are refused (503)."""
@@ -213,12 +212,20 @@ class Scheduler:
             self._release(self.running.index(sequence))
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.limits.max_num_seqs:
-            sequence = self.waiting.popleft()
-            sequence.status = SequenceStatus.PREFILLING
-            self.running.append(sequence)
+        """Waiting requests join in arrival order while their slots are free; a request of several
+        choices takes one slot each, its followers right behind its leader."""
+        while self.waiting:
+            sequence = self.waiting[0]
+            group = [sequence, *sequence.followers]
+            if len(self.running) + len(group) > self.limits.max_num_seqs:
+                break
+            self.waiting.popleft()
+            slot = len(self.running)
+            for member in group:
+                member.status = SequenceStatus.PREFILLING
+                self.running.append(member)
             # A prompt that starts like a recent one (same RAG template and documents) starts past it.
-            sequence.num_computed = self.runner.reuse_prefix(len(self.running) - 1, sequence.prompt_ids)
+            sequence.num_computed = self.runner.reuse_prefix(slot, sequence.prompt_ids)
 
     def step(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
         """One scheduling step: decode every decoding sequence once, then prefill within budget."""
@@ -276,8 +283,8 @@ class Scheduler:
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
         for slot, sequence in enumerate(self.running):
-            if sequence.status is not SequenceStatus.PREFILLING:
-                continue
+            if sequence.status is not SequenceStatus.PREFILLING or sequence.leader is not None:
+                continue  # a follower's prompt is its leader's: it starts when the leader's is done
             chunk = self._prefill_chunk(sequence, budget, head=not chunks)
             if chunk <= 0:
                 break  # first come, first served: no later prompt overtakes this one
@@ -287,7 +294,8 @@ class Scheduler:
             return
         items = []
         for slot, sequence, chunk in chunks:
-            sequence.mark_scheduled()
+            for member in (sequence, *sequence.followers):
+                member.mark_scheduled()
             start = sequence.num_computed
             items.append((slot, sequence.prompt_ids[start : start + chunk], start))
         all_logits = self.runner.prefill_many(items)
@@ -296,7 +304,22 @@ class Scheduler:
             if sequence.num_computed == sequence.num_prompt_tokens:
                 sequence.status = SequenceStatus.DECODING
                 self.runner.remember_prefix(slot, sequence.prompt_ids)
-                self._sample_and_record([sequence], logits[None], results)
+                group = [sequence, *self._start_followers(slot, sequence)]
+                # Every choice draws its first token from the same last-position logits.
+                self._sample_and_record(group, logits[None].repeat(len(group), 1), results)
+
+    def _start_followers(self, slot: int, leader: Sequence) -> list[Sequence]:
+        """The leader's other choices, decoding from a copy of its prompt's cache. They sit in the
+        slots right behind it (admitted together; releases keep the prefilling suffix in order), so
+        the decoding sequences stay a prefix."""
+        followers = [f for f in leader.followers if f.status is SequenceStatus.PREFILLING]
+        for offset, follower in enumerate(followers, start=1):
+            if self.running[slot + offset] is not follower:
+                raise RuntimeError("a follower is not in the slot behind its leader")
+            self.runner.cache.move(slot, slot + offset, leader.num_prompt_tokens)
+            follower.num_computed = follower.num_prompt_tokens
+            follower.status = SequenceStatus.DECODING
+        return followers
 
     def _prefill_chunk(self, sequence: Sequence, budget: int, head: bool) -> int:
         """Tokens of this prompt to prefill now. In whole-prompt mode: whole when it fits what the

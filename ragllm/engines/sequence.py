@@ -49,6 +49,11 @@ class Sequence:
     token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
     logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None  # the structured output the answer must follow
+    index: int = 0  # the choice this sequence answers (of its request's n)
+    # Choices 1..n-1 of the request, which wait for this sequence's prompt to be prefilled and then
+    # start from a copy of its cache (the prompt is prefilled once).
+    followers: list["Sequence"] = field(default_factory=list)
+    leader: "Sequence | None" = None  # for a follower: the sequence that prefills its prompt
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -123,6 +128,7 @@ class Sequence:
             finish_reason=reason,
             queue_time_s=self.queue_time_s,
             logprobs=self.logprobs_since_delta or None,
+            index=self.index,
         )
         self.tokens_since_delta = 0
         if self.logprobs_since_delta:

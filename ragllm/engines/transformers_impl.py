@@ -39,6 +39,7 @@ from ragllm.errors import (
     EngineFailure,
     EngineNotReady,
     EngineOverloaded,
+    InvalidRequest,
     RagLLMError,
 )
 
@@ -213,16 +214,26 @@ class TransformersEngine(Engine):
         health = self.health()
         if health.state is not EngineState.READY:
             raise EngineNotReady(health.detail or "engine is not ready")
+        choices = request.params.n
+        if choices > self.settings.max_num_seqs:
+            raise InvalidRequest(f"n={choices} needs {choices} engine slots at once; this engine has "
+                                 f"max_num_seqs={self.settings.max_num_seqs}", param="n")
         self._reserve_admission()
         try:
-            prompt_ids, grammar = await asyncio.to_thread(self._prompt_and_grammar, request)
-            sequence = self._new_sequence(request, prompt_ids)
-            sequence.grammar = grammar
+            prompt_ids, grammars = await asyncio.to_thread(self._prompt_and_grammars, request)
+            sink: asyncio.Queue = asyncio.Queue()
+            sequences = [self._new_sequence(request, prompt_ids, index, sink) for index in range(choices)]
         except BaseException:
             self._release_admission()
             raise
-        stream = _QueueStream(self, sequence)
-        self._scheduler.submit(sequence)
+        leader = sequences[0]
+        for sequence, grammar in zip(sequences, grammars):
+            sequence.grammar = grammar
+            if sequence is not leader:
+                sequence.leader = leader
+                leader.followers.append(sequence)
+        stream = _QueueStream(self, leader, choices)
+        self._scheduler.submit(leader)
         return stream
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -243,10 +254,13 @@ class TransformersEngine(Engine):
         with self._admission_lock:
             self._admitted -= 1
 
-    def _prompt_and_grammar(self, request: GenerationRequest) -> tuple[list[int], Any]:
-        """Off the event loop in one hop: the prompt's ids, and the structured output's grammar if any."""
+    def _prompt_and_grammars(self, request: GenerationRequest) -> tuple[list[int], list[Any]]:
+        """Off the event loop in one hop: the prompt's ids, and each choice's position in the
+        structured output's grammar (None each where there is none)."""
         structured = request.params.structured
-        return self._prompt_ids(request), self._grammars.grammar(structured) if structured is not None else None
+        if structured is None:
+            return self._prompt_ids(request), [None] * request.params.n
+        return self._prompt_ids(request), [self._grammars.grammar(structured) for _ in range(request.params.n)]
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids
@@ -259,13 +273,15 @@ class TransformersEngine(Engine):
                                 f"{self._embedding_rows} tokens: the tokenizer does not match the model")
         return ids
 
-    def _new_sequence(self, request: GenerationRequest, prompt_ids: list[int]) -> Sequence:
+    def _new_sequence(self, request: GenerationRequest, prompt_ids: list[int], index: int = 0,
+                      sink: asyncio.Queue | None = None) -> Sequence:
+        """Choice ``index`` of the request; with a seed it samples with seed + index, as vLLM's do."""
         import torch
 
         max_tokens = self._max_tokens(len(prompt_ids), request.params.max_tokens)
         generator = None
         if request.params.seed is not None and not request.params.greedy:
-            generator = torch.Generator(device=self._device).manual_seed(request.params.seed)
+            generator = torch.Generator(device=self._device).manual_seed((request.params.seed + index) % 2**64)
         return Sequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
@@ -274,9 +290,10 @@ class TransformersEngine(Engine):
             stop_token_ids=frozenset() if request.params.ignore_eos else self._stop_token_ids,
             detokenizer=IncrementalDetokenizer(self._tokenizer, prompt_ids),
             stop_matcher=StopMatcher(request.params.stop),
-            sink=asyncio.Queue(),
+            sink=sink if sink is not None else asyncio.Queue(),
             generator=generator,
             token_text=self._token_text if request.params.logprobs is not None else None,
+            index=index,
         )
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
@@ -333,10 +350,14 @@ def _fingerprint(path: Any, dtype_name: str, device: Any, chat_template: str) ->
 
 
 class _QueueStream(DeltaStream):
-    def __init__(self, engine: TransformersEngine, sequence: Sequence) -> None:
+    """The deltas of a request's choices, as its sequences produce them; done when every choice has
+    finished. A failure of any choice fails the request (closing it frees the other choices)."""
+
+    def __init__(self, engine: TransformersEngine, sequence: Sequence, choices: int = 1) -> None:
         self.request_id = sequence.request_id
         self._engine = engine
         self._queue: asyncio.Queue = sequence.sink
+        self._unfinished = choices
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
@@ -344,11 +365,15 @@ class _QueueStream(DeltaStream):
             item = await self._queue.get()
             if isinstance(item, BaseException):
                 self._finish()
+                if self._unfinished > 1:  # the other choices would run on for nobody
+                    self._engine._abort(self.request_id)
                 if isinstance(item, RagLLMError):  # the engine's own verdict on this request
                     raise item
                 raise EngineFailure(f"generation failed: {item}") from item
             if item.finish_reason is not None:
-                self._finish()
+                self._unfinished -= 1
+                if not self._unfinished:
+                    self._finish()
             yield item
 
     async def aclose(self) -> None:

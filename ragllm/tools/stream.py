@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from ragllm.engines.base import Delta, DeltaStream, FinishReason
@@ -10,22 +10,26 @@ from ragllm.tools.parsing import ToolCallParser
 
 
 class ToolCallStream(DeltaStream):
-    """Each delta's text split into content and completed calls; an answer that made calls and
-    stopped by itself finishes with ``tool_calls``."""
+    """Each delta's text split into content and completed calls, one parser a choice; a choice that
+    made calls and stopped by itself finishes with ``tool_calls``."""
 
-    def __init__(self, inner: DeltaStream, parser: ToolCallParser) -> None:
+    def __init__(self, inner: DeltaStream, new_parser: Callable[[], ToolCallParser]) -> None:
         self.request_id = inner.request_id
         self._inner = inner
-        self._parser = parser
+        self._new_parser = new_parser
+        self._parsers: dict[int, ToolCallParser] = {}
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         async for delta in self._inner:
-            text, calls = self._parser.feed(delta.text)
+            parser = self._parsers.get(delta.index)
+            if parser is None:
+                parser = self._parsers[delta.index] = self._new_parser()
+            text, calls = parser.feed(delta.text)
             finish = delta.finish_reason
             if finish is not None:
-                rest, more = self._parser.finish()
+                rest, more = parser.finish()
                 text, calls = text + rest, calls + more
-                if self._parser.calls and finish is FinishReason.STOP:
+                if parser.calls and finish is FinishReason.STOP:
                     finish = FinishReason.TOOL_CALLS
             yield replace(delta, text=text, tool_calls=calls or None, finish_reason=finish)
 

@@ -45,10 +45,11 @@ def test_context_length_exceeded(client, model):
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": 3}, "temperature"),
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
         ({"stop": 7}, "stop"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+         "tools[0].function.parameters"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages[0].content"),
     ],

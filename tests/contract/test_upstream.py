@@ -87,7 +87,7 @@ def _client(server: ServerProcess) -> openai.OpenAI:
 
 def _chat(server: ServerProcess, content: str, **extra):
     return _client(server).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0,
+        model=MODEL, messages=[{"role": "user", "content": content}], temperature=extra.pop("temperature", 0),
         max_tokens=extra.pop("max_tokens", 8), extra_headers=NO_CACHE, **extra)
 
 
@@ -325,3 +325,20 @@ def test_tool_calls_are_relayed_as_the_upstream_made_them(cluster):
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
             {"role": "tool", "tool_call_id": call.id, "content": "Snow, -3 degrees."}])
     assert second.choices[0].message.content
+
+
+def test_several_choices_are_relayed_as_the_upstream_sampled_them(cluster):
+    extra = dict(n=3, seed=11, temperature=1.0, max_tokens=10)
+    direct = _chat(cluster.upstreams[0], "Name a fruit.", **extra)
+    through = _chat(cluster.gateway, "Name a fruit.", **extra)
+    assert [c.message.content for c in through.choices] == [c.message.content for c in direct.choices]
+    assert through.usage == direct.usage
+    chunks = list(_client(cluster.gateway).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], stream=True,
+        stream_options={"include_usage": True}, extra_headers=NO_CACHE, **{**extra, "temperature": 1.0}))
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {c.index: c.message.content for c in direct.choices}
+    assert chunks[-1].usage == direct.usage

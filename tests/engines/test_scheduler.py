@@ -297,3 +297,54 @@ def test_logprobs_are_the_models_own_for_each_token_in_batches_and_alone():
             top = torch.topk(logprobs, 2)
             assert [t for t, _ in entry.top] == [f"<{int(i)}>" for i in top.indices]
             ids.append(token)
+
+
+def _choices_of(request_id: str, prompt: list[int], max_tokens: int, seeds: list[int]) -> list[Sequence]:
+    """One request of several choices: the first leads, the rest follow it."""
+    group = [_seeded(request_id, prompt, max_tokens, seed) for seed in seeds]
+    for index, follower in enumerate(group[1:], start=1):
+        follower.index, follower.leader = index, group[0]
+        group[0].followers.append(follower)
+    return group
+
+
+def test_choices_prefill_their_prompt_once_and_each_decodes_as_alone(monkeypatch):
+    prompt = list(range(20, 60))
+
+    def solo(seed: int) -> list[int]:
+        sequence = _seeded(f"solo{seed}", prompt, 10, seed)
+        _run_to_completion(_scheduler(), {0: [sequence]})
+        return sequence.output_ids
+
+    expected = [solo(seed) for seed in (5, 6, 7)]
+    scheduler = _scheduler(max_num_seqs=4, chunked_prefill=True, max_num_batched_tokens=16)
+    prefilled = []
+    real_prefill_many = scheduler.runner.prefill_many
+    monkeypatch.setattr(scheduler.runner, "prefill_many", lambda items: (
+        prefilled.extend(len(ids) for _, ids, _ in items), real_prefill_many(items))[1])
+    choices = _choices_of("r", prompt, 10, [5, 6, 7])
+    other = _sequence("other", [1, 2, 3], 12)  # decodes beside them, and frees its slot mid-way
+    results = _results_by_request(scheduler, {0: [other], 1: [choices[0]]})
+    assert [c.output_ids for c in choices] == expected
+    assert other.output_ids == _reference([1, 2, 3], 12)
+    assert sum(prefilled) == len(prompt) + 3  # the shared prompt once, plus the other request's
+    finishes = [item.index for item in results["r"] if item.finish_reason is not None]
+    assert sorted(finishes) == [0, 1, 2] and scheduler.num_running == 0
+
+
+def test_choices_wait_until_all_their_slots_are_free_and_leave_together_on_abort():
+    scheduler = _scheduler(max_num_seqs=3)
+    blocker = _sequence("blocker", [1, 2, 3], 4)
+    choices = _choices_of("r", [4, 5, 6], 50, [1, 2, 3])
+    scheduler.submit(blocker)
+    scheduler.run_once()
+    scheduler.submit(choices[0])
+    scheduler.run_once()
+    assert scheduler.num_running == 1 and scheduler.num_waiting == 1  # 3 slots needed, 2 free
+    while blocker.status.value != "finished":
+        scheduler.run_once()
+    scheduler.run_once()
+    assert scheduler.num_running == 3 and all(c.output_ids for c in choices)
+    scheduler.abort("r")
+    scheduler.run_once()
+    assert scheduler.num_running == 0 and scheduler.num_waiting == 0

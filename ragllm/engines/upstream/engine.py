@@ -253,6 +253,8 @@ class UpstreamEngine(Engine):
             body["max_tokens"] = params.max_tokens
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.n > 1:
+            body["n"] = params.n
         # Extensions vLLM (and ragllm) understand; left out when at their neutral value.
         for key, value, neutral in (("top_k", params.top_k, 0), ("min_p", params.min_p, 0.0),
                                     ("repetition_penalty", params.repetition_penalty, 1.0),

@@ -20,6 +20,9 @@ from ragllm.errors import EngineFailure, EngineInterrupted
 if TYPE_CHECKING:
     from ragllm.engines.upstream.engine import UpstreamEngine
 
+# Choices an upstream answer may hold (requests ask for at most 8).
+MAX_RELAYED_CHOICES = 8
+
 
 class UpstreamStream(DeltaStream):
     """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead."""
@@ -54,8 +57,11 @@ class UpstreamStream(DeltaStream):
             await self.aclose()
 
     async def _parse(self) -> AsyncIterator[Delta]:
-        completion_tokens = prompt_tokens = 0
-        finish: FinishReason | None = None
+        """Deltas as the events come, each with its choice's index; each choice's finish once the
+        stream ends, holding the usage the upstream reported (the prompt once, the tokens of all)."""
+        prompt_tokens = total_tokens = 0
+        counted: dict[int, int] = {}  # chunks seen per choice: one chunk ≈ one token until usage says
+        finishes: dict[int, FinishReason] = {}
         async for raw in self.response.content:
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -66,31 +72,41 @@ class UpstreamStream(DeltaStream):
             event = self._event(data)
             usage = event.get("usage")
             if usage:
-                prompt_tokens, completion_tokens = _usage_counts(usage, prompt_tokens, completion_tokens)
+                prompt_tokens, total_tokens = _usage_counts(usage, prompt_tokens, total_tokens)
             for choice in _choices(event):
+                index = _index(choice)
                 text, logprobs, tool_calls = _choice_text(choice), self._logprobs(choice), _tool_calls(choice)
                 if choice.get("finish_reason"):
-                    finish = _finish_reason(choice)
+                    finishes[index] = _finish_reason(choice)
                 if text or logprobs or tool_calls:
-                    completion_tokens += 1  # one chunk ≈ one token until the usage chunk says exactly
+                    counted[index] = counted.get(index, 0) + 1
                     yield Delta(text=text, num_tokens=1, prompt_tokens=prompt_tokens,
-                                completion_tokens=completion_tokens, logprobs=logprobs, tool_calls=tool_calls)
-        if finish is None:
+                                completion_tokens=counted[index], logprobs=logprobs, tool_calls=tool_calls,
+                                index=index)
+        if not finishes or any(index not in finishes for index in counted):
             raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
-        yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    finish_reason=finish)
+        last = max(finishes)
+        for index in sorted(finishes):  # the usage total is split so the choices' counts add up to it
+            tokens = counted.get(index, 0)
+            if index == last and total_tokens:
+                tokens = max(0, total_tokens - sum(counted.get(i, 0) for i in finishes if i != last))
+            yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=tokens,
+                        finish_reason=finishes[index], index=index)
 
     async def _parse_whole(self) -> AsyncIterator[Delta]:
-        """A non-streaming answer: one delta with all of it."""
+        """A non-streaming answer: one delta a choice, with all of it (the usage's completion tokens
+        on the last)."""
         answer = self._event(await self.response.read())
-        choice = (_choices(answer) or [{}])[0]
-        text = _choice_text(choice)
-        if not choice.get("finish_reason"):
+        choices = _choices(answer) or [{}]
+        if not all(choice.get("finish_reason") for choice in choices):
             raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
         prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
-        yield Delta(text=text, num_tokens=completion_tokens, prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens, logprobs=self._logprobs(choice) if text else None,
-                    tool_calls=_tool_calls(choice), finish_reason=_finish_reason(choice))
+        for position, choice in enumerate(choices):
+            text = _choice_text(choice)
+            tokens = completion_tokens if position == len(choices) - 1 else 0
+            yield Delta(text=text, num_tokens=tokens, prompt_tokens=prompt_tokens, completion_tokens=tokens,
+                        logprobs=self._logprobs(choice) if text else None, tool_calls=_tool_calls(choice),
+                        finish_reason=_finish_reason(choice), index=_index(choice, position))
 
     def _logprobs(self, choice: dict[str, Any]) -> list[TokenLogprob] | None:
         """The choice's logprobs, when asked for: OpenAI's chat form or the completions' legacy form."""
@@ -141,6 +157,13 @@ def _choice_text(choice: dict[str, Any]) -> str:
     if not isinstance(text, str):
         raise EngineFailure("the upstream sent text that is not a string")
     return text
+
+
+def _index(choice: dict[str, Any], default: int = 0) -> int:
+    index = choice.get("index", default)
+    if not isinstance(index, int) or not 0 <= index < MAX_RELAYED_CHOICES:
+        raise EngineFailure(f"the upstream sent a choice index {index!r} outside 0..{MAX_RELAYED_CHOICES - 1}")
+    return index
 
 
 def _tool_calls(choice: dict[str, Any]) -> list[dict[str, Any]] | None:

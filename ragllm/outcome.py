@@ -1,0 +1,69 @@
+"""A finished answer: each choice's text, log probabilities and tool calls, and the request's usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragllm.engines.base import Delta, FinishReason, TokenLogprob
+from ragllm.tools.calls import merge_tool_call_deltas
+
+
+@dataclass(slots=True)
+class ChoiceOutcome:
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # in message form
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    choices: list[ChoiceOutcome]
+    last: Delta  # the request's summary: usage (the prompt once, every choice's tokens), first finish reason
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (what the RAG report checks, the log records and the cache keeps)."""
+        return self.choices[0].text
+
+
+class Tally:
+    """Collects a request's deltas by choice until every choice has finished."""
+
+    def __init__(self, choices: int) -> None:
+        self.choices = [ChoiceOutcome() for _ in range(choices)]
+        self._parts: list[list[str]] = [[] for _ in range(choices)]
+        self.prompt_tokens = 0
+        self.queue_time_s: float | None = None
+        self._unfinished = choices
+
+    def add(self, delta: Delta, text: str | None = None) -> bool:
+        """Count ``delta`` (``text``: its text as shown, if not the delta's own); True once every
+        choice has finished."""
+        choice = self.choices[delta.index]
+        self._parts[delta.index].append(delta.text if text is None else text)
+        choice.logprobs += delta.logprobs or ()
+        merge_tool_call_deltas(choice.tool_calls, delta.tool_calls or ())
+        choice.completion_tokens = delta.completion_tokens
+        self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
+        if self.queue_time_s is None:
+            self.queue_time_s = delta.queue_time_s
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+            choice.text = "".join(self._parts[delta.index])
+            self._unfinished -= 1
+        return not self._unfinished
+
+    def text_of(self, index: int) -> str:
+        return "".join(self._parts[index])
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.choices, self.summary())
+
+    def summary(self) -> Delta:
+        """One delta for the whole request, as metrics, the request log and the cache take it."""
+        return Delta(text="", num_tokens=0, prompt_tokens=self.prompt_tokens,
+                     completion_tokens=sum(c.completion_tokens for c in self.choices),
+                     finish_reason=self.choices[0].finish_reason, queue_time_s=self.queue_time_s)
