@@ -63,11 +63,11 @@ def test_a_streamed_call_arrives_as_tool_call_deltas_equal_to_the_whole_answer(c
 
 
 def test_parallel_calls_are_allowed_only_when_asked_for(client, model):
-    for parallel, most in ((None, 1), (False, 1), (True, 8)):
+    for parallel, fewest, most in ((None, 1, 1), (False, 1, 1), (True, 2, 8)):
         extra = {} if parallel is None else {"parallel_tool_calls": parallel}
-        calls = _ask(client, model, tools=[WEATHER, SEARCH], tool_choice="required", max_tokens=300,
+        calls = _ask(client, model, tools=[WEATHER, SEARCH], tool_choice="required", max_tokens=100,
                      **extra).choices[0].message.tool_calls
-        assert 1 <= len(calls) <= most, (parallel, calls)
+        assert fewest <= len(calls) <= most, (parallel, calls)  # greedy: this model calls again when it may
         for call in calls:
             _validated(call)
 
