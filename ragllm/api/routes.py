@@ -190,7 +190,8 @@ async def _opened(state: AppState, prepared: PreparedRequest, request: Request,
     """The engine's stream, opened while watching the client: an upstream may take long to answer
     (its first token, or a whole answer), and a client that leaves meanwhile cancels it at once."""
     try:
-        stream, timer = await until_disconnect(request.receive, state.service.open(prepared))
+        stream, timer = await until_disconnect(request.receive, state.service.open(prepared),
+                                               discard=lambda opened: opened[0].aclose())
     except ClientClosedRequest:
         _disconnected(state, record)
         raise

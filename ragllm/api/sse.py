@@ -30,8 +30,13 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await ``work`` but cancel it (and raise ClientClosedRequest) if the client disconnects first."""
+async def until_disconnect(receive: Receive, work: Awaitable[T],
+                           discard: Callable[[T], Awaitable[None]] | None = None) -> T:
+    """Await ``work`` but cancel it (and raise ClientClosedRequest) if the client disconnects first.
+
+    Work can finish in spite of its cancellation (Python 3.11's ``asyncio.wait_for`` returns a result
+    that arrived as it was cancelled): ``discard`` then undoes what it made (closes a stream it
+    opened), or that stream would hold its engine slot for nobody."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
@@ -45,6 +50,8 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
         return task.result()
     task.cancel()  # the work's own cleanup (aborting the engine request) runs on cancellation
     await asyncio.gather(task, return_exceptions=True)
+    if discard is not None and not task.cancelled() and task.exception() is None:
+        await discard(task.result())
     raise ClientClosedRequest("the client closed the connection before the response was ready")
 
 
