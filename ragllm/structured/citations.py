@@ -5,7 +5,8 @@ the answer declines with the template's own sentence.
 The citation follows the sentence's closing ".", "!" or "?" because that is where a model puts its
 full stop of its own accord: held there, even a small model cites (it picks the id it finds most
 likely among the allowed ones). Allowed to cite anywhere but not to stop before citing, small models
-write on past the answer instead. The price: no "." inside a sentence (3.5 cannot be written).
+write on past the answer instead. A "." inside a sentence is allowed only before a digit (3.5, a
+version 2.1.4), so a number never ends a sentence early; "e.g." still does.
 
 A regular expression, not a grammar, because every engine behind us understands one the same way:
 the in-process engine, and vLLM's ``structured_outputs.regex`` with either of its grammar backends.
@@ -18,8 +19,9 @@ from collections.abc import Sequence
 # A sentence: anything but brackets, up to its closing punctuation; after a citation, the next one
 # starts as sentences and list items do (a model that may write on in lower case after "[id]"
 # turns the citation into a word: "[ferry] is a ferry crossing."). A citation: [id] or [id, id, ...].
-_FIRST_SENTENCE = r"[^\[\].!?]+[.!?]"
-_NEXT_SENTENCE = r"\s+[A-Z0-9\"'(*\-][^\[\].!?]*[.!?]"
+_WORDS = r"(?:[^\[\].!?]|\.[0-9])"  # a "." before a digit is part of the sentence, a full stop ends it
+_FIRST_SENTENCE = rf"{_WORDS}+[.!?]"
+_NEXT_SENTENCE = rf"\s+[A-Z0-9\"'(*\-]{_WORDS}*[.!?]"
 _META = set("\\.+*?()|[]{}^$#&-~")
 
 

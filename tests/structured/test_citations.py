@@ -26,6 +26,9 @@ DECLINE = "The documents do not contain the answer."
     ("Nested. [[doc-1]]", False),
     ("A citation inside [doc-1] a sentence. [doc-1]", False),
     ("The documents do not contain the answer. Really.", False),
+    ("Revenue grew 7.2 percent to 3.45 million in 2024. [doc-1] Version 2.1.4 followed. [a.b]", True),
+    ("It grew 7. [doc-1]", True),
+    ("It grew 7.2 and then. more. [doc-1]", False),
 ])
 def test_every_sentence_is_followed_by_a_citation_of_a_packed_document(answer, allowed):
     assert bool(re.fullmatch(citation_pattern(IDS, DECLINE), answer)) is allowed
