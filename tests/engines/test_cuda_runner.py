@@ -248,3 +248,40 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
         assert [int(t) for t, _ in entry.top] == torch.topk(logprobs, 3).indices.tolist()
         ids.append(token)
     _assert_each_equals_its_solo_run(model, [scored], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
+    """n choices over the static cache, steps launched ahead: the followers start from a copy of the
+    leader's cache, and choice i samples exactly as a single request with seed + i does."""
+    from tests.engines.test_scheduler import _choices_of, _seeded
+
+    model = tiny_model("llama", seed=3).to(device)
+    prompt = list(range(40, 80))
+
+    def scheduler() -> Scheduler:
+        return Scheduler(_runner(model, num_slots=4, max_batch_size=4),
+                         SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                         chunked_prefill=False), deliver=lambda results: None, launch_ahead=True)
+
+    def run(sequences, engine) -> None:
+        for sequence in sequences:
+            engine.submit(sequence)
+        for _ in range(400):
+            engine.run_once()
+            if not engine.running and not engine.waiting:
+                return
+        raise AssertionError("did not drain")
+
+    def on_device(sequence):  # the engine makes seeded generators where the logits are
+        sequence.generator = torch.Generator(device=device).manual_seed(sequence.params.seed)
+        return sequence
+
+    solos = [on_device(_seeded(f"solo{seed}", prompt, 12, seed)) for seed in (21, 22, 23)]
+    for solo in solos:
+        run([solo], scheduler())
+    choices = [on_device(choice) for choice in _choices_of("r", prompt, 12, [21, 22, 23])]
+    plain = _sequence("plain", [1, 2, 3], 12)
+    run([plain, choices[0]], scheduler())
+    assert [c.output_ids for c in choices] == [s.output_ids for s in solos]
+    _assert_each_equals_its_solo_run(model, [plain], device)
