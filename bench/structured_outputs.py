@@ -9,8 +9,7 @@ At each concurrency N, three batches run in turn (three rounds, medians reported
          row decodes) against the free batch's shows what the constrained neighbours cost them.
 
     python bench/structured_outputs.py                        # packaged model, this CPU
-    python bench/structured_outputs.py --random qwen2.5-1.5b --tokenizer DIR --device cuda --concurrency 1,8,32 \
-        --fill-threads 1,4
+    python bench/structured_outputs.py --random qwen2.5-1.5b --tokenizer DIR --device cuda --concurrency 1,8,32
       # random weights on a GPU; DIR holds a byte-level tokenizer (tokenizer.json, tokenizer_config.json)
       # for the grammar, since the random checkpoint's own word-level one cannot spell JSON
 """
@@ -34,7 +33,6 @@ from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
-from ragllm.structured import masks  # noqa: E402
 from ragllm.structured.spec import StructuredOutput, structured_output_of  # noqa: E402
 
 ROUNDS = 3
@@ -65,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_arguments(parser, concurrency="1,8", json_name="structured_outputs.json")
     parser.add_argument("--tokenizer", type=Path, help="with --random: a directory with a byte-level tokenizer")
-    parser.add_argument("--fill-threads", default="1",
-                        help="comma-separated thread counts that fill a step's masks, each run in turn")
     return parser.parse_args(argv)
 
 
@@ -155,23 +151,20 @@ async def main(args: argparse.Namespace) -> dict:
         prompt = synthetic_prompt(args.prompt_tokens)
         await run_batch(engine, [False, True], prompt, 4, "warm")  # first-call allocations, lazy kernels
         rows = []
-        for threads in (int(count) for count in args.fill_threads.split(",")):
-            masks.FILL_THREADS = threads
-            engine._scheduler._masks = None  # made again, with this many fill threads, at its next use
-            for level in levels:
-                shapes = {"free": [False] * level, "json": [True] * level}
-                if level >= 2:
-                    shapes["mixed"] = [i % 2 == 1 for i in range(level)]
-                runs: dict[str, list[dict]] = {name: [] for name in shapes}
-                fills: list[float] = []
-                for round_index in range(ROUNDS):  # interleaved, so drift hits every shape alike
-                    for name, shape in shapes.items():
-                        runs[name].append(await run_batch(engine, shape, prompt, args.max_tokens,
-                                                          f"{name}-{level}-{threads}-{round_index}"))
-                        if name == "json" and engine._scheduler._masks is not None:
-                            fills += engine._scheduler._masks.fill_seconds
-                            engine._scheduler._masks.fill_seconds.clear()
-                rows.append({"fill_threads": threads, **summarise(level, runs), **fill_summary(fills)})
+        for level in levels:
+            shapes = {"free": [False] * level, "json": [True] * level}
+            if level >= 2:
+                shapes["mixed"] = [i % 2 == 1 for i in range(level)]
+            runs: dict[str, list[dict]] = {name: [] for name in shapes}
+            fills: list[float] = []
+            for round_index in range(ROUNDS):  # interleaved, so drift hits every shape alike
+                for name, shape in shapes.items():
+                    runs[name].append(await run_batch(engine, shape, prompt, args.max_tokens,
+                                                      f"{name}-{level}-{round_index}"))
+                    if name == "json" and engine._scheduler._masks is not None:
+                        fills += engine._scheduler._masks.fill_seconds
+                        engine._scheduler._masks.fill_seconds.clear()
+            rows.append({**summarise(level, runs), **fill_summary(fills)})
     finally:
         await engine.aclose()
     return {
@@ -223,7 +216,7 @@ def print_table(report: dict) -> None:
     print(f"\nstructured_outputs  model={report['model']}  device={report['device']}  dtype={report['dtype']}  "
           f"prompt={report['prompt_tokens']}  output={report['max_tokens']} tokens/stream  "
           f"medians of {report['rounds']} rounds")
-    header = (f"{'threads':>8} {'streams':>8} {'free tok/s':>11} {'json tok/s':>11} {'json/free':>10} "
+    header = (f"{'streams':>8} {'free tok/s':>11} {'json tok/s':>11} {'json/free':>10} "
               f"{'mixed tok/s':>12} {'free row in mixed / alone':>26} {'fill ms p50/p90/max':>22}")
     print(header)
     print("-" * len(header))
@@ -231,7 +224,7 @@ def print_table(report: dict) -> None:
         mixed = row.get("mixed_tokens_per_s", "-")
         ratio = row.get("mixed_free_rows_vs_free", "-")
         fill = f"{row.get('fill_ms_p50', '-')}/{row.get('fill_ms_p90', '-')}/{row.get('fill_ms_max', '-')}"
-        print(f"{row['fill_threads']:>8} {row['concurrency']:>8} {row['free_tokens_per_s']:>11} "
+        print(f"{row['concurrency']:>8} {row['free_tokens_per_s']:>11} "
               f"{row['json_tokens_per_s']:>11} {row['json_vs_free']:>10} {mixed!s:>12} {ratio!s:>26} {fill:>22}")
     print(f"\ngrammar compile  (tokenizer index, once per engine: {report['tokenizer_index_s'] * 1e3:.0f} ms)")
     print(f"{'probe':<28} {'first ms':>9} {'cached ms':>10}")

@@ -11,28 +11,19 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ragllm.structured.grammars import Grammar, GrammarViolation
 
 BITS = 32
-# Threads that fill a step's masks, rows split between them (each llguidance call drops the GIL);
-# 1 fills them in turn on the engine thread. Batches smaller than MIN_ROWS_TO_SPLIT are filled in turn.
-FILL_THREADS = 1
-MIN_ROWS_TO_SPLIT = 8
 
 
 class TokenMasks:
     """Masks for a model whose logits have ``vocab_size`` columns, on ``device``."""
 
-    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None,
-                 fill_threads: int | None = None) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None) -> None:
         self.device = device
-        threads = FILL_THREADS if fill_threads is None else fill_threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ragllm-masks") if threads > 1 else None
-        self._threads = threads
         self.fill_seconds: deque[float] = deque(maxlen=4096)  # each step's fill, for benchmarks
         self.words = (vocab_size + BITS - 1) // BITS
         self._pinned = device.type == "cuda"
@@ -75,22 +66,17 @@ class TokenMasks:
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
         started = time.perf_counter()
-
-        def fill(part: list) -> None:
-            for i, grammar in part:
-                try:
-                    llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
-                except Exception as exc:  # a misused matcher: its own row fails
-                    failures[rows[i]] = exc
-                    bitmask[i] = -1
-
-        # In turn on this thread by default: llguidance's own parallel executor, measured on a
-        # 16-core host beside a GPU, had a far worse tail (p90 8-16 ms a step for 32 rows, against
-        # 1.2 ms in turn), its threads contending with the framework's.
-        if self._pool is None or len(present) < MIN_ROWS_TO_SPLIT:
-            fill(present)
-        else:
-            list(self._pool.map(fill, [present[k::self._threads] for k in range(self._threads)]))
+        # One row after another on this thread (each call drops the GIL). Measured beside a GPU
+        # (BENCHMARKS.md), every way of spreading the work did worse: llguidance's parallel executor
+        # and a pool of our own (the fill's tail grew with every thread added), and a thread that
+        # accepts tokens and fills the next masks while this one detokenizes (it waits for the GIL
+        # at every row, the engine thread holding it for Python work).
+        for i, grammar in present:
+            try:
+                llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
+            except Exception as exc:  # a misused matcher: its own row fails
+                failures[rows[i]] = exc
+                bitmask[i] = -1
         self.fill_seconds.append(time.perf_counter() - started)
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
         empty = (bitmask == 0).all(dim=1).tolist()

@@ -132,24 +132,3 @@ def test_a_failed_grammar_fails_only_its_row(compiler, tokenizer, whole_batch):
     assert torch.isfinite(masked[2]).any() and not torch.isfinite(masked[2]).all()
     assert torch.isfinite(masked[1]).all()
 
-
-def test_masks_filled_by_several_threads_equal_those_filled_in_turn(compiler, tokenizer):
-    spec = StructuredOutput("json_schema", json.dumps({"type": "object", "properties": {
-        "name": {"type": "string"}, "n": {"type": "integer"}}, "required": ["name", "n"]}))
-    prefixes = ['{"name": "Par', '{"name": "Paris", "n": 1', "", '{"na', '{"name": "', '{"name": "x", "n": ']
-    logits = torch.zeros(12, len(tokenizer))
-
-    def grammars():
-        made = []
-        for prefix in prefixes * 2:
-            grammar = compiler.grammar(spec)
-            for token in tokenizer.encode(prefix, add_special_tokens=False):
-                grammar.accept(token)
-            made.append(grammar)
-        return made
-
-    in_turn, _ = TokenMasks(len(tokenizer), torch.device("cpu"), fill_threads=1).apply(logits, grammars())
-    threaded = TokenMasks(len(tokenizer), torch.device("cpu"), fill_threads=4)
-    split, failures = threaded.apply(logits, grammars())
-    assert failures == [None] * 12 and torch.equal(in_turn, split)
-    assert len(threaded.fill_seconds) == 1
