@@ -44,6 +44,8 @@ from ragllm.tools.parsing import ToolCallParser
 from ragllm.tools.request import ToolUse, arguments_object, tool_use_of
 from ragllm.tools.stream import ToolCallStream
 
+# Sampling fields a request may leave to the model's defaults.
+DEFAULTED_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # Choices one request may ask for: each takes an engine slot for its whole answer.
 MAX_CHOICES = 8
 # Fields an upstream engine receives as the client sent them (documented in the README).
@@ -116,6 +118,7 @@ class CompletionService:
             incremental=bool(body.stream),
             passthrough=passthrough,
             tools=list(tools.functions) if tools is not None else None,
+            sampling_set=_sampling_set(body),
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools
@@ -136,6 +139,7 @@ class CompletionService:
             prompt_token_ids=token_ids,
             incremental=bool(body.stream),
             passthrough=passthrough,
+            sampling_set=_sampling_set(body),
         )
         return self._prepared("completion", request_id, model, generation, body)
 
@@ -234,6 +238,10 @@ def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dic
         structured=structured,
         n=body.n or 1,
     )
+
+
+def _sampling_set(body: SamplingFields) -> frozenset[str]:
+    return frozenset(name for name in DEFAULTED_SAMPLING_FIELDS if getattr(body, name) is not None)
 
 
 def _constrained_citations(context: RagContext, body: ChatCompletionRequest, structured: StructuredOutput | None,

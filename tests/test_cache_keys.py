@@ -39,6 +39,7 @@ def test_each_sampling_field_changes_the_key(field, value):
     dataclasses.replace(BASE, passthrough={"structured_outputs": {"regex": "[ab]+"}}),
     dataclasses.replace(BASE, passthrough={"tool_choice": "required"}),
     dataclasses.replace(BASE, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    dataclasses.replace(BASE, sampling_set=frozenset({"top_p"})),  # set, not left to the model's default
 ])
 def test_prompt_content_changes_the_key(changed):
     assert cache_key(MODEL, changed, "t") != cache_key(MODEL, BASE, "t")

@@ -30,6 +30,7 @@ def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) 
         "chat_template_kwargs": request.chat_template_kwargs,
         "passthrough": request.passthrough,
         "tools": request.tools,
+        "sampling_set": sorted(request.sampling_set),  # what the client left to an upstream's defaults
         "params": dataclasses.asdict(request.params),
     }
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -55,6 +55,9 @@ class GenerationRequest:
     passthrough: dict[str, Any] | None = None
     # The functions the chat template renders into the prompt (in-process engine).
     tools: list[dict[str, Any]] | None = None
+    # Sampling fields the client set; the rest hold defaults. An upstream is sent only these, so its
+    # own model's defaults (its generation config) apply to the rest, as they would if called directly.
+    sampling_set: frozenset[str] = frozenset()
 
 
 class FinishReason(str, enum.Enum):

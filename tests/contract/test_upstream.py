@@ -327,18 +327,69 @@ def test_tool_calls_are_relayed_as_the_upstream_made_them(cluster):
     assert second.choices[0].message.content
 
 
+def test_sampling_fields_left_out_are_left_to_the_upstreams_model():
+    """A field the client leaves out is not sent, so the replica's own defaults (the packaged model's
+    top_p 0.9) apply as they do when it is called directly; one the client sets is sent."""
+    from ragllm.engines.base import GenerationRequest, SamplingParams
+    from ragllm.engines.upstream.engine import UpstreamEngine
+
+    payload = UpstreamEngine._payload.__get__(_payload_engine())
+    _, left_out = payload(GenerationRequest("a", SamplingParams(seed=4), messages=[]))
+    _, chosen = payload(GenerationRequest("b", SamplingParams(top_p=1.0, temperature=0.5, seed=4), messages=[],
+                                          sampling_set=frozenset({"top_p", "temperature"})))
+    assert "top_p" not in left_out and "temperature" not in left_out and left_out["seed"] == 4
+    assert chosen["top_p"] == 1.0 and chosen["temperature"] == 0.5
+
+
+def _payload_engine():
+    """Test double for the upstream engine: only what building a payload reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(_upstream_model=lambda: MODEL)
+
+
 def test_several_choices_are_relayed_as_the_upstream_sampled_them(cluster):
-    extra = dict(n=3, seed=11, temperature=1.0, max_tokens=10)
+    """Sampled with a seed and no top_p: the gateway's choices are the replica's own."""
+    sampled = dict(n=3, seed=11, temperature=1.0, max_tokens=10)
+    direct = _chat(cluster.upstreams[0], "Name a fruit.", **sampled)
+    through = _chat(cluster.gateway, "Name a fruit.", **sampled)
+    assert [c.message.content for c in through.choices] == [c.message.content for c in direct.choices]
+    assert len({c.message.content for c in through.choices}) > 1
+
+
+def test_several_choices_are_relayed_as_the_upstream_made_them(cluster):
+    """Greedy, whole and streamed: indices, texts and usage as the replica gave them."""
+    extra = dict(n=3, max_tokens=10)
     direct = _chat(cluster.upstreams[0], "Name a fruit.", **extra)
     through = _chat(cluster.gateway, "Name a fruit.", **extra)
+    assert [c.index for c in through.choices] == [0, 1, 2]
     assert [c.message.content for c in through.choices] == [c.message.content for c in direct.choices]
     assert through.usage == direct.usage
     chunks = list(_client(cluster.gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], stream=True,
-        stream_options={"include_usage": True}, extra_headers=NO_CACHE, **{**extra, "temperature": 1.0}))
+        model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], stream=True, temperature=0,
+        stream_options={"include_usage": True}, extra_headers=NO_CACHE, **extra))
     texts: dict[int, str] = {}
     for chunk in chunks:
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
     assert texts == {c.index: c.message.content for c in direct.choices}
     assert chunks[-1].usage == direct.usage
+
+
+def test_the_gateways_answers_validate_against_openais_schema(cluster):
+    """What the gateway relays (several choices, tool calls, logprobs; whole and streamed) is still
+    a valid OpenAI response."""
+    from tests.contract.test_openai_schema import WEATHER, _events, _validate
+
+    bodies = [{"n": 2, "seed": 3, "temperature": 1.0}, {"tools": [WEATHER], "tool_choice": "required"},
+              {"logprobs": True, "top_logprobs": 2}]
+    for extra in bodies:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 30,
+                "temperature": 0, **extra}
+        whole = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=120)
+        assert whole.status_code == 200, whole.text
+        _validate(whole.json(), "CreateChatCompletionResponse")
+        streamed = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", headers=NO_CACHE, timeout=120,
+                              json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        for event in _events(streamed.text):
+            _validate(event, "CreateChatCompletionStreamResponse")

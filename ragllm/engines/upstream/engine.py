@@ -243,10 +243,12 @@ class UpstreamEngine(Engine):
 
     def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         params = request.params
-        body: dict[str, Any] = {
-            "model": self._upstream_model(), "stream": request.incremental,
-            "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
-        }
+        body: dict[str, Any] = {"model": self._upstream_model(), "stream": request.incremental}
+        # Only what the client set: the upstream's model defaults (its generation config) fill the rest.
+        for key in request.sampling_set:
+            body[key] = getattr(params, key)
+        if params.seed is not None:
+            body["seed"] = params.seed
         if request.incremental:
             body["stream_options"] = {"include_usage": True}
         if params.max_tokens is not None:
@@ -255,12 +257,8 @@ class UpstreamEngine(Engine):
             body["stop"] = list(params.stop)
         if params.n > 1:
             body["n"] = params.n
-        # Extensions vLLM (and ragllm) understand; left out when at their neutral value.
-        for key, value, neutral in (("top_k", params.top_k, 0), ("min_p", params.min_p, 0.0),
-                                    ("repetition_penalty", params.repetition_penalty, 1.0),
-                                    ("ignore_eos", params.ignore_eos, False)):
-            if value != neutral:
-                body[key] = value
+        if params.ignore_eos:  # an extension vLLM (and ragllm) understand
+            body["ignore_eos"] = True
         body.update(request.passthrough or {})  # structured outputs: the upstream enforces them
         if request.messages is not None:
             body["messages"] = request.messages
