@@ -30,11 +30,12 @@ class Outcome:
 
 
 class Tally:
-    """Collects a request's deltas by choice until every choice has finished."""
+    """Collects a request's deltas by choice until every choice has finished. Every token of a
+    stream passes here: ``keep_text=False`` (a stream whose text nobody reads afterwards) keeps none."""
 
-    def __init__(self, choices: int) -> None:
+    def __init__(self, choices: int, keep_text: bool = True) -> None:
         self.choices = [ChoiceOutcome() for _ in range(choices)]
-        self._parts: list[list[str]] = [[] for _ in range(choices)]
+        self._parts: list[list[str]] | None = [[] for _ in range(choices)] if keep_text else None
         self.prompt_tokens = 0
         self.queue_time_s: float | None = None
         self._unfinished = choices
@@ -43,21 +44,22 @@ class Tally:
         """Count ``delta`` (``text``: its text as shown, if not the delta's own); True once every
         choice has finished."""
         choice = self.choices[delta.index]
-        self._parts[delta.index].append(delta.text if text is None else text)
-        choice.logprobs += delta.logprobs or ()
-        merge_tool_call_deltas(choice.tool_calls, delta.tool_calls or ())
+        if self._parts is not None:
+            self._parts[delta.index].append(delta.text if text is None else text)
+        if delta.logprobs:
+            choice.logprobs += delta.logprobs
+        if delta.tool_calls:
+            merge_tool_call_deltas(choice.tool_calls, delta.tool_calls)
         choice.completion_tokens = delta.completion_tokens
         self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
         if self.queue_time_s is None:
             self.queue_time_s = delta.queue_time_s
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
-            choice.text = "".join(self._parts[delta.index])
+            if self._parts is not None:
+                choice.text = "".join(self._parts[delta.index])
             self._unfinished -= 1
         return not self._unfinished
-
-    def text_of(self, index: int) -> str:
-        return "".join(self._parts[index])
 
     def outcome(self) -> Outcome:
         return Outcome(self.choices, self.summary())

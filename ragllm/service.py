@@ -79,7 +79,7 @@ class CompletionService:
     async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
         check_chat(body, self.bounds)
         model = self._model(body.model)
-        _refuse_unsupported_chat_fields(body)
+        _refuse_common(body)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -336,10 +336,6 @@ def _refuse_common(body: SamplingFields) -> None:
             raise Unsupported(f"{name} is not supported (use repetition_penalty)", param=name)
     if body.logit_bias:
         raise Unsupported("logit_bias is not supported", param="logit_bias")
-
-
-def _refuse_unsupported_chat_fields(body: ChatCompletionRequest) -> None:
-    _refuse_common(body)
 
 
 def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:

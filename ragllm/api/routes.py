@@ -239,8 +239,9 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
     client gets its real status (a 503 with Retry-After, say) rather than a 200 with an error inside."""
     encoder = ChunkEncoder(prepared)
     choices = prepared.generation.params.n
-    tally = Tally(choices)
-    strippers: dict[int, ThinkStripper] | None = {} if prepared.strip_thinking else None
+    # Keep the text only when it will be cached, logged or checked for citations: most streams need none.
+    tally = Tally(choices, keep_text=plan.write or record.prompt is not None or prepared.rag is not None)
+    strippers = [ThinkStripper() for _ in range(choices)] if prepared.strip_thinking else None
     opening = encoder.opening(choices) or b""  # sent with the first delta, once its timings are known
     started = False  # something was yielded: from then on errors are reported in-band
     try:
@@ -248,7 +249,7 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
             timer.on_delta(delta)
             text, index = delta.text, delta.index
             if strippers is not None:
-                stripper = strippers.setdefault(index, ThinkStripper())
+                stripper = strippers[index]
                 text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
             done = tally.add(delta, text)
             events = encoder.text(text, delta.logprobs, index) if text or delta.logprobs else b""

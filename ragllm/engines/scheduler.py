@@ -384,9 +384,9 @@ class Scheduler:
         self.num_sequence_faults += 1
         sequence.status = SequenceStatus.FINISHED
         if isinstance(exc, GrammarViolation) and sequence.grammar is not None:
-            logger.warning("request %s: its structured output dead-ended: %s", sequence.request_id,
-                           str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
-            results.append((sequence, sequence.grammar.unfollowable(exc)))
+            error = sequence.grammar.unfollowable(exc)
+            logger.warning("request %s: %s", sequence.request_id, error.message)
+            results.append((sequence, error))
             return
         logger.error("request %s failed alone: %s: %s", sequence.request_id, type(exc).__name__, exc)
         results.append((sequence, EngineFailure(f"generating this answer failed ({type(exc).__name__}: {exc}); "

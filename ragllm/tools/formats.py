@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any
 
 from ragllm.structured.grammars import JSON_OPTIONS, bounded_schema
@@ -23,6 +24,7 @@ FORMATS = (HERMES, LLAMA3_JSON)
 MAX_PARALLEL_CALLS = 8
 
 
+@lru_cache(maxsize=16)  # asked for every chat prompt, of one or two templates
 def format_of_template(chat_template: str | None) -> tuple[str, bool]:
     """(the tool-call format, whether the template itself renders tools) for a chat template. A
     template that renders tools in a format not served here is treated as one without tool support."""

@@ -330,22 +330,16 @@ def test_tool_calls_are_relayed_as_the_upstream_made_them(cluster):
 def test_sampling_fields_left_out_are_left_to_the_upstreams_model():
     """A field the client leaves out is not sent, so the replica's own defaults (the packaged model's
     top_p 0.9) apply as they do when it is called directly; one the client sets is sent."""
+    from ragllm.config import EngineSettings, UpstreamSettings
     from ragllm.engines.base import GenerationRequest, SamplingParams
     from ragllm.engines.upstream.engine import UpstreamEngine
 
-    payload = UpstreamEngine._payload.__get__(_payload_engine())
-    _, left_out = payload(GenerationRequest("a", SamplingParams(seed=4), messages=[]))
-    _, chosen = payload(GenerationRequest("b", SamplingParams(top_p=1.0, temperature=0.5, seed=4), messages=[],
-                                          sampling_set=frozenset({"top_p", "temperature"})))
+    engine = UpstreamEngine(EngineSettings(), UpstreamSettings(urls=["http://127.0.0.1:9"]))  # never started
+    _, left_out = engine._payload(GenerationRequest("a", SamplingParams(seed=4), messages=[]))
+    _, chosen = engine._payload(GenerationRequest("b", SamplingParams(top_p=1.0, temperature=0.5, seed=4),
+                                                  messages=[], sampling_set=frozenset({"top_p", "temperature"})))
     assert "top_p" not in left_out and "temperature" not in left_out and left_out["seed"] == 4
     assert chosen["top_p"] == 1.0 and chosen["temperature"] == 0.5
-
-
-def _payload_engine():
-    """Test double for the upstream engine: only what building a payload reads."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(_upstream_model=lambda: MODEL)
 
 
 def test_several_choices_are_relayed_as_the_upstream_sampled_them(cluster):

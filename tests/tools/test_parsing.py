@@ -45,12 +45,6 @@ HERMES_CASES = [
 ]
 
 
-@pytest.mark.parametrize("answer, content, calls", HERMES_CASES)
-def test_hermes_calls_are_read_in_any_split_and_nothing_else_is_lost(answer, content, calls):
-    for pieces in _splits(answer):
-        assert _parse(HERMES, pieces) == (content, calls), pieces
-
-
 def test_without_parallel_calls_a_second_call_stays_text():
     answer = ('<tool_call>\n{"name": "search", "arguments": {}}\n</tool_call>\n'
               '<tool_call>\n{"name": "search", "arguments": {"q": "x"}}\n</tool_call>')
@@ -67,10 +61,12 @@ LLAMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("answer, content, calls", LLAMA_CASES)
-def test_llama_json_calls_are_the_whole_answer_or_none(answer, content, calls):
+@pytest.mark.parametrize("tool_format, answer, content, calls",
+                         [(HERMES, *case) for case in HERMES_CASES] + [(LLAMA3_JSON, *case) for case in LLAMA_CASES])
+def test_calls_are_read_in_any_split_and_nothing_else_is_lost(tool_format, answer, content, calls):
+    """Hermes calls anywhere in the answer; a Llama answer is all calls or all content."""
     for pieces in _splits(answer):
-        assert _parse(LLAMA3_JSON, pieces) == (content, calls), pieces
+        assert _parse(tool_format, pieces) == (content, calls), pieces
 
 
 def test_streamed_fragments_of_one_call_merge_as_a_client_would():
