@@ -175,16 +175,23 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = 
     return results
 
 
+def block_tables(runner, rows: int, length: int) -> list[list[int]]:
+    """Disjoint block tables for ``rows`` sequences of ``length`` positions (the engine is idle: any
+    block may be written)."""
+    width = runner.blocks_for(length)
+    return [list(range(1 + row * width, 1 + (row + 1) * width)) for row in range(rows)]
+
+
 def prefill_times(runner, vocab: int) -> dict:
     """The runner's prefill alone (no scheduler), and a continuation after a reused prefix."""
-    slot = runner.num_sequence_slots - 1
+    table = block_tables(runner, 1, 2048)[0]
     times = {}
     for length in (512, 2048):
         prompt = random_prompt(length, vocab, 77 + length)
-        runner.prefill(slot, prompt, 0)
-        times[length] = min(timed(lambda: runner.prefill(slot, prompt, 0)) for _ in range(3)) * 1e3
+        runner.prefill(table, prompt, 0)
+        times[length] = min(timed(lambda: runner.prefill(table, prompt, 0)) for _ in range(3)) * 1e3
     prompt = random_prompt(2048, vocab, 78)
-    times["2048_after_1984_reused"] = min(timed(lambda: runner.prefill(slot, prompt[1984:], 1984))
+    times["2048_after_1984_reused"] = min(timed(lambda: runner.prefill(table, prompt[1984:], 1984))
                                          for _ in range(3)) * 1e3
     return times
 
@@ -193,8 +200,9 @@ def profile_kernels(runner, vocab: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     prompt = random_prompt(2048, vocab, 79)
-    for name, work in (("prefill 2048", lambda: runner.prefill(0, prompt, 0)),
-                       ("10 decode steps, batch 1", lambda: [runner.decode(0, [5], [300]) for _ in range(10)])):
+    table = block_tables(runner, 1, 2048)[0]
+    for name, work in (("prefill 2048", lambda: runner.prefill(table, prompt, 0)),
+                       ("10 decode steps, batch 1", lambda: [runner.decode([table], [5], [300]) for _ in range(10)])):
         work()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -207,8 +215,9 @@ def profile_kernels(runner, vocab: int) -> None:
 def step_time(runner, batch: int, steps: int = 50) -> float:
     """One decode step of the runner alone (graph replay or eager), without the scheduler."""
     tokens, positions = [5] * batch, [PROMPT_TOKENS] * batch
-    runner.decode(0, tokens, positions)
-    return timed(lambda: [runner.decode(0, tokens, positions) for _ in range(steps)]) / steps
+    tables = block_tables(runner, batch, PROMPT_TOKENS + 1)
+    runner.decode(tables, tokens, positions)
+    return timed(lambda: [runner.decode(tables, tokens, positions) for _ in range(steps)]) / steps
 
 
 # -- end to end through ragllm serve --------------------------------------------------------------------------

@@ -90,8 +90,16 @@ class EngineSettings(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the weights, "
                                           "KV cache and activations may use (in-process CUDA engine: checked at "
                                           "start; vLLM: --gpu-memory-utilization).")
-    prefix_cache_slots: int = Field(4, ge=0, description="CUDA: recent prompts (RAG template and documents) "
-                                    "kept for reuse by requests that start the same way.")
+    block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block (vLLM's --block-size).")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="Bytes of KV cache. None: on CUDA what gpu_memory_utilization leaves after the "
+                                "weights and activations; on the CPU 1 GiB (at least one whole context window).")
+    num_kv_blocks: int | None = Field(
+        None, ge=2, description="An exact number of KV blocks, overriding the memory budget (benchmarks that "
+                                "compare equal pools; vLLM's --num-gpu-blocks-override).")
+    enable_prefix_caching: bool = Field(
+        True, description="Share the KV blocks of prompt prefixes across requests (the RAG template and documents "
+                          "a later request repeats are not computed again).")
     cuda_graphs: bool = Field(True, description="CUDA: replay decode steps and single-prompt prefills as "
                                                 "captured graphs.")
     no_think_suffix: bool = Field(

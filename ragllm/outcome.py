@@ -37,6 +37,7 @@ class Tally:
         self.choices = [ChoiceOutcome() for _ in range(choices)]
         self._parts: list[list[str]] | None = [[] for _ in range(choices)] if keep_text else None
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.queue_time_s: float | None = None
         self._unfinished = choices
 
@@ -52,6 +53,7 @@ class Tally:
             merge_tool_call_deltas(choice.tool_calls, delta.tool_calls)
         choice.completion_tokens = delta.completion_tokens
         self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = delta.cached_tokens or self.cached_tokens
         if self.queue_time_s is None:
             self.queue_time_s = delta.queue_time_s
         if delta.finish_reason is not None:
@@ -68,4 +70,5 @@ class Tally:
         """One delta for the whole request, as metrics, the request log and the cache take it."""
         return Delta(text="", num_tokens=0, prompt_tokens=self.prompt_tokens,
                      completion_tokens=sum(c.completion_tokens for c in self.choices),
-                     finish_reason=self.choices[0].finish_reason, queue_time_s=self.queue_time_s)
+                     finish_reason=self.choices[0].finish_reason, queue_time_s=self.queue_time_s,
+                     cached_tokens=self.cached_tokens)

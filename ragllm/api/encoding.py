@@ -6,6 +6,8 @@ JSON is rendered once per request and each event only encodes its text (one ``or
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from ragllm.engines.base import Delta, TokenLogprob
@@ -15,11 +17,13 @@ from ragllm.service import PreparedRequest
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-def _usage(last: Delta) -> dict[str, int]:
+def _usage(last: Delta) -> dict[str, Any]:
     return {
         "prompt_tokens": last.prompt_tokens,
         "completion_tokens": last.completion_tokens,
         "total_tokens": last.prompt_tokens + last.completion_tokens,
+        # As OpenAI reports prompt caching: the prompt tokens whose KV came from the prefix cache.
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
     }
 
 

@@ -24,7 +24,7 @@ from ragllm.api.record import RequestRecord
 from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.cache import CachedResponse
-from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason
+from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason, KVCacheStats
 from ragllm.errors import (
     ClientClosedRequest,
     EngineFailure,
@@ -41,6 +41,7 @@ from ragllm.protocol.openai import (
     CompletionRequest,
     ErrorResponse,
     HealthResponse,
+    KVCacheHealth,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
@@ -322,6 +323,14 @@ async def list_models(request: Request) -> dict:
     }
 
 
+def _kv_cache_health(kv: KVCacheStats | None) -> KVCacheHealth | None:
+    if kv is None:
+        return None
+    hit_rate = kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else None
+    return KVCacheHealth(block_size=kv.block_size, blocks_total=kv.blocks_total, blocks_free=kv.blocks_free,
+                         usage=round(kv.usage, 4), prefix_cache_hit_rate=hit_rate, preemptions=kv.num_preemptions)
+
+
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 async def health(request: Request) -> Response:
     state = app_state(request)
@@ -341,6 +350,7 @@ async def health(request: Request) -> Response:
         waiting=stats.num_waiting,
         redis=state.redis.status() if state.redis else "disabled",
         cache=state.cache.name if state.settings.cache.enabled else "off",
+        kv_cache=_kv_cache_health(stats.kv_cache),
     )
     return Response(body.model_dump_json(), status_code=200 if status == "ok" else 503,
                     media_type="application/json")

@@ -97,6 +97,7 @@ class Delta:
     # Tool calls, as OpenAI streams them ({"index", "id", "type", "function": {"name", "arguments"}};
     # a relayed upstream may split one call over several entries of the same index).
     tool_calls: list[dict[str, Any]] | None = None
+    cached_tokens: int = 0  # of ``prompt_tokens``, those whose KV came from the prefix cache
 
 
 class DeltaStream(abc.ABC):
@@ -134,6 +135,22 @@ class EngineHealth:
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
+    kv_cache: "KVCacheStats | None" = None  # engines that hold a KV cache themselves
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheStats:
+    """The in-process engine's KV blocks, and its prefix cache and preemption counts so far."""
+    block_size: int
+    blocks_total: int
+    blocks_free: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, tokens found cached
+    num_preemptions: int
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.blocks_free / self.blocks_total if self.blocks_total else 0.0
 
 
 @dataclass(frozen=True, slots=True)

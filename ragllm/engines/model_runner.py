@@ -1,27 +1,30 @@
-"""Runs a Llama-family transformers model over a slot-based KV cache.
+"""Runs a Llama-family transformers model over a paged KV cache (``paged_cache``).
 
 The model's own modules (projections, norms, MLP, rotary tables) are reused as they are, so the
-numerics are transformers'; only the attention core and the cache are ours. Each running sequence
-owns a slot; decoding sequences sit in slots ``0..n-1`` so a decode micro-batch reads plain views of
-the cache, with no gather per step.
+numerics are transformers'; only the attention core and the cache are ours. A sequence's positions
+live in the blocks its block table names; attention gathers them per step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ragllm.engines.paged_cache import PagedKVCache
 from ragllm.errors import ModelLoadError
 
 # Architectures whose decoder layer is: norm → attention (rope, GQA) → residual → norm → MLP.
 SUPPORTED_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
-_INITIAL_CAPACITY = 256
+GIB = 1 << 30
+# The CPU's default KV budget when none is set (raised to hold one whole context window if need be).
+DEFAULT_CPU_KV_BYTES = 1 * GIB
 # Decode attention spans are rounded up to this many positions so that shapes repeat from step to
 # step (masked positions cost little); kernels that plan per shape then plan once per 64 tokens.
 _SPAN_QUANTUM = 64
@@ -30,48 +33,25 @@ _SPAN_QUANTUM = 64
 _CUDA_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-class SlotKVCache:
-    """Per-layer key/value tensors [slots, kv_heads, capacity, head_dim]; capacity grows by doubling."""
+@dataclass(frozen=True)
+class KVCacheOptions:
+    block_size: int = 16
+    num_blocks: int | None = None  # an exact pool size (tests, benchmarks); else sized from memory
+    memory_bytes: int | None = None  # the pool's byte budget; None: the runner's default
+    prefix_caching: bool = True
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.max_len = max_len
-        self._shape = (num_slots, num_kv_heads, head_dim)
-        self._device, self._dtype = device, dtype
-        self.capacity = 0
-        self.keys: list[torch.Tensor] = [torch.empty(0)] * num_layers
-        self.values: list[torch.Tensor] = [torch.empty(0)] * num_layers
-        self.ensure_capacity(min(_INITIAL_CAPACITY, max_len))
 
-    def ensure_capacity(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        new_capacity = min(self.max_len, max(length, 2 * self.capacity))
-        slots, heads, head_dim = self._shape
-        for layer in range(len(self.keys)):
-            self.keys[layer] = self._grown(self.keys[layer], (slots, heads, new_capacity, head_dim))
-            self.values[layer] = self._grown(self.values[layer], (slots, heads, new_capacity, head_dim))
-        self.capacity = new_capacity
-
-    def _grown(self, old: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        # Zeros, not empty: masked-out positions must hold finite numbers (0 * NaN is NaN).
-        new = torch.zeros(shape, device=self._device, dtype=self._dtype)
-        if old.numel():
-            new[:, :, : old.shape[2]] = old
-        return new
-
-    @torch.inference_mode()  # the tensors are inference tensors once grown inside a forward pass
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copy the first ``length`` positions of one slot into another (slot compaction)."""
-        for layer_keys, layer_values in zip(self.keys, self.values):
-            layer_keys[target, :, :length] = layer_keys[source, :, :length]
-            layer_values[target, :, :length] = layer_values[source, :, :length]
+class PrefillChunk(NamedTuple):
+    """Prompt tokens at positions ``start..`` of the sequence whose blocks ``block_table`` names."""
+    block_table: list[int]
+    token_ids: list[int]
+    start: int
 
 
 class ModelRunner:
-    """Prefill and decode forward passes of one model over a ``SlotKVCache``."""
+    """Prefill and decode forward passes of one model over a ``PagedKVCache``."""
 
-    def __init__(self, model: Any, num_slots: int, max_model_len: int) -> None:
+    def __init__(self, model: Any, max_model_len: int, kv: KVCacheOptions = KVCacheOptions()) -> None:
         architecture = type(model).__name__
         if architecture not in SUPPORTED_ARCHITECTURES:
             supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
@@ -86,23 +66,49 @@ class ModelRunner:
         self.group_size = self.num_heads // self.num_kv_heads
         self.max_model_len = max_model_len
         self.layers = model.model.layers
-        self.cache = self._make_cache(len(self.layers), num_slots)
+        # What else shapes a block's keys and values besides its tokens (prefix-cache hashes).
+        self.kv_salt = f"{architecture}:{getattr(config, '_name_or_path', '')}:{self.dtype}".encode()
+        self.kv_options = kv
+        self.block_size = kv.block_size
+        self.max_blocks_per_sequence = -(-max_model_len // kv.block_size)
+        self.cache = PagedKVCache(len(self.layers), self._num_blocks(kv), kv.block_size, self.num_kv_heads,
+                                  self.head_dim, self.device, self.dtype)
         self.cos, self.sin = self._rotary_tables(model, max_model_len)
 
-    def _make_cache(self, num_layers: int, num_slots: int) -> SlotKVCache:
-        return SlotKVCache(num_layers, num_slots, self.num_kv_heads, self.head_dim, self.max_model_len,
-                           self.device, self.dtype)
+    @property
+    def bytes_per_block(self) -> int:
+        return PagedKVCache.bytes_per_block(len(self.layers), self.block_size, self.num_kv_heads, self.head_dim,
+                                            self.dtype)
 
-    def prefill_many(self, items: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
-        """``prefill(slot, token_ids, start)`` for each item; a runner may batch them."""
-        return [self.prefill(slot, token_ids, start) for slot, token_ids, start in items]
+    def _num_blocks(self, kv: KVCacheOptions) -> int:
+        """Blocks in the pool: as asked, or what the byte budget holds; always at least one whole
+        context window (and the scratch block), so that a sequence alone can always finish."""
+        least = self.max_blocks_per_sequence + 1
+        if kv.num_blocks is not None:
+            if kv.num_blocks < least:
+                raise ModelLoadError(f"{kv.num_blocks} KV blocks cannot hold one sequence of the "
+                                     f"{self.max_model_len}-token context window ({least} needed)")
+            return kv.num_blocks
+        budget = kv.memory_bytes if kv.memory_bytes is not None else self._default_kv_bytes()
+        blocks = budget // self.bytes_per_block
+        if blocks < least:
+            if kv.memory_bytes is not None:
+                raise ModelLoadError(
+                    f"a KV cache of {budget / GIB:.2f} GiB holds {blocks * self.block_size} tokens, less than "
+                    f"one {self.max_model_len}-token context window; raise RAGLLM_ENGINE__KV_CACHE_MEMORY_BYTES "
+                    f"or lower RAGLLM_ENGINE__MAX_MODEL_LEN")
+            blocks = least
+        return blocks
 
-    def reuse_prefix(self, slot: int, prompt_ids: list[int]) -> int:
-        """Fill ``slot`` with a remembered prefix of the prompt; returns its length (here: none kept)."""
-        return 0
+    def _default_kv_bytes(self) -> int:
+        return DEFAULT_CPU_KV_BYTES
 
-    def remember_prefix(self, slot: int, prompt_ids: list[int]) -> None:
-        """Offer a prefilled prompt for later reuse (here: not kept)."""
+    def copy_block(self, source: int, target: int) -> None:
+        self.cache.copy_block(source, target)
+
+    def prefill_many(self, chunks: list[PrefillChunk]) -> list[torch.Tensor]:
+        """``prefill`` of each chunk; a runner may batch them."""
+        return [self.prefill(*chunk) for chunk in chunks]
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
@@ -117,11 +123,12 @@ class ModelRunner:
         return cos[0], sin[0]  # [length, head_dim]
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor:
+    def prefill(self, block_table: list[int], token_ids: list[int], start: int) -> torch.Tensor:
         """Run ``token_ids`` at positions ``start..``; returns the last position's logits [vocab]."""
         length = len(token_ids)
         end = start + length
-        self.cache.ensure_capacity(end)
+        rows = self.cache.rows_of(block_table, start, end)
+        table = self.cache.tables_tensor([block_table], self.blocks_for(end))
         ids = torch.tensor([token_ids], device=self.device)
         positions = torch.arange(start, end, device=self.device)
         cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
@@ -132,19 +139,24 @@ class ModelRunner:
         with self._attention_backends():
             for layer_index, layer in enumerate(self.layers):
                 hidden = self._layer(layer, layer_index, hidden, cos, sin, lambda q, k, v, li=layer_index:
-                                     self._prefill_attention(q, k, v, li, slot, start, causal))
+                                     self._prefill_attention(q, k, v, li, rows, table, causal))
         return self._logits(hidden[:, -1])[0]
 
+    def blocks_for(self, num_positions: int) -> int:
+        return -(-num_positions // self.block_size)
+
     @torch.inference_mode()
-    def decode(self, first_slot: int, token_ids: "list[int] | torch.Tensor", positions: list[int]) -> torch.Tensor:
-        """One token for each of the sequences in slots ``first_slot..``; returns logits [batch, vocab].
-        ``token_ids`` may be a tensor on the device (the previous step's choice, not yet read back)."""
-        batch = len(token_ids)
+    def decode(self, block_tables: list[list[int]], token_ids: "list[int] | torch.Tensor",
+               positions: list[int]) -> torch.Tensor:
+        """One token for each sequence, at ``positions``, its blocks named by ``block_tables``; returns
+        logits [batch, vocab]. ``token_ids`` may be a tensor on the device (the previous step's choice,
+        not yet read back)."""
         max_end = min(-(-(max(positions) + 1) // _SPAN_QUANTUM) * _SPAN_QUANTUM, self.max_model_len)
-        self.cache.ensure_capacity(max_end)
         ids = _as_ids(token_ids, self.device)[:, None]
         position_tensor = torch.tensor(positions, device=self.device)
-        slots = torch.arange(first_slot, first_slot + batch, device=self.device)
+        rows = torch.tensor([self.cache.row_of(table, position) for table, position in zip(block_tables, positions)],
+                            device=self.device)
+        tables = self.cache.tables_tensor(block_tables, self.blocks_for(max_end))
         cos = self.cos[position_tensor][:, None, None]
         sin = self.sin[position_tensor][:, None, None]
         visible = torch.arange(max_end, device=self.device)[None, :] <= position_tensor[:, None]
@@ -153,8 +165,7 @@ class ModelRunner:
         with self._attention_backends():
             for layer_index, layer in enumerate(self.layers):
                 hidden = self._layer(layer, layer_index, hidden, cos, sin, lambda q, k, v, li=layer_index:
-                                     self._decode_attention(q, k, v, li, slots, position_tensor, first_slot,
-                                                            max_end, mask))
+                                     self._decode_attention(q, k, v, li, rows, tables, max_end, mask))
         return self._logits(hidden[:, 0])
 
     def _layer(self, layer: Any, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor,
@@ -174,29 +185,28 @@ class ModelRunner:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _prefill_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           layer_index: int, slot: int, start: int, causal: torch.Tensor | None) -> torch.Tensor:
-        end = start + key.shape[2]
-        self.cache.keys[layer_index][slot, :, start:end] = key[0]
-        self.cache.values[layer_index][slot, :, start:end] = value[0]
+                           layer_index: int, rows: torch.Tensor, table: torch.Tensor,
+                           causal: torch.Tensor | None) -> torch.Tensor:
+        length = key.shape[2]
+        self.cache.write(layer_index, rows, key[0].transpose(0, 1), value[0].transpose(0, 1))
         if causal is None:  # the whole prompt in one chunk: no need to read the cache back
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
         else:
-            keys = self.cache.keys[layer_index][slot : slot + 1, :, :end]
-            values = self.cache.values[layer_index][slot : slot + 1, :, :end]
+            end = causal.shape[1]
+            keys = self.cache.gather(self.cache.keys[layer_index], table, end)
+            values = self.cache.gather(self.cache.values[layer_index], table, end)
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal, enable_gqa=True)
-        return out.transpose(1, 2).reshape(1, key.shape[2], self.num_heads * self.head_dim)
+        return out.transpose(1, 2).reshape(1, length, self.num_heads * self.head_dim)
 
     def _decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          layer_index: int, slots: torch.Tensor, positions: torch.Tensor,
-                          first_slot: int, max_end: int, mask: torch.Tensor) -> torch.Tensor:
+                          layer_index: int, rows: torch.Tensor, tables: torch.Tensor, max_end: int,
+                          mask: torch.Tensor) -> torch.Tensor:
         batch = query.shape[0]
-        layer_keys, layer_values = self.cache.keys[layer_index], self.cache.values[layer_index]
-        layer_keys[slots, :, positions] = key[:, :, 0]
-        layer_values[slots, :, positions] = value[:, :, 0]
-        keys = layer_keys[first_slot : first_slot + batch, :, :max_end]
-        values = layer_values[first_slot : first_slot + batch, :, :max_end]
+        self.cache.write(layer_index, rows, key[:, :, 0], value[:, :, 0])
+        keys = self.cache.gather(self.cache.keys[layer_index], tables, max_end)
+        values = self.cache.gather(self.cache.values[layer_index], tables, max_end)
         # One query per sequence: fold each KV head's query group into the query-length axis, so
-        # grouped-query attention reads the cache views as they are (no repeat of keys/values).
+        # grouped-query attention reads the gathered keys as they are (no repeat per query head).
         grouped = query.reshape(batch, self.num_kv_heads, self.group_size, self.head_dim)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
         return out.reshape(batch, 1, self.num_heads * self.head_dim)

@@ -5,8 +5,12 @@ Each step decodes one token for every decoding sequence (in micro-batches of at 
 at the next step and leave as soon as they finish or are aborted; nothing holds a lock across a
 request's generation.
 
-Slot layout: the running list's index is the sequence's KV slot. Decoding sequences form a prefix
-(slots ``0..d-1``) and prefilling ones the suffix, in arrival order; releasing a slot keeps that so.
+KV memory: each running sequence holds the blocks its block table names (``block_tables``), the
+blocks of its longest cached prefix shared with other sequences. A request is admitted when a row is
+free (``max_num_seqs``) and the blocks its prompt needs beyond that prefix are free; decoding takes
+one more block every ``block_size`` tokens. When none is free, the newest running sequence is
+preempted, as vLLM does: its blocks are freed and it waits at the head of the queue, to be computed
+again (its prompt and answer so far) when blocks free up; its client waits but loses nothing.
 
 Faults: one that belongs to a sequence (its sampling, detokenizing, stop matching) ends that sequence
 alone with an error of its own; the rest of the batch is chosen again row by row and goes on exactly
@@ -32,12 +36,14 @@ from dataclasses import dataclass
 import torch
 
 from ragllm.engines.logprobs import scores_on_device, scores_on_host
-from ragllm.engines.model_runner import ModelRunner
+from ragllm.engines.block_tables import BlockTables
+from ragllm.engines.blocks import BlockPool
+from ragllm.engines.model_runner import ModelRunner, PrefillChunk
 from ragllm.engines.readback import TokenReadback
 from ragllm.engines.sampling import sample_next_tokens, sample_on_device, sample_row_by_row, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
 from ragllm.engines.base import Delta
-from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
+from ragllm.errors import ContextLengthExceeded, EngineFailure, EngineNotReady, EngineOverloaded
 from ragllm.structured.grammars import GrammarViolation
 from ragllm.structured.masks import TokenMasks
 
@@ -87,7 +93,9 @@ class Scheduler:
         self.num_sequence_faults = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
+        pool = BlockPool(runner.cache.num_blocks, runner.block_size, runner.kv_options.prefix_caching)
+        self.blocks = BlockTables(pool, runner.kv_salt)
         self.num_steps = 0
         self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
         self._masks: TokenMasks | None = None  # made when a structured-output request first runs
@@ -145,7 +153,7 @@ class Scheduler:
         if self.fatal is not None:  # broken: nothing runs again; whatever arrives is refused
             return self._fail_everything(self.fatal)
         self._expire_overdue(results)
-        self._admit()
+        self._admit(results)
         if self.running:
             try:
                 self.step(results)
@@ -193,12 +201,8 @@ class Scheduler:
         if limit is None:
             return
         deadline = time.monotonic() - limit
-        overdue = []
-        for sequence in self.waiting:  # in arrival order: only its head can be overdue
-            if sequence.arrival_time >= deadline:
-                break
-            overdue.append(sequence)
-        overdue += [s for s in self.running if s.queue_time_s is None and s.arrival_time < deadline]
+        # A preempted sequence waits again, but it has started: it is not refused.
+        overdue = [s for s in (*self.waiting, *self.running) if s.queue_time_s is None and s.arrival_time < deadline]
         for sequence in overdue:
             refusal = EngineOverloaded(f"the request waited {limit:g} s for the engine without starting; "
                                        "retry shortly or on another replica")
@@ -208,24 +212,57 @@ class Scheduler:
     def _remove(self, sequence: Sequence) -> None:
         if sequence in self.waiting:
             self.waiting.remove(sequence)
-        else:
-            self._release(self.running.index(sequence))
+        elif sequence in self.running:
+            self._release(sequence)
 
-    def _admit(self) -> None:
-        """Waiting requests join in arrival order while their slots are free; a request of several
-        choices takes one slot each, its followers right behind its leader."""
+    def _admit(self, results: list) -> None:
+        """Waiting requests join in arrival order while rows and KV blocks are free; a request of
+        several choices takes a row each, its followers right behind its leader. A prompt that
+        starts like an earlier one (same RAG template and documents) starts past its cached blocks."""
         while self.waiting:
             sequence = self.waiting[0]
             group = [sequence, *sequence.followers]
             if len(self.running) + len(group) > self.limits.max_num_seqs:
                 break
+            alone = not self.running
+            if not self.blocks.admit(group, alone=alone):
+                if alone:  # it would never fit: the pool is smaller than the request
+                    self.waiting.popleft()
+                    results.append((sequence, self._too_large(group)))
+                    continue
+                break
             self.waiting.popleft()
-            slot = len(self.running)
             for member in group:
                 member.status = SequenceStatus.PREFILLING
                 self.running.append(member)
-            # A prompt that starts like a recent one (same RAG template and documents) starts past it.
-            sequence.num_computed = self.runner.reuse_prefix(slot, sequence.prompt_ids)
+
+    def _too_large(self, group: list[Sequence]) -> ContextLengthExceeded:
+        pool = self.blocks.pool
+        return ContextLengthExceeded(
+            f"this request needs more KV cache than the engine has ({len(group)} choices of "
+            f"{group[0].num_prompt_tokens} prompt tokens; {pool.num_usable} blocks of {pool.block_size} "
+            "tokens); lower n or the prompt", param="n" if len(group) > 1 else "messages")
+
+    def _preempt_newest(self) -> None:
+        """Free the blocks of the newest running sequence (with its choices not yet started) and put it
+        back at the head of the queue, to be computed again when blocks free up."""
+        victim = self.running[-1]
+        victim = victim.leader if victim.leader is not None else victim
+        for member in (victim, *victim.followers):
+            self.running.remove(member)
+            self.blocks.preempt(member)
+            member.status = SequenceStatus.WAITING
+        self.waiting.appendleft(victim)
+        self._ahead = None
+        logger.info("request %s preempted: no free KV block (%d running)", victim.request_id, len(self.running))
+
+    def _room_to_decode(self, decoding: list[Sequence]) -> list[Sequence]:
+        """A block for every decoding sequence's next position, oldest first, preempting the newest
+        running sequences while none is free; returns the sequences still decoding."""
+        for sequence in decoding:
+            while sequence.status is SequenceStatus.DECODING and not self.blocks.grow(sequence, sequence.next_position):
+                self._preempt_newest()
+        return [s for s in decoding if s.status is SequenceStatus.DECODING]
 
     def step(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
         """One scheduling step: decode every decoding sequence once, then prefill within budget."""
@@ -235,7 +272,7 @@ class Scheduler:
         self._release_finished()
 
     def _decode_all(self, results: list) -> int:
-        decoding = [s for s in self.running if s.status is SequenceStatus.DECODING]
+        decoding = self._room_to_decode([s for s in self.running if s.status is SequenceStatus.DECODING])
         batch_size = self.limits.max_batch_size
         if decoding and len(decoding) <= batch_size and samplable_on_device(
                 [s.params for s in decoding], [s.generator for s in decoding]):
@@ -244,10 +281,16 @@ class Scheduler:
         self._ahead = None
         for first in range(0, len(decoding), batch_size):
             batch = decoding[first : first + batch_size]
-            logits = self.runner.decode(first, [s.output_ids[-1] for s in batch],
+            logits = self.runner.decode([s.block_table for s in batch], [s.output_ids[-1] for s in batch],
                                         [s.next_position for s in batch])
             self._sample_and_record(batch, logits, results)
+        self._register_decoded(decoding)
         return len(decoding)
+
+    def _register_decoded(self, decoding: list[Sequence]) -> None:
+        for sequence in decoding:
+            if sequence.status is SequenceStatus.DECODING:
+                self.blocks.register_full(sequence, sequence.next_position)
 
     def _decode_pipelined(self, decoding: list[Sequence], results: list) -> None:
         """One decode step whose tokens are chosen on the device; when the batch can only stay as it
@@ -260,7 +303,8 @@ class Scheduler:
         if ahead is not None and ahead.batch == decoding:
             logits = ahead.logits
         else:
-            logits = self.runner.decode(0, [s.output_ids[-1] for s in decoding], [s.next_position for s in decoding])
+            logits = self.runner.decode([s.block_table for s in decoding], [s.output_ids[-1] for s in decoding],
+                                        [s.next_position for s in decoding])
         masked, failures = self._constrain(decoding, logits)
         try:
             tokens = sample_on_device(masked, [s.params for s in decoding])
@@ -268,65 +312,67 @@ class Scheduler:
             logger.warning("batched sampling failed; choosing row by row", exc_info=True)
             tokens = _with_failures(_choose_row_by_row(decoding, masked), failures)
             self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
+            self._register_decoded(decoding)
             return
         # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
         # step with scores to read back is not launched ahead.
         scores = scores_on_device(decoding, tokens, logits)
         host_tokens = self._readback.start(tokens)
         if self.launch_ahead and scores is None and not self.waiting \
-                and all(s.status is SequenceStatus.DECODING for s in self.running):
-            next_logits = self.runner.decode(0, tokens, [s.next_position + 1 for s in decoding])
+                and all(s.status is SequenceStatus.DECODING for s in self.running) \
+                and all(self.blocks.grow(s, s.next_position + 1) for s in decoding):
+            next_logits = self.runner.decode([s.block_table for s in decoding], tokens,
+                                             [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
         self._record(decoding, _with_failures(host_tokens.finish(), failures), results,
                      scores_on_host(decoding, scores))
+        self._register_decoded(decoding)
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
-        chunks: list[tuple[int, Sequence, int]] = []  # (slot, sequence, tokens), run in one call
-        for slot, sequence in enumerate(self.running):
+        chunks: list[tuple[Sequence, list[int], int]] = []  # (sequence, what it prefills, tokens now)
+        for sequence in self.running:
             if sequence.status is not SequenceStatus.PREFILLING or sequence.leader is not None:
                 continue  # a follower's prompt is its leader's: it starts when the leader's is done
-            chunk = self._prefill_chunk(sequence, budget, head=not chunks)
+            target = sequence.prefill_ids()
+            chunk = self._prefill_chunk(len(target) - sequence.num_computed, budget, head=not chunks)
             if chunk <= 0:
                 break  # first come, first served: no later prompt overtakes this one
             budget -= chunk
-            chunks.append((slot, sequence, chunk))
+            chunks.append((sequence, target, chunk))
         if not chunks:
             return
         items = []
-        for slot, sequence, chunk in chunks:
+        for sequence, target, chunk in chunks:
             for member in (sequence, *sequence.followers):
                 member.mark_scheduled()
             start = sequence.num_computed
-            items.append((slot, sequence.prompt_ids[start : start + chunk], start))
+            items.append(PrefillChunk(sequence.block_table, target[start : start + chunk], start))
         all_logits = self.runner.prefill_many(items)
-        for (slot, sequence, chunk), logits in zip(chunks, all_logits):
+        for (sequence, target, chunk), logits in zip(chunks, all_logits):
             sequence.num_computed += chunk
-            if sequence.num_computed == sequence.num_prompt_tokens:
+            self.blocks.register_full(sequence, sequence.num_computed)
+            if sequence.num_computed == len(target):
                 sequence.status = SequenceStatus.DECODING
-                self.runner.remember_prefix(slot, sequence.prompt_ids)
-                group = [sequence, *self._start_followers(slot, sequence)]
+                group = [sequence, *self._start_followers(sequence)]
                 # Every choice draws its first token from the same last-position logits.
                 self._sample_and_record(group, logits[None].repeat(len(group), 1), results)
 
-    def _start_followers(self, slot: int, leader: Sequence) -> list[Sequence]:
-        """The leader's other choices, decoding from a copy of its prompt's cache. They sit in the
-        slots right behind it (admitted together; releases keep the prefilling suffix in order), so
-        the decoding sequences stay a prefix."""
-        followers = [f for f in leader.followers if f.status is SequenceStatus.PREFILLING]
-        for offset, follower in enumerate(followers, start=1):
-            if self.running[slot + offset] is not follower:
-                raise RuntimeError("a follower is not in the slot behind its leader")
-            self.runner.cache.move(slot, slot + offset, leader.num_prompt_tokens)
+    def _start_followers(self, leader: Sequence) -> list[Sequence]:
+        """The leader's other choices, decoding from its prompt's blocks (the partial last one
+        copied); from now on each is a sequence of its own (preempted and recomputed alone)."""
+        followers, leader.followers = leader.followers, []
+        for follower in followers:
+            self.blocks.fork(leader, follower, self.runner.copy_block)
             follower.num_computed = follower.num_prompt_tokens
             follower.status = SequenceStatus.DECODING
+            follower.leader = None
         return followers
 
-    def _prefill_chunk(self, sequence: Sequence, budget: int, head: bool) -> int:
+    def _prefill_chunk(self, remaining: int, budget: int, head: bool) -> int:
         """Tokens of this prompt to prefill now. In whole-prompt mode: whole when it fits what the
         step has left, when the head of the queue fits a step (past what decodes left by at most one
         token a decoding row), or when nothing decodes (nobody waits on it). Otherwise a chunk of what
         is left, and the head of the queue always gets one, so running decodes never starve it."""
-        remaining = sequence.num_prompt_tokens - sequence.num_computed
         if not self.limits.chunked_prefill:
             step = self.limits.max_num_batched_tokens
             nothing_decodes = budget == step
@@ -393,26 +439,14 @@ class Scheduler:
                                                 "other requests were not affected")))
 
     def _release_finished(self) -> None:
-        for slot in range(len(self.running) - 1, -1, -1):
-            if self.running[slot].status is SequenceStatus.FINISHED:
-                self._release(slot)
+        for sequence in [s for s in self.running if s.status is SequenceStatus.FINISHED]:
+            self._release(sequence)
 
-    def _release(self, slot: int) -> None:
-        """Free a slot, keeping decoding sequences a prefix and prefilling ones in order behind them."""
-        self.running[slot].status = SequenceStatus.FINISHED
-        num_decoding = sum(1 for s in self.running if s.prefill_done)
-        if slot < num_decoding:
-            last = num_decoding - 1  # fill the hole with the last decoding sequence
-            if slot != last:
-                moved = self.running[last]
-                self.runner.cache.move(last, slot, moved.num_cached)
-                self.running[slot] = moved
-            slot = last
-        del self.running[slot]
-        for new_slot in range(slot, len(self.running)):  # prefilling sequences shift down one slot
-            shifted = self.running[new_slot]
-            if shifted.num_cached:
-                self.runner.cache.move(new_slot + 1, new_slot, shifted.num_cached)
+    def _release(self, sequence: Sequence) -> None:
+        """The sequence leaves: its blocks are freed this step (those registered stay cached)."""
+        sequence.status = SequenceStatus.FINISHED
+        self.blocks.free(sequence)
+        self.running.remove(sequence)
 
     def _fail_waiting(self, exc: BaseException) -> list[tuple[Sequence, BaseException]]:
         failed, self.waiting = [(sequence, exc) for sequence in self.waiting], deque()
@@ -423,6 +457,7 @@ class Scheduler:
         failed = [(sequence, exc) for sequence in self.running]
         for sequence in self.running:
             sequence.status = SequenceStatus.FINISHED
+            self.blocks.free(sequence)
         self.running.clear()
         return failed
 

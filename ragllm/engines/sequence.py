@@ -54,6 +54,12 @@ class Sequence:
     # start from a copy of its cache (the prompt is prefilled once).
     followers: list["Sequence"] = field(default_factory=list)
     leader: "Sequence | None" = None  # for a follower: the sequence that prefills its prompt
+    # The KV blocks holding its positions, in order; they only grow while the sequence runs (a
+    # preemption replaces the list), which lets a runner tell a changed table by length.
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, chained
+    num_registered: int = 0  # leading full blocks registered for prefix sharing
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -61,19 +67,16 @@ class Sequence:
 
     @property
     def prefill_done(self) -> bool:
-        return self.num_computed == self.num_prompt_tokens
+        return self.status is SequenceStatus.DECODING
+
+    def prefill_ids(self) -> list[int]:
+        """What a prefill computes: the prompt, or after a preemption the prompt and answer so far."""
+        return self.history() if self.output_ids else self.prompt_ids
 
     @property
     def next_position(self) -> int:
         """Position of the last sampled token, which the next decode step feeds in."""
         return self.num_prompt_tokens + len(self.output_ids) - 1
-
-    @property
-    def num_cached(self) -> int:
-        """Positions of this sequence held in its KV slot."""
-        if self.status is SequenceStatus.DECODING:
-            return self.next_position
-        return self.num_computed
 
     def history(self) -> list[int]:
         return self.prompt_ids + self.output_ids
@@ -129,6 +132,7 @@ class Sequence:
             queue_time_s=self.queue_time_s,
             logprobs=self.logprobs_since_delta or None,
             index=self.index,
+            cached_tokens=self.num_cached_tokens or 0,
         )
         self.tokens_since_delta = 0
         if self.logprobs_since_delta:

@@ -27,6 +27,7 @@ from ragllm.engines.base import (
     EngineState,
     EngineStats,
     GenerationRequest,
+    KVCacheStats,
     ModelCard,
     SamplingParams,
 )
@@ -127,20 +128,22 @@ class TransformersEngine(Engine):
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
 
     def _runner(self, model: Any, max_model_len: int) -> Any:
-        from ragllm.engines.model_runner import ModelRunner
+        from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
 
+        kv = KVCacheOptions(block_size=self.settings.block_size, num_blocks=self.settings.num_kv_blocks,
+                            memory_bytes=self.settings.kv_cache_memory_bytes,
+                            prefix_caching=self.settings.enable_prefix_caching)
         if self._device.type != "cuda":
-            return ModelRunner(model, self.settings.max_num_seqs, max_model_len)
-        from ragllm.engines.cuda_runner import CudaGraphRunner, CudaRunnerOptions
+            return ModelRunner(model, max_model_len, kv)
+        from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
 
         options = CudaRunnerOptions(
             max_batch_size=self.settings.max_batch_size,
             max_num_batched_tokens=self.settings.max_num_batched_tokens,
             gpu_memory_utilization=self.settings.gpu_memory_utilization,
-            prefix_cache_slots=self.settings.prefix_cache_slots,
             cuda_graphs=self.settings.cuda_graphs,
         )
-        return CudaGraphRunner(model, self.settings.max_num_seqs, max_model_len, options)
+        return CudaGraphRunner(model, max_model_len, options, kv)
 
     async def aclose(self) -> None:
         if self._canary is not None:
@@ -208,7 +211,11 @@ class TransformersEngine(Engine):
         if self._scheduler is None:
             return EngineStats()
         running = self._scheduler.num_running
-        return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running))
+        blocks = self._scheduler.blocks  # plain counters read off the engine thread: a moment's view
+        kv = KVCacheStats(block_size=blocks.block_size, blocks_total=blocks.pool.num_usable,
+                          blocks_free=blocks.pool.num_free, prefix_cache_queries=blocks.pool.queries,
+                          prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions)
+        return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv)
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
         health = self.health()

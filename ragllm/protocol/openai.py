@@ -237,6 +237,15 @@ class TokenizeResponse(_Wire):
     max_model_len: int
 
 
+class KVCacheHealth(_Wire):
+    block_size: int
+    blocks_total: int
+    blocks_free: int
+    usage: float
+    prefix_cache_hit_rate: float | None = Field(description="Prompt tokens found cached / looked up so far.")
+    preemptions: int
+
+
 class HealthResponse(_Wire):
     status: Literal["ok", "loading", "error", "draining"]
     model: str
@@ -247,3 +256,4 @@ class HealthResponse(_Wire):
     waiting: int = 0
     redis: Literal["ok", "degraded", "disabled"] = "disabled"
     cache: str = "memory"
+    kv_cache: "KVCacheHealth | None" = Field(None, description="The in-process engine's KV blocks.")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from prometheus_client.registry import Collector
@@ -128,15 +128,29 @@ class _EngineStatsCollector(Collector):
         self._stats = stats
         self._model_name = model_name
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         for name, doc, value in (
             ("vllm:num_requests_running", "Requests in the engine's running batch.", stats.num_running),
             ("vllm:num_requests_waiting", "Requests queued for the engine.", stats.num_waiting),
         ):
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self._model_name], value)
-            yield family
+            yield self._family(GaugeMetricFamily(name, doc, labels=["model_name"]), value)
+        kv = stats.kv_cache
+        if kv is None:  # an upstream engine: its replicas export these series themselves
+            return
+        yield self._family(GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache block usage (1 = full).",
+                                             labels=["model_name"]), kv.usage)
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", kv.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", kv.prefix_cache_hits),
+            ("vllm:num_preemptions", "Sequences preempted for want of KV blocks.", kv.num_preemptions),
+        ):
+            yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), value)
+
+    def _family(self, family: GaugeMetricFamily | CounterMetricFamily,
+                value: float) -> GaugeMetricFamily | CounterMetricFamily:
+        family.add_metric([self._model_name], value)
+        return family
 
 
 def exposition_with_upstreams(registry: CollectorRegistry, scraped: list[tuple[str, str]]) -> bytes:

@@ -1,4 +1,4 @@
-"""The CUDA path's runner (static cache, fused projections, batched prefill, prefix reuse, decode
+"""The CUDA path's runner (paged cache, fused projections, batched prefill, decode and prefill
 graphs) against transformers' forward on the same weights. On the CPU it runs without graphs, so
 all but the capture is covered everywhere; the ``cuda`` cases run on a GPU (the device tool)."""
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from ragllm.engines.base import SamplingParams
-from ragllm.engines.cuda_runner import CudaGraphRunner, CudaRunnerOptions, MIN_PREFIX_TOKENS
+from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
+from ragllm.engines.model_runner import KVCacheOptions, PrefillChunk
 from ragllm.engines.sampling import filtered_probabilities, filtered_probabilities_batched
 from ragllm.engines.scheduler import Scheduler, SchedulerLimits
 from ragllm.errors import ModelLoadError
+from tests.engines.test_model_runner import scattered_tables
 from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
@@ -22,9 +24,17 @@ DEVICES = ["cpu", CUDA]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
-def _runner(model, num_slots=4, max_model_len=512, max_batch_size=4, **options) -> CudaGraphRunner:
-    return CudaGraphRunner(model, num_slots, max_model_len,
-                           CudaRunnerOptions(max_batch_size=max_batch_size, max_num_batched_tokens=1024, **options))
+def _runner(model, max_model_len=512, max_batch_size=4, num_blocks=300, prefix_caching=True,
+            **options) -> CudaGraphRunner:
+    kv = KVCacheOptions(block_size=16, num_blocks=num_blocks, prefix_caching=prefix_caching)
+    return CudaGraphRunner(model, max_model_len,
+                           CudaRunnerOptions(max_batch_size=max_batch_size, max_num_batched_tokens=1024, **options), kv)
+
+
+def _scheduler(runner: CudaGraphRunner, launch_ahead: bool = False) -> Scheduler:
+    return Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                             chunked_prefill=False), deliver=lambda results: None,
+                     launch_ahead=launch_ahead)
 
 
 def _reference(model, ids: list[int]) -> torch.Tensor:
@@ -61,11 +71,13 @@ def test_teacher_forced_logits_match_transformers_at_every_step(device, architec
         model = tiny_model(architecture, dtype=dtype).to(device)
         runner = _runner(model)
         prompts = [list(range(10, 50)), list(range(60, 95)), [7] * 44]  # close lengths: one padded batch
-        for logits, prompt in zip(runner.prefill_many([(slot, p, 0) for slot, p in enumerate(prompts)]), prompts):
+        tables = scattered_tables([len(p) + 8 for p in prompts])
+        chunks = [PrefillChunk(table, p, 0) for table, p in zip(tables, prompts)]
+        for logits, prompt in zip(runner.prefill_many(chunks), prompts):
             _assert_close(logits, _reference(model, prompt), dtype)
         sequences = [list(p) + [int(_reference(model, p).argmax())] for p in prompts]
         for _ in range(6):
-            logits = runner.decode(0, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+            logits = runner.decode(tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
             for row, sequence in enumerate(sequences):
                 expected = _reference(model, sequence)
                 _assert_close(logits[row], expected, dtype)
@@ -75,33 +87,31 @@ def test_teacher_forced_logits_match_transformers_at_every_step(device, architec
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_tokens_equal_transformers_generate_in_float32(device):
     model = tiny_model("qwen2", dtype=torch.float32).to(device)
-    runner = _runner(model, num_slots=2)
+    runner = _runner(model)
     prompt = list(range(20, 60))
+    table = [12, 3, 7, 30]
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt], device=device), max_new_tokens=16, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    tokens = [int(runner.prefill(0, prompt, 0).argmax())]
+    tokens = [int(runner.prefill(table, prompt, 0).argmax())]
     for step in range(15):
-        tokens.append(int(runner.decode(0, [tokens[-1]], [len(prompt) + step]).argmax()))
+        tokens.append(int(runner.decode([table], [tokens[-1]], [len(prompt) + step]).argmax()))
     assert tokens == expected
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prefix_reuse_gives_the_same_logits_as_without(device):
+def test_a_shared_prefix_gives_the_same_logits_as_computing_it(device):
+    """A second prompt continuing from the first one's cached blocks (what a prefix-cache hit does)."""
     model = tiny_model("llama", dtype=torch.float32).to(device)
-    shared = list(range(3, 3 + MIN_PREFIX_TOKENS + 40))  # a template and documents, say
+    shared = list(range(3, 3 + 64))  # four full blocks: a template and documents, say
     first, second = shared + [101, 102, 103], shared + [150, 151]
-    runner = _runner(model, num_slots=3)
-    runner.prefill(0, first, 0)
-    runner.remember_prefix(0, first)
-    reused = runner.reuse_prefix(1, second)
-    assert reused == len(shared) and runner.prefix_hits == 1
-    logits = runner.prefill(1, second[reused:], reused)
-    fresh = _runner(model, num_slots=3, prefix_cache_slots=0)
-    _assert_close(logits, fresh.prefill(1, second, 0), torch.float32)
+    runner = _runner(model)
+    runner.prefill([5, 9, 2, 14, 20], first, 0)
+    second_table = [5, 9, 2, 14, 33]  # the four shared blocks, then its own
+    logits = runner.prefill(second_table, second[64:], 64)
     _assert_close(logits, _reference(model, second), torch.float32)
     token = int(logits.argmax())
-    after = runner.decode(0, [0, token], [len(first), len(second)])[1]  # row 0 is the first prompt's slot
+    after = runner.decode([[5, 9, 2, 14, 20], second_table], [0, token], [len(first), len(second)])[1]
     _assert_close(after, _reference(model, second + [token]), torch.float32)
 
 
@@ -115,11 +125,12 @@ def test_prefill_graphs_match_transformers_for_padded_lengths(device, architectu
         runner = _runner(model)
         for length, more in ((1, 1), (17, 15), (32, 33), (33, 64), (200, 7), (440, 70)):
             prompt = [(7 * i + 3) % 200 + 1 for i in range(length)]
-            logits = runner._prefill_graphs.run(2, prompt, 0)
+            table = scattered_tables([length + more, 100], first=40)[0]
+            logits = runner._prefill_graphs.run(table, prompt, 0)
             assert logits is not None, f"no graph for {length} tokens"
             _assert_close(logits, _reference(model, prompt), dtype)
             continuation = [(11 * i + 5) % 200 + 1 for i in range(more)]
-            logits = runner._prefill_graphs.run(2, continuation, length)
+            logits = runner._prefill_graphs.run(table, continuation, length)
             assert logits is not None, f"no graph for {more} tokens after {length}"
             _assert_close(logits, _reference(model, prompt + continuation), dtype)
 
@@ -132,32 +143,20 @@ def test_a_continuation_longer_than_any_graph_runs_eagerly_and_matches(device):
         model = tiny_model("qwen2", dtype=dtype).to(device)
         runner = _runner(model, max_model_len=1024)
         prompt = [(5 * i + 2) % 200 + 1 for i in range(900)]
-        runner.prefill(1, prompt[:300], 0)
+        table = list(range(100, 40, -1))[:57]
+        runner.prefill(table, prompt[:300], 0)
         if device == "cuda":
-            assert runner._prefill_graphs.run(1, prompt[300:], 300) is None  # 600 tokens: no graph
-        _assert_close(runner.prefill(1, prompt[300:], 300), _reference(model, prompt), dtype)
-
-
-def test_short_or_unrelated_prompts_reuse_nothing():
-    runner = _runner(tiny_model("llama"), num_slots=2)
-    prompt = list(range(5, 5 + MIN_PREFIX_TOKENS + 10))
-    runner.prefill(0, prompt, 0)
-    runner.remember_prefix(0, prompt)
-    assert runner.reuse_prefix(1, list(range(200, 200 + MIN_PREFIX_TOKENS + 10))) == 0
-    assert runner.reuse_prefix(1, prompt[:10]) == 0
-    # The same prompt again reuses all but its last token, which must run for its logits.
-    assert runner.reuse_prefix(1, prompt) == len(prompt) - 1
+            assert runner._prefill_graphs.run(table, prompt[300:], 300) is None  # 600 tokens: no graph
+        _assert_close(runner.prefill(table, prompt[300:], 300), _reference(model, prompt), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
-    """Continuous batching over the static cache: arrivals at different steps, slot moves as
-    sequences leave, prefix reuse among prompts that share a start; each equals its solo run."""
+    """Continuous batching over the paged cache: arrivals at different steps, blocks freed as sequences
+    leave, prefix blocks shared among prompts that share a start; each equals its solo run."""
     model = tiny_model("llama", seed=3).to(device)
-    runner = _runner(model, num_slots=4, max_batch_size=4)
-    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                                  chunked_prefill=False), deliver=lambda results: None)
-    shared = list(range(30, 30 + MIN_PREFIX_TOKENS + 8))
+    scheduler = _scheduler(_runner(model))
+    shared = list(range(30, 30 + 72))
     prompts = PROMPTS + [shared + [5, 6], shared + [9]]
     max_tokens = MAX_TOKENS + [10, 10]
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
@@ -169,7 +168,7 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
         scheduler.run_once()
         if not arrivals and not scheduler.running and not scheduler.waiting:
             break
-    assert runner.prefix_hits >= 1
+    assert scheduler.blocks.pool.hits >= 64
     _assert_each_equals_its_solo_run(model, sequences, device)
 
 
@@ -187,8 +186,34 @@ def test_batched_filtering_equals_row_by_row():
 @pytest.mark.parametrize("device", [CUDA])
 def test_a_cache_that_does_not_fit_is_refused_at_start(device):
     model = tiny_model("llama").to(device)
-    with pytest.raises(ModelLoadError, match="KV cache does not fit.*MAX_NUM_SEQS"):
-        _runner(model, num_slots=1_000_000, max_model_len=512)
+    with pytest.raises(ModelLoadError, match="less than one .*-token context window"):
+        CudaGraphRunner(model, 512, CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=1024),
+                        KVCacheOptions(memory_bytes=1 << 16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_preemption_with_steps_launched_ahead_gives_the_same_tokens(device):
+    """A pool barely over one context window: sequences are preempted and recomputed while steps
+    are launched ahead; every output equals its solo run and every block comes back."""
+    model = tiny_model("llama", seed=3).to(device)
+    scheduler = _scheduler(_runner(model, num_blocks=40), launch_ahead=True)
+    prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
+    sequences = [_sequence(f"r{r}", prompt, 60) for r, prompt in enumerate(prompts)]
+    for sequence in sequences:
+        sequence.stop_token_ids = frozenset()
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    for _ in range(2000):
+        scheduler.run_once()
+        if not scheduler.running and not scheduler.waiting:
+            break
+    assert scheduler.blocks.num_preemptions > 0
+    for sequence in sequences:
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
+                                      max_new_tokens=60, eos_token_id=None, pad_token_id=0)[0, len(sequence.prompt_ids):]
+        assert sequence.output_ids == expected.tolist(), sequence.request_id
+    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -196,10 +221,7 @@ def test_steps_launched_ahead_give_the_same_tokens(device):
     """The next decode step launched before this one's tokens are read back (what the GPU path does),
     with sequences finishing, joining and being aborted mid-run: every output equals its solo run."""
     model = tiny_model("llama", seed=3).to(device)
-    runner = _runner(model, num_slots=4, max_batch_size=4)
-    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                                  chunked_prefill=False), deliver=lambda results: None,
-                          launch_ahead=True)
+    scheduler = _scheduler(_runner(model), launch_ahead=True)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
     doomed = _sequence("aborted", [3, 1, 4, 1, 5], 40)
     arrivals = {0: sequences[:2] + [doomed], 3: sequences[2:4], 7: sequences[4:]}
@@ -222,10 +244,7 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
     """Rows asking for logprobs beside rows that do not: their scores equal transformers' log_softmax,
     the other rows' tokens are unchanged, and steps are launched ahead once no row needs scores."""
     model = tiny_model("llama", seed=3).to(device)
-    runner = _runner(model, num_slots=4, max_batch_size=4)
-    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                                  chunked_prefill=False), deliver=lambda results: None,
-                          launch_ahead=True)
+    scheduler = _scheduler(_runner(model), launch_ahead=True)
     plain = [_sequence(f"plain{i}", p, 30) for i, p in enumerate(PROMPTS[:2])]
     for sequence in plain:
         sequence.stop_token_ids = frozenset()
@@ -252,17 +271,15 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
-    """n choices over the static cache, steps launched ahead: the followers start from a copy of the
-    leader's cache, and choice i samples exactly as a single request with seed + i does."""
+    """n choices over the paged cache, steps launched ahead: the followers share the leader's prompt
+    blocks, and choice i samples exactly as a single request with seed + i does."""
     from tests.engines.test_scheduler import _choices_of, _seeded
 
     model = tiny_model("llama", seed=3).to(device)
     prompt = list(range(40, 80))
 
     def scheduler() -> Scheduler:
-        return Scheduler(_runner(model, num_slots=4, max_batch_size=4),
-                         SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                         chunked_prefill=False), deliver=lambda results: None, launch_ahead=True)
+        return _scheduler(_runner(model), launch_ahead=True)
 
     def run(sequences, engine) -> None:
         for sequence in sequences:

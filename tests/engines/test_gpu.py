@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.engines.model_runner import ModelRunner
+from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
+from tests.engines.test_model_runner import scattered_tables
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
 pytestmark = [
@@ -23,16 +24,17 @@ def _reference(model, ids):
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_cuda_prefill_and_batched_decode_match_transformers(architecture, dtype, tolerance):
     model = tiny_model(architecture, dtype=dtype).to("cuda")
-    runner = ModelRunner(model, num_slots=3, max_model_len=512)
+    runner = ModelRunner(model, max_model_len=512, kv=KVCacheOptions(num_blocks=100))
     prompts = [[1, 2, 3, 4], list(range(10, 50)), [7] * 100]
+    tables = scattered_tables([len(p) + 6 for p in prompts])
     sequences = [list(p) for p in prompts]
-    for slot, prompt in enumerate(prompts):
-        logits = runner.prefill(slot, prompt, 0)
+    for row, prompt in enumerate(prompts):
+        logits = runner.prefill(tables[row], prompt, 0)
         scale = _reference(model, prompt).abs().max()
         assert (logits - _reference(model, prompt)).abs().max() <= tolerance * scale
-        sequences[slot].append(int(logits.argmax()))
+        sequences[row].append(int(logits.argmax()))
     for _ in range(5):
-        logits = runner.decode(0, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+        logits = runner.decode(tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
         for row, sequence in enumerate(sequences):
             expected = _reference(model, sequence)
             assert (logits[row] - expected).abs().max() <= tolerance * expected.abs().max()
@@ -41,12 +43,13 @@ def test_cuda_prefill_and_batched_decode_match_transformers(architecture, dtype,
 
 def test_cuda_greedy_tokens_equal_transformers_generate_in_float32():
     model = tiny_model("qwen2", dtype=torch.float32).to("cuda")
-    runner = ModelRunner(model, num_slots=1, max_model_len=512)
+    runner = ModelRunner(model, max_model_len=512, kv=KVCacheOptions(num_blocks=100))
     prompt = list(range(20, 60))
+    table = [9, 2, 31, 4]
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    tokens = [int(runner.prefill(0, prompt, 0).argmax())]
+    tokens = [int(runner.prefill(table, prompt, 0).argmax())]
     for step in range(11):
-        tokens.append(int(runner.decode(0, [tokens[-1]], [len(prompt) + step]).argmax()))
+        tokens.append(int(runner.decode([table], [tokens[-1]], [len(prompt) + step]).argmax()))
     assert tokens == expected

@@ -7,7 +7,7 @@ import torch
 from ragllm.engines import sampling as sampling_module
 from ragllm.engines import scheduler as scheduler_module
 from ragllm.engines.base import FinishReason, SamplingParams
-from ragllm.engines.model_runner import ModelRunner
+from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
 from ragllm.engines.scheduler import Scheduler, SchedulerLimits
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
 from ragllm.engines.sequence import Sequence
@@ -25,10 +25,9 @@ class LetterTokenizer:
 MODEL = tiny_model("llama", seed=3)
 
 
-def _scheduler(**limits) -> Scheduler:
+def _scheduler(kv: KVCacheOptions = KVCacheOptions(block_size=16, num_blocks=400), **limits) -> Scheduler:
     defaults = dict(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False)
-    runner = ModelRunner(MODEL, num_slots=defaults["max_num_seqs"] if "max_num_seqs" not in limits
-                         else limits["max_num_seqs"], max_model_len=512)
+    runner = ModelRunner(MODEL, max_model_len=512, kv=kv)
     return Scheduler(runner, SchedulerLimits(**{**defaults, **limits}), deliver=lambda results: None)
 
 
@@ -140,13 +139,15 @@ def test_finish_reasons_and_stop_strings():
     assert length_text == text
 
 
-def test_slots_are_compacted_after_the_cache_has_grown():
-    """Growth happens inside a forward pass; moving a slot afterwards must still work."""
-    scheduler = _scheduler(max_num_seqs=3, max_batch_size=3, max_num_batched_tokens=512)
+def test_blocks_freed_by_a_finished_sequence_serve_the_next_and_all_return():
+    scheduler = _scheduler(KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False), max_num_seqs=3,
+                           max_batch_size=3, max_num_batched_tokens=512)
+    free_at_start = scheduler.blocks.pool.num_free
     sequences = [_sequence("short", [1, 2, 3], 2), _sequence("long", [i % 200 + 1 for i in range(300)], 6),
-                 _sequence("mid", [5, 6], 10)]
-    _run_to_completion(scheduler, {0: sequences})  # "short" leaves first: "mid" moves into its slot
+                 _sequence("mid", [5, 6], 10), _sequence("late", [i % 150 + 2 for i in range(200)], 5)]
+    _run_to_completion(scheduler, {0: sequences[:3], 1: sequences[3:]})  # "late" needs "long"'s blocks
     _check_against_reference(sequences)
+    assert scheduler.blocks.pool.num_free == free_at_start
 
 
 # -- faults ---------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_a_detokenizer_fault_ends_only_its_sequence():
 
 def test_a_failed_forward_pass_is_fatal_and_refuses_everything_after(monkeypatch):
     fatal: list[BaseException] = []
-    runner = ModelRunner(MODEL, num_slots=4, max_model_len=512)
+    runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(num_blocks=100))
     scheduler = Scheduler(runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append)
     first, queued = _sequence("a", [1, 2, 3], 20), _sequence("b", [4, 5], 20)
     scheduler.submit(first)

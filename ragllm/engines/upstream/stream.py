@@ -59,7 +59,7 @@ class UpstreamStream(DeltaStream):
     async def _parse(self) -> AsyncIterator[Delta]:
         """Deltas as the events come, each with its choice's index; each choice's finish once the
         stream ends, holding the usage the upstream reported (the prompt once, the tokens of all)."""
-        prompt_tokens = total_tokens = 0
+        prompt_tokens = total_tokens = cached_tokens = 0
         counted: dict[int, int] = {}  # chunks seen per choice: one chunk ≈ one token until usage says
         finishes: dict[int, FinishReason] = {}
         async for raw in self.response.content:
@@ -73,6 +73,7 @@ class UpstreamStream(DeltaStream):
             usage = event.get("usage")
             if usage:
                 prompt_tokens, total_tokens = _usage_counts(usage, prompt_tokens, total_tokens)
+                cached_tokens = _cached_tokens(usage)
             for choice in _choices(event):
                 index = _index(choice)
                 text, logprobs, tool_calls = _choice_text(choice), self._logprobs(choice), _tool_calls(choice)
@@ -91,7 +92,7 @@ class UpstreamStream(DeltaStream):
             if index == last and total_tokens:
                 tokens = max(0, total_tokens - sum(counted.get(i, 0) for i in finishes if i != last))
             yield Delta(text="", num_tokens=0, prompt_tokens=prompt_tokens, completion_tokens=tokens,
-                        finish_reason=finishes[index], index=index)
+                        finish_reason=finishes[index], index=index, cached_tokens=cached_tokens)
 
     async def _parse_whole(self) -> AsyncIterator[Delta]:
         """A non-streaming answer: one delta a choice, with all of it (the usage's completion tokens
@@ -101,12 +102,14 @@ class UpstreamStream(DeltaStream):
         if not all(choice.get("finish_reason") for choice in choices):
             raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
         prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
+        cached_tokens = _cached_tokens(answer.get("usage") or {})
         for position, choice in enumerate(choices):
             text = _choice_text(choice)
             tokens = completion_tokens if position == len(choices) - 1 else 0
             yield Delta(text=text, num_tokens=tokens, prompt_tokens=prompt_tokens, completion_tokens=tokens,
                         logprobs=self._logprobs(choice) if text else None, tool_calls=_tool_calls(choice),
-                        finish_reason=_finish_reason(choice), index=_index(choice, position))
+                        finish_reason=_finish_reason(choice), index=_index(choice, position),
+                        cached_tokens=cached_tokens)
 
     def _logprobs(self, choice: dict[str, Any]) -> list[TokenLogprob] | None:
         """The choice's logprobs, when asked for: OpenAI's chat form or the completions' legacy form."""
@@ -188,6 +191,13 @@ def _usage_counts(usage: Any, prompt_tokens: int, completion_tokens: int) -> tup
         return int(usage.get("prompt_tokens", prompt_tokens)), int(usage.get("completion_tokens", completion_tokens))
     except (AttributeError, TypeError, ValueError) as exc:
         raise EngineFailure("the upstream sent malformed usage") from exc
+
+
+def _cached_tokens(usage: Any) -> int:
+    """The upstream's prefix-cache hit, where it reports one (vLLM with prompt token details, OpenAI)."""
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and cached >= 0 else 0
 
 
 def _chat_logprobs(logprobs: dict[str, Any]) -> list[TokenLogprob]:

@@ -3,10 +3,11 @@
 Measured need (H100, Qwen2.5-1.5B): launching a prefill's ~300 kernels took 15-27 ms of host time
 for 512 or 2,048 tokens alike, while the device needs 3.8 ms and 12.4 ms for them; the time to first
 token was the launch time. A graph is captured per length bucket and replayed with the prompt padded
-to its bucket: rows past the prompt write to the scratch slot and their logits are never read.
+to its bucket: rows past the prompt write to the scratch block and their logits are never read.
 
 Two kinds of graph: a whole prompt (``start == 0``: causal attention within the chunk), and the rest
-of a prompt whose prefix is already cached (a reused RAG prefix: attention reads the slot's cache).
+of a prompt whose prefix is already cached (a reused RAG prefix: attention reads the sequence's
+blocks through its block table, an input of the graph).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ _WHOLE_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560
 # Continuations after a reused prefix: the question and the template's tail, usually short.
 _CONTINUATION_BUCKETS = (16, 32, 64, 128, 256, 512)
 
-# forward(ids, positions, slots, last, whole) → logits [1, vocab] of the token at index ``last``
-PrefillForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+# forward(ids, positions, write rows, last, block table, whole) → logits [1, vocab] of the token at ``last``
+PrefillForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+                          torch.Tensor]
 
 
 def graph_buckets(limit: int, whole: bool) -> list[int]:
@@ -40,13 +42,14 @@ def graph_buckets(limit: int, whole: bool) -> list[int]:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: torch.Tensor  # [3 * bucket + 1] on the device: ids, positions, slots, index of the last token
+    inputs: torch.Tensor  # on the device: ids, positions, write rows, index of the last token, block table
     logits: torch.Tensor  # [1, vocab]
 
 
 class PrefillGraphs:
-    def __init__(self, limit: int, scratch_slot: int, device: torch.device) -> None:
-        self._scratch_slot = scratch_slot
+    def __init__(self, limit: int, table_width: int, block_size: int, device: torch.device) -> None:
+        self._table_width = table_width
+        self._block_size = block_size
         self._device = device
         self._buckets = {whole: graph_buckets(limit, whole) for whole in (True, False)}
         self._graphs: dict[tuple[bool, int], _Graph] = {}
@@ -68,19 +71,19 @@ class PrefillGraphs:
 
     def _capture_one(self, forward: PrefillForward, whole: bool, bucket: int, pool: tuple,
                      stream: torch.cuda.Stream) -> _Graph:
-        inputs = torch.zeros(3 * bucket + 1, dtype=torch.long, device=self._device)
-        ids, positions, slots, last = _views(inputs, bucket)
+        # Zeros: warm-up and capture write only to the scratch block.
+        inputs = torch.zeros(3 * bucket + 1 + self._table_width, dtype=torch.long, device=self._device)
+        ids, positions, rows, last, table = _views(inputs, bucket)
         if whole:
             positions.copy_(torch.arange(bucket))
-        slots.fill_(self._scratch_slot)  # warm-up and capture write only to the scratch slot
-        forward(ids, positions, slots, last, whole)  # warm-up: lazy workspaces, kernel selection
+        forward(ids, positions, rows, last, table, whole)  # warm-up: lazy workspaces, kernel selection
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            logits = forward(ids, positions, slots, last, whole)
+            logits = forward(ids, positions, rows, last, table, whole)
         return _Graph(graph, inputs, logits)
 
     @torch.inference_mode()  # the graphs' inputs were made in it, and only it may write them
-    def run(self, slot: int, token_ids: list[int], start: int) -> torch.Tensor | None:
+    def run(self, block_table: list[int], token_ids: list[int], start: int) -> torch.Tensor | None:
         """The logits [vocab] of the chunk's last token, or None when no graph is that long."""
         whole = start == 0
         buckets = self._buckets[whole]
@@ -92,8 +95,8 @@ class PrefillGraphs:
         captured = self._graphs[(whole, bucket)]
         # Staged through pinned memory from the caching host allocator: the copy does not wait for
         # work queued before it, and the buffer is not handed out again until the copy has run.
-        host = torch.empty(3 * bucket + 1, dtype=torch.long, pin_memory=True)
-        ids, positions, slots, last = _views(host.numpy(), bucket)
+        host = torch.empty(3 * bucket + 1 + self._table_width, dtype=torch.long, pin_memory=True)
+        ids, positions, rows, last, table = _views(host.numpy(), bucket)
         ids[:length] = token_ids
         ids[length:] = 0
         if whole:
@@ -101,8 +104,11 @@ class PrefillGraphs:
         else:
             positions[:length] = np.arange(start, start + length)
             positions[length:] = start  # padding rows attend to a short span and are discarded
-        slots[:length] = slot
-        slots[length:] = self._scratch_slot
+        table[: len(block_table)] = block_table
+        table[len(block_table):] = 0
+        real = positions[:length]
+        rows[:length] = table[real // self._block_size] * self._block_size + real % self._block_size
+        rows[length:] = 0  # padding rows write into the scratch block
         last[0] = length - 1
         captured.inputs.copy_(host, non_blocking=True)
         captured.graph.replay()
@@ -111,4 +117,6 @@ class PrefillGraphs:
 
 
 def _views(flat, bucket: int):
-    return flat[:bucket], flat[bucket : 2 * bucket], flat[2 * bucket : 3 * bucket], flat[3 * bucket :]
+    """ids, positions, write rows, last index, block table"""
+    return (flat[:bucket], flat[bucket : 2 * bucket], flat[2 * bucket : 3 * bucket], flat[3 * bucket : 3 * bucket + 1],
+            flat[3 * bucket + 1 :])

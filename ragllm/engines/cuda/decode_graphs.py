@@ -1,0 +1,103 @@
+"""Decode steps replayed as CUDA graphs: one graph per batch bucket, one launch per step instead of
+~20 kernels per layer. Rows past the real batch write to the scratch block and are not read.
+
+The graphs' inputs live at fixed addresses: each row's token, position and flat cache row to write,
+and each row's block table. Tables change rarely (a row takes a new block every ``block_size``
+steps; the batch changes when sequences join or leave), so they are copied to the device only when
+one has changed: a runner tells by the table's identity and length (tables only grow in place).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# forward(inputs [3, bucket]: ids, positions, write rows; tables [bucket, width]) → logits [bucket, vocab]
+DecodeForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < max_batch_size]
+    return buckets + [max_batch_size]
+
+
+class DecodeGraphs:
+    def __init__(self, max_batch_size: int, table_width: int, block_size: int, device: torch.device) -> None:
+        self.buckets = batch_buckets(max_batch_size)
+        self._block_size = block_size
+        self._device = device
+        largest = self.buckets[-1]
+        self._inputs = torch.zeros(3, largest, dtype=torch.long, device=device)  # rows 0: the scratch block
+        self._tables = torch.zeros(largest, table_width, dtype=torch.int32, device=device)
+        # Staged through pinned memory: a copy from pageable memory would wait for the device to
+        # drain the work queued before it, and the host could no longer run a step ahead. Two
+        # buffers in turn: the one written now was last read by a copy that has completed.
+        self._staging = [torch.zeros(3, largest, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._host_tables = np.zeros((largest, table_width), dtype=np.int32)
+        self._staged: list[tuple[list[int] | None, int]] = [(None, 0)] * largest  # per row: table, length
+        self._num_runs = 0
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @property
+    def largest(self) -> int:
+        return self.buckets[-1]
+
+    @torch.inference_mode()
+    def capture(self, forward: DecodeForward, side: torch.cuda.Stream, pool: tuple) -> None:
+        side.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(side):  # capture must not run on the default stream
+            for bucket in reversed(self.buckets):  # the largest first: the others reuse its pool memory
+                inputs, tables = self._inputs[:, :bucket], self._tables[:bucket]
+                forward(inputs, tables)  # warm-up: lazy workspaces, kernel selection
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    logits = forward(inputs, tables)
+                self._graphs[bucket] = (graph, logits)
+        torch.cuda.current_stream(self._device).wait_stream(side)
+        torch.cuda.synchronize(self._device)
+        logger.info("captured %d decode graphs (batch %s)", len(self._graphs), self.buckets)
+
+    @torch.inference_mode()
+    def run(self, tables: Sequence[list[int]], token_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+        batch = len(positions)
+        bucket = self.buckets[bisect.bisect_left(self.buckets, batch)]
+        staging = self._staging[self._num_runs % 2]
+        self._num_runs += 1
+        host = staging.numpy()
+        size = self._block_size
+        host[1, :batch] = positions
+        host[1, batch:bucket] = 0
+        host[2, :batch] = [table[p // size] * size + p % size for table, p in zip(tables, positions)]
+        host[2, batch:bucket] = 0  # padding rows write into the scratch block
+        if isinstance(token_ids, torch.Tensor):  # the previous step's choice, never read back to the host
+            self._inputs[1:, :bucket].copy_(staging[1:, :bucket], non_blocking=True)
+            self._inputs[0, :batch].copy_(token_ids)
+        else:
+            host[0, :batch] = token_ids
+            self._inputs[:, :bucket].copy_(staging[:, :bucket], non_blocking=True)
+        if self._stage_tables(tables):
+            # A pinned copy from the caching host allocator: not handed out again before the copy ran.
+            rows = len(tables)
+            self._tables[:rows].copy_(torch.from_numpy(self._host_tables[:rows]).pin_memory(), non_blocking=True)
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits[:batch]
+
+    def _stage_tables(self, tables: Sequence[list[int]]) -> bool:
+        """Write the rows whose table changed into the host copy; True when any did."""
+        changed = False
+        for row, table in enumerate(tables):
+            staged, length = self._staged[row]
+            if staged is table and length == len(table):
+                continue
+            start = length if staged is table else 0
+            self._host_tables[row, start:len(table)] = table[start:]
+            self._staged[row] = (table, len(table))
+            changed = True
+        return changed

@@ -1,0 +1,144 @@
+"""Paged KV with prefix caching in the scheduler, on a tiny random model in float32: the same greedy
+tokens with caching on and off, blocks shared while sequences join and leave, preemption and
+recompute, and no block leaked by cancelled requests."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ragllm.engines.model_runner import KVCacheOptions
+from tests.engines.test_scheduler import (
+    MODEL,
+    _check_against_reference,
+    _choices_of,
+    _results_by_request,
+    _run_to_completion,
+    _scheduler,
+    _sequence,
+)
+
+BLOCK = 16
+
+
+def _rag_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """A shared template, one of three document sets, then a question: what RAG traffic repeats."""
+    rng = random.Random(seed)
+    template = [rng.randrange(1, 200) for _ in range(21)]
+    documents = [[rng.randrange(1, 200) for _ in range(40 + 13 * d)] for d in range(3)]
+    return [template + documents[i % 3] + [rng.randrange(1, 200) for _ in range(rng.randrange(3, 12))]
+            for i in range(count)]
+
+
+def _run(prefix_caching: bool, prompts: list[list[int]], **limits):
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=200, prefix_caching=prefix_caching),
+                           **limits)
+    sequences = [_sequence(f"r{i}", prompt, 6 + i % 5) for i, prompt in enumerate(prompts)]
+    shared_while_running = 0
+    arrivals = {2 * i: [sequence] for i, sequence in enumerate(sequences)}  # join one by one, leave as they end
+    for step in range(500):
+        for sequence in arrivals.pop(step, []):
+            scheduler.submit(sequence)
+        scheduler.run_once()
+        held = [block for s in scheduler.running for block in s.block_table]
+        shared_while_running = max(shared_while_running, len(held) - len(set(held)))
+        if not arrivals and not scheduler.running and not scheduler.waiting:
+            return scheduler, sequences, shared_while_running
+    raise AssertionError("scheduler did not drain")
+
+
+def test_greedy_tokens_are_the_same_with_prefix_caching_on_and_off():
+    prompts = _rag_prompts(9)
+    on, cached, shared = _run(True, prompts)
+    off, uncached, _ = _run(False, prompts)
+    assert [s.output_ids for s in cached] == [s.output_ids for s in uncached]
+    _check_against_reference(cached)
+    pool = on.blocks.pool
+    assert pool.hits >= 6 * 3 * BLOCK  # the last six prompts find at least template and first documents
+    assert off.blocks.pool.hits == 0 and shared > 0  # running sequences held the same blocks at once
+    assert [s.num_cached_tokens for s in cached[:3]] == [0, BLOCK, BLOCK]  # the template's one full block
+    assert all(s.num_cached_tokens % BLOCK == 0 and s.num_cached_tokens >= 3 * BLOCK for s in cached[3:])
+
+
+def test_a_reported_cache_hit_is_what_the_prefill_skipped(monkeypatch):
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=200))
+    prompts = _rag_prompts(4)
+    prefilled: list[int] = []
+    real_prefill_many = scheduler.runner.prefill_many
+    monkeypatch.setattr(scheduler.runner, "prefill_many", lambda chunks: (
+        prefilled.extend(len(chunk.token_ids) for chunk in chunks), real_prefill_many(chunks))[1])
+    first, repeat = _sequence("a", prompts[0], 3), _sequence("b", prompts[3], 3)  # same documents
+    results = _results_by_request(scheduler, {0: [first], 5: [repeat]})
+    last = results["b"][-1]
+    assert last.cached_tokens == repeat.num_cached_tokens > 0 and results["a"][-1].cached_tokens == 0
+    assert prefilled == [len(prompts[0]), len(prompts[3]) - last.cached_tokens]
+
+
+def test_a_whole_prompt_in_the_cache_still_computes_its_last_token():
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=200))
+    prompt = list(range(1, 2 * BLOCK + 1))  # exactly two blocks
+    first, again = _sequence("a", prompt, 4), _sequence("b", list(prompt), 4)
+    _run_to_completion(scheduler, {0: [first], 6: [again]})
+    assert again.num_cached_tokens == BLOCK  # the second block holds the last token: computed again
+    _check_against_reference([first, again])
+
+
+def test_preempted_sequences_are_recomputed_and_give_the_same_tokens():
+    # 40 blocks: one 512-token window and a little more; four sequences growing to ~30 blocks together.
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=40), max_num_seqs=4,
+                           max_num_batched_tokens=512)
+    prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
+    sequences = [_sequence(f"r{r}", prompt, 60) for r, prompt in enumerate(prompts)]
+    for sequence in sequences:
+        sequence.stop_token_ids = frozenset()  # all run to max_tokens
+    _run_to_completion(scheduler, {0: sequences})
+    assert scheduler.blocks.num_preemptions > 0
+    for sequence in sequences:
+        with torch.no_grad():
+            expected = MODEL.generate(torch.tensor([sequence.prompt_ids]), do_sample=False, max_new_tokens=60,
+                                      eos_token_id=None, pad_token_id=0)[0, len(sequence.prompt_ids):]
+        assert sequence.output_ids == expected.tolist(), sequence.request_id
+    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+
+
+def test_choices_share_their_prompts_full_blocks_and_copy_the_partial_one():
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=200))
+    prompt = list(range(20, 60))  # two full blocks and 8 tokens
+    choices = _choices_of("r", prompt, 10, [5, 6, 7])
+    scheduler.submit(choices[0])
+    scheduler.run_once()
+    tables = [c.block_table for c in choices]
+    assert all(t[:2] == tables[0][:2] for t in tables)  # shared
+    assert len({t[2] for t in tables}) == 3  # each its own copy of the partial block
+    _run_to_completion(scheduler, {})
+    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+
+
+def test_a_storm_of_cancelled_requests_leaks_no_block():
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=60), max_num_seqs=4, chunked_prefill=True,
+                           max_num_batched_tokens=32)
+    pool = scheduler.blocks.pool
+    rng = random.Random(5)
+    prompts = _rag_prompts(40, seed=5)
+    aborts: dict[int, list[str]] = {}
+    for index in range(40):
+        aborts.setdefault(rng.randrange(0, 60), []).append(f"r{index}")
+    for step in range(80):
+        if step < 40:
+            sequence = _sequence(f"r{step}", prompts[step], 50)
+            sequence.stop_token_ids = frozenset()
+            scheduler.submit(sequence)
+            if step % 4 == 0:
+                choices = _choices_of(f"g{step}", prompts[step], 30, [1, 2])
+                scheduler.submit(choices[0])
+                aborts.setdefault(step + 1 + step % 3, []).append(f"g{step}")
+        for request_id in aborts.pop(step, []):
+            scheduler.abort(request_id)
+        scheduler.run_once()
+    for step in range(400):
+        scheduler.run_once()
+        if not scheduler.running and not scheduler.waiting:
+            break
+    assert not scheduler.running and not scheduler.waiting
+    assert pool.num_free == pool.num_usable
