@@ -33,20 +33,29 @@ class Workload:
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
         self._sets = [_documents(index, self.context_words) for index in range(self.doc_sets)]
+        self._used: set[int] = set()  # document sets sent at least once
         self._fresh = 0
 
     def next_messages(self) -> list[dict[str, str]]:
+        return self.next_request()[0]
+
+    def next_request(self) -> tuple[list[dict[str, str]], bool]:
+        """The next request's messages, and whether its documents were sent before (a repeat, which a
+        server's prefix cache can serve)."""
         if self.prompts:
-            return [{"role": "user", "content": self._random.choice(self.prompts)}]
+            return [{"role": "user", "content": self._random.choice(self.prompts)}], False
+        repeated = False
         if self._random.random() < self.repeat_rate:
-            documents = self._random.choice(self._sets)
+            index = self._random.randrange(len(self._sets))
+            documents, repeated = self._sets[index], index in self._used
+            self._used.add(index)
         else:  # a document set never seen before
             self._fresh += 1
             documents = _documents(self.doc_sets + self._fresh, self.context_words)
         question = f"Question {self._random.randint(1, 10_000)}: what do the documents say about item " \
                    f"{self._random.randint(1, 50)}?"
         return [{"role": "system", "content": "Answer from the documents only.\n\n" + documents},
-                {"role": "user", "content": question}]
+                {"role": "user", "content": question}], repeated
 
 
 def _documents(index: int, words: int) -> str:
@@ -66,11 +75,16 @@ class RequestResult:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    repeated: bool = False  # its documents were sent before
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # as the server's usage reported them (prompt_tokens_details)
 
 
 async def one_request(http: httpx.AsyncClient, url: str, workload: Workload) -> RequestResult:
-    payload = {"model": workload.model, "messages": workload.next_messages(), "max_tokens": workload.max_tokens,
+    messages, repeated = workload.next_request()
+    payload = {"model": workload.model, "messages": messages, "max_tokens": workload.max_tokens,
                "stream": True, "stream_options": {"include_usage": True}}
+    usage: dict[str, Any] = {}
     start = time.perf_counter()
     first = last = None
     gaps: list[float] = []
@@ -87,7 +101,8 @@ async def one_request(http: httpx.AsyncClient, url: str, workload: Workload) -> 
                 if "error" in event:
                     return RequestResult(False, error=str(event["error"].get("message")))
                 if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
+                    usage = event["usage"]
+                    tokens = usage["completion_tokens"]
                 if any(c.get("delta", {}).get("content") for c in event.get("choices", ())):
                     now = time.perf_counter()
                     if first is None:
@@ -100,7 +115,9 @@ async def one_request(http: httpx.AsyncClient, url: str, workload: Workload) -> 
     latency = time.perf_counter() - start
     if first is None:
         return RequestResult(False, latency_s=latency, error="no content in the stream")
-    return RequestResult(True, first - start, latency, tokens, gaps)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return RequestResult(True, first - start, latency, tokens, gaps, repeated=repeated,
+                         prompt_tokens=usage.get("prompt_tokens", 0), cached_tokens=cached)
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,7 @@ async def run_level(url: str, workload: Workload, bounds: Bounds, concurrency: i
 
     limits = httpx.Limits(max_connections=max(concurrency or 0, 256), max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+        counters_before = await prefix_cache_counters(http, url)
         if concurrency is not None:
             async def client() -> None:
                 nonlocal issued
@@ -148,7 +166,32 @@ async def run_level(url: str, workload: Workload, bounds: Bounds, concurrency: i
                 tasks.append(asyncio.create_task(record(http)))
                 await asyncio.sleep(arrivals.expovariate(rate))
             await asyncio.gather(*tasks)
-    return summarize(results, time.perf_counter() - started, concurrency=concurrency, rate=rate)
+        elapsed = time.perf_counter() - started
+        counters_after = await prefix_cache_counters(http, url)
+    summary = summarize(results, elapsed, concurrency=concurrency, rate=rate)
+    if counters_before and counters_after and counters_after[0] > counters_before[0]:
+        summary["prefix_cache_hit_rate"] = round(
+            (counters_after[1] - counters_before[1]) / (counters_after[0] - counters_before[0]), 4)
+    return summary
+
+
+async def prefix_cache_counters(http: httpx.AsyncClient, url: str) -> tuple[float, float] | None:
+    """The server's prefix-cache (queries, hits) so far, from vLLM's series on /metrics (summed over
+    its label sets: one engine, or every upstream); None where it exports none."""
+    try:
+        response = await http.get(f"{url}/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
+    found = False
+    for line in response.text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+            found = True
+    return (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]) if found else None
 
 
 def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
@@ -180,6 +223,23 @@ def summarize(results: list[RequestResult], duration_s: float, **level: Any) -> 
         "tpot_ms": _percentiles(tpots),
         "itl_ms": _percentiles([gap for r in good for gap in r.itl_s]),
         "latency_ms": _percentiles([r.latency_s for r in good]),
+        **_repeats(good),
+    }
+
+
+def _repeats(good: list[RequestResult]) -> dict[str, Any]:
+    """Requests whose documents were sent before against those sending theirs the first time: time to
+    first token of each, and the share of the repeats' prompt tokens the server reported cached."""
+    repeated = [r for r in good if r.repeated]
+    if not repeated:
+        return {}
+    prompt_tokens = sum(r.prompt_tokens for r in repeated)
+    return {
+        "repeated": len(repeated),
+        "ttft_repeated_ms": _percentiles([r.ttft_s for r in repeated]),
+        "ttft_first_ms": _percentiles([r.ttft_s for r in good if not r.repeated]),
+        "repeated_cached_share": round(sum(r.cached_tokens for r in repeated) / prompt_tokens, 4)
+        if prompt_tokens else None,
     }
 
 

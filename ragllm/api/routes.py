@@ -229,7 +229,7 @@ async def _finished(state: AppState, record: RequestRecord, plan: CachePlan, tex
         record.completion = text
     if plan.write:
         cached = CachedResponse(text, last.finish_reason.value, last.prompt_tokens, last.completion_tokens,
-                                tuple(tool_calls or ()))
+                                tuple(tool_calls or ()), last.cached_tokens)
         await state.cache.put(plan.key, cached, state.settings.cache.ttl_s)
 
 
@@ -295,7 +295,8 @@ def _replay(prepared: PreparedRequest, cached: CachedResponse, record: RequestRe
             headers: dict[str, str]) -> Response:
     """A cache hit: the original content and usage, under this request's fresh id and timestamp."""
     last = Delta(text="", num_tokens=0, prompt_tokens=cached.prompt_tokens,
-                 completion_tokens=cached.completion_tokens, finish_reason=FinishReason(cached.finish_reason))
+                 completion_tokens=cached.completion_tokens, finish_reason=FinishReason(cached.finish_reason),
+                 cached_tokens=cached.cached_tokens)
     record.cache, record.finish_reason = "hit", cached.finish_reason
     record.prompt_tokens, record.completion_tokens = cached.prompt_tokens, cached.completion_tokens
     extensions = _extensions(prepared, cached.text)

@@ -17,15 +17,19 @@ class CachedResponse:
     prompt_tokens: int
     completion_tokens: int
     tool_calls: tuple[dict, ...] = ()  # in message form
+    cached_tokens: int = 0  # the original answer's prefix-cache hit, replayed as it was reported
 
     def dumps(self) -> bytes:
         fields = [self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens]
-        return orjson.dumps(fields + [list(self.tool_calls)] if self.tool_calls else fields)
+        if self.tool_calls or self.cached_tokens:
+            fields += [list(self.tool_calls), self.cached_tokens]
+        return orjson.dumps(fields)
 
     @classmethod
     def loads(cls, raw: bytes) -> "CachedResponse":
         text, finish_reason, prompt_tokens, completion_tokens, *rest = orjson.loads(raw)
-        return cls(text, finish_reason, prompt_tokens, completion_tokens, tuple(rest[0]) if rest else ())
+        tool_calls = tuple(rest[0]) if rest else ()
+        return cls(text, finish_reason, prompt_tokens, completion_tokens, tool_calls, rest[1] if len(rest) > 1 else 0)
 
 
 class ResponseCache(Protocol):

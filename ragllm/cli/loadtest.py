@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
              [("concurrency", int(v)) for v in args.concurrency.split(",")]
     results = asyncio.run(_run_levels(console, args.url, workload, bounds, levels, run_level))
     console.print(_table(results))
+    if any("repeated" in level for level in results):
+        console.print(_repeats_table(results))
     settings = {"url": args.url, "requests": args.requests, "duration_s": args.duration, **as_dict(workload)}
     args.json.write_bytes(report_json(results, settings))
     png = plot_report(results, args.png or args.json.with_suffix(".png"), title=f"ragllm loadtest: {args.url}")
@@ -89,6 +91,25 @@ def _table(levels: list[dict[str, Any]]) -> Any:
                       _ms(level["tpot_ms"]["p50"]), _ms(level["itl_ms"]["p50"]), _ms(level["itl_ms"]["p99"]),
                       _ms(level["latency_ms"]["p50"]), _ms(level["latency_ms"]["p90"]),
                       _ms(level["latency_ms"]["p99"]))
+    return table
+
+
+def _repeats_table(levels: list[dict[str, Any]]) -> Any:
+    """Requests whose documents the server saw before, against first sends: what prefix caching buys."""
+    from rich.table import Table
+
+    table = Table(title="repeated document sets (ms)")
+    for column in ("level", "repeats", "TTFT p50 repeat", "TTFT p50 first", "cached share of repeats' prompts",
+                   "prefix-cache hit rate (metrics)"):
+        table.add_column(column, justify="right")
+    for level in levels:
+        if "repeated" not in level:
+            continue
+        name = f"c={level['concurrency']}" if "concurrency" in level else f"{level['rate']}/s"
+        share, rate = level["repeated_cached_share"], level.get("prefix_cache_hit_rate")
+        table.add_row(name, str(level["repeated"]), _ms(level["ttft_repeated_ms"]["p50"]),
+                      _ms(level["ttft_first_ms"]["p50"]), "-" if share is None else f"{share:.1%}",
+                      "-" if rate is None else f"{rate:.1%}")
     return table
 
 

@@ -302,3 +302,44 @@ def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
     run([plain, choices[0]], scheduler())
     assert [c.output_ids for c in choices] == [s.output_ids for s in solos]
     _assert_each_equals_its_solo_run(model, [plain], device)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_split_decode_attention_equals_one_pass_and_the_plain_twin(device):
+    """Partitions of a long context attended in parallel and combined: the same output as one pass
+    over the keys and as PyTorch's attention over the gathered cache, in float32 and bf16."""
+    from ragllm.engines.cuda.attention import decode_attention
+
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, block = 6, 2, 64, 16
+    positions = torch.tensor([0, 700, 1500, 3001, 4095], device=device)
+    tables = torch.stack([torch.randperm(600, device=device)[:256] + 1 for _ in positions])  # 4,096 positions each
+    for dtype in (torch.float32, torch.bfloat16):
+        keys = torch.randn(601, block, kv_heads, head_dim, device=device, dtype=dtype)
+        values = torch.randn_like(keys)
+        qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+        args = (qkv, keys, values, tables, positions, heads, kv_heads, head_dim)
+        split, one_pass = decode_attention(*args, split=True), decode_attention(*args, split=False)
+        plain = decode_attention(qkv.cpu(), keys.cpu(), values.cpu(), tables.cpu(), positions.cpu(), heads, kv_heads,
+                                 head_dim)
+        _assert_close(split.cpu(), plain.float(), dtype)
+        _assert_close(one_pass.cpu(), plain.float(), dtype)
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_long_context_decode_graphs_match_transformers(device):
+    """Decode past SPLIT_FROM positions replays the split-attention graphs; logits stay transformers'."""
+    for dtype in _dtypes(device):
+        model = tiny_model("qwen2", dtype=dtype).to(device)
+        runner = _runner(model, max_model_len=4096, num_blocks=600)
+        prompts = [[(3 * i + r) % 200 + 1 for i in range(length)] for r, length in enumerate((1500, 40, 2100))]
+        tables = scattered_tables([len(p) + 8 for p in prompts])
+        for table, prompt in zip(tables, prompts):
+            runner.prefill(table, prompt, 0)
+        sequences = [list(p) + [int(_reference(model, p).argmax())] for p in prompts]
+        for _ in range(3):
+            logits = runner.decode(tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+            for row, sequence in enumerate(sequences):
+                expected = _reference(model, sequence)
+                _assert_close(logits[row], expected, dtype)
+                sequence.append(int(expected.argmax()))

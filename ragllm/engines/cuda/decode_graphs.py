@@ -1,5 +1,7 @@
 """Decode steps replayed as CUDA graphs: one graph per batch bucket, one launch per step instead of
-~20 kernels per layer. Rows past the real batch write to the scratch block and are not read.
+~20 kernels per layer, and a second per bucket whose attention splits long contexts into partitions
+(chosen once a row's position reaches ``SPLIT_FROM``). Rows past the real batch write to the scratch
+block and are not read.
 
 The graphs' inputs live at fixed addresses: each row's token, position and flat cache row to write,
 and each row's block table. Tables change rarely (a row takes a new block every ``block_size``
@@ -16,10 +18,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ragllm.engines.cuda.attention import SPLIT_FROM
+
 logger = logging.getLogger(__name__)
 
-# forward(inputs [3, bucket]: ids, positions, write rows; tables [bucket, width]) → logits [bucket, vocab]
-DecodeForward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# forward(inputs [3, bucket]: ids, positions, write rows; tables [bucket, width]; split) → logits [bucket, vocab]
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -42,7 +46,8 @@ class DecodeGraphs:
         self._host_tables = np.zeros((largest, table_width), dtype=np.int32)
         self._staged: list[tuple[list[int] | None, int]] = [(None, 0)] * largest  # per row: table, length
         self._num_runs = 0
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._splits = [False, True] if table_width * block_size > SPLIT_FROM else [False]
 
     @property
     def largest(self) -> int:
@@ -52,16 +57,18 @@ class DecodeGraphs:
     def capture(self, forward: DecodeForward, side: torch.cuda.Stream, pool: tuple) -> None:
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # capture must not run on the default stream
-            for bucket in reversed(self.buckets):  # the largest first: the others reuse its pool memory
-                inputs, tables = self._inputs[:, :bucket], self._tables[:bucket]
-                forward(inputs, tables)  # warm-up: lazy workspaces, kernel selection
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=side):
-                    logits = forward(inputs, tables)
-                self._graphs[bucket] = (graph, logits)
+            for split in self._splits:
+                for bucket in reversed(self.buckets):  # the largest first: the others reuse its pool memory
+                    inputs, tables = self._inputs[:, :bucket], self._tables[:bucket]
+                    forward(inputs, tables, split)  # warm-up: lazy workspaces, kernel selection
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=side):
+                        logits = forward(inputs, tables, split)
+                    self._graphs[(bucket, split)] = (graph, logits)
         torch.cuda.current_stream(self._device).wait_stream(side)
         torch.cuda.synchronize(self._device)
-        logger.info("captured %d decode graphs (batch %s)", len(self._graphs), self.buckets)
+        logger.info("captured %d decode graphs (batch %s, split attention %s)", len(self._graphs), self.buckets,
+                    self._splits)
 
     @torch.inference_mode()
     def run(self, tables: Sequence[list[int]], token_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -81,17 +88,21 @@ class DecodeGraphs:
         else:
             host[0, :batch] = token_ids
             self._inputs[:, :bucket].copy_(staging[:, :bucket], non_blocking=True)
-        if self._stage_tables(tables):
-            # A pinned copy from the caching host allocator: not handed out again before the copy ran.
+        columns = self._stage_tables(tables)
+        if columns:
+            # Only the columns up to the longest changed table (the rest on the device are current). A
+            # pinned copy from the caching host allocator is not handed out again before the copy ran.
             rows = len(tables)
-            self._tables[:rows].copy_(torch.from_numpy(self._host_tables[:rows]).pin_memory(), non_blocking=True)
-        graph, logits = self._graphs[bucket]
+            staged = torch.from_numpy(np.ascontiguousarray(self._host_tables[:rows, :columns])).pin_memory()
+            self._tables[:rows, :columns].copy_(staged, non_blocking=True)
+        graph, logits = self._graphs[(bucket, self._splits[-1] and max(positions) >= SPLIT_FROM)]
         graph.replay()
         return logits[:batch]
 
-    def _stage_tables(self, tables: Sequence[list[int]]) -> bool:
-        """Write the rows whose table changed into the host copy; True when any did."""
-        changed = False
+    def _stage_tables(self, tables: Sequence[list[int]]) -> int:
+        """Write the rows whose table changed into the host copy; returns the longest changed table's
+        length (0: none changed)."""
+        columns = 0
         for row, table in enumerate(tables):
             staged, length = self._staged[row]
             if staged is table and length == len(table):
@@ -99,5 +110,5 @@ class DecodeGraphs:
             start = length if staged is table else 0
             self._host_tables[row, start:len(table)] = table[start:]
             self._staged[row] = (table, len(table))
-            changed = True
-        return changed
+            columns = max(columns, len(table))
+        return columns

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.cuda.attention import decode_attention, extend_attention
+from ragllm.engines.cuda.attention import SPLIT_FROM, decode_attention, extend_attention
 from ragllm.engines.cuda.decode_graphs import DecodeGraphs
 from ragllm.engines.cuda.kernels import add_rms_norm, rope_and_cache, silu_and_mul, triton
 from ragllm.engines.cuda.memory import kv_cache_budget
@@ -172,16 +172,18 @@ class CudaGraphRunner(ModelRunner):
         rows = [self.cache.row_of(table, position) for table, position in zip(block_tables, positions)]
         inputs = torch.cat([ids[None], torch.tensor([positions, rows], device=self.device)])
         tables = self.cache.tables_tensor(block_tables, self.blocks_for(max(positions) + 1))
-        return self._decode_forward(inputs, tables)
+        split = triton is not None and self.device.type == "cuda" and max(positions) >= SPLIT_FROM
+        return self._decode_forward(inputs, tables, split)
 
-    def _decode_forward(self, inputs: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    def _decode_forward(self, inputs: torch.Tensor, tables: torch.Tensor, split: bool = False) -> torch.Tensor:
         """One decode step: ``inputs`` [3, rows] holds each row's token, position and cache row to
-        write; ``tables`` [rows, width] its block table. Captured as a graph per batch bucket."""
+        write; ``tables`` [rows, width] its block table; ``split``: attention in partitions (long
+        contexts). Captured as a graph per batch bucket and split."""
         ids, positions, rows = inputs
 
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
             return decode_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index], tables,
-                                    positions, self.num_heads, self.num_kv_heads, self.head_dim)
+                                    positions, self.num_heads, self.num_kv_heads, self.head_dim, split)
 
         return self._logits_of(self._forward_tokens(ids, positions, rows, attend))
 
