@@ -28,14 +28,17 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "{% endif %}")
 
 
-def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write config, random weights and a tokenizer to ``directory`` (reused when present)."""
+def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bfloat16", seed: int = 0,
+                            vocab_size: int | None = None) -> Path:
+    """Write config, random weights and a tokenizer to ``directory`` (reused when present);
+    ``vocab_size`` replaces the architecture's (to match a real tokenizer's)."""
     if (directory / "config.json").is_file():
         return directory
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, shape = ARCHITECTURES[architecture]
+    shape = {**shape, "vocab_size": vocab_size or shape["vocab_size"]}
     config = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

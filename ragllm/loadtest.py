@@ -170,8 +170,9 @@ async def run_level(url: str, workload: Workload, bounds: Bounds, concurrency: i
         counters_after = await prefix_cache_counters(http, url)
     summary = summarize(results, elapsed, concurrency=concurrency, rate=rate)
     if counters_before and counters_after and counters_after[0] > counters_before[0]:
-        summary["prefix_cache_hit_rate"] = round(
-            (counters_after[1] - counters_before[1]) / (counters_after[0] - counters_before[0]), 4)
+        queries, hits = counters_after[0] - counters_before[0], counters_after[1] - counters_before[1]
+        summary.update(prefix_cache_queries=queries, prefix_cache_hits=hits,
+                       prefix_cache_hit_rate=round(hits / queries, 4))
     return summary
 
 
@@ -236,6 +237,7 @@ def _repeats(good: list[RequestResult]) -> dict[str, Any]:
     prompt_tokens = sum(r.prompt_tokens for r in repeated)
     return {
         "repeated": len(repeated),
+        "repeated_prompt_tokens": prompt_tokens,
         "ttft_repeated_ms": _percentiles([r.ttft_s for r in repeated]),
         "ttft_first_ms": _percentiles([r.ttft_s for r in good if not r.repeated]),
         "repeated_cached_share": round(sum(r.cached_tokens for r in repeated) / prompt_tokens, 4)

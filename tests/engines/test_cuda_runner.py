@@ -343,3 +343,17 @@ def test_long_context_decode_graphs_match_transformers(device):
                 expected = _reference(model, sequence)
                 _assert_close(logits[row], expected, dtype)
                 sequence.append(int(expected.argmax()))
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_a_question_after_a_long_cached_prefix_matches_transformers(device):
+    """A continuation whose attention spans several key partitions (thousands of cached positions),
+    replayed from a continuation graph and run eagerly: transformers' logits either way."""
+    for dtype in _dtypes(device):
+        model = tiny_model("llama", dtype=dtype).to(device)
+        runner = _runner(model, max_model_len=4096, num_blocks=600)
+        documents = [(13 * i + 7) % 200 + 1 for i in range(3000)]
+        table = scattered_tables([3700, 90])[0]
+        runner.prefill(table, documents, 0)
+        for question in ([5, 9, 11] * 13, [(3 * i) % 200 + 1 for i in range(600)]):  # a graph, then eager
+            _assert_close(runner.prefill(table, question, 3000), _reference(model, documents + question), dtype)

@@ -98,7 +98,9 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     Returns [tokens, heads * head_dim].
 
     Measured need: PyTorch's attention with a mask falls back to a kernel that needs the keys repeated
-    per query head (one copy per layer), and its first call with a new mask shape cost tens of ms."""
+    per query head (one copy per layer), and its first call with a new mask shape cost tens of ms. The
+    keys are split into partitions attended in parallel, as in decode: a question after 4,032 cached
+    tokens otherwise took 8 ms to its first token, a dozen programs each walking every key in turn."""
     tokens = qkv.shape[0]
     group = num_heads // num_kv_heads
     if not use_triton(qkv):
@@ -110,12 +112,21 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)
         return out[0].transpose(0, 1).reshape(tokens, num_heads * head_dim)
     out = torch.empty(tokens, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    block_size = key_cache.shape[1]
+    size = partition_size(table.shape[0] * block_size)
+    parts = -(-table.shape[0] * block_size // size)
+    partial = torch.empty(tokens, num_heads, parts, head_dim, dtype=torch.float32, device=qkv.device)
+    scores = torch.empty(2, tokens, num_heads, parts, dtype=torch.float32, device=qkv.device)  # max, sum
     block_rows = 64  # (token, query head) pairs per program: a few tokens times the query group
-    _extend_attention_kernel[(triton.cdiv(tokens * group, block_rows), num_kv_heads)](
-        qkv, key_cache, value_cache, out, positions, table, tokens, qkv.stride(0), key_cache.stride(0),
-        key_cache.stride(1), key_cache.stride(2), out.stride(0), head_dim ** -0.5,
-        GROUP=group, BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=key_cache.shape[1],
-        IEEE=qkv.dtype == torch.float32)
+    _extend_partition_kernel[(triton.cdiv(tokens * group, block_rows), num_kv_heads, parts)](
+        qkv, key_cache, value_cache, partial, scores, positions, table, tokens, qkv.stride(0), key_cache.stride(0),
+        key_cache.stride(1), key_cache.stride(2), partial.stride(0), partial.stride(1), partial.stride(2),
+        scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5, PARTITION=size, GROUP=group,
+        BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
+    _combine_partitions_kernel[(tokens, num_heads)](
+        partial, scores, out, positions, partial.stride(0), partial.stride(1), partial.stride(2), scores.stride(0),
+        scores.stride(1), scores.stride(2), out.stride(0), PARTITION=size,
+        PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim)
     return out
 
 
@@ -243,23 +254,36 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + head * HEAD_DIM + dims, out.to(dtype))
 
     @triton.jit
-    def _extend_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, table_ptr,
-                                 num_tokens, stride_row, stride_block, stride_position, stride_head, stride_out,
-                                 scale, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _extend_partition_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, partial_ptr, scores_ptr, positions_ptr,
+                                 table_ptr, num_tokens, stride_row, stride_block, stride_position, stride_head,
+                                 stride_partial_row, stride_partial_head, stride_partial_part, stride_scores_kind,
+                                 stride_scores_row, stride_scores_head, scale, PARTITION: tl.constexpr,
+                                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
-        dtype = out_ptr.dtype.element_ty
+        part = tl.program_id(2)
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # row = token * GROUP + query head in the group
         tokens = rows // GROUP
         heads = kv_head * GROUP + rows % GROUP
         valid = tokens < num_tokens
-        dims = tl.arange(0, HEAD_DIM)
         positions = tl.load(positions_ptr + tokens, mask=valid, other=0)
-        q = tl.load(qkv_ptr + tokens[:, None] * stride_row + heads[:, None] * HEAD_DIM + dims[None, :],
-                    mask=valid[:, None], other=0.0)
-        out = _attend_paged(q, key_cache_ptr, value_cache_ptr, table_ptr, kv_head * stride_head, positions,
-                            tl.max(positions, 0), stride_block, stride_position, scale, ROWS=BLOCK_M,
-                            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE, IEEE=IEEE)
-        tl.store(out_ptr + tokens[:, None] * stride_out + heads[:, None] * HEAD_DIM + dims[None, :], out.to(dtype),
-                 mask=valid[:, None])
+        first = part * PARTITION
+        top = tl.max(positions, 0)
+        if first <= top:  # partitions past every row's position have nothing to read
+            dims = tl.arange(0, HEAD_DIM)
+            q = tl.load(qkv_ptr + tokens[:, None] * stride_row + heads[:, None] * HEAD_DIM + dims[None, :],
+                        mask=valid[:, None], other=0.0)
+            last = tl.minimum(first + PARTITION - 1, top)
+            acc, best, total = _attend_paged_span(q, key_cache_ptr, value_cache_ptr, table_ptr, kv_head * stride_head,
+                                                  positions, first, last, stride_block, stride_position, scale,
+                                                  ROWS=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N,
+                                                  BLOCK_SIZE=BLOCK_SIZE, IEEE=IEEE)
+            # Rows before this partition saw no key here (their state is not a number): not stored, and
+            # the combining kernel reads only partitions up to each row's position.
+            kept = valid & (positions >= first)
+            base = tokens * stride_partial_row + heads * stride_partial_head + part * stride_partial_part
+            tl.store(partial_ptr + base[:, None] + dims[None, :], acc, mask=kept[:, None])
+            at = tokens * stride_scores_row + heads * stride_scores_head + part
+            tl.store(scores_ptr + at, best, mask=kept)
+            tl.store(scores_ptr + stride_scores_kind + at, total, mask=kept)
