@@ -100,8 +100,28 @@ async def throughput(model_dir: Path, vocab: int, per_token: int) -> dict:
         runs = await asyncio.gather(*(stream(engine, f"c{batch}-{i}", random_prompt(PROMPT_TOKENS, vocab, 5000 + i),
                                              DECODE_TOKENS) for i in range(batch)))
         results["decode_tok_s"][batch] = steady_decode_rate(runs)
+    results["decode_step_ms"] = {batch: step_ms(engine._scheduler.runner, batch) for batch in (1, 32, 64)}
     await engine.aclose()
     return results
+
+
+def step_ms(runner, batch: int, steps: int = 50) -> float:
+    """One decode step of the runner alone at position 4,096 (graph replay; no scheduler, no host
+    work per token): the device's part of a step. The engine is idle, so any cache memory may be written."""
+    tokens, positions = [5] * batch, [PROMPT_TOKENS] * batch
+    if paged_build():
+        width = runner.blocks_for(PROMPT_TOKENS + 1)
+        first = [list(range(1 + row * width, 1 + (row + 1) * width)) for row in range(batch)]
+        decode = lambda: runner.decode(first, tokens, positions)  # noqa: E731
+    else:
+        decode = lambda: runner.decode(0, tokens, positions)  # noqa: E731
+    decode()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        decode()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 async def capacity(model_dir: Path, vocab: int, slots: int, per_token: int) -> dict:
@@ -164,6 +184,7 @@ def main() -> None:
     print(f"{report['device']} · {report['build']} build · {WINDOW}-token window, {PROMPT_TOKENS}-token prompts")
     print(f"{'decode tok/s 1 / 32 / 64':>28}: " + " / ".join(f"{t['decode_tok_s'][b]:,.0f}" for b in (1, 32, 64)))
     print(f"{'TTFT ms 512 / 2048 / 4096':>28}: " + " / ".join(f"{t['ttft_ms'][n]:.1f}" for n in (512, 2048, 4096)))
+    print(f"{'step ms alone 1 / 32 / 64':>28}: " + " / ".join(f"{t['decode_step_ms'][b]:.2f}" for b in (1, 32, 64)))
     if "capacity" in report:
         c = report["capacity"]
         print(f"{'capacity':>28}: {c['peak_running']} running at once (slot build: {c['slot_build_sequences']}) in "

@@ -30,14 +30,25 @@ class BlockTables:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def prompt_hashes(self, prompt_ids: list[int]) -> list[bytes]:
+        """The hashes of a prompt's full blocks, ahead of admission (a sequence's ``block_hashes``):
+        pure, so any thread may compute them (the engine does, beside tokenising, off the engine
+        thread); none when caching is off."""
+        hashes: list[bytes] = []
+        if self.pool.prefix_caching:
+            extend_block_hashes(hashes, prompt_ids, self.block_size, self._salt)
+        return hashes
+
     def admit(self, group: list[Sequence], alone: bool) -> bool:
         """Give a waiting sequence (and its followers, not yet started) the blocks it needs; False,
         touching nothing, when they are not free. ``alone``: nothing runs, so no watermark is kept."""
         leader = group[0]
         tokens = leader.prefill_ids()
-        extend_block_hashes(leader.block_hashes, tokens, self.block_size, self._salt)
-        # At least the last token is computed: its logits choose the next one.
-        cached = self.pool.cached_prefix(leader.block_hashes[: (len(tokens) - 1) // self.block_size])
+        cached: list[int] = []
+        if self.pool.prefix_caching:
+            extend_block_hashes(leader.block_hashes, tokens, self.block_size, self._salt)
+            # At least the last token is computed: its logits choose the next one.
+            cached = self.pool.cached_prefix(leader.block_hashes[: (len(tokens) - 1) // self.block_size])
         fresh = self.blocks_for(len(tokens)) - len(cached)
         copies = len(group) - 1 if len(leader.prompt_ids) % self.block_size else 0
         margin = 0 if alone else self._watermark

@@ -1,9 +1,13 @@
 """The KV cache's memory: per layer, keys and values of ``num_blocks`` blocks of ``block_size``
-positions, ``[num_blocks, block_size, kv_heads, head_dim]`` (vLLM's layout), allocated once.
+positions, ``[num_blocks, kv_heads, block_size, head_dim]``, allocated once.
 
-A position ``p`` of a sequence lives at flat row ``table[p // block_size] * block_size + p % block_size``
-of a layer's ``[num_blocks * block_size, kv_heads, head_dim]`` view. Which blocks a sequence holds is
-the scheduler's business (``block_tables``); this holds the numbers and reads and writes them.
+Heads before positions: one head's positions of a block are contiguous, so an attention program
+(one KV head) reads a block's keys in one run. (Measured on an H200, Qwen2.5-1.5B, 64 streams of
+4k-token contexts: the same decode rate as positions before heads, 16,666 against 16,648 tokens/s.)
+
+A position ``p`` of a sequence is flat row ``table[p // block_size] * block_size + p % block_size``:
+block ``row // block_size``, offset ``row % block_size``. Which blocks a sequence holds is the
+scheduler's business (``block_tables``); this holds the numbers and reads and writes them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = device
         # Zeros, not empty: positions read but masked out must hold finite numbers (0 * NaN is NaN).
-        self.storage = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+        self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
                                    device=device, dtype=dtype)
         self.keys = [self.storage[layer, 0] for layer in range(num_layers)]
         self.values = [self.storage[layer, 1] for layer in range(num_layers)]
@@ -49,12 +53,22 @@ class PagedKVCache:
 
     def write(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keys and values [tokens, kv_heads, head_dim] into flat ``rows``."""
-        self.flat(self.keys[layer])[rows] = keys
-        self.flat(self.values[layer])[rows] = values
+        self.write_rows(self.keys[layer], rows, keys)
+        self.write_rows(self.values[layer], rows, values)
 
     @staticmethod
-    def flat(layer_cache: torch.Tensor) -> torch.Tensor:
-        return layer_cache.view(-1, *layer_cache.shape[2:])
+    def write_rows(layer_cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor) -> None:
+        block_size = PagedKVCache.block_size_of(layer_cache)
+        layer_cache[rows // block_size, :, rows % block_size] = states
+
+    @staticmethod
+    def block_size_of(layer_cache: torch.Tensor) -> int:
+        return layer_cache.shape[2]
+
+    @staticmethod
+    def strides(layer_cache: torch.Tensor) -> tuple[int, int, int]:
+        """Element strides of (block, position, head) in a layer's cache, for kernels."""
+        return layer_cache.stride(0), layer_cache.stride(2), layer_cache.stride(1)
 
     def tables_tensor(self, tables: Seq[Seq[int]], width: int) -> torch.Tensor:
         """Block tables as a [rows, width] tensor; short tables padded with the scratch block (0)."""
@@ -64,8 +78,8 @@ class PagedKVCache:
     @staticmethod
     def gather(layer_cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
         """Positions ``0..length-1`` of each table's sequence: [rows, kv_heads, length, head_dim]."""
-        rows, width = tables.shape
-        block_size = layer_cache.shape[1]
-        blocks = layer_cache[tables[:, : -(-length // block_size)]]  # [rows, width, block_size, heads, dim]
-        spread = blocks.reshape(rows, -1, *blocks.shape[3:])
-        return spread[:, :length].transpose(1, 2)
+        rows = tables.shape[0]
+        block_size = PagedKVCache.block_size_of(layer_cache)
+        blocks = layer_cache[tables[:, : -(-length // block_size)]]  # [rows, width, heads, block_size, dim]
+        spread = blocks.transpose(1, 2).reshape(rows, blocks.shape[2], -1, blocks.shape[-1])
+        return spread[:, :, :length]

@@ -227,13 +227,14 @@ class TransformersEngine(Engine):
                                  f"max_num_seqs={self.settings.max_num_seqs}", param="n")
         self._reserve_admission()
         try:
-            prompt_ids, grammars = await asyncio.to_thread(self._prompt_and_grammars, request)
+            prompt_ids, grammars, block_hashes = await asyncio.to_thread(self._prompt_and_grammars, request)
             sink: asyncio.Queue = asyncio.Queue()
             sequences = [self._new_sequence(request, prompt_ids, index, sink) for index in range(choices)]
         except BaseException:
             self._release_admission()
             raise
         leader = sequences[0]
+        leader.block_hashes = block_hashes
         for sequence, grammar in zip(sequences, grammars):
             sequence.grammar = grammar
             if sequence is not leader:
@@ -261,13 +262,15 @@ class TransformersEngine(Engine):
         with self._admission_lock:
             self._admitted -= 1
 
-    def _prompt_and_grammars(self, request: GenerationRequest) -> tuple[list[int], list[Any]]:
-        """Off the event loop in one hop: the prompt's ids, and each choice's position in the
-        structured output's grammar (None each where there is none)."""
+    def _prompt_and_grammars(self, request: GenerationRequest) -> tuple[list[int], list[Any], list[bytes]]:
+        """Off the event loop in one hop: the prompt's ids, each choice's position in the structured
+        output's grammar (None each where there is none), and the prompt's block hashes for the
+        prefix cache (hashed here rather than on the engine thread, which every stream waits on)."""
+        prompt_ids = self._prompt_ids(request)
         structured = request.params.structured
-        if structured is None:
-            return self._prompt_ids(request), [None] * request.params.n
-        return self._prompt_ids(request), [self._grammars.grammar(structured) for _ in range(request.params.n)]
+        grammars = [None] * request.params.n if structured is None else \
+            [self._grammars.grammar(structured) for _ in range(request.params.n)]
+        return prompt_ids, grammars, self._scheduler.blocks.prompt_hashes(prompt_ids)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids

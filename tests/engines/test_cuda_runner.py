@@ -101,18 +101,20 @@ def test_greedy_tokens_equal_transformers_generate_in_float32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_shared_prefix_gives_the_same_logits_as_computing_it(device):
-    """A second prompt continuing from the first one's cached blocks (what a prefix-cache hit does)."""
-    model = tiny_model("llama", dtype=torch.float32).to(device)
-    shared = list(range(3, 3 + 64))  # four full blocks: a template and documents, say
-    first, second = shared + [101, 102, 103], shared + [150, 151]
-    runner = _runner(model)
-    runner.prefill([5, 9, 2, 14, 20], first, 0)
-    second_table = [5, 9, 2, 14, 33]  # the four shared blocks, then its own
-    logits = runner.prefill(second_table, second[64:], 64)
-    _assert_close(logits, _reference(model, second), torch.float32)
-    token = int(logits.argmax())
-    after = runner.decode([[5, 9, 2, 14, 20], second_table], [0, token], [len(first), len(second)])[1]
-    _assert_close(after, _reference(model, second + [token]), torch.float32)
+    """A second prompt continuing from the first one's cached blocks (what a prefix-cache hit does):
+    transformers' logits, to float32 rounding on the CPU and to bf16's on a GPU."""
+    for dtype in _dtypes(device):
+        model = tiny_model("llama", dtype=dtype).to(device)
+        shared = list(range(3, 3 + 64))  # four full blocks: a template and documents, say
+        first, second = shared + [101, 102, 103], shared + [150, 151]
+        runner = _runner(model)
+        runner.prefill([5, 9, 2, 14, 20], first, 0)
+        second_table = [5, 9, 2, 14, 33]  # the four shared blocks, then its own
+        logits = runner.prefill(second_table, second[64:], 64)
+        _assert_close(logits, _reference(model, second), dtype)
+        token = int(logits.argmax())
+        after = runner.decode([[5, 9, 2, 14, 20], second_table], [0, token], [len(first), len(second)])[1]
+        _assert_close(after, _reference(model, second + [token]), dtype)
 
 
 @pytest.mark.parametrize("device", [CUDA])
@@ -315,7 +317,7 @@ def test_split_decode_attention_equals_one_pass_and_the_plain_twin(device):
     positions = torch.tensor([0, 700, 1500, 3001, 4095], device=device)
     tables = torch.stack([torch.randperm(600, device=device)[:256] + 1 for _ in positions])  # 4,096 positions each
     for dtype in (torch.float32, torch.bfloat16):
-        keys = torch.randn(601, block, kv_heads, head_dim, device=device, dtype=dtype)
+        keys = torch.randn(601, kv_heads, block, head_dim, device=device, dtype=dtype)
         values = torch.randn_like(keys)
         qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
         args = (qkv, keys, values, tables, positions, heads, kv_heads, head_dim)

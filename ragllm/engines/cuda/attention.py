@@ -1,9 +1,9 @@
 """Attention over the paged KV cache, in Triton, each with a plain-PyTorch twin used on the CPU.
 
-The cache is ``[blocks, block_size, kv_heads, head_dim]`` per layer; a sequence's block table names
-the block of each ``block_size`` positions. Both kernels read keys ``BLOCK_N`` positions at a time,
-looking each position's block up in the table (a tile spans several blocks: rows of ``head_dim``
-stay contiguous, so loads stay coalesced), with an online softmax.
+The cache is ``[blocks, kv_heads, block_size, head_dim]`` per layer (``paged_cache``); a sequence's
+block table names the block of each ``block_size`` positions. Both kernels read keys ``BLOCK_N``
+positions at a time, looking each position's block up in the table (a tile spans several blocks,
+each one head's contiguous run of positions), with an online softmax.
 
 Decode over long contexts splits each row's keys into partitions attended in parallel and then
 combined (as flash-decoding does). Measured need (H200, Qwen2.5-1.5B, 4k-token contexts): one program
@@ -26,13 +26,15 @@ if triton is not None:
 # Split decode attention once a context may reach this many keys (below it the combining kernel
 # costs more than the parallelism gains); partitions number at most MAX_PARTITIONS.
 SPLIT_FROM = 1024
-MAX_PARTITIONS = 64
-_MIN_PARTITION = 512
+MAX_PARTITIONS = 128
 
 
-def partition_size(max_len: int) -> int:
-    """Keys per partition for contexts up to ``max_len``: at least 512, at most MAX_PARTITIONS of them."""
-    size = _MIN_PARTITION
+def partition_size(max_len: int, rows: int) -> int:
+    """Keys per partition for contexts up to ``max_len`` and ``rows`` queries: smaller partitions where
+    few rows leave the GPU idle, larger where many rows already fill it. Measured on an H200 (4,096
+    keys, 12 query and 2 KV heads of 128, in a graph): one row 17.5 µs a layer with 512-key partitions,
+    9.6 µs with 256; 64 rows 74.4 µs with 512, 71.7 with 1,024."""
+    size = 256 if rows <= 8 else 512 if rows <= 32 else 1024
     while size * MAX_PARTITIONS < max_len:
         size *= 2
     return size
@@ -62,10 +64,10 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         _split_decode_attention(qkv, key_cache, value_cache, tables, positions, out, num_heads, num_kv_heads, head_dim)
         return out
     _decode_attention_kernel[(rows, num_kv_heads)](
-        qkv, key_cache, value_cache, out, positions, tables, qkv.stride(0), tables.stride(0), key_cache.stride(0),
-        key_cache.stride(1), key_cache.stride(2), out.stride(0), head_dim ** -0.5,
+        qkv, key_cache, value_cache, out, positions, tables, qkv.stride(0), tables.stride(0),
+        *PagedKVCache.strides(key_cache), out.stride(0), head_dim ** -0.5,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=64,
-        BLOCK_SIZE=key_cache.shape[1], IEEE=qkv.dtype == torch.float32)
+        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32)
     return out
 
 
@@ -73,14 +75,14 @@ def _split_decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_ca
                             tables: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, num_heads: int,
                             num_kv_heads: int, head_dim: int) -> None:
     rows, group = qkv.shape[0], num_heads // num_kv_heads
-    block_size = key_cache.shape[1]
-    size = partition_size(tables.shape[1] * block_size)
+    block_size = PagedKVCache.block_size_of(key_cache)
+    size = partition_size(tables.shape[1] * block_size, rows)
     parts = -(-tables.shape[1] * block_size // size)
     partial = torch.empty(rows, num_heads, parts, head_dim, dtype=torch.float32, device=qkv.device)
     scores = torch.empty(2, rows, num_heads, parts, dtype=torch.float32, device=qkv.device)  # max, sum
     _decode_partition_kernel[(rows, num_kv_heads, parts)](
         qkv, key_cache, value_cache, partial, scores, positions, tables, qkv.stride(0), tables.stride(0),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), partial.stride(0), partial.stride(1),
+        *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1),
         partial.stride(2), scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5,
         PARTITION=size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
@@ -112,15 +114,15 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)
         return out[0].transpose(0, 1).reshape(tokens, num_heads * head_dim)
     out = torch.empty(tokens, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-    block_size = key_cache.shape[1]
-    size = partition_size(table.shape[0] * block_size)
+    block_size = PagedKVCache.block_size_of(key_cache)
+    size = partition_size(table.shape[0] * block_size, tokens)
     parts = -(-table.shape[0] * block_size // size)
     partial = torch.empty(tokens, num_heads, parts, head_dim, dtype=torch.float32, device=qkv.device)
     scores = torch.empty(2, tokens, num_heads, parts, dtype=torch.float32, device=qkv.device)  # max, sum
     block_rows = 64  # (token, query head) pairs per program: a few tokens times the query group
     _extend_partition_kernel[(triton.cdiv(tokens * group, block_rows), num_kv_heads, parts)](
-        qkv, key_cache, value_cache, partial, scores, positions, table, tokens, qkv.stride(0), key_cache.stride(0),
-        key_cache.stride(1), key_cache.stride(2), partial.stride(0), partial.stride(1), partial.stride(2),
+        qkv, key_cache, value_cache, partial, scores, positions, table, tokens, qkv.stride(0),
+        *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1), partial.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5, PARTITION=size, GROUP=group,
         BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
     _combine_partitions_kernel[(tokens, num_heads)](

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ragllm.engines.paged_cache import PagedKVCache
+
 try:  # Triton ships with CUDA builds of PyTorch; the CPU build has none and uses the twins below.
     import triton
     import triton.language as tl
@@ -65,23 +67,21 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tenso
                    sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int,
                    num_kv_heads: int, head_dim: int) -> None:
     """``qkv`` [tokens, (heads + 2 kv_heads) * head_dim]: rotate q and k in place, then store k and v of
-    token t at flat row ``rows[t]`` of the paged cache [blocks, block_size, kv_heads, head_dim] (see
-    ``paged_cache``). ``cos``/``sin`` are [max_len, head_dim] tables."""
-    if not key_cache.is_contiguous():
-        raise ValueError("the paged cache must be contiguous: its flat rows are its positions")
+    token t at flat row ``rows[t]`` of the paged cache (see ``paged_cache``). ``cos``/``sin`` are
+    [max_len, head_dim] tables."""
     if not use_triton(qkv):
         tokens = qkv.shape[0]
         heads = qkv.view(tokens, num_heads + 2 * num_kv_heads, head_dim)
         rotated = heads[:, : num_heads + num_kv_heads]
         rotated.copy_(_rotate(rotated, cos[positions][:, None], sin[positions][:, None]))
-        key_cache.view(-1, num_kv_heads, head_dim)[rows] = heads[:, num_heads : num_heads + num_kv_heads]
-        value_cache.view(-1, num_kv_heads, head_dim)[rows] = heads[:, num_heads + num_kv_heads :]
+        PagedKVCache.write_rows(key_cache, rows, heads[:, num_heads : num_heads + num_kv_heads])
+        PagedKVCache.write_rows(value_cache, rows, heads[:, num_heads + num_kv_heads :])
         return
     tokens = qkv.shape[0]
     _rope_cache_kernel[(tokens, num_heads + num_kv_heads)](
         qkv, positions, rows, cos, sin, key_cache, value_cache, qkv.stride(0), cos.stride(0),
-        key_cache.stride(1), key_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2)
+        *PagedKVCache.strides(key_cache), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        HALF=head_dim // 2, BLOCK_SIZE=PagedKVCache.block_size_of(key_cache))
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -122,9 +122,9 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, positions_ptr, rows_ptr, cos_ptr, sin_ptr, key_cache_ptr, value_cache_ptr,
-                           stride_token, stride_table, stride_row, stride_head,
+                           stride_token, stride_table, stride_block, stride_position, stride_head,
                            NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           HALF: tl.constexpr):
+                           HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         token = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads
         dtype = qkv_ptr.dtype.element_ty
@@ -146,7 +146,7 @@ if triton is not None:
         if head >= NUM_HEADS:
             kv_head = head - NUM_HEADS
             row = tl.load(rows_ptr + token).to(tl.int64)
-            target = row * stride_row + kv_head * stride_head
+            target = (row // BLOCK_SIZE) * stride_block + (row % BLOCK_SIZE) * stride_position + kv_head * stride_head
             tl.store(key_cache_ptr + target + low, out1)
             tl.store(key_cache_ptr + target + HALF + low, out2)
             full = tl.arange(0, HEAD_DIM)
