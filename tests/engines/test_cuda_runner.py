@@ -143,12 +143,12 @@ def test_a_continuation_longer_than_any_graph_runs_eagerly_and_matches(device):
     continuation graph: the eager path with the same attention kernel."""
     for dtype in _dtypes(device):
         model = tiny_model("qwen2", dtype=dtype).to(device)
-        runner = _runner(model, max_model_len=1024)
-        prompt = [(5 * i + 2) % 200 + 1 for i in range(900)]
-        table = list(range(100, 40, -1))[:57]
+        runner = _runner(model, max_model_len=2048)  # graphs up to the step budget, 1,024 tokens
+        prompt = [(5 * i + 2) % 200 + 1 for i in range(1500)]
+        table = list(range(200, 100, -1))
         runner.prefill(table, prompt[:300], 0)
         if device == "cuda":
-            assert runner._prefill_graphs.run(table, prompt[300:], 300) is None  # 600 tokens: no graph
+            assert runner._prefill_graphs.run(table, prompt[300:], 300) is None  # 1,200 tokens: no graph
         _assert_close(runner.prefill(table, prompt[300:], 300), _reference(model, prompt), dtype)
 
 

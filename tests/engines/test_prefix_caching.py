@@ -142,3 +142,19 @@ def test_a_storm_of_cancelled_requests_leaks_no_block():
             break
     assert not scheduler.running and not scheduler.waiting
     assert pool.num_free == pool.num_usable
+
+
+def test_a_request_larger_than_the_whole_pool_is_refused_and_the_engine_goes_on():
+    from ragllm.errors import ContextLengthExceeded
+
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=34), max_num_seqs=8)  # one window
+    prompt = [(5 * i) % 200 + 1 for i in range(500)]  # 32 blocks, the last partial: 7 copies for n=8
+    choices = _choices_of("huge", prompt, 4, list(range(8)))
+    scheduler.submit(choices[0])
+    refused = scheduler.run_once()
+    assert [(s.request_id, type(item)) for s, item in refused] == [("huge", ContextLengthExceeded)]
+    assert "needs more KV cache than the engine has" in str(refused[0][1])
+    after = _sequence("after", [1, 2, 3], 5)
+    _run_to_completion(scheduler, {0: [after]})
+    _check_against_reference([after])
+    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable

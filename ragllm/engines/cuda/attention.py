@@ -27,6 +27,11 @@ if triton is not None:
 # costs more than the parallelism gains); partitions number at most MAX_PARTITIONS.
 SPLIT_FROM = 1024
 MAX_PARTITIONS = 128
+# Keys the one-pass decode program reads per step of its loop. Measured on an H200 (12 query and 2 KV
+# heads of 128, in a graph): one row over 128 keys 5.5 µs a layer with 64, 4.1 with 128; over 512 keys
+# 14.4 and 9.4 µs; 64 rows alike. The split kernel keeps 64: with 128, 64 rows over 4,096 keys took
+# 3.84 ms a step against 3.57.
+DECODE_TILE = 128
 
 
 def partition_size(max_len: int, rows: int) -> int:
@@ -66,7 +71,7 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     _decode_attention_kernel[(rows, num_kv_heads)](
         qkv, key_cache, value_cache, out, positions, tables, qkv.stride(0), tables.stride(0),
         *PagedKVCache.strides(key_cache), out.stride(0), head_dim ** -0.5,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=64,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=DECODE_TILE,
         BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32)
     return out
 

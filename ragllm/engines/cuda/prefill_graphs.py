@@ -26,8 +26,10 @@ logger = logging.getLogger(__name__)
 # padding adds at most a quarter of a prompt. Past 4,096 tokens the device time outweighs the
 # launches and the eager path is as fast.
 _WHOLE_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096)
-# Continuations after a reused prefix: the question and the template's tail, usually short.
-_CONTINUATION_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Continuations after a cached prefix: usually the question and the template's tail, but a prompt that
+# shares only its first blocks with an earlier one continues for thousands of tokens (run eagerly, a
+# 1,536-token continuation took 19 ms to its first token against 12 ms for the whole prompt as a graph).
+_CONTINUATION_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 # forward(ids, positions, write rows, last, block table, whole) → logits [1, vocab] of the token at ``last``
 PrefillForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
