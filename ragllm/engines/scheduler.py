@@ -201,8 +201,14 @@ class Scheduler:
         if limit is None:
             return
         deadline = time.monotonic() - limit
-        # A preempted sequence waits again, but it has started: it is not refused.
-        overdue = [s for s in (*self.waiting, *self.running) if s.queue_time_s is None and s.arrival_time < deadline]
+        overdue = []
+        for sequence in self.waiting:  # in arrival order, after any preempted ones
+            if sequence.queue_time_s is not None:
+                continue  # preempted: it waits again, but it has started, so it is not refused
+            if sequence.arrival_time >= deadline:
+                break
+            overdue.append(sequence)
+        overdue += [s for s in self.running if s.queue_time_s is None and s.arrival_time < deadline]
         for sequence in overdue:
             refusal = EngineOverloaded(f"the request waited {limit:g} s for the engine without starting; "
                                        "retry shortly or on another replica")
@@ -288,8 +294,13 @@ class Scheduler:
         return len(decoding)
 
     def _register_decoded(self, decoding: list[Sequence]) -> None:
+        """Register the blocks this step filled: a sequence fills one when its next position starts a
+        block (positions advance one a step, so no boundary is skipped)."""
+        if not self.blocks.pool.prefix_caching:
+            return
+        block_size = self.blocks.block_size
         for sequence in decoding:
-            if sequence.status is SequenceStatus.DECODING:
+            if sequence.next_position % block_size == 0 and sequence.status is SequenceStatus.DECODING:
                 self.blocks.register_full(sequence, sequence.next_position)
 
     def _decode_pipelined(self, decoding: list[Sequence], results: list) -> None:
