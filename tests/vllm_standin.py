@@ -17,6 +17,8 @@ DOCUMENTED: dict[str, bool] = {
     "--tensor-parallel-size": True, "--max-num-seqs": True, "--max-num-batched-tokens": True,
     "--gpu-memory-utilization": True, "--enable-prompt-tokens-details": False, "--enable-chunked-prefill": False,
     "--max-model-len": True, "--quantization": True, "--kv-cache-dtype": True, "--otlp-traces-endpoint": True,
+    "--block-size": True, "--no-enable-prefix-caching": False, "--num-gpu-blocks-override": True,
+    "--kv-cache-memory-bytes": True,
 }
 
 

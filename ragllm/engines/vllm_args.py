@@ -13,6 +13,10 @@
 | engine.max_batch_size (VLLM_MAX_BATCH_SIZE)| none: vLLM decodes every running sequence each step, so its decode batch is bounded by --max-num-seqs alone |
 | vllm.quantization / vllm.kv_cache_dtype    | --quantization / --kv-cache-dtype ("auto": only for a quantized checkpoint) |
 | engine.gpu_memory_utilization             | --gpu-memory-utilization         |
+| engine.block_size                          | --block-size                     |
+| engine.enable_prefix_caching (false)       | --no-enable-prefix-caching       |
+| engine.num_kv_blocks                       | --num-gpu-blocks-override        |
+| engine.kv_cache_memory_bytes               | --kv-cache-memory-bytes          |
 | telemetry.otlp_endpoint (OTEL_...)         | --otlp-traces-endpoint           |
 | (always)                                   | --enable-prompt-tokens-details   |
 """
@@ -54,7 +58,14 @@ def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> 
             "--max-num-seqs", str(engine.max_num_seqs),
             "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
             "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
+            "--block-size", str(engine.block_size),
             "--enable-prompt-tokens-details"]
+    if not engine.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    if engine.num_kv_blocks is not None:
+        args += ["--num-gpu-blocks-override", str(engine.num_kv_blocks)]
+    if engine.kv_cache_memory_bytes is not None:
+        args += ["--kv-cache-memory-bytes", str(engine.kv_cache_memory_bytes)]
     if engine.chunked_prefill:
         args.append("--enable-chunked-prefill")
     if engine.max_model_len:

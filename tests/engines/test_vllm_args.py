@@ -64,3 +64,14 @@ def test_quantization_flags_follow_the_checkpoint(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_MODEL_ID", "HuggingFaceTB/SmolLM2-135M-Instruct")
     monkeypatch.setenv("RAGLLM_VLLM__QUANTIZATION", "fp8")  # the operator says so
     assert _flags(vllm_serve_args(load_settings(profile="cloud")))["--quantization"] == "fp8"
+
+
+def test_kv_cache_settings_reach_vllm_by_its_own_flags(monkeypatch):
+    assert _flags(vllm_serve_args(load_settings(profile="local")))["--block-size"] == "16"
+    assert "--no-enable-prefix-caching" not in vllm_serve_args(load_settings(profile="local"))
+    for name, value in (("BLOCK_SIZE", "32"), ("ENABLE_PREFIX_CACHING", "false"), ("NUM_KV_BLOCKS", "4096"),
+                        ("KV_CACHE_MEMORY_BYTES", str(8 << 30))):
+        monkeypatch.setenv(f"RAGLLM_ENGINE__{name}", value)
+    flags = _flags(vllm_serve_args(load_settings(profile="cloud")))
+    assert flags["--block-size"] == "32" and "--no-enable-prefix-caching" in flags
+    assert flags["--num-gpu-blocks-override"] == "4096" and flags["--kv-cache-memory-bytes"] == str(8 << 30)
