@@ -34,10 +34,6 @@ class PagedKVCache:
                         dtype: torch.dtype) -> int:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
-    @property
-    def num_bytes(self) -> int:
-        return self.storage.numel() * self.storage.element_size()
-
     @torch.inference_mode()
     def copy_block(self, source: int, target: int) -> None:
         self.storage[:, :, target] = self.storage[:, :, source]
