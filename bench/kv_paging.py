@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import gc
 import json
-import random
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: 
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+# After ragllm: gpu_engine puts this tree first on the path, and the build under test is already loaded.
+from bench.gpu_engine import block_tables, random_prompt, timed  # noqa: E402
 
 PROMPT_TOKENS = 4096
 DECODE_TOKENS = 128
@@ -46,11 +47,6 @@ def parse_args() -> argparse.Namespace:
 
 def paged_build() -> bool:
     return "num_kv_blocks" in EngineSettings.model_fields
-
-
-def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(length)]
 
 
 def kv_bytes_per_token(config: dict) -> int:
@@ -109,19 +105,10 @@ def step_ms(runner, batch: int, steps: int = 50) -> float:
     """One decode step of the runner alone at position 4,096 (graph replay; no scheduler, no host
     work per token): the device's part of a step. The engine is idle, so any cache memory may be written."""
     tokens, positions = [5] * batch, [PROMPT_TOKENS] * batch
-    if paged_build():
-        width = runner.blocks_for(PROMPT_TOKENS + 1)
-        first = [list(range(1 + row * width, 1 + (row + 1) * width)) for row in range(batch)]
-        decode = lambda: runner.decode(first, tokens, positions)  # noqa: E731
-    else:
-        decode = lambda: runner.decode(0, tokens, positions)  # noqa: E731
-    decode()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        decode()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
+    # The paged build takes each row's block table; the slot build the first of its slots 0..batch-1.
+    where = block_tables(runner, batch, PROMPT_TOKENS + 1) if paged_build() else 0
+    runner.decode(where, tokens, positions)
+    return timed(lambda: [runner.decode(where, tokens, positions) for _ in range(steps)]) / steps * 1e3
 
 
 async def capacity(model_dir: Path, vocab: int, slots: int, per_token: int) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -187,11 +188,11 @@ async def prefix_cache_counters(http: httpx.AsyncClient, url: str) -> tuple[floa
         return None
     totals = {"vllm:prefix_cache_queries_total": 0.0, "vllm:prefix_cache_hits_total": 0.0}
     found = False
-    for line in response.text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
-            found = True
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+                found = True
     return (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]) if found else None
 
 

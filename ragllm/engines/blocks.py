@@ -56,11 +56,6 @@ class BlockPool:
         """Blocks that can be handed out now (never cached, or cached but unreferenced)."""
         return len(self._free) + len(self._evictable)
 
-    @property
-    def usage(self) -> float:
-        """Share of the blocks referenced by running sequences (vLLM's ``kv_cache_usage_perc``)."""
-        return 1.0 - self.num_free / self.num_usable
-
     def cached_prefix(self, hashes: list[bytes]) -> list[int]:
         """The blocks of the longest run of ``hashes`` (from the first) held in the cache."""
         found: list[int] = []

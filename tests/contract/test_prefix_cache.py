@@ -76,9 +76,7 @@ def test_the_load_generator_reports_what_repeated_documents_found_cached(server,
 
     from ragllm.loadtest import Bounds, Workload, run_level
 
-    workload = Workload(model=model, max_tokens=4, context_words=150, doc_sets=2, repeat_rate=1.0,
-                        seed=int(uuid.uuid4().int % 1000) + 1000)
-    workload._sets = [_documents() for _ in range(2)]  # document sets no other test sent
+    workload = Workload(model=model, max_tokens=4, context_words=150, doc_sets=2, repeat_rate=1.0)
     level = asyncio.run(run_level(server.url, workload, Bounds(requests=6), concurrency=1))
     assert level["completed"] == 6 and level["repeated"] >= 4
     assert level["repeated_cached_share"] >= 0.75  # the documents are most of each prompt
