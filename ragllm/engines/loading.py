@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ragllm.config import EngineSettings
 from ragllm.engines.base import GenerationRequest
@@ -99,10 +99,13 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
-    """Token ids of the request's prompt: chat template for messages, plain text or given ids."""
+def prompt_token_ids(tokenizer: Any, request: GenerationRequest,
+                     encode: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids of the request's prompt: chat template for messages, plain text or given ids.
+    ``encode`` tokenizes the rendered chat prompt (a ``PromptTokenizer``'s, which reuses pieces)."""
     if request.messages is not None:
-        return _chat_prompt_ids(tokenizer, request.messages, request.chat_template_kwargs or {}, request.tools)
+        text = _chat_prompt_text(tokenizer, request.messages, request.chat_template_kwargs or {}, request.tools)
+        return encode(text) if encode else tokenizer(text, add_special_tokens=False).input_ids
     if request.prompt_token_ids is not None:
         _check_token_ids(tokenizer, request.prompt_token_ids)
         return list(request.prompt_token_ids)
@@ -112,8 +115,8 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest) -> list[int]:
     return ids
 
 
-def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
-                     tools: list[dict[str, Any]] | None = None) -> list[int]:
+def _chat_prompt_text(tokenizer: Any, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
+                      tools: list[dict[str, Any]] | None = None) -> str:
     _, renders_tools = format_of_template(tokenizer.chat_template)
     messages, tools = template_inputs(messages, tools, renders_tools)
     try:
@@ -121,7 +124,7 @@ def _chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], template_kw
                                              **template_kwargs)
     except Exception as exc:  # templates raise on conversations they do not accept
         raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return text
 
 
 def _check_token_ids(tokenizer: Any, ids: list[int]) -> None:

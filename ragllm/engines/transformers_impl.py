@@ -31,6 +31,7 @@ from ragllm.engines.base import (
     ModelCard,
     SamplingParams,
 )
+from ragllm.engines.prompt_tokens import PromptTokenizer
 from ragllm.engines.sequence import Sequence
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
 from ragllm.structured.grammars import GrammarCompiler
@@ -91,6 +92,7 @@ class TransformersEngine(Engine):
 
         loaded = load_model_and_tokenizer(self.settings)
         self._tokenizer, self._device = loaded.tokenizer, loaded.device
+        self._prompt_tokenizer = PromptTokenizer(loaded.tokenizer)
         self.dtype_name = loaded.dtype_name
         self._stop_token_ids = loaded.stop_token_ids
         self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
@@ -275,7 +277,7 @@ class TransformersEngine(Engine):
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids
 
-        ids = prompt_token_ids(self._tokenizer, request)
+        ids = prompt_token_ids(self._tokenizer, request, self._prompt_tokenizer.encode)
         # A tokenizer with tokens the model has no embedding for would crash the device (CUDA asserts
         # on an out-of-range index and the context is lost): refuse the request instead.
         if max(ids) >= self._embedding_rows:
