@@ -1,7 +1,9 @@
 """Random-weight checkpoints of real architectures, built locally (no model hub).
 
 Same shapes, so the same compute and memory traffic as the real checkpoints; the outputs are
-gibberish. The tokenizer is a word-level one covering the whole vocabulary, so any sampled id
+gibberish. ``quantization="awq"`` writes the layout AutoAWQ publishes (Qwen2.5-1.5B-Instruct-AWQ's:
+int4 GEMM packing, groups of 128, zero points, float16 scales and embeddings, the same key names and
+config), so a benchmark reads the same bytes as the real model. The tokenizer is a word-level one covering the whole vocabulary, so any sampled id
 detokenizes, with a ChatML template so the chat path works too.
 """
 
@@ -28,23 +30,34 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "{% endif %}")
 
 
+AWQ_GROUP_SIZE = 128
+
+
 def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bfloat16", seed: int = 0,
-                            vocab_size: int | None = None) -> Path:
+                            vocab_size: int | None = None, quantization: str | None = None) -> Path:
     """Write config, random weights and a tokenizer to ``directory`` (reused when present);
-    ``vocab_size`` replaces the architecture's (to match a real tokenizer's)."""
+    ``vocab_size`` replaces the architecture's (to match a real tokenizer's); ``quantization="awq"``
+    writes AWQ int4 layers (float16 elsewhere, as published)."""
     if (directory / "config.json").is_file():
         return directory
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ragllm.engines.quantized.awq_writer import save_awq_checkpoint
 
     model_type, shape = ARCHITECTURES[architecture]
     shape = {**shape, "vocab_size": vocab_size or shape["vocab_size"]}
     config = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if quantization else getattr(torch, dtype))
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    if quantization == "awq":
+        save_awq_checkpoint(model, directory, AWQ_GROUP_SIZE)
+    elif quantization is None:
+        model.save_pretrained(directory)
+    else:
+        raise ValueError(f"unknown quantization {quantization!r}")
     _write_tokenizer(directory, shape["vocab_size"])
     return directory
 

@@ -329,7 +329,8 @@ def _kv_cache_health(kv: KVCacheStats | None) -> KVCacheHealth | None:
         return None
     hit_rate = kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else None
     return KVCacheHealth(block_size=kv.block_size, blocks_total=kv.blocks_total, blocks_free=kv.blocks_free,
-                         usage=round(kv.usage, 4), prefix_cache_hit_rate=hit_rate, preemptions=kv.num_preemptions)
+                         usage=round(kv.usage, 4), prefix_cache_hit_rate=hit_rate, preemptions=kv.num_preemptions,
+                         dtype=kv.dtype, tokens_total=kv.blocks_total * kv.block_size)
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})

@@ -147,6 +147,7 @@ class KVCacheStats:
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # of those, tokens found cached
     num_preemptions: int
+    dtype: str = ""  # what the cache stores
 
     @property
     def usage(self) -> float:

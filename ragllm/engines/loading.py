@@ -31,6 +31,8 @@ def load_model_and_tokenizer(settings: EngineSettings) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
+    from ragllm.engines.quantized.awq_loader import checkpoint_awq_config, load_awq_model
+
     transformers_logging.disable_progress_bar()  # bars in a server's log are noise (and not JSON)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
@@ -40,7 +42,13 @@ def load_model_and_tokenizer(settings: EngineSettings) -> LoadedModel:
     dtype = _dtype(settings.dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        awq = checkpoint_awq_config(path)
+        if awq is not None:
+            model = load_awq_model(path, awq, dtype, device, packed=_runs_int4(device))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
     if not getattr(tokenizer, "chat_template", None):
@@ -76,6 +84,14 @@ def _device(requested: str) -> Any:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)
+
+
+def _runs_int4(device: Any) -> bool:
+    """AWQ weights stay packed where the W4A16 kernels run (CUDA with Triton); elsewhere they are
+    dequantised at load."""
+    from ragllm.engines.cuda.kernels import triton
+
+    return device.type == "cuda" and triton is not None
 
 
 def _dtype(requested: str, device: Any) -> Any:

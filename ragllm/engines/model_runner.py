@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ragllm.engines.paged_cache import PagedKVCache
+from ragllm.engines.paged_cache import FP8, PagedKVCache
 from ragllm.errors import ModelLoadError
 
 # Architectures whose decoder layer is: norm → attention (rope, GQA) → residual → norm → MLP.
@@ -39,6 +39,21 @@ class KVCacheOptions:
     num_blocks: int | None = None  # an exact pool size (tests, benchmarks); else sized from memory
     memory_bytes: int | None = None  # the pool's byte budget; None: the runner's default
     prefix_caching: bool = True
+    dtype: torch.dtype | None = None  # what the cache stores; None: the model's dtype; or FP8 (e4m3)
+    key_scale: float = 1.0  # fp8 only: stored = value / scale
+    value_scale: float = 1.0
+
+
+# vLLM's --kv-cache-dtype names this engine stores (fp8 is e4m3, as in vLLM); None or "auto": the model's.
+_KV_STORAGE_DTYPES = {"fp8": FP8, "fp8_e4m3": FP8, "auto": None, None: None}
+
+
+def kv_storage_dtype(name: str | None) -> torch.dtype | None:
+    try:
+        return _KV_STORAGE_DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"kv_cache_dtype {name!r} is not supported by the in-process engine; use fp8 "
+                             f"(e4m3) or leave it unset for the model's dtype") from None
 
 
 class PrefillChunk(NamedTuple):
@@ -67,18 +82,20 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.layers = model.model.layers
         # What else shapes a block's keys and values besides its tokens (prefix-cache hashes).
-        self.kv_salt = f"{architecture}:{getattr(config, '_name_or_path', '')}:{self.dtype}".encode()
+        self.cache_dtype = kv.dtype or self.dtype
+        self.kv_salt = f"{architecture}:{getattr(config, '_name_or_path', '')}:{self.dtype}:{self.cache_dtype}".encode()
         self.kv_options = kv
         self.block_size = kv.block_size
         self.max_blocks_per_sequence = -(-max_model_len // kv.block_size)
         self.cache = PagedKVCache(len(self.layers), self._num_blocks(kv), kv.block_size, self.num_kv_heads,
-                                  self.head_dim, self.device, self.dtype)
+                                  self.head_dim, self.device, self.cache_dtype, self.dtype, kv.key_scale,
+                                  kv.value_scale)
         self.cos, self.sin = self._rotary_tables(model, max_model_len)
 
     @property
     def bytes_per_block(self) -> int:
         return PagedKVCache.bytes_per_block(len(self.layers), self.block_size, self.num_kv_heads, self.head_dim,
-                                            self.dtype)
+                                            self.cache_dtype)
 
     def _num_blocks(self, kv: KVCacheOptions) -> int:
         """Blocks in the pool: as asked, or what the byte budget holds; always at least one whole
@@ -192,9 +209,7 @@ class ModelRunner:
         if causal is None:  # the whole prompt in one chunk: no need to read the cache back
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
         else:
-            end = causal.shape[1]
-            keys = self.cache.gather(self.cache.keys[layer_index], table, end)
-            values = self.cache.gather(self.cache.values[layer_index], table, end)
+            keys, values = self.cache.read(layer_index, table, causal.shape[1])
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal, enable_gqa=True)
         return out.transpose(1, 2).reshape(1, length, self.num_heads * self.head_dim)
 
@@ -203,8 +218,7 @@ class ModelRunner:
                           mask: torch.Tensor) -> torch.Tensor:
         batch = query.shape[0]
         self.cache.write(layer_index, rows, key[:, :, 0], value[:, :, 0])
-        keys = self.cache.gather(self.cache.keys[layer_index], tables, max_end)
-        values = self.cache.gather(self.cache.values[layer_index], tables, max_end)
+        keys, values = self.cache.read(layer_index, tables, max_end)
         # One query per sequence: fold each KV head's query group into the query-length axis, so
         # grouped-query attention reads the gathered keys as they are (no repeat per query head).
         grouped = query.reshape(batch, self.num_kv_heads, self.group_size, self.head_dim)

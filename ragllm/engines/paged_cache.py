@@ -8,6 +8,10 @@ Heads before positions: one head's positions of a block are contiguous, so an at
 A position ``p`` of a sequence is flat row ``table[p // block_size] * block_size + p % block_size``:
 block ``row // block_size``, offset ``row % block_size``. Which blocks a sequence holds is the
 scheduler's business (``block_tables``); this holds the numbers and reads and writes them.
+
+An fp8 (e4m3) cache halves the bytes per token: keys and values are stored divided by a per-tensor
+scale (1.0 unless given, as vLLM does without calibrated scales) and saturated at e4m3's ±448, and
+read back multiplied by it in the model's dtype.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype | None = None,
+                 key_scale: float = 1.0, value_scale: float = 1.0) -> None:
+        """``dtype``: what is stored; ``compute_dtype``: what attention reads (the model's)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
+        self.dtype = dtype
+        self.compute_dtype = compute_dtype or dtype
+        self.key_scale, self.value_scale = key_scale, value_scale
         # Zeros, not empty: positions read but masked out must hold finite numbers (0 * NaN is NaN).
         self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
                                    device=device, dtype=dtype)
@@ -49,13 +61,21 @@ class PagedKVCache:
 
     def write(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keys and values [tokens, kv_heads, head_dim] into flat ``rows``."""
-        self.write_rows(self.keys[layer], rows, keys)
-        self.write_rows(self.values[layer], rows, values)
+        self.write_rows(self.keys[layer], rows, keys, self.key_scale)
+        self.write_rows(self.values[layer], rows, values, self.value_scale)
+
+    def read(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions ``0..length-1`` of each table's sequence, in the model's dtype:
+        two [rows, kv_heads, length, head_dim]."""
+        return (self.gather(self.keys[layer], tables, length, self.compute_dtype, self.key_scale),
+                self.gather(self.values[layer], tables, length, self.compute_dtype, self.value_scale))
 
     @staticmethod
-    def write_rows(layer_cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor) -> None:
+    def write_rows(layer_cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor, scale: float = 1.0) -> None:
         block_size = PagedKVCache.block_size_of(layer_cache)
-        layer_cache[rows // block_size, :, rows % block_size] = states
+        if layer_cache.dtype == FP8:  # torch's cast to e4m3 does not saturate: out of range would be NaN
+            states = (states.float() / scale).clamp(-FP8_MAX, FP8_MAX)
+        layer_cache[rows // block_size, :, rows % block_size] = states.to(layer_cache.dtype)
 
     @staticmethod
     def block_size_of(layer_cache: torch.Tensor) -> int:
@@ -72,10 +92,14 @@ class PagedKVCache:
         return torch.tensor(padded, dtype=torch.long, device=self.device)
 
     @staticmethod
-    def gather(layer_cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
-        """Positions ``0..length-1`` of each table's sequence: [rows, kv_heads, length, head_dim]."""
+    def gather(layer_cache: torch.Tensor, tables: torch.Tensor, length: int, dtype: torch.dtype | None = None,
+               scale: float = 1.0) -> torch.Tensor:
+        """Positions ``0..length-1`` of each table's sequence: [rows, kv_heads, length, head_dim], in
+        ``dtype`` (default: as stored) times ``scale``."""
         rows = tables.shape[0]
         block_size = PagedKVCache.block_size_of(layer_cache)
         blocks = layer_cache[tables[:, : -(-length // block_size)]]  # [rows, width, heads, block_size, dim]
-        spread = blocks.transpose(1, 2).reshape(rows, blocks.shape[2], -1, blocks.shape[-1])
-        return spread[:, :, :length]
+        spread = blocks.transpose(1, 2).reshape(rows, blocks.shape[2], -1, blocks.shape[-1])[:, :, :length]
+        if dtype is None or (dtype == layer_cache.dtype and scale == 1.0):
+            return spread
+        return spread.to(dtype) * scale if scale != 1.0 else spread.to(dtype)

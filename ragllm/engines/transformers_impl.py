@@ -52,8 +52,9 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, kv_cache_dtype: str | None = None) -> None:
         self.settings = settings
+        self._kv_cache_dtype_setting = kv_cache_dtype  # vllm.kv_cache_dtype: one setting for both engines
         self._health = EngineHealth(EngineState.LOADING, "model is loading")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler: Any = None
@@ -63,13 +64,14 @@ class TransformersEngine(Engine):
         self._card: ModelCard | None = None
         self._stop_token_ids: frozenset[int] = frozenset()
         self._embedding_rows = 0
+        self._kv_dtype_name = ""
         self._admitted = 0  # requests generating or queued; guarded by _admission_lock
         self._admission_lock = threading.Lock()
         self._canary: asyncio.Task | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TransformersEngine":
-        return cls(settings.engine)
+        return cls(settings.engine, kv_cache_dtype=settings.vllm.kv_cache_dtype)
 
     # -- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,7 +104,7 @@ class TransformersEngine(Engine):
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda token_id: self._tokenizer.decode([token_id], skip_special_tokens=False))
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
-        runner = self._runner(loaded.model, max_model_len)
+        runner = self._runner(loaded.model, max_model_len, str(loaded.path))
         limits = SchedulerLimits(
             max_num_seqs=self.settings.max_num_seqs,
             max_batch_size=self.settings.max_batch_size,
@@ -110,6 +112,7 @@ class TransformersEngine(Engine):
             chunked_prefill=self.settings.chunked_prefill,
             max_queue_wait_s=self.settings.max_queue_wait_s,
         )
+        self._kv_dtype_name = str(runner.cache_dtype).removeprefix("torch.")
         self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal)
         self._card = ModelCard(
             id=self.settings.public_model_name,
@@ -129,12 +132,14 @@ class TransformersEngine(Engine):
         self._scheduler.start()
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
 
-    def _runner(self, model: Any, max_model_len: int) -> Any:
-        from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
+    def _runner(self, model: Any, max_model_len: int, model_path: str) -> Any:
+        from ragllm.engines.model_runner import KVCacheOptions, ModelRunner, kv_storage_dtype
+        from ragllm.engines.vllm_args import resolved_kv_cache_dtype
 
         kv = KVCacheOptions(block_size=self.settings.block_size, num_blocks=self.settings.num_kv_blocks,
                             memory_bytes=self.settings.kv_cache_memory_bytes,
-                            prefix_caching=self.settings.enable_prefix_caching)
+                            prefix_caching=self.settings.enable_prefix_caching,
+                            dtype=kv_storage_dtype(resolved_kv_cache_dtype(self._kv_cache_dtype_setting, model_path)))
         if self._device.type != "cuda":
             return ModelRunner(model, max_model_len, kv)
         from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
@@ -216,7 +221,8 @@ class TransformersEngine(Engine):
         blocks = self._scheduler.blocks  # plain counters read off the engine thread: a moment's view
         kv = KVCacheStats(block_size=blocks.block_size, blocks_total=blocks.pool.num_usable,
                           blocks_free=blocks.pool.num_free, prefix_cache_queries=blocks.pool.queries,
-                          prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions)
+                          prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions,
+                          dtype=self._kv_dtype_name)
         return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv)
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:

@@ -47,6 +47,14 @@ def checkpoint_quantization(model: str) -> str | None:
     return next((method for method in NAMED_METHODS if re.search(rf"(^|[-_.]){method}($|[-_.])", name)), None)
 
 
+def resolved_kv_cache_dtype(setting: str | None, model: str) -> str | None:
+    """``vllm.kv_cache_dtype`` as both engines apply it: "auto" is fp8 for a quantized checkpoint (the
+    deployment README's pairing) and the model's own dtype otherwise (None); other values as given."""
+    if setting == AUTO:
+        return "fp8" if checkpoint_quantization(model) else None
+    return setting
+
+
 def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> list[str]:
     """The child's argv: ``executable`` (default ``["vllm"]``), ``serve``, the model, then flags."""
     engine, vllm = settings.engine, settings.vllm
@@ -72,7 +80,7 @@ def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> 
         args += ["--max-model-len", str(engine.max_model_len)]
     quantized = checkpoint_quantization(engine.model)
     quantization = quantized if vllm.quantization == AUTO else vllm.quantization
-    kv_cache_dtype = ("fp8" if quantized else None) if vllm.kv_cache_dtype == AUTO else vllm.kv_cache_dtype
+    kv_cache_dtype = resolved_kv_cache_dtype(vllm.kv_cache_dtype, engine.model)
     if quantization:
         args += ["--quantization", quantization]
     if kv_cache_dtype:

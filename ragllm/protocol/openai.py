@@ -244,6 +244,8 @@ class KVCacheHealth(_Wire):
     usage: float
     prefix_cache_hit_rate: float | None = Field(description="Prompt tokens found cached / looked up so far.")
     preemptions: int
+    dtype: str = Field("", description="What the cache stores: the model's dtype, or float8_e4m3fn.")
+    tokens_total: int = Field(0, description="Positions the whole pool holds (blocks_total × block_size).")
 
 
 class HealthResponse(_Wire):

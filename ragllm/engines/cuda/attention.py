@@ -47,10 +47,11 @@ def partition_size(max_len: int, rows: int) -> int:
 
 def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, tables: torch.Tensor,
                      positions: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                     split: bool = False) -> torch.Tensor:
+                     split: bool = False, key_scale: float = 1.0, value_scale: float = 1.0) -> torch.Tensor:
     """One query token per row: row r attends to its sequence's keys at positions ``0..positions[r]``,
     its blocks named by ``tables[r]``. Returns [rows, heads * head_dim]. ``split``: partitions of the
     keys run in parallel and are combined (for long contexts; ``tables``' width bounds the length).
+    An fp8 cache is read in ``qkv``'s dtype times the scales.
 
     Measured need: PyTorch's fused attention ran 23 µs per layer for a single query (its kernels are
     built for long queries) plus three mask kernels; this reads each row's keys once, in ~3 µs."""
@@ -58,19 +59,20 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     group = num_heads // num_kv_heads
     if not use_triton(qkv):
         end = int(positions.max()) + 1
-        keys = PagedKVCache.gather(key_cache, tables, end)
-        values = PagedKVCache.gather(value_cache, tables, end)
+        keys = PagedKVCache.gather(key_cache, tables, end, qkv.dtype, key_scale)
+        values = PagedKVCache.gather(value_cache, tables, end, qkv.dtype, value_scale)
         grouped = qkv[:, : num_heads * head_dim].view(rows, num_kv_heads, group, head_dim)
         visible = (torch.arange(end, device=qkv.device)[None, :] <= positions[:, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible)
         return out.reshape(rows, num_heads * head_dim)
     out = torch.empty(rows, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if split:
-        _split_decode_attention(qkv, key_cache, value_cache, tables, positions, out, num_heads, num_kv_heads, head_dim)
+        _split_decode_attention(qkv, key_cache, value_cache, tables, positions, out, num_heads, num_kv_heads, head_dim,
+                                key_scale, value_scale)
         return out
     _decode_attention_kernel[(rows, num_kv_heads)](
         qkv, key_cache, value_cache, out, positions, tables, qkv.stride(0), tables.stride(0),
-        *PagedKVCache.strides(key_cache), out.stride(0), head_dim ** -0.5,
+        *PagedKVCache.strides(key_cache), out.stride(0), head_dim ** -0.5 * key_scale, value_scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=DECODE_TILE,
         BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32)
     return out
@@ -78,7 +80,7 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 
 def _split_decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             tables: torch.Tensor, positions: torch.Tensor, out: torch.Tensor, num_heads: int,
-                            num_kv_heads: int, head_dim: int) -> None:
+                            num_kv_heads: int, head_dim: int, key_scale: float, value_scale: float) -> None:
     rows, group = qkv.shape[0], num_heads // num_kv_heads
     block_size = PagedKVCache.block_size_of(key_cache)
     size = partition_size(tables.shape[1] * block_size, rows)
@@ -88,17 +90,18 @@ def _split_decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_ca
     _decode_partition_kernel[(rows, num_kv_heads, parts)](
         qkv, key_cache, value_cache, partial, scores, positions, tables, qkv.stride(0), tables.stride(0),
         *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1),
-        partial.stride(2), scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5,
+        partial.stride(2), scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5 * key_scale,
         PARTITION=size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
     _combine_partitions_kernel[(rows, num_heads)](
         partial, scores, out, positions, partial.stride(0), partial.stride(1), partial.stride(2), scores.stride(0),
-        scores.stride(1), scores.stride(2), out.stride(0), PARTITION=size,
+        scores.stride(1), scores.stride(2), out.stride(0), value_scale, PARTITION=size,
         PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim)
 
 
 def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, positions: torch.Tensor,
-                     table: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+                     table: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, key_scale: float = 1.0,
+                     value_scale: float = 1.0) -> torch.Tensor:
     """Queries of a prompt chunk that continues a sequence already in the cache (its blocks named by
     ``table``): token t attends to positions ``0..positions[t]`` (its own chunk's keys are already
     written). Rows that pad a captured chunk sit at a short position and their output is not used.
@@ -113,8 +116,8 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     if not use_triton(qkv):
         query = qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim).transpose(0, 1)[None]
         end = int(positions.max()) + 1
-        keys = PagedKVCache.gather(key_cache, table[None], end).repeat_interleave(group, dim=1)
-        values = PagedKVCache.gather(value_cache, table[None], end).repeat_interleave(group, dim=1)
+        keys = PagedKVCache.gather(key_cache, table[None], end, qkv.dtype, key_scale).repeat_interleave(group, dim=1)
+        values = PagedKVCache.gather(value_cache, table[None], end, qkv.dtype, value_scale).repeat_interleave(group, 1)
         visible = torch.arange(end, device=qkv.device)[None, :] <= positions[:, None]
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)
         return out[0].transpose(0, 1).reshape(tokens, num_heads * head_dim)
@@ -128,11 +131,11 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     _extend_partition_kernel[(triton.cdiv(tokens * group, block_rows), num_kv_heads, parts)](
         qkv, key_cache, value_cache, partial, scores, positions, table, tokens, qkv.stride(0),
         *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1), partial.stride(2),
-        scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5, PARTITION=size, GROUP=group,
+        scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5 * key_scale, PARTITION=size, GROUP=group,
         BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
     _combine_partitions_kernel[(tokens, num_heads)](
         partial, scores, out, positions, partial.stride(0), partial.stride(1), partial.stride(2), scores.stride(0),
-        scores.stride(1), scores.stride(2), out.stride(0), PARTITION=size,
+        scores.stride(1), scores.stride(2), out.stride(0), value_scale, PARTITION=size,
         PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim)
     return out
 
@@ -167,7 +170,7 @@ if triton is not None:
             blocks = tl.load(table_ptr + keys_at // BLOCK_SIZE, mask=cached, other=0).to(tl.int64)
             rows_at = blocks * stride_block + (keys_at % BLOCK_SIZE) * stride_position + head_offset
             offsets = rows_at[:, None] + dims[None, :]
-            k = tl.load(key_cache_ptr + offsets, mask=cached[:, None], other=0.0)
+            k = tl.load(key_cache_ptr + offsets, mask=cached[:, None], other=0.0).to(q.dtype)  # fp8 caches
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -178,7 +181,7 @@ if triton is not None:
             weights = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
             total = total * rescale + tl.sum(weights, 1)
-            v = tl.load(value_cache_ptr + offsets, mask=cached[:, None], other=0.0)
+            v = tl.load(value_cache_ptr + offsets, mask=cached[:, None], other=0.0).to(q.dtype)
             if IEEE:
                 acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision="ieee")
             else:
@@ -189,7 +192,7 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, tables_ptr,
                                  stride_row, stride_table, stride_block, stride_position, stride_head, stride_out,
-                                 scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 scale, value_scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -205,7 +208,7 @@ if triton is not None:
                             kv_head * stride_head, positions, position, stride_block, stride_position, scale,
                             ROWS=GROUP_PAD, HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE, IEEE=IEEE)
         tl.store(out_ptr + row * stride_out + (kv_head * GROUP + queries)[:, None] * HEAD_DIM + dims[None, :],
-                 out.to(dtype), mask=query_mask[:, None])
+                 (out * value_scale).to(dtype), mask=query_mask[:, None])
 
     @triton.jit
     def _decode_partition_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, partial_ptr, scores_ptr, positions_ptr,
@@ -242,7 +245,7 @@ if triton is not None:
     @triton.jit
     def _combine_partitions_kernel(partial_ptr, scores_ptr, out_ptr, positions_ptr, stride_partial_row,
                                    stride_partial_head, stride_partial_part, stride_scores_kind, stride_scores_row,
-                                   stride_scores_head, stride_out, PARTITION: tl.constexpr,
+                                   stride_scores_head, stride_out, value_scale, PARTITION: tl.constexpr,
                                    PARTS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -257,7 +260,7 @@ if triton is not None:
         weights = tl.exp(best - tl.max(best, 0))  # 0 for unused partitions
         partial = tl.load(partial_ptr + row * stride_partial_row + head * stride_partial_head
                           + parts[:, None] * stride_partial_part + dims[None, :], mask=used[:, None], other=0.0)
-        out = tl.sum(partial * weights[:, None], 0) / tl.sum(total * weights, 0)
+        out = tl.sum(partial * weights[:, None], 0) / tl.sum(total * weights, 0) * value_scale
         tl.store(out_ptr + row * stride_out + head * HEAD_DIM + dims, out.to(dtype))
 
     @triton.jit

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.paged_cache import PagedKVCache
+from ragllm.engines.paged_cache import FP8, FP8_MAX, PagedKVCache
 
 try:  # Triton ships with CUDA builds of PyTorch; the CPU build has none and uses the twins below.
     import triton
@@ -65,23 +65,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # -- rotary embedding of q and k, in place, and the KV-cache write -------------------------------------------
 def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int,
-                   num_kv_heads: int, head_dim: int) -> None:
+                   num_kv_heads: int, head_dim: int, key_scale: float = 1.0, value_scale: float = 1.0) -> None:
     """``qkv`` [tokens, (heads + 2 kv_heads) * head_dim]: rotate q and k in place, then store k and v of
-    token t at flat row ``rows[t]`` of the paged cache (see ``paged_cache``). ``cos``/``sin`` are
-    [max_len, head_dim] tables."""
+    token t at flat row ``rows[t]`` of the paged cache (see ``paged_cache``; an fp8 cache stores them
+    divided by the scales). ``cos``/``sin`` are [max_len, head_dim] tables."""
     if not use_triton(qkv):
         tokens = qkv.shape[0]
         heads = qkv.view(tokens, num_heads + 2 * num_kv_heads, head_dim)
         rotated = heads[:, : num_heads + num_kv_heads]
         rotated.copy_(_rotate(rotated, cos[positions][:, None], sin[positions][:, None]))
-        PagedKVCache.write_rows(key_cache, rows, heads[:, num_heads : num_heads + num_kv_heads])
-        PagedKVCache.write_rows(value_cache, rows, heads[:, num_heads + num_kv_heads :])
+        PagedKVCache.write_rows(key_cache, rows, heads[:, num_heads : num_heads + num_kv_heads], key_scale)
+        PagedKVCache.write_rows(value_cache, rows, heads[:, num_heads + num_kv_heads :], value_scale)
         return
     tokens = qkv.shape[0]
     _rope_cache_kernel[(tokens, num_heads + num_kv_heads)](
         qkv, positions, rows, cos, sin, key_cache, value_cache, qkv.stride(0), cos.stride(0),
-        *PagedKVCache.strides(key_cache), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HALF=head_dim // 2, BLOCK_SIZE=PagedKVCache.block_size_of(key_cache))
+        *PagedKVCache.strides(key_cache), 1.0 / key_scale, 1.0 / value_scale, NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), FP8=key_cache.dtype == FP8)
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,7 @@ def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 if triton is not None:
+    FP8_LIMIT = tl.constexpr(FP8_MAX)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_residual, stride_out,
@@ -123,8 +125,9 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, positions_ptr, rows_ptr, cos_ptr, sin_ptr, key_cache_ptr, value_cache_ptr,
                            stride_token, stride_table, stride_block, stride_position, stride_head,
-                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                           key_inverse_scale, value_inverse_scale, NUM_HEADS: tl.constexpr,
+                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
         token = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads
         dtype = qkv_ptr.dtype.element_ty
@@ -147,8 +150,19 @@ if triton is not None:
             kv_head = head - NUM_HEADS
             row = tl.load(rows_ptr + token).to(tl.int64)
             target = (row // BLOCK_SIZE) * stride_block + (row % BLOCK_SIZE) * stride_position + kv_head * stride_head
-            tl.store(key_cache_ptr + target + low, out1)
-            tl.store(key_cache_ptr + target + HALF + low, out2)
             full = tl.arange(0, HEAD_DIM)
             value = tl.load(qkv_ptr + token * stride_token + (NUM_HEADS + NUM_KV_HEADS + kv_head) * HEAD_DIM + full)
-            tl.store(value_cache_ptr + target + full, value)
+            if FP8:  # scaled, and saturated at e4m3's largest value
+                cache_type = key_cache_ptr.dtype.element_ty
+                tl.store(key_cache_ptr + target + low, _to_fp8(out1, key_inverse_scale, cache_type))
+                tl.store(key_cache_ptr + target + HALF + low, _to_fp8(out2, key_inverse_scale, cache_type))
+                tl.store(value_cache_ptr + target + full, _to_fp8(value, value_inverse_scale, cache_type))
+            else:
+                tl.store(key_cache_ptr + target + low, out1)
+                tl.store(key_cache_ptr + target + HALF + low, out2)
+                tl.store(value_cache_ptr + target + full, value)
+
+    @triton.jit
+    def _to_fp8(x, inverse_scale, cache_type: tl.constexpr):
+        scaled = x.to(tl.float32) * inverse_scale
+        return tl.minimum(tl.maximum(scaled, -FP8_LIMIT), FP8_LIMIT).to(cache_type)

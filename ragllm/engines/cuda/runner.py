@@ -94,16 +94,20 @@ class CudaGraphRunner(ModelRunner):
         for layer_index, layer in enumerate(self.layers):
             fused = self._fused[layer_index]
             normed, residual = add_rms_norm(hidden, residual, *fused.input_norm)
-            qkv = F.linear(normed, *fused.qkv)
+            qkv = fused.qkv(normed)
             if hasattr(layer.self_attn, "q_norm"):  # Qwen3 normalises each head before rope
                 self._qk_norm(layer.self_attn, qkv)
             rope_and_cache(qkv, positions, rows, self.cos, self.sin, self.cache.keys[layer_index],
-                           self.cache.values[layer_index], heads, kv_heads, head_dim)
+                           self.cache.values[layer_index], heads, kv_heads, head_dim, *self._kv_scales)
             hidden = layer.self_attn.o_proj(attend(layer_index, qkv))
             normed, residual = add_rms_norm(hidden, residual, *fused.post_norm)
-            hidden = layer.mlp.down_proj(silu_and_mul(F.linear(normed, *fused.gate_up)))
+            hidden = layer.mlp.down_proj(silu_and_mul(fused.gate_up(normed)))
         normed, _ = add_rms_norm(hidden, residual, *self._final_norm)
         return normed
+
+    @property
+    def _kv_scales(self) -> tuple[float, float]:
+        return self.cache.key_scale, self.cache.value_scale
 
     def _qk_norm(self, attention: Any, qkv: torch.Tensor) -> None:
         tokens, q_width = qkv.shape[0], self.num_heads * self.head_dim
@@ -155,7 +159,8 @@ class CudaGraphRunner(ModelRunner):
             if whole:
                 return self._causal_attention(qkv, 1, ids.shape[0])
             return extend_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index],
-                                    positions, table, self.num_heads, self.num_kv_heads, self.head_dim)
+                                    positions, table, self.num_heads, self.num_kv_heads, self.head_dim,
+                                    *self._kv_scales)
 
         normed = self._forward_tokens(ids, positions, rows, attend)
         return self._logits_of(normed.index_select(0, last))
@@ -183,7 +188,8 @@ class CudaGraphRunner(ModelRunner):
 
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
             return decode_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index], tables,
-                                    positions, self.num_heads, self.num_kv_heads, self.head_dim, split)
+                                    positions, self.num_heads, self.num_kv_heads, self.head_dim, split,
+                                    *self._kv_scales)
 
         return self._logits_of(self._forward_tokens(ids, positions, rows, attend))
 

@@ -1,22 +1,38 @@
 """The model's weights as the CUDA path reads them: q/k/v and gate/up projections fused into one
 matmul each, the modules' own weights becoming views of the fused tensors (memory is not doubled),
-and each norm's weight with its epsilon."""
+and each norm's weight with its epsilon. AWQ layers (``AwqLinear``) fuse the same way, packed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+
+from ragllm.engines.quantized.awq_linear import AwqLinear
 
 # (weight, epsilon) of an RMSNorm
 NormWeights = tuple[torch.Tensor, float]
 
 
+# hidden states [tokens, in] → [tokens, out]
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DenseProjection:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias)
+
+
 @dataclass(frozen=True)
 class FusedLayer:
-    qkv: tuple[torch.Tensor, torch.Tensor | None]  # weight, bias
-    gate_up: tuple[torch.Tensor, torch.Tensor | None]
+    qkv: Projection
+    gate_up: Projection
     input_norm: NormWeights
     post_norm: NormWeights
 
@@ -37,8 +53,12 @@ def fuse_layers(model: Any) -> tuple[list[FusedLayer], NormWeights]:
     return layers, (norm.weight, _eps(norm))
 
 
-def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several projections of the same input; the modules keep views."""
+def _fuse_linears(linears: list[Any]) -> Projection:
+    """One projection for several of the same input; the modules keep views of its weights."""
+    if all(isinstance(linear, AwqLinear) for linear in linears):
+        return AwqLinear.concatenated(linears)
+    if any(isinstance(linear, AwqLinear) for linear in linears):  # some left unquantised by the checkpoint
+        return lambda hidden: torch.cat([linear(hidden) for linear in linears], dim=-1)
     weight = torch.cat([linear.weight for linear in linears])
     biases = [linear.bias for linear in linears]
     bias = torch.cat(biases) if all(b is not None for b in biases) else None
@@ -49,7 +69,7 @@ def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.T
         if bias is not None:
             linear.bias.data = bias[offset:offset + rows]
         offset += rows
-    return weight, bias
+    return DenseProjection(weight, bias)
 
 
 def _eps(norm: Any) -> float:

@@ -1,0 +1,192 @@
+"""Matrix products with AWQ int4 weights and 16-bit activations (W4A16), in Triton, with a
+plain-PyTorch twin used on the CPU.
+
+Decode is bound by reading weights: each step reads every weight once, so the int4 weights should be
+read once per step, whatever the rows, and by enough programs to keep the memory system busy. The
+decode kernel (up to ``DECODE_ROWS`` rows) gives each program a strip of output columns and a share of
+the input groups (split-K); the last program to finish a strip adds the shares up, in a fixed order,
+and writes the output, so a step is one launch per projection and the result does not depend on
+which program finished first. The per-strip counters it uses reset themselves, so the kernel can be
+replayed from a CUDA graph.
+
+Prefill is bound by arithmetic; it either runs the same kernel with large row tiles and no split or
+dequantises the weights into a scratch matrix for cuBLAS, whichever ``PREFILL_MODE`` says (chosen by
+``bench/w4a16_kernels.py`` on the device).
+
+The packed layout is ``awq_format``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ragllm.engines.cuda.kernels import triton, use_triton
+from ragllm.engines.quantized.awq_format import AwqWeights, dequantise
+
+if triton is not None:
+    import triton.language as tl
+
+DECODE_ROWS = 64
+
+
+@dataclass
+class W4A16Tuning:
+    decode_block_n: int = 64
+    decode_warps: int = 4
+    # Programs aimed for in a decode product, per multiprocessor (the split-K factor follows).
+    decode_programs_per_sm: int = 2
+    prefill_mode: str = "tiled"  # or "dequantise"
+    prefill_block_m: int = 64
+    prefill_block_n: int = 128
+    prefill_warps: int = 4
+    prefill_stages: int = 2
+
+
+TUNING = W4A16Tuning()
+
+
+def counters_for(out_features: int, device: torch.device) -> torch.Tensor:
+    """The split-K arrival counters one projection needs (zeros; the kernel leaves them zero)."""
+    return torch.zeros(-(-out_features // 16), dtype=torch.int32, device=device)
+
+
+def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [M, K] → [M, N] in ``x``'s dtype: ``x @ W + bias`` with W the dequantised int4 weights."""
+    if not use_triton(x):
+        out = x @ dequantise(weights, x.dtype).t()
+        return out if weights.bias is None else out + weights.bias
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.shape[0] <= DECODE_ROWS:
+        return _decode_product(x, weights, counters)
+    if TUNING.prefill_mode == "dequantise":
+        return _dequantised_product(x, weights)
+    return _tiled_product(x, weights, TUNING.prefill_block_m, TUNING.prefill_block_n, 1, None,
+                          TUNING.prefill_warps, TUNING.prefill_stages)
+
+
+def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None) -> torch.Tensor:
+    rows, n = x.shape[0], weights.out_features
+    block_n = TUNING.decode_block_n
+    blocks = triton.cdiv(n, block_n)
+    groups = weights.in_features // weights.group_size
+    split = 1
+    if counters is not None and counters.numel() >= blocks:
+        target = TUNING.decode_programs_per_sm * _multiprocessors(x.device)
+        split = max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or blocks * d <= target))
+    block_m = max(16, triton.next_power_of_2(rows))
+    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, 1)
+
+
+def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: int, split: int,
+                   counters: torch.Tensor | None, warps: int, stages: int) -> torch.Tensor:
+    rows, n = x.shape[0], weights.out_features
+    groups = weights.in_features // weights.group_size
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    bias = weights.bias if weights.bias is not None else out
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), split)
+    _awq_gemm_kernel[grid](
+        x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
+        counters if counters is not None else out, rows, n, x.stride(0), out.stride(0),
+        GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m,
+        BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
+    k, n = weights.in_features, weights.out_features
+    matrix = torch.empty(k, n, dtype=x.dtype, device=x.device)
+    block_n = 128
+    _awq_dequantise_kernel[(k // weights.group_size, triton.cdiv(n, block_n))](
+        weights.qweight, weights.qzeros, weights.scales, matrix, n, GROUP=weights.group_size, BLOCK_N=block_n)
+    out = x @ matrix
+    return out if weights.bias is None else out + weights.bias
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+if triton is not None:
+
+    @triton.jit
+    def _unpacked(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """int32 [ROWS, COLS / 8] → [ROWS, COLS] of 0..15 in natural column order (AWQ's nibble order)."""
+        lane = tl.arange(0, 8)
+        shifts = (lane // 2 + (lane % 2) * 4) * 4
+        return tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (ROWS, COLS))
+
+    @triton.jit
+    def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
+                         M, N, stride_xm, stride_om, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        packed_width = N // 8
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        row_mask = rows < M
+        col_mask = cols < N
+        packed_mask = packed_cols < packed_width
+        offsets = tl.arange(0, GROUP)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        first = pid_k * GROUPS_PER_SPLIT
+        for group in range(first, first + GROUPS_PER_SPLIT):
+            k = group * GROUP + offsets
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_mask[:, None], other=0.0)
+            packed = tl.load(qweight_ptr + k[:, None] * packed_width + packed_cols[None, :],
+                             mask=packed_mask[None, :], other=0)
+            values = _unpacked(packed, GROUP, BLOCK_N)
+            packed_zeros = tl.load(qzeros_ptr + group * packed_width + packed_cols, mask=packed_mask, other=0)
+            zeros = tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,))
+            scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
+            weights = ((values - zeros[None, :]).to(tl.float32) * scales[None, :]).to(x_ptr.dtype.element_ty)
+            acc += tl.dot(x, weights)
+        tile_mask = row_mask[:, None] & col_mask[None, :]
+        out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        else:
+            share = partial_ptr + rows[:, None] * N + cols[None, :]
+            tl.store(share + pid_k * M * N, acc, mask=tile_mask)
+            tl.debug_barrier()  # every thread's share is written before the arrival is counted
+            tile = pid_m * tl.num_programs(1) + pid_n
+            arrived = tl.atomic_add(counters_ptr + tile, 1)  # acq_rel: shares before it are visible after
+            if arrived == SPLIT_K - 1:  # the last share of this strip: add them up in split order
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for split in range(SPLIT_K):
+                    total += tl.load(share + split * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_tile, total.to(out_ptr.dtype.element_ty), mask=tile_mask)
+                tl.atomic_xchg(counters_ptr + tile, 0)  # ready for the next product (graph replays)
+
+    @triton.jit
+    def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, GROUP: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+        group = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        packed_width = N // 8
+        k = group * GROUP + tl.arange(0, GROUP)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        packed_mask = packed_cols < packed_width
+        packed = tl.load(qweight_ptr + k[:, None] * packed_width + packed_cols[None, :], mask=packed_mask[None, :],
+                         other=0)
+        values = _unpacked(packed, GROUP, BLOCK_N)
+        packed_zeros = tl.load(qzeros_ptr + group * packed_width + packed_cols, mask=packed_mask, other=0)
+        zeros = tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,))
+        scales = tl.load(scales_ptr + group * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+        weights = (values - zeros[None, :]).to(tl.float32) * scales[None, :]
+        tl.store(out_ptr + k[:, None] * N + cols[None, :], weights.to(out_ptr.dtype.element_ty),
+                 mask=(cols < N)[None, :])
+

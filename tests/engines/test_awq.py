@@ -1,0 +1,161 @@
+"""AWQ int4 checkpoints: the published packing, loading (dequantised on the CPU, packed on CUDA),
+and our runner over packed weights against transformers over the dequantised ones. The ``cuda``
+cases run the W4A16 kernels on a GPU (the device tool)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
+from ragllm.engines.model_runner import KVCacheOptions
+from ragllm.engines.quantized.awq_format import ORDER, AwqConfig, AwqWeights, dequantise, pack, quantise, unpack
+from ragllm.engines.quantized.awq_linear import AwqLinear
+from ragllm.engines.quantized.awq_loader import checkpoint_awq_config, load_awq_model
+from ragllm.engines.quantized.awq_writer import save_awq_checkpoint
+from ragllm.errors import ModelLoadError
+from tests.tiny_models import ARCHITECTURES, tiny_model
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+DEVICES = ["cpu", CUDA]
+GROUP = 32  # divides the tiny models' widths (64 and 96)
+
+
+def test_packing_is_autoawqs_order():
+    # Nibble i of a packed word holds column ORDER[i] = (0, 2, 4, 6, 1, 3, 5, 7)[i], as AutoAWQ packs.
+    word = pack(torch.arange(8)[None])[0, 0].item() & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == list(ORDER)
+    values = torch.randint(0, 16, (7, 40))
+    assert torch.equal(unpack(pack(values)), values.int())
+
+
+def test_dequantised_weights_are_within_half_a_step_of_the_originals():
+    weight = torch.randn(48, 96)
+    packed = quantise(weight, GROUP)
+    step = packed.scales.float().repeat_interleave(GROUP, dim=0).t()  # [N, K]
+    error = (dequantise(packed) - weight).abs()
+    assert (error <= step / 2 + 1e-3 * step).all()
+    assert error.max() > 0  # int4 does lose something: the comparison above is not vacuous
+
+
+def test_the_config_says_which_checkpoints_run():
+    assert AwqConfig.from_checkpoint_config({"torch_dtype": "bfloat16"}) is None
+    config = {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm",
+                                      "zero_point": True}}
+    assert AwqConfig.from_checkpoint_config(config).group_size == 128
+    for change in ({"bits": 8}, {"version": "gemv"}, {"zero_point": False}, {"group_size": -1}):
+        bad = {"quantization_config": {**config["quantization_config"], **change}}
+        with pytest.raises(ModelLoadError, match="AWQ"):
+            AwqConfig.from_checkpoint_config(bad)
+
+
+def _awq_checkpoint(tmp_path, architecture: str = "qwen2"):
+    model = tiny_model(architecture)
+    save_awq_checkpoint(model, tmp_path, GROUP)
+    return tmp_path
+
+
+def test_written_checkpoints_have_the_published_layout(tmp_path):
+    from safetensors import safe_open
+
+    directory = _awq_checkpoint(tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["quantization_config"] == {"bits": 4, "group_size": GROUP, "modules_to_not_convert": None,
+                                             "quant_method": "awq", "version": "gemm", "zero_point": True}
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as reader:
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    prefix = "model.layers.0.self_attn.q_proj"
+    assert tensors[f"{prefix}.qweight"].dtype == torch.int32 and tensors[f"{prefix}.qweight"].shape == (64, 64 // 8)
+    assert tensors[f"{prefix}.qzeros"].shape == (64 // GROUP, 64 // 8)
+    assert tensors[f"{prefix}.scales"].dtype == torch.float16 and tensors[f"{prefix}.scales"].shape == (2, 64)
+    assert tensors[f"{prefix}.bias"].dtype == torch.float16
+    assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (96, 64 // 8)
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = _awq_checkpoint(tmp_path)
+    tensors = load_file(str(directory / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.scales"]
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="up_proj lacks .*up_proj.scales"):
+        load_awq_model(directory, checkpoint_awq_config(directory), torch.float32, torch.device("cpu"), packed=False)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_packed_layers_compute_what_the_dequantised_model_computes(tmp_path, architecture):
+    directory = _awq_checkpoint(tmp_path, architecture)
+    awq = checkpoint_awq_config(directory)
+    dense = load_awq_model(directory, awq, torch.float32, torch.device("cpu"), packed=False)
+    packed = load_awq_model(directory, awq, torch.float32, torch.device("cpu"), packed=True)
+    assert isinstance(packed.model.layers[0].mlp.down_proj, AwqLinear)
+    ids = torch.randint(0, 211, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _dequantised_reference(directory, device: str, dtype: torch.dtype):
+    model = load_awq_model(directory, checkpoint_awq_config(directory), torch.float32, torch.device("cpu"),
+                           packed=False)
+    return model.to(device, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_our_runner_over_packed_weights_matches_transformers_over_dequantised(tmp_path, device, architecture):
+    """Prefill then teacher-forced decode; fused q/k/v and gate/up stay packed. On CUDA: bf16, graphs,
+    the W4A16 kernels (decode rows and a prefill past the decode kernel's row limit)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    directory = _awq_checkpoint(tmp_path, architecture)
+    packed = load_awq_model(directory, checkpoint_awq_config(directory), dtype, torch.device(device), packed=True)
+    reference = _dequantised_reference(directory, device, dtype)
+    runner = CudaGraphRunner(packed, 512, CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=512),
+                             KVCacheOptions(block_size=16, num_blocks=100))
+    ids = torch.randint(1, 211, (90,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = ids[:70]
+    table = list(range(1, 8))
+    logits = runner.prefill(table, prompt, 0)
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids], device=device)).logits[0].float()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    _assert_close(logits, expected[len(prompt) - 1], tolerance)
+    for position in range(len(prompt), len(ids)):
+        logits = runner.decode([table], [ids[position]], [position])[0]
+        _assert_close(logits, expected[position], tolerance)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    scale = expected.abs().max()
+    error = (actual.float() - expected).abs().max()
+    assert error <= tolerance * scale, f"max error {float(error):.3g} vs scale {float(scale):.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 64, 65, 257, 2048])
+@pytest.mark.parametrize("shape", [(1536, 2048), (1536, 1536), (8960, 1536), (1536, 17920)])
+def test_w4a16_products_match_dequantise_then_matmul(rows, shape):
+    """The Qwen2.5-1.5B layer shapes (q/k/v, o, down, gate/up) at decode and prefill row counts, against
+    float32 over the dequantised weights; repeated calls give the same bits (the split-K counters reset
+    and the shares add up in a fixed order)."""
+    from ragllm.engines.cuda.w4a16 import awq_matmul, counters_for
+
+    torch.manual_seed(rows)
+    k, n = shape
+    weights = quantise(torch.randn(n, k, device="cuda") * 0.02, 128)
+    weights = AwqWeights(weights.qweight, weights.qzeros, weights.scales.to(torch.bfloat16),
+                         torch.randn(n, device="cuda", dtype=torch.bfloat16), 128)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    expected = x.float() @ dequantise(weights).t() + weights.bias.float()
+    counters = counters_for(n, x.device)
+    first = awq_matmul(x, weights, counters)
+    _assert_close(first, expected, 1e-2)
+    for _ in range(3):
+        assert torch.equal(awq_matmul(x, weights, counters), first)
+    assert not counters.any()
