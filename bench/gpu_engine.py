@@ -8,6 +8,11 @@ stream reaches, and the same model end to end through `ragllm serve` (HTTP, stre
 1 and 32, to show what the service layer costs.
 
     python bench/gpu_engine.py [--architecture qwen2.5-1.5b] [--skip-serve]
+
+``--variants`` runs only our engine, four times side by side: bf16 and AWQ int4 weights of the
+architecture (the AWQ checkpoint written in the published layout), each with a bf16 and an fp8 KV
+cache; it reports each one's weight and KV bytes, the fraction of its own bandwidth floor a single
+stream reaches, and the AWQ/bf16 ratios.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="only our engine")
     parser.add_argument("--skip-serve", action="store_true", help="no end-to-end run through ragllm serve")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of a prefill and a decode step")
+    parser.add_argument("--variants", action="store_true", help="bf16 and AWQ weights × bf16 and fp8 KV, ours only")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gpu_engine.json"))
     return parser.parse_args()
 
@@ -119,11 +125,12 @@ def hf_generate_batch(model, vocab: int) -> dict:
 
 
 # -- our engine ------------------------------------------------------------------------------------------
-async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = False) -> dict:
+async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = False,
+               kv_cache_dtype: str | None = None) -> dict:
     settings = EngineSettings(model=str(model_dir), device="cuda", dtype="bfloat16", max_num_seqs=64,
                               max_batch_size=64, max_num_batched_tokens=8192, max_model_len=max_model_len,
                               max_waiting=256)
-    engine = TransformersEngine(settings)
+    engine = TransformersEngine(settings, kv_cache_dtype=kv_cache_dtype)
     started = time.perf_counter()
     await engine.start()
     results: dict = {"start_s": time.perf_counter() - started, "ttft_ms": {}, "aggregate_tok_s": {}}
@@ -167,12 +174,22 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = 
                                              DECODE_TOKENS) for i in range(batch)))
         results["aggregate_tok_s"][batch] = sum(len(t) for t in runs) / (time.perf_counter() - start)
     runner = engine._scheduler.runner
+    results["weight_bytes"] = weight_bytes(runner.model)
+    results["kv_bytes_per_token"] = runner.bytes_per_block // runner.block_size
+    results["kv_cache_tokens"] = runner.cache.num_blocks * runner.block_size
     results["decode_step_ms"] = {batch: step_time(runner, batch) * 1e3 for batch in (1, 32, 64)}
     results["prefill_ms"] = prefill_times(runner, vocab)
     if profile:
         profile_kernels(runner, vocab)
     await engine.aclose()
     return results
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads at least: every parameter and buffer once (the tied output head is the
+    embedding, counted once; AWQ layers' packed weights, zero points and scales are buffers)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def block_tables(runner, rows: int, length: int) -> list[list[int]]:
@@ -291,6 +308,46 @@ async def _drive(url: str) -> dict:
     return results
 
 
+VARIANTS = (("bf16", None), ("bf16", "fp8"), ("awq", None), ("awq", "fp8"))
+
+
+def run_variants(args: argparse.Namespace, report: dict, save) -> None:
+    vocab = ARCHITECTURES[args.architecture][1]["vocab_size"]
+    directories = {"bf16": build_random_checkpoint(args.architecture, args.model_dir / args.architecture),
+                   "awq": build_random_checkpoint(args.architecture, args.model_dir / f"{args.architecture}-awq",
+                                                  quantization="awq")}
+    report["variants"] = {}
+    for weights, kv in VARIANTS:
+        name = f"{weights} weights, {kv or 'bf16'} KV"
+        result = asyncio.run(ours(directories[weights], vocab, args.max_model_len, args.profile and weights == "awq",
+                                  kv_cache_dtype=kv))
+        result["bandwidth_floor_tok_s"] = report["bandwidth_gb_s"] * 1e9 / result["weight_bytes"]
+        result["fraction_of_floor"] = result["single_stream_tok_s"] / result["bandwidth_floor_tok_s"]
+        report["variants"][name] = result
+        torch.cuda.empty_cache()
+        save()
+    print_variants(report)
+
+
+def print_variants(report: dict) -> None:
+    print(f"\n{report['architecture']} on {report['device']}; copy bandwidth {report['bandwidth_gb_s']:.0f} GB/s")
+    header = (f"{'variant':<24}{'weights GB':>11}{'KV B/token':>11}{'KV tokens':>11}{'1 stream':>10}{'floor':>7}"
+              f"{'TTFT 512':>10}{'TTFT 2048':>11}" + "".join(f"{f'{c} streams':>12}" for c in CONCURRENCY)
+              + f"{'step 1 (ms)':>12}")
+    print(header)
+    print("-" * len(header))
+    for name, r in report["variants"].items():
+        print(f"{name:<24}{r['weight_bytes'] / 1e9:>11.2f}{r['kv_bytes_per_token']:>11,}{r['kv_cache_tokens']:>11,}"
+              f"{r['single_stream_tok_s']:>10.0f}{r['fraction_of_floor']:>7.0%}{r['ttft_ms'][512]:>8.1f}ms"
+              f"{r['ttft_ms'][2048]:>9.1f}ms" + "".join(f"{r['aggregate_tok_s'][c]:>12.0f}" for c in CONCURRENCY)
+              + f"{r['decode_step_ms'][1]:>12.3f}")
+    variants = report["variants"]
+    awq, bf16 = variants["awq weights, bf16 KV"], variants["bf16 weights, bf16 KV"]
+    print(f"AWQ/bf16 single stream: {awq['single_stream_tok_s'] / bf16['single_stream_tok_s']:.2f}x; 32 streams: "
+          f"{awq['aggregate_tok_s'][32] / bf16['aggregate_tok_s'][32]:.2f}x; fp8/bf16 KV bytes per token: "
+          f"{variants['awq weights, fp8 KV']['kv_bytes_per_token'] / awq['kv_bytes_per_token']:.2f}")
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
@@ -304,6 +361,10 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2, default=str))
         print(json.dumps({k: v for k, v in report.items() if isinstance(v, dict)}, default=str)[-1500:], flush=True)
 
+    if args.variants:
+        run_variants(args, report, save)
+        print(f"wrote {args.json}")
+        return
     from transformers import AutoModelForCausalLM
 
     report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len, args.profile))

@@ -53,6 +53,8 @@ def load_awq_model(path: Path, awq: AwqConfig, dtype: torch.dtype, device: torch
     plain = {key: value for key, value in tensors.items() if key in expected}
     model.load_state_dict(plain, strict=False)
     loaded.update(plain)
+    if device.type == "cuda":  # the dense layers replaced above: give their memory back for the KV cache
+        torch.cuda.empty_cache()
     missing = sorted(key for key in expected - loaded if not _tied(model, key))
     if missing:
         raise ModelLoadError(f"the AWQ checkpoint at {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")

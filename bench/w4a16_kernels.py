@@ -1,0 +1,139 @@
+"""The W4A16 (AWQ int4) matrix products against bf16 cuBLAS on the same shapes, side by side in one
+run on a GPU: Qwen2.5-1.5B's four projections (q/k/v fused, o, gate/up fused, down) at decode row
+counts (1, 8, 32, 64) and a 2,048-token prefill, over a sweep of the kernels' tuning. Reports each
+product's time (median of CUDA-event timings, replayed from a CUDA graph as decode replays them) and
+the weight bytes read per second, and the tuning that is fastest over the whole layer.
+
+    python bench/w4a16_kernels.py [--json bench/results/w4a16_kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ragllm.engines.cuda import w4a16  # noqa: E402
+from ragllm.engines.quantized.awq_format import AwqWeights, quantise  # noqa: E402
+
+# (name, inputs K, outputs N) of one Qwen2.5-1.5B layer
+SHAPES = (("qkv", 1536, 2048), ("o", 1536, 1536), ("gate_up", 1536, 17920), ("down", 8960, 1536))
+DECODE_ROWS = (1, 8, 32, 64)
+PREFILL_ROWS = 2048
+GROUP = 128
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("bench/results/w4a16_kernels.json"))
+    return parser.parse_args()
+
+
+def graph_time_us(work, replays: int = 20, repeats: int = 7) -> float:
+    """Median over ``repeats`` of the mean time of ``replays`` replays of ``work`` captured as a graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            work()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            work()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / replays)
+    return statistics.median(samples)
+
+
+def layer_weights(k: int, n: int) -> tuple[AwqWeights, torch.Tensor]:
+    dense = torch.randn(n, k, device="cuda") * 0.02
+    packed = quantise(dense, GROUP)
+    packed = AwqWeights(packed.qweight, packed.qzeros, packed.scales.to(torch.bfloat16), None, GROUP)
+    return packed, dense.to(torch.bfloat16)
+
+
+def packed_bytes(weights: AwqWeights) -> int:
+    return sum(t.numel() * t.element_size() for t in (weights.qweight, weights.qzeros, weights.scales))
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    layers = {name: layer_weights(k, n) for name, k, n in SHAPES}
+    counters = {name: w4a16.counters_for(n, torch.device("cuda")) for name, _, n in SHAPES}
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "decode": {}, "prefill": {}}
+    base = w4a16.W4A16Tuning()
+
+    def run_awq(name: str, x: torch.Tensor):
+        return lambda: w4a16.awq_matmul(x, layers[name][0], counters[name])
+
+    # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
+    decode_tunings = [replace(base, decode_block_n=block_n, decode_warps=warps, decode_programs_per_sm=per_sm)
+                      for block_n, warps, per_sm in [*itertools.product((32, 64, 128), (4,), (1, 2, 4)),
+                                                     (32, 2, 2), (64, 2, 2), (64, 8, 2)]]
+    for rows in DECODE_ROWS:
+        inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
+        entry: dict = {"bf16_us": {}, "awq": []}
+        for name, _, _ in SHAPES:
+            dense = layers[name][1]
+            entry["bf16_us"][name] = graph_time_us(lambda: F.linear(inputs[name], dense))
+        for tuning in decode_tunings:
+            w4a16.TUNING = tuning
+            times = {name: graph_time_us(run_awq(name, inputs[name])) for name, _, _ in SHAPES}
+            entry["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
+        entry["awq"].sort(key=lambda row: row["layer_us"])
+        entry["bf16_layer_us"] = sum(entry["bf16_us"].values())
+        report["decode"][rows] = entry
+        best = entry["awq"][0]
+        gbps = {name: packed_bytes(layers[name][0]) / (best["us"][name] * 1e-6) / 1e9 for name, _, _ in SHAPES}
+        best["weight_gb_s"] = gbps
+        print(f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
+              f"({best['tuning']['decode_block_n']=}, {best['tuning']['decode_warps']=}, "
+              f"{best['tuning']['decode_programs_per_sm']=}); per product µs {best['us']}; GB/s "
+              f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
+    # -- prefill --------------------------------------------------------------------------------------------
+    inputs = {name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
+    prefill: dict = {"bf16_us": {name: graph_time_us(lambda name=name: F.linear(inputs[name], layers[name][1]), 5)
+                                 for name, _, _ in SHAPES}, "awq": []}
+    prefill_tunings = [replace(base, prefill_mode="dequantise")] + [
+        replace(base, prefill_mode="tiled", prefill_block_m=bm, prefill_block_n=bn, prefill_warps=warps,
+                prefill_stages=stages)
+        for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+    for tuning in prefill_tunings:
+        w4a16.TUNING = tuning
+        try:
+            times = {name: graph_time_us(run_awq(name, inputs[name]), 5) for name, _, _ in SHAPES}
+        except Exception as exc:  # a tile that does not fit in shared memory: reported, not fatal
+            prefill["awq"].append({"tuning": asdict(tuning), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        prefill["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
+    prefill["awq"].sort(key=lambda row: row.get("layer_us", float("inf")))
+    prefill["bf16_layer_us"] = sum(prefill["bf16_us"].values())
+    report["prefill"][PREFILL_ROWS] = prefill
+    best = prefill["awq"][0]
+    print(f"prefill {PREFILL_ROWS} rows: bf16 layer {prefill['bf16_layer_us']:.0f} µs, AWQ best {best['layer_us']:.0f} µs "
+          f"with {best['tuning']}", flush=True)
+    dequantised = next(row for row in prefill["awq"] if row["tuning"]["prefill_mode"] == "dequantise")
+    print(f"prefill by dequantise-then-matmul: {dequantised.get('layer_us', float('nan')):.0f} µs", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
