@@ -83,16 +83,18 @@ def main() -> None:
         return lambda: w4a16.awq_matmul(x, layers[name][0], counters[name])
 
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
-    decode_tunings = [replace(base, decode_block_n=block_n, decode_warps=warps, decode_programs_per_sm=per_sm)
-                      for block_n, warps, per_sm in [*itertools.product((32, 64, 128), (4,), (1, 2, 4)),
-                                                     (32, 2, 2), (64, 2, 2), (64, 8, 2)]]
+    gemv_tunings = [replace(base, gemv_words=words, gemv_warps=warps, gemv_programs_per_sm=per_sm, gemv_stages=stages)
+                    for words, warps, per_sm, stages in itertools.product((4, 8, 16), (4, 8), (4, 8), (3,))]
+    gemv_tunings += [replace(base, gemv_words=8, gemv_stages=2), replace(base, gemv_words=0)]  # 0: the tiled kernel
+    tiled_tunings = [replace(base, decode_block_n=block_n, decode_stages=stages, decode_programs_per_sm=per_sm)
+                     for block_n, stages, per_sm in itertools.product((32, 64), (2, 3, 4), (4, 8))]
     for rows in DECODE_ROWS:
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
         entry: dict = {"bf16_us": {}, "awq": []}
         for name, _, _ in SHAPES:
             dense = layers[name][1]
             entry["bf16_us"][name] = graph_time_us(lambda: F.linear(inputs[name], dense))
-        for tuning in decode_tunings:
+        for tuning in gemv_tunings if rows == 1 else tiled_tunings:
             w4a16.TUNING = tuning
             times = {name: graph_time_us(run_awq(name, inputs[name])) for name, _, _ in SHAPES}
             entry["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
@@ -103,8 +105,7 @@ def main() -> None:
         gbps = {name: packed_bytes(layers[name][0]) / (best["us"][name] * 1e-6) / 1e9 for name, _, _ in SHAPES}
         best["weight_gb_s"] = gbps
         print(f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
-              f"({best['tuning']['decode_block_n']=}, {best['tuning']['decode_warps']=}, "
-              f"{best['tuning']['decode_programs_per_sm']=}); per product µs {best['us']}; GB/s "
+              f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
               f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
     # -- prefill --------------------------------------------------------------------------------------------
     inputs = {name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
@@ -113,7 +114,7 @@ def main() -> None:
     prefill_tunings = [replace(base, prefill_mode="dequantise")] + [
         replace(base, prefill_mode="tiled", prefill_block_m=bm, prefill_block_n=bn, prefill_warps=warps,
                 prefill_stages=stages)
-        for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))]
+        for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2))]
     for tuning in prefill_tunings:
         w4a16.TUNING = tuning
         try:

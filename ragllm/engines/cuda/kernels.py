@@ -165,4 +165,4 @@ if triton is not None:
     @triton.jit
     def _to_fp8(x, inverse_scale, cache_type: tl.constexpr):
         scaled = x.to(tl.float32) * inverse_scale
-        return tl.minimum(tl.maximum(scaled, -FP8_LIMIT), FP8_LIMIT).to(cache_type)
+        return tl.minimum(tl.maximum(scaled, -FP8_LIMIT), FP8_LIMIT).to(cache_type, fp_downcast_rounding="rtne")

@@ -34,11 +34,18 @@ DECODE_ROWS = 64
 
 @dataclass
 class W4A16Tuning:
+    # One row (a single stream) runs without tensor cores: each weight is dequantised and multiplied
+    # once, in registers, and summed over the inputs at the end.
+    gemv_words: int = 8  # packed words (8 outputs each) per program
+    gemv_warps: int = 4
+    gemv_stages: int = 3
+    gemv_programs_per_sm: int = 4
     decode_block_n: int = 64
     decode_warps: int = 4
+    decode_stages: int = 3
     # Programs aimed for in a decode product, per multiprocessor (the split-K factor follows).
-    decode_programs_per_sm: int = 2
-    prefill_mode: str = "tiled"  # or "dequantise"
+    decode_programs_per_sm: int = 4
+    prefill_mode: str = "dequantise"  # or "tiled"
     prefill_block_m: int = 64
     prefill_block_n: int = 128
     prefill_warps: int = 4
@@ -68,17 +75,40 @@ def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | No
                           TUNING.prefill_warps, TUNING.prefill_stages)
 
 
+def _split_for(blocks: int, groups: int, per_sm: int, counters: torch.Tensor | None, device: torch.device) -> int:
+    """The split-K factor: the largest divisor of ``groups`` that keeps programs within ``per_sm`` per
+    multiprocessor (1 without counters to reduce with)."""
+    if counters is None or counters.numel() < blocks:
+        return 1
+    target = per_sm * _multiprocessors(device)
+    return max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or blocks * d <= target))
+
+
 def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None) -> torch.Tensor:
     rows, n = x.shape[0], weights.out_features
-    block_n = TUNING.decode_block_n
-    blocks = triton.cdiv(n, block_n)
     groups = weights.in_features // weights.group_size
-    split = 1
-    if counters is not None and counters.numel() >= blocks:
-        target = TUNING.decode_programs_per_sm * _multiprocessors(x.device)
-        split = max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or blocks * d <= target))
+    if rows == 1 and TUNING.gemv_words:
+        return _single_row_product(x, weights, counters, groups)
+    block_n = TUNING.decode_block_n
+    split = _split_for(triton.cdiv(n, block_n), groups, TUNING.decode_programs_per_sm, counters, x.device)
     block_m = max(16, triton.next_power_of_2(rows))
-    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, 1)
+    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, TUNING.decode_stages)
+
+
+def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
+                        groups: int) -> torch.Tensor:
+    n, words = weights.out_features, TUNING.gemv_words
+    blocks = triton.cdiv(n // 8, words)
+    split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    bias = weights.bias if weights.bias is not None else out
+    _awq_gemv_kernel[(blocks, split)](
+        x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
+        counters if counters is not None else out, n, GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split,
+        SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, num_warps=TUNING.gemv_warps,
+        num_stages=TUNING.gemv_stages)
+    return out
 
 
 def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: int, split: int,
@@ -122,6 +152,57 @@ if triton is not None:
         return tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (ROWS, COLS))
 
     @triton.jit
+    def _as_float(nibbles):
+        """Values 0..15 as float32 plus 2^23 (their bits under float32's exponent of 2^23): one logic
+        op instead of an int-to-float conversion. Differences of two such values are exact."""
+        return (nibbles | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, N,
+                         GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+                         WORDS: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One row: program (n, k) computes WORDS * 8 outputs over its share of the input groups. Weights
+        stay [inputs, words, nibble]: nibble i of word w is output 8w + ORDER[i] (no reshuffling)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        packed_width = N // 8
+        words = pid_n * WORDS + tl.arange(0, WORDS)
+        word_mask = words < packed_width
+        nibbles = tl.arange(0, 8)
+        shifts = nibbles * 4
+        cols = words[:, None] * 8 + ((nibbles % 4) * 2 + nibbles // 4)[None, :]  # [WORDS, 8]
+        col_mask = word_mask[:, None] & (nibbles < 8)[None, :]
+        offsets = tl.arange(0, GROUP)
+        acc = tl.zeros((GROUP, WORDS, 8), dtype=tl.float32)
+        first = pid_k * GROUPS_PER_SPLIT
+        for group in range(first, first + GROUPS_PER_SPLIT):
+            k = group * GROUP + offsets
+            x = tl.load(x_ptr + k).to(tl.float32)
+            packed = tl.load(qweight_ptr + k[:, None] * packed_width + words[None, :], mask=word_mask[None, :], other=0)
+            packed_zeros = tl.load(qzeros_ptr + group * packed_width + words, mask=word_mask, other=0)
+            zeros = _as_float((packed_zeros[:, None] >> shifts[None, :]) & 0xF)
+            scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
+            values = _as_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)
+            acc += x[:, None, None] * ((values - zeros[None, :, :]) * scales[None, :, :])
+        total = tl.sum(acc, axis=0)  # [WORDS, 8]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+        else:
+            tl.store(partial_ptr + pid_k * N + cols, total, mask=col_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters_ptr + pid_n, 1)
+            if arrived == SPLIT_K - 1:
+                summed = tl.zeros((WORDS, 8), dtype=tl.float32)
+                for split in range(SPLIT_K):
+                    summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    summed += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + cols, summed.to(out_ptr.dtype.element_ty), mask=col_mask)
+                tl.atomic_xchg(counters_ptr + pid_n, 0)
+
+    @triton.jit
     def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
                          M, N, stride_xm, stride_om, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
                          SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -143,11 +224,11 @@ if triton is not None:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_mask[:, None], other=0.0)
             packed = tl.load(qweight_ptr + k[:, None] * packed_width + packed_cols[None, :],
                              mask=packed_mask[None, :], other=0)
-            values = _unpacked(packed, GROUP, BLOCK_N)
+            values = _as_float(_unpacked(packed, GROUP, BLOCK_N))
             packed_zeros = tl.load(qzeros_ptr + group * packed_width + packed_cols, mask=packed_mask, other=0)
-            zeros = tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,))
+            zeros = _as_float(tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,)))
             scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
-            weights = ((values - zeros[None, :]).to(tl.float32) * scales[None, :]).to(x_ptr.dtype.element_ty)
+            weights = ((values - zeros[None, :]) * scales[None, :]).to(x_ptr.dtype.element_ty)
             acc += tl.dot(x, weights)
         tile_mask = row_mask[:, None] & col_mask[None, :]
         out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :]

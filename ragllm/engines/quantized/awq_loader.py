@@ -83,8 +83,9 @@ def _layer_weights(tensors: dict[str, torch.Tensor], name: str, group_size: int)
 
 
 def _on(weights: AwqWeights, device: torch.device, dtype: torch.dtype) -> AwqWeights:
+    # Scales keep the checkpoint's 16 bits (float16 as published): the kernels compute in float32.
     return AwqWeights(qweight=weights.qweight.to(device), qzeros=weights.qzeros.to(device),
-                      scales=weights.scales.to(device, dtype),
+                      scales=weights.scales.to(device),
                       bias=None if weights.bias is None else weights.bias.to(device, dtype),
                       group_size=weights.group_size)
 
