@@ -121,7 +121,7 @@ def test_our_runner_over_packed_weights_matches_transformers_over_dequantised(tm
     prompt = ids[:70]
     table = list(range(1, 8))
     logits = runner.prefill(table, prompt, 0)
-    with torch.no_grad():
+    with torch.inference_mode():
         expected = reference(torch.tensor([ids], device=device)).logits[0].float()
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     _assert_close(logits, expected[len(prompt) - 1], tolerance)

@@ -22,7 +22,7 @@ def checkpoint_awq_config(path: Path) -> AwqConfig | None:
     return AwqConfig.from_checkpoint_config(json.loads(config.read_text())) if config.is_file() else None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the weights stay ordinary tensors, usable outside it
 def load_awq_model(path: Path, awq: AwqConfig, dtype: torch.dtype, device: torch.device, packed: bool) -> Any:
     """The model at ``path`` with its weights loaded; ``packed``: keep int4 weights (``AwqLinear``),
     else dequantise them to ``dtype``."""
