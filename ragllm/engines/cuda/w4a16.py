@@ -34,21 +34,23 @@ DECODE_ROWS = 64
 
 @dataclass
 class W4A16Tuning:
+    """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
+    on an H200 over Qwen2.5-1.5B's projections (BENCHMARKS.md)."""
     # One row (a single stream) runs without tensor cores: each weight is dequantised and multiplied
     # once, in registers, and summed over the inputs at the end.
-    gemv_words: int = 8  # packed words (8 outputs each) per program
+    gemv_words: int = 4  # packed words (8 outputs each) per program
     gemv_warps: int = 4
-    gemv_stages: int = 3
+    gemv_stages: int = 4
     gemv_programs_per_sm: int = 4
-    decode_block_n: int = 64
+    decode_block_n: int = 32
     decode_warps: int = 4
-    decode_stages: int = 3
+    decode_stages: int = 2
     # Programs aimed for in a decode product, per multiprocessor (the split-K factor follows).
     decode_programs_per_sm: int = 4
     # "gather": each output column loads its packed word itself (the same word eight times, from L1), so
     # the dequantisation stays elementwise in the layout the tensor cores read; "unpack": each word is
     # loaded once and spread into eight columns.
-    decode_loads: str = "gather"
+    decode_loads: str = "unpack"
     prefill_mode: str = "dequantise"  # or "tiled"
     prefill_block_m: int = 64
     prefill_block_n: int = 128
