@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -324,6 +325,7 @@ def run_variants(args: argparse.Namespace, report: dict, save) -> None:
         result["bandwidth_floor_tok_s"] = report["bandwidth_gb_s"] * 1e9 / result["weight_bytes"]
         result["fraction_of_floor"] = result["single_stream_tok_s"] / result["bandwidth_floor_tok_s"]
         report["variants"][name] = result
+        gc.collect()  # the engine's cycles (thread, closures) hold its KV cache until collected
         torch.cuda.empty_cache()
         save()
     print_variants(report)

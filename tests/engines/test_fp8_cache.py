@@ -13,11 +13,12 @@ from ragllm.engines.paged_cache import FP8, FP8_MAX, PagedKVCache
 from ragllm.errors import ModelLoadError
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                         reason="needs a CUDA GPU")])
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # Measured (prefill of 150 tokens, then 50 teacher-forced decode steps, tiny random models): the
-# largest logit difference was 0.4-1.1% of the largest logit, and every greedy choice agreed.
-LOGIT_TOLERANCE = 3e-2
+# largest logit difference was 0.4-1.1% of the largest logit on the CPU's twins, 3.1-5.5% through the
+# Triton kernels on an H200 (their e4m3 conversion of the tiny models' many subnormal values), and
+# every greedy choice agreed in both.
+LOGIT_TOLERANCE = {"cpu": 3e-2, "cuda": 8e-2}
 # e4m3 keeps 3 mantissa bits: a value rounds to within 2^-4 of itself.
 E4M3_RELATIVE_STEP = 2.0 ** -4
 
@@ -69,10 +70,11 @@ def _teacher_forced_logits(runner, ids: list[int], prompt: int) -> torch.Tensor:
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("device, runner_kind", [
+    ("cpu", "plain"), ("cpu", "cuda-path"), pytest.param("cuda", "cuda-path", marks=ON_CUDA)])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-@pytest.mark.parametrize("runner_kind", ["plain", "cuda-path"])
 def test_logits_over_an_fp8_cache_stay_near_the_full_precision_caches(device, architecture, runner_kind):
+    """The plain runner is the CPU's; on CUDA the engine runs the CUDA path."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = tiny_model(architecture).to(device, dtype)
     ids = torch.randint(1, 211, (200,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -86,6 +88,6 @@ def test_logits_over_an_fp8_cache_stay_near_the_full_precision_caches(device, ar
         assert runner.cache.storage.dtype == (cache_dtype or dtype)
         logits[name] = _teacher_forced_logits(runner, ids, 150)
     error = (logits["fp8"] - logits["full"]).abs().max() / logits["full"].abs().max()
-    assert 0 < error <= LOGIT_TOLERANCE
+    assert 0 < error <= LOGIT_TOLERANCE[device]
     agreement = (logits["fp8"].argmax(-1) == logits["full"].argmax(-1)).float().mean()
     assert agreement >= 0.95
