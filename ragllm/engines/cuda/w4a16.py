@@ -42,6 +42,7 @@ class W4A16Tuning:
     gemv_warps: int = 4
     gemv_stages: int = 4
     gemv_programs_per_sm: int = 4
+    gemv_ahead: int = 1  # input groups whose loads are in flight while one is computed (1 or 2)
     decode_block_n: int = 32
     decode_warps: int = 4
     decode_stages: int = 2
@@ -108,12 +109,13 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     blocks = triton.cdiv(n // 8, words)
     split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    partial = torch.empty(split, n, dtype=torch.float32, device=x.device)
+    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
     bias = weights.bias if weights.bias is not None else out
     _awq_gemv_kernel[(blocks, split)](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, n, GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split,
-        SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, num_warps=TUNING.gemv_warps, num_stages=TUNING.gemv_stages)
+        SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, AHEAD=TUNING.gemv_ahead,
+        num_warps=TUNING.gemv_warps, num_stages=TUNING.gemv_stages)
     return out
 
 
@@ -164,78 +166,76 @@ if triton is not None:
         return (nibbles | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, NIBBLE: tl.constexpr):
-        """x[k] * w[k, 8 word + ORDER[NIBBLE]] for one input group: [GROUP, WORDS], in the packed tile's own
-        layout (no data moves between threads)."""
-        column = (NIBBLE % 4) * 2 + NIBBLE // 4  # AWQ's order
-        scales = tl.load(scales_ptr + group * N + words * 8 + column, mask=word_mask, other=0.0).to(tl.float32)
-        zeros = _as_float((packed_zeros >> (4 * NIBBLE)) & 0xF)
-        values = _as_float((packed >> (4 * NIBBLE)) & 0xF)
-        return x[:, None] * ((values - zeros[None, :]) * scales[None, :])
+    def _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask,
+                    GROUP: tl.constexpr):
+        """One input group's activations, packed weights, packed zero points and scales."""
+        packed_width = N // 8
+        k = group * GROUP + tl.arange(0, GROUP)
+        x = tl.load(x_ptr + k).to(tl.float32)
+        packed = tl.load(qweight_ptr + k[:, None] * packed_width + words[None, :], mask=word_mask[None, :], other=0)
+        packed_zeros = tl.load(qzeros_ptr + group * packed_width + words, mask=word_mask, other=0)
+        scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
+        return x, packed, packed_zeros, scales
 
     @triton.jit
-    def _store_nibble(out_ptr, total, words, word_mask, NIBBLE: tl.constexpr):
-        tl.store(out_ptr + words * 8 + (NIBBLE % 4) * 2 + NIBBLE // 4, total, mask=word_mask)
+    def _gemv_terms(x, packed, packed_zeros, scales, shifts):
+        """x[k] * w[k, word, nibble] for one group: [GROUP, WORDS, 8]."""
+        zeros = _as_float((packed_zeros[:, None] >> shifts[None, :]) & 0xF)
+        values = _as_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)
+        return x[:, None, None] * ((values - zeros[None, :, :]) * scales[None, :, :])
 
     @triton.jit
     def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, N,
                          GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-                         WORDS: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """One row: program (n, k) computes WORDS * 8 outputs over its share of the input groups, one
-        accumulator per nibble position, each [GROUP, WORDS] like the packed tile, so that every thread
-        dequantises the words it loaded itself. Measured need (H200): with the nibbles as a third axis,
-        each group's packed tile was shuffled between threads and a product ran at ~0.7 TB/s."""
+                         WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, AHEAD: tl.constexpr):
+        """One row: program (n, k) computes WORDS * 8 outputs over its share of the input groups. Weights
+        stay [inputs, words, nibble]: nibble i of word w is output 8w + ORDER[i] (no reshuffling).
+
+        Decode reads each weight once, so the time goes to waiting on memory: the loads of the next
+        ``AHEAD`` groups (1 or 2) are issued before the current group's arithmetic, so that several are
+        in flight per program (measured need: one group at a time reached ~0.6 TB/s on an H200)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        packed_width = N // 8
         words = pid_n * WORDS + tl.arange(0, WORDS)
-        word_mask = words < packed_width
-        offsets = tl.arange(0, GROUP)
-        acc0 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc1 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc2 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc3 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc4 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc5 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc6 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
-        acc7 = tl.zeros((GROUP, WORDS), dtype=tl.float32)
+        word_mask = words < N // 8
+        nibbles = tl.arange(0, 8)
+        shifts = nibbles * 4
+        cols = words[:, None] * 8 + ((nibbles % 4) * 2 + nibbles // 4)[None, :]  # [WORDS, 8]
+        col_mask = word_mask[:, None] & (nibbles < 8)[None, :]
+        acc = tl.zeros((GROUP, WORDS, 8), dtype=tl.float32)
         first = pid_k * GROUPS_PER_SPLIT
-        for group in range(first, first + GROUPS_PER_SPLIT):
-            k = group * GROUP + offsets
-            x = tl.load(x_ptr + k).to(tl.float32)
-            packed = tl.load(qweight_ptr + k[:, None] * packed_width + words[None, :], mask=word_mask[None, :],
-                             other=0)
-            packed_zeros = tl.load(qzeros_ptr + group * packed_width + words, mask=word_mask, other=0)
-            acc0 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 0)
-            acc1 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 1)
-            acc2 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 2)
-            acc3 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 3)
-            acc4 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 4)
-            acc5 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 5)
-            acc6 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 6)
-            acc7 += _nibble_terms(x, packed, packed_zeros, scales_ptr, group, N, words, word_mask, 7)
-        # Every output to float32 shares first (the split's own or the whole sum), then one epilogue.
-        target = partial_ptr + pid_k * N if SPLIT_K > 1 else partial_ptr
-        _store_nibble(target, tl.sum(acc0, axis=0), words, word_mask, 0)
-        _store_nibble(target, tl.sum(acc1, axis=0), words, word_mask, 1)
-        _store_nibble(target, tl.sum(acc2, axis=0), words, word_mask, 2)
-        _store_nibble(target, tl.sum(acc3, axis=0), words, word_mask, 3)
-        _store_nibble(target, tl.sum(acc4, axis=0), words, word_mask, 4)
-        _store_nibble(target, tl.sum(acc5, axis=0), words, word_mask, 5)
-        _store_nibble(target, tl.sum(acc6, axis=0), words, word_mask, 6)
-        _store_nibble(target, tl.sum(acc7, axis=0), words, word_mask, 7)
-        cols = tl.reshape(words[:, None] * 8 + tl.arange(0, 8)[None, :], (WORDS * 8,))
-        col_mask = cols < N
-        tl.debug_barrier()  # every thread's shares are written before they are read back or counted
-        if SPLIT_K == 1:
-            summed = tl.load(partial_ptr + cols, mask=col_mask, other=0.0)
-            if HAS_BIAS:
-                summed += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + cols, summed.to(out_ptr.dtype.element_ty), mask=col_mask)
+        last = first + GROUPS_PER_SPLIT - 1
+        x, packed, packed_zeros, scales = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first, N, words,
+                                                      word_mask, cols, col_mask, GROUP)
+        if AHEAD == 1:
+            for group in range(first, first + GROUPS_PER_SPLIT):
+                x1, packed1, zeros1, scales1 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
+                                                           tl.minimum(group + 1, last), N, words, word_mask, cols,
+                                                           col_mask, GROUP)
+                acc += _gemv_terms(x, packed, packed_zeros, scales, shifts)
+                x, packed, packed_zeros, scales = x1, packed1, zeros1, scales1
         else:
+            x1, packed1, zeros1, scales1 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
+                                                       tl.minimum(first + 1, last), N, words, word_mask, cols,
+                                                       col_mask, GROUP)
+            for group in range(first, first + GROUPS_PER_SPLIT):
+                x2, packed2, zeros2, scales2 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
+                                                           tl.minimum(group + 2, last), N, words, word_mask, cols,
+                                                           col_mask, GROUP)
+                acc += _gemv_terms(x, packed, packed_zeros, scales, shifts)
+                x, packed, packed_zeros, scales = x1, packed1, zeros1, scales1
+                x1, packed1, zeros1, scales1 = x2, packed2, zeros2, scales2
+        total = tl.sum(acc, axis=0)  # [WORDS, 8]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+        else:
+            tl.store(partial_ptr + pid_k * N + cols, total, mask=col_mask)
+            tl.debug_barrier()
             arrived = tl.atomic_add(counters_ptr + pid_n, 1)
             if arrived == SPLIT_K - 1:
-                summed = tl.zeros((WORDS * 8,), dtype=tl.float32)
+                summed = tl.zeros((WORDS, 8), dtype=tl.float32)
                 for split in range(SPLIT_K):
                     summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
