@@ -42,7 +42,6 @@ class W4A16Tuning:
     gemv_warps: int = 4
     gemv_stages: int = 4
     gemv_programs_per_sm: int = 4
-    gemv_ahead: int = 1  # input groups whose loads are in flight while one is computed (1 or 2)
     decode_block_n: int = 32
     decode_warps: int = 4
     decode_stages: int = 2
@@ -114,8 +113,7 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     _awq_gemv_kernel[(blocks, split)](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, n, GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split,
-        SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, AHEAD=TUNING.gemv_ahead,
-        num_warps=TUNING.gemv_warps, num_stages=TUNING.gemv_stages)
+        SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, num_warps=TUNING.gemv_warps, num_stages=TUNING.gemv_stages)
     return out
 
 
@@ -179,53 +177,39 @@ if triton is not None:
 
     @triton.jit
     def _gemv_terms(x, packed, packed_zeros, scales, shifts):
-        """x[k] * w[k, word, nibble] for one group: [GROUP, WORDS, 8]."""
-        zeros = _as_float((packed_zeros[:, None] >> shifts[None, :]) & 0xF)
-        values = _as_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)
-        return x[:, None, None] * ((values - zeros[None, :, :]) * scales[None, :, :])
+        """x[k] * w[k, 8 word + ORDER[nibble]] for one group, as [8 nibbles, GROUP, WORDS]: the nibble axis
+        leads, so that the packed tile [GROUP, WORDS] broadcasts into it as it was loaded."""
+        zeros = _as_float((packed_zeros[None, :] >> shifts[:, None]) & 0xF)  # [8, WORDS]
+        values = _as_float((packed[None, :, :] >> shifts[:, None, None]) & 0xF)
+        return x[None, :, None] * ((values - zeros[:, None, :]) * scales[:, None, :])
 
     @triton.jit
     def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, N,
                          GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-                         WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, AHEAD: tl.constexpr):
-        """One row: program (n, k) computes WORDS * 8 outputs over its share of the input groups. Weights
-        stay [inputs, words, nibble]: nibble i of word w is output 8w + ORDER[i] (no reshuffling).
-
-        Decode reads each weight once, so the time goes to waiting on memory: the loads of the next
-        ``AHEAD`` groups (1 or 2) are issued before the current group's arithmetic, so that several are
-        in flight per program (measured need: one group at a time reached ~0.6 TB/s on an H200)."""
+                         WORDS: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One row: program (n, k) computes WORDS * 8 outputs over its share of the input groups; nibble i
+        of word w is output 8w + ORDER[i]. The next group's loads are issued before the current group's
+        arithmetic."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         words = pid_n * WORDS + tl.arange(0, WORDS)
         word_mask = words < N // 8
         nibbles = tl.arange(0, 8)
         shifts = nibbles * 4
-        cols = words[:, None] * 8 + ((nibbles % 4) * 2 + nibbles // 4)[None, :]  # [WORDS, 8]
-        col_mask = word_mask[:, None] & (nibbles < 8)[None, :]
-        acc = tl.zeros((GROUP, WORDS, 8), dtype=tl.float32)
+        cols = words[None, :] * 8 + ((nibbles % 4) * 2 + nibbles // 4)[:, None]  # [8, WORDS]
+        col_mask = word_mask[None, :] & (nibbles < 8)[:, None]
+        acc = tl.zeros((8, GROUP, WORDS), dtype=tl.float32)
         first = pid_k * GROUPS_PER_SPLIT
         last = first + GROUPS_PER_SPLIT - 1
         x, packed, packed_zeros, scales = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first, N, words,
                                                       word_mask, cols, col_mask, GROUP)
-        if AHEAD == 1:
-            for group in range(first, first + GROUPS_PER_SPLIT):
-                x1, packed1, zeros1, scales1 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
-                                                           tl.minimum(group + 1, last), N, words, word_mask, cols,
-                                                           col_mask, GROUP)
-                acc += _gemv_terms(x, packed, packed_zeros, scales, shifts)
-                x, packed, packed_zeros, scales = x1, packed1, zeros1, scales1
-        else:
+        for group in range(first, first + GROUPS_PER_SPLIT):
             x1, packed1, zeros1, scales1 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
-                                                       tl.minimum(first + 1, last), N, words, word_mask, cols,
+                                                       tl.minimum(group + 1, last), N, words, word_mask, cols,
                                                        col_mask, GROUP)
-            for group in range(first, first + GROUPS_PER_SPLIT):
-                x2, packed2, zeros2, scales2 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
-                                                           tl.minimum(group + 2, last), N, words, word_mask, cols,
-                                                           col_mask, GROUP)
-                acc += _gemv_terms(x, packed, packed_zeros, scales, shifts)
-                x, packed, packed_zeros, scales = x1, packed1, zeros1, scales1
-                x1, packed1, zeros1, scales1 = x2, packed2, zeros2, scales2
-        total = tl.sum(acc, axis=0)  # [WORDS, 8]
+            acc += _gemv_terms(x, packed, packed_zeros, scales, shifts)
+            x, packed, packed_zeros, scales = x1, packed1, zeros1, scales1
+        total = tl.sum(acc, axis=1)  # [8, WORDS]
         if SPLIT_K == 1:
             if HAS_BIAS:
                 total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -235,7 +219,7 @@ if triton is not None:
             tl.debug_barrier()
             arrived = tl.atomic_add(counters_ptr + pid_n, 1)
             if arrived == SPLIT_K - 1:
-                summed = tl.zeros((WORDS, 8), dtype=tl.float32)
+                summed = tl.zeros((8, WORDS), dtype=tl.float32)
                 for split in range(SPLIT_K):
                     summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
