@@ -91,11 +91,8 @@ def main() -> None:
         return lambda: [F.linear(x, weight) for weight in layers[name][1]]
 
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
-    gemv_tunings = [replace(base, gemv_words=words, gemv_warps=warps, gemv_programs_per_sm=per_sm, gemv_stages=stages,
-                            gemv_loads=loads)
-                    for words, warps, per_sm, stages, loads in [
-                        *itertools.product((8,), (4,), (4,), (1,), ("unpack",)),
-                        *itertools.product((4, 8, 16), (4, 8), (4, 8, 16), (1, 3), ("gather",))]]
+    gemv_tunings = [replace(base, gemv_words=words, gemv_warps=warps, gemv_programs_per_sm=per_sm, gemv_stages=stages)
+                    for words, warps, per_sm, stages in itertools.product((4, 8, 16), (4, 8), (4, 16), (1, 3))]
     gemv_tunings += [replace(base, gemv_words=0, decode_loads=loads) for loads in ("gather", "unpack")]  # tiled
     tiled_tunings = [replace(base, decode_block_n=block_n, decode_stages=stages, decode_programs_per_sm=per_sm,
                              decode_loads=loads, decode_warps=warps)

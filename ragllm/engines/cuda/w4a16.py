@@ -38,13 +38,10 @@ class W4A16Tuning:
     on an H200 over Qwen2.5-1.5B's projections (BENCHMARKS.md)."""
     # One row (a single stream) runs without tensor cores: each weight is dequantised and multiplied
     # once, in registers, and summed over the inputs at the end.
-    gemv_words: int = 8  # packed words (8 outputs each) per program
+    gemv_words: int = 4  # packed words (8 outputs each) per program
     gemv_warps: int = 4
-    gemv_stages: int = 1
+    gemv_stages: int = 4
     gemv_programs_per_sm: int = 4
-    # "unpack": each packed word loaded once and spread over its eight outputs; "gather": each output
-    # loads its word itself (eight loads of one word, from L1), all arithmetic elementwise
-    gemv_loads: str = "unpack"
     decode_block_n: int = 32
     decode_warps: int = 4
     decode_stages: int = 2
@@ -107,8 +104,6 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
 
 def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
                         groups: int) -> torch.Tensor:
-    if TUNING.gemv_loads == "gather":
-        return _single_row_gathered(x, weights, counters, groups)
     n, words = weights.out_features, TUNING.gemv_words
     blocks = triton.cdiv(n // 8, words)
     split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
@@ -119,22 +114,6 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, n, GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split,
         SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, num_warps=TUNING.gemv_warps, num_stages=TUNING.gemv_stages)
-    return out
-
-
-def _single_row_gathered(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
-                         groups: int) -> torch.Tensor:
-    n, block_n = weights.out_features, TUNING.gemv_words * 8
-    blocks = triton.cdiv(n, block_n)
-    split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    bias = weights.bias if weights.bias is not None else out
-    _awq_gemv_gather_kernel[(blocks, split)](
-        x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, n, GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split,
-        SPLIT_K=split, BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=TUNING.gemv_warps,
-        num_stages=TUNING.gemv_stages)
     return out
 
 
@@ -241,51 +220,6 @@ if triton is not None:
             arrived = tl.atomic_add(counters_ptr + pid_n, 1)
             if arrived == SPLIT_K - 1:
                 summed = tl.zeros((8, WORDS), dtype=tl.float32)
-                for split in range(SPLIT_K):
-                    summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    summed += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + cols, summed.to(out_ptr.dtype.element_ty), mask=col_mask)
-                tl.atomic_xchg(counters_ptr + pid_n, 0)
-
-    @triton.jit
-    def _awq_gemv_gather_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr,
-                                counters_ptr, N, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
-                                SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """One row, each output column loading its own packed word (eight columns load the same word,
-        served by L1), so that the whole dequantisation is elementwise on a [GROUP, BLOCK_N] tile in the
-        layout it was loaded in."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        packed_width = N // 8
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
-        lane = cols % 8
-        shifts = (lane // 2 + (lane % 2) * 4) * 4  # where column 8w + lane sits in word w (AWQ's order)
-        offsets = tl.arange(0, GROUP)
-        acc = tl.zeros((GROUP, BLOCK_N), dtype=tl.float32)
-        first = pid_k * GROUPS_PER_SPLIT
-        for group in range(first, first + GROUPS_PER_SPLIT):
-            k = group * GROUP + offsets
-            x = tl.load(x_ptr + k).to(tl.float32)
-            words = tl.load(qweight_ptr + k[:, None] * packed_width + (cols // 8)[None, :], mask=col_mask[None, :],
-                            other=0)
-            zero_words = tl.load(qzeros_ptr + group * packed_width + cols // 8, mask=col_mask, other=0)
-            zeros = _as_float((zero_words >> shifts) & 0xF)
-            scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
-            values = _as_float((words >> shifts[None, :]) & 0xF)
-            acc += x[:, None] * ((values - zeros[None, :]) * scales[None, :])
-        total = tl.sum(acc, axis=0)
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
-        else:
-            tl.store(partial_ptr + pid_k * N + cols, total, mask=col_mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counters_ptr + pid_n, 1)
-            if arrived == SPLIT_K - 1:
-                summed = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 for split in range(SPLIT_K):
                     summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
