@@ -135,6 +135,9 @@ class UpstreamSettings(BaseModel):
     eject_for_s: float = Field(5.0, gt=0, description="How long an ejected upstream is skipped.")
     affinity_slack: int = Field(2, ge=0, description="Outstanding requests an affine replica may carry "
                                                       "beyond the least loaded before affinity yields.")
+    affinity_prefill_slack: int = Field(0, ge=0, description="Prompts awaiting their first token an affine "
+                                                             "replica may hold beyond the replica with the "
+                                                             "fewest before affinity yields.")
 
     @field_validator("urls", mode="before")
     @classmethod

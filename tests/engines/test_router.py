@@ -50,3 +50,36 @@ def test_failures_eject_and_a_good_probe_brings_back():
     for replica in pool.replicas:
         pool.probed(replica, False)
     assert pool.pick(None) is None and not pool.any_available()
+
+
+def test_affinity_yields_to_a_replica_with_fewer_prompts_awaiting_their_first_token():
+    pool = _pool(slack=2)
+    key = affinity_key([{"role": "system", "content": "documents " * 100}], None)
+    preferred = pool.pick(key)
+    others = [r for r in pool.replicas if r is not preferred]
+    preferred.awaiting_first_token = preferred.outstanding = 1  # a prompt still prefilling there
+    chosen = pool.pick(key)
+    assert chosen is not preferred  # within the outstanding slack, but queued behind a prefill
+    others[0].awaiting_first_token = others[1].awaiting_first_token = 1
+    others[0].outstanding = others[1].outstanding = 1
+    assert pool.pick(key) is preferred  # every replica is prefilling one: the cache decides
+
+
+def test_a_prefill_slack_lets_affinity_wait_behind_prefills():
+    pool = ReplicaPool(["http://a", "http://b"], slack=4, eject_after=2, eject_for_s=60, prefill_slack=2)
+    key = affinity_key([{"role": "system", "content": "documents " * 100}], None)
+    preferred = pool.pick(key)
+    preferred.awaiting_first_token = preferred.outstanding = 2
+    assert pool.pick(key) is preferred
+    preferred.awaiting_first_token = preferred.outstanding = 3
+    assert pool.pick(key) is not preferred
+
+
+def test_a_virtual_clock_drives_ejection():
+    now = [100.0]
+    pool = ReplicaPool(["http://a", "http://b"], slack=1, eject_after=1, eject_for_s=5, clock=lambda: now[0])
+    a = pool.replicas[0]
+    pool.failed(a)
+    assert all(pool.pick(None) is not a for _ in range(4))
+    now[0] += 5
+    assert any(pool.pick(None) is a for _ in range(4))

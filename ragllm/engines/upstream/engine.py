@@ -58,7 +58,8 @@ class UpstreamEngine(Engine):
         if not self.upstream.urls:
             raise ValueError("the upstream engine needs RAGLLM_UPSTREAM__URLS (one or more base URLs)")
         self.pool = ReplicaPool(self.upstream.urls, self.upstream.affinity_slack,
-                                self.upstream.eject_after_failures, self.upstream.eject_for_s)
+                                self.upstream.eject_after_failures, self.upstream.eject_for_s,
+                                prefill_slack=self.upstream.affinity_prefill_slack)
         self._session: Any = None
         self._probes: asyncio.Task | None = None
         self._cards: list[ModelCard] = []
@@ -205,6 +206,7 @@ class UpstreamEngine(Engine):
 
         path, body = self._payload(request)
         replica.outstanding += 1
+        replica.awaiting_first_token += 1
         stream = None
         try:
             response = await self._session.post(f"{replica.url}{path}", data=orjson.dumps(body),
@@ -233,6 +235,8 @@ class UpstreamEngine(Engine):
             if stream is not None:
                 stream.response.close()  # closing the connection is how vLLM (and we) learn to abort
             raise
+        finally:
+            replica.awaiting_first_token -= 1  # its first chunk came, or it never will from here
         self.pool.succeeded(replica)
         return stream
 
