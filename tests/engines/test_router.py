@@ -83,3 +83,28 @@ def test_a_virtual_clock_drives_ejection():
     assert all(pool.pick(None) is not a for _ in range(4))
     now[0] += 5
     assert any(pool.pick(None) is a for _ in range(4))
+
+
+def test_names_become_one_url_per_address():
+    import pytest
+
+    from ragllm.engines.upstream.discovery import DiscoveredName, ReplicaDiscovery
+
+    name = DiscoveredName.parse("dns+http://vllm-headless.ns.svc:8000/base/")
+    assert (name.host, name.port, name.path) == ("vllm-headless.ns.svc", 8000, "/base")
+    assert name.url_for("10.0.0.7") == "http://10.0.0.7:8000/base"
+    assert name.url_for("fd00::7") == "http://[fd00::7]:8000/base"
+    assert DiscoveredName.parse("dns+https://vllm").port == 443
+    with pytest.raises(ValueError, match="dns\\+http"):
+        DiscoveredName.parse("dns+ftp://vllm:21")
+    discovery = ReplicaDiscovery(["http://static:1", "dns+http://a:2"])
+    assert discovery.static == ["http://static:1"] and discovery.dynamic
+
+
+def test_replicas_that_stay_keep_their_state_when_the_list_changes():
+    pool = _pool()
+    b = pool.replicas[1]
+    b.outstanding = 3
+    pool.update(["http://b", "http://d"])
+    assert [r.url for r in pool.replicas] == ["http://b", "http://d"]
+    assert pool.replicas[0] is b and b.outstanding == 3

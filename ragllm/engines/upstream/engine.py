@@ -26,6 +26,7 @@ from ragllm.engines.base import (
     GenerationRequest,
     ModelCard,
 )
+from ragllm.engines.upstream.discovery import ReplicaDiscovery, Resolver, resolve_addresses
 from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
 from ragllm.engines.upstream.stream import UpstreamStream
 from ragllm.errors import EngineNotReady, RagLLMError
@@ -52,12 +53,14 @@ class _RetryElsewhere(Exception):
 class UpstreamEngine(Engine):
     name = "upstream"
 
-    def __init__(self, settings: EngineSettings, upstream: UpstreamSettings) -> None:
+    def __init__(self, settings: EngineSettings, upstream: UpstreamSettings, resolve: Resolver | None = None) -> None:
+        """``resolve``: how ``dns+`` names become addresses (default: the system's resolver)."""
         self.settings = settings
         self.upstream = upstream
         if not self.upstream.urls:
             raise ValueError("the upstream engine needs RAGLLM_UPSTREAM__URLS (one or more base URLs)")
-        self.pool = ReplicaPool(self.upstream.urls, self.upstream.affinity_slack,
+        self.discovery = ReplicaDiscovery(self.upstream.urls, resolve or resolve_addresses)
+        self.pool = ReplicaPool(self.discovery.static, self.upstream.affinity_slack,
                                 self.upstream.eject_after_failures, self.upstream.eject_for_s,
                                 prefill_slack=self.upstream.affinity_prefill_slack)
         self._session: Any = None
@@ -96,6 +99,8 @@ class UpstreamEngine(Engine):
             await self._probe_all()
 
     async def _probe_all(self) -> None:
+        if self.discovery.dynamic:  # names resolved again every interval: replicas join and leave
+            self.pool.update(await self.discovery.urls())
         await asyncio.gather(*(self._probe(replica) for replica in self.pool.replicas))
         self._cards = self._model_cards()
 

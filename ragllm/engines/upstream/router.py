@@ -51,6 +51,12 @@ class ReplicaPool:
         self._eject_for_s = eject_for_s
         self._clock = clock
 
+    def update(self, urls: list[str]) -> None:
+        """The replicas are now ``urls``: those already known keep their state; requests in flight on a
+        replica that left finish there (they hold it), new requests go elsewhere."""
+        known = {replica.url: replica for replica in self.replicas}
+        self.replicas = [known.get(url) or Replica(url) for url in urls]
+
     def pick(self, affinity: str | None, exclude: set[Replica] = frozenset()) -> Replica | None:
         now = self._clock()
         candidates = [r for r in self.replicas if r.available(now) and r not in exclude]
