@@ -152,24 +152,28 @@ def summarise(requests: list[SimRequest], models: list[ReplicaModel], area: list
     return result
 
 
+SHARE_WINDOWS = 30  # the run is cut into this many windows to follow replica 0's share
+
+
 def share_over_time(requests: list[SimRequest], duration: float) -> dict:
-    """Replica 0's share of arrivals per second; before/during/after the slow third, and the seconds it
-    took to fall below half its earlier share and to come back to 80% of it."""
-    seconds = int(duration)
-    counts = [[0, 0] for _ in range(seconds)]
+    """Replica 0's share of arrivals per window (a thirtieth of the run); before/during/after the slow
+    third, and the seconds it took to fall below half its earlier share and to come back to 80% of it."""
+    width = duration / SHARE_WINDOWS
+    counts = [[0, 0] for _ in range(SHARE_WINDOWS)]
     for request in requests:
-        second = min(int(request.arrival), seconds - 1)
-        counts[second][0] += request.replica == 0
-        counts[second][1] += 1
+        window = min(int(request.arrival / width), SHARE_WINDOWS - 1)
+        counts[window][0] += request.replica == 0
+        counts[window][1] += 1
     shares = [zero / total if total else 0.0 for zero, total in counts]
-    slow_from, slow_to = int(duration / 3), int(2 * duration / 3)
+    slow_from, slow_to = SHARE_WINDOWS // 3, 2 * SHARE_WINDOWS // 3
     before = statistics.fmean(shares[1:slow_from])
     during = statistics.fmean(shares[slow_from:slow_to])
     after = statistics.fmean(shares[slow_to:])
-    lost = next((s - slow_from + 1 for s in range(slow_from, slow_to) if shares[s] <= before / 2), None)
-    regained = next((s - slow_to + 1 for s in range(slow_to, seconds) if shares[s] >= 0.8 * before), None)
+    lost = next(((w - slow_from + 1) * width for w in range(slow_from, slow_to) if shares[w] <= before / 2), None)
+    regained = next(((w - slow_to + 1) * width for w in range(slow_to, SHARE_WINDOWS) if shares[w] >= 0.8 * before),
+                    None)
     return {"before": before, "during": during, "after": after, "seconds_to_lose": lost,
-            "seconds_to_regain": regained, "per_second": [round(s, 4) for s in shares]}
+            "seconds_to_regain": regained, "window_s": width, "per_window": [round(s, 4) for s in shares]}
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -209,8 +213,9 @@ def print_tables(results: dict) -> None:
                         f"{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}{r['max_over_mean_load']:>10.2f}")
                 if scenario == "slowed":
                     share = r["replica_0_share"]
-                    line += (f"{share['before']:>14.3f}/{share['during']:.3f}/{share['after']:.3f}"
-                             f"{str(share['seconds_to_lose']):>10}/{share['seconds_to_regain']}")
+                    lost, regained = (f"{s:.1f}" if s is not None else "-" for s in (share["seconds_to_lose"],
+                                                                                     share["seconds_to_regain"]))
+                    line += f"{share['before']:>14.3f}/{share['during']:.3f}/{share['after']:.3f}{lost:>10}/{regained}"
                 print(line)
 
 
