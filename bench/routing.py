@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slack", type=int, default=2, help="our policy's affinity slack (the default setting)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep-rates", help="instead of the scenarios: our policy at these requests/s per "
+                                               "replica (comma-separated), for sizing and the autoscaler target")
     parser.add_argument("--json", type=Path, default=Path("bench/results/routing.json"))
     return parser.parse_args()
 
@@ -95,6 +97,12 @@ def simulate(policy_name: str, replicas: int, scenario: str, duration: float, lo
     sequence = itertools.count(len(requests))
     area = [0.0] * replicas  # integral of outstanding requests over time, per replica
     changed = [0.0] * replicas
+    waiting_area = [0.0] * replicas  # integral of requests queued (not yet admitted), per replica
+    waiting_changed = [0.0] * replicas
+
+    def account_waiting(replica: int, now: float) -> None:
+        waiting_area[replica] += len(models[replica].waiting) * (now - waiting_changed[replica])
+        waiting_changed[replica] = now
 
     def account(replica: int, now: float, delta: int) -> None:
         outstanding = policy.replicas[replica]
@@ -104,6 +112,7 @@ def simulate(policy_name: str, replicas: int, scenario: str, duration: float, lo
 
     def start_step(replica: int, now: float) -> None:
         model = models[replica]
+        account_waiting(replica, now)
         model.slowdown = slowdown_at(scenario, replica, replicas, now, duration)
         heapq.heappush(events, (now + model.start_step(), 1, next(sequence), replica))
 
@@ -116,6 +125,7 @@ def simulate(policy_name: str, replicas: int, scenario: str, duration: float, lo
             request.replica = replica
             policy.replicas[replica].awaiting_first_token += 1
             account(replica, now, +1)
+            account_waiting(replica, now)
             models[replica].submit(request)
             if not models[replica].busy:
                 start_step(replica, now)
@@ -130,7 +140,10 @@ def simulate(policy_name: str, replicas: int, scenario: str, duration: float, lo
     end = max(request.finished_at for request in requests)
     for replica in range(replicas):
         account(replica, end, 0)
-    return summarise(requests, models, area, end, replicas, scenario, duration)
+        account_waiting(replica, end)
+    result = summarise(requests, models, area, end, replicas, scenario, duration)
+    result["mean_waiting_per_replica"] = statistics.fmean(waiting_area) / end
+    return result
 
 
 def summarise(requests: list[SimRequest], models: list[ReplicaModel], area: list[float], end: float,
@@ -142,9 +155,11 @@ def summarise(requests: list[SimRequest], models: list[ReplicaModel], area: list
         "requests": len(requests),
         "throughput_tok_s": sum(r.output_tokens for r in requests) / end,
         "ttft_p50_ms": _percentile(ttfts, 0.5) * 1e3,
+        "ttft_p95_ms": _percentile(ttfts, 0.95) * 1e3,
         "ttft_p99_ms": _percentile(ttfts, 0.99) * 1e3,
         "hit_rate": sum(m.hits for m in models) / max(1, sum(m.lookups for m in models)),
         "max_over_mean_load": max(averages) / mean_load if mean_load else 0.0,
+        "mean_outstanding_per_replica": mean_load,
         "drain_s": end - duration,
     }
     if scenario == "slowed":
@@ -219,8 +234,32 @@ def print_tables(results: dict) -> None:
                 print(line)
 
 
+def sweep(args: argparse.Namespace) -> None:
+    """Our policy on equal replicas under Zipf load at rising rates: where time to first token turns,
+    and how many requests wait per replica there (what the vLLM autoscaler reads)."""
+    rows = []
+    print(f"{'replicas':>8}{'req/s each':>11}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'TTFT p99':>10}"
+          f"{'hit rate':>10}{'running':>9}{'waiting':>9}")
+    for replicas in (int(n) for n in args.replicas.split(",")):
+        for rate in (float(r) for r in args.sweep_rates.split(",")):
+            r = simulate("ours", replicas, "zipf", args.duration, Load(rate_per_replica=rate), args.slack, args.seed)
+            rows.append({"replicas": replicas, "rate_per_replica": rate, **r})
+            print(f"{replicas:>8}{rate:>11.0f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>8.0f}ms"
+                  f"{r['ttft_p95_ms']:>8.0f}ms{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}"
+                  f"{r['mean_outstanding_per_replica'] - r['mean_waiting_per_replica']:>9.2f}"
+                  f"{r['mean_waiting_per_replica']:>9.2f}", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"settings": {**vars(args), "json": str(args.json),
+                                                  "profile": vars(ReplicaProfile())}, "rows": rows}, indent=1,
+                                    default=str))
+    print(f"wrote {args.json}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.sweep_rates:
+        sweep(args)
+        return
     load = Load(rate_per_replica=args.rate_per_replica)
     results: dict = {}
     started = time.perf_counter()
