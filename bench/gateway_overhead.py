@@ -8,7 +8,11 @@ gets one whole core. Measured, side by side in one run:
   - CPU microseconds per forwarded stream event: the gateway's CPU time over streams of 64 and 4
     tokens, the difference divided by the difference in events (fixed per-request costs cancel).
 
-    python bench/gateway_overhead.py [--litellm .bench-venvs/litellm/bin/litellm]
+``--pace-ms N`` has the stub write one event per write, N ms apart, as vLLM streams (otherwise a whole
+stream arrives in one write and the per-event figure is a best case); the CPU-per-event streams then
+run 64 at a time so that the series takes seconds, not minutes.
+
+    python bench/gateway_overhead.py [--litellm .bench-venvs/litellm/bin/litellm] [--pace-ms 10]
 """
 
 from __future__ import annotations
@@ -137,13 +141,13 @@ async def throughput(session, target: Target, concurrency: int, duration_s: floa
     return done / (time.perf_counter() - started)
 
 
-async def cpu_per_event(session, target: Target, streams: int) -> float | None:
+async def cpu_per_event(session, target: Target, streams: int, concurrency: int) -> float | None:
     if target.process is None:
         return None
     spent = {}
     for tokens in (4, 64):
         before = target.cpu_seconds()
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(concurrency)
 
         async def one() -> None:
             async with sem:
@@ -166,7 +170,7 @@ async def measure(target: Target, args: argparse.Namespace) -> None:
         plain = await latency(session, target, False, args.requests)
         streamed = await latency(session, target, True, args.requests)
         rps = await throughput(session, target, 64, args.duration)
-        per_event = await cpu_per_event(session, target, args.streams)
+        per_event = await cpu_per_event(session, target, args.streams, 64 if args.pace_ms else 8)
     target.results = {
         "p50_ms": statistics.median(plain) * 1e3, "p99_ms": percentile(plain, 0.99) * 1e3,
         "ttft_p50_ms": statistics.median(streamed) * 1e3, "ttft_p99_ms": percentile(streamed, 0.99) * 1e3,
@@ -191,13 +195,15 @@ async def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of the concurrency-64 run")
     parser.add_argument("--streams", type=int, default=300, help="streams per CPU-per-event series")
     parser.add_argument("--litellm", default=shutil.which("litellm"), help="LiteLLM's CLI (skipped if absent)")
+    parser.add_argument("--pace-ms", type=float, default=0.0, help="the stub's interval between stream events")
     parser.add_argument("--output", type=Path, default=ROOT / "bench/results/gateway_overhead.json")
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CORE})
 
     stub_port = free_port()
     stub_url = f"http://127.0.0.1:{stub_port}"
-    processes = [start([sys.executable, str(ROOT / "bench/stub_upstream.py"), "--port", str(stub_port)], CLIENT_CORE)]
+    processes = [start([sys.executable, str(ROOT / "bench/stub_upstream.py"), "--port", str(stub_port),
+                        "--pace-ms", str(args.pace_ms)], CLIENT_CORE)]
     targets = [Target("direct", stub_url, "stub")]
     try:
         ragllm_port = free_port()
@@ -222,10 +228,10 @@ async def main() -> None:
     finally:
         for process in processes:
             stop(process, timeout_s=15)
-    report(targets, args.output)
+    report(targets, args.output, args.pace_ms)
 
 
-def report(targets: list[Target], output: Path) -> None:
+def report(targets: list[Target], output: Path, pace_ms: float = 0.0) -> None:
     direct = targets[0].results
     table = Table(title="Gateway overhead (stub upstream; gateway on core 0, stub + client on core 1)")
     for column in ("target", "p50 ms", "added p50 ms", "p99 ms", "TTFT p50 ms", "added TTFT ms",
@@ -239,7 +245,7 @@ def report(targets: list[Target], output: Path) -> None:
     Console().print(table)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"name": t.name, "url": t.url, **t.results} for t in targets]
-    output.write_text(json.dumps({"cpu_count": os.cpu_count(), "targets": rows}, indent=2))
+    output.write_text(json.dumps({"cpu_count": os.cpu_count(), "pace_ms": pace_ms, "targets": rows}, indent=2))
     print(f"wrote {output}")
 
 
