@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slack", type=int, default=2, help="our policy's affinity slack (the default setting)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=ReplicaProfile.max_num_seqs,
+                        help="each modelled replica's --max-num-seqs (the cloud profile: 32)")
     parser.add_argument("--sweep-rates", help="instead of the scenarios: our policy at these requests/s per "
                                                "replica (comma-separated), for sizing and the autoscaler target")
     parser.add_argument("--json", type=Path, default=Path("bench/results/routing.json"))
@@ -85,12 +87,12 @@ def slowdown_at(scenario: str, replica: int, replicas: int, now: float, duration
 
 
 def simulate(policy_name: str, replicas: int, scenario: str, duration: float, load: Load, slack: int,
-             seed: int) -> dict:
+             seed: int, profile: ReplicaProfile = ReplicaProfile()) -> dict:
     clock = [0.0]
     urls = [f"http://replica-{i}:8000" for i in range(replicas)]
     policy = make_policy(policy_name, urls, slack, lambda: clock[0], seed)
     index_of = {id(replica): i for i, replica in enumerate(policy.replicas)}
-    models = [ReplicaModel(ReplicaProfile()) for _ in range(replicas)]
+    models = [ReplicaModel(profile) for _ in range(replicas)]
     requests = arrivals(replicas, duration, load, seed)
     events: list = [(request.arrival, 0, request.index, request) for request in requests]
     heapq.heapify(events)
@@ -242,7 +244,8 @@ def sweep(args: argparse.Namespace) -> None:
           f"{'hit rate':>10}{'running':>9}{'waiting':>9}")
     for replicas in (int(n) for n in args.replicas.split(",")):
         for rate in (float(r) for r in args.sweep_rates.split(",")):
-            r = simulate("ours", replicas, "zipf", args.duration, Load(rate_per_replica=rate), args.slack, args.seed)
+            r = simulate("ours", replicas, "zipf", args.duration, Load(rate_per_replica=rate), args.slack, args.seed,
+                         ReplicaProfile(max_num_seqs=args.max_num_seqs))
             rows.append({"replicas": replicas, "rate_per_replica": rate, **r})
             print(f"{replicas:>8}{rate:>11.0f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>8.0f}ms"
                   f"{r['ttft_p95_ms']:>8.0f}ms{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}"
@@ -250,7 +253,8 @@ def sweep(args: argparse.Namespace) -> None:
                   f"{r['mean_waiting_per_replica']:>9.2f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": {**vars(args), "json": str(args.json),
-                                                  "profile": vars(ReplicaProfile())}, "rows": rows}, indent=1,
+                                                  "profile": vars(ReplicaProfile(max_num_seqs=args.max_num_seqs))},
+                                     "rows": rows}, indent=1,
                                     default=str))
     print(f"wrote {args.json}")
 

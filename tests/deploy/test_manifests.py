@@ -104,11 +104,34 @@ def test_kubernetes_vllm_flags_and_autoscaler_agree_with_the_service(monkeypatch
     flags = flag_values(args)
     expected = _profile_flags("cloud", monkeypatch, env["LLM_MODEL_ID"])
     assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == expected
-    # The vLLM autoscaler never goes past the replicas the service lists as upstreams.
-    urls = by_kind[("ConfigMap", "rag-llm-service")]["data"]["RAGLLM_UPSTREAM__URLS"].split(",")
+    # The service finds every vLLM replica through the headless Service, so the autoscaler may add any.
+    from ragllm.engines.upstream.discovery import DiscoveredName
+
+    (entry,) = by_kind[("ConfigMap", "rag-llm-service")]["data"]["RAGLLM_UPSTREAM__URLS"].split(",")
+    name = DiscoveredName.parse(entry)
+    service = by_kind[("Service", "vllm")]["spec"]
+    assert service["clusterIP"] == "None" and name.host == "vllm"
+    assert name.port == service["ports"][0]["port"]
     hpa = by_kind[("HorizontalPodAutoscaler", "vllm")]["spec"]
-    assert hpa["maxReplicas"] == len(urls)
+    assert hpa["maxReplicas"] > 4
     assert hpa["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+
+
+def test_the_ingress_terminates_tls_and_routes_to_the_service():
+    documents = [doc for path in (DEPLOY / "k8s").glob("*.yaml") for doc in yaml.safe_load_all(path.read_text())]
+    by_kind = {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
+    ingress = by_kind[("Ingress", "rag-llm-service")]
+    (tls,) = ingress["spec"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert tls["secretName"] and rule["host"] in tls["hosts"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = by_kind[("Service", "rag-llm-service")]
+    assert backend["name"] == "rag-llm-service"
+    assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/ssl-redirect"] == "true"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # streams pass as they come
+    assert "Bearer" in annotations["nginx.ingress.kubernetes.io/configuration-snippet"]  # auth at the edge
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_a_non_root_user():
