@@ -30,6 +30,20 @@ class ReplicaProfile:
     cache_doc_sets: int = 48
 
 
+# Named replicas for capacity planning. "measured": from this project's H200 runs (above); the L4 one
+# is estimated from published figures and the datasheet, not measured here: NVIDIA L4 300 GB/s and
+# 121 dense bf16 TFLOP/s; Qwen2.5-7B-Instruct-AWQ ~5.5 GB of weights read per step (a step of ~18 ms),
+# 28.7 KB of fp8 KV per token read per row (~0.3 ms a row at 3k-token contexts), 2 x 7.6 GFLOP per
+# prompt token at half the peak (0.25 ms a token); 16 GB of KV memory beside the weights holds ~150
+# 3k-token document sets beyond 32 running sequences. A published vLLM run on an L4 (7B, FP16, 64
+# concurrent: 831 tokens/s; AWQ 2.5x that) is in the same range as the steps this gives.
+PROFILES = {
+    "h200-qwen2.5-1.5b": ReplicaProfile(max_num_seqs=32, cache_doc_sets=1400),  # 4.3M bf16 KV tokens / ~3k
+    "l4-qwen2.5-7b-awq": ReplicaProfile(prefill_s_per_token=2.5e-4, step_base_s=1.8e-2, step_per_row_s=3.0e-4,
+                                        max_num_seqs=32, max_prefill_tokens=8192, cache_doc_sets=150),
+}
+
+
 @dataclass(eq=False)
 class SimRequest:
     index: int

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.replica_model import ReplicaModel, ReplicaProfile, SimRequest  # noqa: E402
+from bench.replica_model import PROFILES, ReplicaModel, ReplicaProfile, SimRequest  # noqa: E402
 from bench.routing_policies import POLICIES, make_policy  # noqa: E402
 
 SCENARIOS = ("zipf", "heterogeneous", "slowed")
@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=ReplicaProfile.max_num_seqs,
                         help="each modelled replica's --max-num-seqs (the cloud profile: 32)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="a named replica for the sweep (its own "
+                                                                     "max_num_seqs; --max-num-seqs is then ignored)")
     parser.add_argument("--sweep-rates", help="instead of the scenarios: our policy at these requests/s per "
                                                "replica (comma-separated), for sizing and the autoscaler target")
     parser.add_argument("--json", type=Path, default=Path("bench/results/routing.json"))
@@ -240,20 +242,21 @@ def sweep(args: argparse.Namespace) -> None:
     """Our policy on equal replicas under Zipf load at rising rates: where time to first token turns,
     and how many requests wait per replica there (what the vLLM autoscaler reads)."""
     rows = []
+    profile = PROFILES[args.profile] if args.profile else ReplicaProfile(max_num_seqs=args.max_num_seqs)
     print(f"{'replicas':>8}{'req/s each':>11}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'TTFT p99':>10}"
           f"{'hit rate':>10}{'running':>9}{'waiting':>9}")
     for replicas in (int(n) for n in args.replicas.split(",")):
         for rate in (float(r) for r in args.sweep_rates.split(",")):
             r = simulate("ours", replicas, "zipf", args.duration, Load(rate_per_replica=rate), args.slack, args.seed,
-                         ReplicaProfile(max_num_seqs=args.max_num_seqs))
+                         profile)
             rows.append({"replicas": replicas, "rate_per_replica": rate, **r})
-            print(f"{replicas:>8}{rate:>11.0f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>8.0f}ms"
+            print(f"{replicas:>8}{rate:>11.1f}{r['throughput_tok_s']:>10.0f}{r['ttft_p50_ms']:>8.0f}ms"
                   f"{r['ttft_p95_ms']:>8.0f}ms{r['ttft_p99_ms']:>8.0f}ms{r['hit_rate']:>10.1%}"
                   f"{r['mean_outstanding_per_replica'] - r['mean_waiting_per_replica']:>9.2f}"
                   f"{r['mean_waiting_per_replica']:>9.2f}", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": {**vars(args), "json": str(args.json),
-                                                  "profile": vars(ReplicaProfile(max_num_seqs=args.max_num_seqs))},
+                                                  "profile": vars(profile)},
                                      "rows": rows}, indent=1,
                                     default=str))
     print(f"wrote {args.json}")
