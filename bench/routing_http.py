@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gateway_overhead import wait_ready  # noqa: E402
 from bench.routing import Load, arrivals, simulate  # noqa: E402
 
 FILLER = "retrieved passage text "  # 23 characters; a prompt token is modelled as 4 characters
@@ -55,19 +56,6 @@ def free_ports(count: int) -> list[int]:
     for sock in sockets:
         sock.close()
     return ports
-
-
-async def wait_up(session: aiohttp.ClientSession, url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{url}/health") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{url} never became healthy")
 
 
 def document(doc_set: int, tokens: int) -> str:
@@ -151,9 +139,8 @@ def run_http(replicas: int, load: Load, args: argparse.Namespace, log_dir: Path)
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     async def main() -> dict:
-        async with aiohttp.ClientSession() as session:
-            for url in [*urls, gateway_url]:
-                await wait_up(session, url)
+        for url in [*urls, gateway_url]:
+            await wait_ready(url, "/health", {})
         return await drive(gateway_url, urls, load, replicas, args.duration, args.time_scale, args.seed)
 
     try:

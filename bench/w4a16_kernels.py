@@ -93,11 +93,10 @@ def main() -> None:
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
     gemv_tunings = [replace(base, gemv_words=words, gemv_warps=warps, gemv_programs_per_sm=per_sm, gemv_stages=stages)
                     for words, warps, per_sm, stages in itertools.product((4, 8, 16), (4, 8), (4, 16), (1, 3))]
-    gemv_tunings += [replace(base, gemv_words=0, decode_loads=loads) for loads in ("gather", "unpack")]  # tiled
+    gemv_tunings.append(replace(base, gemv_words=0))  # 0: one row through the tiled kernel
     tiled_tunings = [replace(base, decode_block_n=block_n, decode_stages=stages, decode_programs_per_sm=per_sm,
-                             decode_loads=loads, decode_warps=warps)
-                     for block_n, stages, per_sm, loads, warps in itertools.product(
-                         (32, 64), (2, 3), (4,), ("unpack",), (4,))]
+                             decode_warps=warps)
+                     for block_n, stages, per_sm, warps in itertools.product((32, 64), (2, 3), (4, 8), (4, 8))]
     for rows in DECODE_ROWS:
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
         entry: dict = {"bf16_us": {}, "awq": []}

@@ -47,10 +47,6 @@ class W4A16Tuning:
     decode_stages: int = 2
     # Programs aimed for in a decode product, per multiprocessor (the split-K factor follows).
     decode_programs_per_sm: int = 4
-    # "gather": each output column loads its packed word itself (the same word eight times, from L1), so
-    # the dequantisation stays elementwise in the layout the tensor cores read; "unpack": each word is
-    # loaded once and spread into eight columns.
-    decode_loads: str = "unpack"
     prefill_mode: str = "dequantise"  # or "tiled"
     prefill_block_m: int = 64
     prefill_block_n: int = 128
@@ -98,8 +94,7 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
     block_n = TUNING.decode_block_n
     split = _split_for(triton.cdiv(n, block_n), groups, TUNING.decode_programs_per_sm, counters, x.device)
     block_m = max(16, triton.next_power_of_2(rows))
-    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, TUNING.decode_stages,
-                          gather=TUNING.decode_loads == "gather")
+    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, TUNING.decode_stages)
 
 
 def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
@@ -118,7 +113,7 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
 
 
 def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: int, split: int,
-                   counters: torch.Tensor | None, warps: int, stages: int, gather: bool = False) -> torch.Tensor:
+                   counters: torch.Tensor | None, warps: int, stages: int) -> torch.Tensor:
     rows, n = x.shape[0], weights.out_features
     groups = weights.in_features // weights.group_size
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
@@ -129,7 +124,7 @@ def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: 
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, rows, n, x.stride(0), out.stride(0),
         GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m,
-        BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, GATHER=gather, num_warps=warps, num_stages=stages)
+        BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -230,41 +225,22 @@ if triton is not None:
     @triton.jit
     def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
                          M, N, stride_xm, stride_om, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         GATHER: tl.constexpr):
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        packed_width = N // 8
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         row_mask = rows < M
         col_mask = cols < N
-        packed_mask = packed_cols < packed_width
         offsets = tl.arange(0, GROUP)
-        lane = cols % 8
-        col_shifts = (lane // 2 + (lane % 2) * 4) * 4  # where column 8w + lane sits in word w (AWQ's order)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first = pid_k * GROUPS_PER_SPLIT
         for group in range(first, first + GROUPS_PER_SPLIT):
             k = group * GROUP + offsets
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_mask[:, None], other=0.0)
-            if GATHER:
-                words = tl.load(qweight_ptr + k[:, None] * packed_width + (cols // 8)[None, :],
-                                mask=col_mask[None, :], other=0)
-                values = _as_float((words >> col_shifts[None, :]) & 0xF)
-                zero_words = tl.load(qzeros_ptr + group * packed_width + cols // 8, mask=col_mask, other=0)
-                zeros = _as_float((zero_words >> col_shifts) & 0xF)
-            else:
-                packed = tl.load(qweight_ptr + k[:, None] * packed_width + packed_cols[None, :],
-                                 mask=packed_mask[None, :], other=0)
-                values = _as_float(_unpacked(packed, GROUP, BLOCK_N))
-                packed_zeros = tl.load(qzeros_ptr + group * packed_width + packed_cols, mask=packed_mask, other=0)
-                zeros = _as_float(tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,)))
-            scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
-            weights = ((values - zeros[None, :]) * scales[None, :]).to(x_ptr.dtype.element_ty)
-            acc += tl.dot(x, weights)
+            weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, GROUP, BLOCK_N)
+            acc += tl.dot(x, weights.to(x_ptr.dtype.element_ty))
         tile_mask = row_mask[:, None] & col_mask[None, :]
         out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :]
         if SPLIT_K == 1:
@@ -287,10 +263,9 @@ if triton is not None:
                 tl.atomic_xchg(counters_ptr + tile, 0)  # ready for the next product (graph replays)
 
     @triton.jit
-    def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, GROUP: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
-        group = tl.program_id(0)
-        pid_n = tl.program_id(1)
+    def _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, GROUP: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """Input group ``group``'s weights of output block ``pid_n``, dequantised: float32 [GROUP, BLOCK_N]."""
         packed_width = N // 8
         k = group * GROUP + tl.arange(0, GROUP)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -298,11 +273,19 @@ if triton is not None:
         packed_mask = packed_cols < packed_width
         packed = tl.load(qweight_ptr + k[:, None] * packed_width + packed_cols[None, :], mask=packed_mask[None, :],
                          other=0)
-        values = _unpacked(packed, GROUP, BLOCK_N)
+        values = _as_float(_unpacked(packed, GROUP, BLOCK_N))
         packed_zeros = tl.load(qzeros_ptr + group * packed_width + packed_cols, mask=packed_mask, other=0)
-        zeros = tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,))
+        zeros = _as_float(tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,)))
         scales = tl.load(scales_ptr + group * N + cols, mask=cols < N, other=0.0).to(tl.float32)
-        weights = (values - zeros[None, :]).to(tl.float32) * scales[None, :]
+        return (values - zeros[None, :]) * scales[None, :]
+
+    @triton.jit
+    def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, GROUP: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+        group = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        k = group * GROUP + tl.arange(0, GROUP)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, GROUP, BLOCK_N)
         tl.store(out_ptr + k[:, None] * N + cols[None, :], weights.to(out_ptr.dtype.element_ty),
                  mask=(cols < N)[None, :])
-
