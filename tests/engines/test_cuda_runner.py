@@ -359,3 +359,21 @@ def test_a_question_after_a_long_cached_prefix_matches_transformers(device):
         runner.prefill(table, documents, 0)
         for question in ([5, 9, 11] * 13, [(3 * i) % 200 + 1 for i in range(600)]):  # a graph, then eager
             _assert_close(runner.prefill(table, question, 3000), _reference(model, documents + question), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_steps_queued_far_ahead_each_read_their_own_inputs():
+    """Fifty graph steps queued without reading anything back (the host far ahead of the GPU): each
+    step's logits (copied before the next replay overwrites them) are the eager runner's."""
+    model = tiny_model("llama", dtype=torch.bfloat16).to("cuda")
+    ids = torch.randint(1, 211, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    results = {}
+    for graphs in (True, False):
+        runner = _runner(model, cuda_graphs=graphs)
+        table = list(range(1, 20))
+        steps = [runner.prefill(table, ids[:150], 0).float().clone()]
+        steps += [runner.decode([table], [ids[p]], [p])[0].float().clone() for p in range(150, 200)]
+        results[graphs] = torch.stack(steps)
+    scale = results[False].abs().max()
+    assert (results[True] - results[False]).abs().max() <= 1e-2 * scale

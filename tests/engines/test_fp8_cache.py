@@ -15,10 +15,9 @@ from tests.tiny_models import ARCHITECTURES, tiny_model
 
 ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # Measured (prefill of 150 tokens, then 50 teacher-forced decode steps, tiny random models): the
-# largest logit difference was 0.4-1.1% of the largest logit on the CPU's twins, 3.1-5.5% through the
-# Triton kernels on an H200 (their e4m3 conversion of the tiny models' many subnormal values), and
-# every greedy choice agreed in both.
-LOGIT_TOLERANCE = {"cpu": 3e-2, "cuda": 8e-2}
+# largest logit difference was 0.4-1.1% of the largest logit on the CPU's twins (float32) and
+# 0.8-1.5% through the Triton kernels on an H200 (bf16); greedy choices agreed at 98-100% of steps.
+LOGIT_TOLERANCE = {"cpu": 3e-2, "cuda": 3e-2}
 # e4m3 keeps 3 mantissa bits: a value rounds to within 2^-4 of itself.
 E4M3_RELATIVE_STEP = 2.0 ** -4
 
@@ -63,11 +62,12 @@ def test_kv_cache_dtype_names_are_vllms():
 
 
 def _teacher_forced_logits(runner, ids: list[int], prompt: int) -> torch.Tensor:
+    """Each step's logits, copied: a decode graph's output is overwritten by its next replay."""
     table = list(range(1, 20))
-    out = [runner.prefill(table, ids[:prompt], 0)]
+    out = [runner.prefill(table, ids[:prompt], 0).float().clone()]
     for position in range(prompt, len(ids)):
-        out.append(runner.decode([table], [ids[position]], [position])[0])
-    return torch.stack(out).float()
+        out.append(runner.decode([table], [ids[position]], [position])[0].float().clone())
+    return torch.stack(out)
 
 
 @pytest.mark.parametrize("device, runner_kind", [

@@ -52,8 +52,12 @@ class DecodeGraphs:
         self._tables = torch.zeros(largest + 1, table_width, dtype=torch.long, device=device)
         # Staged through pinned memory: a copy from pageable memory would wait for the device to
         # drain the work queued before it, and the host could no longer run a step ahead. Two
-        # buffers in turn: the one written now was last read by a copy that has completed.
+        # buffers in turn, each with an event recorded after the copy that reads it: before a buffer
+        # is written again, its last copy must have run. (Measured need: a caller queuing steps
+        # without reading any back, three or more ahead, had later steps read earlier steps' inputs.)
+        # The scheduler runs at most one step ahead, so the wait is never long there.
         self._staging = [torch.zeros(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._staging_read = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else []
         self._host_tables = np.zeros((largest, table_width), dtype=np.int64)
         self._staged: list[tuple[list[int] | None, int]] = [(None, 0)] * largest  # per row: table, length
         self._num_runs = 0
@@ -89,7 +93,10 @@ class DecodeGraphs:
     def run(self, tables: Sequence[list[int]], token_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
         batch = len(positions)
         bucket = self.buckets[bisect.bisect_left(self.buckets, batch)]
-        staging = self._staging[self._num_runs % 2]
+        turn = self._num_runs % 2
+        staging = self._staging[turn]
+        if self._num_runs >= 2:
+            self._staging_read[turn].synchronize()  # the copy that last read this buffer has run
         self._num_runs += 1
         flat = staging.numpy()
         largest, size = self.largest, self._block_size
@@ -102,6 +109,7 @@ class DecodeGraphs:
             host[0, :batch] = token_ids
         copied_rows = self._stage_tables(tables, flat[3 * largest:].reshape(3, UPDATE_SLOTS))
         self._inputs.copy_(staging, non_blocking=True)
+        self._staging_read[turn].record()
         if isinstance(token_ids, torch.Tensor):  # the previous step's choice, never read back to the host
             self._steps[0, :batch].copy_(token_ids)
         if copied_rows:
