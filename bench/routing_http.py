@@ -21,6 +21,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -155,10 +156,12 @@ def main() -> None:
     args = parse_args()
     load = replace(Load(), rate_per_replica=args.rate_per_replica, output_tokens=args.output_tokens)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="routing-http-"))  # the gateways' logs, if a run goes wrong
+    print(f"gateway logs in {log_dir}")
     report: dict = {"settings": {k: str(v) for k, v in vars(args).items()}, "load": vars(load), "results": {}}
     print(f"{'replicas':>8} {'form':<12}{'TTFT p50':>10}{'TTFT p99':>10}{'hit rate':>10}{'max/mean':>10}{'failed':>8}")
     for replicas in (int(n) for n in args.replicas.split(",")):
-        http = run_http(replicas, load, args, args.json.parent)
+        http = run_http(replicas, load, args, log_dir)
         modelled = simulate("ours", replicas, "zipf", args.duration, load, slack=2, seed=args.seed)
         report["results"][replicas] = {"http": http, "in_process": modelled,
                                        "hit_rate_difference": http["hit_rate"] - modelled["hit_rate"],
