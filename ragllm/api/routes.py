@@ -56,7 +56,14 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
-_STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "SSE chunks, then [DONE]"}}}
+# One server-sent event, as OpenAPI describes text/event-stream (3.0/3.1 tools read ``schema`` per event):
+# ``data`` is one JSON chunk, and ``[DONE]`` last.
+_STREAM_DOC = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "description": "One server-sent event: data is a JSON chunk (chat.completion.chunk or text_completion), "
+                   "then [DONE]",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer", "minimum": 0}}}}}
 _CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store skips the write."
 
 
