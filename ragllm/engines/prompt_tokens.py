@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 # Pieces shorter than this are tokenized on every request (a cache lookup would cost about as much).
 MIN_CACHED_CHARS = 1024
@@ -41,17 +41,15 @@ class PromptTokenizer:
         self.hits = 0
 
     def encode(self, text: str) -> list[int]:
-        if not self.segmented:
-            return self._whole(text)
+        return self._by_pieces(text, self._piece) if self.segmented else self._whole(text)
+
+    def _by_pieces(self, text: str, piece_ids: Callable[[str], list[int]]) -> list[int]:
+        """Special tokens as their ids, the text between them through ``piece_ids``."""
         ids: list[int] = []
         for piece in self._splitter.split(text):
-            if not piece:
-                continue
-            special = self._specials.get(piece)
-            if special is not None:
-                ids.append(special)
-            else:
-                ids += self._piece(piece)
+            if piece:
+                special = self._specials.get(piece)
+                ids += [special] if special is not None else piece_ids(piece)
         return ids
 
     def _piece(self, piece: str) -> list[int]:
@@ -88,17 +86,9 @@ class PromptTokenizer:
             for last in specials[-2:]:
                 for body in _PROBE_BODIES:
                     text = f"{first}system\n{body}{last}\n{first}user\n{body}{last} {body}"
-                    if self._whole(text) != self._segmented_without_cache(text):
+                    if self._whole(text) != self._by_pieces(text, self._whole):
                         return False
         return True
-
-    def _segmented_without_cache(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece in self._splitter.split(text):
-            if piece:
-                special = self._specials.get(piece)
-                ids += [special] if special is not None else self._whole(piece)
-        return ids
 
 
 def _special_token_ids(tokenizer: Any) -> dict[str, int]:
