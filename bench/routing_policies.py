@@ -14,12 +14,11 @@ each choosing among the same ``Replica`` objects (their ``outstanding`` counts k
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from typing import Callable, Protocol
 
-from ragllm.engines.upstream.router import Replica, ReplicaPool
+from ragllm.engines.upstream.router import Replica, ReplicaPool, rendezvous_weight
 
 
 class Policy(Protocol):
@@ -66,7 +65,7 @@ class ConsistentHash:
     def pick(self, affinity: str | None) -> Replica:
         if affinity is None:
             return self.replicas[0]
-        return max(self.replicas, key=lambda r: _weight(affinity, r.url))
+        return max(self.replicas, key=lambda r: rendezvous_weight(affinity, r.url))
 
 
 class AffinityByOutstanding:
@@ -77,7 +76,7 @@ class AffinityByOutstanding:
     def pick(self, affinity: str | None) -> Replica:
         chosen = min(self.replicas, key=lambda r: (r.outstanding, r.picks))
         if affinity is not None:
-            preferred = max(self.replicas, key=lambda r: _weight(affinity, r.url))
+            preferred = max(self.replicas, key=lambda r: rendezvous_weight(affinity, r.url))
             if preferred.outstanding <= chosen.outstanding + self._slack:
                 chosen = preferred
         chosen.picks += 1
@@ -95,10 +94,6 @@ class Ours:
         replica = self._pool.pick(affinity)
         assert replica is not None  # the simulation never ejects replicas
         return replica
-
-
-def _weight(affinity: str, url: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{affinity}|{url}".encode(), digest_size=8).digest(), "big")
 
 
 def make_policy(name: str, urls: list[str], slack: int, clock: Callable[[], float], seed: int = 0) -> Policy:

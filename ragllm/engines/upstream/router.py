@@ -66,7 +66,7 @@ class ReplicaPool:
         chosen = least
         if affinity is not None:
             fewest_waiting = min(candidates, key=lambda r: (r.awaiting_first_token, r.outstanding, r.picks))
-            preferred = max(candidates, key=lambda r: _weight(affinity, r.url))
+            preferred = max(candidates, key=lambda r: rendezvous_weight(affinity, r.url))
             if (preferred.outstanding <= least.outstanding + self._slack
                     and preferred.awaiting_first_token <= fewest_waiting.awaiting_first_token + self._prefill_slack):
                 chosen = preferred
@@ -94,7 +94,8 @@ class ReplicaPool:
         return any(r.available(now) for r in self.replicas)
 
 
-def _weight(affinity: str, url: str) -> int:
+def rendezvous_weight(affinity: str, url: str) -> int:
+    """The replica with the largest weight for a key is its rendezvous (highest random weight) choice."""
     return int.from_bytes(hashlib.blake2b(f"{affinity}|{url}".encode(), digest_size=8).digest(), "big")
 
 
