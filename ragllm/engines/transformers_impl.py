@@ -64,7 +64,6 @@ class TransformersEngine(Engine):
         self._card: ModelCard | None = None
         self._stop_token_ids: frozenset[int] = frozenset()
         self._embedding_rows = 0
-        self._kv_dtype_name = ""
         self._admitted = 0  # requests generating or queued; guarded by _admission_lock
         self._admission_lock = threading.Lock()
         self._canary: asyncio.Task | None = None
@@ -112,7 +111,6 @@ class TransformersEngine(Engine):
             chunked_prefill=self.settings.chunked_prefill,
             max_queue_wait_s=self.settings.max_queue_wait_s,
         )
-        self._kv_dtype_name = str(runner.cache_dtype).removeprefix("torch.")
         self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal)
         self._card = ModelCard(
             id=self.settings.public_model_name,
@@ -222,7 +220,7 @@ class TransformersEngine(Engine):
         kv = KVCacheStats(block_size=blocks.block_size, blocks_total=blocks.pool.num_usable,
                           blocks_free=blocks.pool.num_free, prefix_cache_queries=blocks.pool.queries,
                           prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions,
-                          dtype=self._kv_dtype_name)
+                          dtype=str(self._scheduler.runner.cache_dtype).removeprefix("torch."))
         return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv)
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
