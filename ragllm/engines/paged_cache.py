@@ -100,6 +100,6 @@ class PagedKVCache:
         block_size = PagedKVCache.block_size_of(layer_cache)
         blocks = layer_cache[tables[:, : -(-length // block_size)]]  # [rows, width, heads, block_size, dim]
         spread = blocks.transpose(1, 2).reshape(rows, blocks.shape[2], -1, blocks.shape[-1])[:, :, :length]
-        if dtype is None or (dtype == layer_cache.dtype and scale == 1.0):
-            return spread
-        return spread.to(dtype) * scale if scale != 1.0 else spread.to(dtype)
+        if dtype is not None and dtype != spread.dtype:
+            spread = spread.to(dtype)
+        return spread * scale if scale != 1.0 else spread
