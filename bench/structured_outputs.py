@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E402
+from bench.host_profile import HostProfile  # noqa: E402
 from bench.random_models import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_arguments(parser, concurrency="1,8", json_name="structured_outputs.json")
     parser.add_argument("--tokenizer", type=Path, help="with --random: a directory with a byte-level tokenizer")
+    parser.add_argument("--profile-host", type=int, default=0, metavar="TOP",
+                        help="after the measured rounds, profile one more batch of each shape at the widest "
+                             "concurrency and print the TOP functions by own time of the engine thread "
+                             "and the event loop")
     return parser.parse_args(argv)
 
 
@@ -165,6 +170,11 @@ async def main(args: argparse.Namespace) -> dict:
                         fills += engine._scheduler._masks.fill_seconds
                         engine._scheduler._masks.fill_seconds.clear()
             rows.append({**summarise(level, runs), **fill_summary(fills)})
+            if args.profile_host and level == widest:
+                for name, shape in shapes.items():
+                    with HostProfile(engine._scheduler) as profile:
+                        await run_batch(engine, shape, prompt, args.max_tokens, f"profile-{name}")
+                    print(f"\n### host profile: {name}, {level} streams\n{profile.table(args.profile_host)}")
     finally:
         await engine.aclose()
     return {

@@ -34,6 +34,25 @@ def test_deltas_never_split_a_character_and_add_up_to_the_text(tokenizer, text):
     assert "".join(deltas) == tokenizer.decode(ids)
 
 
+class PythonOnlyTokenizer:
+    """The real tokenizer's ``decode`` without its Rust backend, as a Python tokenizer presents itself."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("text", ["Ünïcödé: 東京は日本の首都です 🚀🔥 — done", "split emoji at the end 🚀"])
+def test_stream_decoding_gives_the_deltas_of_window_decoding(tokenizer, text):
+    prompt = tokenizer("Say:").input_ids
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:-1]  # may end inside a character
+    ids[3:3] = [len(tokenizer) + 5]  # an id past the vocabulary (logits can be wider) decodes to nothing
+    streamed = IncrementalDetokenizer(tokenizer, prompt)
+    windowed = IncrementalDetokenizer(PythonOnlyTokenizer(tokenizer), prompt)
+    assert streamed._stream is not None and windowed._stream is None
+    assert [streamed.push(t) for t in ids] == [windowed.push(t) for t in ids]
+    assert streamed.flush() == windowed.flush()
+
+
 def test_stop_string_split_across_deltas_is_withheld():
     matcher = StopMatcher(("END",))
     assert matcher.feed("hello E") == ("hello ", False)

@@ -9,7 +9,7 @@ import torch
 
 from ragllm.config import load_settings
 from ragllm.errors import ConstraintUnfollowable, InvalidRequest
-from ragllm.structured.grammars import GrammarCompiler, GrammarViolation
+from ragllm.structured.grammars import Grammar, GrammarCompiler, GrammarViolation
 from ragllm.structured.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput, structured_output_of
 
@@ -132,3 +132,27 @@ def test_a_failed_grammar_fails_only_its_row(compiler, tokenizer, whole_batch):
     assert torch.isfinite(masked[2]).any() and not torch.isfinite(masked[2]).all()
     assert torch.isfinite(masked[1]).all()
 
+
+
+class FailingMatcher:
+    """A matcher whose mask computation raises, as a misused one does (not an llguidance matcher,
+    so the batch call refuses it too)."""
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        raise RuntimeError("mask computation failed")
+
+    def is_error(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
+def test_a_row_whose_mask_cannot_be_computed_fails_alone(compiler, tokenizer, whole_batch):
+    healthy = compiler.grammar(StructuredOutput("regex", "b+"))
+    failing = Grammar(FailingMatcher(), StructuredOutput("regex", "c+"))
+    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch).apply(
+        torch.zeros(3, len(tokenizer)), [failing, healthy, None])
+    assert isinstance(failures[0], RuntimeError) and failures[1] is None and failures[2] is None
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed and all(set(tokenizer.decode([token])) <= {"b"} for token in allowed
+                           if token not in (tokenizer.eos_token_id,))
+    assert torch.isfinite(masked[2]).all()
