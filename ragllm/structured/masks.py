@@ -1,14 +1,13 @@
 """Token masks for the rows of a batch that follow a grammar, applied where the logits live.
 
-The masks are computed on the host (llguidance, the whole batch in one call without the GIL) into
-a pinned buffer, copied to the device without blocking and unpacked there, so on a GPU a constrained
-row costs the host a fraction of a millisecond while the device is busy and never waits for a sync.
-Rows without a grammar are not touched.
+The masks are computed on the host (llguidance, without the GIL) into a pinned buffer,
+copied to the device without blocking and unpacked there, so on a GPU a constrained row costs the
+host a fraction of a millisecond while the device is busy and never waits for a sync. Rows without
+a grammar are not touched.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -18,7 +17,6 @@ import torch
 from ragllm.structured.grammars import Grammar, GrammarViolation
 
 BITS = 32
-logger = logging.getLogger(__name__)
 
 
 class TokenMasks:
@@ -34,7 +32,6 @@ class TokenMasks:
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._shifts = torch.arange(BITS, dtype=torch.int32, device=device)
-        self._executor = None  # llguidance's, made on first use
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
@@ -48,7 +45,7 @@ class TokenMasks:
             # On a GPU every row gets a mask (all ones where there is no grammar): indexing the rows
             # would copy an index from pageable memory, which waits for the step in flight.
             bitmask = self._buffer(len(grammars))
-            bitmask.numpy().fill(-1)  # numpy: torch's CPU ops would wake its thread pool, to spin beside the fill
+            bitmask.fill_(-1)
             self._fill(bitmask, grammars, failures)
             allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
             return logits.masked_fill(~allowed[:, : logits.shape[-1]], float("-inf")), failures
@@ -64,45 +61,30 @@ class TokenMasks:
               rows: list[int] | None = None) -> None:
         """Each grammar's mask into its row of ``bitmask``; ``rows`` maps them to the batch's rows
         (None: one to one, rows without a grammar left as they are)."""
+        import llguidance.torch
+
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
         started = time.perf_counter()
-        self._fill_rows(bitmask, present, failures, rows)
+        # One row after another on this thread (each call drops the GIL). Measured beside a GPU
+        # (BENCHMARKS.md), every way of spreading the work did worse: llguidance's parallel executor
+        # and a pool of our own (the fill's tail grew with every thread added), and a thread that
+        # accepts tokens and fills the next masks while this one detokenizes (it waits for the GIL
+        # at every row, the engine thread holding it for Python work).
+        for i, grammar in present:
+            try:
+                llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
+            except Exception as exc:  # a misused matcher: its own row fails
+                failures[rows[i]] = exc
+                bitmask[i] = -1
         self.fill_seconds.append(time.perf_counter() - started)
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
-        empty = ~bitmask.numpy().any(axis=1)
+        empty = (bitmask == 0).all(dim=1).tolist()
         for i, grammar in present:
             error = grammar.error()
             if failures[rows[i]] is None and (error or empty[i]):
                 failures[rows[i]] = GrammarViolation(f"structured output: {error or 'no token can continue'}")
                 bitmask[i] = -1  # its tokens are not used; an all-masked row would only make NaNs
-
-    def _fill_rows(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
-                   rows: list[int]) -> None:
-        """Every present grammar's mask, in one call that drops the GIL once for the batch.
-
-        Measured beside an H200 (BENCHMARKS.md): a call per row dropped and retook the GIL 32 times a
-        step, and each time the event loop, busy handing over the last step's deltas, could keep it
-        for a switch interval: a 32-row fill of ~0.5 ms took up to 18 ms. One thread: the copies of
-        one compiled grammar share its lexer behind a lock, so more threads only contended (2-12
-        threads were each slower than one)."""
-        import llguidance
-        import llguidance.torch
-
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=1)
-        try:
-            llguidance.torch.fill_next_token_bitmask_par(
-                self._executor, [(grammar.matcher, i) for i, grammar in present], bitmask)
-            return
-        except Exception:  # a misused matcher: row by row, so that only its own row fails
-            logger.warning("filling token masks as one batch failed; filling row by row", exc_info=True)
-        for i, grammar in present:
-            try:
-                llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
-            except Exception as exc:
-                failures[rows[i]] = exc
-                bitmask[i] = -1
 
     def _buffer(self, num_rows: int) -> torch.Tensor:
         if not self._buffers or self._buffers[0].shape[0] < num_rows:
