@@ -1,13 +1,14 @@
 """Token masks for the rows of a batch that follow a grammar, applied where the logits live.
 
-The masks are computed on the host (llguidance, without the GIL) into a pinned buffer,
-copied to the device without blocking and unpacked there, so on a GPU a constrained row costs the
-host a fraction of a millisecond while the device is busy and never waits for a sync. Rows without
-a grammar are not touched.
+The masks are computed on the host (llguidance, the whole batch in one call without the GIL) into
+a pinned buffer, copied to the device without blocking and unpacked there, so on a GPU a constrained
+row costs the host a fraction of a millisecond while the device is busy and never waits for a sync.
+Rows without a grammar are not touched.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import torch
 from ragllm.structured.grammars import Grammar, GrammarViolation
 
 BITS = 32
+logger = logging.getLogger(__name__)
 
 
 class TokenMasks:
@@ -32,6 +34,7 @@ class TokenMasks:
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._shifts = torch.arange(BITS, dtype=torch.int32, device=device)
+        self._executor = None  # llguidance's, made on first use
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
@@ -45,7 +48,7 @@ class TokenMasks:
             # On a GPU every row gets a mask (all ones where there is no grammar): indexing the rows
             # would copy an index from pageable memory, which waits for the step in flight.
             bitmask = self._buffer(len(grammars))
-            bitmask.fill_(-1)
+            bitmask.numpy().fill(-1)  # numpy: torch's CPU ops would wake its thread pool, to spin beside the fill
             self._fill(bitmask, grammars, failures)
             allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
             return logits.masked_fill(~allowed[:, : logits.shape[-1]], float("-inf")), failures
@@ -61,30 +64,48 @@ class TokenMasks:
               rows: list[int] | None = None) -> None:
         """Each grammar's mask into its row of ``bitmask``; ``rows`` maps them to the batch's rows
         (None: one to one, rows without a grammar left as they are)."""
-        import llguidance.torch
-
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
         started = time.perf_counter()
-        # One row after another on this thread (each call drops the GIL). Measured beside a GPU
-        # (BENCHMARKS.md), every way of spreading the work did worse: llguidance's parallel executor
-        # and a pool of our own (the fill's tail grew with every thread added), and a thread that
-        # accepts tokens and fills the next masks while this one detokenizes (it waits for the GIL
-        # at every row, the engine thread holding it for Python work).
-        for i, grammar in present:
-            try:
-                llguidance.torch.fill_next_token_bitmask(grammar.matcher, bitmask, i)
-            except Exception as exc:  # a misused matcher: its own row fails
-                failures[rows[i]] = exc
-                bitmask[i] = -1
+        self._fill_rows(bitmask, present, failures, rows)
         self.fill_seconds.append(time.perf_counter() - started)
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
-        empty = (bitmask == 0).all(dim=1).tolist()
+        empty = ~bitmask.numpy().any(axis=1)
         for i, grammar in present:
             error = grammar.error()
             if failures[rows[i]] is None and (error or empty[i]):
                 failures[rows[i]] = GrammarViolation(f"structured output: {error or 'no token can continue'}")
                 bitmask[i] = -1  # its tokens are not used; an all-masked row would only make NaNs
+
+    def _fill_rows(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
+                   rows: list[int]) -> None:
+        """Every present grammar's mask, in one call that drops the GIL once and spreads the rows
+        over llguidance's threads (80% of the CPUs, at most 32).
+
+        Measured on an H200's host (``bench/mask_fill.py``): 32 rows beside a thread that holds the
+        GIL, as the event loop does while it hands over the last step's deltas, took 29.6 ms a step
+        with a call per row (each call drops the GIL and waits a switch interval to get it back)
+        and 1.5 ms in one call on 16 threads; alone, 2.0 and 0.86 ms."""
+        # llguidance.torch's wrappers are not used: importing that module compiles a kernel with
+        # torch.compile, 1-2.5 s on the engine thread at the first constrained step (every request
+        # waited); these are the calls they wrap. ``bitmask`` is a contiguous int32 host tensor.
+        import llguidance
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        row_bytes = bitmask.shape[1] * bitmask.element_size()
+        try:
+            self._executor.unsafe_compute_mask_ptr([(grammar.matcher, i) for i, grammar in present],
+                                                   bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+            return
+        except Exception:  # a misused matcher: row by row, so that only its own row fails
+            logger.warning("filling token masks as one batch failed; filling row by row", exc_info=True)
+        for i, grammar in present:
+            try:
+                grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+            except Exception as exc:
+                failures[rows[i]] = exc
+                bitmask[i] = -1
 
     def _buffer(self, num_rows: int) -> torch.Tensor:
         if not self._buffers or self._buffers[0].shape[0] < num_rows:

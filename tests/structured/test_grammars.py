@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,3 +158,29 @@ def test_a_row_whose_mask_cannot_be_computed_fails_alone(compiler, tokenizer, wh
     assert allowed and all(set(tokenizer.decode([token])) <= {"b"} for token in allowed
                            if token not in (tokenizer.eos_token_id,))
     assert torch.isfinite(masked[2]).all()
+
+
+FIRST_FILL = """
+import sys, torch
+from transformers import AutoTokenizer
+from ragllm.config import load_settings
+from ragllm.models import resolve_model
+from ragllm.structured.grammars import GrammarCompiler
+from ragllm.structured.masks import TokenMasks
+from ragllm.structured.spec import StructuredOutput
+engine = load_settings().engine
+tokenizer = AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
+grammar = GrammarCompiler(tokenizer, len(tokenizer), frozenset()).grammar(StructuredOutput("regex", "a+"))
+masked, failures = TokenMasks(len(tokenizer), torch.device("cpu")).apply(torch.zeros(1, len(tokenizer)), [grammar])
+assert failures == [None] and not torch.isfinite(masked).all()
+print("llguidance.torch" in sys.modules)
+"""
+
+
+def test_the_first_mask_does_not_load_llguidances_torch_module():
+    """Importing ``llguidance.torch`` runs torch.compile (1-2.5 s, measured), which the engine
+    thread would pay at the first constrained step with every request waiting."""
+    result = subprocess.run([sys.executable, "-c", FIRST_FILL], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+
