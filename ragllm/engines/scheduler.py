@@ -335,25 +335,9 @@ class Scheduler:
             next_logits = self.runner.decode([s.block_table for s in decoding], tokens,
                                              [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
-        tokens = _with_failures(host_tokens.finish(), failures)
-        self._fill_masks_ahead(decoding, tokens)
-        self._record(decoding, tokens, results, scores_on_host(decoding, scores))
+        self._record(decoding, _with_failures(host_tokens.finish(), failures), results,
+                     scores_on_host(decoding, scores))
         self._register_decoded(decoding)
-
-    def _fill_masks_ahead(self, batch: list[Sequence], tokens: list) -> None:
-        """Move each constrained row's grammar on by its token, then start filling the next step's
-        masks on the masks' helper thread, so that the fill overlaps this step's recording
-        (detokenizing, stop strings, deltas) instead of following it. A row whose grammar refuses
-        its token holds the error instead, and ends alone in ``_record``."""
-        if self._masks is None or all(s.grammar is None for s in batch):
-            return
-        for row, (sequence, token) in enumerate(zip(batch, tokens)):
-            if sequence.grammar is not None and not isinstance(token, BaseException):
-                try:
-                    sequence.advance_grammar(token)
-                except Exception as exc:
-                    tokens[row] = exc
-        self._masks.fill_ahead([s.grammar for s in batch])
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[Sequence, list[int], int]] = []  # (sequence, what it prefills, tokens now)

@@ -60,10 +60,6 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, chained
     num_registered: int = 0  # leading full blocks registered for prefix sharing
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
-    # Output tokens the grammar has taken (it can run one ahead of ``output_ids``: ``advance_grammar``)
-    # and whether it was complete after the last of them.
-    grammar_tokens: int = 0
-    grammar_finished: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -89,19 +85,6 @@ class Sequence:
         if self.queue_time_s is None:
             self.queue_time_s = time.monotonic() - self.arrival_time
 
-    def advance_grammar(self, token_id: int) -> None:
-        """Move the grammar on by the token about to be appended, before ``append_token``, so that
-        the next step's mask can be computed while this step is recorded (``append_token`` then does
-        not touch the matcher, which the mask's computation holds). Raises what ``accept`` raises."""
-        self._advance_grammar(token_id, len(self.output_ids) + 1)
-
-    def _advance_grammar(self, token_id: int, tokens_after: int) -> None:
-        if self.grammar is None or token_id in self.stop_token_ids or self.grammar_tokens >= tokens_after:
-            return
-        self.grammar_tokens = tokens_after
-        self.grammar.accept(token_id)
-        self.grammar_finished = self.grammar.finished
-
     def append_token(self, token_id: int, scores: "TokenScores | None" = None) -> Delta | None:
         """Record a sampled token (with its log probabilities, when asked for); returns a delta when
         there is something to tell the consumer."""
@@ -115,11 +98,12 @@ class Sequence:
             # The end-of-sequence token adds no text, but text held back so far (an unfinished
             # character, a possible stop-string prefix) is part of the answer.
             return self._finish(FinishReason.STOP, self._flush_held_back()[0])
-        self._advance_grammar(token_id, len(self.output_ids))
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
         if hit_stop:
             return self._finish(FinishReason.STOP, text)
-        if self.grammar_finished:  # complete: only the end could follow
+        if self.grammar is not None and self.grammar.finished:  # complete: only the end could follow
             tail, _ = self._flush_held_back()
             return self._finish(FinishReason.STOP, text + tail)
         if len(self.output_ids) >= self.max_tokens:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 
 import torch
@@ -36,65 +35,30 @@ class TokenMasks:
         self._turn = 0
         self._shifts = torch.arange(BITS, dtype=torch.int32, device=device)
         self._executor = None  # llguidance's, made on first use
-        self._helper: ThreadPoolExecutor | None = None  # fills masks ahead (fill_ahead)
-        self._ahead: tuple[list, Future] | None = None  # (the grammars, their masks in the making)
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
         the caller's logits stay as the model gave them, for log probabilities), and for each row the
-        error that ends it alone (its grammar failed or allows nothing), else None. Masks filled
-        ahead for exactly these grammars (``fill_ahead``) are used; any others are dropped."""
-        ahead = self._take_ahead(grammars)
-        if not any(grammar is not None for grammar in grammars):
-            return logits, [None] * len(grammars)
-        bitmask, failures, rows = ahead or self._masks_of(grammars)
+        error that ends it alone (its grammar failed or allows nothing), else None."""
+        rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+        failures: list[Exception | None] = [None] * len(grammars)
+        if not rows:
+            return logits, failures
         if self._whole_batch:
+            # On a GPU every row gets a mask (all ones where there is no grammar): indexing the rows
+            # would copy an index from pageable memory, which waits for the step in flight.
+            bitmask = self._buffer(len(grammars))
+            bitmask.numpy().fill(-1)  # numpy: torch's CPU ops would wake its thread pool, to spin beside the fill
+            self._fill(bitmask, grammars, failures)
             allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
             return logits.masked_fill(~allowed[:, : logits.shape[-1]], float("-inf")), failures
+        bitmask = self._buffer(len(rows))
+        self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
         allowed = self._unpack(bitmask)
         index = torch.tensor(rows)
         masked = logits.clone()
         masked[index] = masked[index].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
         return masked, failures
-
-    def fill_ahead(self, grammars: Sequence[Grammar | None]) -> None:
-        """Start filling the masks of the next step of a batch with these grammars (each already
-        moved on by this step's token) on a helper thread, so that the fill (without the GIL) runs
-        while the caller records this step; ``apply`` with the same grammars takes them. Until then
-        the caller must not use these grammars' matchers: the fill holds them."""
-        self._take_ahead(None)
-        if not any(grammar is not None for grammar in grammars):
-            return
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragllm-masks")
-        grammars = list(grammars)
-        self._ahead = (grammars, self._helper.submit(self._masks_of, grammars))
-
-    def _take_ahead(self, grammars: Sequence[Grammar | None] | None) -> tuple | None:
-        """The masks filled ahead if they were for exactly ``grammars`` (the same objects in the same
-        rows), else None; either way nothing is left in flight."""
-        if self._ahead is None:
-            return None
-        (filled_for, pending), self._ahead = self._ahead, None
-        masks = pending.result()  # also when dropped: its buffer may not be handed out mid-fill
-        same = grammars is not None and len(filled_for) == len(grammars) and all(
-            a is b for a, b in zip(filled_for, grammars))
-        return masks if same else None
-
-    def _masks_of(self, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list, list[int]]:
-        """(host bitmask, each row's failure, the constrained rows): on a GPU one mask row per batch
-        row (all ones where there is no grammar: indexing the rows would copy an index from pageable
-        memory, which waits for the step in flight); elsewhere one per constrained row."""
-        rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
-        failures: list[Exception | None] = [None] * len(grammars)
-        if self._whole_batch:
-            bitmask = self._buffer(len(grammars))
-            bitmask.numpy().fill(-1)  # numpy: torch's CPU ops would wake its thread pool, to spin beside the fill
-            self._fill(bitmask, grammars, failures)
-        else:
-            bitmask = self._buffer(len(rows))
-            self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
-        return bitmask, failures, rows
 
     def _fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
               rows: list[int] | None = None) -> None:

@@ -184,34 +184,3 @@ def test_the_first_mask_does_not_load_llguidances_torch_module():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
 
-
-
-@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
-def test_masks_filled_ahead_are_used_only_for_the_same_grammars(compiler, tokenizer, whole_batch):
-    digits = StructuredOutput("regex", "[0-9]{1,4}")
-    letters = StructuredOutput("regex", "[a-z]{1,4}")
-    def masked_rows(masks, grammars):
-        masked, failures = masks.apply(torch.zeros(len(grammars), len(tokenizer)), grammars)
-        assert failures == [None] * len(grammars)
-        return torch.isfinite(masked)
-
-    fresh = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch)
-    ahead = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch)
-    batch = [compiler.grammar(digits), None, compiler.grammar(letters)]
-    ahead.fill_ahead(batch)
-    assert torch.equal(masked_rows(ahead, batch), masked_rows(fresh, batch))
-    assert ahead.fill_seconds and len(ahead.fill_seconds) == 1  # the fill ahead, not a second one
-
-    # Filled ahead for one batch, applied to another (a row left, rows swapped): filled again.
-    ahead.fill_ahead(batch)
-    changed = [batch[2], batch[0]]
-    assert torch.equal(masked_rows(ahead, changed), masked_rows(fresh, changed))
-    assert len(ahead.fill_seconds) == 3
-
-    # A grammar moved on after its masks were filled ahead is the caller's mistake the contract
-    # forbids; moved on before (as the scheduler does), the masks follow it.
-    batch[0].accept(tokenizer.encode("7", add_special_tokens=False)[0])
-    ahead.fill_ahead(batch)
-    allowed = masked_rows(ahead, batch)
-    assert torch.equal(allowed, masked_rows(fresh, batch))
-    assert not allowed[0, tokenizer.encode("a", add_special_tokens=False)[0]]
