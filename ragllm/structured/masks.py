@@ -48,7 +48,7 @@ class TokenMasks:
             # On a GPU every row gets a mask (all ones where there is no grammar): indexing the rows
             # would copy an index from pageable memory, which waits for the step in flight.
             bitmask = self._buffer(len(grammars))
-            bitmask.numpy().fill(-1)  # numpy: torch's CPU ops would wake its thread pool, to spin beside the fill
+            bitmask.numpy().fill(-1)  # numpy: one thread; torch would wake its CPU pool next to the fill
             self._fill(bitmask, grammars, failures)
             allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
             return logits.masked_fill(~allowed[:, : logits.shape[-1]], float("-inf")), failures
