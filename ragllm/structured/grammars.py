@@ -77,7 +77,7 @@ class GrammarCompiler:
         """A fresh position at the start of ``spec``'s grammar; 400 if it cannot be compiled.
 
         The cache keeps each constraint's grammar, checked; every request gets a matcher of its own
-        made from it (~1 ms, off the event loop). Copies of one matcher would cost less to make but
+        made from it (1-3 ms, off the event loop). Copies of one matcher would cost less to make but
         share its lexer behind a lock, so a batch's masks could only be computed one row at a time:
         measured on 16 cores, 32 copies filled in 2.0-2.7 ms a step on 1-16 threads, 32 matchers of
         their own in 0.86 ms on 16 (``bench/mask_fill.py``)."""
