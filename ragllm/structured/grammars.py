@@ -85,22 +85,24 @@ class GrammarCompiler:
             compiled = self._compiled.get(spec)
             if compiled is not None:
                 self._compiled.move_to_end(spec)
-        if compiled is None:
-            compiled = self._compile(spec)
-            with self._lock:
-                self.num_compiled += 1
-                self._compiled[spec] = compiled
-                while len(self._compiled) > self._cache_size:
-                    self._compiled.popitem(last=False)
-        return Grammar(self._matcher(compiled), spec)
+        if compiled is not None:
+            return Grammar(self._matcher(compiled), spec)
+        compiled, matcher = self._compile(spec)
+        with self._lock:
+            self.num_compiled += 1
+            self._compiled[spec] = compiled
+            while len(self._compiled) > self._cache_size:
+                self._compiled.popitem(last=False)
+        return Grammar(matcher, spec)  # the matcher that checked the grammar serves the first request
 
     def _matcher(self, compiled: str) -> Any:
         import llguidance
 
         return llguidance.LLMatcher(self._llg_tokenizer(), compiled, log_level=0)
 
-    def _compile(self, spec: StructuredOutput) -> str:
-        """``spec`` as llguidance's grammar, checked against this tokenizer; 400 where it cannot be."""
+    def _compile(self, spec: StructuredOutput) -> tuple[str, Any]:
+        """``spec`` as llguidance's grammar, checked against this tokenizer, and the matcher that
+        checked it (at the grammar's start); 400 where it cannot be."""
         import llguidance
 
         try:
@@ -115,10 +117,10 @@ class GrammarCompiler:
         error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer)
         if error:
             raise _refusal(spec, error)
-        matcher = llguidance.LLMatcher(tokenizer, compiled, log_level=0)
+        matcher = self._matcher(compiled)
         if matcher.is_error():
             raise _refusal(spec, matcher.get_error())
-        return compiled
+        return compiled, matcher
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:
