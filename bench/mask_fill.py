@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import write_report  # noqa: E402
 from bench.structured_outputs import RECORDS  # noqa: E402
-from ragllm.structured.grammars import _llguidance_grammar  # noqa: E402
+from ragllm.structured.grammars import GrammarCompiler  # noqa: E402
 from ragllm.structured.spec import structured_output_of  # noqa: E402
 
 # The engine's GIL switch interval on a GPU (transformers_impl.GIL_SWITCH_INTERVAL_S).
@@ -58,35 +58,31 @@ def tokenizer_path(args: argparse.Namespace) -> Path:
 
 class FillBench:
     def __init__(self, args: argparse.Namespace) -> None:
-        import llguidance
-        import llguidance.hf
         import torch
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(tokenizer_path(args))
         self.vocab = args.vocab or len(hf)
-        self.tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab)
-        self.grammar = _llguidance_grammar(structured_output_of({"guided_json": RECORDS}))
+        self.compiler = GrammarCompiler(hf, self.vocab, frozenset())  # the engine's, as it makes matchers
+        self.spec = structured_output_of({"guided_json": RECORDS})
         self.rows, self.steps = args.rows, args.steps
         self.words = (self.vocab + 31) // 32
         self.scores = torch.randn(self.rows, self.vocab, generator=torch.Generator().manual_seed(0))
-        self.template = llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        self.template = self.compiler.grammar(self.spec).matcher
 
     def matchers(self, independent: bool) -> list:
-        import llguidance
-
-        if independent:
-            return [llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0) for _ in range(self.rows)]
+        if independent:  # what the engine gives each request
+            return [self.compiler.grammar(self.spec).matcher for _ in range(self.rows)]
         return [self.template.deep_copy() for _ in range(self.rows)]
 
     def run(self, threads: int | None, independent: bool, busy: bool) -> dict:
         """``threads`` None: a call per row; else one call for the batch on that many threads."""
         import llguidance
-        import llguidance.torch
         import torch
 
         matchers = self.matchers(independent)
         bitmask = torch.full((self.rows, self.words), -1, dtype=torch.int32)
+        row_bytes = self.words * bitmask.element_size()
         executor = llguidance.LLExecutor(num_threads=threads) if threads else None
         shifts = torch.arange(32, dtype=torch.int32)
         stop = threading.Event()
@@ -98,11 +94,11 @@ class FillBench:
             for _ in range(self.steps):
                 started = time.perf_counter()
                 if executor is not None:
-                    llguidance.torch.fill_next_token_bitmask_par(
-                        executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+                    executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
+                                                     bitmask.data_ptr(), row_bytes, self.rows)
                 else:
                     for i, matcher in enumerate(matchers):
-                        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+                        matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
                 times.append(time.perf_counter() - started)
                 allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(self.rows, -1)[:, : self.vocab]
                 chosen = self.scores.masked_fill(~allowed, float("-inf")).argmax(dim=1).tolist()
