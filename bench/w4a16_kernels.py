@@ -37,6 +37,9 @@ COPIES = 8
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("bench/results/w4a16_kernels.json"))
+    parser.add_argument("--decode-rows", default=",".join(map(str, DECODE_ROWS)),
+                        help="comma-separated decode row counts to sweep")
+    parser.add_argument("--skip-prefill", action="store_true")
     return parser.parse_args()
 
 
@@ -91,13 +94,16 @@ def main() -> None:
         return lambda: [F.linear(x, weight) for weight in layers[name][1]]
 
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
-    gemv_tunings = [replace(base, gemv_words=words, gemv_warps=warps, gemv_programs_per_sm=per_sm, gemv_stages=stages)
-                    for words, warps, per_sm, stages in itertools.product((4, 8, 16), (4, 8), (4, 16), (1, 3))]
+    gemv_tunings = [replace(base, gemv_words=words, gemv_block_k=block_k, gemv_programs_per_sm=per_sm, gemv_stages=stages,
+                            gemv_unrolled=unrolled)
+                    for words, block_k, per_sm, stages, unrolled in itertools.product((8, 16), (8, 16), (8, 16), (2, 3),
+                                                                                        (False, True))
+                    if not (unrolled and stages == 3)]  # an unrolled program is not pipelined
     gemv_tunings.append(replace(base, gemv_words=0))  # 0: one row through the tiled kernel
-    tiled_tunings = [replace(base, decode_block_n=block_n, decode_stages=stages, decode_programs_per_sm=per_sm,
-                             decode_warps=warps)
-                     for block_n, stages, per_sm, warps in itertools.product((32, 64), (2, 3), (4, 8), (4, 8))]
-    for rows in DECODE_ROWS:
+    tiled_tunings = [replace(base, small_rows=0, decode_block_n=block_n, decode_stages=stages,
+                             decode_programs_per_sm=per_sm, decode_warps=warps)
+                     for block_n, stages, per_sm, warps in itertools.product((32, 64, 128), (2, 3), (4,), (4,))]
+    for rows in map(int, args.decode_rows.split(",")):
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
         entry: dict = {"bf16_us": {}, "awq": []}
         for name, _, _ in SHAPES:
@@ -115,6 +121,9 @@ def main() -> None:
         print(f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
               f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
               f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
+    if args.skip_prefill:
+        write(args.json, report)
+        return
     # -- prefill --------------------------------------------------------------------------------------------
     inputs = {name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
     prefill: dict = {"bf16_us": {name: graph_time_us(run_dense(name, inputs[name]), 1) for name, _, _ in SHAPES},
@@ -139,9 +148,13 @@ def main() -> None:
           f"with {best['tuning']}", flush=True)
     dequantised = next(row for row in prefill["awq"] if row["tuning"]["prefill_mode"] == "dequantise")
     print(f"prefill by dequantise-then-matmul: {dequantised.get('layer_us', float('nan')):.0f} µs", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write(args.json, report)
+
+
+def write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -139,11 +139,11 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 64, 65, 257, 2048])
-@pytest.mark.parametrize("shape", [(1536, 2048), (1536, 1536), (8960, 1536), (1536, 17920)])
+@pytest.mark.parametrize("shape", [(1536, 2048), (1536, 1536), (8960, 1536), (1536, 17920), (384, 200)])
 def test_w4a16_products_match_dequantise_then_matmul(rows, shape):
-    """The Qwen2.5-1.5B layer shapes (q/k/v, o, down, gate/up) at decode and prefill row counts, against
-    float32 over the dequantised weights; repeated calls give the same bits (the split-K counters reset
-    and the shares add up in a fixed order)."""
+    """The Qwen2.5-1.5B layer shapes (q/k/v, o, down, gate/up), and one whose outputs fill no whole block,
+    at decode and prefill row counts, against float32 over the dequantised weights; repeated calls give
+    the same bits (the split-K counters reset and the shares add up in a fixed order)."""
     from ragllm.engines.cuda.w4a16 import awq_matmul, counters_for
 
     torch.manual_seed(rows)

@@ -2,8 +2,10 @@
 plain-PyTorch twin used on the CPU.
 
 Decode is bound by reading weights: each step reads every weight once, so the int4 weights should be
-read once per step, whatever the rows, and by enough programs to keep the memory system busy. The
-decode kernel (up to ``DECODE_ROWS`` rows) gives each program a strip of output columns and a share of
+read once per step, whatever the rows, and by enough programs to keep the memory system busy. One
+row is a matrix-vector product without tensor cores, where the arithmetic per weight decides the
+speed: each weight becomes a float in one logic operation (``_mantissa_values``). The tiled decode
+kernel (up to ``DECODE_ROWS`` rows) gives each program a strip of output columns and a share of
 the input groups (split-K); the last program to finish a strip adds the shares up, in a fixed order,
 and writes the output, so a step is one launch per projection and the result does not depend on
 which program finished first. The per-strip counters it uses reset themselves, so the kernel can be
@@ -30,21 +32,31 @@ if triton is not None:
     import triton.language as tl
 
 DECODE_ROWS = 64
+# The nibble mask, passed to the kernels at run time (see ``_mantissa_values``).
+NIBBLE = 15
+# Most input groups a single-row program unrolls; a longer share runs as a pipelined loop (code size).
+UNROLL_LIMIT = 4
 
 
 @dataclass
 class W4A16Tuning:
     """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
     on an H200 over Qwen2.5-1.5B's projections (BENCHMARKS.md)."""
-    # One row (a single stream) runs without tensor cores: each weight is dequantised and multiplied
-    # once, in registers, and summed over the inputs at the end.
-    gemv_words: int = 4  # packed words (8 outputs each) per program
+    # One row (a single stream) runs without tensor cores: each weight is read as a float by one logic
+    # operation, and the products are summed over the inputs once, at the end.
+    gemv_words: int = 8  # packed words (8 outputs each) per program
+    gemv_block_k: int = 16  # inputs per accumulator tile (a divisor of the group size)
     gemv_warps: int = 4
-    gemv_stages: int = 4
-    gemv_programs_per_sm: int = 4
+    gemv_stages: int = 2
+    gemv_programs_per_sm: int = 8
+    gemv_unrolled: bool = True  # each program's groups unrolled instead of software-pipelined
+    # Up to ``small_rows`` rows, a wider output tile; more rows, a narrower one.
+    small_rows: int = 16
+    decode_small_block_n: int = 64
+    decode_small_stages: int = 3
     decode_block_n: int = 32
     decode_warps: int = 4
-    decode_stages: int = 2
+    decode_stages: int = 3
     # Programs aimed for in a decode product, per multiprocessor (the split-K factor follows).
     decode_programs_per_sm: int = 4
     prefill_mode: str = "dequantise"  # or "tiled"
@@ -91,10 +103,12 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
     groups = weights.in_features // weights.group_size
     if rows == 1 and TUNING.gemv_words:
         return _single_row_product(x, weights, counters, groups)
-    block_n = TUNING.decode_block_n
+    small = rows <= TUNING.small_rows
+    block_n = TUNING.decode_small_block_n if small else TUNING.decode_block_n
+    stages = TUNING.decode_small_stages if small else TUNING.decode_stages
     split = _split_for(triton.cdiv(n, block_n), groups, TUNING.decode_programs_per_sm, counters, x.device)
     block_m = max(16, triton.next_power_of_2(rows))
-    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, TUNING.decode_stages)
+    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, stages)
 
 
 def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
@@ -107,8 +121,11 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     bias = weights.bias if weights.bias is not None else out
     _awq_gemv_kernel[(blocks, split)](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, n, GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split,
-        SPLIT_K=split, WORDS=words, HAS_BIAS=weights.bias is not None, num_warps=TUNING.gemv_warps, num_stages=TUNING.gemv_stages)
+        counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
+        BLOCK_K=min(TUNING.gemv_block_k, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
+        SPLIT_K=split, HAS_BIAS=weights.bias is not None, UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT,
+        num_warps=TUNING.gemv_warps,
+        num_stages=TUNING.gemv_stages)
     return out
 
 
@@ -122,7 +139,7 @@ def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: 
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), split)
     _awq_gemm_kernel[grid](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, rows, n, x.stride(0), out.stride(0),
+        counters if counters is not None else out, rows, n, x.stride(0), out.stride(0), NIBBLE,
         GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m,
         BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=warps, num_stages=stages)
     return out
@@ -133,7 +150,7 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
     matrix = torch.empty(k, n, dtype=x.dtype, device=x.device)
     block_n = 128
     _awq_dequantise_kernel[(k // weights.group_size, triton.cdiv(n, block_n))](
-        weights.qweight, weights.qzeros, weights.scales, matrix, n, GROUP=weights.group_size, BLOCK_N=block_n)
+        weights.qweight, weights.qzeros, weights.scales, matrix, n, NIBBLE, GROUP=weights.group_size, BLOCK_N=block_n)
     out = x @ matrix
     return out if weights.bias is None else out + weights.bias
 
@@ -146,85 +163,104 @@ def _multiprocessors(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _unpacked(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
-        """int32 [ROWS, COLS / 8] → [ROWS, COLS] of 0..15 in natural column order (AWQ's nibble order)."""
-        lane = tl.arange(0, 8)
-        shifts = (lane // 2 + (lane % 2) * 4) * 4
-        return tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (ROWS, COLS))
+    def _spread(packed):
+        """int32 [R, W] → [R, 8W], each word repeated for its eight columns. ``interleave`` keeps a
+        word's copies in the thread that loaded it, so no data moves between threads."""
+        packed = tl.interleave(packed, packed)
+        packed = tl.interleave(packed, packed)
+        return tl.interleave(packed, packed)
 
     @triton.jit
-    def _as_float(nibbles):
-        """Values 0..15 as float32 plus 2^23 (their bits under float32's exponent of 2^23): one logic
-        op instead of an int-to-float conversion. Differences of two such values are exact."""
-        return (nibbles | 0x4B000000).to(tl.float32, bitcast=True)
+    def _mantissa_values(spread, NIBBLE, BLOCK_N: tl.constexpr):
+        """Spread words [R, BLOCK_N] → float32 ``2^23 + q * 2^f`` per column, and ``f`` per column.
+
+        Column c of a word sits at bit ``4 * SHIFTS[c]``. Masking the nibble where it sits and setting
+        float32's exponent of 2^23 over it reads it as a float in one logic operation (no shift, no
+        conversion): ``2^23 + q * 2^f`` with f its bit offset, exact while the nibble lies within the
+        23 mantissa bits. The top three nibbles (offsets 20-28) are shifted down 12 bits first, one
+        shift per word. ``NIBBLE`` is 15 passed at run time: as a register, mask and exponent go into
+        one three-input logic operation; as a constant, the compiler splits them into two."""
+        column = tl.arange(0, BLOCK_N) % 8
+        shift = (column // 2 + (column % 2) * 4) * 4
+        high = shift >= 20
+        field = tl.where(high, shift - 12, shift)
+        source = tl.where(high[None, :], spread >> 12, spread)
+        values = ((source & (NIBBLE << field)[None, :]) | 0x4B000000).to(tl.float32, bitcast=True)
+        return values, field
 
     @triton.jit
-    def _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask,
-                    GROUP: tl.constexpr):
-        """One input group's activations, packed weights, packed zero points and scales."""
-        packed_width = N // 8
-        k = group * GROUP + tl.arange(0, GROUP)
-        x = tl.load(x_ptr + k).to(tl.float32)
-        packed = tl.load(qweight_ptr + k[:, None] * packed_width + words[None, :], mask=word_mask[None, :], other=0)
-        packed_zeros = tl.load(qzeros_ptr + group * packed_width + words, mask=word_mask, other=0)
-        scales = tl.load(scales_ptr + group * N + cols, mask=col_mask, other=0.0).to(tl.float32)
-        return x, packed, packed_zeros, scales
+    def _group_terms(qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask, NIBBLE,
+                     BLOCK_N: tl.constexpr):
+        """One input group's zero points in the same ``2^23 + z * 2^f`` form and its scales divided by
+        ``2^f``, as [1, BLOCK_N]: ``(value - zero) * scale`` is then exactly ``(q - z) * s``."""
+        packed_zeros = tl.load(qzeros_ptr + group * (N // 8) + words[None, :], mask=word_mask[None, :], other=0)
+        zeros, field = _mantissa_values(_spread(packed_zeros), NIBBLE, BLOCK_N)
+        scales = tl.load(scales_ptr + group * N + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
+        return zeros, scales * tl.exp2(-field.to(tl.float32))[None, :]
 
     @triton.jit
-    def _gemv_terms(x, packed, packed_zeros, scales, shifts):
-        """x[k] * w[k, 8 word + ORDER[nibble]] for one group, as [8 nibbles, GROUP, WORDS]: the nibble axis
-        leads, so that the packed tile [GROUP, WORDS] broadcasts into it as it was loaded."""
-        zeros = _as_float((packed_zeros[None, :] >> shifts[:, None]) & 0xF)  # [8, WORDS]
-        values = _as_float((packed[None, :, :] >> shifts[:, None, None]) & 0xF)
-        return x[None, :, None] * ((values - zeros[:, None, :]) * scales[:, None, :])
+    def _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask,
+                    NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]: unscaled over the group's
+        BLOCK_K-row steps, then scaled once."""
+        zeros, scales = _group_terms(qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask, NIBBLE,
+                                     BLOCK_N)
+        part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for step in tl.static_range(GROUP // BLOCK_K):
+            k = group * GROUP + step * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + k).to(tl.float32)
+            packed = tl.load(qweight_ptr + k[:, None] * (N // 8) + words[None, :], mask=word_mask[None, :], other=0)
+            values, _ = _mantissa_values(_spread(packed), NIBBLE, BLOCK_N)
+            part += x[:, None] * (values - zeros)
+        return acc + part * scales
 
     @triton.jit
-    def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr, N,
-                         GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-                         WORDS: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """One row: program (n, k) computes WORDS * 8 outputs over its share of the input groups; nibble i
-        of word w is output 8w + ORDER[i]. The next group's loads are issued before the current group's
-        arithmetic."""
+    def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
+                         N, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
+                         GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         UNROLLED: tl.constexpr):
+        """One row, without tensor cores: program (n, k) computes 8 * WORDS outputs over its share of the
+        input groups. Products accumulate elementwise over a [BLOCK_K, 8 * WORDS] tile (each thread its
+        own), unscaled within a group and scaled once per group, and are summed over the inputs once at
+        the end; per weight that is one logic operation, a subtraction and a multiply-add."""
+        BLOCK_N: tl.constexpr = WORDS * 8
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         words = pid_n * WORDS + tl.arange(0, WORDS)
         word_mask = words < N // 8
-        nibbles = tl.arange(0, 8)
-        shifts = nibbles * 4
-        cols = words[None, :] * 8 + ((nibbles % 4) * 2 + nibbles // 4)[:, None]  # [8, WORDS]
-        col_mask = word_mask[None, :] & (nibbles < 8)[:, None]
-        acc = tl.zeros((8, GROUP, WORDS), dtype=tl.float32)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         first = pid_k * GROUPS_PER_SPLIT
-        last = first + GROUPS_PER_SPLIT - 1
-        x, packed, packed_zeros, scales = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first, N, words,
-                                                      word_mask, cols, col_mask, GROUP)
-        for group in range(first, first + GROUPS_PER_SPLIT):
-            x1, packed1, zeros1, scales1 = _gemv_tiles(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr,
-                                                       tl.minimum(group + 1, last), N, words, word_mask, cols,
-                                                       col_mask, GROUP)
-            acc += _gemv_terms(x, packed, packed_zeros, scales, shifts)
-            x, packed, packed_zeros, scales = x1, packed1, zeros1, scales1
-        total = tl.sum(acc, axis=1)  # [8, WORDS]
+        if UNROLLED:  # every load of the program's share in flight at once
+            for index in tl.static_range(GROUPS_PER_SPLIT):
+                acc = _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first + index, N, words, word_mask,
+                                  cols, col_mask, NIBBLE, GROUP, BLOCK_K, BLOCK_N)
+        else:  # software-pipelined over the groups
+            for index in range(GROUPS_PER_SPLIT):
+                acc = _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first + index, N, words, word_mask,
+                                  cols, col_mask, NIBBLE, GROUP, BLOCK_K, BLOCK_N)
+        total = tl.sum(acc, axis=0)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
         else:
             tl.store(partial_ptr + pid_k * N + cols, total, mask=col_mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counters_ptr + pid_n, 1)
-            if arrived == SPLIT_K - 1:
-                summed = tl.zeros((8, WORDS), dtype=tl.float32)
+            tl.debug_barrier()  # every thread's share is written before the arrival is counted
+            arrived = tl.atomic_add(counters_ptr + pid_n, 1)  # acq_rel: shares before it are visible after
+            if arrived == SPLIT_K - 1:  # the last share of this strip: add them up in split order
+                summed = tl.zeros((BLOCK_N,), dtype=tl.float32)
                 for split in range(SPLIT_K):
                     summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     summed += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                 tl.store(out_ptr + cols, summed.to(out_ptr.dtype.element_ty), mask=col_mask)
-                tl.atomic_xchg(counters_ptr + pid_n, 0)
+                tl.atomic_xchg(counters_ptr + pid_n, 0)  # ready for the next product (graph replays)
 
     @triton.jit
     def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
-                         M, N, stride_xm, stride_om, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
+                         M, N, stride_xm, stride_om, NIBBLE, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
                          SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -236,10 +272,11 @@ if triton is not None:
         offsets = tl.arange(0, GROUP)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         first = pid_k * GROUPS_PER_SPLIT
-        for group in range(first, first + GROUPS_PER_SPLIT):
+        for index in range(GROUPS_PER_SPLIT):
+            group = first + index
             k = group * GROUP + offsets
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_mask[:, None], other=0.0)
-            weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, GROUP, BLOCK_N)
+            weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP, BLOCK_N)
             acc += tl.dot(x, weights.to(x_ptr.dtype.element_ty))
         tile_mask = row_mask[:, None] & col_mask[None, :]
         out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -263,29 +300,26 @@ if triton is not None:
                 tl.atomic_xchg(counters_ptr + tile, 0)  # ready for the next product (graph replays)
 
     @triton.jit
-    def _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, GROUP: tl.constexpr,
+    def _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP: tl.constexpr,
                            BLOCK_N: tl.constexpr):
         """Input group ``group``'s weights of output block ``pid_n``, dequantised: float32 [GROUP, BLOCK_N]."""
-        packed_width = N // 8
         k = group * GROUP + tl.arange(0, GROUP)
+        words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+        word_mask = words < N // 8
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        packed_cols = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-        packed_mask = packed_cols < packed_width
-        packed = tl.load(qweight_ptr + k[:, None] * packed_width + packed_cols[None, :], mask=packed_mask[None, :],
-                         other=0)
-        values = _as_float(_unpacked(packed, GROUP, BLOCK_N))
-        packed_zeros = tl.load(qzeros_ptr + group * packed_width + packed_cols, mask=packed_mask, other=0)
-        zeros = _as_float(tl.reshape(_unpacked(packed_zeros[None, :], 1, BLOCK_N), (BLOCK_N,)))
-        scales = tl.load(scales_ptr + group * N + cols, mask=cols < N, other=0.0).to(tl.float32)
-        return (values - zeros[None, :]) * scales[None, :]
+        packed = tl.load(qweight_ptr + k[:, None] * (N // 8) + words[None, :], mask=word_mask[None, :], other=0)
+        values, _ = _mantissa_values(_spread(packed), NIBBLE, BLOCK_N)
+        zeros, scales = _group_terms(qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, cols < N, NIBBLE,
+                                     BLOCK_N)
+        return (values - zeros) * scales
 
     @triton.jit
-    def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, GROUP: tl.constexpr,
+    def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, NIBBLE, GROUP: tl.constexpr,
                                BLOCK_N: tl.constexpr):
         group = tl.program_id(0)
         pid_n = tl.program_id(1)
         k = group * GROUP + tl.arange(0, GROUP)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, GROUP, BLOCK_N)
+        weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP, BLOCK_N)
         tl.store(out_ptr + k[:, None] * N + cols[None, :], weights.to(out_ptr.dtype.element_ty),
                  mask=(cols < N)[None, :])
