@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from ragllm.structured.grammars import Grammar, GrammarViolation
+from ragllm.structured.mask_kernel import BITS, masked_logits, unpacked
 
-BITS = 32
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +33,6 @@ class TokenMasks:
         # Two host buffers in turn: a copy still in flight reads one while the next step fills the other.
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
-        self._shifts = torch.arange(BITS, dtype=torch.int32, device=device)
         self._executor = None  # llguidance's, made on first use
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
@@ -50,11 +49,10 @@ class TokenMasks:
             bitmask = self._buffer(len(grammars))
             bitmask.numpy().fill(-1)  # numpy: one thread; torch would wake its CPU pool next to the fill
             self._fill(bitmask, grammars, failures)
-            allowed = self._unpack(bitmask.to(self.device, non_blocking=True))
-            return logits.masked_fill(~allowed[:, : logits.shape[-1]], float("-inf")), failures
+            return masked_logits(logits, bitmask.to(self.device, non_blocking=True)), failures
         bitmask = self._buffer(len(rows))
         self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
-        allowed = self._unpack(bitmask)
+        allowed = unpacked(bitmask)
         index = torch.tensor(rows)
         masked = logits.clone()
         masked[index] = masked[index].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
@@ -114,7 +112,3 @@ class TokenMasks:
                              for _ in range(2)]
         self._turn ^= 1
         return self._buffers[self._turn][:num_rows]
-
-    def _unpack(self, bitmask: torch.Tensor) -> torch.Tensor:
-        """[rows, words] int32 → [rows, words * 32] bool, bit i of word w is token 32 w + i."""
-        return ((bitmask[:, :, None] >> self._shifts) & 1).bool().reshape(bitmask.shape[0], -1)
