@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 from dataclasses import asdict, replace
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import write_report  # noqa: E402
 from ragllm.engines.cuda import w4a16  # noqa: E402
 from ragllm.engines.quantized.awq_format import AwqWeights, quantise  # noqa: E402
 
@@ -122,7 +122,7 @@ def main() -> None:
               f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
               f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
     if args.skip_prefill:
-        write(args.json, report)
+        write_report(args.json, report)
         return
     # -- prefill --------------------------------------------------------------------------------------------
     inputs = {name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
@@ -148,13 +148,7 @@ def main() -> None:
           f"with {best['tuning']}", flush=True)
     dequantised = next(row for row in prefill["awq"] if row["tuning"]["prefill_mode"] == "dequantise")
     print(f"prefill by dequantise-then-matmul: {dequantised.get('layer_us', float('nan')):.0f} µs", flush=True)
-    write(args.json, report)
-
-
-def write(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":
