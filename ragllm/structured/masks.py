@@ -1,8 +1,9 @@
 """Token masks for the rows of a batch that follow a grammar, applied where the logits live.
 
 The masks are computed on the host (llguidance, the whole batch in one call without the GIL) into
-a pinned buffer, copied to the device without blocking and unpacked there, so on a GPU a constrained
-row costs the host a fraction of a millisecond while the device is busy and never waits for a sync.
+a pinned buffer, copied to the device without blocking and applied there (``mask_kernel``), so on a
+GPU a constrained row costs the host a fraction of a millisecond while the device is busy and never
+waits for a sync.
 Rows without a grammar are not touched.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ragllm.structured.grammars import Grammar, GrammarViolation
-from ragllm.structured.mask_kernel import BITS, masked_logits, unpacked
+from ragllm.structured.mask_kernel import BITS, masked_logits
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,9 @@ class TokenMasks:
             return masked_logits(logits, bitmask.to(self.device, non_blocking=True)), failures
         bitmask = self._buffer(len(rows))
         self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
-        allowed = unpacked(bitmask)
         index = torch.tensor(rows)
         masked = logits.clone()
-        masked[index] = masked[index].masked_fill(~allowed[:, : logits.shape[-1]], float("-inf"))
+        masked[index] = masked_logits(masked[index], bitmask)
         return masked, failures
 
     def _fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
