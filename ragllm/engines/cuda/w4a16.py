@@ -123,8 +123,8 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
         BLOCK_K=min(TUNING.gemv_block_k, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
-        SPLIT_K=split, HAS_BIAS=weights.bias is not None, UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT,
-        num_warps=TUNING.gemv_warps,
+        SPLIT_K=split, HAS_BIAS=weights.bias is not None,
+        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT, num_warps=TUNING.gemv_warps,
         num_stages=TUNING.gemv_stages)
     return out
 
@@ -240,23 +240,8 @@ if triton is not None:
             for index in range(GROUPS_PER_SPLIT):
                 acc = _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first + index, N, words, word_mask,
                                   cols, col_mask, NIBBLE, GROUP, BLOCK_K, BLOCK_N)
-        total = tl.sum(acc, axis=0)
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
-        else:
-            tl.store(partial_ptr + pid_k * N + cols, total, mask=col_mask)
-            tl.debug_barrier()  # every thread's share is written before the arrival is counted
-            arrived = tl.atomic_add(counters_ptr + pid_n, 1)  # acq_rel: shares before it are visible after
-            if arrived == SPLIT_K - 1:  # the last share of this strip: add them up in split order
-                summed = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for split in range(SPLIT_K):
-                    summed += tl.load(partial_ptr + split * N + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    summed += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + cols, summed.to(out_ptr.dtype.element_ty), mask=col_mask)
-                tl.atomic_xchg(counters_ptr + pid_n, 0)  # ready for the next product (graph replays)
+        _finish(tl.sum(acc, axis=0), out_ptr + cols, partial_ptr + cols, N, col_mask, bias_ptr + cols, col_mask,
+                counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
     @triton.jit
     def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
@@ -278,26 +263,36 @@ if triton is not None:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_mask[:, None], other=0.0)
             weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP, BLOCK_N)
             acc += tl.dot(x, weights.to(x_ptr.dtype.element_ty))
-        tile_mask = row_mask[:, None] & col_mask[None, :]
-        out_tile = out_ptr + rows[:, None] * stride_om + cols[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
-        else:
-            share = partial_ptr + rows[:, None] * N + cols[None, :]
-            tl.store(share + pid_k * M * N, acc, mask=tile_mask)
+        _finish(acc, out_ptr + rows[:, None] * stride_om + cols[None, :],
+                partial_ptr + rows[:, None] * N + cols[None, :], M * N, row_mask[:, None] & col_mask[None, :],
+                bias_ptr + cols[None, :], col_mask[None, :], counters_ptr + pid_m * tl.num_programs(1) + pid_n,
+                pid_k, SPLIT_K, HAS_BIAS)
+
+    @triton.jit
+    def _finish(total, out_ptrs, share_ptrs, share_stride, mask, bias_ptrs, bias_mask, counter_ptr, pid_k,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Writes a program's float32 ``total`` (plus the bias) to ``out_ptrs``. Under split-K it is one
+        share of the strip: stored at ``share_ptrs + pid_k * share_stride``, and the last of the strip's
+        programs to arrive at ``counter_ptr`` adds the shares up in split order (the same bits whichever
+        program finishes first), writes the sum and resets the counter for the next product."""
+        if SPLIT_K > 1:
+            tl.store(share_ptrs + pid_k * share_stride, total, mask=mask)
             tl.debug_barrier()  # every thread's share is written before the arrival is counted
-            tile = pid_m * tl.num_programs(1) + pid_n
-            arrived = tl.atomic_add(counters_ptr + tile, 1)  # acq_rel: shares before it are visible after
-            if arrived == SPLIT_K - 1:  # the last share of this strip: add them up in split order
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            arrived = tl.atomic_add(counter_ptr, 1)  # acq_rel: shares before it are visible after
+            if arrived == SPLIT_K - 1:
+                summed = tl.zeros_like(total)
                 for split in range(SPLIT_K):
-                    total += tl.load(share + split * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_tile, total.to(out_ptr.dtype.element_ty), mask=tile_mask)
-                tl.atomic_xchg(counters_ptr + tile, 0)  # ready for the next product (graph replays)
+                    summed += tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0, cache_modifier=".cg")
+                _store_biased(summed, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
+                tl.atomic_xchg(counter_ptr, 0)  # ready for the next product (graph replays)
+        else:
+            _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
+
+    @triton.jit
+    def _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS: tl.constexpr):
+        if HAS_BIAS:
+            total += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP: tl.constexpr,
