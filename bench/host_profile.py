@@ -16,9 +16,11 @@ import cProfile
 import io
 import pstats
 import sys
+import time
 from typing import Any
 
 _SEES_EVERY_THREAD = sys.version_info >= (3, 12)
+_ABSENT = object()
 
 
 class HostProfile:
@@ -59,3 +61,60 @@ class HostProfile:
             pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
             parts.append(f"== {name} ==\n" + out.getvalue().split("\n", 3)[-1])
         return "\n".join(parts)
+
+
+class PhaseTimes:
+    """Wall time of the engine thread's phases per decode step, by timing a few of the scheduler's
+    calls: cheap enough (a clock read each side) to leave the balance between host and device as it
+    is, which a profiler does not. ``waiting for tokens`` is host time the device still needed: the
+    host's slack in that step."""
+
+    PHASES = {"pass": ("run_once",), "deliver": ("_deliver",), "masks": ("_constrain",),
+              "record": ("_record",), "decode launch": ("runner", "decode"),
+              "waiting for tokens": ("_readback", "finish")}
+
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._restore: list[tuple[Any, str, Any]] = []
+        self._steps_before = 0
+        self._started = 0.0
+
+    def __enter__(self) -> "PhaseTimes":
+        for phase, path in self.PHASES.items():
+            owner = self._scheduler
+            for name in path[:-1]:
+                owner = getattr(owner, name)
+            own = vars(owner).get(path[-1], _ABSENT)  # an attribute of the instance, or the class's method
+            self._restore.append((owner, path[-1], own))
+            setattr(owner, path[-1], self._timed(phase, getattr(owner, path[-1])))
+        self._steps_before = self._scheduler.num_steps
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.wall_s = time.perf_counter() - self._started
+        self.steps = self._scheduler.num_steps - self._steps_before
+        for owner, name, own in self._restore:
+            if own is _ABSENT:
+                delattr(owner, name)  # the class's method shows through again
+            else:
+                setattr(owner, name, own)
+
+    def _timed(self, phase: str, call: Any) -> Any:
+        seconds = self.seconds
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - started
+
+        return timed
+
+    def per_step_ms(self) -> dict[str, float]:
+        """Each phase's mean ms per step, and the step's own period."""
+        steps = max(self.steps, 1)
+        report = {phase: round(total / steps * 1e3, 3) for phase, total in self.seconds.items()}
+        return {"steps": self.steps, "step period": round(self.wall_s / steps * 1e3, 3), **report}

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E402
-from bench.host_profile import HostProfile  # noqa: E402
+from bench.host_profile import HostProfile, PhaseTimes  # noqa: E402
 from bench.random_models import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the measured rounds, profile one more batch of each shape at the widest "
                              "concurrency and print the TOP functions by own time of the engine thread "
                              "and the event loop")
+    parser.add_argument("--phase-times", action="store_true",
+                        help="after the measured rounds, time the engine thread's phases per step (masks, "
+                             "recording, waiting for tokens...) in one more batch of each shape at the widest "
+                             "concurrency; cheap enough to keep the host/device balance a profiler upsets")
     return parser.parse_args(argv)
 
 
@@ -171,6 +175,8 @@ async def main(args: argparse.Namespace) -> dict:
                         fills += engine._scheduler._masks.fill_seconds
                         engine._scheduler._masks.fill_seconds.clear()
             rows.append({**summarise(level, runs), **fill_summary(fills)})
+            if args.phase_times and level == widest:
+                rows[-1]["phase_ms_per_step"] = await phase_times(engine, shapes, prompt, args.max_tokens)
             if args.profile_host and level == widest:
                 for name, shape in shapes.items():
                     with HostProfile(engine._scheduler) as profile:
@@ -193,6 +199,18 @@ async def main(args: argparse.Namespace) -> dict:
         "compile": compiles,
         "rows": rows,
     }
+
+
+async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]], prompt: list[int],
+                      max_tokens: int) -> dict[str, dict]:
+    """Each shape's engine-thread phases, ms per step (``PhaseTimes``), printed and returned."""
+    times = {}
+    for name, shape in shapes.items():
+        with PhaseTimes(engine._scheduler) as phases:
+            await run_batch(engine, shape, prompt, max_tokens, f"phases-{name}")
+        times[name] = phases.per_step_ms()
+        print(f"phases, {name} x{len(shape)}: " + ", ".join(f"{k} {v}" for k, v in times[name].items()))
+    return times
 
 
 def fill_summary(fills: list[float]) -> dict:

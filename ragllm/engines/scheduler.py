@@ -83,8 +83,13 @@ class _LaunchedStep:
 class Scheduler:
     def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver,
                  launch_ahead: bool | None = None,
-                 on_fatal: Callable[[BaseException], None] = lambda exc: None) -> None:
+                 on_fatal: Callable[[BaseException], None] = lambda exc: None,
+                 choosable: int | None = None) -> None:
         self.runner = runner
+        # Tokens are chosen among the first ``choosable`` columns of the logits: the ids the tokenizer
+        # can write. Models pad their vocabulary past it (Qwen2.5: 151,936 columns for 151,665 ids);
+        # a padded id is no text and no token a grammar knows, so it is never a choice.
+        self.choosable = choosable
         self.limits = limits
         self._deliver = deliver
         self._on_fatal = on_fatal
@@ -403,6 +408,8 @@ class Scheduler:
     def _constrain(self, batch: list[Sequence], logits) -> tuple["torch.Tensor", list | None]:
         """The logits to choose from (structured-output rows masked to what their grammar allows) and
         the rows whose grammar failed (None when no row follows one: the common case costs nothing)."""
+        if self.choosable is not None and logits.shape[-1] > self.choosable:
+            logits = logits[:, : self.choosable]  # a view: no copy, no launch
         if all(s.grammar is None for s in batch):
             return logits, None
         if self._masks is None:

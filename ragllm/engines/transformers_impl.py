@@ -98,7 +98,8 @@ class TransformersEngine(Engine):
         self._stop_token_ids = loaded.stop_token_ids
         self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
         self._canary_token = next(iter(loaded.stop_token_ids), 0)  # any valid id serves
-        self._grammars = GrammarCompiler(loaded.tokenizer, _logits_width(loaded.model), loaded.stop_token_ids)
+        self._choosable = _choosable_ids(loaded.tokenizer, _logits_width(loaded.model))
+        self._grammars = GrammarCompiler(loaded.tokenizer, self._choosable, loaded.stop_token_ids)
         # A token's own text, for logprobs (decoded once per id, on the engine thread).
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda token_id: self._tokenizer.decode([token_id], skip_special_tokens=False))
@@ -111,7 +112,8 @@ class TransformersEngine(Engine):
             chunked_prefill=self.settings.chunked_prefill,
             max_queue_wait_s=self.settings.max_queue_wait_s,
         )
-        self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal)
+        self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,
+                                    choosable=self._choosable)
         self._card = ModelCard(
             id=self.settings.public_model_name,
             max_model_len=max_model_len,
@@ -352,6 +354,12 @@ def _logits_width(model: Any) -> int:
     """Columns of the model's logits (the vocabulary it was trained with, often past the tokenizer's)."""
     head = model.get_output_embeddings()
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def _choosable_ids(tokenizer: Any, logits_width: int) -> int:
+    """Columns of the logits a token is chosen from: up to the tokenizer's highest id, within the
+    model's logits."""
+    return min(logits_width, max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1))
 
 
 def _max_token_bytes(tokenizer: Any) -> int:

@@ -349,3 +349,28 @@ def test_choices_wait_until_all_their_slots_are_free_and_leave_together_on_abort
     scheduler.abort("r")
     scheduler.run_once()
     assert scheduler.num_running == 0 and scheduler.num_waiting == 0
+
+
+def test_tokens_are_chosen_only_among_the_ids_the_tokenizer_can_write():
+    """A model's logits padded past its tokenizer (as Qwen2.5's are) never yield a padded id; rows
+    still decode greedily over the ids that remain, decode and prefill alike."""
+    choosable = MODEL.config.vocab_size // 2
+    runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
+    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                                  chunked_prefill=False),
+                          deliver=lambda results: None, launch_ahead=True, choosable=choosable)
+    sequences = [_sequence(f"r{i}", p, 12) for i, p in enumerate(PROMPTS[:4])]
+    _run_to_completion(scheduler, {0: sequences})
+    # Unconstrained, some of these answers would use ids past the cut: the limit is what changed them.
+    assert any(max(_reference(s.prompt_ids, s.max_tokens)) >= choosable for s in sequences)
+    for sequence in sequences:
+        assert all(token < choosable for token in sequence.output_ids)
+        with torch.no_grad():  # greedy over the first ``choosable`` columns, one token at a time
+            ids, expected = list(sequence.prompt_ids), []
+            while len(expected) < sequence.max_tokens:
+                token = int(MODEL(torch.tensor([ids])).logits[0, -1, :choosable].argmax())
+                expected.append(token)
+                ids.append(token)
+                if token == 0:
+                    break
+        assert sequence.output_ids == expected
