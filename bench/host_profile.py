@@ -13,6 +13,7 @@ one table covers both; before, each thread is profiled apart.
 from __future__ import annotations
 
 import cProfile
+import importlib
 import io
 import pstats
 import sys
@@ -71,29 +72,38 @@ class PhaseTimes:
 
     PHASES = {"pass": ("run_once",), "deliver": ("_deliver",), "masks": ("_constrain",),
               "record": ("_record",), "decode launch": ("runner", "decode"),
-              "waiting for tokens": ("_readback", "finish")}
+              "waiting for tokens": ("_readback", "finish"), "mask fill": ("_masks", "_fill"),
+              "llguidance call": ("_masks", "_fill_rows"),
+              "mask kernel": ("ragllm.structured.masks", "masked_logits")}
 
     def __init__(self, scheduler: Any) -> None:
         self._scheduler = scheduler
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.cpu_seconds = dict.fromkeys(self.PHASES, 0.0)  # the engine thread's own CPU time in each
         self._restore: list[tuple[Any, str, Any]] = []
         self._steps_before = 0
-        self._started = 0.0
+        self._started = self._caller_cpu_started = 0.0
 
     def __enter__(self) -> "PhaseTimes":
         for phase, path in self.PHASES.items():
-            owner = self._scheduler
-            for name in path[:-1]:
+            # A dotted first name is a module (a function it calls by its global name); else the
+            # path runs from the scheduler.
+            owner = importlib.import_module(path[0]) if "." in path[0] else self._scheduler
+            for name in path[1 if "." in path[0] else 0 : -1]:
                 owner = getattr(owner, name)
+            if owner is None:  # made on first use (the masks): not timed before then
+                continue
             own = vars(owner).get(path[-1], _ABSENT)  # an attribute of the instance, or the class's method
             self._restore.append((owner, path[-1], own))
             setattr(owner, path[-1], self._timed(phase, getattr(owner, path[-1])))
         self._steps_before = self._scheduler.num_steps
         self._started = time.perf_counter()
+        self._caller_cpu_started = time.thread_time()  # entered and left on the event loop's thread
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.wall_s = time.perf_counter() - self._started
+        self.caller_cpu_s = time.thread_time() - self._caller_cpu_started
         self.steps = self._scheduler.num_steps - self._steps_before
         for owner, name, own in self._restore:
             if own is _ABSENT:
@@ -102,19 +112,23 @@ class PhaseTimes:
                 setattr(owner, name, own)
 
     def _timed(self, phase: str, call: Any) -> Any:
-        seconds = self.seconds
+        seconds, cpu_seconds = self.seconds, self.cpu_seconds
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             try:
                 return call(*args, **kwargs)
             finally:
                 seconds[phase] += time.perf_counter() - started
+                cpu_seconds[phase] += time.thread_time() - cpu_started
 
         return timed
 
     def per_step_ms(self) -> dict[str, float]:
-        """Each phase's mean ms per step, and the step's own period."""
+        """Each phase's mean ms per step as wall/CPU (the engine thread's own CPU time; the rest it
+        spent blocked: on the device, on llguidance's threads or for the GIL), and the step's period."""
         steps = max(self.steps, 1)
-        report = {phase: round(total / steps * 1e3, 3) for phase, total in self.seconds.items()}
-        return {"steps": self.steps, "step period": round(self.wall_s / steps * 1e3, 3), **report}
+        report = {phase: f"{total / steps * 1e3:.3f}/{self.cpu_seconds[phase] / steps * 1e3:.3f}"
+                  for phase, total in self.seconds.items()}
+        return {"steps": self.steps, "step period": round(self.wall_s / steps * 1e3, 3), **report,
+                "event loop CPU": round(self.caller_cpu_s / steps * 1e3, 3)}

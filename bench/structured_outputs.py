@@ -205,10 +205,17 @@ async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]],
                       max_tokens: int) -> dict[str, dict]:
     """Each shape's engine-thread phases, ms per step (``PhaseTimes``), printed and returned."""
     times = {}
+    masks = engine._scheduler._masks
     for name, shape in shapes.items():
+        masks.fill_seconds.clear()
         with PhaseTimes(engine._scheduler) as phases:
             await run_batch(engine, shape, prompt, max_tokens, f"phases-{name}")
         times[name] = phases.per_step_ms()
+        # Where the slow fills fall in the answer: the first steps (each request's matcher starts
+        # cold) or anywhere.
+        fills = list(masks.fill_seconds)
+        slowest = sorted(range(len(fills)), key=lambda i: -fills[i])[:8]
+        times[name]["slowest fills (step: ms)"] = {i: round(fills[i] * 1e3, 2) for i in sorted(slowest)}
         print(f"phases, {name} x{len(shape)}: " + ", ".join(f"{k} {v}" for k, v in times[name].items()))
     return times
 

@@ -48,7 +48,9 @@ class TokenMasks:
             # On a GPU every row gets a mask (all ones where there is no grammar): indexing the rows
             # would copy an index from pageable memory, which waits for the step in flight.
             bitmask = self._buffer(len(grammars))
-            bitmask.numpy().fill(-1)  # numpy: one thread; torch would wake its CPU pool next to the fill
+            if len(rows) < len(grammars):  # llguidance writes every constrained row whole
+                free = [row for row, grammar in enumerate(grammars) if grammar is None]
+                bitmask.numpy()[free] = -1  # numpy: one thread; torch would wake its CPU pool beside the fill
             self._fill(bitmask, grammars, failures)
             return masked_logits(logits, bitmask.to(self.device, non_blocking=True)), failures
         bitmask = self._buffer(len(rows))
