@@ -7,6 +7,8 @@ At each concurrency N, three batches run in turn (three rounds, medians reported
          records), so both produce the same number of tokens;
   mixed  N/2 of each in one batch: the free rows' decode rate (from their 8th token, when every
          row decodes) against the free batch's shows what the constrained neighbours cost them.
+Each stream's prompt ends in tokens of its own, so the answers differ as different users' do
+(``--same-prompt``: one prompt for all, identical answers in lockstep, as runs before 2026-11-27).
 
     python bench/structured_outputs.py                        # packaged model, this CPU
     python bench/structured_outputs.py --random qwen2.5-1.5b --tokenizer DIR --device cuda --concurrency 1,8,32
@@ -37,6 +39,7 @@ from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
 from ragllm.structured.spec import StructuredOutput, structured_output_of  # noqa: E402
 
 ROUNDS = 3
+OWN_TOKENS = 4  # the last prompt tokens that differ between streams
 SETTLED_AFTER = 8  # tokens a row has before its rate is measured
 RECORDS = {"type": "object", "required": ["records"], "properties": {"records": {
     "type": "array", "minItems": 500, "items": {
@@ -68,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the measured rounds, profile one more batch of each shape at the widest "
                              "concurrency and print the TOP functions by own time of the engine thread "
                              "and the event loop")
+    parser.add_argument("--same-prompt", action="store_true",
+                        help="every stream the same prompt, as runs before 2026-11-27 had: identical answers "
+                             "whose grammars reach each state in lockstep")
     parser.add_argument("--phase-times", action="store_true",
                         help="after the measured rounds, time the engine thread's phases per step (masks, "
                              "recording, waiting for tokens...) in one more batch of each shape at the widest "
@@ -93,14 +99,26 @@ def model_path(args: argparse.Namespace) -> str:
     return str(target)
 
 
-async def run_batch(engine: TransformersEngine, constrained: list[bool], prompt: list[int], max_tokens: int,
+def stream_prompts(prompt: list[int], streams: int, same: bool) -> list[list[int]]:
+    """Each stream's prompt: ``prompt`` with its last tokens the stream's own (unless ``same``), so the
+    streams' answers differ as different users' do, and their grammars are not all in the same state
+    at the same step (in lockstep, every row reaches the costliest state, the start of a free
+    string, at once)."""
+    if same:
+        return [prompt] * streams
+    return [prompt[:-OWN_TOKENS] + [10 + (stream * 37 + 11 * j) % 1000 for j in range(OWN_TOKENS)]
+            for stream in range(streams)]
+
+
+async def run_batch(engine: TransformersEngine, constrained: list[bool], prompts: list[list[int]], max_tokens: int,
                     tag: str) -> dict:
     spec = structured_output_of({"guided_json": RECORDS})
 
     async def one(index: int, with_grammar: bool) -> tuple[bool, int, float]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=not with_grammar,
                                 structured=spec if with_grammar else None)
-        stream = await engine.generate(GenerationRequest(f"{tag}-{index}", params, prompt_token_ids=prompt))
+        stream = await engine.generate(GenerationRequest(f"{tag}-{index}", params,
+                                                         prompt_token_ids=prompts[index]))
         tokens, settled, settled_at = 0, None, 0.0
         async for delta in stream:
             tokens = delta.completion_tokens
@@ -157,8 +175,8 @@ async def main(args: argparse.Namespace) -> dict:
         await asyncio.to_thread(engine._grammars._llg_tokenizer)
         tokenizer_index_s = time.perf_counter() - started
         compiles = await compile_times(engine)
-        prompt = synthetic_prompt(args.prompt_tokens)
-        await run_batch(engine, [False, True], prompt, 4, "warm")  # first-call allocations, lazy kernels
+        prompts = stream_prompts(synthetic_prompt(args.prompt_tokens), widest, args.same_prompt)
+        await run_batch(engine, [False, True], prompts, 4, "warm")  # first-call allocations, lazy kernels
         engine._scheduler._masks.fill_seconds.clear()  # the fills reported are the measured batches' only
         rows = []
         for level in levels:
@@ -169,18 +187,18 @@ async def main(args: argparse.Namespace) -> dict:
             fills: list[float] = []
             for round_index in range(ROUNDS):  # interleaved, so drift hits every shape alike
                 for name, shape in shapes.items():
-                    runs[name].append(await run_batch(engine, shape, prompt, args.max_tokens,
+                    runs[name].append(await run_batch(engine, shape, prompts, args.max_tokens,
                                                       f"{name}-{level}-{round_index}"))
                     if name == "json" and engine._scheduler._masks is not None:
                         fills += engine._scheduler._masks.fill_seconds
                         engine._scheduler._masks.fill_seconds.clear()
             rows.append({**summarise(level, runs), **fill_summary(fills)})
             if args.phase_times and level == widest:
-                rows[-1]["phase_ms_per_step"] = await phase_times(engine, shapes, prompt, args.max_tokens)
+                rows[-1]["phase_ms_per_step"] = await phase_times(engine, shapes, prompts, args.max_tokens)
             if args.profile_host and level == widest:
                 for name, shape in shapes.items():
                     with HostProfile(engine._scheduler) as profile:
-                        await run_batch(engine, shape, prompt, args.max_tokens, f"profile-{name}")
+                        await run_batch(engine, shape, prompts, args.max_tokens, f"profile-{name}")
                     print(f"\n### host profile: {name}, {level} streams\n{profile.table(args.profile_host)}")
     finally:
         await engine.aclose()
@@ -193,6 +211,7 @@ async def main(args: argparse.Namespace) -> dict:
         "dtype": engine.dtype_name,
         "machine": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens,
+        "same_prompt": args.same_prompt,
         "max_tokens": args.max_tokens,
         "rounds": ROUNDS,
         "tokenizer_index_s": round(tokenizer_index_s, 3),
@@ -201,7 +220,7 @@ async def main(args: argparse.Namespace) -> dict:
     }
 
 
-async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]], prompt: list[int],
+async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]], prompts: list[list[int]],
                       max_tokens: int) -> dict[str, dict]:
     """Each shape's engine-thread phases, ms per step (``PhaseTimes``), printed and returned."""
     times = {}
@@ -209,7 +228,7 @@ async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]],
     for name, shape in shapes.items():
         masks.fill_seconds.clear()
         with PhaseTimes(engine._scheduler) as phases:
-            await run_batch(engine, shape, prompt, max_tokens, f"phases-{name}")
+            await run_batch(engine, shape, prompts, max_tokens, f"phases-{name}")
         times[name] = phases.per_step_ms()
         # Where the slow fills fall in the answer: the first steps (each request's matcher starts
         # cold) or anywhere.
