@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--same-prompt", action="store_true",
                         help="every stream the same prompt, as runs before 2026-11-27 had: identical answers "
                              "whose grammars reach each state in lockstep")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="Python's GIL switch interval for the run (the engine lowers it to "
+                             "GIL_SWITCH_INTERVAL_S on a GPU, never raises it)")
     parser.add_argument("--phase-times", action="store_true",
                         help="after the measured rounds, time the engine thread's phases per step (masks, "
                              "recording, waiting for tokens...) in one more batch of each shape at the widest "
@@ -162,6 +165,8 @@ async def compile_times(engine: TransformersEngine) -> list[dict]:
 
 
 async def main(args: argparse.Namespace) -> dict:
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     levels = [int(level) for level in args.concurrency.split(",")]
     widest = max(levels)
     settings = EngineSettings(model=model_path(args), device=args.device, max_num_seqs=widest,
@@ -212,6 +217,7 @@ async def main(args: argparse.Namespace) -> dict:
         "machine": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens,
         "same_prompt": args.same_prompt,
+        "switch_interval_ms": args.switch_interval_ms,
         "max_tokens": args.max_tokens,
         "rounds": ROUNDS,
         "tokenizer_index_s": round(tokenizer_index_s, 3),

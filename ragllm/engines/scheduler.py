@@ -104,6 +104,7 @@ class Scheduler:
         self.num_steps = 0
         self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
         self._masks: TokenMasks | None = None  # made when a structured-output request first runs
+        self._held: list[tuple[Sequence, Delta | BaseException]] = []  # see _hand_over
         on_gpu = runner.device.type == "cuda"
         self._readback = TokenReadback(limits.max_batch_size, on_gpu)
         # Launching the next step early only pays where it runs asynchronously (a GPU); on the CPU it
@@ -140,15 +141,39 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             idle = not self.running and not self.waiting
+            if idle:
+                self._hand_over_held()
             try:
                 results = self.run_once(block=idle)
             except Exception as exc:  # outside a step: fail everything queued rather than hang it
                 logger.exception("engine loop failed")
                 results = self._fail_everything(exc)
             if results is None:
+                self._hand_over_held()
                 break
-            if results:
-                self._deliver(results)
+            self._hand_over(results)
+
+    def _hand_over(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
+        """Give a step's results to the consumers, or hold them for the next step's wait on the device.
+
+        Handing deltas over wakes the event loop, which then takes the GIL for a while (measured on an
+        H100: 0.25-0.45 ms of its CPU per step at 32 streams); woken right after a step it competes
+        with the next step's masks and launches, on the path the device waits on. So while a step is
+        already running ahead, a step's ordinary deltas (not a request's first, not a last, no error)
+        are held and handed over once the next step is launched, just before the engine thread waits
+        for its tokens: the event loop runs while the engine thread would idle, and each delta arrives
+        about a step later. Everything else goes at once, after anything held."""
+        if self._ahead is not None and all(_holdable(sequence, item) for sequence, item in results):
+            self._held += results
+            return
+        self._hand_over_held(results)
+
+    def _hand_over_held(self, results: list[tuple[Sequence, Delta | BaseException]] | None = None) -> None:
+        held, self._held = self._held, []
+        if results:
+            held += results
+        if held:
+            self._deliver(held)
 
     def run_once(self, block: bool = False) -> list[tuple[Sequence, Delta | BaseException]] | None:
         """Take in submitted work, admit, and run one step; None once shut down."""
@@ -340,6 +365,7 @@ class Scheduler:
             next_logits = self.runner.decode([s.block_table for s in decoding], tokens,
                                              [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
+        self._hand_over_held()  # the consumers' turn while this step's tokens are computed
         self._record(decoding, _with_failures(host_tokens.finish(), failures), results,
                      scores_on_host(decoding, scores))
         self._register_decoded(decoding)
@@ -478,6 +504,12 @@ class Scheduler:
             self.blocks.free(sequence)
         self.running.clear()
         return failed
+
+
+def _holdable(sequence: Sequence, item: Delta | BaseException) -> bool:
+    """A delta that may wait a step: neither a request's first (its time to first token) nor its
+    last, nor an error."""
+    return isinstance(item, Delta) and item.finish_reason is None and sequence.num_deltas > 1
 
 
 def _choose(batch: list[Sequence], logits) -> list:

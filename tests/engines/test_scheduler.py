@@ -374,3 +374,36 @@ def test_tokens_are_chosen_only_among_the_ids_the_tokenizer_can_write():
                 if token == 0:
                     break
         assert sequence.output_ids == expected
+
+
+def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reordered():
+    """With a step running ahead, a step's ordinary deltas are handed over in the next pass (once its
+    step is launched, before its tokens are awaited); a request's first and last deltas go at once."""
+    runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
+    passes = [0]
+    delivered: list[tuple[int, Sequence, object]] = []  # (pass it was handed over in, sequence, item)
+    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                                  chunked_prefill=False),
+                          deliver=lambda results: delivered.extend((passes[0], s, item) for s, item in results),
+                          launch_ahead=True)
+    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))]
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    produced: dict[int, int] = {}  # id(delta) → the pass that made it
+    while passes[0] == 0 or scheduler.running or scheduler.waiting:  # submissions wait in the inbox
+        passes[0] += 1
+        results = scheduler.run_once()
+        produced.update((id(item), passes[0]) for _, item in results)
+        scheduler._hand_over(results)
+    scheduler._hand_over_held()
+    assert not scheduler._held
+    late = 0
+    for sequence in sequences:
+        mine = [(at, item) for at, s, item in delivered if s is sequence]
+        assert "".join(item.text for _, item in mine) == LetterTokenizer().decode(
+            [t for t in sequence.output_ids if t != 0])  # every delta, once, in order
+        assert mine[0][0] == produced[id(mine[0][1])]  # the first token is not held
+        assert mine[-1][1].finish_reason is not None and mine[-1][0] == produced[id(mine[-1][1])]
+        late += sum(at == produced[id(item)] + 1 for at, item in mine[1:-1])
+        assert all(at - produced[id(item)] in (0, 1) for at, item in mine)
+    assert late > 0  # ordinary deltas did wait for the next step's launch
