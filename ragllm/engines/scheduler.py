@@ -78,9 +78,6 @@ _SHUTDOWN = object()
 class _LaunchedStep:
     batch: list[Sequence]  # the decoding sequences, in slot order, it was launched for
     logits: "torch.Tensor"
-    # Its tokens when they were chosen before the previous step was recorded (``_choose_ahead``):
-    # (tokens on the device, their readback under way, each row's grammar failure or None).
-    chosen: tuple["torch.Tensor", TokenReadback, list | None] | None = None
 
 
 class Scheduler:
@@ -344,29 +341,24 @@ class Scheduler:
         sequence finished, was aborted or joined) is dropped: its cache writes lie at positions the
         real step rewrites before anything reads them."""
         ahead, self._ahead = self._ahead, None
-        chosen = None
         if ahead is not None and ahead.batch == decoding:
-            logits, chosen = ahead.logits, ahead.chosen
+            logits = ahead.logits
         else:
             logits = self.runner.decode([s.block_table for s in decoding], [s.output_ids[-1] for s in decoding],
                                         [s.next_position for s in decoding])
-        if chosen is not None:
-            tokens, host_tokens, failures = chosen
-            scores = None  # only steps without scores are launched ahead
-        else:
-            masked, failures = self._constrain(decoding, logits)
-            try:
-                tokens = sample_on_device(masked, [s.params for s in decoding])
-            except Exception:
-                logger.warning("batched sampling failed; choosing row by row", exc_info=True)
-                tokens = _with_failures(_choose_row_by_row(decoding, masked), failures)
-                self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
-                self._register_decoded(decoding)
-                return
-            # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
-            # step with scores to read back is not launched ahead.
-            scores = scores_on_device(decoding, tokens, logits)
-            host_tokens = self._readback.start(tokens)
+        masked, failures = self._constrain(decoding, logits)
+        try:
+            tokens = sample_on_device(masked, [s.params for s in decoding])
+        except Exception:
+            logger.warning("batched sampling failed; choosing row by row", exc_info=True)
+            tokens = _with_failures(_choose_row_by_row(decoding, masked), failures)
+            self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
+            self._register_decoded(decoding)
+            return
+        # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
+        # step with scores to read back is not launched ahead.
+        scores = scores_on_device(decoding, tokens, logits)
+        host_tokens = self._readback.start(tokens)
         if self.launch_ahead and scores is None and not self.waiting \
                 and all(s.status is SequenceStatus.DECODING for s in self.running) \
                 and all(self.blocks.grow(s, s.next_position + 1) for s in decoding):
@@ -374,30 +366,9 @@ class Scheduler:
                                              [s.next_position + 1 for s in decoding])
             self._ahead = _LaunchedStep(decoding, next_logits)
         self._hand_over_held()  # the consumers' turn while this step's tokens are computed
-        step_tokens = _with_failures(host_tokens.finish(), failures)
-        if self._ahead is not None and any(s.grammar is not None for s in decoding):
-            step_tokens = self._choose_ahead(decoding, step_tokens)
-        self._record(decoding, step_tokens, results, scores_on_host(decoding, scores))
+        self._record(decoding, _with_failures(host_tokens.finish(), failures), results,
+                     scores_on_host(decoding, scores))
         self._register_decoded(decoding)
-
-    def _choose_ahead(self, batch: list[Sequence], tokens: list) -> list:
-        """The grammars take this step's tokens at once, and the step launched ahead gets its masks
-        and its tokens chosen before this step is recorded. A constrained batch's masks (llguidance,
-        0.3-2 ms a step at 32 rows on an H100's host) depend on the tokens just read back; filled
-        after the recording (detokenizing, stop strings, deltas), the device waited for both, and
-        its step was over before they were done. Now the recording runs while the device computes.
-        Returns ``tokens`` with a row's grammar refusal in place of its token (that row alone ends).
-        Should the batch change in the recording (a row finished), the next step drops what was
-        chosen here with the step launched ahead, and chooses again from the same grammar states."""
-        tokens = [_accept_early(sequence, token) for sequence, token in zip(batch, tokens)]
-        ahead = self._ahead
-        try:
-            masked, failures = self._constrain(batch, ahead.logits)
-            chosen = sample_on_device(masked, [s.params for s in batch])
-            ahead.chosen = (chosen, self._readback.start(chosen), failures)
-        except Exception:  # chosen in turn by the next step instead, the usual way
-            logger.warning("choosing the next step's tokens early failed", exc_info=True)
-        return tokens
 
     def _prefill_within_budget(self, budget: int, results: list) -> None:
         chunks: list[tuple[Sequence, list[int], int]] = []  # (sequence, what it prefills, tokens now)
@@ -533,18 +504,6 @@ class Scheduler:
             self.blocks.free(sequence)
         self.running.clear()
         return failed
-
-
-def _accept_early(sequence: Sequence, token: int | BaseException) -> int | BaseException:
-    """``token`` taken by the sequence's grammar ahead of the recording (which then skips it); the
-    refusal in its place if the grammar refuses it."""
-    if sequence.grammar is None or isinstance(token, BaseException) or token in sequence.stop_token_ids:
-        return token
-    try:
-        sequence.accept_in_grammar(token)
-    except Exception as exc:  # a refusal or a faulty matcher: this row ends, in the recording
-        return exc
-    return token
 
 
 def _holdable(sequence: Sequence, item: Delta | BaseException) -> bool:

@@ -47,7 +47,6 @@ class Sequence:
     queue_time_s: float | None = None
     tokens_since_delta: int = 0
     num_deltas: int = 0  # deltas made so far (the consumer's first is its first token)
-    _accepted_ahead: bool = False  # the grammar took the next token before it was recorded
     token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
     logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None  # the structured output the answer must follow
@@ -100,9 +99,8 @@ class Sequence:
             # The end-of-sequence token adds no text, but text held back so far (an unfinished
             # character, a possible stop-string prefix) is part of the answer.
             return self._finish(FinishReason.STOP, self._flush_held_back()[0])
-        if self.grammar is not None and not self._accepted_ahead:
+        if self.grammar is not None:
             self.grammar.accept(token_id)
-        self._accepted_ahead = False
         text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
         if hit_stop:
             return self._finish(FinishReason.STOP, text)
@@ -115,12 +113,6 @@ class Sequence:
         if not text:
             return None
         return self._delta(text, None)
-
-    def accept_in_grammar(self, token_id: int) -> None:
-        """The grammar takes ``token_id`` now, before it is recorded (``append_token`` then skips
-        that), so the next step's mask can be computed first."""
-        self.grammar.accept(token_id)
-        self._accepted_ahead = True
 
     def _flush_held_back(self) -> tuple[str, bool]:
         """Everything still held back, cut at a stop string if one completes; (text, stop reached)."""
