@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import write_report  # noqa: E402
-from bench.structured_outputs import RECORDS  # noqa: E402
+from bench.structured_outputs import records_schema  # noqa: E402
 from ragllm.structured.grammars import GrammarCompiler  # noqa: E402
 from ragllm.structured.spec import structured_output_of  # noqa: E402
 
@@ -64,7 +64,7 @@ class FillBench:
         hf = AutoTokenizer.from_pretrained(tokenizer_path(args))
         self.vocab = args.vocab or len(hf)
         self.compiler = GrammarCompiler(hf, self.vocab, frozenset())  # the engine's, as it makes matchers
-        self.spec = structured_output_of({"guided_json": RECORDS})
+        self.spec = structured_output_of({"guided_json": records_schema(label_max_length=16)})  # as recorded
         self.rows, self.steps = args.rows, args.steps
         self.words = (self.vocab + 31) // 32
         self.scores = torch.randn(self.rows, self.vocab, generator=torch.Generator().manual_seed(0))

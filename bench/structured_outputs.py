@@ -4,7 +4,7 @@ side in one run, and what compiling a grammar costs the first time and from the 
 At each concurrency N, three batches run in turn (three rounds, medians reported):
   free   N unconstrained streams (greedy, end-of-sequence ignored);
   json   N streams under a JSON Schema that cannot end before the token budget (a long list of
-         records), so both produce the same number of tokens;
+         records, ``records_schema``), so both produce the same number of tokens;
   mixed  N/2 of each in one batch: the free rows' decode rate (from their 8th token, when every
          row decodes) against the free batch's shows what the constrained neighbours cost them.
 Each stream's prompt ends in tokens of its own, so the answers differ as different users' do
@@ -41,13 +41,20 @@ from ragllm.structured.spec import StructuredOutput, structured_output_of  # noq
 ROUNDS = 3
 OWN_TOKENS = 4  # the last prompt tokens that differ between streams
 SETTLED_AFTER = 8  # tokens a row has before its rate is measured
-RECORDS = {"type": "object", "required": ["records"], "properties": {"records": {
-    "type": "array", "minItems": 500, "items": {
-        "type": "object", "required": ["id", "label", "score", "ok"],
-        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
-                       "label": {"type": "string", "maxLength": 16},
-                       "score": {"type": "number", "minimum": 0, "maximum": 1},
-                       "ok": {"type": "boolean"}}}}}}
+def records_schema(label_max_length: int | None = None) -> dict:
+    """A long list of records (an id, a label, a score, a flag), as an extraction step asks for; the
+    label free text, or at most ``label_max_length`` characters. llguidance computes a mask inside a
+    length-bounded string by walking the vocabulary at every position (0.1-0.4 ms a row on this
+    machine's CPU against under 0.05 ms in a free string), so bounded labels are its worst case."""
+    label = {"type": "string"} if label_max_length is None else {"type": "string", "maxLength": label_max_length}
+    return {"type": "object", "required": ["records"], "properties": {"records": {
+        "type": "array", "minItems": 500, "items": {
+            "type": "object", "required": ["id", "label", "score", "ok"],
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999}, "label": label,
+                           "score": {"type": "number", "minimum": 0, "maximum": 1},
+                           "ok": {"type": "boolean"}}}}}}
+
+
 # Compile-time probes: a small and a nested schema, a regular expression and a grammar.
 COMPILE_PROBES = {
     "schema, 2 fields": {"guided_json": {"type": "object", "properties": {"answer": {"type": "string"},
@@ -71,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after the measured rounds, profile one more batch of each shape at the widest "
                              "concurrency and print the TOP functions by own time of the engine thread "
                              "and the event loop")
+    parser.add_argument("--label-max-length", type=int, default=None, metavar="N",
+                        help="bound the records' labels to N characters (llguidance's costliest masks; "
+                             "runs before 2026-11-27 used 16)")
     parser.add_argument("--same-prompt", action="store_true",
                         help="every stream the same prompt, as runs before 2026-11-27 had: identical answers "
                              "whose grammars reach each state in lockstep")
@@ -114,8 +124,7 @@ def stream_prompts(prompt: list[int], streams: int, same: bool) -> list[list[int
 
 
 async def run_batch(engine: TransformersEngine, constrained: list[bool], prompts: list[list[int]], max_tokens: int,
-                    tag: str) -> dict:
-    spec = structured_output_of({"guided_json": RECORDS})
+                    tag: str, spec: StructuredOutput) -> dict:
 
     async def one(index: int, with_grammar: bool) -> tuple[bool, int, float]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=not with_grammar,
@@ -180,8 +189,9 @@ async def main(args: argparse.Namespace) -> dict:
         await asyncio.to_thread(engine._grammars._llg_tokenizer)
         tokenizer_index_s = time.perf_counter() - started
         compiles = await compile_times(engine)
+        spec = structured_output_of({"guided_json": records_schema(args.label_max_length)})
         prompts = stream_prompts(synthetic_prompt(args.prompt_tokens), widest, args.same_prompt)
-        await run_batch(engine, [False, True], prompts, 4, "warm")  # first-call allocations, lazy kernels
+        await run_batch(engine, [False, True], prompts, 4, "warm", spec)  # first-call allocations, lazy kernels
         engine._scheduler._masks.fill_seconds.clear()  # the fills reported are the measured batches' only
         rows = []
         for level in levels:
@@ -193,17 +203,17 @@ async def main(args: argparse.Namespace) -> dict:
             for round_index in range(ROUNDS):  # interleaved, so drift hits every shape alike
                 for name, shape in shapes.items():
                     runs[name].append(await run_batch(engine, shape, prompts, args.max_tokens,
-                                                      f"{name}-{level}-{round_index}"))
+                                                      f"{name}-{level}-{round_index}", spec))
                     if name == "json" and engine._scheduler._masks is not None:
                         fills += engine._scheduler._masks.fill_seconds
                         engine._scheduler._masks.fill_seconds.clear()
             rows.append({**summarise(level, runs), **fill_summary(fills)})
             if args.phase_times and level == widest:
-                rows[-1]["phase_ms_per_step"] = await phase_times(engine, shapes, prompts, args.max_tokens)
+                rows[-1]["phase_ms_per_step"] = await phase_times(engine, shapes, prompts, args.max_tokens, spec)
             if args.profile_host and level == widest:
                 for name, shape in shapes.items():
                     with HostProfile(engine._scheduler) as profile:
-                        await run_batch(engine, shape, prompts, args.max_tokens, f"profile-{name}")
+                        await run_batch(engine, shape, prompts, args.max_tokens, f"profile-{name}", spec)
                     print(f"\n### host profile: {name}, {level} streams\n{profile.table(args.profile_host)}")
     finally:
         await engine.aclose()
@@ -217,6 +227,7 @@ async def main(args: argparse.Namespace) -> dict:
         "machine": platform.processor() or platform.machine(),
         "prompt_tokens": args.prompt_tokens,
         "same_prompt": args.same_prompt,
+        "label_max_length": args.label_max_length,
         "switch_interval_ms": args.switch_interval_ms,
         "max_tokens": args.max_tokens,
         "rounds": ROUNDS,
@@ -227,14 +238,14 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]], prompts: list[list[int]],
-                      max_tokens: int) -> dict[str, dict]:
+                      max_tokens: int, spec: StructuredOutput) -> dict[str, dict]:
     """Each shape's engine-thread phases, ms per step (``PhaseTimes``), printed and returned."""
     times = {}
     masks = engine._scheduler._masks
     for name, shape in shapes.items():
         masks.fill_seconds.clear()
         with PhaseTimes(engine._scheduler) as phases:
-            await run_batch(engine, shape, prompts, max_tokens, f"phases-{name}")
+            await run_batch(engine, shape, prompts, max_tokens, f"phases-{name}", spec)
         times[name] = phases.per_step_ms()
         # Where the slow fills fall in the answer: the first steps (each request's matcher starts
         # cold) or anywhere.
