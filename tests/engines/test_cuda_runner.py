@@ -326,30 +326,6 @@ def test_split_decode_attention_equals_one_pass_and_the_plain_twin(device):
                                  head_dim)
         _assert_close(split.cpu(), plain.float(), dtype)
         _assert_close(one_pass.cpu(), plain.float(), dtype)
-        for row in range(len(positions)):  # one row alone: its own, smaller partitions
-            alone = (qkv[row : row + 1], keys, values, tables[row : row + 1], positions[row : row + 1], heads,
-                     kv_heads, head_dim)
-            _assert_close(decode_attention(*alone, split=True).cpu(), plain[row : row + 1].float(), dtype)
-
-
-@pytest.mark.parametrize("device", [CUDA])
-def test_a_single_stream_past_the_short_split_threshold_matches_transformers(device):
-    """One row decoding from position 250 to 270 crosses SINGLE_ROW_SPLIT_FROM: the one-row graphs
-    switch to split attention there, and the logits stay transformers'."""
-    from ragllm.engines.cuda.attention import SINGLE_ROW_SPLIT_FROM
-
-    for dtype in _dtypes(device):
-        model = tiny_model("llama", dtype=dtype).to(device)
-        runner = _runner(model, max_model_len=4096, num_blocks=600)
-        prompt = [(5 * i + 3) % 200 + 1 for i in range(SINGLE_ROW_SPLIT_FROM - 6)]
-        table = scattered_tables([len(prompt) + 40])[0]
-        runner.prefill(table, prompt, 0)
-        sequence = list(prompt) + [int(_reference(model, prompt).argmax())]
-        for _ in range(20):
-            logits = runner.decode([table], [sequence[-1]], [len(sequence) - 1])
-            expected = _reference(model, sequence)
-            _assert_close(logits[0], expected, dtype)
-            sequence.append(int(expected.argmax()))
 
 
 @pytest.mark.parametrize("device", [CUDA])

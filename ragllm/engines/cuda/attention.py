@@ -27,10 +27,6 @@ if triton is not None:
 # costs more than the parallelism gains); partitions number at most MAX_PARTITIONS.
 SPLIT_FROM = 1024
 MAX_PARTITIONS = 128
-# One row (a single stream) leaves the one-pass kernel two programs (one per KV head) walking its keys
-# in turn: it splits from this many keys, in partitions of ``SINGLE_ROW_PARTITION``.
-SINGLE_ROW_SPLIT_FROM = 256
-SINGLE_ROW_PARTITION = 64
 # Keys the one-pass decode program reads per step of its loop. Measured on an H200 (12 query and 2 KV
 # heads of 128, in a graph): one row over 128 keys 5.5 µs a layer with 64, 4.1 with 128; over 512 keys
 # 14.4 and 9.4 µs; 64 rows alike. The split kernel keeps 64: with 128, 64 rows over 4,096 keys took
@@ -38,17 +34,12 @@ SINGLE_ROW_PARTITION = 64
 DECODE_TILE = 128
 
 
-def split_from(rows: int) -> int:
-    """Keys from which decode attention over ``rows`` rows runs split."""
-    return SINGLE_ROW_SPLIT_FROM if rows <= 1 else SPLIT_FROM
-
-
 def partition_size(max_len: int, rows: int) -> int:
     """Keys per partition for contexts up to ``max_len`` and ``rows`` queries: smaller partitions where
     few rows leave the GPU idle, larger where many rows already fill it. Measured on an H200 (4,096
     keys, 12 query and 2 KV heads of 128, in a graph): one row 17.5 µs a layer with 512-key partitions,
     9.6 µs with 256; 64 rows 74.4 µs with 512, 71.7 with 1,024."""
-    size = SINGLE_ROW_PARTITION if rows <= 1 else 256 if rows <= 8 else 512 if rows <= 32 else 1024
+    size = 256 if rows <= 8 else 512 if rows <= 32 else 1024
     while size * MAX_PARTITIONS < max_len:
         size *= 2
     return size

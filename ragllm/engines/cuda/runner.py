@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.cuda.attention import decode_attention, extend_attention, split_from
+from ragllm.engines.cuda.attention import SPLIT_FROM, decode_attention, extend_attention
 from ragllm.engines.cuda.decode_graphs import DecodeGraphs
 from ragllm.engines.cuda.kernels import add_rms_norm, rope_and_cache, silu_and_mul, triton
 from ragllm.engines.cuda.memory import kv_cache_budget
@@ -177,7 +177,7 @@ class CudaGraphRunner(ModelRunner):
         rows = [self.cache.row_of(table, position) for table, position in zip(block_tables, positions)]
         inputs = torch.cat([ids[None], torch.tensor([positions, rows], device=self.device)])
         tables = self.cache.tables_tensor(block_tables, self.blocks_for(max(positions) + 1))
-        split = triton is not None and self.device.type == "cuda" and max(positions) >= split_from(len(positions))
+        split = triton is not None and self.device.type == "cuda" and max(positions) >= SPLIT_FROM
         return self._decode_forward(inputs, tables, split)
 
     def _decode_forward(self, inputs: torch.Tensor, tables: torch.Tensor, split: bool = False) -> torch.Tensor:
