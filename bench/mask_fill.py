@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_report  # noqa: E402
 from bench.structured_outputs import records_schema  # noqa: E402
 from ragllm.structured.grammars import GrammarCompiler  # noqa: E402
+from ragllm.structured.mask_kernel import masked_logits  # noqa: E402
 from ragllm.structured.spec import structured_output_of  # noqa: E402
 
 # The engine's GIL switch interval on a GPU (transformers_impl.GIL_SWITCH_INTERVAL_S).
@@ -84,7 +85,6 @@ class FillBench:
         bitmask = torch.full((self.rows, self.words), -1, dtype=torch.int32)
         row_bytes = self.words * bitmask.element_size()
         executor = llguidance.LLExecutor(num_threads=threads) if threads else None
-        shifts = torch.arange(32, dtype=torch.int32)
         stop = threading.Event()
         holder = threading.Thread(target=_hold_the_gil, args=(stop,)) if busy else None
         if holder:
@@ -100,8 +100,7 @@ class FillBench:
                     for i, matcher in enumerate(matchers):
                         matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
                 times.append(time.perf_counter() - started)
-                allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(self.rows, -1)[:, : self.vocab]
-                chosen = self.scores.masked_fill(~allowed, float("-inf")).argmax(dim=1).tolist()
+                chosen = masked_logits(self.scores, bitmask).argmax(dim=1).tolist()
                 for matcher, token in zip(matchers, chosen):
                     matcher.consume_token(token)
         finally:
