@@ -163,7 +163,7 @@ class Scheduler:
         are held and handed over once the next step is launched, just before the engine thread waits
         for its tokens: the event loop runs while the engine thread would idle, and each delta arrives
         about a step later. Everything else goes at once, after anything held."""
-        if self._ahead is not None and all(_holdable(sequence, item) for sequence, item in results):
+        if self._ahead is not None and all(_holdable(item) for _, item in results):
             self._held += results
             return
         self._hand_over_held(results)
@@ -506,10 +506,10 @@ class Scheduler:
         return failed
 
 
-def _holdable(sequence: Sequence, item: Delta | BaseException) -> bool:
-    """A delta that may wait a step: neither a request's first (its time to first token) nor its
-    last, nor an error."""
-    return isinstance(item, Delta) and item.finish_reason is None and sequence.num_deltas > 1
+def _holdable(item: Delta | BaseException) -> bool:
+    """A delta that may wait a step: neither a request's first (its time to first token: the one
+    that carries every token so far) nor its last, nor an error."""
+    return isinstance(item, Delta) and item.finish_reason is None and item.num_tokens < item.completion_tokens
 
 
 def _choose(batch: list[Sequence], logits) -> list:

@@ -46,7 +46,6 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     queue_time_s: float | None = None
     tokens_since_delta: int = 0
-    num_deltas: int = 0  # deltas made so far (the consumer's first is its first token)
     token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
     logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None  # the structured output the answer must follow
@@ -136,7 +135,6 @@ class Sequence:
             cached_tokens=self.num_cached_tokens or 0,
         )
         self.tokens_since_delta = 0
-        self.num_deltas += 1
         if self.logprobs_since_delta:
             self.logprobs_since_delta = []
         return delta

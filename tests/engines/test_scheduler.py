@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ragllm.engines import sampling as sampling_module
 from ragllm.engines import scheduler as scheduler_module
-from ragllm.engines.base import FinishReason, SamplingParams
+from ragllm.engines.base import Delta, FinishReason, SamplingParams
 from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
 from ragllm.engines.scheduler import Scheduler, SchedulerLimits
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
@@ -387,15 +389,24 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
                           deliver=lambda results: delivered.extend((passes[0], s, item) for s, item in results),
                           launch_ahead=True)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))]
+    produced: dict[int, int] = {}  # id(delta) → the pass that made it
+    run_once = scheduler.run_once
+
+    def counted_pass(block: bool = False):  # the engine thread's loop looks run_once up every pass
+        passes[0] += 1
+        results = run_once(block)
+        produced.update((id(item), passes[0]) for _, item in results or ())
+        return results
+
+    scheduler.run_once = counted_pass
     for sequence in sequences:
         scheduler.submit(sequence)
-    produced: dict[int, int] = {}  # id(delta) → the pass that made it
-    while passes[0] == 0 or scheduler.running or scheduler.waiting:  # submissions wait in the inbox
-        passes[0] += 1
-        results = scheduler.run_once()
-        produced.update((id(item), passes[0]) for _, item in results)
-        scheduler._hand_over(results)
-    scheduler._hand_over_held()
+    scheduler.start()
+    deadline = time.monotonic() + 60
+    while sum(item.finish_reason is not None for _, _, item in delivered) < len(sequences):
+        assert time.monotonic() < deadline, "not every answer was handed over"
+        time.sleep(0.01)
+    scheduler.stop()
     assert not scheduler._held
     late = 0
     for sequence in sequences:
@@ -407,3 +418,15 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
         late += sum(at == produced[id(item)] + 1 for at, item in mine[1:-1])
         assert all(at - produced[id(item)] in (0, 1) for at, item in mine)
     assert late > 0  # ordinary deltas did wait for the next step's launch
+
+
+def test_a_delta_is_held_only_when_it_is_neither_an_answers_first_text_nor_its_last():
+    """The first delta of an answer can come from a decode step (its first tokens wrote no whole
+    character yet); it carries every token so far, and is never held, nor is a last delta or an error."""
+    from ragllm.engines.scheduler import _holdable
+
+    assert not _holdable(Delta(text="é", num_tokens=3, prompt_tokens=9, completion_tokens=3))  # first text
+    assert _holdable(Delta(text="x", num_tokens=1, prompt_tokens=9, completion_tokens=4))
+    assert not _holdable(Delta(text="", num_tokens=1, prompt_tokens=9, completion_tokens=5,
+                               finish_reason=FinishReason.STOP))
+    assert not _holdable(EngineFailure("a fault of this row"))
