@@ -94,10 +94,10 @@ def main() -> None:
         return lambda: [F.linear(x, weight) for weight in layers[name][1]]
 
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
-    gemv_tunings = [replace(base, gemv_words=words, gemv_block_k=block_k, gemv_programs_per_sm=per_sm, gemv_stages=stages,
-                            gemv_unrolled=unrolled)
-                    for words, block_k, per_sm, stages, unrolled in itertools.product((8, 16), (8, 16), (8, 16), (2, 3),
-                                                                                        (False, True))
+    gemv_tunings = [replace(base, gemv_words=words, gemv_programs_per_sm=per_sm, gemv_stages=stages,
+                            gemv_unrolled=unrolled, gemv_wide_words=wide)
+                    for words, per_sm, stages, unrolled, wide in itertools.product((8, 16), (8, 16), (2, 3),
+                                                                                   (False, True), (0, 32, 64))
                     if not (unrolled and stages == 3)]  # an unrolled program is not pipelined
     gemv_tunings.append(replace(base, gemv_words=0))  # 0: one row through the tiled kernel
     tiled_tunings = [replace(base, small_rows=0, decode_block_n=block_n, decode_stages=stages,
@@ -121,6 +121,11 @@ def main() -> None:
         print(f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
               f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
               f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
+        if rows == 1:  # the best with and without wide rows, side by side
+            for wide in (0, 32, 64):
+                row = next(r for r in entry["awq"] if r["tuning"]["gemv_wide_words"] == wide and r["tuning"]["gemv_words"])
+                print(f"  wide rows {wide or 'never'}: layer {row['layer_us']:.1f} µs, per product µs "
+                      f"{ {k: round(v, 1) for k, v in row['us'].items()} }", flush=True)
     if args.skip_prefill:
         write_report(args.json, report)
         return

@@ -159,3 +159,50 @@ def test_w4a16_products_match_dequantise_then_matmul(rows, shape):
     for _ in range(3):
         assert torch.equal(awq_matmul(x, weights, counters), first)
     assert not counters.any()
+
+
+def _random_awq(k: int, n: int, seed: int) -> AwqWeights:
+    torch.manual_seed(seed)
+    weights = quantise(torch.randn(n, k, device="cuda") * 0.02, 128)
+    return AwqWeights(weights.qweight, weights.qzeros, weights.scales.to(torch.bfloat16),
+                      torch.randn(n, device="cuda", dtype=torch.bfloat16), 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("wide_words", [0, 32, 64])
+@pytest.mark.parametrize("shape", [(1536, 2048), (8960, 1536), (1536, 17920), (384, 200)])
+def test_one_row_products_in_either_arithmetic(monkeypatch, wide_words, shape):
+    """The one-row kernel, narrow (float32) and, for the products wide enough, with wide rows in
+    float16 pairs, against float32 over the dequantised weights."""
+    from dataclasses import replace
+
+    from ragllm.engines.cuda import w4a16
+
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_wide_words=wide_words))
+    k, n = shape
+    weights = _random_awq(k, n, seed=k + n)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    expected = x.float() @ dequantise(weights).t() + weights.bias.float()
+    _assert_close(w4a16.awq_matmul(x, weights, w4a16.counters_for(n, x.device)), expected, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_row_products_in_half_pairs_take_inputs_beyond_float16s_range(monkeypatch):
+    """Inputs of ±69,000 (float16 ends at 65,504) on some channels: the float16 pairs see them scaled
+    by 2^-7, so nothing overflows and the outputs keep float32's answer."""
+    from dataclasses import replace
+
+    from ragllm.engines.cuda import w4a16
+
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_wide_words=32))
+    k, n = 8960, 1536
+    weights = _random_awq(k, n, seed=5)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x[0, ::97] = 69_000.0 * torch.sign(torch.randn(x[0, ::97].shape, device="cuda"))
+    expected = x.float() @ dequantise(weights).t() + weights.bias.float()
+    assert w4a16._row_words(n, k // 128, x.device) == 32  # the float16 pairs are what runs
+    out = w4a16.awq_matmul(x, weights, w4a16.counters_for(n, x.device))
+    assert torch.isfinite(out).all()
+    _assert_close(out, expected, 1e-2)

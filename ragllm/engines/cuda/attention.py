@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ragllm.engines.cuda.kernels import triton, use_triton
+from ragllm.engines.cuda.kernels import dependent_launch, triton, use_triton
 from ragllm.engines.paged_cache import PagedKVCache
 
 if triton is not None:
     import triton.language as tl
+
+    from ragllm.engines.cuda.kernels import after_previous_kernel
 
 
 # Split decode attention once a context may reach this many keys (below it the combining kernel
@@ -74,7 +76,7 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         qkv, key_cache, value_cache, out, positions, tables, qkv.stride(0), tables.stride(0),
         *PagedKVCache.strides(key_cache), out.stride(0), head_dim ** -0.5 * key_scale, value_scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=DECODE_TILE,
-        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32)
+        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32, **dependent_launch(qkv))
     return out
 
 
@@ -92,11 +94,11 @@ def _split_decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_ca
         *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1),
         partial.stride(2), scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5 * key_scale,
         PARTITION=size, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
+        BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32, **dependent_launch(qkv))
     _combine_partitions_kernel[(rows, num_heads)](
         partial, scores, out, positions, partial.stride(0), partial.stride(1), partial.stride(2), scores.stride(0),
         scores.stride(1), scores.stride(2), out.stride(0), value_scale, PARTITION=size,
-        PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim)
+        PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim, **dependent_launch(qkv))
 
 
 def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, positions: torch.Tensor,
@@ -132,11 +134,11 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         qkv, key_cache, value_cache, partial, scores, positions, table, tokens, qkv.stride(0),
         *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1), partial.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5 * key_scale, PARTITION=size, GROUP=group,
-        BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32)
+        BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32, **dependent_launch(qkv))
     _combine_partitions_kernel[(tokens, num_heads)](
         partial, scores, out, positions, partial.stride(0), partial.stride(1), partial.stride(2), scores.stride(0),
         scores.stride(1), scores.stride(2), out.stride(0), value_scale, PARTITION=size,
-        PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim)
+        PARTS_PAD=triton.next_power_of_2(parts), HEAD_DIM=head_dim, **dependent_launch(qkv))
     return out
 
 
@@ -193,7 +195,8 @@ if triton is not None:
     def _decode_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, tables_ptr,
                                  stride_row, stride_table, stride_block, stride_position, stride_head, stride_out,
                                  scale, value_scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         dtype = out_ptr.dtype.element_ty
@@ -216,7 +219,8 @@ if triton is not None:
                                  stride_partial_row, stride_partial_head, stride_partial_part, stride_scores_kind,
                                  stride_scores_row, stride_scores_head, scale, PARTITION: tl.constexpr,
                                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
@@ -246,7 +250,8 @@ if triton is not None:
     def _combine_partitions_kernel(partial_ptr, scores_ptr, out_ptr, positions_ptr, stride_partial_row,
                                    stride_partial_head, stride_partial_part, stride_scores_kind, stride_scores_row,
                                    stride_scores_head, stride_out, value_scale, PARTITION: tl.constexpr,
-                                   PARTS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+                                   PARTS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         head = tl.program_id(1)
         dtype = out_ptr.dtype.element_ty
@@ -269,7 +274,8 @@ if triton is not None:
                                  stride_partial_row, stride_partial_head, stride_partial_part, stride_scores_kind,
                                  stride_scores_row, stride_scores_head, scale, PARTITION: tl.constexpr,
                                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         block = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)

@@ -10,6 +10,8 @@ read the paged cache are in ``attention``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,25 @@ except ImportError:  # pragma: no cover - depends on the PyTorch build
 
 def use_triton(tensor: torch.Tensor) -> bool:
     return triton is not None and tensor.is_cuda
+
+
+# -- programmatic dependent launch ----------------------------------------------------------------------------
+def dependent_launch(tensor: torch.Tensor) -> dict:
+    """Launch arguments for a kernel that may start while the kernel before it finishes (Hopper and later).
+
+    A decode step is a chain of ~300 short kernels, each waiting for the one before it to end before it
+    is even launched. Launched as a dependent, a kernel is placed on the multiprocessors as soon as every
+    program of the previous kernel has begun; it does what needs none of that kernel's output (the int4
+    products fetch their weights towards the cache), then waits for the previous kernel to end
+    (``after_previous_kernel``). Every kernel passed these arguments must call that before it reads or
+    writes anything another kernel touches."""
+    dependent = use_triton(tensor) and _compute_capability(tensor.device) >= 9
+    return {"DEPENDENT": dependent, "launch_pdl": dependent}
+
+
+@functools.cache
+def _compute_capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 # -- RMSNorm, optionally after adding the residual ------------------------------------------------------
@@ -43,7 +64,7 @@ def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: to
         residual = hidden
     _add_rms_norm_kernel[(rows,)](hidden, residual, weight, out, hidden.stride(0), residual.stride(0),
                                   out.stride(0), cols, eps, HAS_RESIDUAL=has_residual,
-                                  BLOCK=triton.next_power_of_2(cols))
+                                  BLOCK=triton.next_power_of_2(cols), **dependent_launch(hidden))
     return out, residual
 
 
@@ -58,7 +79,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, gate_up.stride(0), out.stride(0), cols,
-                                                      BLOCK=block)
+                                                      BLOCK=block, **dependent_launch(gate_up))
     return out
 
 
@@ -82,7 +103,7 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, rows: torch.Tenso
         qkv, positions, rows, cos, sin, key_cache, value_cache, qkv.stride(0), cos.stride(0),
         *PagedKVCache.strides(key_cache), 1.0 / key_scale, 1.0 / value_scale, NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
-        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), FP8=key_cache.dtype == FP8)
+        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), FP8=key_cache.dtype == FP8, **dependent_launch(qkv))
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -95,8 +116,18 @@ if triton is not None:
     FP8_LIMIT = tl.constexpr(FP8_MAX)
 
     @triton.jit
+    def after_previous_kernel(DEPENDENT: tl.constexpr):
+        """For a kernel launched with ``dependent_launch``: waits until the kernel before it has ended and
+        its writes are visible, then lets the next kernel be placed."""
+        if DEPENDENT:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_residual, stride_out,
-                             n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                             DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -112,7 +143,9 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(dtype), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(in_ptr, out_ptr, stride_in, stride_out, n_cols, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(in_ptr, out_ptr, stride_in, stride_out, n_cols, BLOCK: tl.constexpr,
+                         DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -127,7 +160,8 @@ if triton is not None:
                            stride_token, stride_table, stride_block, stride_position, stride_head,
                            key_inverse_scale, value_inverse_scale, NUM_HEADS: tl.constexpr,
                            NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr):
+                           BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         token = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads
         dtype = qkv_ptr.dtype.element_ty

@@ -25,31 +25,58 @@ from dataclasses import dataclass
 
 import torch
 
-from ragllm.engines.cuda.kernels import triton, use_triton
+from ragllm.engines.cuda.kernels import dependent_launch, triton, use_triton
 from ragllm.engines.quantized.awq_format import AwqWeights, dequantise
 
 if triton is not None:
     import triton.language as tl
+
+    from ragllm.engines.cuda.kernels import after_previous_kernel
 
 DECODE_ROWS = 64
 # The nibble mask, passed to the kernels at run time (see ``_mantissa_values``).
 NIBBLE = 15
 # Most input groups a single-row program unrolls; a longer share runs as a pipelined loop (code size).
 UNROLL_LIMIT = 4
+# In float16 pairs (wide one-row products) the input is scaled by 2^-7 before it meets the weights, so that a
+# thread's eight float16 products of a group stay finite for inputs up to ±69,000 (8 * 15 * 69,000 *
+# 2^-7 < 65,504, float16's largest value); the scale is exact and undone with the group's scales.
+HALF_INPUT_SCALE = 2.0 ** -7
+# Seven instructions make eight float16 values ``1024 + q`` of a packed word: each 32-bit AND-OR (lop3)
+# takes two nibbles 16 bits apart (AWQ's columns 2j and 2j + 1) into the mantissas of a pair with
+# 1024's exponent; three shifts bring the other pairs down.
+_HALF_VALUES_ASM = (
+    "{ .reg .b32 s4, s8, s12;"
+    " shr.u32 s4, $4, 4; shr.u32 s8, $4, 8; shr.u32 s12, $4, 12;"
+    " lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;"
+    " lop3.b32 $1, s4, 0x000F000F, 0x64006400, 0xEA;"
+    " lop3.b32 $2, s8, 0x000F000F, 0x64006400, 0xEA;"
+    " lop3.b32 $3, s12, 0x000F000F, 0x64006400, 0xEA; }"
+)
+# (value - zero) * x for a pair of columns: an exact difference, one rounding.
+_HALF_PRODUCT_ASM = "{ .reg .b32 d; sub.rn.f16x2 d, $1, $2; mul.rn.f16x2 $0, d, $3; }"
 
 
 @dataclass
 class W4A16Tuning:
     """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
     on an H200 over Qwen2.5-1.5B's projections (BENCHMARKS.md)."""
-    # One row (a single stream) runs without tensor cores: each weight is read as a float by one logic
-    # operation, and the products are summed over the inputs once, at the end.
+    # One row (a single stream) runs without tensor cores. Narrow products: each weight is read as a
+    # float by one logic operation, and the products are summed over the inputs once, at the end.
     gemv_words: int = 8  # packed words (8 outputs each) per program
     gemv_block_k: int = 16  # inputs per accumulator tile (a divisor of the group size)
     gemv_warps: int = 4
     gemv_stages: int = 2
     gemv_programs_per_sm: int = 8
     gemv_unrolled: bool = True  # each program's groups unrolled instead of software-pipelined
+    # Products wide enough for ``gemv_min_wide_programs_per_sm`` programs a multiprocessor at one input
+    # group each read rows of ``gemv_wide_words`` words (0: never), a whole group in one load, with the
+    # arithmetic in float16 pairs (``_gemv_group_in_halves``).
+    gemv_wide_words: int = 32
+    gemv_min_wide_programs_per_sm: int = 2
+    # Launched as a dependent (``kernels.dependent_launch``), a one-row program asks for its weights
+    # to be brought into the L2 cache while the kernel before it finishes.
+    gemv_prefetch: bool = True
     # Up to ``small_rows`` rows, a wider output tile; more rows, a narrower one.
     small_rows: int = 16
     decode_small_block_n: int = 64
@@ -113,7 +140,8 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
 
 def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
                         groups: int) -> torch.Tensor:
-    n, words = weights.out_features, TUNING.gemv_words
+    n = weights.out_features
+    words = _row_words(n, groups, x.device)
     blocks = triton.cdiv(n // 8, words)
     split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
@@ -124,9 +152,21 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
         counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
         BLOCK_K=min(TUNING.gemv_block_k, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
         SPLIT_K=split, HAS_BIAS=weights.bias is not None,
-        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT, num_warps=TUNING.gemv_warps,
-        num_stages=TUNING.gemv_stages)
+        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT, HALVES=words == TUNING.gemv_wide_words,
+        HALF_SCALE=HALF_INPUT_SCALE, PREFETCH=TUNING.gemv_prefetch,
+        PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size), num_warps=TUNING.gemv_warps,
+        num_stages=TUNING.gemv_stages, **dependent_launch(x))
     return out
+
+
+def _row_words(out_features: int, groups: int, device: torch.device) -> int:
+    """Packed words per program and input row for a one-row product (``W4A16Tuning``): wide rows
+    where the product still has enough programs at one input group each."""
+    wide = TUNING.gemv_wide_words
+    if wide and triton.cdiv(out_features // 8, wide) * groups >= (TUNING.gemv_min_wide_programs_per_sm
+                                                                    * _multiprocessors(device)):
+        return wide
+    return TUNING.gemv_words
 
 
 def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: int, split: int,
@@ -141,7 +181,8 @@ def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: 
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, rows, n, x.stride(0), out.stride(0), NIBBLE,
         GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m,
-        BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=warps, num_stages=stages)
+        BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=warps, num_stages=stages,
+        **dependent_launch(x))
     return out
 
 
@@ -150,7 +191,8 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
     matrix = torch.empty(k, n, dtype=x.dtype, device=x.device)
     block_n = 128
     _awq_dequantise_kernel[(k // weights.group_size, triton.cdiv(n, block_n))](
-        weights.qweight, weights.qzeros, weights.scales, matrix, n, NIBBLE, GROUP=weights.group_size, BLOCK_N=block_n)
+        weights.qweight, weights.qzeros, weights.scales, matrix, n, NIBBLE, GROUP=weights.group_size, BLOCK_N=block_n,
+        **dependent_launch(x))
     out = x @ matrix
     return out if weights.bias is None else out + weights.bias
 
@@ -161,6 +203,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 if triton is not None:
+    HALF_VALUES_ASM = tl.constexpr(_HALF_VALUES_ASM)
+    HALF_PRODUCT_ASM = tl.constexpr(_HALF_PRODUCT_ASM)
 
     @triton.jit
     def _spread(packed):
@@ -199,54 +243,141 @@ if triton is not None:
         return zeros, scales * tl.exp2(-field.to(tl.float32))[None, :]
 
     @triton.jit
-    def _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask,
-                    NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]: unscaled over the group's
-        BLOCK_K-row steps, then scaled once."""
-        zeros, scales = _group_terms(qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask, NIBBLE,
-                                     BLOCK_N)
+    def _gemv_one_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, HALVES: tl.constexpr,
+                        HALF_SCALE: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]. ``x_at`` (a scalar), ``weights_at``
+        and ``zeros_at`` [1, WORDS] and ``scales_at`` [1, BLOCK_N] point at the group's first row; rows
+        add constants to them, which the loads take as immediate offsets."""
+        if HALVES:
+            return _gemv_group_in_halves(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, HALF_SCALE,
+                                         ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
+        return _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, ROW_WORDS, GROUP,
+                           BLOCK_K, BLOCK_N)
+
+    @triton.jit
+    def _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, ROW_WORDS: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One weight an instruction in float32: unscaled over the group's BLOCK_K-row steps, then scaled
+        once (``_mantissa_values`` makes the zero points and scales agree with the values' form)."""
+        zeros, field = _mantissa_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)), NIBBLE, BLOCK_N)
+        scales = tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32) * tl.exp2(-field.to(tl.float32))[None, :]
         part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        rows = tl.arange(0, BLOCK_K)
+        x_rows = x_at + rows
+        weight_rows = weights_at + (rows * ROW_WORDS)[:, None]
         for step in tl.static_range(GROUP // BLOCK_K):
-            k = group * GROUP + step * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + k).to(tl.float32)
-            packed = tl.load(qweight_ptr + k[:, None] * (N // 8) + words[None, :], mask=word_mask[None, :], other=0)
+            x = tl.load(x_rows + step * BLOCK_K).to(tl.float32)
+            packed = tl.load(weight_rows + step * BLOCK_K * ROW_WORDS, mask=word_mask, other=0)
             values, _ = _mantissa_values(_spread(packed), NIBBLE, BLOCK_N)
             part += x[:, None] * (values - zeros)
         return acc + part * scales
 
     @triton.jit
+    def _gemv_group_in_halves(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask,
+                              HALF_SCALE: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Two weights an instruction: ``(1024 + q) - (1024 + z)`` is exact in float16, and its product
+        with the scaled input is one rounding. The whole group is one load of [GROUP, WORDS], so every
+        load is issued before the first product: read in BLOCK_K-row steps, the compiler spread the loads
+        between the arithmetic and few bytes were in flight. Rows r, r + BLOCK_K, r + 2 * BLOCK_K, ...
+        lie in one thread: their eight products are summed in float16 there, then taken to float32 and
+        scaled."""
+        rows = tl.arange(0, GROUP)
+        packed = tl.load(weights_at + (rows * ROW_WORDS)[:, None], mask=word_mask, other=0)
+        x = tl.load(x_at + rows)
+        zeros = _half_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)))
+        scales = tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32) * (1.0 / HALF_SCALE)
+        values = _half_values(_spread(packed))
+        products = tl.inline_asm_elementwise(
+            HALF_PRODUCT_ASM, "=r,r,r,r",
+            [values, tl.broadcast_to(zeros, values.shape),
+             tl.broadcast_to(_to_half(x.to(tl.float32) * HALF_SCALE)[:, None], values.shape)],
+            dtype=tl.float16, is_pure=True, pack=2)
+        products = tl.reshape(products, (GROUP // BLOCK_K, BLOCK_K, BLOCK_N))
+        return acc + tl.sum(products, axis=0).to(tl.float32) * scales
+
+    @triton.jit
+    def _to_half(x):
+        """float32 → float16, rounded to nearest. Written out so that the compiler cannot move the scaling
+        before it into float16, where a large input would overflow first."""
+        return tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,r", [x], dtype=tl.float16, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _half_values(spread):
+        """Spread words [R, C] (``_spread``) → float16 ``1024 + q`` per column."""
+        return tl.inline_asm_elementwise(HALF_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [spread],
+                                         dtype=tl.float16, is_pure=True, pack=8)
+
+    @triton.jit
+    def _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP: tl.constexpr,
+                        GROUPS: tl.constexpr, ROWS_PAD: tl.constexpr, WORDS: tl.constexpr):
+        """Asks for a one-row program's packed weights, zero points and scales (GROUPS input groups from
+        ``first``) to be brought into the L2 cache: one request per input row, each row's share a
+        32-byte sector, and no registers held for them."""
+        rows = first * GROUP + tl.minimum(tl.arange(0, ROWS_PAD), GROUPS * GROUP - 1)
+        _prefetch_l2(qweight_ptr + rows * (N // 8) + pid_n * WORDS)
+        groups = first + tl.minimum(tl.arange(0, 16), GROUPS - 1)
+        _prefetch_l2(qzeros_ptr + groups * (N // 8) + pid_n * WORDS)
+        _prefetch_l2(scales_ptr + groups * N + pid_n * WORDS * 8)
+
+    @triton.jit
+    def _prefetch_l2(pointers):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0 unused", "=r,l", [pointers.to(tl.int64)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
-                         N, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
+                         N: tl.constexpr, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
                          GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         UNROLLED: tl.constexpr):
+                         UNROLLED: tl.constexpr, HALVES: tl.constexpr, HALF_SCALE: tl.constexpr,
+                         PREFETCH: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
+                         DEPENDENT: tl.constexpr):
         """One row, without tensor cores: program (n, k) computes 8 * WORDS outputs over its share of the
         input groups. Products accumulate elementwise over a [BLOCK_K, 8 * WORDS] tile (each thread its
         own), unscaled within a group and scaled once per group, and are summed over the inputs once at
         the end; per weight that is one logic operation, a subtraction and a multiply-add."""
         BLOCK_N: tl.constexpr = WORDS * 8
+        ROW_WORDS: tl.constexpr = N // 8
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         words = pid_n * WORDS + tl.arange(0, WORDS)
-        word_mask = words < N // 8
+        word_mask = (words < ROW_WORDS)[None, :]
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         first = pid_k * GROUPS_PER_SPLIT
+        if DEPENDENT and PREFETCH:  # the weights need nothing from the kernel before this one
+            _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP, GROUPS_PER_SPLIT,
+                            PREFETCH_ROWS, WORDS)
+        after_previous_kernel(DEPENDENT)
+        # Pointers at the share's first group; a group (and a step within it) adds a constant.
+        x_at = x_ptr + first * GROUP
+        weights_at = qweight_ptr + first * GROUP * ROW_WORDS + words[None, :]
+        zeros_at = qzeros_ptr + first * ROW_WORDS + words[None, :]
+        scales_at = scales_ptr + first * N + cols[None, :]
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         if UNROLLED:  # every load of the program's share in flight at once
             for index in tl.static_range(GROUPS_PER_SPLIT):
-                acc = _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first + index, N, words, word_mask,
-                                  cols, col_mask, NIBBLE, GROUP, BLOCK_K, BLOCK_N)
+                acc = _gemv_one_group(acc, x_at + index * GROUP, weights_at + index * GROUP * ROW_WORDS,
+                                      zeros_at + index * ROW_WORDS, scales_at + index * N, word_mask,
+                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, ROW_WORDS, GROUP, BLOCK_K,
+                                      BLOCK_N)
         else:  # software-pipelined over the groups
             for index in range(GROUPS_PER_SPLIT):
-                acc = _gemv_group(acc, x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, first + index, N, words, word_mask,
-                                  cols, col_mask, NIBBLE, GROUP, BLOCK_K, BLOCK_N)
+                acc = _gemv_one_group(acc, x_at + index * GROUP, weights_at + index * GROUP * ROW_WORDS,
+                                      zeros_at + index * ROW_WORDS, scales_at + index * N, word_mask,
+                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, ROW_WORDS, GROUP, BLOCK_K,
+                                      BLOCK_N)
         _finish(tl.sum(acc, axis=0), out_ptr + cols, partial_ptr + cols, N, col_mask, bias_ptr + cols, col_mask,
                 counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
     @triton.jit
     def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
                          M, N, stride_xm, stride_om, NIBBLE, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -310,7 +441,8 @@ if triton is not None:
 
     @triton.jit
     def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, NIBBLE, GROUP: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
+                               BLOCK_N: tl.constexpr, DEPENDENT: tl.constexpr):
+        after_previous_kernel(DEPENDENT)
         group = tl.program_id(0)
         pid_n = tl.program_id(1)
         k = group * GROUP + tl.arange(0, GROUP)
