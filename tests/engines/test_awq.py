@@ -206,3 +206,25 @@ def test_one_row_products_in_half_pairs_take_inputs_beyond_float16s_range(monkey
     out = w4a16.awq_matmul(x, weights, w4a16.counters_for(n, x.device))
     assert torch.isfinite(out).all()
     _assert_close(out, expected, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("wide_words", [0, 32])
+def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, wide_words):
+    """The down projection reading gate/up itself gives what SiLU-and-multiply followed by the product
+    gives, and float32's answer."""
+    from dataclasses import replace
+
+    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.cuda.kernels import silu_and_mul
+
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_wide_words=wide_words))
+    k, n = 8960, 1536
+    weights = _random_awq(k, n, seed=11)
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16) * 3
+    counters = w4a16.counters_for(n, gate_up.device)
+    activated = silu_and_mul(gate_up)
+    gated = w4a16.awq_gated_matmul(gate_up, weights, counters)
+    torch.testing.assert_close(gated, w4a16.awq_matmul(activated, weights, counters), atol=1e-3, rtol=1e-3)
+    _assert_close(gated, activated.float() @ dequantise(weights).t() + weights.bias.float(), 1e-2)

@@ -330,7 +330,7 @@ def test_split_decode_attention_equals_one_pass_and_the_plain_twin(device):
 
 @pytest.mark.parametrize("device", [CUDA])
 def test_long_context_decode_graphs_match_transformers(device):
-    """Decode past SPLIT_FROM positions replays the split-attention graphs; logits stay transformers'."""
+    """Decode past ``split_from`` positions replays the split-attention graphs; logits stay transformers'."""
     for dtype in _dtypes(device):
         model = tiny_model("qwen2", dtype=dtype).to(device)
         runner = _runner(model, max_model_len=4096, num_blocks=600)
@@ -345,6 +345,27 @@ def test_long_context_decode_graphs_match_transformers(device):
                 expected = _reference(model, sequence)
                 _assert_close(logits[row], expected, dtype)
                 sequence.append(int(expected.argmax()))
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_one_stream_decodes_over_short_partitions_like_transformers(device):
+    """One row from 150 positions on: its attention runs in 64-key partitions (a single row splits from
+    ``SPLIT_FEW_FROM`` keys), replayed from the split graph; logits stay transformers'."""
+    from ragllm.engines.cuda.attention import FEW_ROWS_PARTITION, split_from
+
+    assert split_from(1) <= 150 and FEW_ROWS_PARTITION < 150
+    for dtype in _dtypes(device):
+        model = tiny_model("qwen2", dtype=dtype).to(device)
+        runner = _runner(model, max_model_len=4096, num_blocks=600)
+        prompt = [(7 * i + 3) % 200 + 1 for i in range(150)]
+        table = scattered_tables([len(prompt) + 8])[0]
+        runner.prefill(table, prompt, 0)
+        sequence = list(prompt) + [int(_reference(model, prompt).argmax())]
+        for _ in range(3):
+            logits = runner.decode([table], [sequence[-1]], [len(sequence) - 1])
+            expected = _reference(model, sequence)
+            _assert_close(logits[0], expected, dtype)
+            sequence.append(int(expected.argmax()))
 
 
 @pytest.mark.parametrize("device", [CUDA])

@@ -1,7 +1,7 @@
 """Decode steps replayed as CUDA graphs: one graph per batch bucket, one launch per step instead of
 ~20 kernels per layer, and a second per bucket whose attention splits long contexts into partitions
-(chosen once a row's position reaches ``SPLIT_FROM``). Rows past the real batch write to the scratch
-block and are not read.
+(chosen once a row's position reaches the bucket's ``attention.split_from``). Rows past the real batch
+write to the scratch block and are not read.
 
 The graphs' inputs live at fixed addresses: each row's token, position and flat cache row to write,
 and each row's block table. Tables change rarely (a row takes a new block every ``block_size``
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ragllm.engines.cuda.attention import SPLIT_FROM
+from ragllm.engines.cuda.attention import SPLIT_FEW_FROM, SPLIT_FROM, split_from
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class DecodeGraphs:
         self._staged: list[tuple[list[int] | None, int]] = [(None, 0)] * largest  # per row: table, length
         self._num_runs = 0
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._splits = [False, True] if table_width * block_size > SPLIT_FROM else [False]
+        self._splits = [False, True] if table_width * block_size > min(SPLIT_FROM, SPLIT_FEW_FROM) else [False]
 
     @property
     def largest(self) -> int:
@@ -118,7 +118,7 @@ class DecodeGraphs:
             rows, columns = len(tables), max(len(tables[row]) for row in copied_rows)
             staged = torch.from_numpy(np.ascontiguousarray(self._host_tables[:rows, :columns])).pin_memory()
             self._tables[:rows, :columns].copy_(staged, non_blocking=True)
-        graph, logits = self._graphs[(bucket, self._splits[-1] and max(positions) >= SPLIT_FROM)]
+        graph, logits = self._graphs[(bucket, self._splits[-1] and max(positions) >= split_from(bucket))]
         graph.replay()
         return logits[:batch]
 

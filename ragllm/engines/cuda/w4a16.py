@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ragllm.engines.cuda.kernels import dependent_launch, triton, use_triton
+from ragllm.engines.cuda.kernels import dependent_launch, silu_and_mul, triton, use_triton
 from ragllm.engines.quantized.awq_format import AwqWeights, dequantise
 
 if triton is not None:
@@ -38,7 +38,10 @@ DECODE_ROWS = 64
 NIBBLE = 15
 # Most input groups a single-row program unrolls; a longer share runs as a pipelined loop (code size).
 UNROLL_LIMIT = 4
-# In float16 pairs (wide one-row products) the input is scaled by 2^-7 before it meets the weights, so that a
+# One-row programs reading rows of at least this many words compute in float16 pairs
+# (``_gemv_group_in_halves``); narrower ones in float32, where the pairs' layout costs more than they save.
+HALF_PAIRS_FROM_WORDS = 16
+# In float16 pairs the input is scaled by 2^-7 before it meets the weights, so that a
 # thread's eight float16 products of a group stay finite for inputs up to ±69,000 (8 * 15 * 69,000 *
 # 2^-7 < 65,504, float16's largest value); the scale is exact and undone with the group's scales.
 HALF_INPUT_SCALE = 2.0 ** -7
@@ -63,15 +66,14 @@ class W4A16Tuning:
     on an H200 over Qwen2.5-1.5B's projections (BENCHMARKS.md)."""
     # One row (a single stream) runs without tensor cores. Narrow products: each weight is read as a
     # float by one logic operation, and the products are summed over the inputs once, at the end.
-    gemv_words: int = 8  # packed words (8 outputs each) per program
-    gemv_block_k: int = 16  # inputs per accumulator tile (a divisor of the group size)
+    gemv_words: int = 16  # packed words (8 outputs each) per program
+    gemv_block_k: int = 16  # inputs per accumulator tile in float32 (a divisor of the group size)
     gemv_warps: int = 4
     gemv_stages: int = 2
     gemv_programs_per_sm: int = 8
     gemv_unrolled: bool = True  # each program's groups unrolled instead of software-pipelined
     # Products wide enough for ``gemv_min_wide_programs_per_sm`` programs a multiprocessor at one input
-    # group each read rows of ``gemv_wide_words`` words (0: never), a whole group in one load, with the
-    # arithmetic in float16 pairs (``_gemv_group_in_halves``).
+    # group each read rows of ``gemv_wide_words`` words (0: never).
     gemv_wide_words: int = 32
     gemv_min_wide_programs_per_sm: int = 2
     # Launched as a dependent (``kernels.dependent_launch``), a one-row program asks for its weights
@@ -116,6 +118,16 @@ def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | No
                           TUNING.prefill_warps, TUNING.prefill_stages)
 
 
+def awq_gated_matmul(gate_up: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """``SiLU(gate) * up`` of ``gate_up`` [M, 2K] (gate then up, as ``kernels.silu_and_mul``), times W.
+    One row on the GPU reads ``gate_up`` inside the product, which saves a kernel a layer; otherwise
+    the activation runs first."""
+    if use_triton(gate_up) and gate_up.shape[0] == 1 and TUNING.gemv_words and gate_up.stride(-1) == 1:
+        return _single_row_product(gate_up, weights, counters, weights.in_features // weights.group_size,
+                                   gate_offset=weights.in_features)
+    return awq_matmul(silu_and_mul(gate_up), weights, counters)
+
+
 def _split_for(blocks: int, groups: int, per_sm: int, counters: torch.Tensor | None, device: torch.device) -> int:
     """The split-K factor: the largest divisor of ``groups`` that keeps programs within ``per_sm`` per
     multiprocessor (1 without counters to reduce with)."""
@@ -139,7 +151,9 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
 
 
 def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
-                        groups: int) -> torch.Tensor:
+                        groups: int, gate_offset: int = 0) -> torch.Tensor:
+    """``gate_offset``: ``x`` is a gate/up output whose up half starts that many columns after its gate
+    half, and the product's input is SiLU(gate) * up."""
     n = weights.out_features
     words = _row_words(n, groups, x.device)
     blocks = triton.cdiv(n // 8, words)
@@ -150,10 +164,10 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     _awq_gemv_kernel[(blocks, split)](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
-        BLOCK_K=min(TUNING.gemv_block_k, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
+        BLOCK_K=_tile_rows(words, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
         SPLIT_K=split, HAS_BIAS=weights.bias is not None,
-        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT, HALVES=words == TUNING.gemv_wide_words,
-        HALF_SCALE=HALF_INPUT_SCALE, PREFETCH=TUNING.gemv_prefetch,
+        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT, HALVES=words >= HALF_PAIRS_FROM_WORDS,
+        HALF_SCALE=HALF_INPUT_SCALE, GATE_OFFSET=gate_offset, PREFETCH=TUNING.gemv_prefetch,
         PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size), num_warps=TUNING.gemv_warps,
         num_stages=TUNING.gemv_stages, **dependent_launch(x))
     return out
@@ -195,6 +209,16 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
         **dependent_launch(x))
     out = x @ matrix
     return out if weights.bias is None else out + weights.bias
+
+
+def _tile_rows(words: int, group_size: int) -> int:
+    """Rows of a one-row program's accumulator tile. In float16 pairs, the rows one load instruction of
+    the program's warps covers (16-byte loads): the group's rows then fold onto the tile within each
+    thread, with no data moved between threads. At least an eighth of the group, so that a thread sums
+    at most eight float16 products (``HALF_INPUT_SCALE``)."""
+    if words >= HALF_PAIRS_FROM_WORDS:
+        return min(group_size, max(group_size // 8, 32 * TUNING.gemv_warps * 4 // words))
+    return min(TUNING.gemv_block_k, group_size)
 
 
 @functools.cache
@@ -244,30 +268,29 @@ if triton is not None:
 
     @triton.jit
     def _gemv_one_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, HALVES: tl.constexpr,
-                        HALF_SCALE: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr, ROW_WORDS: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]. ``x_at`` (a scalar), ``weights_at``
         and ``zeros_at`` [1, WORDS] and ``scales_at`` [1, BLOCK_N] point at the group's first row; rows
         add constants to them, which the loads take as immediate offsets."""
         if HALVES:
             return _gemv_group_in_halves(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, HALF_SCALE,
-                                         ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
-        return _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, ROW_WORDS, GROUP,
-                           BLOCK_K, BLOCK_N)
+                                         GATE_OFFSET, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
+        return _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, GATE_OFFSET,
+                           ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
 
     @triton.jit
-    def _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, ROW_WORDS: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, GATE_OFFSET: tl.constexpr,
+                    ROW_WORDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """One weight an instruction in float32: unscaled over the group's BLOCK_K-row steps, then scaled
         once (``_mantissa_values`` makes the zero points and scales agree with the values' form)."""
         zeros, field = _mantissa_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)), NIBBLE, BLOCK_N)
         scales = tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32) * tl.exp2(-field.to(tl.float32))[None, :]
         part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         rows = tl.arange(0, BLOCK_K)
-        x_rows = x_at + rows
         weight_rows = weights_at + (rows * ROW_WORDS)[:, None]
         for step in tl.static_range(GROUP // BLOCK_K):
-            x = tl.load(x_rows + step * BLOCK_K).to(tl.float32)
+            x = _inputs(x_at, rows + step * BLOCK_K, GATE_OFFSET)
             packed = tl.load(weight_rows + step * BLOCK_K * ROW_WORDS, mask=word_mask, other=0)
             values, _ = _mantissa_values(_spread(packed), NIBBLE, BLOCK_N)
             part += x[:, None] * (values - zeros)
@@ -275,27 +298,40 @@ if triton is not None:
 
     @triton.jit
     def _gemv_group_in_halves(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask,
-                              HALF_SCALE: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                              HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr, ROW_WORDS: tl.constexpr,
+                              GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Two weights an instruction: ``(1024 + q) - (1024 + z)`` is exact in float16, and its product
         with the scaled input is one rounding. The whole group is one load of [GROUP, WORDS], so every
         load is issued before the first product: read in BLOCK_K-row steps, the compiler spread the loads
         between the arithmetic and few bytes were in flight. Rows r, r + BLOCK_K, r + 2 * BLOCK_K, ...
-        lie in one thread: their eight products are summed in float16 there, then taken to float32 and
-        scaled."""
+        lie in one thread: their products (at most eight) are summed in float16 there, then taken to
+        float32 and scaled."""
         rows = tl.arange(0, GROUP)
         packed = tl.load(weights_at + (rows * ROW_WORDS)[:, None], mask=word_mask, other=0)
-        x = tl.load(x_at + rows)
+        x = _inputs(x_at, rows, GATE_OFFSET)
         zeros = _half_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)))
         scales = tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32) * (1.0 / HALF_SCALE)
         values = _half_values(_spread(packed))
         products = tl.inline_asm_elementwise(
             HALF_PRODUCT_ASM, "=r,r,r,r",
             [values, tl.broadcast_to(zeros, values.shape),
-             tl.broadcast_to(_to_half(x.to(tl.float32) * HALF_SCALE)[:, None], values.shape)],
+             tl.broadcast_to(_to_half(x * HALF_SCALE)[:, None], values.shape)],
             dtype=tl.float16, is_pure=True, pack=2)
         products = tl.reshape(products, (GROUP // BLOCK_K, BLOCK_K, BLOCK_N))
         return acc + tl.sum(products, axis=0).to(tl.float32) * scales
+
+    @triton.jit
+    def _inputs(x_at, offsets, GATE_OFFSET: tl.constexpr):
+        """The product's inputs at ``offsets`` from ``x_at``, in float32: x itself, or SiLU(gate) * up of a
+        gate/up output whose up half starts ``GATE_OFFSET`` after its gate half, rounded to the input's
+        dtype where ``kernels.silu_and_mul`` rounds."""
+        if GATE_OFFSET:
+            dtype = x_at.dtype.element_ty
+            gate = tl.load(x_at + offsets).to(tl.float32)
+            up = tl.load(x_at + GATE_OFFSET + offsets).to(tl.float32)
+            activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            return (activated * up).to(dtype).to(tl.float32)
+        return tl.load(x_at + offsets).to(tl.float32)
 
     @triton.jit
     def _to_half(x):
@@ -332,7 +368,7 @@ if triton is not None:
                          N: tl.constexpr, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
                          GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          UNROLLED: tl.constexpr, HALVES: tl.constexpr, HALF_SCALE: tl.constexpr,
-                         PREFETCH: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
+                         GATE_OFFSET: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
                          DEPENDENT: tl.constexpr):
         """One row, without tensor cores: program (n, k) computes 8 * WORDS outputs over its share of the
         input groups. Products accumulate elementwise over a [BLOCK_K, 8 * WORDS] tile (each thread its
@@ -361,14 +397,14 @@ if triton is not None:
             for index in tl.static_range(GROUPS_PER_SPLIT):
                 acc = _gemv_one_group(acc, x_at + index * GROUP, weights_at + index * GROUP * ROW_WORDS,
                                       zeros_at + index * ROW_WORDS, scales_at + index * N, word_mask,
-                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, ROW_WORDS, GROUP, BLOCK_K,
-                                      BLOCK_N)
+                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, GATE_OFFSET, ROW_WORDS, GROUP,
+                                      BLOCK_K, BLOCK_N)
         else:  # software-pipelined over the groups
             for index in range(GROUPS_PER_SPLIT):
                 acc = _gemv_one_group(acc, x_at + index * GROUP, weights_at + index * GROUP * ROW_WORDS,
                                       zeros_at + index * ROW_WORDS, scales_at + index * N, word_mask,
-                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, ROW_WORDS, GROUP, BLOCK_K,
-                                      BLOCK_N)
+                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, GATE_OFFSET, ROW_WORDS, GROUP,
+                                      BLOCK_K, BLOCK_N)
         _finish(tl.sum(acc, axis=0), out_ptr + cols, partial_ptr + cols, N, col_mask, bias_ptr + cols, col_mask,
                 counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
