@@ -9,6 +9,9 @@ stream reaches, and the same model end to end through `ragllm serve` (HTTP, stre
 
     python bench/gpu_engine.py [--architecture qwen2.5-1.5b] [--skip-serve]
 
+``--profile`` adds where a prefill's and a decode step's GPU time goes (``--serial-launch`` for times
+that add up: kernels then wait for the one before them to end before they launch).
+
 ``--variants`` runs only our engine, four times side by side: bf16 and AWQ int4 weights of the
 architecture (the AWQ checkpoint written in the published layout), each with a bf16 and an fp8 KV
 cache; it reports each one's weight and KV bytes, the fraction of its own bandwidth floor a single
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.cuda import kernels  # noqa: E402
 from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
 
 CONCURRENCY = (8, 32, 64)
@@ -54,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="only our engine")
     parser.add_argument("--skip-serve", action="store_true", help="no end-to-end run through ragllm serve")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of a prefill and a decode step")
+    parser.add_argument("--serial-launch", action="store_true",
+                        help="launch each kernel only after the one before it ends (no dependent launch)")
     parser.add_argument("--variants", action="store_true", help="bf16 and AWQ weights × bf16 and fp8 KV, ours only")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gpu_engine.json"))
     return parser.parse_args()
@@ -215,19 +221,38 @@ def prefill_times(runner, vocab: int) -> dict:
 
 
 def profile_kernels(runner, vocab: int) -> None:
+    """Per kernel, GPU time a step (or a prefill) and launches, from the profiler's trace; and the step's
+    span from its first kernel's start to its last one's end. With dependent launch a kernel starts
+    before the one ahead of it ends and waits, so its time includes that wait: run with
+    ``--serial-launch`` for times that add up to the step."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     prompt = random_prompt(2048, vocab, 79)
     table = block_tables(runner, 1, 2048)[0]
-    for name, work in (("prefill 2048", lambda: runner.prefill(table, prompt, 0)),
-                       ("10 decode steps, batch 1", lambda: [runner.decode([table], [5], [300]) for _ in range(10)])):
+    for name, count, work in (("prefill 2048", 1, lambda: runner.prefill(table, prompt, 0)),
+                              ("decode step, batch 1, position 300", 20,
+                               lambda: [runner.decode([table], [5], [300]) for _ in range(20)])):
         work()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
             work()
             torch.cuda.synchronize()
-        print(f"--- {name}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+            prof.export_chrome_trace(trace.name)
+            kernels = sorted((event for event in json.load(open(trace.name))["traceEvents"]
+                              if event.get("cat") == "kernel"), key=lambda event: event["ts"])
+        span = (kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) / count
+        totals: dict[str, list[float]] = {}
+        for event in kernels:
+            entry = totals.setdefault(event["name"][:70], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event["dur"]
+        busy = sum(total for _, total in totals.values()) / count
+        print(f"--- {name}: span {span:.1f} µs, kernel time {busy:.1f} µs, {len(kernels) / count:.0f} kernels")
+        for kernel, (launches, total) in sorted(totals.items(), key=lambda item: -item[1][1]):
+            print(f"  {total / count:9.1f} µs {launches / count:6.0f} x {total / launches:7.2f} µs  {kernel}")
 
 
 def step_time(runner, batch: int, steps: int = 50) -> float:
@@ -353,10 +378,12 @@ def print_variants(report: dict) -> None:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
+    if args.serial_launch:
+        kernels.DEPENDENT_LAUNCH = False
     model_dir = build_random_checkpoint(args.architecture, args.model_dir / args.architecture)
     vocab = ARCHITECTURES[args.architecture][1]["vocab_size"]
     report: dict = {"device": torch.cuda.get_device_name(), "architecture": args.architecture, "torch": torch.__version__,
-                    "bandwidth_gb_s": copy_bandwidth() / 1e9}
+                    "bandwidth_gb_s": copy_bandwidth() / 1e9, "dependent_launch": kernels.DEPENDENT_LAUNCH}
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every phase, so a run cut short still leaves what it measured

@@ -29,6 +29,11 @@ def use_triton(tensor: torch.Tensor) -> bool:
 
 
 # -- programmatic dependent launch ----------------------------------------------------------------------------
+# Off: each kernel launches once the one before it has ended (profilers' per-kernel times then add up to
+# the step); read when a kernel is launched, so set it before graphs are captured.
+DEPENDENT_LAUNCH = True
+
+
 def dependent_launch(tensor: torch.Tensor) -> dict:
     """Launch arguments for a kernel that may start while the kernel before it finishes (Hopper and later).
 
@@ -38,7 +43,7 @@ def dependent_launch(tensor: torch.Tensor) -> dict:
     products fetch their weights towards the cache), then waits for the previous kernel to end
     (``after_previous_kernel``). Every kernel passed these arguments must call that before it reads or
     writes anything another kernel touches."""
-    dependent = use_triton(tensor) and _compute_capability(tensor.device) >= 9
+    dependent = DEPENDENT_LAUNCH and use_triton(tensor) and _compute_capability(tensor.device) >= 9
     return {"DEPENDENT": dependent, "launch_pdl": dependent}
 
 
