@@ -2,14 +2,17 @@
 plain-PyTorch twin used on the CPU.
 
 Decode is bound by reading weights: each step reads every weight once, so the int4 weights should be
-read once per step, whatever the rows, and by enough programs to keep the memory system busy. One
-row is a matrix-vector product without tensor cores, where the arithmetic per weight decides the
-speed: each weight becomes a float in one logic operation (``_mantissa_values``). The tiled decode
-kernel (up to ``DECODE_ROWS`` rows) gives each program a strip of output columns and a share of
-the input groups (split-K); the last program to finish a strip adds the shares up, in a fixed order,
-and writes the output, so a step is one launch per projection and the result does not depend on
-which program finished first. The per-strip counters it uses reset themselves, so the kernel can be
-replayed from a CUDA graph.
+read once per step, whatever the rows, with enough bytes in flight to keep the memory system busy.
+One row is a matrix-vector product without tensor cores. Products wide enough read rows of 32 packed
+words a program, a whole input group in one load (so that every load is issued before the first
+product), and compute in float16 pairs: seven instructions make eight weights ``1024 + q`` of a word
+(``_half_values``), one subtraction and one multiply make two products (``_gemv_group_in_halves``).
+Narrower products compute in float32, each weight a float in one logic operation (``_mantissa_values``).
+The one-row and tiled decode kernels (up to ``DECODE_ROWS`` rows) give each program a strip of output
+columns and a share of the input groups (split-K); the last program to finish a strip adds the shares
+up, in a fixed order, and writes the output, so a step is one launch per projection and the result
+does not depend on which program finished first. The per-strip counters it uses reset themselves, so
+the kernel can be replayed from a CUDA graph.
 
 Prefill is bound by arithmetic; it either runs the same kernel with large row tiles and no split or
 dequantises the weights into a scratch matrix for cuBLAS, whichever ``PREFILL_MODE`` says (chosen by
@@ -63,7 +66,7 @@ _HALF_PRODUCT_ASM = "{ .reg .b32 d; sub.rn.f16x2 d, $1, $2; mul.rn.f16x2 $0, d, 
 @dataclass
 class W4A16Tuning:
     """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
-    on an H200 over Qwen2.5-1.5B's projections (BENCHMARKS.md)."""
+    over Qwen2.5-1.5B's projections (one row on an H100, 2026-11-27; more rows on an H200; BENCHMARKS.md)."""
     # One row (a single stream) runs without tensor cores. Narrow products: each weight is read as a
     # float by one logic operation, and the products are summed over the inputs once, at the end.
     gemv_words: int = 16  # packed words (8 outputs each) per program
