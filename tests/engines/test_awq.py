@@ -170,16 +170,16 @@ def _random_awq(k: int, n: int, seed: int) -> AwqWeights:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("wide_words", [0, 32, 64])
+@pytest.mark.parametrize("words, wide_words", [(8, 0), (16, 0), (16, 32), (16, 64)])
 @pytest.mark.parametrize("shape", [(1536, 2048), (8960, 1536), (1536, 17920), (384, 200)])
-def test_one_row_products_in_either_arithmetic(monkeypatch, wide_words, shape):
-    """The one-row kernel, narrow (float32) and, for the products wide enough, with wide rows in
-    float16 pairs, against float32 over the dequantised weights."""
+def test_one_row_products_in_either_arithmetic(monkeypatch, words, wide_words, shape):
+    """The one-row kernel with rows of 8 words (float32), 16 (float16 pairs) and, for the products wide
+    enough, 32 or 64, against float32 over the dequantised weights."""
     from dataclasses import replace
 
     from ragllm.engines.cuda import w4a16
 
-    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_wide_words=wide_words))
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_words=words, gemv_wide_words=wide_words))
     k, n = shape
     weights = _random_awq(k, n, seed=k + n)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -210,8 +210,8 @@ def test_one_row_products_in_half_pairs_take_inputs_beyond_float16s_range(monkey
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("wide_words", [0, 32])
-def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, wide_words):
+@pytest.mark.parametrize("words, wide_words", [(8, 0), (16, 32)])
+def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, words, wide_words):
     """The down projection reading gate/up itself gives what SiLU-and-multiply followed by the product
     gives, and float32's answer."""
     from dataclasses import replace
@@ -219,7 +219,7 @@ def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, wide_wor
     from ragllm.engines.cuda import w4a16
     from ragllm.engines.cuda.kernels import silu_and_mul
 
-    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_wide_words=wide_words))
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_words=words, gemv_wide_words=wide_words))
     k, n = 8960, 1536
     weights = _random_awq(k, n, seed=11)
     gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16) * 3

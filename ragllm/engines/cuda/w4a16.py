@@ -353,8 +353,8 @@ if triton is not None:
     def _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP: tl.constexpr,
                         GROUPS: tl.constexpr, ROWS_PAD: tl.constexpr, WORDS: tl.constexpr):
         """Asks for a one-row program's packed weights, zero points and scales (GROUPS input groups from
-        ``first``) to be brought into the L2 cache: one request per input row, each row's share a
-        32-byte sector, and no registers held for them."""
+        ``first``) to be brought into the L2 cache: one request per input row (the program's part of a
+        row is at most one 128-byte line), and no registers held for them."""
         rows = first * GROUP + tl.minimum(tl.arange(0, ROWS_PAD), GROUPS * GROUP - 1)
         _prefetch_l2(qweight_ptr + rows * (N // 8) + pid_n * WORDS)
         groups = first + tl.minimum(tl.arange(0, 16), GROUPS - 1)
@@ -376,7 +376,8 @@ if triton is not None:
         """One row, without tensor cores: program (n, k) computes 8 * WORDS outputs over its share of the
         input groups. Products accumulate elementwise over a [BLOCK_K, 8 * WORDS] tile (each thread its
         own), unscaled within a group and scaled once per group, and are summed over the inputs once at
-        the end; per weight that is one logic operation, a subtraction and a multiply-add."""
+        the end. HALVES: in float16 pairs (``_gemv_group_in_halves``); else in float32, one logic
+        operation, a subtraction and a multiply-add per weight (``_gemv_group``)."""
         BLOCK_N: tl.constexpr = WORDS * 8
         ROW_WORDS: tl.constexpr = N // 8
         pid_n = tl.program_id(0)
