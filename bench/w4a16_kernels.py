@@ -123,7 +123,8 @@ def main() -> None:
               f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
         if rows == 1:  # the best with and without wide rows, side by side
             for wide in (0, 32, 64):
-                row = next(r for r in entry["awq"] if r["tuning"]["gemv_wide_words"] == wide and r["tuning"]["gemv_words"])
+                row = next(r for r in entry["awq"]
+                           if r["tuning"]["gemv_wide_words"] == wide and r["tuning"]["gemv_words"])
                 print(f"  wide rows {wide or 'never'}: layer {row['layer_us']:.1f} µs, per product µs "
                       f"{ {k: round(v, 1) for k, v in row['us'].items()} }", flush=True)
     if args.skip_prefill:

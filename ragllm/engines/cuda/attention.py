@@ -149,7 +149,8 @@ def extend_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         qkv, key_cache, value_cache, partial, scores, positions, table, tokens, qkv.stride(0),
         *PagedKVCache.strides(key_cache), partial.stride(0), partial.stride(1), partial.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2), head_dim ** -0.5 * key_scale, PARTITION=size, GROUP=group,
-        BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32, **dependent_launch(qkv))
+        BLOCK_M=block_rows, HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_SIZE=block_size, IEEE=qkv.dtype == torch.float32,
+        **dependent_launch(qkv))
     _combine_partitions_kernel[(tokens, num_heads)](
         partial, scores, out, positions, partial.stride(0), partial.stride(1), partial.stride(2), scores.stride(0),
         scores.stride(1), scores.stride(2), out.stride(0), value_scale, PARTITION=size,
@@ -210,7 +211,8 @@ if triton is not None:
     def _decode_attention_kernel(qkv_ptr, key_cache_ptr, value_cache_ptr, out_ptr, positions_ptr, tables_ptr,
                                  stride_row, stride_table, stride_block, stride_position, stride_head, stride_out,
                                  scale, value_scale, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, DEPENDENT: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
+                                 DEPENDENT: tl.constexpr):
         after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -234,7 +236,8 @@ if triton is not None:
                                  stride_partial_row, stride_partial_head, stride_partial_part, stride_scores_kind,
                                  stride_scores_row, stride_scores_head, scale, PARTITION: tl.constexpr,
                                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, DEPENDENT: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
+                                 DEPENDENT: tl.constexpr):
         after_previous_kernel(DEPENDENT)
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -289,7 +292,8 @@ if triton is not None:
                                  stride_partial_row, stride_partial_head, stride_partial_part, stride_scores_kind,
                                  stride_scores_row, stride_scores_head, scale, PARTITION: tl.constexpr,
                                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr, DEPENDENT: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
+                                 DEPENDENT: tl.constexpr):
         after_previous_kernel(DEPENDENT)
         block = tl.program_id(0)
         kv_head = tl.program_id(1)

@@ -67,10 +67,11 @@ _HALF_PRODUCT_ASM = "{ .reg .b32 d; sub.rn.f16x2 d, $1, $2; mul.rn.f16x2 $0, d, 
 class W4A16Tuning:
     """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
     over Qwen2.5-1.5B's projections (one row on an H100, 2026-11-27; more rows on an H200; BENCHMARKS.md)."""
-    # One row (a single stream) runs without tensor cores. Narrow products: each weight is read as a
-    # float by one logic operation, and the products are summed over the inputs once, at the end.
-    gemv_words: int = 16  # packed words (8 outputs each) per program
-    gemv_block_k: int = 16  # inputs per accumulator tile in float32 (a divisor of the group size)
+    # One row (a single stream) runs without tensor cores, each program reading ``gemv_words`` packed
+    # words (8 outputs each) of every input row: from ``HALF_PAIRS_FROM_WORDS`` words on in float16
+    # pairs, below that in float32 over tiles of ``gemv_block_k`` inputs (a divisor of the group size).
+    gemv_words: int = 16
+    gemv_block_k: int = 16
     gemv_warps: int = 4
     gemv_stages: int = 2
     gemv_programs_per_sm: int = 8
@@ -169,7 +170,8 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
         counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
         BLOCK_K=_tile_rows(words, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
         SPLIT_K=split, HAS_BIAS=weights.bias is not None,
-        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT, HALVES=words >= HALF_PAIRS_FROM_WORDS,
+        UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT,
+        HALVES=words >= HALF_PAIRS_FROM_WORDS,
         HALF_SCALE=HALF_INPUT_SCALE, GATE_OFFSET=gate_offset, PREFETCH=TUNING.gemv_prefetch,
         PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size), num_warps=TUNING.gemv_warps,
         num_stages=TUNING.gemv_stages, **dependent_launch(x))
