@@ -228,3 +228,18 @@ def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, words, w
     gated = w4a16.awq_gated_matmul(gate_up, weights, counters)
     torch.testing.assert_close(gated, w4a16.awq_matmul(activated, weights, counters), atol=1e-3, rtol=1e-3)
     _assert_close(gated, activated.float() @ dequantise(weights).t() + weights.bias.float(), 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_row_products_keep_float32_inputs_in_float32():
+    """A float32 input takes the float32 arithmetic whatever the row width: float32's answer to 1e-4
+    (float16 pairs would round the input to 11 bits, an error near 1e-3)."""
+    from ragllm.engines.cuda import w4a16
+
+    k, n = 1536, 17920
+    weights = _random_awq(k, n, seed=3)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float32)
+    assert w4a16._row_words(n, k // 128, x.device) >= w4a16.HALF_PAIRS_FROM_WORDS
+    expected = x @ dequantise(weights).t() + weights.bias.float()
+    _assert_close(w4a16.awq_matmul(x, weights, w4a16.counters_for(n, x.device)), expected, 1e-4)

@@ -160,6 +160,8 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     half, and the product's input is SiLU(gate) * up."""
     n = weights.out_features
     words = _row_words(n, groups, x.device)
+    # float32 inputs keep float32 arithmetic: float16 pairs would round them to 11 bits.
+    halves = words >= HALF_PAIRS_FROM_WORDS and x.dtype != torch.float32
     blocks = triton.cdiv(n // 8, words)
     split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
@@ -168,10 +170,10 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     _awq_gemv_kernel[(blocks, split)](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
         counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
-        BLOCK_K=_tile_rows(words, weights.group_size), WORDS=words, GROUPS_PER_SPLIT=groups // split,
+        BLOCK_K=_tile_rows(words, weights.group_size, halves), WORDS=words, GROUPS_PER_SPLIT=groups // split,
         SPLIT_K=split, HAS_BIAS=weights.bias is not None,
         UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT,
-        HALVES=words >= HALF_PAIRS_FROM_WORDS,
+        HALVES=halves,
         HALF_SCALE=HALF_INPUT_SCALE, GATE_OFFSET=gate_offset, PREFETCH=TUNING.gemv_prefetch,
         PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size), num_warps=TUNING.gemv_warps,
         num_stages=TUNING.gemv_stages, **dependent_launch(x))
@@ -216,12 +218,12 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
     return out if weights.bias is None else out + weights.bias
 
 
-def _tile_rows(words: int, group_size: int) -> int:
+def _tile_rows(words: int, group_size: int, halves: bool) -> int:
     """Rows of a one-row program's accumulator tile. In float16 pairs, the rows one load instruction of
     the program's warps covers (16-byte loads): the group's rows then fold onto the tile within each
     thread, with no data moved between threads. At least an eighth of the group, so that a thread sums
     at most eight float16 products (``HALF_INPUT_SCALE``)."""
-    if words >= HALF_PAIRS_FROM_WORDS:
+    if halves:
         return min(group_size, max(group_size // 8, 32 * TUNING.gemv_warps * 4 // words))
     return min(TUNING.gemv_block_k, group_size)
 
