@@ -41,7 +41,6 @@ MAX_PARTITIONS = 128
 # 14.4 and 9.4 µs; 64 rows alike. The split kernel keeps 64: with 128, 64 rows over 4,096 keys took
 # 3.84 ms a step against 3.57.
 DECODE_TILE = 128
-DECODE_WARPS = 4
 
 
 def split_from(rows: int) -> int:
@@ -90,7 +89,7 @@ def decode_attention(qkv: torch.Tensor, key_cache: torch.Tensor, value_cache: to
         qkv, key_cache, value_cache, out, positions, tables, qkv.stride(0), tables.stride(0),
         *PagedKVCache.strides(key_cache), out.stride(0), head_dim ** -0.5 * key_scale, value_scale,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=DECODE_TILE,
-        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32, num_warps=DECODE_WARPS,
+        BLOCK_SIZE=PagedKVCache.block_size_of(key_cache), IEEE=qkv.dtype == torch.float32,
         **dependent_launch(qkv))
     return out
 

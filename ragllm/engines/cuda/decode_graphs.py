@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ragllm.engines.cuda.attention import SPLIT_FEW_FROM, SPLIT_FROM, split_from
+from ragllm.engines.cuda.attention import split_from
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class DecodeGraphs:
         self._staged: list[tuple[list[int] | None, int]] = [(None, 0)] * largest  # per row: table, length
         self._num_runs = 0
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._splits = [False, True] if table_width * block_size > min(SPLIT_FROM, SPLIT_FEW_FROM) else [False]
+        self._positions = table_width * block_size  # a row's positions are below this
 
     @property
     def largest(self) -> int:
@@ -73,8 +73,10 @@ class DecodeGraphs:
         self._updates[0].fill_(self.largest)  # warm-up and capture update only the spare row
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # capture must not run on the default stream
-            for split in self._splits:
+            for split in (False, True):
                 for bucket in reversed(self.buckets):  # the largest first: the others reuse its pool memory
+                    if split and self._positions <= split_from(bucket):
+                        continue  # its rows never reach the split
                     self._step(forward, bucket, split)  # warm-up: lazy workspaces, kernel selection
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=side):
@@ -82,8 +84,8 @@ class DecodeGraphs:
                     self._graphs[(bucket, split)] = (graph, logits)
         torch.cuda.current_stream(self._device).wait_stream(side)
         torch.cuda.synchronize(self._device)
-        logger.info("captured %d decode graphs (batch %s, split attention %s)", len(self._graphs), self.buckets,
-                    self._splits)
+        logger.info("captured %d decode graphs (batch %s; split attention for %s)", len(self._graphs), self.buckets,
+                    [bucket for bucket, split in self._graphs if split])
 
     def _step(self, forward: DecodeForward, bucket: int, split: bool) -> torch.Tensor:
         self._tables.index_put_((self._updates[0], self._updates[1]), self._updates[2])
@@ -118,7 +120,7 @@ class DecodeGraphs:
             rows, columns = len(tables), max(len(tables[row]) for row in copied_rows)
             staged = torch.from_numpy(np.ascontiguousarray(self._host_tables[:rows, :columns])).pin_memory()
             self._tables[:rows, :columns].copy_(staged, non_blocking=True)
-        graph, logits = self._graphs[(bucket, self._splits[-1] and max(positions) >= split_from(bucket))]
+        graph, logits = self._graphs[(bucket, max(positions) >= split_from(bucket))]
         graph.replay()
         return logits[:batch]
 

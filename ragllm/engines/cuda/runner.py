@@ -26,12 +26,11 @@ import torch.nn.functional as F
 
 from ragllm.engines.cuda.attention import decode_attention, extend_attention, split_from
 from ragllm.engines.cuda.decode_graphs import DecodeGraphs
-from ragllm.engines.cuda.kernels import add_rms_norm, rope_and_cache, silu_and_mul, triton
+from ragllm.engines.cuda.kernels import add_rms_norm, rope_and_cache, triton
 from ragllm.engines.cuda.memory import kv_cache_budget
 from ragllm.engines.cuda.prefill_graphs import PrefillGraphs, graph_buckets
 from ragllm.engines.cuda.weights import fuse_layers
 from ragllm.engines.model_runner import KVCacheOptions, ModelRunner, PrefillChunk
-from ragllm.engines.quantized.awq_linear import AwqLinear
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ class CudaGraphRunner(ModelRunner):
                            self.cache.values[layer_index], heads, kv_heads, head_dim, *self._kv_scales)
             hidden = layer.self_attn.o_proj(attend(layer_index, qkv))
             normed, residual = add_rms_norm(hidden, residual, *fused.post_norm)
-            hidden = _down_projection(layer.mlp.down_proj, fused.gate_up(normed))
+            hidden = fused.down(fused.gate_up(normed))
         normed, _ = add_rms_norm(hidden, residual, *self._final_norm)
         return normed
 
@@ -239,10 +238,3 @@ def _similar_length_groups(indices: list[int], lengths: list[int], max_padding: 
                 continue
         groups.append([index])
     return groups
-
-
-def _down_projection(down_proj: Any, gate_up: torch.Tensor) -> torch.Tensor:
-    """The MLP's SiLU(gate) * up, then its down projection (AWQ's reads gate/up itself where it can)."""
-    if isinstance(down_proj, AwqLinear):
-        return down_proj.forward_gated(gate_up)
-    return down_proj(silu_and_mul(gate_up))

@@ -1,6 +1,7 @@
 """The model's weights as the CUDA path reads them: q/k/v and gate/up projections fused into one
 matmul each, the modules' own weights becoming views of the fused tensors (memory is not doubled),
-and each norm's weight with its epsilon. AWQ layers (``AwqLinear``) fuse the same way, packed."""
+and each norm's weight with its epsilon. AWQ layers (``AwqLinear``) fuse the same way, packed, and
+their down projection applies SiLU(gate) * up itself where it can."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ragllm.engines.cuda.kernels import silu_and_mul
 from ragllm.engines.quantized.awq_linear import AwqLinear
 
 # (weight, epsilon) of an RMSNorm
@@ -33,6 +35,7 @@ class DenseProjection:
 class FusedLayer:
     qkv: Projection
     gate_up: Projection
+    down: Projection  # gate/up output [tokens, 2 * intermediate] → SiLU(gate) * up → down projection
     input_norm: NormWeights
     post_norm: NormWeights
 
@@ -46,6 +49,7 @@ def fuse_layers(model: Any) -> tuple[list[FusedLayer], NormWeights]:
         layers.append(FusedLayer(
             qkv=_fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
             gate_up=_fuse_linears([mlp.gate_proj, mlp.up_proj]),
+            down=_gated(mlp.down_proj),
             input_norm=(layer.input_layernorm.weight, _eps(layer.input_layernorm)),
             post_norm=(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
         ))
@@ -70,6 +74,12 @@ def _fuse_linears(linears: list[Any]) -> Projection:
             linear.bias.data = bias[offset:offset + rows]
         offset += rows
     return DenseProjection(weight, bias)
+
+
+def _gated(down_proj: Any) -> Projection:
+    if isinstance(down_proj, AwqLinear):
+        return down_proj.forward_gated
+    return lambda gate_up: down_proj(silu_and_mul(gate_up))
 
 
 def _eps(norm: Any) -> float:
