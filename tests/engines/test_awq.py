@@ -33,11 +33,16 @@ def test_packing_is_autoawqs_order():
 
 
 def test_dequantised_weights_are_within_half_a_step_of_the_originals():
-    weight = torch.randn(48, 96)
-    packed = quantise(weight, GROUP)
-    step = packed.scales.float().repeat_interleave(GROUP, dim=0).t()  # [N, K]
-    error = (dequantise(packed) - weight).abs()
-    assert (error <= step / 2 + 1e-3 * step).all()
+    """Half a step, plus what storing the step in float16 costs at the top of a group's range: the scale
+    is (high - low) / 15 rounded to 11 bits, so 15 steps can fall short of the range by 15 * 2^-11 of a
+    step, and a value there is clamped to the grid's last point."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        weight = torch.randn(48, 96)
+        packed = quantise(weight, GROUP)
+        step = packed.scales.float().repeat_interleave(GROUP, dim=0).t()  # [N, K]
+        error = (dequantise(packed) - weight).abs()
+        assert (error <= step * (0.5 + 15 * 2.0 ** -11)).all(), seed
     assert error.max() > 0  # int4 does lose something: the comparison above is not vacuous
 
 
