@@ -3,7 +3,8 @@ side by side in one run, on random weights of a real architecture (default Qwen2
 
 Measures single-stream decode tokens/s, time to first token (median of 5 prompts) for 512- and
 2,048-token prompts and for a 2,048-token prompt whose first 1,984 tokens were seen before, aggregate
-tokens/s at 8, 32 and 64 concurrent streams, the fraction of the memory-bandwidth floor a single
+tokens/s at 8, 32 and 64 concurrent streams (median of 3 batches; also the rate once every stream has
+its first token, and the engine thread's phases per step), the fraction of the memory-bandwidth floor a single
 stream reaches, and the same model end to end through `ragllm serve` (HTTP, streaming) at concurrency
 1 and 32, to show what the service layer costs.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.host_profile import PhaseTimes  # noqa: E402
 from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
@@ -47,6 +49,7 @@ CONCURRENCY = (8, 32, 64)
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 256
 TTFT_ATTEMPTS = 5  # TTFT is reported as the median of this many prompts; single-stream rate as that of 3
+AGGREGATE_TRIALS = 3  # each concurrency's rate is the median of this many batches (one varies by ±10%)
 BATCH_API_TOKENS = 64  # generate_batch is slow enough that 256 tokens per request would dominate the run
 
 
@@ -175,11 +178,26 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = 
         times = await stream(f"single-{attempt}", random_prompt(PROMPT_TOKENS, vocab, 1 + attempt), DECODE_TOKENS)
         rates.append((len(times) - 1) / (times[-1] - times[0]))
     results["single_stream_tok_s"] = statistics.median(rates)
+    results["decode_tok_s"], results["host_phases_ms"], results["aggregate_tok_s_each"] = {}, {}, {}
     for batch in CONCURRENCY:
-        start = time.perf_counter()
-        runs = await asyncio.gather(*(stream(f"c{batch}-{i}", random_prompt(PROMPT_TOKENS, vocab, 5000 + i),
-                                             DECODE_TOKENS) for i in range(batch)))
-        results["aggregate_tok_s"][batch] = sum(len(t) for t in runs) / (time.perf_counter() - start)
+        rates, decode_rates = [], []
+        with PhaseTimes(engine._scheduler) as phases:
+            for trial in range(AGGREGATE_TRIALS):
+                start = time.perf_counter()
+                runs = await asyncio.gather(*(stream(f"c{batch}-{trial}-{i}",
+                                                     random_prompt(PROMPT_TOKENS, vocab, 5000 + 100 * trial + i),
+                                                     DECODE_TOKENS) for i in range(batch)))
+                rates.append(sum(len(t) for t in runs) / (time.perf_counter() - start))
+                # Once every stream has its first token: decoding alone, without the prompts' prefill.
+                decoding_from = max(t[0] for t in runs)
+                later = sum(1 for t in runs for arrival in t if arrival > decoding_from)
+                decode_rates.append(later / (max(t[-1] for t in runs) - decoding_from))
+        results["aggregate_tok_s"][batch] = statistics.median(rates)
+        results["aggregate_tok_s_each"][batch] = rates
+        results["decode_tok_s"][batch] = statistics.median(decode_rates)
+        # The engine thread's phases, ms a step as wall/CPU (``PhaseTimes``), those it spent time in.
+        results["host_phases_ms"][batch] = {phase: value for phase, value in phases.per_step_ms().items()
+                                            if value != "0.000/0.000"}
     runner = engine._scheduler.runner
     results["weight_bytes"] = weight_bytes(runner.model)
     results["kv_bytes_per_token"] = runner.bytes_per_block // runner.block_size
@@ -231,9 +249,12 @@ def profile_kernels(runner, vocab: int) -> None:
 
     prompt = random_prompt(2048, vocab, 79)
     table = block_tables(runner, 1, 2048)[0]
+    tables = block_tables(runner, 32, 301)
     for name, count, work in (("prefill 2048", 1, lambda: runner.prefill(table, prompt, 0)),
                               ("decode step, batch 1, position 300", 20,
-                               lambda: [runner.decode([table], [5], [300]) for _ in range(20)])):
+                               lambda: [runner.decode([table], [5], [300]) for _ in range(20)]),
+                              ("decode step, batch 32, position 300", 20,
+                               lambda: [runner.decode(tables, [5] * 32, [300] * 32) for _ in range(20)])):
         work()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -354,6 +375,10 @@ def run_variants(args: argparse.Namespace, report: dict, save) -> None:
         torch.cuda.empty_cache()
         save()
     print_variants(report)
+    for name, r in report["variants"].items():
+        print(f"{name}: decoding alone (after every stream's first token) "
+              f"{ {c: round(v) for c, v in r['decode_tok_s'].items()} } tok/s; engine thread at 32 streams, ms a "
+              f"step (wall/CPU): {r['host_phases_ms'][32]}")
 
 
 def print_variants(report: dict) -> None:

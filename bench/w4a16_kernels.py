@@ -93,6 +93,11 @@ def main() -> None:
     def run_dense(name: str, x: torch.Tensor):
         return lambda: [F.linear(x, weight) for weight in layers[name][1]]
 
+    def measure(tuning: w4a16.W4A16Tuning, entry: dict, inputs: dict) -> None:
+        w4a16.TUNING = tuning
+        times = {name: graph_time_us(run_awq(name, inputs[name])) for name, _, _ in SHAPES}
+        entry["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
+
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
     gemv_tunings = [replace(base, gemv_words=words, gemv_programs_per_sm=per_sm, gemv_stages=stages,
                             gemv_unrolled=unrolled, gemv_wide_words=wide)
@@ -100,19 +105,29 @@ def main() -> None:
                                                                                    (False, True), (0, 32, 64))
                     if not (unrolled and stages == 3)]  # an unrolled program is not pipelined
     gemv_tunings.append(replace(base, gemv_words=0))  # 0: one row through the tiled kernel
-    tiled_tunings = [replace(base, small_rows=0, decode_block_n=block_n, decode_stages=stages,
-                             decode_programs_per_sm=per_sm, decode_warps=warps)
-                     for block_n, stages, per_sm, warps in itertools.product((32, 64, 128), (2, 3), (4,), (4,))]
+    # Tensor-core tilings for 2-64 rows: tile widths, orientation, warps and programs a multiprocessor at
+    # three stages, then the other stages for the four fastest of those at the first multi-row count.
+    # Later row counts try only that count's four fastest (each tiling compiles anew per shape).
+    tiled_tunings = [replace(base, rows_block_n=block_n, rows_swapped=swapped, rows_warps=warps,
+                             rows_programs_per_sm=per_sm, rows_stages=3)
+                     for block_n, swapped, warps, per_sm in itertools.product((32, 64), (False, True), (4, 8), (2, 4, 8))
+                     if not (swapped and block_n < 64) and not (block_n < 64 and warps > 4)]
     for rows in map(int, args.decode_rows.split(",")):
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
         entry: dict = {"bf16_us": {}, "awq": []}
         for name, _, _ in SHAPES:
             entry["bf16_us"][name] = graph_time_us(run_dense(name, inputs[name]))
+        first_multi_row = rows > 1 and len(tiled_tunings) > 4
         for tuning in gemv_tunings if rows == 1 else tiled_tunings:
-            w4a16.TUNING = tuning
-            times = {name: graph_time_us(run_awq(name, inputs[name])) for name, _, _ in SHAPES}
-            entry["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
+            measure(tuning, entry, inputs)
         entry["awq"].sort(key=lambda row: row["layer_us"])
+        if first_multi_row:
+            for row in entry["awq"][:4]:
+                for stages in (2, 4):
+                    measure(replace(base, **{**row["tuning"], "rows_stages": stages}), entry, inputs)
+            entry["awq"].sort(key=lambda row: row["layer_us"])
+        if rows > 1:
+            tiled_tunings = [replace(base, **row["tuning"]) for row in entry["awq"][:4]]
         entry["bf16_layer_us"] = sum(entry["bf16_us"].values())
         report["decode"][rows] = entry
         best = entry["awq"][0]
@@ -121,6 +136,7 @@ def main() -> None:
         print(f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
               f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
               f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
+        write_report(args.json, report)  # after every row count, so a run cut short keeps what it measured
         if rows == 1:  # the best with and without wide rows, side by side
             for wide in (0, 32, 64):
                 row = next(r for r in entry["awq"]

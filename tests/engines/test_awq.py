@@ -248,3 +248,26 @@ def test_one_row_products_keep_float32_inputs_in_float32():
     assert w4a16._row_words(n, k // 128, x.device) >= w4a16.HALF_PAIRS_FROM_WORDS
     expected = x @ dequantise(weights).t() + weights.bias.float()
     _assert_close(w4a16.awq_matmul(x, weights, w4a16.counters_for(n, x.device)), expected, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block_n, swapped", [(64, False), (64, True), (128, True), (256, False), (256, True)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("rows", [2, 40])
+def test_tensor_core_products_at_every_tile_and_input_type(monkeypatch, block_n, swapped, dtype, tolerance, rows):
+    """The 2-64-row kernel with each tile width, either orientation and each input type, on a product
+    whose outputs fill no whole tile and one split over many input groups, against float32 over the
+    dequantised weights. Its weights are the exact ``q - z`` and the scales apply in float32, so the error
+    is the input's own rounding: float32 inputs keep float32's answer."""
+    from dataclasses import replace
+
+    from ragllm.engines.cuda import w4a16
+
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, rows_block_n=block_n, rows_swapped=swapped))
+    for k, n in ((384, 200), (8960, 1536)):
+        weights = _random_awq(k, n, seed=k + rows)
+        weights = AwqWeights(weights.qweight, weights.qzeros, weights.scales, weights.bias.to(dtype), 128)
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        expected = x.float() @ dequantise(weights).t() + weights.bias.float()
+        _assert_close(w4a16.awq_matmul(x, weights, w4a16.counters_for(n, x.device)), expected, tolerance)

@@ -41,6 +41,9 @@ DECODE_ROWS = 64
 NIBBLE = 15
 # Most input groups a single-row program unrolls; a longer share runs as a pipelined loop (code size).
 UNROLL_LIMIT = 4
+# The last program of a split strip loads up to this many shares at once (unrolled); more, one at a time
+# (each a round trip to L2, which dominated the smaller products' time).
+UNROLLED_SHARES = 16
 # One-row programs reading rows of at least this many words compute in float16 pairs
 # (``_gemv_group_in_halves``); narrower ones in float32, where the pairs' layout costs more than they save.
 HALF_PAIRS_FROM_WORDS = 16
@@ -48,17 +51,27 @@ HALF_PAIRS_FROM_WORDS = 16
 # thread's eight float16 products of a group stay finite for inputs up to ±69,000 (8 * 15 * 69,000 *
 # 2^-7 < 65,504, float16's largest value); the scale is exact and undone with the group's scales.
 HALF_INPUT_SCALE = 2.0 ** -7
-# Seven instructions make eight float16 values ``1024 + q`` of a packed word: each 32-bit AND-OR (lop3)
-# takes two nibbles 16 bits apart (AWQ's columns 2j and 2j + 1) into the mantissas of a pair with
-# 1024's exponent; three shifts bring the other pairs down.
-_HALF_VALUES_ASM = (
-    "{ .reg .b32 s4, s8, s12;"
+# Seven instructions make eight 16-bit values ``magic + q`` of a packed word: each 32-bit AND-OR (lop3)
+# takes two nibbles 16 bits apart (AWQ's columns 2j and 2j + 1) into the low mantissa bits of a pair
+# whose other bits are ``magic``'s; three shifts bring the other pairs down. The magic numbers are 1024
+# in float16 (0x6400) and 128 in bfloat16 (0x4300), where the mantissa's last four bits count ones;
+# with the sign bit set they make ``-(magic + q)``.
+_VALUES_ASM = (
+    "{{ .reg .b32 s4, s8, s12;"
     " shr.u32 s4, $4, 4; shr.u32 s8, $4, 8; shr.u32 s12, $4, 12;"
-    " lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;"
-    " lop3.b32 $1, s4, 0x000F000F, 0x64006400, 0xEA;"
-    " lop3.b32 $2, s8, 0x000F000F, 0x64006400, 0xEA;"
-    " lop3.b32 $3, s12, 0x000F000F, 0x64006400, 0xEA; }"
+    " lop3.b32 $0, $4, 0x000F000F, {magic}, 0xEA;"
+    " lop3.b32 $1, s4, 0x000F000F, {magic}, 0xEA;"
+    " lop3.b32 $2, s8, 0x000F000F, {magic}, 0xEA;"
+    " lop3.b32 $3, s12, 0x000F000F, {magic}, 0xEA; }}"
 )
+_HALF_VALUES_ASM = _VALUES_ASM.format(magic="0x64006400")
+_HALF_NEGATIVE_VALUES_ASM = _VALUES_ASM.format(magic="0xE400E400")
+_BF16_VALUES_ASM = _VALUES_ASM.format(magic="0x43004300")
+_BF16_NEGATIVE_VALUES_ASM = _VALUES_ASM.format(magic="0xC300C300")
+# (magic + q) + -(magic + z) = q - z for a pair of columns, exact: one multiply-add by 1 (the 16-bit
+# pair additions of sm_90 are not on earlier GPUs).
+_HALF_DIFFERENCE_ASM = "{ .reg .b32 one; mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, $1, one, $2; }"
+_BF16_DIFFERENCE_ASM = "{ .reg .b32 one; mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, $1, one, $2; }"
 # (value - zero) * x for a pair of columns: an exact difference, one rounding.
 _HALF_PRODUCT_ASM = "{ .reg .b32 d; sub.rn.f16x2 d, $1, $2; mul.rn.f16x2 $0, d, $3; }"
 
@@ -83,15 +96,15 @@ class W4A16Tuning:
     # Launched as a dependent (``kernels.dependent_launch``), a one-row program asks for its weights
     # to be brought into the L2 cache while the kernel before it finishes.
     gemv_prefetch: bool = True
-    # Up to ``small_rows`` rows, a wider output tile; more rows, a narrower one.
-    small_rows: int = 16
-    decode_small_block_n: int = 64
-    decode_small_stages: int = 3
-    decode_block_n: int = 32
-    decode_warps: int = 4
-    decode_stages: int = 3
-    # Programs aimed for in a decode product, per multiprocessor (the split-K factor follows).
-    decode_programs_per_sm: int = 4
+    # 2-64 rows run on tensor cores (``_awq_rows_kernel``): each program computes ``rows_block_n`` outputs
+    # of every row over a share of the input groups, aiming for ``rows_programs_per_sm`` programs a
+    # multiprocessor (the split-K factor follows). ``rows_swapped``: the product is computed transposed
+    # (outputs along the tensor cores' long side, rows along the short one).
+    rows_block_n: int = 64
+    rows_warps: int = 4
+    rows_stages: int = 4
+    rows_programs_per_sm: int = 2
+    rows_swapped: bool = True
     prefill_mode: str = "dequantise"  # or "tiled"
     prefill_block_m: int = 64
     prefill_block_n: int = 128
@@ -119,7 +132,7 @@ def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | No
     if TUNING.prefill_mode == "dequantise":
         return _dequantised_product(x, weights)
     return _tiled_product(x, weights, TUNING.prefill_block_m, TUNING.prefill_block_n, 1, None,
-                          TUNING.prefill_warps, TUNING.prefill_stages)
+                          TUNING.prefill_warps, TUNING.prefill_stages, False)
 
 
 def awq_gated_matmul(gate_up: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,12 +159,10 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
     groups = weights.in_features // weights.group_size
     if rows == 1 and TUNING.gemv_words:
         return _single_row_product(x, weights, counters, groups)
-    small = rows <= TUNING.small_rows
-    block_n = TUNING.decode_small_block_n if small else TUNING.decode_block_n
-    stages = TUNING.decode_small_stages if small else TUNING.decode_stages
-    split = _split_for(triton.cdiv(n, block_n), groups, TUNING.decode_programs_per_sm, counters, x.device)
+    split = _split_for(triton.cdiv(n, TUNING.rows_block_n), groups, TUNING.rows_programs_per_sm, counters, x.device)
     block_m = max(16, triton.next_power_of_2(rows))
-    return _tiled_product(x, weights, block_m, block_n, split, counters, TUNING.decode_warps, stages)
+    return _tiled_product(x, weights, block_m, TUNING.rows_block_n, split, counters, TUNING.rows_warps,
+                          TUNING.rows_stages, TUNING.rows_swapped)
 
 
 def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
@@ -191,20 +202,27 @@ def _row_words(out_features: int, groups: int, device: torch.device) -> int:
 
 
 def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: int, split: int,
-                   counters: torch.Tensor | None, warps: int, stages: int) -> torch.Tensor:
+                   counters: torch.Tensor | None, warps: int, stages: int, swapped: bool) -> torch.Tensor:
+    if x.dtype == torch.float32:  # tiles twice the size: two stages fit shared memory
+        stages = min(stages, 2)
     rows, n = x.shape[0], weights.out_features
     groups = weights.in_features // weights.group_size
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
     bias = weights.bias if weights.bias is not None else out
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), split)
-    _awq_gemm_kernel[grid](
+    _awq_rows_kernel[grid](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, rows, n, x.stride(0), out.stride(0), NIBBLE,
-        GROUP=weights.group_size, GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m,
-        BLOCK_N=block_n, HAS_BIAS=weights.bias is not None, num_warps=warps, num_stages=stages,
-        **dependent_launch(x))
+        counters if counters is not None else out, rows, x.stride(0), out.stride(0), N=n, GROUP=weights.group_size,
+        GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
+        INPUT=_INPUT_KINDS[x.dtype], SWAPPED=swapped, HAS_BIAS=weights.bias is not None, num_warps=warps,
+        num_stages=stages, **dependent_launch(x))
     return out
+
+
+# How ``_awq_rows_kernel`` makes its weights for each input type: 16-bit inputs meet weights of their own
+# type; float32 inputs meet bfloat16 differences (exact) in float32, without TF32's rounding.
+_INPUT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
@@ -235,6 +253,12 @@ def _multiprocessors(device: torch.device) -> int:
 
 if triton is not None:
     HALF_VALUES_ASM = tl.constexpr(_HALF_VALUES_ASM)
+    SHARES_UNROLLED_UP_TO = tl.constexpr(UNROLLED_SHARES)
+    HALF_NEGATIVE_VALUES_ASM = tl.constexpr(_HALF_NEGATIVE_VALUES_ASM)
+    BF16_VALUES_ASM = tl.constexpr(_BF16_VALUES_ASM)
+    BF16_NEGATIVE_VALUES_ASM = tl.constexpr(_BF16_NEGATIVE_VALUES_ASM)
+    HALF_DIFFERENCE_ASM = tl.constexpr(_HALF_DIFFERENCE_ASM)
+    BF16_DIFFERENCE_ASM = tl.constexpr(_BF16_DIFFERENCE_ASM)
     HALF_PRODUCT_ASM = tl.constexpr(_HALF_PRODUCT_ASM)
 
     @triton.jit
@@ -417,31 +441,99 @@ if triton is not None:
                 counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS)
 
     @triton.jit
-    def _awq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
-                         M, N, stride_xm, stride_om, NIBBLE, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         DEPENDENT: tl.constexpr):
+    def _awq_rows_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
+                         M, stride_xm, stride_om, N: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
+                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT: tl.constexpr,
+                         SWAPPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEPENDENT: tl.constexpr):
+        """On tensor cores: program (m, n, k) computes a [BLOCK_M, BLOCK_N] tile of the output over its share
+        of the input groups. Per group, the packed weights become the exact differences ``q - z`` in the
+        input's 16-bit type, under one and a half instructions a weight (``_bf16_differences``); one tensor-core product takes
+        them and the inputs to float32, and the group's scales multiply its columns. SWAPPED: the tile is
+        computed transposed, the outputs along the tensor cores' long side (at least 64), the few rows along
+        the short one."""
         after_previous_kernel(DEPENDENT)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
+        WORDS: tl.constexpr = BLOCK_N // 8
+        ROW_WORDS: tl.constexpr = N // 8
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < M
+        words = pid_n * WORDS + tl.arange(0, WORDS)
+        word_mask = words < ROW_WORDS
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        offsets = tl.arange(0, GROUP)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        inputs = tl.arange(0, GROUP)
         first = pid_k * GROUPS_PER_SPLIT
+        # Pointers at the share's first group; each group adds a constant. Transposed, the inputs are
+        # still read along their rows (as [GROUP, BLOCK_M] with the inputs contiguous), not transposed
+        # after loading, which the compiler would turn into one 2-byte load per input.
+        if SWAPPED:
+            x_at = x_ptr + rows[None, :] * stride_xm + (first * GROUP + inputs)[:, None]
+            x_mask = row_mask[None, :]
+        else:
+            x_at = x_ptr + rows[:, None] * stride_xm + (first * GROUP + inputs)[None, :]
+            x_mask = row_mask[:, None]
+        weights_at = qweight_ptr + (first * GROUP + inputs)[:, None] * ROW_WORDS + words[None, :]
+        zeros_at = qzeros_ptr + first * ROW_WORDS + words[None, :]
+        scales_at = scales_ptr + first * N + cols
+        if SWAPPED:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for index in range(GROUPS_PER_SPLIT):
-            group = first + index
-            k = group * GROUP + offsets
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_mask[:, None], other=0.0)
-            weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP, BLOCK_N)
-            acc += tl.dot(x, weights.to(x_ptr.dtype.element_ty))
+            x = tl.load(x_at + index * GROUP, mask=x_mask, other=0.0)
+            packed = tl.load(weights_at + index * GROUP * ROW_WORDS, mask=word_mask[None, :], other=0)
+            zeros = tl.load(zeros_at + index * ROW_WORDS, mask=word_mask[None, :], other=0)
+            scales = tl.load(scales_at + index * N, mask=col_mask, other=0.0).to(tl.float32)
+            # The exact differences in the input's 16-bit type (bfloat16 for float32 inputs).
+            if INPUT == 1:
+                differences = _half_differences(packed, zeros)
+            else:
+                differences = _bf16_differences(packed, zeros)
+            if SWAPPED:
+                acc += _exact_dot(tl.trans(differences), x, INPUT) * scales[:, None]
+            else:
+                acc += _exact_dot(x, differences, INPUT) * scales[None, :]
+        if SWAPPED:
+            acc = tl.trans(acc)
         _finish(acc, out_ptr + rows[:, None] * stride_om + cols[None, :],
                 partial_ptr + rows[:, None] * N + cols[None, :], M * N, row_mask[:, None] & col_mask[None, :],
                 bias_ptr + cols[None, :], col_mask[None, :], counters_ptr + pid_m * tl.num_programs(1) + pid_n,
                 pid_k, SPLIT_K, HAS_BIAS)
+
+    @triton.jit
+    def _half_differences(packed, zeros):
+        """Packed weights [R, W] and their group's packed zero points [1, W] → ``q - z`` [R, 8W] in float16,
+        exact."""
+        values = tl.inline_asm_elementwise(HALF_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_spread(packed)],
+                                           dtype=tl.float16, is_pure=True, pack=8)
+        negative_zeros = tl.inline_asm_elementwise(HALF_NEGATIVE_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                                   [_spread(zeros)], dtype=tl.float16, is_pure=True, pack=8)
+        return tl.inline_asm_elementwise(HALF_DIFFERENCE_ASM, "=r,r,r",
+                                         [values, tl.broadcast_to(negative_zeros, values.shape)],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+
+    @triton.jit
+    def _bf16_differences(packed, zeros):
+        """``_half_differences`` in bfloat16."""
+        values = tl.inline_asm_elementwise(BF16_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_spread(packed)],
+                                           dtype=tl.bfloat16, is_pure=True, pack=8)
+        negative_zeros = tl.inline_asm_elementwise(BF16_NEGATIVE_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                                   [_spread(zeros)], dtype=tl.bfloat16, is_pure=True, pack=8)
+        return tl.inline_asm_elementwise(BF16_DIFFERENCE_ASM, "=r,r,r",
+                                         [values, tl.broadcast_to(negative_zeros, values.shape)],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+    @triton.jit
+    def _exact_dot(a, b, INPUT: tl.constexpr):
+        """a @ b in float32; float32 inputs (INPUT 2) take the weights' bfloat16 differences in float32 and
+        are not rounded to TF32."""
+        if INPUT == 2:
+            product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            product = tl.dot(a, b)
+        return product
 
     @triton.jit
     def _finish(total, out_ptrs, share_ptrs, share_stride, mask, bias_ptrs, bias_mask, counter_ptr, pid_k,
@@ -456,8 +548,14 @@ if triton is not None:
             arrived = tl.atomic_add(counter_ptr, 1)  # acq_rel: shares before it are visible after
             if arrived == SPLIT_K - 1:
                 summed = tl.zeros_like(total)
-                for split in range(SPLIT_K):
-                    summed += tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0, cache_modifier=".cg")
+                if SPLIT_K <= SHARES_UNROLLED_UP_TO:  # every share's load in flight at once
+                    for split in tl.static_range(SPLIT_K):
+                        summed += tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0,
+                                          cache_modifier=".cg")
+                else:
+                    for split in range(SPLIT_K):
+                        summed += tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0,
+                                          cache_modifier=".cg")
                 _store_biased(summed, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
                 tl.atomic_xchg(counter_ptr, 0)  # ready for the next product (graph replays)
         else:
