@@ -8,13 +8,15 @@ words a program, a whole input group in one load (so that every load is issued b
 product), and compute in float16 pairs: seven instructions make eight weights ``1024 + q`` of a word
 (``_half_values``), one subtraction and one multiply make two products (``_gemv_group_in_halves``).
 Narrower products compute in float32, each weight a float in one logic operation (``_mantissa_values``).
-The one-row and tiled decode kernels (up to ``DECODE_ROWS`` rows) give each program a strip of output
+2-64 rows run on tensor cores (``_awq_rows_kernel``): the weights become the exact differences ``q - z``
+in the input's 16-bit type, the products go to float32 and the scales apply there, per input group.
+The one-row and tensor-core decode kernels (up to ``DECODE_ROWS`` rows) give each program a strip of output
 columns and a share of the input groups (split-K); the last program to finish a strip adds the shares
 up, in a fixed order, and writes the output, so a step is one launch per projection and the result
 does not depend on which program finished first. The per-strip counters it uses reset themselves, so
 the kernel can be replayed from a CUDA graph.
 
-Prefill is bound by arithmetic; it either runs the same kernel with large row tiles and no split or
+Prefill is bound by arithmetic; it either runs the tensor-core kernel with large row tiles and no split or
 dequantises the weights into a scratch matrix for cuBLAS, whichever ``PREFILL_MODE`` says (chosen by
 ``bench/w4a16_kernels.py`` on the device).
 
@@ -79,7 +81,7 @@ _HALF_PRODUCT_ASM = "{ .reg .b32 d; sub.rn.f16x2 d, $1, $2; mul.rn.f16x2 $0, d, 
 @dataclass
 class W4A16Tuning:
     """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
-    over Qwen2.5-1.5B's projections (one row on an H100, 2026-11-27; more rows on an H200; BENCHMARKS.md)."""
+    over Qwen2.5-1.5B's projections (on an H100, 2026-11-27; BENCHMARKS.md)."""
     # One row (a single stream) runs without tensor cores, each program reading ``gemv_words`` packed
     # words (8 outputs each) of every input row: from ``HALF_PAIRS_FROM_WORDS`` words on in float16
     # pairs, below that in float32 over tiles of ``gemv_block_k`` inputs (a divisor of the group size).
