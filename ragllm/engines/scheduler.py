@@ -352,12 +352,12 @@ class Scheduler:
         except Exception:
             logger.warning("batched sampling failed; choosing row by row", exc_info=True)
             tokens = _with_failures(_choose_row_by_row(decoding, masked), failures)
-            self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
+            self._record(decoding, tokens, results, self._scores(decoding, tokens, self._choosable(logits)))
             self._register_decoded(decoding)
             return
         # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
         # step with scores to read back is not launched ahead.
-        scores = scores_on_device(decoding, tokens, logits)
+        scores = scores_on_device(decoding, tokens, self._choosable(logits))
         host_tokens = self._readback.start(tokens)
         if self.launch_ahead and scores is None and not self.waiting \
                 and all(s.status is SequenceStatus.DECODING for s in self.running) \
@@ -429,13 +429,19 @@ class Scheduler:
     def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
         masked, failures = self._constrain(batch, logits)
         tokens = _with_failures(_choose(batch, masked), failures)
-        self._record(batch, tokens, results, self._scores(batch, tokens, logits))
+        self._record(batch, tokens, results, self._scores(batch, tokens, self._choosable(logits)))
+
+    def _choosable(self, logits: "torch.Tensor") -> "torch.Tensor":
+        """The logits' columns of ids the tokenizer can write: what tokens are chosen from and log
+        probabilities are normalised over (a padded id is no candidate, as in vLLM's logits)."""
+        if self.choosable is not None and logits.shape[-1] > self.choosable:
+            return logits[:, : self.choosable]  # a view: no copy, no launch
+        return logits
 
     def _constrain(self, batch: list[Sequence], logits) -> tuple["torch.Tensor", list | None]:
         """The logits to choose from (structured-output rows masked to what their grammar allows) and
         the rows whose grammar failed (None when no row follows one: the common case costs nothing)."""
-        if self.choosable is not None and logits.shape[-1] > self.choosable:
-            logits = logits[:, : self.choosable]  # a view: no copy, no launch
+        logits = self._choosable(logits)
         if all(s.grammar is None for s in batch):
             return logits, None
         if self._masks is None:

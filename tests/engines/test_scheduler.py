@@ -302,6 +302,37 @@ def test_logprobs_are_the_models_own_for_each_token_in_batches_and_alone():
             ids.append(token)
 
 
+def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_write():
+    """Log probabilities are normalised over the ids that can be chosen, and the top alternatives are
+    among them: a padded id (Qwen2.5 pads 151,665 ids to 151,936 columns) is never listed."""
+    choosable = MODEL.config.vocab_size // 2
+    runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
+    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+                                                  chunked_prefill=False),
+                          deliver=lambda results: None, choosable=choosable)
+    top = 8
+    asked = _sequence("asked", PROMPTS[1], 6)
+    asked.params = SamplingParams(temperature=0.0, logprobs=top)
+    asked.token_text = lambda token: f"<{token}>"
+    results = _results_by_request(scheduler, {0: [asked]})
+    entries = [entry for delta in results["asked"] for entry in (delta.logprobs or ())]
+    assert len(entries) == len(asked.output_ids) == 6
+    ids, listed = list(asked.prompt_ids), set()
+    with torch.no_grad():
+        for entry, token in zip(entries, asked.output_ids):
+            logits = MODEL(torch.tensor([ids])).logits[0, -1].float()
+            logprobs = torch.log_softmax(logits[:choosable], dim=-1)
+            assert abs(entry.logprob - float(logprobs[token])) < 1e-4
+            assert [t for t, _ in entry.top] == [f"<{int(i)}>" for i in torch.topk(logprobs, top).indices]
+            listed |= {int(t[1:-1]) for t, _ in entry.top}
+            ids.append(token)
+    assert max(listed) < choosable
+    # Over every column, padded ids would have been listed: the cut is what kept them out.
+    with torch.no_grad():
+        full = torch.log_softmax(MODEL(torch.tensor([list(asked.prompt_ids)])).logits[0, -1].float(), dim=-1)
+    assert int(torch.topk(full, top).indices.max()) >= choosable
+
+
 def _choices_of(request_id: str, prompt: list[int], max_tokens: int, seeds: list[int]) -> list[Sequence]:
     """One request of several choices: the first leads, the rest follow it."""
     group = [_seeded(request_id, prompt, max_tokens, seed) for seed in seeds]
