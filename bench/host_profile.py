@@ -24,6 +24,28 @@ _SEES_EVERY_THREAD = sys.version_info >= (3, 12)
 _ABSENT = object()
 
 
+class _Wrapped:
+    """Attributes replaced by wrappers of themselves for a while, then put back as they were: an
+    instance's own attribute restored, a class's method showing through again."""
+
+    def __init__(self) -> None:
+        self._restore: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, name: str, wrapper: Any) -> None:
+        """``owner.name`` becomes ``wrapper(owner.name)``."""
+        own = vars(owner).get(name, _ABSENT)
+        self._restore.append((owner, name, own))
+        setattr(owner, name, wrapper(getattr(owner, name)))
+
+    def restore(self) -> None:
+        for owner, name, own in reversed(self._restore):
+            if own is _ABSENT:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+        self._restore.clear()
+
+
 class HostProfile:
     """Profiles the calling thread and, where a profiler does not already see it, every
     ``run_once`` of ``scheduler`` on the engine thread."""
@@ -31,28 +53,29 @@ class HostProfile:
     def __init__(self, scheduler: Any) -> None:
         self._scheduler = scheduler
         self._profiles = {"every thread" if _SEES_EVERY_THREAD else "event loop": cProfile.Profile()}
-        self._original = None
+        self._wrapped = _Wrapped()
 
     def __enter__(self) -> "HostProfile":
         if not _SEES_EVERY_THREAD:
             engine = self._profiles["engine thread"] = cProfile.Profile()
-            original = self._original = self._scheduler.run_once
 
-            def profiled(block: bool = False):
-                engine.enable()
-                try:
-                    return original(block)
-                finally:
-                    engine.disable()
+            def profiling(run_once: Any) -> Any:
+                def profiled(block: bool = False):
+                    engine.enable()
+                    try:
+                        return run_once(block)
+                    finally:
+                        engine.disable()
+                return profiled
 
-            self._scheduler.run_once = profiled  # the engine thread looks it up on every pass
+            # The engine thread looks ``run_once`` up on every pass.
+            self._wrapped.wrap(self._scheduler, "run_once", profiling)
         self._profiles[next(iter(self._profiles))].enable()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._profiles[next(iter(self._profiles))].disable()
-        if self._original is not None:
-            self._scheduler.run_once = self._original
+        self._wrapped.restore()
 
     def table(self, top: int) -> str:
         """The ``top`` functions by their own time, per profile."""
@@ -85,7 +108,7 @@ class PhaseTimes:
         self._scheduler = scheduler
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.cpu_seconds = dict.fromkeys(self.PHASES, 0.0)  # the engine thread's own CPU time in each
-        self._restore: list[tuple[Any, str, Any]] = []
+        self._wrapped = _Wrapped()
         self._steps_before = 0
         self._started = self._caller_cpu_started = 0.0
 
@@ -98,9 +121,7 @@ class PhaseTimes:
                 owner = getattr(owner, name)
             if owner is None:  # made on first use (the masks): not timed before then
                 continue
-            own = vars(owner).get(path[-1], _ABSENT)  # an attribute of the instance, or the class's method
-            self._restore.append((owner, path[-1], own))
-            setattr(owner, path[-1], self._timed(phase, getattr(owner, path[-1])))
+            self._wrapped.wrap(owner, path[-1], lambda call, phase=phase: self._timed(phase, call))
         self._steps_before = self._scheduler.num_steps
         self._started = time.perf_counter()
         self._caller_cpu_started = time.thread_time()  # entered and left on the event loop's thread
@@ -110,11 +131,7 @@ class PhaseTimes:
         self.wall_s = time.perf_counter() - self._started
         self.caller_cpu_s = time.thread_time() - self._caller_cpu_started
         self.steps = self._scheduler.num_steps - self._steps_before
-        for owner, name, own in self._restore:
-            if own is _ABSENT:
-                delattr(owner, name)  # the class's method shows through again
-            else:
-                setattr(owner, name, own)
+        self._wrapped.restore()
 
     def _timed(self, phase: str, call: Any) -> Any:
         seconds, cpu_seconds = self.seconds, self.cpu_seconds
