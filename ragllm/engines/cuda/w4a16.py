@@ -449,7 +449,7 @@ if triton is not None:
                          SWAPPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEPENDENT: tl.constexpr):
         """On tensor cores: program (m, n, k) computes a [BLOCK_M, BLOCK_N] tile of the output over its share
         of the input groups. Per group, the packed weights become the exact differences ``q - z`` in the
-        input's 16-bit type, under one and a half instructions a weight (``_bf16_differences``); one tensor-core product takes
+        input's 16-bit type, under one and a half instructions a weight (``_differences``); one tensor-core product takes
         them and the inputs to float32, and the group's scales multiply its columns. SWAPPED: the tile is
         computed transposed, the outputs along the tensor cores' long side (at least 64), the few rows along
         the short one."""
@@ -490,9 +490,11 @@ if triton is not None:
             scales = tl.load(scales_at + index * N, mask=col_mask, other=0.0).to(tl.float32)
             # The exact differences in the input's 16-bit type (bfloat16 for float32 inputs).
             if INPUT == 1:
-                differences = _half_differences(packed, zeros)
+                differences = _differences(packed, zeros, HALF_VALUES_ASM, HALF_NEGATIVE_VALUES_ASM,
+                                           HALF_DIFFERENCE_ASM).to(tl.float16, bitcast=True)
             else:
-                differences = _bf16_differences(packed, zeros)
+                differences = _differences(packed, zeros, BF16_VALUES_ASM, BF16_NEGATIVE_VALUES_ASM,
+                                           BF16_DIFFERENCE_ASM).to(tl.bfloat16, bitcast=True)
             if SWAPPED:
                 acc += _exact_dot(tl.trans(differences), x, INPUT) * scales[:, None]
             else:
@@ -505,27 +507,19 @@ if triton is not None:
                 pid_k, SPLIT_K, HAS_BIAS)
 
     @triton.jit
-    def _half_differences(packed, zeros):
-        """Packed weights [R, W] and their group's packed zero points [1, W] → ``q - z`` [R, 8W] in float16,
-        exact."""
-        values = tl.inline_asm_elementwise(HALF_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_spread(packed)],
-                                           dtype=tl.float16, is_pure=True, pack=8)
-        negative_zeros = tl.inline_asm_elementwise(HALF_NEGATIVE_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                                   [_spread(zeros)], dtype=tl.float16, is_pure=True, pack=8)
-        return tl.inline_asm_elementwise(HALF_DIFFERENCE_ASM, "=r,r,r",
+    def _differences(packed, zeros, VALUES_ASM: tl.constexpr, NEGATIVE_VALUES_ASM: tl.constexpr,
+                     DIFFERENCE_ASM: tl.constexpr):
+        """Packed weights [R, W] and their group's packed zero points [1, W] → ``q - z`` [R, 8W], exact, as
+        16-bit patterns (int16) of the type whose magic numbers and addition the three strings use (the
+        caller reinterprets them: the compiler takes no 16-bit float type for the strings' outputs but a
+        literal one)."""
+        values = tl.inline_asm_elementwise(VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_spread(packed)],
+                                           dtype=tl.int16, is_pure=True, pack=8)
+        negative_zeros = tl.inline_asm_elementwise(NEGATIVE_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                                   [_spread(zeros)], dtype=tl.int16, is_pure=True, pack=8)
+        return tl.inline_asm_elementwise(DIFFERENCE_ASM, "=r,r,r",
                                          [values, tl.broadcast_to(negative_zeros, values.shape)],
-                                         dtype=tl.float16, is_pure=True, pack=2)
-
-    @triton.jit
-    def _bf16_differences(packed, zeros):
-        """``_half_differences`` in bfloat16."""
-        values = tl.inline_asm_elementwise(BF16_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_spread(packed)],
-                                           dtype=tl.bfloat16, is_pure=True, pack=8)
-        negative_zeros = tl.inline_asm_elementwise(BF16_NEGATIVE_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                                   [_spread(zeros)], dtype=tl.bfloat16, is_pure=True, pack=8)
-        return tl.inline_asm_elementwise(BF16_DIFFERENCE_ASM, "=r,r,r",
-                                         [values, tl.broadcast_to(negative_zeros, values.shape)],
-                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+                                         dtype=tl.int16, is_pure=True, pack=2)
 
     @triton.jit
     def _exact_dot(a, b, INPUT: tl.constexpr):
