@@ -110,7 +110,9 @@ def main() -> None:
     # Later row counts try only that count's four fastest (each tiling compiles anew per shape).
     tiled_tunings = [replace(base, rows_block_n=block_n, rows_swapped=swapped, rows_warps=warps,
                              rows_programs_per_sm=per_sm, rows_stages=3)
-                     for block_n, swapped, warps, per_sm in itertools.product((32, 64), (False, True), (4, 8), (2, 4, 8))
+                     for block_n, swapped, warps, per_sm in itertools.product((32, 64), (False, True), (4, 8),
+                                                                              (2, 4, 8))
+                     # The tensor cores' long side is 64; wider tiles (128, 256) lost on an H100 (BENCHMARKS.md).
                      if not (swapped and block_n < 64) and not (block_n < 64 and warps > 4)]
     for rows in map(int, args.decode_rows.split(",")):
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}

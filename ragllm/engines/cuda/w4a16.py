@@ -449,10 +449,10 @@ if triton is not None:
                          SWAPPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEPENDENT: tl.constexpr):
         """On tensor cores: program (m, n, k) computes a [BLOCK_M, BLOCK_N] tile of the output over its share
         of the input groups. Per group, the packed weights become the exact differences ``q - z`` in the
-        input's 16-bit type, under one and a half instructions a weight (``_differences``); one tensor-core product takes
-        them and the inputs to float32, and the group's scales multiply its columns. SWAPPED: the tile is
-        computed transposed, the outputs along the tensor cores' long side (at least 64), the few rows along
-        the short one."""
+        input's 16-bit type, under one and a half instructions a weight (``_differences``); one tensor-core
+        product takes them and the inputs to float32, and the group's scales multiply its columns. SWAPPED:
+        the tile is computed transposed, the outputs along the tensor cores' long side (at least 64), the
+        few rows along the short one."""
         after_previous_kernel(DEPENDENT)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
