@@ -346,18 +346,19 @@ class Scheduler:
         else:
             logits = self.runner.decode([s.block_table for s in decoding], [s.output_ids[-1] for s in decoding],
                                         [s.next_position for s in decoding])
+        logits = self._choosable(logits)
         masked, failures = self._constrain(decoding, logits)
         try:
             tokens = sample_on_device(masked, [s.params for s in decoding])
         except Exception:
             logger.warning("batched sampling failed; choosing row by row", exc_info=True)
             tokens = _with_failures(_choose_row_by_row(decoding, masked), failures)
-            self._record(decoding, tokens, results, self._scores(decoding, tokens, self._choosable(logits)))
+            self._record(decoding, tokens, results, self._scores(decoding, tokens, logits))
             self._register_decoded(decoding)
             return
         # Scored before any step is launched ahead (its replay rewrites the logits buffer), and a
         # step with scores to read back is not launched ahead.
-        scores = scores_on_device(decoding, tokens, self._choosable(logits))
+        scores = scores_on_device(decoding, tokens, logits)
         host_tokens = self._readback.start(tokens)
         if self.launch_ahead and scores is None and not self.waiting \
                 and all(s.status is SequenceStatus.DECODING for s in self.running) \
@@ -427,13 +428,15 @@ class Scheduler:
         return min(remaining, max(budget, 0))
 
     def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
+        logits = self._choosable(logits)
         masked, failures = self._constrain(batch, logits)
         tokens = _with_failures(_choose(batch, masked), failures)
-        self._record(batch, tokens, results, self._scores(batch, tokens, self._choosable(logits)))
+        self._record(batch, tokens, results, self._scores(batch, tokens, logits))
 
     def _choosable(self, logits: "torch.Tensor") -> "torch.Tensor":
-        """The logits' columns of ids the tokenizer can write: what tokens are chosen from and log
-        probabilities are normalised over (a padded id is no candidate, as in vLLM's logits)."""
+        """The logits' columns of ids the tokenizer can write, cut once where a step's logits come in:
+        what tokens are chosen from and log probabilities are normalised over (a padded id is no
+        candidate, as in vLLM's logits)."""
         if self.choosable is not None and logits.shape[-1] > self.choosable:
             return logits[:, : self.choosable]  # a view: no copy, no launch
         return logits
@@ -441,7 +444,6 @@ class Scheduler:
     def _constrain(self, batch: list[Sequence], logits) -> tuple["torch.Tensor", list | None]:
         """The logits to choose from (structured-output rows masked to what their grammar allows) and
         the rows whose grammar failed (None when no row follows one: the common case costs nothing)."""
-        logits = self._choosable(logits)
         if all(s.grammar is None for s in batch):
             return logits, None
         if self._masks is None:
