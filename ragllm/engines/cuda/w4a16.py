@@ -152,7 +152,12 @@ def _split_for(blocks: int, groups: int, per_sm: int, counters: torch.Tensor | N
     multiprocessor (1 without counters to reduce with)."""
     if counters is None or counters.numel() < blocks:
         return 1
-    target = per_sm * _multiprocessors(device)
+    return _largest_split(blocks, groups, per_sm * _multiprocessors(device))
+
+
+@functools.cache
+def _largest_split(blocks: int, groups: int, target: int) -> int:
+    """Cached: a step that is not replayed from a graph asks this for every product of every layer."""
     return max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or blocks * d <= target))
 
 
@@ -546,16 +551,19 @@ if triton is not None:
                 summed = tl.zeros_like(total)
                 if SPLIT_K <= SHARES_UNROLLED_UP_TO:  # every share's load in flight at once
                     for split in tl.static_range(SPLIT_K):
-                        summed += tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0,
-                                          cache_modifier=".cg")
+                        summed += _share(share_ptrs, split, share_stride, mask)
                 else:
                     for split in range(SPLIT_K):
-                        summed += tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0,
-                                          cache_modifier=".cg")
+                        summed += _share(share_ptrs, split, share_stride, mask)
                 _store_biased(summed, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
                 tl.atomic_xchg(counter_ptr, 0)  # ready for the next product (graph replays)
         else:
             _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
+
+    @triton.jit
+    def _share(share_ptrs, split, share_stride, mask):
+        """One program's share of a split strip, read past L1 (another program wrote it)."""
+        return tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0, cache_modifier=".cg")
 
     @triton.jit
     def _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS: tl.constexpr):
