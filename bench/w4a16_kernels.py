@@ -114,20 +114,21 @@ def main() -> None:
                                                                               (2, 4, 8))
                      # The tensor cores' long side is 64; wider tiles (128, 256) lost on an H100 (BENCHMARKS.md).
                      if not (swapped and block_n < 64) and not (block_n < 64 and warps > 4)]
+    tiled_swept = False  # the full tiled sweep runs at the first multi-row count only
     for rows in map(int, args.decode_rows.split(",")):
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
         entry: dict = {"bf16_us": {}, "awq": []}
         for name, _, _ in SHAPES:
             entry["bf16_us"][name] = graph_time_us(run_dense(name, inputs[name]))
-        first_multi_row = rows > 1 and len(tiled_tunings) > 4
         for tuning in gemv_tunings if rows == 1 else tiled_tunings:
             measure(tuning, entry, inputs)
         entry["awq"].sort(key=lambda row: row["layer_us"])
-        if first_multi_row:
+        if rows > 1 and not tiled_swept:
             for row in entry["awq"][:4]:
                 for stages in (2, 4):
                     measure(replace(base, **{**row["tuning"], "rows_stages": stages}), entry, inputs)
             entry["awq"].sort(key=lambda row: row["layer_us"])
+            tiled_swept = True
         if rows > 1:
             tiled_tunings = [replace(base, **row["tuning"]) for row in entry["awq"][:4]]
         entry["bf16_layer_us"] = sum(entry["bf16_us"].values())
