@@ -135,6 +135,39 @@ def test_our_runner_over_packed_weights_matches_transformers_over_dequantised(tm
         _assert_close(logits, expected[position], tolerance)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_row_steps_that_fold_norms_into_the_products_match_steps_that_do_not(tmp_path, monkeypatch, device):
+    """One-row decode steps over packed layers fold RMSNorm into q/k/v and gate/up and the residual adds
+    into o and down (on the GPU, inside the int4 kernels; on the CPU, forced here, through the same layer
+    loop with the products' plain fallbacks): the logits are those of steps that do not."""
+    from dataclasses import replace
+
+    from ragllm.engines.cuda import runner as runner_module
+    from ragllm.engines.cuda import w4a16
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    directory = _awq_checkpoint(tmp_path)
+    ids = torch.randint(1, 211, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    prompt, table = ids[:30], list(range(1, 5))
+
+    def decode_logits(fold: bool) -> list[torch.Tensor]:
+        if device == "cpu":
+            monkeypatch.setattr(runner_module, "folds_norms", lambda hidden: fold and hidden.shape[0] == 1)
+        else:
+            monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_folds_norms=fold))
+        model = load_awq_model(directory, checkpoint_awq_config(directory), dtype, torch.device(device), packed=True)
+        runner = CudaGraphRunner(model, 512, CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=512),
+                                 KVCacheOptions(block_size=16, num_blocks=40))
+        assert runner._folds_norms
+        runner.prefill(table, prompt, 0)
+        return [runner.decode([table], [ids[position]], [position])[0].clone()
+                for position in range(len(prompt), len(ids))]
+
+    folded, unfolded = decode_logits(True), decode_logits(False)
+    for position, (actual, expected) in enumerate(zip(folded, unfolded)):
+        _assert_close(actual, expected.float(), 1e-5 if device == "cpu" else 2e-2)
+
+
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
     scale = expected.abs().max()
     error = (actual.float() - expected).abs().max()
@@ -233,6 +266,49 @@ def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, words, w
     gated = w4a16.awq_gated_matmul(gate_up, weights, counters)
     torch.testing.assert_close(gated, w4a16.awq_matmul(activated, weights, counters), atol=1e-3, rtol=1e-3)
     _assert_close(gated, activated.float() @ dequantise(weights).t() + weights.bias.float(), 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("words, wide_words, early", [(8, 0, True), (16, 32, True), (16, 32, False), (16, 0, True)])
+def test_one_row_products_fold_the_norm_and_the_residual_add(monkeypatch, words, wide_words, early):
+    """q/k/v and gate/up normalising their input themselves give what RMSNorm followed by the product gives
+    (to bfloat16's rounding of the normed input); o and down (reading gate/up) adding their products
+    into the residual give residual + product, bit for bit, in the residual's own storage. With and
+    without the weights loaded before the wait (``gemv_early_loads``)."""
+    from dataclasses import replace
+
+    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.cuda.kernels import add_rms_norm
+
+    monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_words=words, gemv_wide_words=wide_words,
+                                                 gemv_early_loads=early))
+    torch.manual_seed(words + wide_words)
+    k = 1536
+    residual = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 4
+    norm_weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    before = residual.clone()
+    for n in (2048, 17920):
+        weights = _random_awq(k, n, seed=n)
+        counters = w4a16.counters_for(n, residual.device)
+        normed, _ = add_rms_norm(residual, None, norm_weight, 1e-6)
+        folded = w4a16.awq_normed_matmul(residual, norm_weight, 1e-6, weights, counters)
+        torch.testing.assert_close(folded, w4a16.awq_matmul(normed, weights, counters), atol=2e-2, rtol=2e-2)
+        _assert_close(folded, normed.float() @ dequantise(weights).t() + weights.bias.float(), 1e-2)
+        assert torch.equal(residual, before)
+        assert not counters.any()
+    for k, gated in ((1536, False), (8960, True)):
+        n = 1536
+        weights = _random_awq(k, n, seed=k)
+        counters = w4a16.counters_for(n, residual.device)
+        x = torch.randn(1, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+        product = w4a16.awq_gated_matmul(x, weights, counters) if gated else w4a16.awq_matmul(x, weights, counters)
+        target = torch.randn(1, n, device="cuda", dtype=torch.bfloat16) * 4
+        expected = target + product
+        added = w4a16.awq_add_product(target, x, weights, counters, gated)
+        assert added.data_ptr() == target.data_ptr()
+        assert torch.equal(added, expected), (gated, float((added.float() - expected.float()).abs().max()))
+        assert not counters.any()
 
 
 @pytest.mark.gpu

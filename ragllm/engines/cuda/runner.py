@@ -29,7 +29,8 @@ from ragllm.engines.cuda.decode_graphs import DecodeGraphs
 from ragllm.engines.cuda.kernels import add_rms_norm, rope_and_cache, triton
 from ragllm.engines.cuda.memory import kv_cache_budget
 from ragllm.engines.cuda.prefill_graphs import PrefillGraphs, graph_buckets
-from ragllm.engines.cuda.weights import fuse_layers
+from ragllm.engines.cuda.w4a16 import folds_norms
+from ragllm.engines.cuda.weights import NormWeights, fuse_layers
 from ragllm.engines.model_runner import KVCacheOptions, ModelRunner, PrefillChunk
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class CudaGraphRunner(ModelRunner):
         self.options = options
         super().__init__(model, max_model_len, kv)
         self._fused, self._final_norm = fuse_layers(model)
+        self._folds_norms = all(layer.folds_norms for layer in self._fused)
         self._decode_graphs: DecodeGraphs | None = None
         self._prefill_graphs: PrefillGraphs | None = None
         if self._uses_graphs:
@@ -91,17 +93,21 @@ class CudaGraphRunner(ModelRunner):
         Returns the final-normed hidden states [T, hidden]."""
         hidden, residual = self.model.model.embed_tokens(ids), None
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        # Folded (one row over packed int4 layers, ``w4a16.folds_norms``): o and down add their products to
+        # the residual themselves (``hidden`` stays None), and q/k/v and gate/up normalise it themselves.
+        fold = self._folds_norms and folds_norms(hidden)
         for layer_index, layer in enumerate(self.layers):
             fused = self._fused[layer_index]
-            normed, residual = add_rms_norm(hidden, residual, *fused.input_norm)
-            qkv = fused.qkv(normed)
+            qkv, residual = _normed_product(fused.qkv, fused.input_norm, hidden, residual)
             if hasattr(layer.self_attn, "q_norm"):  # Qwen3 normalises each head before rope
                 self._qk_norm(layer.self_attn, qkv)
             rope_and_cache(qkv, positions, rows, self.cos, self.sin, self.cache.keys[layer_index],
                            self.cache.values[layer_index], heads, kv_heads, head_dim, *self._kv_scales)
-            hidden = layer.self_attn.o_proj(attend(layer_index, qkv))
-            normed, residual = add_rms_norm(hidden, residual, *fused.post_norm)
-            hidden = fused.down(fused.gate_up(normed))
+            hidden, residual = _added_product(fused.o_proj, attend(layer_index, qkv), residual, fold)
+            gate_up, residual = _normed_product(fused.gate_up, fused.post_norm, hidden, residual)
+            hidden, residual = _added_product(fused.down, gate_up, residual, fold)
+        if hidden is None:
+            hidden, residual = residual, None
         normed, _ = add_rms_norm(hidden, residual, *self._final_norm)
         return normed
 
@@ -224,6 +230,25 @@ class CudaGraphRunner(ModelRunner):
                                       lambda layer_index, qkv: self._causal_attention(qkv, batch, longest))
         last = torch.tensor([row * longest + len(c.token_ids) - 1 for row, c in enumerate(chunks)], device=self.device)
         return self._logits_of(normed[last])
+
+
+def _normed_product(projection: Any, norm: NormWeights, hidden: torch.Tensor | None,
+                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``projection(RMSNorm(hidden + residual))`` and the new residual; ``hidden`` None: the residual
+    already holds every addition and the (packed) projection normalises it itself."""
+    if hidden is None:
+        return projection.forward_normed(residual, *norm), residual
+    normed, residual = add_rms_norm(hidden, residual, *norm)
+    return projection(normed), residual
+
+
+def _added_product(projection: Any, x: torch.Tensor, residual: torch.Tensor,
+                   fold: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``projection(x)`` and the residual; folded, the (packed) projection adds its product to the
+    residual itself and None stands for it."""
+    if fold:
+        return None, projection.add_to(residual, x)
+    return projection(x), residual
 
 
 def _similar_length_groups(indices: list[int], lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:

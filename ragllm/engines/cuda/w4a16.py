@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ragllm.engines.cuda.kernels import dependent_launch, silu_and_mul, triton, use_triton
+from ragllm.engines.cuda.kernels import add_rms_norm, dependent_launch, silu_and_mul, triton, use_triton
 from ragllm.engines.quantized.awq_format import AwqWeights, dequantise
 
 if triton is not None:
@@ -98,6 +98,15 @@ class W4A16Tuning:
     # Launched as a dependent (``kernels.dependent_launch``), a one-row program asks for its weights
     # to be brought into the L2 cache while the kernel before it finishes.
     gemv_prefetch: bool = True
+    # Launched as a dependent, a one-row program whose share is one input group in float16 pairs loads
+    # its weights into registers before waiting for the kernel before it (instead of the L2 request).
+    gemv_early_loads: bool = True
+    # ...under this many registers a thread (0: the compiler's choice), which fits 8 programs of 4 warps
+    # a multiprocessor (the compiler's choice for 32-word rows, 80, fits 6).
+    gemv_early_registers: int = 64
+    # One-row steps fold RMSNorm into the products that read it (q/k/v, gate/up) and the residual add into
+    # those that feed it (o, down): ``folds_norms``.
+    gemv_folds_norms: bool = True
     # 2-64 rows run on tensor cores (``_awq_rows_kernel``): each program computes ``rows_block_n`` outputs
     # of every row over a share of the input groups, aiming for ``rows_programs_per_sm`` programs a
     # multiprocessor (the split-K factor follows). ``rows_swapped``: the product is computed transposed
@@ -137,6 +146,38 @@ def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | No
                           TUNING.prefill_warps, TUNING.prefill_stages, False)
 
 
+def folds_norms(hidden: torch.Tensor) -> bool:
+    """Whether a step over ``hidden`` [rows, hidden] folds RMSNorm and the residual add into its int4
+    products (``awq_normed_matmul``, ``awq_add_product``): one row on the GPU, where every kernel of the
+    chain costs its launch and its wait more than its work."""
+    return use_triton(hidden) and hidden.shape[0] == 1 and bool(TUNING.gemv_words) and TUNING.gemv_folds_norms
+
+
+def awq_normed_matmul(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: AwqWeights,
+                      counters: torch.Tensor | None = None) -> torch.Tensor:
+    """``RMSNorm(residual) @ W + bias``, RMSNorm as ``kernels.add_rms_norm`` computes and rounds it. Where
+    ``folds_norms``, every program of the product normalises the row itself (one kernel fewer)."""
+    if folds_norms(residual) and residual.stride(-1) == 1:
+        groups = weights.in_features // weights.group_size
+        return _single_row_product(residual, weights, counters, groups, norm=(norm_weight, eps))
+    normed, _ = add_rms_norm(residual, None, norm_weight, eps)
+    return awq_matmul(normed, weights, counters)
+
+
+def awq_add_product(residual: torch.Tensor, x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None,
+                    gated: bool = False) -> torch.Tensor:
+    """``residual += x @ W + bias`` in place (the product rounded to the residual's dtype, then the sum,
+    as torch's ops round); ``gated``: the product of ``SiLU(gate) * up`` of ``x`` (``awq_gated_matmul``).
+    Where ``folds_norms``, the product's last program of each strip adds its outputs in (one kernel fewer)."""
+    if folds_norms(x) and x.stride(-1) == 1 and residual.is_contiguous():
+        groups = weights.in_features // weights.group_size
+        _single_row_product(x, weights, counters, groups, gate_offset=weights.in_features if gated else 0,
+                            accumulate_into=residual)
+        return residual
+    product = awq_gated_matmul(x, weights, counters) if gated else awq_matmul(x, weights, counters)
+    return residual.add_(product)
+
+
 def awq_gated_matmul(gate_up: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None) -> torch.Tensor:
     """``SiLU(gate) * up`` of ``gate_up`` [M, 2K] (gate then up, as ``kernels.silu_and_mul``), times W.
     One row on the GPU reads ``gate_up`` inside the product, which saves a kernel a layer; otherwise
@@ -172,29 +213,36 @@ def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor
                           TUNING.rows_stages, TUNING.rows_swapped)
 
 
-def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None,
-                        groups: int, gate_offset: int = 0) -> torch.Tensor:
+def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None, groups: int,
+                        gate_offset: int = 0, norm: tuple[torch.Tensor, float] | None = None,
+                        accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
     """``gate_offset``: ``x`` is a gate/up output whose up half starts that many columns after its gate
-    half, and the product's input is SiLU(gate) * up."""
+    half, and the product's input is SiLU(gate) * up. ``norm`` (weight, epsilon): the input is RMSNorm
+    of ``x``. ``accumulate_into``: the outputs are added to it, in place, and it is returned."""
     n = weights.out_features
     words = _row_words(n, groups, x.device)
     # float32 inputs keep float32 arithmetic: float16 pairs would round them to 11 bits.
     halves = words >= HALF_PAIRS_FROM_WORDS and x.dtype != torch.float32
     blocks = triton.cdiv(n // 8, words)
     split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = accumulate_into if accumulate_into is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
     partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
     bias = weights.bias if weights.bias is not None else out
+    norm_weight, eps = norm if norm is not None else (x, 0.0)
+    early = TUNING.gemv_early_loads and halves and groups == split
+    registers = {"maxnreg": TUNING.gemv_early_registers} if early and TUNING.gemv_early_registers else {}
     _awq_gemv_kernel[(blocks, split)](
         x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, n, NIBBLE, GROUP=weights.group_size,
+        counters if counters is not None else out, norm_weight, eps, n, NIBBLE, GROUP=weights.group_size,
         BLOCK_K=_tile_rows(words, weights.group_size, halves), WORDS=words, GROUPS_PER_SPLIT=groups // split,
         SPLIT_K=split, HAS_BIAS=weights.bias is not None,
         UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT,
         HALVES=halves,
-        HALF_SCALE=HALF_INPUT_SCALE, GATE_OFFSET=gate_offset, PREFETCH=TUNING.gemv_prefetch,
+        HALF_SCALE=HALF_INPUT_SCALE, GATE_OFFSET=gate_offset, NORMED=norm is not None,
+        INPUTS_PAD=triton.next_power_of_2(weights.in_features), ACCUMULATE=accumulate_into is not None,
+        EARLY=early, PREFETCH=TUNING.gemv_prefetch,
         PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size), num_warps=TUNING.gemv_warps,
-        num_stages=TUNING.gemv_stages, **dependent_launch(x))
+        num_stages=TUNING.gemv_stages, **registers, **dependent_launch(x))
     return out
 
 
@@ -305,21 +353,25 @@ if triton is not None:
         return zeros, scales * tl.exp2(-field.to(tl.float32))[None, :]
 
     @triton.jit
-    def _gemv_one_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, HALVES: tl.constexpr,
-                        HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr, ROW_WORDS: tl.constexpr,
-                        GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]. ``x_at`` (a scalar), ``weights_at``
-        and ``zeros_at`` [1, WORDS] and ``scales_at`` [1, BLOCK_N] point at the group's first row; rows
-        add constants to them, which the loads take as immediate offsets."""
+    def _gemv_one_group(acc, x_at, norm_at, inverse_rms, weights_at, zeros_at, scales_at, word_mask, col_mask,
+                        NIBBLE, HALVES: tl.constexpr, HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr,
+                        NORMED: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+        """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]. ``x_at`` and ``norm_at`` (scalars),
+        ``weights_at`` and ``zeros_at`` [1, WORDS] and ``scales_at`` [1, BLOCK_N] point at the group's first
+        row; rows add constants to them, which the loads take as immediate offsets."""
         if HALVES:
-            return _gemv_group_in_halves(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, HALF_SCALE,
-                                         GATE_OFFSET, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
-        return _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, GATE_OFFSET,
-                           ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
+            packed, packed_zeros, scales = _group_loads(weights_at, zeros_at, scales_at, word_mask, col_mask,
+                                                        ROW_WORDS, GROUP)
+            return _gemv_group_in_halves(acc, x_at, norm_at, inverse_rms, packed, packed_zeros, scales, HALF_SCALE,
+                                         GATE_OFFSET, NORMED, GROUP, BLOCK_K, BLOCK_N)
+        return _gemv_group(acc, x_at, norm_at, inverse_rms, weights_at, zeros_at, scales_at, word_mask, col_mask,
+                           NIBBLE, GATE_OFFSET, NORMED, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
 
     @triton.jit
-    def _gemv_group(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE, GATE_OFFSET: tl.constexpr,
-                    ROW_WORDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _gemv_group(acc, x_at, norm_at, inverse_rms, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE,
+                    GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """One weight an instruction in float32: unscaled over the group's BLOCK_K-row steps, then scaled
         once (``_mantissa_values`` makes the zero points and scales agree with the values' form)."""
         zeros, field = _mantissa_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)), NIBBLE, BLOCK_N)
@@ -328,27 +380,40 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_K)
         weight_rows = weights_at + (rows * ROW_WORDS)[:, None]
         for step in tl.static_range(GROUP // BLOCK_K):
-            x = _inputs(x_at, rows + step * BLOCK_K, GATE_OFFSET)
+            x = _inputs(x_at, norm_at, inverse_rms, rows + step * BLOCK_K, GATE_OFFSET, NORMED)
             packed = tl.load(weight_rows + step * BLOCK_K * ROW_WORDS, mask=word_mask, other=0)
             values, _ = _mantissa_values(_spread(packed), NIBBLE, BLOCK_N)
             part += x[:, None] * (values - zeros)
         return acc + part * scales
 
     @triton.jit
-    def _gemv_group_in_halves(acc, x_at, weights_at, zeros_at, scales_at, word_mask, col_mask,
-                              HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr, ROW_WORDS: tl.constexpr,
-                              GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Two weights an instruction: ``(1024 + q) - (1024 + z)`` is exact in float16, and its product
-        with the scaled input is one rounding. The whole group is one load of [GROUP, WORDS], so every
-        load is issued before the first product: read in BLOCK_K-row steps, the compiler spread the loads
-        between the arithmetic and few bytes were in flight. Rows r, r + BLOCK_K, r + 2 * BLOCK_K, ...
-        lie in one thread: their products (at most eight) are summed in float16 there, then taken to
-        float32 and scaled."""
+    def _group_loads(weights_at, zeros_at, scales_at, word_mask, col_mask, ROW_WORDS: tl.constexpr,
+                     GROUP: tl.constexpr):
+        """A one-row program's packed weights [GROUP, WORDS], packed zero points [1, WORDS] and scales
+        [1, BLOCK_N] of the input group at the pointers. The whole group is one load, so every load is
+        issued before the first product: read in row steps, the compiler spread the loads between the
+        arithmetic and few bytes were in flight."""
         rows = tl.arange(0, GROUP)
         packed = tl.load(weights_at + (rows * ROW_WORDS)[:, None], mask=word_mask, other=0)
-        x = _inputs(x_at, rows, GATE_OFFSET)
-        zeros = _half_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)))
-        scales = tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32) * (1.0 / HALF_SCALE)
+        packed_zeros = tl.load(zeros_at, mask=word_mask, other=0)
+        scales = tl.load(scales_at, mask=col_mask, other=0.0)
+        return packed, packed_zeros, scales
+
+    @triton.jit
+    def _gemv_group_in_halves(acc, x_at, norm_at, inverse_rms, packed, packed_zeros, scales, HALF_SCALE: tl.constexpr,
+                              GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr, GROUP: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EARLY: tl.constexpr = False):
+        """Two weights an instruction: ``(1024 + q) - (1024 + z)`` is exact in float16, and its product
+        with the scaled input is one rounding. ``_group_loads`` gives the group's weights. Rows r,
+        r + BLOCK_K, r + 2 * BLOCK_K, ... lie in one thread: their products (at most eight) are summed in
+        float16 there, then taken to float32 and scaled. EARLY: the weights were loaded long before the
+        inputs (``_once_arrived``)."""
+        rows = tl.arange(0, GROUP)
+        x = _inputs(x_at, norm_at, inverse_rms, rows, GATE_OFFSET, NORMED)
+        zeros = _half_values(_spread(packed_zeros))
+        scales = scales.to(tl.float32) * (1.0 / HALF_SCALE)
+        if EARLY:
+            packed = _once_arrived(packed, x)
         values = _half_values(_spread(packed))
         products = tl.inline_asm_elementwise(
             HALF_PRODUCT_ASM, "=r,r,r,r",
@@ -359,17 +424,40 @@ if triton is not None:
         return acc + tl.sum(products, axis=0).to(tl.float32) * scales
 
     @triton.jit
-    def _inputs(x_at, offsets, GATE_OFFSET: tl.constexpr):
-        """The product's inputs at ``offsets`` from ``x_at``, in float32: x itself, or SiLU(gate) * up of a
-        gate/up output whose up half starts ``GATE_OFFSET`` after its gate half, rounded to the input's
-        dtype where ``kernels.silu_and_mul`` rounds."""
+    def _once_arrived(packed, x):
+        """``packed`` [R, W], unchanged, but only once the row inputs ``x`` [R] are there: OR-ed with
+        ``x * 0 + 0`` (zero bits for a finite x), which the compiler cannot fold. Weights loaded before
+        waiting for the kernel before this one were otherwise all turned into values while the inputs
+        were on their way, every value held in a register (168 a thread, against 69). An infinite or NaN
+        input spoils its row's weights, whose products it makes NaN anyway."""
+        zero = tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, 0f00000000;", "=r,r", [x],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        return packed | zero[:, None]
+
+    @triton.jit
+    def _inputs(x_at, norm_at, inverse_rms, offsets, GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr):
+        """The product's inputs at ``offsets`` from ``x_at``, in float32: x itself; SiLU(gate) * up of a
+        gate/up output whose up half starts ``GATE_OFFSET`` after its gate half; or (NORMED) x times
+        ``inverse_rms`` times the norm's weights at ``norm_at``. Each is rounded to the input's dtype where
+        ``kernels.silu_and_mul`` and ``kernels.add_rms_norm`` round."""
+        dtype = x_at.dtype.element_ty
         if GATE_OFFSET:
-            dtype = x_at.dtype.element_ty
             gate = tl.load(x_at + offsets).to(tl.float32)
             up = tl.load(x_at + GATE_OFFSET + offsets).to(tl.float32)
             activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
             return (activated * up).to(dtype).to(tl.float32)
-        return tl.load(x_at + offsets).to(tl.float32)
+        x = tl.load(x_at + offsets).to(tl.float32)
+        if NORMED:
+            normed = (x * inverse_rms).to(dtype).to(tl.float32)
+            x = (normed * tl.load(norm_at + offsets).to(tl.float32)).to(dtype).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _inverse_rms(x_ptr, eps, INPUTS: tl.constexpr, INPUTS_PAD: tl.constexpr):
+        """1 / RMS of the INPUTS values at ``x_ptr``, in float32 as ``kernels.add_rms_norm`` computes it."""
+        offsets = tl.arange(0, INPUTS_PAD)
+        x = tl.load(x_ptr + offsets, mask=offsets < INPUTS, other=0.0).to(tl.float32)
+        return tl.math.rsqrt(tl.sum(x * x, axis=0) / INPUTS + eps)
 
     @triton.jit
     def _to_half(x):
@@ -403,16 +491,19 @@ if triton is not None:
 
     @triton.jit
     def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
-                         N: tl.constexpr, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr,
-                         GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         UNROLLED: tl.constexpr, HALVES: tl.constexpr, HALF_SCALE: tl.constexpr,
-                         GATE_OFFSET: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_ROWS: tl.constexpr,
-                         DEPENDENT: tl.constexpr):
+                         norm_ptr, eps, N: tl.constexpr, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                         WORDS: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, UNROLLED: tl.constexpr, HALVES: tl.constexpr,
+                         HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr,
+                         INPUTS_PAD: tl.constexpr, ACCUMULATE: tl.constexpr, EARLY: tl.constexpr,
+                         PREFETCH: tl.constexpr, PREFETCH_ROWS: tl.constexpr, DEPENDENT: tl.constexpr):
         """One row, without tensor cores: program (n, k) computes 8 * WORDS outputs over its share of the
         input groups. Products accumulate elementwise over a [BLOCK_K, 8 * WORDS] tile (each thread its
         own), unscaled within a group and scaled once per group, and are summed over the inputs once at
         the end. HALVES: in float16 pairs (``_gemv_group_in_halves``); else in float32, one logic
-        operation, a subtraction and a multiply-add per weight (``_gemv_group``)."""
+        operation, a subtraction and a multiply-add per weight (``_gemv_group``). NORMED: the inputs are
+        RMSNorm of x with the weights at ``norm_ptr``; every program reads the whole row for its inverse
+        RMS. ACCUMULATE: the outputs are added to what ``out_ptr`` holds."""
         BLOCK_N: tl.constexpr = WORDS * 8
         ROW_WORDS: tl.constexpr = N // 8
         pid_n = tl.program_id(0)
@@ -422,30 +513,43 @@ if triton is not None:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         first = pid_k * GROUPS_PER_SPLIT
-        if DEPENDENT and PREFETCH:  # the weights need nothing from the kernel before this one
-            _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP, GROUPS_PER_SPLIT,
-                            PREFETCH_ROWS, WORDS)
-        after_previous_kernel(DEPENDENT)
         # Pointers at the share's first group; a group (and a step within it) adds a constant.
         x_at = x_ptr + first * GROUP
+        norm_at = norm_ptr + first * GROUP
         weights_at = qweight_ptr + first * GROUP * ROW_WORDS + words[None, :]
         zeros_at = qzeros_ptr + first * ROW_WORDS + words[None, :]
         scales_at = scales_ptr + first * N + cols[None, :]
+        # The weights need nothing from the kernel before this one: EARLY, a share of one group is loaded
+        # into registers before waiting for it; otherwise asked into the L2 cache.
+        if EARLY:
+            packed, packed_zeros, scales = _group_loads(weights_at, zeros_at, scales_at, word_mask, col_mask[None, :],
+                                                        ROW_WORDS, GROUP)
+        elif DEPENDENT and PREFETCH:
+            _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP, GROUPS_PER_SPLIT,
+                            PREFETCH_ROWS, WORDS)
+        after_previous_kernel(DEPENDENT)
+        if NORMED:
+            inverse_rms = _inverse_rms(x_ptr, eps, GROUPS_PER_SPLIT * SPLIT_K * GROUP, INPUTS_PAD)
+        else:
+            inverse_rms = 1.0
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        if UNROLLED:  # every load of the program's share in flight at once
+        if EARLY:
+            acc = _gemv_group_in_halves(acc, x_at, norm_at, inverse_rms, packed, packed_zeros, scales, HALF_SCALE,
+                                        GATE_OFFSET, NORMED, GROUP, BLOCK_K, BLOCK_N, EARLY=True)
+        elif UNROLLED:  # every load of the program's share in flight at once
             for index in tl.static_range(GROUPS_PER_SPLIT):
-                acc = _gemv_one_group(acc, x_at + index * GROUP, weights_at + index * GROUP * ROW_WORDS,
-                                      zeros_at + index * ROW_WORDS, scales_at + index * N, word_mask,
-                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, GATE_OFFSET, ROW_WORDS, GROUP,
-                                      BLOCK_K, BLOCK_N)
+                acc = _gemv_one_group(acc, x_at + index * GROUP, norm_at + index * GROUP, inverse_rms,
+                                      weights_at + index * GROUP * ROW_WORDS, zeros_at + index * ROW_WORDS,
+                                      scales_at + index * N, word_mask, col_mask[None, :], NIBBLE, HALVES, HALF_SCALE,
+                                      GATE_OFFSET, NORMED, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
         else:  # software-pipelined over the groups
             for index in range(GROUPS_PER_SPLIT):
-                acc = _gemv_one_group(acc, x_at + index * GROUP, weights_at + index * GROUP * ROW_WORDS,
-                                      zeros_at + index * ROW_WORDS, scales_at + index * N, word_mask,
-                                      col_mask[None, :], NIBBLE, HALVES, HALF_SCALE, GATE_OFFSET, ROW_WORDS, GROUP,
-                                      BLOCK_K, BLOCK_N)
+                acc = _gemv_one_group(acc, x_at + index * GROUP, norm_at + index * GROUP, inverse_rms,
+                                      weights_at + index * GROUP * ROW_WORDS, zeros_at + index * ROW_WORDS,
+                                      scales_at + index * N, word_mask, col_mask[None, :], NIBBLE, HALVES, HALF_SCALE,
+                                      GATE_OFFSET, NORMED, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
         _finish(tl.sum(acc, axis=0), out_ptr + cols, partial_ptr + cols, N, col_mask, bias_ptr + cols, col_mask,
-                counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS)
+                counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS, ACCUMULATE)
 
     @triton.jit
     def _awq_rows_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
@@ -509,7 +613,7 @@ if triton is not None:
         _finish(acc, out_ptr + rows[:, None] * stride_om + cols[None, :],
                 partial_ptr + rows[:, None] * N + cols[None, :], M * N, row_mask[:, None] & col_mask[None, :],
                 bias_ptr + cols[None, :], col_mask[None, :], counters_ptr + pid_m * tl.num_programs(1) + pid_n,
-                pid_k, SPLIT_K, HAS_BIAS)
+                pid_k, SPLIT_K, HAS_BIAS, False)
 
     @triton.jit
     def _differences(packed, zeros, VALUES_ASM: tl.constexpr, NEGATIVE_VALUES_ASM: tl.constexpr,
@@ -538,8 +642,9 @@ if triton is not None:
 
     @triton.jit
     def _finish(total, out_ptrs, share_ptrs, share_stride, mask, bias_ptrs, bias_mask, counter_ptr, pid_k,
-                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Writes a program's float32 ``total`` (plus the bias) to ``out_ptrs``. Under split-K it is one
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """Writes a program's float32 ``total`` (plus the bias; ACCUMULATE: plus what ``out_ptrs`` holds, see
+        ``_store_biased``) to ``out_ptrs``. Under split-K it is one
         share of the strip: stored at ``share_ptrs + pid_k * share_stride``, and the last of the strip's
         programs to arrive at ``counter_ptr`` adds the shares up in split order (the same bits whichever
         program finishes first), writes the sum and resets the counter for the next product."""
@@ -555,10 +660,10 @@ if triton is not None:
                 else:
                     for split in range(SPLIT_K):
                         summed += _share(share_ptrs, split, share_stride, mask)
-                _store_biased(summed, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
+                _store_biased(summed, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS, ACCUMULATE)
                 tl.atomic_xchg(counter_ptr, 0)  # ready for the next product (graph replays)
         else:
-            _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS)
+            _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS, ACCUMULATE)
 
     @triton.jit
     def _share(share_ptrs, split, share_stride, mask):
@@ -566,10 +671,15 @@ if triton is not None:
         return tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0, cache_modifier=".cg")
 
     @triton.jit
-    def _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS: tl.constexpr):
+    def _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+        """ACCUMULATE: the output (rounded to its dtype) is added to what ``out_ptrs`` holds and the sum
+        rounded again, as torch's product followed by its in-place add would round."""
+        dtype = out_ptrs.dtype.element_ty
         if HAS_BIAS:
             total += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        if ACCUMULATE:
+            total = total.to(dtype).to(tl.float32) + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, total.to(dtype), mask=mask)
 
     @triton.jit
     def _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP: tl.constexpr,

@@ -1,7 +1,8 @@
 """The model's weights as the CUDA path reads them: q/k/v and gate/up projections fused into one
 matmul each, the modules' own weights becoming views of the fused tensors (memory is not doubled),
-and each norm's weight with its epsilon. AWQ layers (``AwqLinear``) fuse the same way, packed, and
-their down projection applies SiLU(gate) * up itself where it can."""
+and each norm's weight with its epsilon. AWQ layers (``AwqLinear``) fuse the same way, packed; their
+down projection applies SiLU(gate) * up itself where it can, and a layer whose projections are all packed
+can fold its norms and residual adds into them (``FusedLayer.folds_norms``)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,33 @@ class DenseProjection:
 
 
 @dataclass(frozen=True)
+class GatedAwqDown:
+    """An AWQ down projection of a gate/up output: applies SiLU(gate) * up itself where it can, and can
+    add its product to the residual in place."""
+    linear: AwqLinear
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.linear.forward_gated(gate_up)
+
+    def add_to(self, residual: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.linear.add_to(residual, gate_up, gated=True)
+
+
+@dataclass(frozen=True)
 class FusedLayer:
     qkv: Projection
+    o_proj: Projection
     gate_up: Projection
     down: Projection  # gate/up output [tokens, 2 * intermediate] → SiLU(gate) * up → down projection
     input_norm: NormWeights
     post_norm: NormWeights
+
+    @property
+    def folds_norms(self) -> bool:
+        """Every projection is packed int4 and can take RMSNorm (q/k/v, gate/up) or the residual add (o,
+        down) into its product (``w4a16.folds_norms`` says when a step does)."""
+        return (isinstance(self.qkv, AwqLinear) and isinstance(self.o_proj, AwqLinear)
+                and isinstance(self.gate_up, AwqLinear) and isinstance(self.down, GatedAwqDown))
 
 
 @torch.inference_mode()
@@ -48,6 +70,7 @@ def fuse_layers(model: Any) -> tuple[list[FusedLayer], NormWeights]:
         attention, mlp = layer.self_attn, layer.mlp
         layers.append(FusedLayer(
             qkv=_fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
+            o_proj=attention.o_proj,
             gate_up=_fuse_linears([mlp.gate_proj, mlp.up_proj]),
             down=_gated(mlp.down_proj),
             input_norm=(layer.input_layernorm.weight, _eps(layer.input_layernorm)),
@@ -78,7 +101,7 @@ def _fuse_linears(linears: list[Any]) -> Projection:
 
 def _gated(down_proj: Any) -> Projection:
     if isinstance(down_proj, AwqLinear):
-        return down_proj.forward_gated
+        return GatedAwqDown(down_proj)
     return lambda gate_up: down_proj(silu_and_mul(gate_up))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ragllm.engines.cuda.w4a16 import awq_gated_matmul, awq_matmul, counters_for
+from ragllm.engines.cuda.w4a16 import awq_add_product, awq_gated_matmul, awq_matmul, awq_normed_matmul, counters_for
 from ragllm.engines.quantized.awq_format import AwqWeights
 
 
@@ -35,6 +35,16 @@ class AwqLinear(torch.nn.Module):
         """``forward(SiLU(gate) * up)`` of a gate/up output [tokens, 2 * in_features]: a single token's
         product on the GPU applies the activation as it reads its input (one kernel fewer)."""
         return awq_gated_matmul(gate_up, self.weights, self.counters)
+
+    def forward_normed(self, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``forward(RMSNorm(residual))`` for [tokens, in_features]; one token on the GPU normalises inside
+        the product (``w4a16.folds_norms``)."""
+        return awq_normed_matmul(residual, norm_weight, eps, self.weights, self.counters)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """``residual += forward(x)`` in place (``gated``: ``forward_gated(x)``); one token on the GPU adds
+        inside the product."""
+        return awq_add_product(residual, x, self.weights, self.counters, gated)
 
     @classmethod
     def concatenated(cls, layers: list["AwqLinear"]) -> "AwqLinear":
