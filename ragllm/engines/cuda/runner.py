@@ -9,7 +9,8 @@ the model's own weights, norms and rotary tables. Differences, each for speed:
   the weights and activations, so its addresses never change (graphs need that).
 - q/k/v and gate/up projections run as one matmul each (``weights``). RMSNorm (with the residual
   add), rotary embedding (with the KV-cache write) and SiLU-and-multiply are fused kernels
-  (``kernels``); attention reads the cache through block tables (``attention``).
+  (``kernels``); attention reads the cache through block tables (``attention``). A one-row step over
+  packed int4 layers folds RMSNorm and the residual adds into the int4 products (``w4a16.folds_norms``).
 - Decode is captured once per batch bucket and replayed (``decode_graphs``): one launch per step.
 - A prompt prefilled alone is replayed from a graph of its length bucket (``prefill_graphs``).
 """

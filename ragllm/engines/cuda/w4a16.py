@@ -14,7 +14,10 @@ The one-row and tensor-core decode kernels (up to ``DECODE_ROWS`` rows) give eac
 columns and a share of the input groups (split-K); the last program to finish a strip adds the shares
 up, in a fixed order, and writes the output, so a step is one launch per projection and the result
 does not depend on which program finished first. The per-strip counters it uses reset themselves, so
-the kernel can be replayed from a CUDA graph.
+the kernel can be replayed from a CUDA graph. A one-row step is a chain of short kernels, each waiting
+for the one before it: there the products take in the work of their neighbours (``folds_norms``: RMSNorm
+in q/k/v and gate/up, the residual add in o and down), and a program holding one input group loads its
+weights before that wait.
 
 Prefill is bound by arithmetic; it either runs the tensor-core kernel with large row tiles and no split or
 dequantises the weights into a scratch matrix for cuBLAS, whichever ``PREFILL_MODE`` says (chosen by
@@ -289,8 +292,9 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
         **dependent_launch(x))
     if weights.bias is None:
         return x @ matrix
-    # The bias in cuBLAS's epilogue, as ``F.linear`` adds it on the bf16 path: a separate add was 11 µs a
-    # layer (q/k/v) of a 2,048-token prefill on an H100.
+    # The bias added before the product's rounding, as ``F.linear`` adds it on the bf16 path (a separate
+    # add rounded twice and was its own 11 µs kernel a layer of a 2,048-token prefill on an H100; the
+    # prefill's time did not move beyond noise).
     return torch.addmm(weights.bias, x, matrix)
 
 
