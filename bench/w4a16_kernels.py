@@ -115,7 +115,7 @@ def main() -> None:
                      # The tensor cores' long side is 64; wider tiles (128, 256) lost on an H100 (BENCHMARKS.md).
                      if not (swapped and block_n < 64) and not (block_n < 64 and warps > 4)]
     tiled_swept = False  # the full tiled sweep runs at the first multi-row count only
-    for rows in map(int, args.decode_rows.split(",")):
+    for rows in (int(count) for count in args.decode_rows.split(",") if count):
         inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
         entry: dict = {"bf16_us": {}, "awq": []}
         for name, _, _ in SHAPES:
@@ -153,7 +153,7 @@ def main() -> None:
     inputs = {name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
     prefill: dict = {"bf16_us": {name: graph_time_us(run_dense(name, inputs[name]), 1) for name, _, _ in SHAPES},
                      "awq": []}
-    prefill_tunings = [replace(base, prefill_mode="dequantise")] + [
+    prefill_tunings = [replace(base, prefill_mode="dequantise", dequantise_warps=warps) for warps in (4, 8)] + [
         replace(base, prefill_mode="tiled", prefill_block_m=bm, prefill_block_n=bn, prefill_warps=warps,
                 prefill_stages=stages)
         for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2))]
@@ -171,8 +171,11 @@ def main() -> None:
     best = prefill["awq"][0]
     print(f"prefill {PREFILL_ROWS} rows: bf16 layer {prefill['bf16_layer_us']:.0f} µs, AWQ best {best['layer_us']:.0f} µs "
           f"with {best['tuning']}", flush=True)
-    dequantised = next(row for row in prefill["awq"] if row["tuning"]["prefill_mode"] == "dequantise")
-    print(f"prefill by dequantise-then-matmul: {dequantised.get('layer_us', float('nan')):.0f} µs", flush=True)
+    for row in prefill["awq"]:
+        if row["tuning"]["prefill_mode"] == "dequantise":
+            print(f"prefill by dequantise-then-matmul, {row['tuning']['dequantise_warps']} warps a dequantising "
+                  f"program: {row.get('layer_us', float('nan')):.0f} µs; per product µs "
+                  f"{ {k: round(v, 1) for k, v in row.get('us', {}).items()} }", flush=True)
     write_report(args.json, report)
 
 

@@ -120,6 +120,9 @@ class W4A16Tuning:
     rows_programs_per_sm: int = 2
     rows_swapped: bool = True
     prefill_mode: str = "dequantise"  # or "tiled"
+    # Warps of a dequantising program ([group, 128] weights): at 4 a thread held 128 values in 166
+    # registers, 3 programs a multiprocessor; at 8, 64 registers.
+    dequantise_warps: int = 8
     prefill_block_m: int = 64
     prefill_block_n: int = 128
     prefill_warps: int = 4
@@ -289,7 +292,7 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
     block_n = 128
     _awq_dequantise_kernel[(k // weights.group_size, triton.cdiv(n, block_n))](
         weights.qweight, weights.qzeros, weights.scales, matrix, n, NIBBLE, GROUP=weights.group_size, BLOCK_N=block_n,
-        **dependent_launch(x))
+        num_warps=TUNING.dequantise_warps, **dependent_launch(x))
     if weights.bias is None:
         return x @ matrix
     # The bias added before the product's rounding, as ``F.linear`` adds it on the bf16 path (a separate
