@@ -136,6 +136,20 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def inverse_rms_of(x, n_cols, eps):
+        """1 / RMS of the float32 values ``x`` (zeros past the first ``n_cols``), as transformers' RMSNorm
+        computes it."""
+        return tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+
+    @triton.jit
+    def rms_normed(x, inverse_rms, weight, dtype: tl.constexpr):
+        """RMSNorm of the float32 values ``x`` given their row's ``inverse_rms``, times the norm's float32
+        ``weight``, in ``dtype``: rounded to it after the scaling and after the weight, as transformers'
+        RMSNorm rounds (shared by this module's kernel and the int4 products that fold the norm in)."""
+        normed = (x * inverse_rms).to(dtype).to(tl.float32)
+        return (normed * weight).to(dtype)
+
+    @triton.jit
     def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_residual, stride_out,
                              n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
                              DEPENDENT: tl.constexpr):
@@ -149,10 +163,9 @@ if triton is not None:
             residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
             x = (x + residual).to(dtype).to(tl.float32)  # rounded as torch's add rounds
             tl.store(residual_ptr + row * stride_residual + cols, x.to(dtype), mask=mask)
-        variance = tl.sum(x * x, axis=0) / n_cols
-        normed = (x * tl.math.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+        inverse_rms = inverse_rms_of(x, n_cols, eps)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(dtype), mask=mask)
+        tl.store(out_ptr + row * stride_out + cols, rms_normed(x, inverse_rms, weight, dtype), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(in_ptr, out_ptr, stride_in, stride_out, n_cols, BLOCK: tl.constexpr,

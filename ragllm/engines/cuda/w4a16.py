@@ -39,7 +39,7 @@ from ragllm.engines.quantized.awq_format import AwqWeights, dequantise
 if triton is not None:
     import triton.language as tl
 
-    from ragllm.engines.cuda.kernels import after_previous_kernel
+    from ragllm.engines.cuda.kernels import after_previous_kernel, inverse_rms_of, rms_normed
 
 DECODE_ROWS = 64
 # The nibble mask, passed to the kernels at run time (see ``_mantissa_values``).
@@ -458,16 +458,14 @@ if triton is not None:
             return (activated * up).to(dtype).to(tl.float32)
         x = tl.load(x_at + offsets).to(tl.float32)
         if NORMED:
-            normed = (x * inverse_rms).to(dtype).to(tl.float32)
-            x = (normed * tl.load(norm_at + offsets).to(tl.float32)).to(dtype).to(tl.float32)
+            x = rms_normed(x, inverse_rms, tl.load(norm_at + offsets).to(tl.float32), dtype).to(tl.float32)
         return x
 
     @triton.jit
     def _inverse_rms(x_ptr, eps, INPUTS: tl.constexpr, INPUTS_PAD: tl.constexpr):
-        """1 / RMS of the INPUTS values at ``x_ptr``, in float32 as ``kernels.add_rms_norm`` computes it."""
+        """1 / RMS of the INPUTS values at ``x_ptr`` (``kernels.inverse_rms_of``)."""
         offsets = tl.arange(0, INPUTS_PAD)
-        x = tl.load(x_ptr + offsets, mask=offsets < INPUTS, other=0.0).to(tl.float32)
-        return tl.math.rsqrt(tl.sum(x * x, axis=0) / INPUTS + eps)
+        return inverse_rms_of(tl.load(x_ptr + offsets, mask=offsets < INPUTS, other=0.0).to(tl.float32), INPUTS, eps)
 
     @triton.jit
     def _to_half(x):
