@@ -1,18 +1,28 @@
 """Bounds on what one request may carry, so that no request makes the server do unbounded work.
 
 Counts (messages, documents) are checked on the decoded JSON before it is validated: a request with
-30,000 documents is refused without building 30,000 models. Sizes (UTF-8 bytes of text and of
-documents), stop strings, sampling values that would break the numerics, and template switches are
-checked on the validated request. Every refusal is a 400 (or 413 for sizes) naming the field.
+30,000 documents is refused without building 30,000 models. Sizes, stop strings, sampling values that
+would break the numerics, and template switches are checked on the validated request. One text budget
+covers everything a prompt is made of: messages, documents, tool definitions, tool-call arguments and
+schemas. Every refusal is a 400 (or 413 for sizes) naming the field.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from ragllm.config import InputSettings
 from ragllm.errors import InvalidRequest, RequestTooLarge
-from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
+from ragllm.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 
 # Below these a temperature or a repetition penalty divides logits into overflow (inf, then NaN
 # probabilities); a temperature of 0 is greedy.
@@ -35,31 +45,61 @@ def check_raw(body: Any, bounds: InputSettings) -> None:
                                  f"(RAGLLM_INPUT__MAX_{field.upper()})", param=field, code="array_above_max_length")
 
 
-def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> None:
+@dataclass(frozen=True, slots=True)
+class PromptText:
+    """UTF-8 bytes of what a request's prompt is made of. ``content``: messages' text (or a completion's
+    prompt), rendered as it is; ``structure``: tool definitions, tool-call arguments and structured-output
+    schemas, which a template may render more compactly; ``documents``: RAG documents, which packing may
+    drop."""
+
+    content: int = 0
+    structure: int = 0
+    documents: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.content + self.structure + self.documents
+
+    def at_least_tokens(self, max_token_bytes: int) -> int:
+        """Tokens the prompt takes at the least, documents aside, known without tokenizing: a token
+        covers at most ``max_token_bytes`` bytes, and a template renders at least half of the structure's
+        compact JSON (every name and value in it)."""
+        return -(-(self.content + self.structure // 2) // max_token_bytes)
+
+
+def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> PromptText:
     check_raw({"messages": body.messages, "documents": body.documents}, bounds)
-    _check_text_bytes(sum(_content_bytes(message.content) for message in body.messages), "messages", bounds)
-    if body.documents:
-        size = sum(_utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents)
-        if size > bounds.max_documents_bytes:
-            raise RequestTooLarge(f"the documents hold {size} bytes; at most {bounds.max_documents_bytes} are "
-                                  "allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)", param="documents")
+    text = PromptText(
+        content=sum(_content_bytes(message.content) for message in body.messages),
+        structure=_calls_bytes(body.messages) + _json_bytes(body.tools) + _schema_bytes(body),
+        documents=sum(_utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents or ()))
+    if text.documents > bounds.max_documents_bytes:
+        raise RequestTooLarge(f"the documents hold {text.documents} bytes; at most {bounds.max_documents_bytes} "
+                              "are allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)", param="documents")
+    _check_text_bytes(text, "messages", bounds)
     check_template_kwargs(body.chat_template_kwargs, bounds)
     check_sampling(body, bounds)
+    return text
 
 
-def check_completion(body: CompletionRequest, bounds: InputSettings) -> None:
+def check_completion(body: CompletionRequest, bounds: InputSettings) -> PromptText:
     prompt = body.prompt
     size = _utf8(prompt) if isinstance(prompt, str) else sum(_utf8(p) for p in prompt if isinstance(p, str))
-    _check_text_bytes(size, "prompt", bounds)
+    text = PromptText(content=size, structure=_schema_bytes(body))
+    _check_text_bytes(text, "prompt", bounds)
     check_sampling(body, bounds)
+    return text
 
 
-def check_tokenize(body: TokenizeRequest, bounds: InputSettings) -> None:
+def check_tokenize(body: TokenizeRequest, bounds: InputSettings) -> PromptText:
+    text = PromptText(content=_utf8(body.prompt))
     if body.messages is not None:
         check_raw({"messages": body.messages}, bounds)
-        _check_text_bytes(sum(_content_bytes(message.content) for message in body.messages), "messages", bounds)
-    _check_text_bytes(_utf8(body.prompt), "prompt", bounds)
+        text = PromptText(content=sum(_content_bytes(message.content) for message in body.messages),
+                          structure=_calls_bytes(body.messages))
+    _check_text_bytes(text, "messages" if body.messages is not None else "prompt", bounds)
     check_template_kwargs(body.chat_template_kwargs, bounds)
+    return text
 
 
 def check_sampling(body: SamplingFields, bounds: InputSettings) -> None:
@@ -97,10 +137,30 @@ def check_template_kwargs(kwargs: dict[str, Any] | None, bounds: InputSettings) 
                                  param=f"chat_template_kwargs.{key}")
 
 
-def _check_text_bytes(size: int, param: str, bounds: InputSettings) -> None:
-    if size > bounds.max_text_bytes:
-        raise RequestTooLarge(f"the {param} hold {size} bytes of text; at most {bounds.max_text_bytes} are "
-                              "allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)", param=param)
+def _check_text_bytes(text: PromptText, param: str, bounds: InputSettings) -> None:
+    if text.total > bounds.max_text_bytes:
+        parts = {param: text.content, "tools": text.structure, "documents": text.documents}
+        largest = max(parts, key=parts.__getitem__)
+        raise RequestTooLarge(f"the request holds {text.total} bytes of text ({text.content} in the {param}, "
+                              f"{text.structure} in tools, tool-call arguments and schemas, {text.documents} in "
+                              f"documents); at most {bounds.max_text_bytes} are allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)",
+                              param=largest)
+
+
+def _calls_bytes(messages: list[ChatMessage]) -> int:
+    return sum(_utf8(call.function.arguments) + _utf8(call.function.name) for message in messages
+               for call in message.tool_calls or ())
+
+
+def _schema_bytes(body: SamplingFields) -> int:
+    fields = (body.structured_outputs, body.guided_json, body.guided_regex, body.guided_grammar, body.guided_choice,
+              getattr(body, "response_format", None) and body.response_format.json_schema)
+    return sum(_utf8(value) if isinstance(value, str) else _json_bytes(value) for value in fields if value)
+
+
+def _json_bytes(value: Any) -> int:
+    # The body's depth is bounded (JsonLimits) well below orjson's own limit, so this cannot fail.
+    return len(orjson.dumps(value)) if value else 0
 
 
 def _content_bytes(content: Any) -> int:

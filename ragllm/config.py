@@ -202,6 +202,14 @@ class InputSettings(BaseModel):
     max_text_bytes: int = Field(8 * 1024 * 1024, ge=1, description="UTF-8 bytes of the prompt or all "
                                                                    "messages' content.")
     max_stop_length: int = Field(256, ge=1, description="Characters in one stop string.")
+    max_json_depth: int = Field(
+        64, ge=8, le=250, description="Levels of nesting in the body and in any JSON a request carries in a string "
+                                      "(a schema, tool-call arguments); real schemas use under 20.")
+    max_json_values: int = Field(250_000, ge=1000, description="JSON values (objects, arrays, strings, numbers...) "
+                                                                "in one request body.")
+    max_schema_values: int = Field(
+        20_000, ge=100, description="JSON values in one JSON Schema, tool's parameters or tool-call arguments "
+                                    "(OpenAI allows 5,000 properties in a schema: about 15,000 values).")
     allow_request_chat_template: bool = Field(
         False, description="Let requests supply their own chat template (chat_template_kwargs.chat_template).")
 

@@ -20,13 +20,21 @@ from ragllm.engines.base import (
     ModelCard,
     SamplingParams,
 )
-from ragllm.bounds import check_chat, check_completion, check_tokenize
+from ragllm.bounded_json import JsonLimits
+from ragllm.bounds import PromptText, check_chat, check_completion, check_tokenize
 from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.config import InputSettings
 from ragllm.prompting import load_template, rank
 from ragllm.protocol.rag import RagOptions
-from ragllm.rag import PackRequest, RagContext, is_heavy, off_loop_if, pack
-from ragllm.errors import EngineInterrupted, EngineNotReady, InvalidRequest, ModelNotFound, Unsupported
+from ragllm.rag import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, is_heavy, off_loop_if, pack
+from ragllm.errors import (
+    ContextLengthExceeded,
+    EngineInterrupted,
+    EngineNotReady,
+    InvalidRequest,
+    ModelNotFound,
+    Unsupported,
+)
 from ragllm.protocol.openai import (
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
@@ -48,6 +56,9 @@ from ragllm.tools.stream import ToolCallStream
 DEFAULTED_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 # Choices one request may ask for: each takes an engine slot for its whole answer.
 MAX_CHOICES = 8
+# Past this much text, turning messages into the engine's form (parsing tool-call arguments) runs on a
+# worker thread, so that the event loop keeps answering others.
+LARGE_TEXT_BYTES = 256 * 1024
 # Fields an upstream engine receives as the client sent them (documented in the README).
 PASSTHROUGH_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS, "tools", "tool_choice",
                       "parallel_tool_calls")
@@ -74,20 +85,24 @@ class CompletionService:
         self.engine = engine
         self.metrics = metrics
         self.bounds = bounds or InputSettings()
+        self.schema_limits = JsonLimits.schema(self.bounds)
 
     # -- preparing ------------------------------------------------------------------------------
     async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
-        check_chat(body, self.bounds)
+        text = check_chat(body, self.bounds)
         model = self._model(body.model)
         _refuse_common(body)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        messages = [_template_message(message, index) for index, message in enumerate(body.messages)]
+        rag_requested = body.documents is not None or body.rag is not None
+        _refuse_unfittable(model, text, max_tokens or (DEFAULT_ANSWER_TOKENS if rag_requested else 1),
+                           "messages" if max_tokens is None else "max_tokens")
+        messages = await off_loop_if(text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages)
         template_kwargs = dict(body.chat_template_kwargs or {})
         strip_thinking = template_kwargs.get("enable_thinking") is False
         rag_context = None
-        if body.documents is not None or body.rag is not None:
+        if rag_requested:
             options = body.rag or RagOptions()
             no_think = False
             if not options.reasoning:
@@ -104,8 +119,8 @@ class CompletionService:
                 options=options, no_think=no_think))
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         passthrough = _passthrough(body)
-        structured = structured_output_of(passthrough or {})
-        tools = tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls)
+        structured = structured_output_of(passthrough or {}, self.schema_limits)
+        tools = tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.schema_limits)
         if tools is not None and tools.must_call and model.tool_call_format is not None:
             structured = _tool_call_constraint(model.tool_call_format, tools, structured)
         if rag_context is not None and rag_context.citations == "constrained":
@@ -125,16 +140,18 @@ class CompletionService:
         return prepared
 
     def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
-        check_completion(body, self.bounds)
+        text_size = check_completion(body, self.bounds)
         model = self._model(body.model)
         _refuse_unsupported_completion_fields(body)
         request_id = f"cmpl-{os.urandom(16).hex()}"
         text, token_ids = _single_prompt(body.prompt)
+        if text is not None:
+            _refuse_unfittable(model, text_size, body.max_tokens or 1, "prompt" if body.max_tokens is None else "max_tokens")
         passthrough = _passthrough(body)
         generation = GenerationRequest(
             request_id=request_id,
             params=_sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs,
-                                    structured_output_of(passthrough or {})),
+                                    structured_output_of(passthrough or {}, self.schema_limits)),
             prompt=text,
             prompt_token_ids=token_ids,
             incremental=bool(body.stream),
@@ -150,7 +167,7 @@ class CompletionService:
             raise InvalidRequest("send either messages or prompt", param="messages")
         messages = None
         if body.messages is not None:
-            messages = [_template_message(message, index) for index, message in enumerate(body.messages)]
+            messages = self._template_messages(body.messages)
         return model, GenerationRequest("tokenize", SamplingParams(), messages=messages, prompt=body.prompt,
                                         chat_template_kwargs=body.chat_template_kwargs)
 
@@ -165,6 +182,9 @@ class CompletionService:
             stream=bool(body.stream),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
+
+    def _template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        return [_template_message(message, index, self.schema_limits) for index, message in enumerate(messages)]
 
     def _model(self, name: str) -> ModelCard:
         health = self.engine.health()
@@ -283,7 +303,22 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
+def _refuse_unfittable(model: ModelCard, text: PromptText, answer_tokens: int, param: str) -> None:
+    """A prompt that cannot fit the context window whatever its tokens, refused from its byte length
+    before anything tokenizes it (an 8 MiB message would cost seconds of CPU and a gigabyte of memory
+    only to be refused). ``param`` is what the engine's own check would name: ``max_tokens`` where the
+    request set it. Engines that do not know their tokens' length (upstreams) count for themselves."""
+    if not model.max_token_bytes:
+        return
+    at_least = text.at_least_tokens(model.max_token_bytes)
+    if at_least + answer_tokens > model.max_model_len:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {model.max_model_len} tokens; the prompt's text alone is "
+            f"at least {at_least} tokens (no token covers more than {model.max_token_bytes} bytes), before "
+            f"{answer_tokens} for the completion; reduce the prompt or max_tokens", param=param)
+
+
+def _template_message(message: ChatMessage, index: int, limits: JsonLimits) -> dict[str, Any]:
     """A message as chat templates and upstreams take it: role, plain-text content, and an assistant's
     tool calls (arguments as the JSON strings sent) or a tool turn's call id."""
     role = "system" if message.role == "developer" else message.role
@@ -296,7 +331,8 @@ def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
         if role != "assistant":
             raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{index}].tool_calls")
         for number, call in enumerate(message.tool_calls):  # templates need them as objects: checked now
-            arguments_object(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments")
+            arguments_object(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments",
+                             limits)
         rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
     return rendered
 

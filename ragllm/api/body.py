@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
+from ragllm.bounded_json import JsonLimits, check_structure
 from ragllm.bounds import check_raw
 from ragllm.config import InputSettings
 from ragllm.protocol.rag import RagDocument
@@ -33,6 +34,7 @@ async def parsed_body(raw: bytes, model: type[BaseModelT], bounds: InputSettings
 
 def _parse(raw: bytes, model: type[BaseModelT], bounds: InputSettings) -> BaseModelT:
     body = _decoded(raw)
+    check_structure(body, JsonLimits.body(bounds))  # before anything may recurse over it
     check_raw(body, bounds)
     return _validated(model, body)
 

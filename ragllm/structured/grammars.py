@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ragllm.errors import ConstraintUnfollowable, InvalidRequest
+from ragllm.structured.schema_check import SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_VALUES
 from ragllm.structured.spec import StructuredOutput
 
 # Compact JSON with one space after separators, as models write it; no free whitespace, so a model
@@ -105,10 +106,11 @@ class GrammarCompiler:
         checked it (at the grammar's start); 400 where it cannot be."""
         import llguidance
 
+        schema = bounded_schema(spec.schema()) if spec.kind in ("json_schema", "json_object") else None
         try:
-            compiled = _llguidance_grammar(spec)
-        except ValueError as exc:
-            raise _refusal(spec, str(exc)) from None
+            compiled = _llguidance_grammar(spec, schema)
+        except Exception as exc:  # noqa: BLE001 - only the library runs here: the request's content made it fail
+            raise _refusal(spec, str(exc) or type(exc).__name__) from None
         tokenizer = self._llg_tokenizer()
         unwritable = self._unwritable_character(spec.source)
         if unwritable is not None:
@@ -144,13 +146,12 @@ class GrammarCompiler:
         return None
 
 
-def _llguidance_grammar(spec: StructuredOutput) -> str:
+def _llguidance_grammar(spec: StructuredOutput, schema: dict[str, Any] | None) -> str:
     import llguidance
 
     matcher = llguidance.LLMatcher
-    if spec.kind in ("json_schema", "json_object"):
-        return matcher.grammar_from_json_schema(bounded_schema(spec.schema()), defaults=JSON_OPTIONS,
-                                                overrides={"whitespace_flexible": False})
+    if schema is not None:
+        return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS, overrides={"whitespace_flexible": False})
     if spec.kind == "regex":
         return matcher.grammar_from_regex(spec.source)
     if spec.kind == "choice":
@@ -177,11 +178,11 @@ def bounded_schema(schema: Any) -> Any:
         return schema
     bounded = dict(schema)
     for key, value in schema.items():
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
+        if key in SCHEMA_MAPS and isinstance(value, dict):
             bounded[key] = {name: bounded_schema(sub) for name, sub in value.items()}
-        elif key in _SCHEMA_LISTS and isinstance(value, list):
+        elif key in SCHEMA_LISTS and isinstance(value, list):
             bounded[key] = [bounded_schema(sub) for sub in value]
-        elif key in _SCHEMAS:
+        elif key in SCHEMA_VALUES:
             bounded[key] = bounded_schema(value)
     if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema \
             and "patternProperties" not in schema:
@@ -199,7 +200,8 @@ def bounded_schema(schema: Any) -> Any:
             bounded["maximum"] = limit
         if kind == "number" and "multipleOf" not in schema:
             bounded["multipleOf"] = NUMBER_STEP
-    if kind == "string" and "maxLength" not in schema and schema.get("format") in FORMAT_MAX_LENGTH:
+    if kind == "string" and "maxLength" not in schema and isinstance(schema.get("format"), str) \
+            and schema["format"] in FORMAT_MAX_LENGTH:
         bounded["maxLength"] = FORMAT_MAX_LENGTH[schema["format"]]
     return bounded
 
@@ -209,11 +211,6 @@ MAX_SAFE_INTEGER = 2**53 - 1
 MAX_NUMBER = 1e15
 NUMBER_STEP = 1e-10
 FORMAT_MAX_LENGTH = {"email": 254, "idn-email": 254, "uri": 2083, "iri": 2083, "hostname": 253}
-# Where a JSON Schema holds other schemas: by name, in a list, or as one.
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMAS = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames",
-            "unevaluatedProperties", "unevaluatedItems")
 
 
 def _bytes_no_token_writes(tokenizer: Any, vocab_size: int) -> frozenset[int]:

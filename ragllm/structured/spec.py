@@ -1,8 +1,9 @@
 """What a request constrains its answer to, read from OpenAI's ``response_format`` or vLLM's
 ``structured_outputs`` (and its older ``guided_*`` spellings).
 
-Only the shape of the request is checked here; whether a schema or grammar is one the engine can
-enforce is the grammar compiler's verdict (a 400 naming what it could not compile).
+Only the shape of the request is checked here, schemas as schemas (``schema_check``); whether a schema
+or grammar is one the engine can enforce is the grammar compiler's verdict (a 400 naming what it could
+not compile).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ragllm.bounded_json import JsonLimits, loads_bounded
+from ragllm.config import InputSettings
 from ragllm.errors import InvalidRequest, Unsupported
+from ragllm.structured.schema_check import check_schema
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 
@@ -19,6 +23,7 @@ Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                  "guided_grammar": "grammar"}
 _STRUCTURED_KEYS = {"json", "regex", "choice", "grammar", "json_object"}
+DEFAULT_SCHEMA_LIMITS = JsonLimits.schema(InputSettings())
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +42,22 @@ class StructuredOutput:
         return json.loads(self.source)
 
 
-def structured_output_of(fields: dict[str, Any]) -> StructuredOutput | None:
+def structured_output_of(fields: dict[str, Any], limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> StructuredOutput | None:
     """The one constraint a request's fields ask for (None: free text); 400 for two at once or a
-    malformed one. ``fields`` holds ``response_format``, ``structured_outputs`` and ``guided_*`` as sent."""
+    malformed one. ``fields`` holds ``response_format``, ``structured_outputs`` and ``guided_*`` as sent;
+    ``limits`` bound each schema."""
     found: list[tuple[str, StructuredOutput]] = []
     response_format = fields.get("response_format")
     if response_format is not None:
-        spec = _from_response_format(response_format)
+        spec = _from_response_format(response_format, limits)
         if spec is not None:
             found.append(("response_format", spec))
     structured = fields.get("structured_outputs")
     if structured is not None:
-        found += _from_structured_outputs(structured)
+        found += _from_structured_outputs(structured, limits)
     for name, key in GUIDED_FIELDS.items():
         if fields.get(name) is not None:
-            found.append((name, _from_key(key, fields[name], name)))
+            found.append((name, _from_key(key, fields[name], name, limits)))
     if len(found) > 1:
         names = ", ".join(name for name, _ in found)
         raise InvalidRequest(f"ask for one structured output at a time, not several ({names})",
@@ -59,7 +65,7 @@ def structured_output_of(fields: dict[str, Any]) -> StructuredOutput | None:
     return found[0][1] if found else None
 
 
-def _from_response_format(response_format: dict[str, Any]) -> StructuredOutput | None:
+def _from_response_format(response_format: dict[str, Any], limits: JsonLimits) -> StructuredOutput | None:
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -70,12 +76,12 @@ def _from_response_format(response_format: dict[str, Any]) -> StructuredOutput |
         if not isinstance(wrapper, dict) or not isinstance(wrapper.get("schema"), dict):
             raise InvalidRequest("response_format of type 'json_schema' needs json_schema.schema, a JSON Schema "
                                  "object", param="response_format.json_schema.schema")
-        return _schema(wrapper["schema"], "response_format.json_schema.schema")
+        return _schema(wrapper["schema"], "response_format.json_schema.schema", limits)
     raise Unsupported(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
                       "'json_schema'", param="response_format.type")
 
 
-def _from_structured_outputs(structured: Any) -> list[tuple[str, StructuredOutput]]:
+def _from_structured_outputs(structured: Any, limits: JsonLimits) -> list[tuple[str, StructuredOutput]]:
     if not isinstance(structured, dict):
         raise InvalidRequest("structured_outputs must be an object", param="structured_outputs")
     keys = [key for key, value in structured.items() if value is not None and value is not False]
@@ -83,22 +89,17 @@ def _from_structured_outputs(structured: Any) -> list[tuple[str, StructuredOutpu
     if unknown:
         raise Unsupported(f"structured_outputs.{unknown[0]} is not supported; use one of "
                           f"{', '.join(sorted(_STRUCTURED_KEYS))}", param=f"structured_outputs.{unknown[0]}")
-    return [(f"structured_outputs.{key}", _from_key(key, structured[key], f"structured_outputs.{key}"))
+    return [(f"structured_outputs.{key}", _from_key(key, structured[key], f"structured_outputs.{key}", limits))
             for key in keys]
 
 
-def _from_key(key: str, value: Any, param: str) -> StructuredOutput:
+def _from_key(key: str, value: Any, param: str, limits: JsonLimits) -> StructuredOutput:
     if key == "json_object":
         return StructuredOutput("json_object", param=param)
     if key == "json":
         if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise InvalidRequest(f"{param} is not valid JSON: {exc}", param=param) from None
-        if not isinstance(value, dict):
-            raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
-        return _schema(value, param)
+            value = loads_bounded(value, limits, param)
+        return _schema(value, param, limits)
     if key == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise InvalidRequest(f"{param} must be a non-empty list of non-empty strings", param=param)
@@ -108,7 +109,8 @@ def _from_key(key: str, value: Any, param: str) -> StructuredOutput:
     return StructuredOutput("regex" if key == "regex" else "grammar", value, param)
 
 
-def _schema(schema: dict[str, Any], param: str) -> StructuredOutput:
+def _schema(schema: Any, param: str, limits: JsonLimits) -> StructuredOutput:
+    check_schema(schema, param, limits)
     return StructuredOutput("json_schema", _canonical(schema), param)
 
 

@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ragllm.bounded_json import JsonTooComplex, check_structure, try_loads_bounded
+from ragllm.structured.spec import DEFAULT_SCHEMA_LIMITS
 from ragllm.tools.calls import tool_call_delta
 from ragllm.tools.formats import LLAMA3_JSON
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+# A call the model writes is read within the bounds a request's own arguments get; a deeper or larger
+# one (a tenant can force any shape with a regular expression) stays text.
+ANSWER_JSON_LIMITS = DEFAULT_SCHEMA_LIMITS
 
 
 class ToolCallParser:
@@ -100,8 +105,9 @@ class ToolCallParser:
         while position < len(body):
             try:
                 value, end = decoder.raw_decode(body, position)
-            except json.JSONDecodeError:
-                return held, []
+                check_structure(value, ANSWER_JSON_LIMITS)
+            except (json.JSONDecodeError, RecursionError, JsonTooComplex):
+                return held, []  # deeper than any call we would pass on: the answer's text, as written
             call = self._call(value, "parameters")
             if call is None:
                 return held, []
@@ -113,10 +119,7 @@ class ToolCallParser:
 
     # -- shared ------------------------------------------------------------------------------------
     def _calls_from(self, block: str) -> list[dict[str, Any]]:
-        try:
-            value = json.loads(block)
-        except json.JSONDecodeError:
-            return []
+        value = try_loads_bounded(block, ANSWER_JSON_LIMITS)
         call = self._call(value, "arguments")
         return [call] if call is not None else []
 

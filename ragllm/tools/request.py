@@ -6,11 +6,13 @@ on a consistent description and every mistake is a 400 naming its field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from ragllm.bounded_json import JsonLimits, loads_bounded
 from ragllm.errors import InvalidRequest
+from ragllm.structured.schema_check import check_schema
+from ragllm.structured.spec import DEFAULT_SCHEMA_LIMITS
 
 MAX_TOOLS = 128  # OpenAI's own limit on tools per request
 
@@ -53,15 +55,17 @@ class ToolUse:
         raise KeyError(name)
 
 
-def tool_use_of(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None) -> ToolUse | None:
-    """The request's tool use, or None where no tool can be called (no tools, or tool_choice "none")."""
+def tool_use_of(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None,
+                limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> ToolUse | None:
+    """The request's tool use, or None where no tool can be called (no tools, or tool_choice "none");
+    ``limits`` bound each function's parameters schema."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
         return None
     if len(tools) > MAX_TOOLS:
         raise InvalidRequest(f"at most {MAX_TOOLS} tools are allowed, got {len(tools)}", param="tools")
-    functions = tuple(_function(tool, index) for index, tool in enumerate(tools))
+    functions = tuple(_function(tool, index, limits) for index, tool in enumerate(tools))
     names = [tool["function"]["name"] for tool in functions]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate is not None:
@@ -72,7 +76,7 @@ def tool_use_of(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_t
     return ToolUse(functions, choice, named, parallel_tool_calls)
 
 
-def _function(tool: Any, index: int) -> dict[str, Any]:
+def _function(tool: Any, index: int, limits: JsonLimits) -> dict[str, Any]:
     param = f"tools[{index}]"
     if not isinstance(tool, dict) or tool.get("type", "function") != "function":
         raise InvalidRequest("only tools of type 'function' are supported", param=f"{param}.type")
@@ -86,6 +90,8 @@ def _function(tool: Any, index: int) -> dict[str, Any]:
     if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
         raise InvalidRequest("function.parameters must be a JSON Schema of type 'object'",
                              param=f"{param}.function.parameters")
+    if parameters is not None:
+        check_schema(parameters, f"{param}.function.parameters", limits)
     described = {"name": name}
     if function.get("description") is not None:
         described["description"] = str(function["description"])
@@ -99,7 +105,11 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
     if tool_choice in ("none", "auto", "required"):
         return tool_choice, None
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest("tool_choice.function must be an object with the name of a function",
+                                 param="tool_choice.function")
         if name not in names:
             raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
         return "named", name
@@ -107,14 +117,11 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
                          "{'name': ...}}", param="tool_choice")
 
 
-def arguments_object(arguments: Any, param: str) -> dict[str, Any]:
+def arguments_object(arguments: Any, param: str, limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> dict[str, Any]:
     """A call's arguments, sent as OpenAI sends them (a JSON string), as the object templates render."""
     if isinstance(arguments, dict):
         return arguments
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"function.arguments is not valid JSON ({exc.msg})", param=param) from None
+    value = loads_bounded(arguments, limits, param) if isinstance(arguments, str) and arguments.strip() else {}
     if not isinstance(value, dict):
         raise InvalidRequest("function.arguments must be a JSON object", param=param)
     return value

@@ -15,15 +15,18 @@ from tests.servers import MODEL, ServerProcess
 KEY = "tester:s3cret"
 AUTH = {"Authorization": "Bearer s3cret"}
 BODY_LIMIT = 4 * 1024 * 1024
+TEXT_LIMIT = 3 * 1024 * 1024
 POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize")
 
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    """Keys required, a 4 MiB body limit, and document bounds raised far enough to accept 30,000."""
+    """Keys required, a 4 MiB body limit, a 3 MiB text bound, and document bounds raised far enough to
+    accept 30,000."""
     server = ServerProcess(log_dir=tmp_path_factory.mktemp("guarded"), env={
         "RAGLLM_AUTH__KEYS": KEY, "RAGLLM_SERVER__MAX_BODY_BYTES": str(BODY_LIMIT),
-        "RAGLLM_INPUT__MAX_DOCUMENTS": "50000", "RAGLLM_INPUT__MAX_DOCUMENTS_BYTES": str(BODY_LIMIT)})
+        "RAGLLM_INPUT__MAX_DOCUMENTS": "50000", "RAGLLM_INPUT__MAX_DOCUMENTS_BYTES": str(BODY_LIMIT),
+        "RAGLLM_INPUT__MAX_TEXT_BYTES": str(TEXT_LIMIT)})
     try:
         yield server.wait_ready()
     finally:
@@ -116,3 +119,49 @@ def test_health_answers_within_100_ms_while_30000_documents_are_handled(guarded)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     assert p99 < 0.1 and max(latencies) < 0.25, f"/health p99 {p99 * 1000:.0f} ms, max " \
                                                 f"{max(latencies) * 1000:.0f} ms (median {statistics.median(latencies) * 1000:.1f} ms)"
+
+
+def _resident_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_an_unfittable_8_mib_prompt_is_refused_from_its_length_without_tokenizing(server):
+    """8 MiB of text is within the text bound, but no tokenization could fit it in the context: it is
+    refused from its byte length, so neither the memory nor the event loop feels it."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "word " * (8 * 1024 * 1024 // 5 - 16)}],
+            "max_tokens": 4}
+    before = _resident_mb(server.process.pid)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(lambda: [httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+                                       for _ in range(3)])
+        latencies = _health_latencies(server.url, refused)
+        responses = refused.result()
+    grown = _resident_mb(server.process.pid) - before
+    for response in responses:
+        assert response.status_code == 400, response.text[:300]
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+        assert response.json()["error"]["param"] == "max_tokens"
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    print(f"\nthree 8 MiB prompts refused: resident memory +{grown:.0f} MB, /health p99 {p99 * 1000:.1f} ms")
+    assert grown < 100
+    assert p99 < 0.1
+
+
+def test_tool_definitions_and_call_arguments_count_in_the_text_budget(guarded):
+    """One budget for everything a prompt is made of: tool descriptions and call arguments that fit
+    the body limit are refused once, with the messages, they pass the text bound."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * (1024 * 1024),
+                                               "parameters": {"type": "object"}}} for i in range(3)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": tools, "max_tokens": 2}
+    response = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 413, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and error["param"] == "tools"
+    assert "tools, tool-call arguments and schemas" in error["message"]
+    call = {"id": "c1", "type": "function", "function": {"name": "f0", "arguments": '{"a": "%s"}' % ("x" * TEXT_LIMIT)}}
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "tool_calls": [call]}]}
+    response = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["param"] == "tools", response.text[:300]
