@@ -8,7 +8,7 @@ parsing, one slice's validation) stays short, so the loop keeps answering others
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi.exceptions import RequestValidationError
@@ -18,12 +18,13 @@ from starlette.exceptions import HTTPException
 from ragllm.bounded_json import JsonLimits, check_structure
 from ragllm.bounds import check_raw
 from ragllm.config import InputSettings
+from ragllm.protocol.openai import FAIL_FAST
 from ragllm.protocol.rag import RagDocument
 
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 LARGE_BODY_BYTES = 256 * 1024
 DOCUMENT_SLICE = 512
-_DOCUMENTS = TypeAdapter(list[RagDocument])
+_DOCUMENTS = TypeAdapter(Annotated[list[RagDocument], FAIL_FAST])
 
 
 async def parsed_body(raw: bytes, model: type[BaseModelT], bounds: InputSettings) -> BaseModelT:
