@@ -293,5 +293,5 @@ def _now() -> float:
 async def _json(response: Any) -> dict:
     try:
         return await response.json(content_type=None)
-    except ValueError:
-        return {"error": {"message": (await response.text())[:500]}}
+    except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
+        return {"error": {"message": (await response.read())[:500].decode(errors="replace")}}
