@@ -31,6 +31,24 @@ def _chunk(text: str | None = None, finish: str | None = None) -> bytes:
 
 
 USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4}}\n\n'
+# vLLM's error, as its older versions send it (flat, beside "object": "error") and its newer ones
+# (nested); both with the HTTP status as an integer ``code``, which OpenAI's schema does not allow.
+STREAM_ERROR_MESSAGE = "the upstream ran out of KV-cache blocks"
+REFUSAL_MESSAGE = "This model's maximum context length is 2048 tokens."
+
+
+def vllm_error(message: str, status: int, nested: bool) -> dict:
+    fields = {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
+              "param": None, "code": status}
+    return {"error": fields} if nested else {"object": "error", **fields}
+
+
+def _event(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# An error, then more of the answer as if nothing happened: the error must not be skipped.
+_AFTER_ERROR = [_chunk("answer "), _chunk(finish="stop"), USAGE, b"data: [DONE]\n\n"]
 BEHAVIOURS: dict[str, list[bytes]] = {
     "good": [_chunk(t) for t in GOOD_TEXT] + [_chunk(finish="stop"), USAGE, b"data: [DONE]\n\n"],
     "garbage": [_chunk("The "), _chunk("answer "), b"data: {this is not json\n\n"],
@@ -38,12 +56,27 @@ BEHAVIOURS: dict[str, list[bytes]] = {
     "not-an-object": [_chunk("The "), b"data: [1, 2, 3]\n\n", b"data: [DONE]\n\n"],
     "no-finish": [_chunk("The "), _chunk("answer "), b"data: [DONE]\n\n"],
     "bad-usage": [_chunk("The "), _chunk(finish="stop"), b'data: {"usage": "lots"}\n\n', b"data: [DONE]\n\n"],
+    "flat-error-then-more": [_chunk("The "), _event(vllm_error(STREAM_ERROR_MESSAGE, 500, nested=False)),
+                             *_AFTER_ERROR],
+    "nested-error-then-more": [_chunk("The "), _event(vllm_error(STREAM_ERROR_MESSAGE, 500, nested=True)),
+                               *_AFTER_ERROR],
 }
+# Questions the upstream refuses outright (a 400 before any answer), streaming or not.
+REFUSALS: dict[str, dict] = {
+    "refuse-flat": vllm_error(REFUSAL_MESSAGE, 400, nested=False),
+    "refuse-nested": vllm_error(REFUSAL_MESSAGE, 400, nested=True),
+}
+# A question "refuse-with:<json>" is refused with that JSON, whatever it is, as the error body.
+REFUSE_WITH = "refuse-with:"
 
 
 async def _chat(request: Request) -> Response:
     body = await request.json()
     behaviour = body["messages"][-1]["content"]
+    if behaviour in REFUSALS:
+        return JSONResponse(REFUSALS[behaviour], status_code=400)
+    if behaviour.startswith(REFUSE_WITH):
+        return Response(behaviour.removeprefix(REFUSE_WITH), status_code=400, media_type="application/json")
     if not body.get("stream"):
         if behaviour == "good":
             return JSONResponse({"id": "up-1", "object": "chat.completion", "created": 0, "model": MODEL,

@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ragllm.engines.base import Usage
+
 if TYPE_CHECKING:
     from ragllm.api.state import AppState
+    from ragllm.engines.base import DeltaStream
     from ragllm.telemetry.tracing import RequestSpan
     from ragllm.limits import Principal
     from ragllm.telemetry.metrics import RequestTimer
@@ -43,6 +46,25 @@ class RequestRecord:
     completion: str | None = None
     span: "RequestSpan | None" = None  # when tracing is on
     finished_at: float | None = None  # perf_counter time of the last token
+    # Every engine stream opened for the request (a whole answer that broke off is run again): what
+    # the request is billed comes from them, not from what reached the client.
+    engine_streams: "list[DeltaStream]" = field(default_factory=list)
+
+    def settle_usage(self) -> None:
+        """Tokens the engine produced for this request, however it ended (the client gone mid-stream
+        or before a whole answer, an error, a drain), raised into ``prompt_tokens`` and
+        ``completion_tokens``: what is logged, counted and charged. A cache hit keeps the cached usage."""
+        produced = [usage for usage in (stream.produced() for stream in self.engine_streams) if usage is not None]
+        if self.cache == "hit" or not produced:
+            return
+        total = sum(produced, start=Usage())
+        self.prompt_tokens = max(self.prompt_tokens, total.prompt_tokens)
+        self.completion_tokens = max(self.completion_tokens, total.completion_tokens)
+
+    @property
+    def billed_tokens(self) -> int:
+        """Tokens charged against the key's tokens-per-minute: none for a cache hit (no engine work)."""
+        return 0 if self.cache == "hit" else self.prompt_tokens + self.completion_tokens
 
     def first_token_headers(self) -> dict[str, str]:
         """What a stream's headers can carry: they are sent with its first token."""
@@ -152,12 +174,16 @@ class RequestRecordMiddleware:
                 await self._finish(record)
 
     async def _finish(self, record: RequestRecord) -> None:
+        record.settle_usage()
+        if record.cache != "hit":  # vLLM's token counters: what the engine prefilled and generated
+            self.state.metrics.prompt_tokens_for_model.inc(record.prompt_tokens)
+            self.state.metrics.generation_tokens_for_model.inc(record.completion_tokens)
         entry = record.entry()
         self.state.request_log.append(entry)
         if self.state.settings.server.log_requests:
             if record.prompt is not None:
                 entry = {**entry, "prompt": record.prompt, "completion": record.completion}
             request_logger.info("request finished", extra={"fields": entry})
-        if record.principal is not None and record.cache != "hit":
-            await self.state.limiter.spend(record.principal, record.prompt_tokens + record.completion_tokens)
+        if record.principal is not None:
+            await self.state.limiter.spend(record.principal, record.billed_tokens)
         record.end_span()

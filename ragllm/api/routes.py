@@ -14,6 +14,7 @@ import orjson
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -129,10 +130,22 @@ def _lean(handler, body_model: type[BaseModelT]):
     async def endpoint(request: Request) -> Response:
         principal = await authenticated(request)
         allowance = await _admitted(request, principal)
-        body = await parsed_body(await request.body(), body_model, app_state(request).settings.input)
+        body = await parsed_body(await _body(request), body_model, app_state(request).settings.input)
         return await handler(request, principal, allowance, body)
 
     return endpoint
+
+
+async def _body(request: Request) -> bytes:
+    """The request's bytes; a client that leaves mid-upload is a 499, as one that leaves later is
+    (one request-log line, no traceback: any client can do it, at will)."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        record = record_of(request)
+        if record is not None:
+            _disconnected(app_state(request), record)
+        raise ClientClosedRequest("the client closed the connection before its request body was read") from None
 
 
 # Matched before the FastAPI routes of the same paths (see ``create_app``).
@@ -197,13 +210,17 @@ async def _opened(state: AppState, prepared: PreparedRequest, request: Request,
                   record: RequestRecord) -> tuple[DeltaStream, RequestTimer]:
     """The engine's stream, opened while watching the client: an upstream may take long to answer
     (its first token, or a whole answer), and a client that leaves meanwhile cancels it at once."""
+    async def discard(opened: tuple[DeltaStream, RequestTimer]) -> None:
+        record.engine_streams.append(opened[0])  # it may have produced tokens already: billed
+        await opened[0].aclose()
+
     try:
-        stream, timer = await until_disconnect(request.receive, state.service.open(prepared),
-                                               discard=lambda opened: opened[0].aclose())
+        stream, timer = await until_disconnect(request.receive, state.service.open(prepared), discard=discard)
     except ClientClosedRequest:
         _disconnected(state, record)
         raise
     record.timer = timer
+    record.engine_streams.append(stream)
     return stream, timer
 
 

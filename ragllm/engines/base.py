@@ -100,10 +100,27 @@ class Delta:
     cached_tokens: int = 0  # of ``prompt_tokens``, those whose KV came from the prefix cache
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens an engine spent on one request: what is billed, whether or not the client read them."""
+
+    prompt_tokens: int = 0  # the prompt, once its prefill started (a request aborted in the queue: 0)
+    completion_tokens: int = 0  # every choice's tokens sampled so far
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
+
 class DeltaStream(abc.ABC):
     """An admitted generation; iterate for deltas, ``aclose()`` to cancel and free its slot."""
 
     request_id: str
+
+    def produced(self) -> Usage | None:
+        """What the engine has spent on this request so far, read at any time (after ``aclose()`` too):
+        tokens sampled but not yet iterated (or never, the client having left) count. None where the
+        engine cannot tell; the service then bills the deltas it iterated."""
+        return None
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[Delta]: ...

@@ -30,6 +30,7 @@ from ragllm.engines.base import (
     KVCacheStats,
     ModelCard,
     SamplingParams,
+    Usage,
 )
 from ragllm.engines.prompt_tokens import PromptTokenizer
 from ragllm.engines.sequence import Sequence
@@ -380,6 +381,7 @@ class _QueueStream(DeltaStream):
     def __init__(self, engine: TransformersEngine, sequence: Sequence, choices: int = 1) -> None:
         self.request_id = sequence.request_id
         self._engine = engine
+        self._leader = sequence
         self._queue: asyncio.Queue = sequence.sink
         self._unfinished = choices
         self._done = False
@@ -404,6 +406,13 @@ class _QueueStream(DeltaStream):
         if not self._done:
             self._finish()
             self._engine._abort(self.request_id)
+
+    def produced(self) -> Usage:
+        """Read off the sequences (the engine thread appends to them): the prompt once the leader was
+        scheduled, every choice's sampled tokens, queued for the consumer or not."""
+        leader = self._leader
+        prompt = leader.num_prompt_tokens if leader.queue_time_s is not None else 0
+        return Usage(prompt, sum(len(s.output_ids) for s in (leader, *leader.followers)))
 
     def _finish(self) -> None:
         self._done = True

@@ -116,10 +116,10 @@ class RequestTimer:
         self._last = now
 
     def on_finish(self, last: Delta) -> None:
+        """A finished answer's latency and reason. Its tokens are counted with every other request's,
+        finished or not, when the request is recorded (``ragllm.api.record``)."""
         m = self._metrics
         m.e2e_for_model.observe(time.perf_counter() - self.started_at)
-        m.prompt_tokens_for_model.inc(last.prompt_tokens)
-        m.generation_tokens_for_model.inc(last.completion_tokens)
         m.request_success.labels(m.model_name, last.finish_reason.value).inc()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from ragllm.engines.base import Delta, DeltaStream, FinishReason
+from ragllm.engines.base import Delta, DeltaStream, FinishReason, Usage
 from ragllm.tools.parsing import ToolCallParser
 
 
@@ -35,6 +35,9 @@ class ToolCallStream(DeltaStream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+    def produced(self) -> Usage | None:
+        return self._inner.produced()
 
     async def scrape_metrics(self) -> list[tuple[str, str]]:
         return await self._inner.scrape_metrics()

@@ -7,14 +7,27 @@ of every shape a broken upstream can send (a gateway in front of ``MisbehavingUp
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import httpx
+import openai
+import orjson
 import pytest
 import redis
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
-from tests.misbehaving_upstream import BEHAVIOURS, GOOD_TEXT, MisbehavingUpstream
+from tests.misbehaving_upstream import (
+    BEHAVIOURS,
+    GOOD_TEXT,
+    REFUSAL_MESSAGE,
+    REFUSALS,
+    REFUSE_WITH,
+    STREAM_ERROR_MESSAGE,
+    MisbehavingUpstream,
+)
 from tests.servers import MODEL, ServerProcess, metric_value
 from tests.sse import DONE, post_stream
 
@@ -119,3 +132,56 @@ def test_errors_in_started_streams_are_counted_as_errors(gateway):
     metrics = httpx.get(f"{gateway.url}/metrics").text
     failed = metric_value(metrics, 'ragllm_requests_total{endpoint="/v1/chat/completions",status="500"}')
     assert failed >= len(UPSTREAM_ERRORS)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("behaviour", sorted(REFUSALS))
+def test_an_upstream_refusal_with_an_integer_code_reaches_the_sdk_in_openais_envelope(gateway, behaviour, stream):
+    """vLLM's envelope (``code: 400``, nested or flat): the SDK gets a string code, and the message."""
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": behaviour}],
+                                       max_tokens=8, stream=stream, extra_headers=NO_CACHE)
+    error = caught.value.response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "400" and caught.value.code == "400"
+    assert error["message"] == REFUSAL_MESSAGE and error["type"] == "BadRequestError" and error["param"] is None
+
+
+@pytest.mark.parametrize("behaviour", ["flat-error-then-more", "nested-error-then-more"])
+def test_an_upstream_error_inside_a_stream_ends_it_whatever_follows(gateway, behaviour):
+    """The upstream sends an error, then more text and a finish: the client gets the error, with the
+    upstream's message and a string code, and never the finish of an answer that failed."""
+    result = post_stream(gateway.url, _chat(behaviour), NO_CACHE)
+    _assert_ends_properly(result)
+    assert result.error is not None and result.error["code"] == "engine_error", result.raw
+    assert STREAM_ERROR_MESSAGE in result.error["message"]
+    assert result.text == "The " and result.finish_reason is None
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30)
+ERROR_FIELDS = st.dictionaries(st.sampled_from(["message", "type", "param", "code", "object"]), JSON_VALUES, max_size=5)
+# Written with the standard library's json, which writes integers of any size (orjson stops at 64 bits).
+REFUSAL_BODIES = (ERROR_FIELDS.map(lambda fields: json.dumps({"error": fields}))
+                  | ERROR_FIELDS.map(json.dumps) | JSON_VALUES.map(json.dumps) | st.text(max_size=200))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=REFUSAL_BODIES, stream=st.booleans())
+@example(body="[" * 20_000 + "]" * 20_000, stream=False)  # nested past any JSON parser's depth
+@example(body=orjson.dumps({"error": {"message": "x" * 2_000_000, "code": 400}}).decode(), stream=True)
+@example(body='{"error": {"message": 42, "type": 7, "param": [1], "code": {"deep": [400]}}}', stream=False)
+@example(body="<html>400 from a proxy in the way</html>", stream=False)
+def test_whatever_an_upstream_refuses_with_reaches_the_client_as_openais_envelope(gateway, body, stream):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
+                          json=_chat(REFUSE_WITH + body, stream=stream))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"] and len(error["message"]) <= 2000
+    assert isinstance(error["type"], str) and error["type"]
+    for name in ("param", "code"):
+        assert error[name] is None or isinstance(error[name], str), error

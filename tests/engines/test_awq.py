@@ -32,6 +32,31 @@ def test_packing_is_autoawqs_order():
     assert torch.equal(unpack(pack(values)), values.int())
 
 
+def _autoawq_pack(values: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's own packing loop (``WQLinear_GEMM.from_linear``), transcribed: for each word, value
+    ``order_map[i]`` of its eight columns is shifted to bit 4 * i. Written out here, independently of
+    ``ORDER``/``SHIFTS``, so the comparison is with AutoAWQ and not with the code under test."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    rows, columns = values.shape
+    words = torch.zeros((rows, columns // 8), dtype=torch.int64)
+    for word in range(columns // 8):
+        for i in range(8):
+            words[:, word] |= values[:, word * 8 + order_map[i]].to(torch.int64) << (4 * i)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def test_packing_matches_a_golden_word_packed_in_autoawqs_order():
+    # Columns 0..7 hold 1..8: nibbles from the lowest are columns 0, 2, 4, 6, 1, 3, 5, 7, i.e. values
+    # 1, 3, 5, 7, 2, 4, 6, 8, so the word is 0x86427531 (negative as an int32).
+    golden = 0x86427531 - (1 << 32)
+    values = torch.arange(1, 9)[None]
+    assert _autoawq_pack(values)[0, 0].item() == golden
+    assert pack(values)[0, 0].item() == golden
+    assert torch.equal(unpack(torch.tensor([[golden]], dtype=torch.int32)), values.int())
+    rows = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(pack(rows), _autoawq_pack(rows))
+
+
 def test_dequantised_weights_are_within_half_a_step_of_the_originals():
     """Half a step, plus what storing the step in float16 costs at the top of a group's range: the scale
     is (high - low) / 15 rounded to 11 bits, so 15 steps can fall short of the range by 15 * 2^-11 of a

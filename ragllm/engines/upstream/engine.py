@@ -27,6 +27,7 @@ from ragllm.engines.base import (
     ModelCard,
 )
 from ragllm.engines.upstream.discovery import ReplicaDiscovery, Resolver, resolve_addresses
+from ragllm.engines.upstream.envelope import error_fields
 from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
 from ragllm.engines.upstream.stream import UpstreamStream
 from ragllm.errors import EngineNotReady, RagLLMError
@@ -37,13 +38,14 @@ METRICS_SCRAPE_TIMEOUT_S = 1.0  # a slow replica must not stall our own /metrics
 
 
 class UpstreamError(RagLLMError):
-    """An upstream refused the request (4xx): its status and message are passed on."""
+    """An upstream refused the request (4xx): its status and message are passed on, in OpenAI's
+    envelope (a string ``code`` or null, whatever the upstream's was)."""
 
-    def __init__(self, status: int, envelope: dict) -> None:
-        error = envelope.get("error") if isinstance(envelope.get("error"), dict) else {}
-        super().__init__(str(error.get("message") or envelope), param=error.get("param"), code=error.get("code"))
+    def __init__(self, status: int, envelope: Any) -> None:
+        fields = error_fields(envelope)
+        super().__init__(fields.message, param=fields.param, code=fields.code)
         self.status_code = status
-        self.error_type = error.get("type") or "invalid_request_error"
+        self.error_type = fields.type or "invalid_request_error"
 
 
 class _RetryElsewhere(Exception):
@@ -259,7 +261,9 @@ class UpstreamEngine(Engine):
         if params.seed is not None:
             body["seed"] = params.seed
         if request.incremental:
-            body["stream_options"] = {"include_usage": True}
+            # Usage on every chunk (vLLM, SGLang; others ignore the field): a stream the client leaves
+            # early is billed its prompt and the tokens made so far, not only what it read.
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         if params.max_tokens is not None:
             body["max_tokens"] = params.max_tokens
         if params.stop:
@@ -289,5 +293,5 @@ def _now() -> float:
 async def _json(response: Any) -> dict:
     try:
         return await response.json(content_type=None)
-    except ValueError:
-        return {"error": {"message": (await response.text())[:500]}}
+    except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
+        return {"error": {"message": (await response.read())[:500].decode(errors="replace")}}

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ragllm.engines.base import Delta, DeltaStream, FinishReason, TokenLogprob
+from ragllm.engines.base import Delta, DeltaStream, FinishReason, TokenLogprob, Usage
+from ragllm.engines.upstream.envelope import error_fields, is_error_event
 from ragllm.engines.upstream.router import Replica
 from ragllm.errors import EngineFailure, EngineInterrupted
 
@@ -36,6 +37,10 @@ class UpstreamStream(DeltaStream):
         self._events = self._parse() if incremental else self._parse_whole()
         self._first: Delta | None = None
         self._done = False
+        # What the upstream has spent so far, for billing a request however it ends: the usage it
+        # reported last (with continuous usage stats, on every chunk) and the chunks of text read.
+        self._reported = Usage()
+        self._chunks = 0
 
     async def prefetch(self) -> None:
         self._first = await anext(self._events)
@@ -74,6 +79,7 @@ class UpstreamStream(DeltaStream):
             if usage:
                 prompt_tokens, total_tokens = _usage_counts(usage, prompt_tokens, total_tokens)
                 cached_tokens = _cached_tokens(usage)
+                self._reported = Usage(prompt_tokens, total_tokens)
             for choice in _choices(event):
                 index = _index(choice)
                 text, logprobs, tool_calls = _choice_text(choice), self._logprobs(choice), _tool_calls(choice)
@@ -81,6 +87,7 @@ class UpstreamStream(DeltaStream):
                     finishes[index] = _finish_reason(choice)
                 if text or logprobs or tool_calls:
                     counted[index] = counted.get(index, 0) + 1
+                    self._chunks += 1
                     yield Delta(text=text, num_tokens=1, prompt_tokens=prompt_tokens,
                                 completion_tokens=counted[index], logprobs=logprobs, tool_calls=tool_calls,
                                 index=index)
@@ -103,6 +110,7 @@ class UpstreamStream(DeltaStream):
             raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
         prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
         cached_tokens = _cached_tokens(answer.get("usage") or {})
+        self._reported = Usage(prompt_tokens, completion_tokens)
         for position, choice in enumerate(choices):
             text = _choice_text(choice)
             tokens = completion_tokens if position == len(choices) - 1 else 0
@@ -134,11 +142,14 @@ class UpstreamStream(DeltaStream):
             raise EngineFailure(f"the upstream {self._replica.url} sent malformed JSON: {data[:80]!r}") from exc
         if not isinstance(event, dict):
             raise EngineFailure(f"the upstream {self._replica.url} sent {type(event).__name__}, not an object")
-        if event.get("error") is not None:
-            error = event["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise EngineFailure(f"upstream error: {str(message)[:500]}")
+        if is_error_event(event):  # never skipped for want of choices: the answer failed
+            raise EngineFailure(f"upstream error: {error_fields(event).message}")
         return event
+
+    def produced(self) -> Usage:
+        """The upstream's own count where it gave one; a chunk of text is at least a token."""
+        reported = self._reported
+        return Usage(reported.prompt_tokens, max(reported.completion_tokens, self._chunks))
 
     async def aclose(self) -> None:
         if not self._done:
