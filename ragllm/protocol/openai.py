@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ragllm.protocol.rag import RagDocument, RagOptions, RagReport
 
 MAX_STOP_SEQUENCES = 16
+MAX_CACHE_SALT_CHARS = 256
 MAX_INT32 = 2**31 - 1
 
 
@@ -88,6 +89,10 @@ class SamplingFields(_Wire):
     guided_regex: str | None = Field(None, description="Extension: vLLM's older structured_outputs.regex.")
     guided_choice: list[str] | None = Field(None, description="Extension: vLLM's older structured_outputs.choice.")
     guided_grammar: str | None = Field(None, description="Extension: vLLM's older structured_outputs.grammar.")
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True,
+        description="Extension (as in vLLM): prefix-cache blocks are shared only with requests of the same "
+                    "salt, within the caller's own cache group (never another tenant's); 1 to 256 characters.")
 
 
 class ChatCompletionRequest(SamplingFields):
