@@ -189,7 +189,8 @@ class CacheSettings(BaseModel):
 class AuthSettings(BaseModel):
     required: bool = Field(False, description="Demand an API key (cloud profile).")
     keys: SecretStr | None = Field(None, description="Comma-separated id:secret pairs.")
-    keys_file: Path | None = Field(None, description="JSON list of {id, key | sha256, rpm?, tpm?}.")
+    keys_file: Path | None = Field(None, description="JSON list of {id, key | sha256, rpm?, tpm?, "
+                                                      "cache_group?}; keys of one cache_group share a prefix cache.")
 
 
 class LimitsSettings(BaseModel):

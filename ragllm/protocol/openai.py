@@ -92,7 +92,8 @@ class SamplingFields(_Wire):
     cache_salt: str | None = Field(
         None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True,
         description="Extension (as in vLLM): prefix-cache blocks are shared only with requests of the same "
-                    "salt, within the caller's own cache group (never another tenant's); 1 to 256 characters.")
+                    "salt, within the caller's own cache group (never another tenant's); 1 to 256 characters, not "
+                    "all blank.")
 
 
 class ChatCompletionRequest(SamplingFields):
