@@ -1,10 +1,10 @@
 """Bounds on what one request may carry, so that no request makes the server do unbounded work.
 
 Counts (messages, documents) are checked on the decoded JSON before it is validated: a request with
-30,000 documents is refused without building 30,000 models. Sizes, stop strings, sampling values that
-would break the numerics, and template switches are checked on the validated request. One text budget
-covers everything a prompt is made of: messages, documents, tool definitions, tool-call arguments and
-schemas. Every refusal is a 400 (or 413 for sizes) naming the field.
+30,000 documents is refused without building 30,000 models. Sizes, stop strings, a blank cache_salt,
+sampling values that would break the numerics, and template switches are checked on the validated
+request. One text budget covers everything a prompt is made of: messages, documents, tool definitions,
+tool-call arguments and schemas. Every refusal is a 400 (or 413 for sizes) naming the field.
 """
 
 from __future__ import annotations
@@ -112,6 +112,9 @@ def check_sampling(body: SamplingFields, bounds: InputSettings) -> None:
     if body.repetition_penalty is not None and body.repetition_penalty < MIN_REPETITION_PENALTY:
         raise InvalidRequest(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY} (1 is off); "
                              f"{body.repetition_penalty!r} is too small", param="repetition_penalty")
+    if body.cache_salt is not None and not body.cache_salt.strip():
+        # vLLM refuses a blank salt too; refused here, the same request is valid on every engine.
+        raise InvalidRequest("cache_salt must not be blank", param="cache_salt")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     for index, stop in enumerate(stops):
         if len(stop) > bounds.max_stop_length:

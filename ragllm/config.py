@@ -138,6 +138,11 @@ class UpstreamSettings(BaseModel):
     affinity_prefill_slack: int = Field(0, ge=0, description="Prompts awaiting their first token an affine "
                                                              "replica may hold beyond the replica with the "
                                                              "fewest before affinity yields.")
+    cache_salt: Literal["tenant", "client", "off"] = Field(
+        "tenant", description="The cache_salt sent upstream (vLLM's per-request prefix-cache salt): 'tenant', one "
+                              "derived from the caller's cache group and its own cache_salt, so tenants never "
+                              "share an upstream's prefix cache; 'client', the client's cache_salt as sent; 'off', "
+                              "none (upstreams that refuse unknown fields).")
 
     @field_validator("urls", mode="before")
     @classmethod
@@ -184,7 +189,8 @@ class CacheSettings(BaseModel):
 class AuthSettings(BaseModel):
     required: bool = Field(False, description="Demand an API key (cloud profile).")
     keys: SecretStr | None = Field(None, description="Comma-separated id:secret pairs.")
-    keys_file: Path | None = Field(None, description="JSON list of {id, key | sha256, rpm?, tpm?}.")
+    keys_file: Path | None = Field(None, description="JSON list of {id, key | sha256, rpm?, tpm?, "
+                                                      "cache_group?}; keys of one cache_group share a prefix cache.")
 
 
 class LimitsSettings(BaseModel):

@@ -1,6 +1,8 @@
 """API keys and per-key rate limits (requests and tokens per minute).
 
-Keys are kept as SHA-256 digests and compared in constant time. Limits are fixed one-minute windows
+Keys are kept as SHA-256 digests and compared in constant time. Each key belongs to a cache group
+(its own id unless the key file names one): only requests of one group share prefix-cache blocks,
+so no tenant can learn from a cache hit what another sent. Limits are fixed one-minute windows
 counted in Redis by one Lua script (check and count in one atomic step), so every replica sharing a
 Redis enforces one global limit; without Redis, or while it is away, each process counts alone.
 """
@@ -29,15 +31,18 @@ class ApiKey:
     digest: bytes
     rpm: int | None = None
     tpm: int | None = None
+    cache_group: str | None = None  # keys naming one group share a prefix cache; None: the key's own
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is asking: the key's id (never the key) and the limits that apply."""
+    """Who is asking: the key's id (never the key), the limits that apply, and the cache group whose
+    prefix-cache blocks its requests may share (None with keys off: one group for all)."""
 
     key_id: str
     rpm: int | None
     tpm: int | None
+    cache_group: str | None = None
 
 
 def digest(secret: str) -> bytes:
@@ -73,7 +78,8 @@ class KeyRing:
                 match = key
         if match is None:
             raise AuthenticationFailed("incorrect API key provided")
-        return Principal(match.key_id, match.rpm or self._limits.rpm, match.tpm or self._limits.tpm)
+        return Principal(match.key_id, match.rpm or self._limits.rpm, match.tpm or self._limits.tpm,
+                         match.cache_group or match.key_id)
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -102,8 +108,15 @@ def _keys_from_file(path: Path) -> list[ApiKey]:
             key_digest = bytes.fromhex(item["sha256"])
         else:
             key_digest = digest(item["key"])
-        keys.append(ApiKey(item["id"], key_digest, item.get("rpm"), item.get("tpm")))
+        keys.append(ApiKey(item["id"], key_digest, item.get("rpm"), item.get("tpm"), _cache_group(item)))
     return keys
+
+
+def _cache_group(item: dict[str, Any]) -> str | None:
+    group = item.get("cache_group")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ValueError(f"key {item.get('id')!r}: cache_group must be a non-empty string")
+    return group
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragllm.engines.base import (
+    CacheScope,
     DeltaStream,
     Engine,
     EngineState,
@@ -88,7 +89,8 @@ class CompletionService:
         self.schema_limits = JsonLimits.schema(self.bounds)
 
     # -- preparing ------------------------------------------------------------------------------
-    async def prepare_chat(self, body: ChatCompletionRequest) -> PreparedRequest:
+    async def prepare_chat(self, body: ChatCompletionRequest, cache_group: str | None = None) -> PreparedRequest:
+        """``cache_group``: the caller's (see ``CacheScope``); None with API keys off."""
         text = check_chat(body, self.bounds)
         model = self._model(body.model)
         _refuse_common(body)
@@ -134,12 +136,13 @@ class CompletionService:
             passthrough=passthrough,
             tools=list(tools.functions) if tools is not None else None,
             sampling_set=_sampling_set(body),
+            cache_scope=CacheScope(cache_group, body.cache_salt),
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools
         return prepared
 
-    def prepare_completion(self, body: CompletionRequest) -> PreparedRequest:
+    def prepare_completion(self, body: CompletionRequest, cache_group: str | None = None) -> PreparedRequest:
         text_size = check_completion(body, self.bounds)
         model = self._model(body.model)
         _refuse_unsupported_completion_fields(body)
@@ -157,6 +160,7 @@ class CompletionService:
             incremental=bool(body.stream),
             passthrough=passthrough,
             sampling_set=_sampling_set(body),
+            cache_scope=CacheScope(cache_group, body.cache_salt),
         )
         return self._prepared("completion", request_id, model, generation, body)
 

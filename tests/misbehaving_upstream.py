@@ -2,7 +2,8 @@
 
 It is a test double for the upstream (the gateway is what the tests are about). It answers probes
 like a healthy server; what it does with a chat completion depends on the question, which names a
-behaviour in ``BEHAVIOURS``. Events are paced one per write, as a real server streams them.
+behaviour in ``BEHAVIOURS``. Events are paced one per write, as a real server streams them. The
+chat bodies it receives are kept in ``received``, for tests of what a gateway sends upstream.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ REFUSE_WITH = "refuse-with:"
 
 async def _chat(request: Request) -> Response:
     body = await request.json()
+    request.app.state.received.append(body)
     behaviour = body["messages"][-1]["content"]
     if behaviour in REFUSALS:
         return JSONResponse(REFUSALS[behaviour], status_code=400)
@@ -107,6 +109,8 @@ class MisbehavingUpstream:
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(routes=[Route("/health", _health), Route("/v1/models", _models),
                                 Route("/v1/chat/completions", _chat, methods=["POST"])])
+        self.received: list[dict] = []  # chat request bodies, in arrival order
+        app.state.received = self.received
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 

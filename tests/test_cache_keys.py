@@ -52,6 +52,16 @@ def test_model_identity_and_tenant_change_the_key():
     assert cache_key(MODEL, BASE, "other-tenant") != key
 
 
+def test_a_cache_salt_changes_the_key_and_no_salt_keeps_the_unsalted_key():
+    from ragllm.engines.base import CacheScope
+
+    key = cache_key(MODEL, BASE, "t")
+    salted = [cache_key(MODEL, dataclasses.replace(BASE, cache_scope=CacheScope("t", salt)), "t") for salt in "xy"]
+    assert key not in salted and salted[0] != salted[1]
+    # The cache group alone adds nothing: the tenant argument already keys the entry per API key.
+    assert cache_key(MODEL, dataclasses.replace(BASE, cache_scope=CacheScope("t")), "t") == key
+
+
 def test_request_id_does_not_change_the_key():
     assert cache_key(MODEL, dataclasses.replace(BASE, request_id="b"), "t") == cache_key(MODEL, BASE, "t")
 

@@ -93,9 +93,9 @@ async def _generate(request: Request, principal: Principal, allowance: Allowance
                     body: ChatCompletionRequest | CompletionRequest) -> Response:
     state = app_state(request)
     if isinstance(body, ChatCompletionRequest):
-        prepared = await state.service.prepare_chat(body)
+        prepared = await state.service.prepare_chat(body, principal.cache_group)
     else:
-        prepared = state.service.prepare_completion(body)
+        prepared = state.service.prepare_completion(body, principal.cache_group)
     return await _respond(state, prepared, request, principal, allowance)
 
 

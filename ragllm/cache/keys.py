@@ -2,7 +2,8 @@
 
 The key covers the model's identity (id and fingerprint: weights, dtype, chat template, engine
 version), the whole engine request (messages or prompt, every sampling parameter, extensions
-included, since they are read field by field from the dataclass), and the tenant. ``stream`` and the
+included, since they are read field by field from the dataclass), the tenant, and the client's
+``cache_salt`` (a salted request is answered from its own salt's entries only). ``stream`` and the
 request id are not part of it.
 """
 
@@ -33,6 +34,8 @@ def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) 
         "sampling_set": sorted(request.sampling_set),  # what the client left to an upstream's defaults
         "params": dataclasses.asdict(request.params),
     }
+    if request.cache_scope.salt is not None:  # only when set, so unsalted requests keep their keys
+        material["cache_salt"] = request.cache_scope.salt
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

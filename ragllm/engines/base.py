@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,32 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheScope:
+    """Who may share a request's cached prompt work (prefix-cache KV blocks, here or upstream).
+
+    A cache hit is visible (``cached_tokens``, a faster first token), so a shared cache tells one
+    tenant what another sent; requests of different scopes never share. ``group`` is the tenant's
+    cache group (its API key's id unless the key file names a shared group; None with API keys off:
+    one scope for all); ``salt`` is the client's own ``cache_salt``, which narrows its group's scope
+    and can never widen it into another group's.
+    """
+
+    group: str | None = None
+    salt: str | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.group is not None or self.salt is not None
+
+    def digest(self) -> bytes:
+        """32 bytes naming the scope (empty for the unscoped one); JSON-encoded before hashing so no
+        choice of ``salt`` can spell another group's (group "a", salt "b:c" vs group "a:b", salt "c")."""
+        if not self.isolated:
+            return b""
+        return hashlib.sha256(json.dumps([self.group, self.salt]).encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """A chat (``messages``) or a completion (``prompt`` text or token ids), never both."""
 
@@ -58,6 +86,8 @@ class GenerationRequest:
     # Sampling fields the client set; the rest hold defaults. An upstream is sent only these, so its
     # own model's defaults (its generation config) apply to the rest, as they would if called directly.
     sampling_set: frozenset[str] = frozenset()
+    # Which requests may share this one's cached prompt work (see ``CacheScope``).
+    cache_scope: CacheScope = CacheScope()
 
 
 class FinishReason(str, enum.Enum):

@@ -5,6 +5,9 @@ its prompt and answer so far), the cached blocks of its longest cached prefix fi
 one block whenever a position starts a new one. Full blocks are registered for prefix sharing as
 soon as their keys and values are written. Choices 1..n-1 of a request share their prompt's full
 blocks and start with a copy of its last, partial one.
+
+A chain of block hashes starts from the model's salt and the sequence's ``scope_salt`` (its tenant
+and cache_salt): two requests share a block only when they share the scope as well as the tokens.
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ class BlockTables:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def prompt_hashes(self, prompt_ids: list[int]) -> list[bytes]:
+    def prompt_hashes(self, prompt_ids: list[int], scope_salt: bytes = b"") -> list[bytes]:
         """The hashes of a prompt's full blocks, ahead of admission (a sequence's ``block_hashes``):
         pure, so any thread may compute them (the engine does, beside tokenising, off the engine
         thread); none when caching is off."""
         hashes: list[bytes] = []
         if self.pool.prefix_caching:
-            extend_block_hashes(hashes, prompt_ids, self.block_size, self._salt)
+            extend_block_hashes(hashes, prompt_ids, self.block_size, self._salt + scope_salt)
         return hashes
 
     def admit(self, group: list[Sequence], alone: bool) -> bool:
@@ -46,7 +49,7 @@ class BlockTables:
         tokens = leader.prefill_ids()
         cached: list[int] = []
         if self.pool.prefix_caching:
-            extend_block_hashes(leader.block_hashes, tokens, self.block_size, self._salt)
+            extend_block_hashes(leader.block_hashes, tokens, self.block_size, self._root(leader))
             # At least the last token is computed: its logits choose the next one.
             cached = self.pool.cached_prefix(leader.block_hashes[: (len(tokens) - 1) // self.block_size])
         fresh = self.blocks_for(len(tokens)) - len(cached)
@@ -82,10 +85,15 @@ class BlockTables:
         if full <= sequence.num_registered or not self.pool.prefix_caching:
             return
         if len(sequence.block_hashes) < full:
-            extend_block_hashes(sequence.block_hashes, sequence.history(), self.block_size, self._salt)
+            extend_block_hashes(sequence.block_hashes, sequence.history(), self.block_size, self._root(sequence))
         for block in range(sequence.num_registered, full):
             self.pool.register(sequence.block_table[block], sequence.block_hashes[block])
         sequence.num_registered = full
+
+    def _root(self, sequence: Sequence) -> bytes:
+        """Where the sequence's hash chain starts: the model's salt (fixed for the process, so the
+        concatenation is unambiguous) and the sequence's scope."""
+        return self._salt + sequence.scope_salt
 
     def fork(self, leader: Sequence, follower: Sequence, copy_block: Callable[[int, int], None]) -> None:
         """A follower takes its leader's prompt: the full blocks shared, the partial one copied into

@@ -58,6 +58,9 @@ class Sequence:
     # preemption replaces the list), which lets a runner tell a changed table by length.
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, chained
+    # Roots its block-hash chain beside the model's salt: its request's cache scope (tenant and
+    # cache_salt), so only requests of the same scope share its blocks. Empty: the unscoped chain.
+    scope_salt: bytes = b""
     num_registered: int = 0  # leading full blocks registered for prefix sharing
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
 

@@ -279,7 +279,7 @@ class TransformersEngine(Engine):
         structured = request.params.structured
         grammars = [None] * request.params.n if structured is None else \
             [self._grammars.grammar(structured) for _ in range(request.params.n)]
-        return prompt_ids, grammars, self._scheduler.blocks.prompt_hashes(prompt_ids)
+        return prompt_ids, grammars, self._scheduler.blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids
@@ -313,6 +313,7 @@ class TransformersEngine(Engine):
             generator=generator,
             token_text=self._token_text if request.params.logprobs is not None else None,
             index=index,
+            scope_salt=request.cache_scope.digest(),
         )
 
     def _max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:

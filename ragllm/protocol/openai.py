@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ragllm.protocol.rag import RagDocument, RagOptions, RagReport
 
 MAX_STOP_SEQUENCES = 16
+MAX_CACHE_SALT_CHARS = 256
 MAX_INT32 = 2**31 - 1
 # Request lists stop at their first invalid item: validation would otherwise build one error per
 # item, 0.3 s of the event loop for a list of 100,000 wrong values, only to report the first.
@@ -94,6 +95,11 @@ class SamplingFields(_Wire):
     guided_regex: str | None = Field(None, description="Extension: vLLM's older structured_outputs.regex.")
     guided_choice: Strings | None = Field(None, description="Extension: vLLM's older structured_outputs.choice.")
     guided_grammar: str | None = Field(None, description="Extension: vLLM's older structured_outputs.grammar.")
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True,
+        description="Extension (as in vLLM): prefix-cache blocks are shared only with requests of the same "
+                    "salt, within the caller's own cache group (never another tenant's); 1 to 256 characters, not "
+                    "all blank.")
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -60,3 +60,13 @@ def test_the_same_tokens_computed_twice_keep_the_first_copy():
     pool.release([first, second])
     assert pool.cached_prefix([block_hash]) == [first]
     assert pool.allocate(2)[0] == second  # the duplicate went back uncached: handed out first
+
+
+def test_cache_scopes_name_tenant_and_salt_without_ambiguity():
+    from ragllm.engines.base import CacheScope
+
+    assert CacheScope().digest() == b""  # unscoped: the model's salt alone, as before scopes existed
+    digests = {CacheScope(group, salt).digest() for group, salt in
+               [("a", None), ("a", "b:c"), ("a:b", "c"), ('a", "b', None), ("a", '", "b'), (None, "a"), ("b", None)]}
+    assert len(digests) == 7 and all(len(d) == 32 for d in digests)
+    assert CacheScope("a", "x").digest() == CacheScope("a", "x").digest()

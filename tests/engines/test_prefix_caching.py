@@ -158,3 +158,55 @@ def test_a_request_larger_than_the_whole_pool_is_refused_and_the_engine_goes_on(
     _run_to_completion(scheduler, {0: [after]})
     _check_against_reference([after])
     assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+
+
+# -- cache scopes: tenants (and their cache_salt) never share blocks -------------------------------
+def _scoped(request_id: str, prompt: list[int], max_tokens: int, group: str | None, salt: str | None = None):
+    from ragllm.engines.base import CacheScope
+
+    sequence = _sequence(request_id, prompt, max_tokens)
+    sequence.scope_salt = CacheScope(group, salt).digest()
+    return sequence
+
+
+def test_a_prompt_cached_by_one_scope_is_a_miss_for_another_and_a_hit_for_its_own():
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=200))
+    prompt = _rag_prompts(1)[0]
+    first = _scoped("a1", prompt, 3, "tenant-a")
+    other_tenant, other_salt = _scoped("b1", list(prompt), 3, "tenant-b"), _scoped("a2", list(prompt), 3, "tenant-a", "x")
+    unscoped, again = _scoped("n1", list(prompt), 3, None), _scoped("a3", list(prompt), 3, "tenant-a")
+    _run_to_completion(scheduler, {0: [first], 6: [other_tenant], 12: [other_salt], 18: [unscoped], 24: [again]})
+    assert first.num_cached_tokens == 0
+    assert other_tenant.num_cached_tokens == other_salt.num_cached_tokens == unscoped.num_cached_tokens == 0
+    assert again.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK > 0
+    _check_against_reference([first, other_tenant, other_salt, unscoped, again])  # the same answer each time
+
+
+def test_preempted_scoped_sequences_resume_from_their_own_blocks_and_give_the_same_tokens():
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=40), max_num_seqs=4,
+                           max_num_batched_tokens=512)
+    prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
+    sequences = [_scoped(f"r{r}", prompt, 60, f"tenant-{r % 2}") for r, prompt in enumerate(prompts)]
+    for sequence in sequences:
+        sequence.stop_token_ids = frozenset()
+    _run_to_completion(scheduler, {0: sequences})
+    assert scheduler.blocks.num_preemptions > 0
+    _check_against_reference(sequences)
+    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+    # What they registered is under their own scope: the same tenant finds it, the other does not.
+    mine, theirs = _scoped("m", list(prompts[1]), 2, "tenant-1"), _scoped("t", list(prompts[1]), 2, "tenant-0")
+    _run_to_completion(scheduler, {0: [mine], 4: [theirs]})
+    assert mine.num_cached_tokens > 0 and theirs.num_cached_tokens == 0
+
+
+def test_choices_register_their_blocks_under_their_requests_scope():
+    scheduler = _scheduler(KVCacheOptions(block_size=BLOCK, num_blocks=200))
+    prompt = list(range(20, 60))  # two full blocks and 8 tokens
+    choices = _choices_of("r", prompt, 10, [5, 6, 7])
+    for choice in choices:
+        choice.scope_salt = _scoped("-", prompt, 1, "tenant-a").scope_salt
+    _run_to_completion(scheduler, {0: [choices[0]]})
+    same, other = _scoped("s", list(prompt), 2, "tenant-a"), _scoped("o", list(prompt), 2, "tenant-b")
+    _run_to_completion(scheduler, {0: [same], 4: [other]})
+    assert same.num_cached_tokens == 2 * BLOCK and other.num_cached_tokens == 0
+    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable

@@ -273,6 +273,8 @@ class UpstreamEngine(Engine):
         if params.ignore_eos:  # an extension vLLM (and ragllm) understand
             body["ignore_eos"] = True
         body.update(request.passthrough or {})  # structured outputs: the upstream enforces them
+        if (salt := self._cache_salt(request)) is not None:
+            body["cache_salt"] = salt
         if request.messages is not None:
             body["messages"] = request.messages
             if request.chat_template_kwargs:
@@ -284,6 +286,17 @@ class UpstreamEngine(Engine):
         if params.logprobs is not None:
             body["logprobs"] = params.logprobs
         return "/v1/completions", body
+
+    def _cache_salt(self, request: GenerationRequest) -> str | None:
+        """vLLM salts the first block of a prompt's hash chain with it: prefix-cache blocks are shared only
+        between requests with the same salt. Derived from the whole scope (tenant and the client's salt),
+        a client cannot choose another tenant's."""
+        scope, mode = request.cache_scope, self.upstream.cache_salt
+        if mode == "client":
+            return scope.salt
+        if mode == "tenant" and scope.isolated:
+            return scope.digest().hex()
+        return None
 
 
 def _now() -> float:
