@@ -75,7 +75,7 @@ hostile_values = st.one_of(
               st.sampled_from([10, 5000, 20_001, 100_000, 260_000]) | st.integers(0, 30_000)),
     st.sampled_from([1 << 10, 1 << 20, 9 << 20]).map(lambda size: orjson.dumps("x" * size).decode()),
     st.sampled_from(KNOWN_BAD).map(json.dumps),
-    json_values.map(lambda value: orjson.dumps(value).decode()),
+    json_values.map(json.dumps),
 )
 
 
@@ -106,6 +106,7 @@ PLACEMENTS = {
     "stop": '"stop": {}',
     "logit_bias": '"logit_bias": {}',
     "stream_options": '"stream": true, "stream_options": {}',
+    "cache_salt": '"cache_salt": {}',
 }
 SAMPLING = [{}, {"temperature": 0}, {"temperature": 0.7, "seed": 7}]  # the last two are cacheable
 
