@@ -140,3 +140,22 @@ def test_tool_mistakes_are_a_clear_400(server, model, extra, param):
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60, headers=NO_CACHE)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_a_call_the_model_writes_deeper_than_the_bounds_stays_text(client, model):
+    """A tenant can force any answer with a regular expression, a tool call nested past the JSON depth
+    bound included: it is read as text (not a call, not a failure), so it cannot reach what recurses."""
+    depth = 66
+    arguments = '{"a": ' + "[" * depth + "]" * depth + "}"
+    regex = r'<tool_call>\{"name": "get_weather", "arguments": \{"a": \[{%d}\]{%d}\}\}</tool_call>' % (depth, depth)
+    response = client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=200, tools=[WEATHER], extra_headers=NO_CACHE,
+        extra_body={"guided_regex": regex})
+    choice = response.choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason == "stop"
+    assert arguments in choice.message.content
+    shallow = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "Paris"\}\}</tool_call>'
+    called = client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=60, tools=[WEATHER], extra_headers=NO_CACHE,
+        extra_body={"guided_regex": shallow}).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.tool_calls[0].function.arguments == '{"city": "Paris"}'
