@@ -140,8 +140,11 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest, prompts: Prompt
 def _chat_prompt_text(tokenizer: Any, literal: LiteralText, messages: list[dict[str, Any]],
                       template_kwargs: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> str:
     _, renders_tools = format_of_template(tokenizer.chat_template)
-    # Escaped after the tools are written into the conversation, so that text joined there is escaped whole.
-    messages, tools = literal.escape(template_inputs(messages, tools, renders_tools))
+    try:
+        # Escaped after the tools are written into the conversation, so that text joined there is escaped whole.
+        messages, tools = literal.escape(template_inputs(messages, tools, renders_tools))
+    except RecursionError as exc:  # a tool schema nested hundreds deep: writing it out recurses as deep
+        raise InvalidRequest("the tools or messages are nested too deeply to render", param="tools") from exc
     # A template the request supplies (where the server allows it) is the template, not content.
     template_kwargs = {key: value if key == REQUEST_TEMPLATE_KEY else literal.escape(value)
                        for key, value in template_kwargs.items()}

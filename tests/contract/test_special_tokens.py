@@ -89,3 +89,18 @@ hostile_text = st.lists(st.sampled_from([*SPECIALS, "<|im_", "end|>", "system\n"
 def test_any_content_is_counted_as_its_plain_text(server, tokenizer, content):
     # A leading letter keeps the text's first word apart from the turn's opening line in any case.
     assert _count(server, "x" + content) == _count(server, "") + _plain_count(tokenizer, "x" + content)
+
+
+def test_a_tool_schema_nested_as_deep_as_the_body_parser_allows_is_a_clear_400(server):
+    # The body parser refuses JSON past ~510 levels; a schema just inside that used to be a 500
+    # (writing the tools into the prompt recursed past Python's limit).
+    schema = '{"type": "string"}'
+    for _ in range(500):
+        schema = '{"type": "object", "properties": {"a": ' + schema + '}}'
+    body = ('{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], '
+            '"tools": [{"type": "function", "function": {"name": "f", "parameters": %s}}]}') % (MODEL, schema)
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60,
+                          headers={"Content-Type": "application/json", **NO_CACHE})
+    assert response.status_code == 400, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.json()["error"]["param"] == "tools"
