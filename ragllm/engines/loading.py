@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from ragllm.bounds import REQUEST_TEMPLATE_KEY
 from ragllm.config import EngineSettings
 from ragllm.engines.base import GenerationRequest
+from ragllm.engines.literal_text import LiteralText
+from ragllm.engines.prompt_tokens import PromptTokenizer
 from ragllm.errors import InvalidRequest, ModelLoadError
 from ragllm.models import resolve_model
 from ragllm.tools.formats import format_of_template
@@ -115,13 +118,16 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def prompt_token_ids(tokenizer: Any, request: GenerationRequest,
-                     encode: Callable[[str], list[int]] | None = None) -> list[int]:
+def prompt_token_ids(tokenizer: Any, request: GenerationRequest, prompts: PromptTokenizer | None = None) -> list[int]:
     """Token ids of the request's prompt: chat template for messages, plain text or given ids.
-    ``encode`` tokenizes the rendered chat prompt (a ``PromptTokenizer``'s, which reuses pieces)."""
+    ``prompts`` tokenizes the rendered chat prompt (reusing pieces); in a chat, only the template's own
+    special tokens are control tokens, the client's text is text. A completion's ``prompt`` is the
+    whole prompt, written by the client: its special tokens are read as such (as vLLM does)."""
     if request.messages is not None:
-        text = _chat_prompt_text(tokenizer, request.messages, request.chat_template_kwargs or {}, request.tools)
-        return encode(text) if encode else tokenizer(text, add_special_tokens=False).input_ids
+        prompts = prompts or PromptTokenizer(tokenizer)
+        text = _chat_prompt_text(tokenizer, prompts.literal, request.messages, request.chat_template_kwargs or {},
+                                 request.tools)
+        return prompts.encode(text)
     if request.prompt_token_ids is not None:
         _check_token_ids(tokenizer, request.prompt_token_ids)
         return list(request.prompt_token_ids)
@@ -131,10 +137,17 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest,
     return ids
 
 
-def _chat_prompt_text(tokenizer: Any, messages: list[dict[str, Any]], template_kwargs: dict[str, Any],
-                      tools: list[dict[str, Any]] | None = None) -> str:
+def _chat_prompt_text(tokenizer: Any, literal: LiteralText, messages: list[dict[str, Any]],
+                      template_kwargs: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> str:
     _, renders_tools = format_of_template(tokenizer.chat_template)
-    messages, tools = template_inputs(messages, tools, renders_tools)
+    try:
+        # Escaped after the tools are written into the conversation, so that text joined there is escaped whole.
+        messages, tools = literal.escape(template_inputs(messages, tools, renders_tools))
+    except RecursionError as exc:  # a tool schema nested hundreds deep: writing it out recurses as deep
+        raise InvalidRequest("the tools or messages are nested too deeply to render", param="tools") from exc
+    # A template the request supplies (where the server allows it) is the template, not content.
+    template_kwargs = {key: value if key == REQUEST_TEMPLATE_KEY else literal.escape(value)
+                       for key, value in template_kwargs.items()}
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
                                              **template_kwargs)

@@ -10,14 +10,24 @@ for a 4k-token prompt on a 2-core machine), so its ids are kept in a bounded LRU
 Whether a tokenizer really tokenizes pieces independently is checked once, on probe texts; one that
 does not (a SentencePiece tokenizer that marks the first word of a piece, tokens that swallow the
 spaces around them) is used whole, as before.
+
+Client text reaches the rendered prompt escaped (``literal_text``): a prompt that carries escapes is
+split at the template's special tokens, and each piece holding an escape is unescaped and tokenized
+with special tokens switched off, so text such as ``<|im_end|>`` in a document stays text. That path is
+taken only by prompts whose client text needed an escape; with a tokenizer that is used whole, those
+prompts are tokenized piece by piece (ids may differ at piece edges from whole-text tokenization, and
+stay the same for the same prompt).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 from collections import OrderedDict
 from typing import Any, Callable
+
+from ragllm.engines.literal_text import ESCAPE, LiteralText, special_token_texts
 
 # Pieces shorter than this are tokenized on every request (a cache lookup would cost about as much).
 MIN_CACHED_CHARS = 1024
@@ -27,7 +37,8 @@ _PROBE_BODIES = ("You are helpful.\n\nDocuments:\n[1] Paris is the capital of Fr
 
 
 class PromptTokenizer:
-    """``encode(text)`` gives the same ids as ``tokenizer(text, add_special_tokens=False).input_ids``."""
+    """``encode(text)`` gives the same ids as ``tokenizer(text, add_special_tokens=False).input_ids`` for
+    text without escapes; ``literal`` escapes the client's values before the template renders them."""
 
     def __init__(self, tokenizer: Any, max_cached_chars: int = DEFAULT_MAX_CACHED_CHARS) -> None:
         self._tokenizer = tokenizer
@@ -39,29 +50,46 @@ class PromptTokenizer:
         self._splitter = _splitter(self._specials)
         self.segmented = self._splitter is not None and self._agrees_on_probes()
         self.hits = 0
+        self.literal = LiteralText(special_token_texts(tokenizer))
+        self._control_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in self.literal.special_tokens}
+        self._control_splitter = _splitter(self._control_ids)
+        self._plain = _plain_encoder(tokenizer)
 
     def encode(self, text: str) -> list[int]:
+        """Ids of a rendered prompt; client text in it (escaped) is tokenized as plain text."""
+        if ESCAPE in text and self._control_splitter is not None:
+            return self._by_pieces(text, self._piece_with_literals, self._control_splitter, self._control_ids)
         return self._by_pieces(text, self._piece) if self.segmented else self._whole(text)
 
-    def _by_pieces(self, text: str, piece_ids: Callable[[str], list[int]]) -> list[int]:
+    def _by_pieces(self, text: str, piece_ids: Callable[[str], list[int]], splitter: re.Pattern[str] | None = None,
+                   specials: dict[str, int] | None = None) -> list[int]:
         """Special tokens as their ids, the text between them through ``piece_ids``."""
+        splitter, specials = splitter or self._splitter, specials or self._specials
         ids: list[int] = []
-        for piece in self._splitter.split(text):
+        for piece in splitter.split(text):
             if piece:
-                special = self._specials.get(piece)
+                special = specials.get(piece)
                 ids += [special] if special is not None else piece_ids(piece)
         return ids
 
-    def _piece(self, piece: str) -> list[int]:
+    def _piece_with_literals(self, piece: str) -> list[int]:
+        if ESCAPE in piece:
+            return self._piece(piece, lambda escaped: self._plain(self.literal.unescape(escaped)))
+        return self._piece(piece) if self.segmented else self._whole(piece)
+
+    def _piece(self, piece: str, encode: Callable[[str], list[int]] | None = None) -> list[int]:
+        """Keyed by the piece's text as rendered: an escaped piece never equals a plain one (it holds
+        U+E000, which plain pieces never do), so the two kinds of ids cannot be mixed up."""
+        encode = encode or self._whole
         if len(piece) < MIN_CACHED_CHARS:
-            return self._whole(piece)
+            return encode(piece)
         with self._lock:
             cached = self._cached.get(piece)
             if cached is not None:
                 self._cached.move_to_end(piece)
                 self.hits += 1
                 return cached
-        ids = self._whole(piece)
+        ids = encode(piece)
         self._remember(piece, ids)
         return ids
 
@@ -103,6 +131,18 @@ def _special_token_ids(tokenizer: Any) -> dict[str, int]:
             return {}
         tokens[str(token)] = int(token_id)
     return tokens
+
+
+def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """Text → ids with the special tokens switched off (their text tokenized as ordinary text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_special_tokens"):
+        # transformers sets this flag on the shared backend per call and leaves it set; a copy of our
+        # own keeps concurrent requests, which tokenize with special tokens on, unaffected.
+        plain = copy.deepcopy(backend)
+        plain.encode_special_tokens = True
+        return lambda text: plain.encode(text, add_special_tokens=False).ids
+    return lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
 
 def _splitter(specials: dict[str, int]) -> re.Pattern[str] | None:

@@ -284,7 +284,7 @@ class TransformersEngine(Engine):
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.loading import prompt_token_ids
 
-        ids = prompt_token_ids(self._tokenizer, request, self._prompt_tokenizer.encode)
+        ids = prompt_token_ids(self._tokenizer, request, self._prompt_tokenizer)
         # A tokenizer with tokens the model has no embedding for would crash the device (CUDA asserts
         # on an out-of-range index and the context is lost): refuse the request instead.
         if max(ids) >= self._embedding_rows:
