@@ -138,21 +138,28 @@ def _logged_too_slow(redis_url: str, prefix: str, count: int) -> list[dict]:
 def test_a_client_that_stops_reading_frees_its_slot_and_is_dropped_after_the_write_timeout(
         server, shared_redis_url):
     dropped_before = _slow_clients(server.url, "write_timeout")
+    sent = time.monotonic()
     with _non_reader(server.url, LARGE_ANSWER) as connection:
         _wait_for(lambda: _peek(connection) is not None, 60, "the stream started")
         assert _peek(connection) == b"HTTP/1.1 200"
         # Its answer is generated while it reads nothing: the engine holds nothing for it ...
         _wait_for(lambda: _engine_idle(server.url), 60, "the non-reader's slot freed")
+        freed_after = time.monotonic() - sent
         # ... though its connection is still being served (written to, not yet dropped).
         assert _metric(server.url, "ragllm_requests_in_flight") == 1
         assert _slow_clients(server.url, "write_timeout") == dropped_before
         started = time.monotonic()
         answer = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=30, json={
             "model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 5})
-        assert answer.status_code == 200 and time.monotonic() - started < 10
+        served_in = time.monotonic() - started
+        assert answer.status_code == 200 and served_in < 10
         _wait_for(lambda: _slow_clients(server.url, "write_timeout") == dropped_before + 1,
                   WRITE_TIMEOUT_S + 10, "the non-reader dropped")
-        assert b"[DONE]" not in _read_until_closed(connection)
+        dropped_after = time.monotonic() - sent
+        received = _read_until_closed(connection)
+        assert b"[DONE]" not in received
+    print(f"\nnon-reader: slot free {freed_after:.1f} s after sending, another request served in "
+          f"{served_in:.2f} s, dropped {dropped_after:.1f} s after sending; it could read {len(received):,} bytes")
     assert _metric(server.url, "ragllm_requests_in_flight") == 0
     [entry] = _logged_too_slow(shared_redis_url, server.prefix, 1)
     assert entry["stream"] == "1" and entry["finish_reason"] == "length"
@@ -187,6 +194,7 @@ def test_non_readers_filling_admission_do_not_turn_a_normal_client_away(server, 
             connection.close()
     entries = _logged_too_slow(shared_redis_url, server.prefix, already_logged + 4)[already_logged:]
     assert len(entries) == 4
+    print("\n4 non-readers logged:", [(e["status"], e["finish_reason"], e["completion_tokens"]) for e in entries])
     for entry in entries:  # on a slow machine a write may time out before its answer is complete
         assert 0 < int(entry["completion_tokens"]) <= MAX_TOKENS
         assert entry["finish_reason"] == ("length" if int(entry["completion_tokens"]) == MAX_TOKENS else "cancelled")
@@ -202,4 +210,5 @@ def test_a_non_reader_that_fills_the_buffer_is_dropped_and_its_generation_cancel
         assert b"[DONE]" not in _read_until_closed(connection)
     [entry] = _logged_too_slow(shared_redis_url, server.prefix, 1)
     assert entry["finish_reason"] == "cancelled"
+    print(f"\nbuffer bound hit: dropped after {entry['completion_tokens']} of 2000 tokens")
     assert 0 < int(entry["completion_tokens"]) < 2000  # what was produced is billed
