@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ragllm.api.outbox import Outbox
+from ragllm.api.write_watchdog import WriteWatchdog
 from ragllm.errors import ClientClosedRequest
 
 T = TypeVar("T")
@@ -87,7 +88,7 @@ class EventStreamResponse(Response):
         self._late_headers = late_headers
         self._write_timeout_s = write_timeout_s
         self._buffer_bytes = buffer_bytes
-        self._ending: str | None = None  # why the sender was cancelled: disconnected, buffer_full
+        self._ending: str | None = None  # why the sender was cancelled: disconnected, buffer_full, write_timeout
         self.raw_headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -103,38 +104,37 @@ class EventStreamResponse(Response):
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         watcher.add_done_callback(lambda done: done.cancelled() or end_with("disconnected"))
         producer = asyncio.ensure_future(self._produce(outbox, lambda: end_with("buffer_full")))
+        watchdog = WriteWatchdog(self._write_timeout_s, lambda: end_with("write_timeout"))
         started = False
         try:
             # Headers wait for the first event, so they can carry what it taught (queue time, TTFT).
             chunk = await outbox.take()
             late = [(k.encode(), v.encode()) for k, v in self._late_headers().items()]
-            await self._send_in_time(send, {"type": "http.response.start", "status": 200,
-                                            "headers": self.raw_headers + late})
+            await watchdog.send(send, {"type": "http.response.start", "status": 200,
+                                          "headers": self.raw_headers + late})
             started = True
             while chunk is not None:
-                await self._send_in_time(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+                await watchdog.send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
                 chunk = await outbox.take()
-            await self._send_in_time(send, {"type": "http.response.body", "body": b"", "more_body": False})
+            await watchdog.send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if self._ending is None:  # the server is stopping: end the stream properly, then let it go
                 producer.cancel()
                 if started:
                     with contextlib.suppress(Exception):
-                        await self._send_in_time(send, {"type": "http.response.body", "body": self._on_abandon(),
-                                                        "more_body": False})
+                        await watchdog.send(send, {"type": "http.response.body", "body": self._on_abandon(),
+                                                      "more_body": False})
                 raise
             sender.uncancel()
             if self._ending == "disconnected":
                 self._on_disconnect()
             else:
                 await self._drop(scope, self._ending)
-        except TimeoutError:  # one write stayed blocked: the client has stopped reading
-            self._ending = "write_timeout"
-            await self._drop(scope, "write_timeout")
         except OSError:  # the transport broke while sending
             self._on_disconnect()
         finally:
             finished = True
+            watchdog.cancel()
             watcher.cancel()
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
@@ -151,10 +151,6 @@ class EventStreamResponse(Response):
             outbox.close(exc)
         finally:
             await _close(self._events)
-
-    async def _send_in_time(self, send: Send, message: dict) -> None:
-        async with asyncio.timeout(self._write_timeout_s):
-            await send(message)
 
     async def _drop(self, scope: Scope, reason: str) -> None:
         """Record a client too slow to keep, then drop its connection without flushing (a plain close
