@@ -111,7 +111,7 @@ class EventStreamResponse(Response):
             chunk = await outbox.take()
             late = [(k.encode(), v.encode()) for k, v in self._late_headers().items()]
             await watchdog.send(send, {"type": "http.response.start", "status": 200,
-                                          "headers": self.raw_headers + late})
+                                       "headers": self.raw_headers + late})
             started = True
             while chunk is not None:
                 await watchdog.send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
@@ -123,7 +123,7 @@ class EventStreamResponse(Response):
                 if started:
                     with contextlib.suppress(Exception):
                         await watchdog.send(send, {"type": "http.response.body", "body": self._on_abandon(),
-                                                      "more_body": False})
+                                                   "more_body": False})
                 raise
             sender.uncancel()
             if self._ending == "disconnected":
