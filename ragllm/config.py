@@ -57,6 +57,14 @@ class ServerSettings(BaseModel):
     exit_on_engine_failure: bool = Field(
         True, description="Exit with status 70 once the engine is broken (a device error, a stalled engine), "
                           "so the orchestrator restarts the process; false: stay up answering 503.")
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="A streamed answer whose client reads nothing for this long (one write stays "
+                                "blocked) has its connection dropped (recorded as 408).")
+    stream_buffer_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096, description="Bytes of a streamed answer held for a client that reads slower "
+                                              "than the engine writes; the engine slot is freed as soon as the "
+                                              "answer is generated. Past the bound the client is dropped and "
+                                              "generation cancelled (recorded as 408, produced tokens billed).")
 
 
 class EngineSettings(BaseModel):
@@ -133,6 +141,9 @@ class UpstreamSettings(BaseModel):
     probe_interval_s: float = Field(2.0, gt=0, description="Active health probes of every upstream.")
     eject_after_failures: int = Field(2, ge=1, description="Consecutive failures that eject an upstream.")
     eject_for_s: float = Field(5.0, gt=0, description="How long an ejected upstream is skipped.")
+    metrics_cache_s: float = Field(
+        5.0, ge=0, description="GET /metrics scrapes every upstream at most once per this many seconds and "
+                               "serves the cached text in between (concurrent scrapes share one fan-out).")
     affinity_slack: int = Field(2, ge=0, description="Outstanding requests an affine replica may carry "
                                                       "beyond the least loaded before affinity yields.")
     affinity_prefill_slack: int = Field(0, ge=0, description="Prompts awaiting their first token an affine "

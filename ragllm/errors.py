@@ -147,5 +147,15 @@ class ClientClosedRequest(RagLLMError):
     code = "client_closed_request"
 
 
+class ClientTooSlow(RagLLMError):
+    """A streaming client read too slowly: a write stayed blocked past ``server.write_timeout_s``, or the
+    answer outgrew ``server.stream_buffer_bytes``. Its connection is dropped, so it never sees this error;
+    the request is recorded with this status (408: the server timed out waiting on the client)."""
+
+    status_code = 408
+    error_type = "client_too_slow"
+    code = "client_too_slow"
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be resolved or loaded; raised at start-up, not per request."""

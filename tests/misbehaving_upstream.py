@@ -103,16 +103,28 @@ async def _models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 2048}]})
 
 
+# What its /metrics serves: one vLLM series, so a gateway's merged exposition can be checked.
+METRICS_TEXT = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 3.0\n"
+METRICS_DELAY_S = 0.2  # a scrape takes this long, so concurrent scrapes of the gateway overlap
+
+
 class MisbehavingUpstream:
     def __init__(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_scrapes = 0  # GET /metrics received
         app = Starlette(routes=[Route("/health", _health), Route("/v1/models", _models),
-                                Route("/v1/chat/completions", _chat, methods=["POST"])])
+                                Route("/v1/chat/completions", _chat, methods=["POST"]),
+                                Route("/metrics", self._metrics)])
         self.received: list[dict] = []  # chat request bodies, in arrival order
         app.state.received = self.received
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    async def _metrics(self, request: Request) -> Response:
+        self.metrics_scrapes += 1
+        await asyncio.sleep(METRICS_DELAY_S)
+        return Response(METRICS_TEXT, media_type="text/plain")
 
     def start(self) -> "MisbehavingUpstream":
         self._thread.start()

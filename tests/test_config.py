@@ -6,6 +6,8 @@ import pytest
 
 from ragllm.cli import build_parser
 from ragllm.cli.serve import settings_from_args
+from pydantic import ValidationError
+
 from ragllm.config import DEFAULT_MODEL, load_settings
 
 
@@ -72,3 +74,20 @@ def test_batch_size_never_exceeds_running_sequences(monkeypatch):
 def test_unknown_profile_is_refused():
     with pytest.raises(ValueError, match="unknown profile"):
         load_settings(profile="staging")
+
+
+def test_slow_reader_and_metrics_cache_settings_come_from_the_environment_and_are_bounded(monkeypatch):
+    assert (load_settings().server.write_timeout_s, load_settings().server.stream_buffer_bytes) == (30.0, 4 * 1024 * 1024)
+    assert load_settings().upstream.metrics_cache_s == 5.0
+    monkeypatch.setenv("RAGLLM_SERVER__WRITE_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("RAGLLM_SERVER__STREAM_BUFFER_BYTES", "65536")
+    monkeypatch.setenv("RAGLLM_UPSTREAM__METRICS_CACHE_S", "0")
+    settings = load_settings()
+    assert (settings.server.write_timeout_s, settings.server.stream_buffer_bytes) == (2.5, 65536)
+    assert settings.upstream.metrics_cache_s == 0
+    for name, value in [("RAGLLM_SERVER__WRITE_TIMEOUT_S", "0"), ("RAGLLM_SERVER__STREAM_BUFFER_BYTES", "100"),
+                        ("RAGLLM_UPSTREAM__METRICS_CACHE_S", "-1")]:
+        with monkeypatch.context() as patched:
+            patched.setenv(name, value)
+            with pytest.raises(ValidationError):
+                load_settings()

@@ -28,6 +28,7 @@ from ragllm.cache import CachedResponse
 from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason, KVCacheStats
 from ragllm.errors import (
     ClientClosedRequest,
+    ClientTooSlow,
     EngineFailure,
     EngineInterrupted,
     RagLLMError,
@@ -175,8 +176,11 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
     if not prepared.stream:
         return await _respond_whole(state, prepared, request, record, plan, headers, stream, timer)
     events = _stream_events(state, prepared, stream, timer, record, plan)
+    server = state.settings.server
     return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record),
-                               late_headers=record.first_token_headers, on_abandon=lambda: _abandoned(state, record))
+                               late_headers=record.first_token_headers, on_abandon=lambda: _abandoned(state, record),
+                               on_too_slow=lambda reason: _too_slow(state, record, reason),
+                               write_timeout_s=server.write_timeout_s, buffer_bytes=server.stream_buffer_bytes)
 
 
 # A whole (non-streaming) answer that broke off part-way is run again: the client has seen nothing.
@@ -236,6 +240,14 @@ def _abandoned(state: AppState, record: RequestRecord) -> bytes:
                          "retry on another replica")
     record.status, record.finish_reason = error.status_code, "error"
     return error_event(error.to_envelope()) + DONE_EVENT
+
+
+def _too_slow(state: AppState, record: RequestRecord, reason: str) -> None:
+    """A streaming client dropped for not reading (``reason``: write_timeout or buffer_full): recorded
+    as 408, with the tokens the engine produced for it."""
+    record.status = ClientTooSlow.status_code
+    record.finish_reason = record.finish_reason or "cancelled"
+    state.metrics.slow_clients.labels(reason).inc()
 
 
 def _disconnected(state: AppState, record: RequestRecord) -> None:
@@ -304,7 +316,15 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
         record.status, record.finish_reason = error.status_code, "error"
         yield error_event(error.to_envelope()) + DONE_EVENT
     finally:
+        if record.finished_at is None:  # ended early (client gone or too slow, error): bill what was produced
+            _bill_produced(record, tally)
         await stream.aclose()
+
+
+def _bill_produced(record: RequestRecord, tally: Tally) -> None:
+    summary = tally.summary()
+    record.prompt_tokens = summary.prompt_tokens or record.prompt_tokens
+    record.completion_tokens = summary.completion_tokens
 
 
 def _as_reported(exc: Exception) -> RagLLMError:

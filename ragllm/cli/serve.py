@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ragllm.app import ConfigurationError, create_app
+    from ragllm.cli.abortable_http import AbortableHTTPProtocol
     from ragllm.cli.draining_server import DrainingServer
     from ragllm.telemetry.logging import configure_logging
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"ragllm serve: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
+    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, http=AbortableHTTPProtocol,
                             log_level=settings.server.log_level, access_log=False,
                             timeout_graceful_shutdown=CONNECTION_CLOSE_WAIT_S,
                             log_config=None)  # keep the handlers configure_logging installed

@@ -53,6 +53,9 @@ class Metrics:
         self.in_flight = Gauge("ragllm_requests_in_flight", "Requests being served.", registry=r)
         self.client_disconnects = Counter(
             "ragllm_client_disconnects", "Streams cancelled because the client went away.", registry=r)
+        self.slow_clients = Counter(
+            "ragllm_slow_clients", "Streaming clients dropped for reading too slowly, by reason "
+            "(write_timeout, buffer_full).", ["reason"], registry=r)
         self.redis_fallbacks = Counter(
             "ragllm_redis_fallbacks", "Redis calls that failed or were skipped, by operation.", ["operation"],
             registry=r)

@@ -29,6 +29,7 @@ from ragllm.engines.base import (
 from ragllm.engines.upstream.discovery import ReplicaDiscovery, Resolver, resolve_addresses
 from ragllm.engines.upstream.envelope import error_fields
 from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
+from ragllm.engines.upstream.scrape_cache import ScrapeCache
 from ragllm.engines.upstream.stream import UpstreamStream
 from ragllm.errors import EngineNotReady, RagLLMError
 
@@ -68,6 +69,7 @@ class UpstreamEngine(Engine):
         self._session: Any = None
         self._probes: asyncio.Task | None = None
         self._cards: list[ModelCard] = []
+        self._metrics = ScrapeCache(self._scrape_all, self.upstream.metrics_cache_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "UpstreamEngine":
@@ -89,6 +91,7 @@ class UpstreamEngine(Engine):
         self._probes = asyncio.create_task(self._probe_forever())
 
     async def aclose(self) -> None:
+        await self._metrics.aclose()
         if self._probes is not None:
             self._probes.cancel()
             await asyncio.gather(self._probes, return_exceptions=True)
@@ -152,7 +155,12 @@ class UpstreamEngine(Engine):
         return EngineStats(num_running=sum(r.outstanding for r in self.pool.replicas))
 
     async def scrape_metrics(self) -> list[tuple[str, str]]:
-        """Each reachable replica's /metrics (vLLM's ``vllm:*`` series), fetched concurrently."""
+        """Each reachable replica's /metrics (vLLM's ``vllm:*`` series), at most once per
+        ``upstream.metrics_cache_s`` (see ``scrape_cache``)."""
+        return await self._metrics.get()
+
+    async def _scrape_all(self) -> list[tuple[str, str]]:
+        """Each reachable replica's /metrics, fetched concurrently."""
         if self._session is None:
             return []
         now = _now()
