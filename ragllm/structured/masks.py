@@ -5,6 +5,10 @@ a pinned buffer, copied to the device without blocking and applied there (``mask
 GPU a constrained row costs the host a fraction of a millisecond while the device is busy and never
 waits for a sync.
 Rows without a grammar are not touched.
+
+A step waits for its slowest mask, so one grammar whose masks are slow would slow every request in
+its batch: a fill that overruns the per-row budget is followed by timing each row alone, and a row
+over the budget ends with an error of its own (``MaskOverBudget``) while the others go on.
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ from collections.abc import Sequence
 
 import torch
 
-from ragllm.structured.grammars import Grammar, GrammarViolation
+from ragllm.structured.grammars import Grammar, GrammarViolation, MaskOverBudget
 from ragllm.structured.mask_kernel import BITS, masked_logits
 
 logger = logging.getLogger(__name__)
 
 
 class TokenMasks:
-    """Masks for a model whose logits have ``vocab_size`` columns, on ``device``."""
+    """Masks for a model whose logits have ``vocab_size`` columns, on ``device``; ``budget_s`` is what
+    one row's mask may take in a step (None: no bound)."""
 
-    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None,
+                 budget_s: float | None = None) -> None:
         self.device = device
+        self.budget_s = budget_s
+        self.num_over_budget = 0  # rows ended for a slow mask, for tests and logs
         self.fill_seconds: deque[float] = deque(maxlen=4096)  # each step's fill, for benchmarks
         self.words = (vocab_size + BITS - 1) // BITS
         self._pinned = device.type == "cuda"
@@ -68,7 +76,10 @@ class TokenMasks:
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
         started = time.perf_counter()
         self._fill_rows(bitmask, present, failures, rows)
-        self.fill_seconds.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.fill_seconds.append(elapsed)
+        if self.budget_s is not None and elapsed > self.budget_s:
+            self._end_rows_over_budget(bitmask, present, failures, rows)
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
         empty = ~bitmask.numpy().any(axis=1)
         for i, grammar in present:
@@ -105,6 +116,26 @@ class TokenMasks:
                 grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
             except Exception as exc:
                 failures[rows[i]] = exc
+                bitmask[i] = -1
+
+    def _end_rows_over_budget(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
+                              rows: list[int]) -> None:
+        """The batch's fill overran one row's budget: time each row's mask alone (it leaves the
+        matcher where it was) and fail those over it. Costs one more fill, on the rare step that
+        overran; a batch that is merely wide (many rows, each within the budget) loses no row."""
+        scratch = torch.empty(bitmask.shape[1], dtype=torch.int32)
+        row_bytes = bitmask.shape[1] * bitmask.element_size()
+        for i, grammar in present:
+            if failures[rows[i]] is not None:
+                continue
+            started = time.perf_counter()
+            grammar.matcher.unsafe_compute_mask_ptr(scratch.data_ptr(), row_bytes)
+            elapsed = time.perf_counter() - started
+            if elapsed > self.budget_s:
+                self.num_over_budget += 1
+                failures[rows[i]] = MaskOverBudget(
+                    f"structured output: computing its token mask took {elapsed * 1000:.0f} ms, over the "
+                    f"{self.budget_s * 1000:g} ms a step may spend on one row")
                 bitmask[i] = -1
 
     def _buffer(self, num_rows: int) -> torch.Tensor:
