@@ -132,9 +132,9 @@ class GrammarCompiler:
         return compiled, matcher
 
     def _check_first_mask(self, spec: StructuredOutput, matcher: Any) -> None:
-        """Computes the grammar's first mask: a row of more alternatives than the parser allows
-        fails only there, and a mask slower than a step's budget would end the request at its
-        first token anyway; either is a 400 now, before the request takes a slot in a batch."""
+        """Computes the grammar's first mask: some grammars fail only there (the parser's item
+        limits), and a mask slower than a step's budget would end the request at its first token
+        anyway; either is a 400 now, before the request takes a slot in a batch."""
         started = time.perf_counter()
         matcher.compute_bitmask()  # drops the GIL; leaves the matcher where it was
         elapsed = time.perf_counter() - started

@@ -7,8 +7,11 @@ waits for a sync.
 Rows without a grammar are not touched.
 
 A step waits for its slowest mask, so one grammar whose masks are slow would slow every request in
-its batch: a fill that overruns the per-row budget is followed by timing each row alone, and a row
-over the budget ends with an error of its own (``MaskOverBudget``) while the others go on.
+its batch. The batch's rows are filled in one call, which times them only together: when a fill
+overruns the per-row budget, its rows are suspects, and the next step fills each suspect in a call of
+its own, timed; a row over the budget there ends with an error of its own (``MaskOverBudget``) while
+the others go on. A slow grammar thus costs its batch at most two slow steps. (Timing the same step
+again would not do: a matcher keeps the mask it last computed.)
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class TokenMasks:
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._executor = None  # llguidance's, made on first use
+        self._suspects: set[int] = set()  # ids of matchers filled in a batch call that overran the budget
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
@@ -74,12 +78,16 @@ class TokenMasks:
         (None: one to one, rows without a grammar left as they are)."""
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
+        suspects = [(i, grammar) for i, grammar in present if id(grammar.matcher) in self._suspects]
+        together = [(i, grammar) for i, grammar in present if id(grammar.matcher) not in self._suspects]
         started = time.perf_counter()
-        self._fill_rows(bitmask, present, failures, rows)
+        if together:
+            self._fill_rows(bitmask, together, failures, rows)
         elapsed = time.perf_counter() - started
-        self.fill_seconds.append(elapsed)
-        if self.budget_s is not None and elapsed > self.budget_s:
-            self._end_rows_over_budget(bitmask, present, failures, rows)
+        self._suspects = {id(grammar.matcher) for _, grammar in together} \
+            if self.budget_s is not None and elapsed > self.budget_s else set()
+        self._fill_suspects(bitmask, suspects, failures, rows)
+        self.fill_seconds.append(time.perf_counter() - started)
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
         empty = ~bitmask.numpy().any(axis=1)
         for i, grammar in present:
@@ -118,18 +126,19 @@ class TokenMasks:
                 failures[rows[i]] = exc
                 bitmask[i] = -1
 
-    def _end_rows_over_budget(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
-                              rows: list[int]) -> None:
-        """The batch's fill overran one row's budget: time each row's mask alone (it leaves the
-        matcher where it was) and fail those over it. Costs one more fill, on the rare step that
-        overran; a batch that is merely wide (many rows, each within the budget) loses no row."""
-        scratch = torch.empty(bitmask.shape[1], dtype=torch.int32)
+    def _fill_suspects(self, bitmask: torch.Tensor, suspects: list[tuple[int, Grammar]], failures: list,
+                       rows: list[int]) -> None:
+        """Each suspect's mask in a call of its own, timed: a row over the budget ends alone. One call
+        per row costs a GIL hand-off each (see ``_fill_rows``), paid only the step after an overrun."""
         row_bytes = bitmask.shape[1] * bitmask.element_size()
-        for i, grammar in present:
-            if failures[rows[i]] is not None:
-                continue
+        for i, grammar in suspects:
             started = time.perf_counter()
-            grammar.matcher.unsafe_compute_mask_ptr(scratch.data_ptr(), row_bytes)
+            try:
+                grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+            except Exception as exc:
+                failures[rows[i]] = exc
+                bitmask[i] = -1
+                continue
             elapsed = time.perf_counter() - started
             if elapsed > self.budget_s:
                 self.num_over_budget += 1
