@@ -110,6 +110,13 @@ class EngineSettings(BaseModel):
                           "a later request repeats are not computed again).")
     cuda_graphs: bool = Field(True, description="CUDA: replay decode steps and single-prompt prefills as "
                                                 "captured graphs.")
+    grammar_cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Bytes of compiled structured-output grammars kept for reuse, least "
+                                            "recently used first out (a grammar's size is its compiled text's).")
+    grammar_mask_budget_ms: float | None = Field(
+        20.0, gt=0, description="Longest one structured-output row's token mask may take in a step: a grammar "
+                                "whose first mask is slower is refused (400), a row whose mask overruns it later "
+                                "ends alone (400 structured_output_failed). None: no bound.")
     no_think_suffix: bool = Field(
         False, description="The model understands '/no_think' in the user turn (thinking models without a "
                            "template switch); appended to RAG questions unless reasoning is asked for.")

@@ -62,6 +62,7 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     chunked_prefill: bool
     max_queue_wait_s: float | None = None  # None: a request may wait for its prefill indefinitely
+    grammar_mask_budget_s: float | None = None  # one row's token mask a step; over it the row ends alone
 
 
 class _Abort:
@@ -447,7 +448,7 @@ class Scheduler:
         if all(s.grammar is None for s in batch):
             return logits, None
         if self._masks is None:
-            self._masks = TokenMasks(logits.shape[-1], logits.device)
+            self._masks = TokenMasks(logits.shape[-1], logits.device, budget_s=self.limits.grammar_mask_budget_s)
         try:
             return self._masks.apply(logits, [s.grammar for s in batch])
         except Exception as exc:  # the masks themselves failed: the constrained rows end, the rest go on

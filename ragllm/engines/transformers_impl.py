@@ -100,7 +100,10 @@ class TransformersEngine(Engine):
         self._embedding_rows = loaded.model.get_input_embeddings().num_embeddings
         self._canary_token = next(iter(loaded.stop_token_ids), 0)  # any valid id serves
         self._choosable = _choosable_ids(loaded.tokenizer, _logits_width(loaded.model))
-        self._grammars = GrammarCompiler(loaded.tokenizer, self._choosable, loaded.stop_token_ids)
+        budget_ms = self.settings.grammar_mask_budget_ms
+        mask_budget_s = None if budget_ms is None else budget_ms / 1000
+        self._grammars = GrammarCompiler(loaded.tokenizer, self._choosable, loaded.stop_token_ids,
+                                         cache_bytes=self.settings.grammar_cache_bytes, mask_budget_s=mask_budget_s)
         # A token's own text, for logprobs (decoded once per id, on the engine thread).
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
             lambda token_id: self._tokenizer.decode([token_id], skip_special_tokens=False))
@@ -112,6 +115,7 @@ class TransformersEngine(Engine):
             max_num_batched_tokens=self.settings.max_num_batched_tokens,
             chunked_prefill=self.settings.chunked_prefill,
             max_queue_wait_s=self.settings.max_queue_wait_s,
+            grammar_mask_budget_s=mask_budget_s,
         )
         self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,
                                     choosable=self._choosable)

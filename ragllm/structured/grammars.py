@@ -4,17 +4,20 @@ llguidance was chosen by measurement (BENCHMARKS.md, "Grammar libraries"): it bu
 milliseconds with no per-vocabulary precomputation, so a request bringing a schema never seen before
 pays almost nothing; its token masks take about 0.1 ms a row on the CPU; it covers JSON Schema,
 regular expressions and Lark/GBNF grammars; and it needs no runtime beyond its own wheel. Every step's
-work is bounded by its parser limits, so no grammar can stall the engine.
+work is bounded by its parser limits (``parser_limits``) and each mask by a wall-time budget
+(``masks``), so no grammar can stall the engine.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
+import time
 from typing import Any
 
 from ragllm.errors import ConstraintUnfollowable, InvalidRequest
+from ragllm.structured.grammar_cache import GrammarCache
+from ragllm.structured.parser_limits import parser_limits
 from ragllm.structured.schema_check import SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_VALUES
 from ragllm.structured.spec import StructuredOutput
 
@@ -25,6 +28,11 @@ JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexi
 
 class GrammarViolation(RuntimeError):
     """A token the grammar did not allow was chosen, or the grammar hit one of its limits."""
+
+
+class MaskOverBudget(GrammarViolation):
+    """Computing one row's token mask took longer than a step may spend on it: the row ends alone
+    rather than slow every request in its batch."""
 
 
 class Grammar:
@@ -63,14 +71,15 @@ class GrammarCompiler:
     event loop (building the tokenizer's index takes about half a second, once)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int],
-                 cache_size: int = 256) -> None:
+                 cache_bytes: int = 64 * 1024 * 1024, mask_budget_s: float | None = None) -> None:
         self._hf_tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
-        self._cache_size = cache_size
-        self._compiled: OrderedDict[StructuredOutput, str] = OrderedDict()  # constraint → checked grammar
+        self._mask_budget_s = mask_budget_s  # a first mask slower than this refuses the grammar
+        self.cache = GrammarCache(cache_bytes)  # constraint → checked grammar
         self._lock = threading.Lock()
         self._tokenizer: Any = None
+        self._limits: Any = None
         self._missing_bytes: frozenset[int] = frozenset()
         self.num_compiled = 0  # cache misses, for tests and metrics
 
@@ -82,47 +91,58 @@ class GrammarCompiler:
         share its lexer behind a lock, so a batch's masks could only be computed one row at a time:
         measured on 16 cores, 32 copies filled in 2.0-2.7 ms a step on 1-16 threads, 32 matchers of
         their own in 0.86 ms on 16 (``bench/mask_fill.py``)."""
-        with self._lock:
-            compiled = self._compiled.get(spec)
-            if compiled is not None:
-                self._compiled.move_to_end(spec)
+        compiled = self.cache.get(spec)
         if compiled is not None:
             return Grammar(self._matcher(compiled), spec)
         compiled, matcher = self._compile(spec)
         with self._lock:
             self.num_compiled += 1
-            self._compiled[spec] = compiled
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
+        self.cache.put(spec, compiled)
         return Grammar(matcher, spec)  # the matcher that checked the grammar serves the first request
 
     def _matcher(self, compiled: str) -> Any:
         import llguidance
 
-        return llguidance.LLMatcher(self._llg_tokenizer(), compiled, log_level=0)
+        return llguidance.LLMatcher(self._llg_tokenizer(), compiled, log_level=0, limits=self._parser_limits())
+
+    def _parser_limits(self) -> Any:
+        if self._limits is None:
+            self._limits = parser_limits()
+        return self._limits
 
     def _compile(self, spec: StructuredOutput) -> tuple[str, Any]:
         """``spec`` as llguidance's grammar, checked against this tokenizer, and the matcher that
         checked it (at the grammar's start); 400 where it cannot be."""
-        import llguidance
-
         schema = bounded_schema(spec.schema()) if spec.kind in ("json_schema", "json_object") else None
         try:
             compiled = _llguidance_grammar(spec, schema)
         except Exception as exc:  # noqa: BLE001 - only the library runs here: the request's content made it fail
             raise _refusal(spec, str(exc) or type(exc).__name__) from None
-        tokenizer = self._llg_tokenizer()
+        self._llg_tokenizer()  # loads the vocabulary's missing bytes the next check reads
         unwritable = self._unwritable_character(spec.source)
         if unwritable is not None:
             raise _refusal(spec, f"it needs the character U+{ord(unwritable):04X}, which this model's "
                                  "vocabulary cannot write")
-        error = llguidance.LLMatcher.validate_grammar(compiled, tokenizer)
-        if error:
-            raise _refusal(spec, error)
+        # Building the matcher checks the grammar (within INITIAL_LEXER_FUEL); llguidance's own
+        # validate_grammar would build it a second time for the same verdict.
         matcher = self._matcher(compiled)
         if matcher.is_error():
             raise _refusal(spec, matcher.get_error())
+        self._check_first_mask(spec, matcher)
         return compiled, matcher
+
+    def _check_first_mask(self, spec: StructuredOutput, matcher: Any) -> None:
+        """Computes the grammar's first mask: some grammars fail only there (the parser's item
+        limits), and a mask slower than a step's budget would end the request at its first token
+        anyway; either is a 400 now, before the request takes a slot in a batch."""
+        started = time.perf_counter()
+        matcher.compute_bitmask()  # drops the GIL; leaves the matcher where it was
+        elapsed = time.perf_counter() - started
+        if matcher.is_error():
+            raise _refusal(spec, matcher.get_error())
+        if self._mask_budget_s is not None and elapsed > self._mask_budget_s:
+            raise _refusal(spec, f"its first token mask took {elapsed * 1000:.0f} ms, over the "
+                                 f"{self._mask_budget_s * 1000:g} ms a step may spend on one")
 
     def _llg_tokenizer(self) -> Any:
         with self._lock:
@@ -228,7 +248,9 @@ _DESCRIPTIONS = {"json_schema": "JSON Schema", "json_object": "JSON object const
 
 
 def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+    line = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    # A panic inside the library is its fault, not a message for the client.
+    return "the grammar library could not process it" if "panic" in line.lower() else line
 
 
 def _refusal(spec: StructuredOutput, reason: str) -> InvalidRequest:

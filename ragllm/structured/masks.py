@@ -5,6 +5,13 @@ a pinned buffer, copied to the device without blocking and applied there (``mask
 GPU a constrained row costs the host a fraction of a millisecond while the device is busy and never
 waits for a sync.
 Rows without a grammar are not touched.
+
+A step waits for its slowest mask, so one grammar whose masks are slow would slow every request in
+its batch. The batch's rows are filled in one call, which times them only together: when a fill
+overruns the per-row budget, its rows are suspects, and the next step fills each suspect in a call of
+its own, timed; a row over the budget there ends with an error of its own (``MaskOverBudget``) while
+the others go on. A slow grammar thus costs its batch at most two slow steps. (Timing the same step
+again would not do: a matcher keeps the mask it last computed.)
 """
 
 from __future__ import annotations
@@ -16,17 +23,21 @@ from collections.abc import Sequence
 
 import torch
 
-from ragllm.structured.grammars import Grammar, GrammarViolation
+from ragllm.structured.grammars import Grammar, GrammarViolation, MaskOverBudget
 from ragllm.structured.mask_kernel import BITS, masked_logits
 
 logger = logging.getLogger(__name__)
 
 
 class TokenMasks:
-    """Masks for a model whose logits have ``vocab_size`` columns, on ``device``."""
+    """Masks for a model whose logits have ``vocab_size`` columns, on ``device``; ``budget_s`` is what
+    one row's mask may take in a step (None: no bound)."""
 
-    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None) -> None:
+    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None,
+                 budget_s: float | None = None) -> None:
         self.device = device
+        self.budget_s = budget_s
+        self.num_over_budget = 0  # rows ended for a slow mask, for tests and logs
         self.fill_seconds: deque[float] = deque(maxlen=4096)  # each step's fill, for benchmarks
         self.words = (vocab_size + BITS - 1) // BITS
         self._pinned = device.type == "cuda"
@@ -35,6 +46,7 @@ class TokenMasks:
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._executor = None  # llguidance's, made on first use
+        self._suspects: set[int] = set()  # ids of matchers filled in a batch call that overran the budget
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
@@ -66,8 +78,15 @@ class TokenMasks:
         (None: one to one, rows without a grammar left as they are)."""
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
+        suspects = [(i, grammar) for i, grammar in present if id(grammar.matcher) in self._suspects]
+        together = [(i, grammar) for i, grammar in present if id(grammar.matcher) not in self._suspects]
         started = time.perf_counter()
-        self._fill_rows(bitmask, present, failures, rows)
+        if together:
+            self._fill_rows(bitmask, together, failures, rows)
+        elapsed = time.perf_counter() - started
+        self._suspects = {id(grammar.matcher) for _, grammar in together} \
+            if self.budget_s is not None and elapsed > self.budget_s else set()
+        self._fill_suspects(bitmask, suspects, failures, rows)
         self.fill_seconds.append(time.perf_counter() - started)
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
         empty = ~bitmask.numpy().any(axis=1)
@@ -105,6 +124,27 @@ class TokenMasks:
                 grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
             except Exception as exc:
                 failures[rows[i]] = exc
+                bitmask[i] = -1
+
+    def _fill_suspects(self, bitmask: torch.Tensor, suspects: list[tuple[int, Grammar]], failures: list,
+                       rows: list[int]) -> None:
+        """Each suspect's mask in a call of its own, timed: a row over the budget ends alone. One call
+        per row costs a GIL hand-off each (see ``_fill_rows``), paid only the step after an overrun."""
+        row_bytes = bitmask.shape[1] * bitmask.element_size()
+        for i, grammar in suspects:
+            started = time.perf_counter()
+            try:
+                grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+            except Exception as exc:
+                failures[rows[i]] = exc
+                bitmask[i] = -1
+                continue
+            elapsed = time.perf_counter() - started
+            if elapsed > self.budget_s:
+                self.num_over_budget += 1
+                failures[rows[i]] = MaskOverBudget(
+                    f"structured output: computing its token mask took {elapsed * 1000:.0f} ms, over the "
+                    f"{self.budget_s * 1000:g} ms a step may spend on one row")
                 bitmask[i] = -1
 
     def _buffer(self, num_rows: int) -> torch.Tensor:

@@ -43,6 +43,11 @@ def check_schema(schema: Any, param: str, limits: JsonLimits) -> None:
     _refuse_empty_cycles(schema, param)
 
 
+def num_properties(schema: dict[str, Any]) -> int:
+    """Property names ``schema`` declares, in all its subschemas together."""
+    return sum(len(sub["properties"]) for sub in _subschemas(schema) if isinstance(sub.get("properties"), dict))
+
+
 def _check_keywords(schema: dict[str, Any], param: str) -> None:
     import jsonschema_rs
 

@@ -1,9 +1,10 @@
 """What a request constrains its answer to, read from OpenAI's ``response_format`` or vLLM's
 ``structured_outputs`` (and its older ``guided_*`` spellings).
 
-Only the shape of the request is checked here, schemas as schemas (``schema_check``); whether a schema
-or grammar is one the engine can enforce is the grammar compiler's verdict (a 400 naming what it could
-not compile).
+Only the shape of the request is checked here, schemas as schemas (``schema_check``), with the bounds
+that refuse before any compile what the grammar parser could not handle (``parser_limits``: choice
+lists, property counts); whether a schema or grammar is one the engine can enforce is otherwise the
+grammar compiler's verdict (a 400 naming what it could not compile).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Literal
 from ragllm.bounded_json import JsonLimits, loads_bounded
 from ragllm.config import InputSettings
 from ragllm.errors import InvalidRequest, Unsupported
-from ragllm.structured.schema_check import check_schema
+from ragllm.structured.parser_limits import MAX_CHOICES, MAX_SCHEMA_PROPERTIES
+from ragllm.structured.schema_check import check_schema, num_properties
 
 Kind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 
@@ -101,6 +103,9 @@ def _from_key(key: str, value: Any, param: str, limits: JsonLimits) -> Structure
             value = loads_bounded(value, limits, param)
         return _schema(value, param, limits)
     if key == "choice":
+        if isinstance(value, list) and len(value) > MAX_CHOICES:
+            raise InvalidRequest(f"{param} has {len(value)} choices; at most {MAX_CHOICES} can be enforced",
+                                 param=param)
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
             raise InvalidRequest(f"{param} must be a non-empty list of non-empty strings", param=param)
         return StructuredOutput("choice", json.dumps(value), param)
@@ -111,6 +116,10 @@ def _from_key(key: str, value: Any, param: str, limits: JsonLimits) -> Structure
 
 def _schema(schema: Any, param: str, limits: JsonLimits) -> StructuredOutput:
     check_schema(schema, param, limits)
+    declared = num_properties(schema)
+    if declared > MAX_SCHEMA_PROPERTIES:
+        raise InvalidRequest(f"{param} declares {declared} properties; at most {MAX_SCHEMA_PROPERTIES} can be "
+                             "enforced", param=param)
     return StructuredOutput("json_schema", _canonical(schema), param)
 
 

@@ -132,6 +132,11 @@ def test_a_streamed_constrained_answer_is_the_same_as_the_whole_one(client, mode
     ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
     # U+6815C: its first byte, 0xF1, is in no token of the packaged vocabulary (found by the fuzz test).
     ({"guided_regex": "2\U0006815c"}, "guided_regex"),
+    # Past what the grammar parser can hold: refused before compiling.
+    ({"guided_choice": [f"c{i}" for i in range(2000)]}, "guided_choice"),
+    ({"structured_outputs": {"json": {"type": "object", "properties": {f"p{i}": {"type": "integer"}
+                                                                       for i in range(5000)}}}},
+     "structured_outputs.json"),
 ])
 def test_what_cannot_be_enforced_is_a_clear_400(server, model, body, param):
     response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
