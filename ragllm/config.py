@@ -80,6 +80,10 @@ class EngineSettings(BaseModel):
     max_batch_size: int = Field(4, ge=1, description="Rows in one decode forward pass.")
     max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget per scheduling step.")
     chunked_prefill: bool = False
+    max_prefill_tokens_while_decoding: int | None = Field(
+        None, ge=16, description="Prompt tokens a step prefills while answers decode (at most "
+                                 "max_num_batched_tokens): a stream waits at most one such chunk between two "
+                                 "tokens; None: half of max_num_batched_tokens.")
     max_model_len: int | None = Field(None, ge=16, description="Context window; default: model's.")
     max_waiting: int = Field(16, ge=0, description="Queued requests before answering 503.")
     max_queue_wait_s: float | None = Field(

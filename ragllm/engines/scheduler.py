@@ -18,9 +18,10 @@ as it would have. One that belongs to no sequence (a forward pass failing: a dev
 request with a 503 and reports the engine broken through ``on_fatal``: after a device error the
 engine's state cannot be trusted, so it is not stepped again.
 
-Admission is first come, first served. A prompt longer than what a step has left after its decodes
-is prefilled in chunks between decode steps (whatever ``chunked_prefill`` says), so no prompt waits
-for running answers to finish; one that has not started within ``max_queue_wait_s`` gets a 503.
+Admission is first come, first served. While answers decode, a step's prefill is capped
+(``prefill_policy``: half the step's budget unless set), so a long prompt is prefilled in chunks
+between decode steps (whatever ``chunked_prefill`` says): it waits neither for running answers to
+finish nor they for its whole prefill. One that has not started within ``max_queue_wait_s`` gets a 503.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ragllm.engines.logprobs import scores_on_device, scores_on_host
 from ragllm.engines.block_tables import BlockTables
 from ragllm.engines.blocks import BlockPool
 from ragllm.engines.model_runner import ModelRunner, PrefillChunk
+from ragllm.engines.prefill_policy import PrefillPolicy
 from ragllm.engines.readback import TokenReadback
 from ragllm.engines.sampling import sample_next_tokens, sample_on_device, sample_row_by_row, samplable_on_device
 from ragllm.engines.sequence import Sequence, SequenceStatus
@@ -51,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 # Hands a step's results to the event loop in one go: [(sequence, delta or exception), ...].
 Deliver = Callable[[list[tuple[Sequence, "Delta | BaseException"]]], None]
-# The head of the prefill queue gets at least this many tokens a step, however many rows decode.
-MIN_PREFILL_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class SchedulerLimits:
     chunked_prefill: bool
     max_queue_wait_s: float | None = None  # None: a request may wait for its prefill indefinitely
     grammar_mask_budget_s: float | None = None  # one row's token mask a step; over it the row ends alone
+    max_prefill_while_decoding: int | None = None  # prefill tokens a step while rows decode; None: half
 
 
 class _Abort:
@@ -92,6 +93,8 @@ class Scheduler:
         # a padded id is no text and no token a grammar knows, so it is never a choice.
         self.choosable = choosable
         self.limits = limits
+        self.prefill_policy = PrefillPolicy(limits.max_num_batched_tokens, limits.chunked_prefill,
+                                            limits.max_prefill_while_decoding)
         self._deliver = deliver
         self._on_fatal = on_fatal
         self.fatal: BaseException | None = None  # set once a step failed for no sequence in particular
@@ -305,7 +308,7 @@ class Scheduler:
         """One scheduling step: decode every decoding sequence once, then prefill within budget."""
         self.num_steps += 1
         num_decoding = self._decode_all(results)
-        self._prefill_within_budget(self.limits.max_num_batched_tokens - num_decoding, results)
+        self._prefill_within_budget(num_decoding, results)
         self._release_finished()
 
     def _decode_all(self, results: list) -> int:
@@ -372,13 +375,16 @@ class Scheduler:
                      scores_on_host(decoding, scores))
         self._register_decoded(decoding)
 
-    def _prefill_within_budget(self, budget: int, results: list) -> None:
+    def _prefill_within_budget(self, num_decoding: int, results: list) -> None:
+        policy = self.prefill_policy
+        budget = policy.budget(num_decoding)
         chunks: list[tuple[Sequence, list[int], int]] = []  # (sequence, what it prefills, tokens now)
         for sequence in self.running:
             if sequence.status is not SequenceStatus.PREFILLING or sequence.leader is not None:
                 continue  # a follower's prompt is its leader's: it starts when the leader's is done
             target = sequence.prefill_ids()
-            chunk = self._prefill_chunk(len(target) - sequence.num_computed, budget, head=not chunks)
+            chunk = policy.chunk(len(target) - sequence.num_computed, budget, head=not chunks,
+                                 decoding=num_decoding > 0)
             if chunk <= 0:
                 break  # first come, first served: no later prompt overtakes this one
             budget -= chunk
@@ -411,22 +417,6 @@ class Scheduler:
             follower.status = SequenceStatus.DECODING
             follower.leader = None
         return followers
-
-    def _prefill_chunk(self, remaining: int, budget: int, head: bool) -> int:
-        """Tokens of this prompt to prefill now. In whole-prompt mode: whole when it fits what the
-        step has left, when the head of the queue fits a step (past what decodes left by at most one
-        token a decoding row), or when nothing decodes (nobody waits on it). Otherwise a chunk of what
-        is left, and the head of the queue always gets one, so running decodes never starve it."""
-        if not self.limits.chunked_prefill:
-            step = self.limits.max_num_batched_tokens
-            nothing_decodes = budget == step
-            if remaining <= budget or (head and (remaining <= step or nothing_decodes)):
-                return remaining
-            if not head:  # whole-prompt mode chunks only the head, and only when it exceeds a step
-                return 0
-        if head:
-            budget = max(budget, MIN_PREFILL_CHUNK)
-        return min(remaining, max(budget, 0))
 
     def _sample_and_record(self, batch: list[Sequence], logits, results: list) -> None:
         logits = self._choosable(logits)

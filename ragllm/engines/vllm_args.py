@@ -11,6 +11,7 @@
 | engine.chunked_prefill                     | --enable-chunked-prefill         |
 | engine.max_model_len                       | --max-model-len                  |
 | engine.max_batch_size (VLLM_MAX_BATCH_SIZE)| none: vLLM decodes every running sequence each step, so its decode batch is bounded by --max-num-seqs alone |
+| engine.max_prefill_tokens_while_decoding   | none: vLLM's chunked prefill gives a step's prefill what its decodes leave |
 | vllm.quantization / vllm.kv_cache_dtype    | --quantization / --kv-cache-dtype ("auto": only for a quantized checkpoint) |
 | engine.gpu_memory_utilization             | --gpu-memory-utilization         |
 | engine.block_size                          | --block-size                     |

@@ -8,6 +8,7 @@ import json
 import statistics
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -18,9 +19,9 @@ NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 
 
 def _long_prompt(server_url: str, target_tokens: int = 1500) -> str:
-    """Distinct sentences (nothing a cache could reuse) up to about ``target_tokens`` tokens."""
+    """Distinct sentences up to about ``target_tokens`` tokens."""
     sentences = [f"Record {i}: the warehouse in district {i * 37 % 101} shipped {i * 13 % 89} crates "
-                 f"of item {i * 7 % 53} on day {i % 28 + 1}." for i in range(400)]
+                 f"of item {i * 7 % 53} on day {i % 28 + 1}." for i in range(target_tokens // 5)]
     low, high = 1, len(sentences)
     while low < high:  # the longest prefix that stays within the target
         middle = (low + high + 1) // 2
@@ -33,8 +34,10 @@ def _long_prompt(server_url: str, target_tokens: int = 1500) -> str:
 
 
 def _first_token_s(url: str, prompt: str, max_tokens: int = 1) -> float:
-    """Seconds from sending a streaming completion to its first text event."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    """Seconds from sending a streaming completion to its first text event. A fresh ``cache_salt``
+    each time: the prompt is computed whole every time, never found in the prefix cache."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "cache_salt": uuid.uuid4().hex}
     started = time.perf_counter()
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=NO_CACHE, timeout=120) as response:
         for line in response.iter_lines():
@@ -53,22 +56,37 @@ def _long_answer(url: str, question: str, first_token: threading.Event, finished
     finished_at.append(time.perf_counter())
 
 
-def test_a_long_prompt_starts_while_long_answers_stream(server):
-    prompt = _long_prompt(server.url)
-    alone = statistics.median(_first_token_s(server.url, prompt) for _ in range(2))
+def _under_load_and_alone(url: str, prompt: str) -> tuple[float, float]:
+    """The prompt's time to first token alone, then sent while three 200-token answers stream;
+    asserts it came before the answers finished."""
+    alone = _first_token_s(url, prompt)
     started = [threading.Event() for _ in range(3)]
     finished_at: list[float] = []
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = [pool.submit(_long_answer, server.url, f"Write a long story about ship {i}.", started[i],
+        answers = [pool.submit(_long_answer, url, f"Write a long story about ship {i}.", started[i],
                                finished_at) for i in range(3)]
         assert all(event.wait(60) for event in started)
         sent = time.perf_counter()
-        under_load = _first_token_s(server.url, prompt)
+        under_load = _first_token_s(url, prompt)
         first_token_at = sent + under_load
         for answer in answers:
             answer.result()
     assert first_token_at < min(finished_at), "the long prompt waited for the running answers to finish"
-    assert under_load <= 2 * alone, f"TTFT {under_load:.2f} s under load vs {alone:.2f} s alone"
+    return under_load, alone
+
+
+@pytest.mark.parametrize("prompt_tokens", [1500, 3300])
+def test_a_long_prompt_starts_while_long_answers_stream(server, prompt_tokens):
+    """First token under load within 2x of alone. The box is shared and noisy, so alone and under
+    load are measured back to back and one more pair is measured before a ratio over 2 fails."""
+    prompt = _long_prompt(server.url, prompt_tokens)
+    ratios = []
+    for _ in range(2):
+        under_load, alone = _under_load_and_alone(server.url, prompt)
+        ratios.append(f"{under_load:.2f} s under load vs {alone:.2f} s alone")
+        if under_load <= 2 * alone:
+            return
+    raise AssertionError(f"time to first token of a {prompt_tokens}-token prompt: {'; '.join(ratios)}")
 
 
 @pytest.fixture(scope="module")

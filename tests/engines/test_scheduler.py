@@ -267,10 +267,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
     while not long.output_ids:
         scheduler.run_once()
         steps += 1
-    assert steps == 3  # 61 + 61 + 28 prompt tokens, beside three decoding rows
-    assert [len(s.output_ids) for s in decoding] == [5, 5, 5]  # a token every step meanwhile
+    # Half of the 64-token step while rows decode: 32 + 32 + 32 + 32 + 22 prompt tokens (the whole
+    # step's 61 before), so the three rows wait for at most 32 prompt tokens between two tokens.
+    assert steps == 5
+    assert [len(s.output_ids) for s in decoding] == [7, 7, 7]  # a token every step meanwhile
     _run_to_completion(scheduler, {})
     _check_against_reference([long])
+
+
+def test_the_prefill_cap_while_decoding_sets_the_chunks_and_lifts_when_decoding_ends(monkeypatch):
+    scheduler = _scheduler(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_while_decoding=40)
+    prefilled: list[int] = []
+    real_prefill_many = scheduler.runner.prefill_many
+    monkeypatch.setattr(scheduler.runner, "prefill_many", lambda chunks: (
+        prefilled.extend(len(chunk.token_ids) for chunk in chunks), real_prefill_many(chunks))[1])
+    decoding = _sequence("d", [3, 4], 4)
+    decoding.stop_token_ids = frozenset()  # exactly 4 tokens: it decodes through the next 3 steps
+    _run_steps(scheduler, [decoding], 1)
+    long = _sequence("long", [i % 200 + 1 for i in range(300)], 3)
+    _run_to_completion(scheduler, {0: [long]})
+    # 40 a step while the other row decodes; once it has finished, the rest whole (nobody waits)
+    assert prefilled == [2, 40, 40, 40, 180]
+    _check_against_reference([long, decoding])
 
 
 def _run_steps(scheduler: Scheduler, sequences: list[Sequence], steps: int) -> None:
