@@ -50,18 +50,19 @@ def check_raw(body: Any, bounds: InputSettings) -> None:
 
 @dataclass(frozen=True, slots=True)
 class PromptText:
-    """UTF-8 bytes of what a request's prompt is made of. ``content``: messages' text (or a completion's
-    prompt), rendered as it is; ``structure``: tool definitions, tool-call arguments and structured-output
-    schemas, which a template may render more compactly; ``documents``: RAG documents, which packing may
-    drop."""
+    """UTF-8 bytes of what a request is made of. ``content``: messages' text (or a completion's prompt),
+    rendered as it is; ``structure``: tool definitions and tool-call arguments, which a template may
+    render more compactly; ``schemas``: structured-output constraints, never rendered into the prompt;
+    ``documents``: RAG documents, which packing may drop."""
 
     content: int = 0
     structure: int = 0
     documents: int = 0
+    schemas: int = 0
 
     @property
     def total(self) -> int:
-        return self.content + self.structure + self.documents
+        return self.content + self.structure + self.documents + self.schemas
 
     def at_least_tokens(self, max_token_bytes: int) -> int:
         """Tokens the prompt takes at the least, documents aside, known without tokenizing: a token
@@ -74,7 +75,7 @@ def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> PromptText
     check_raw({"messages": body.messages, "documents": body.documents}, bounds)
     text = PromptText(
         content=sum(_content_bytes(message.content) for message in body.messages),
-        structure=_calls_bytes(body.messages) + _json_bytes(body.tools) + _schema_bytes(body),
+        structure=_calls_bytes(body.messages) + _json_bytes(body.tools), schemas=_schema_bytes(body),
         documents=sum(_utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents or ()))
     if text.documents > bounds.max_documents_bytes:
         raise RequestTooLarge(f"the documents hold {text.documents} bytes; at most {bounds.max_documents_bytes} "
@@ -88,7 +89,7 @@ def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> PromptText
 def check_completion(body: CompletionRequest, bounds: InputSettings) -> PromptText:
     prompt = body.prompt
     size = _utf8(prompt) if isinstance(prompt, str) else sum(_utf8(p) for p in prompt if isinstance(p, str))
-    text = PromptText(content=size, structure=_schema_bytes(body))
+    text = PromptText(content=size, schemas=_schema_bytes(body))
     _check_text_bytes(text, "prompt", bounds)
     check_sampling(body, bounds)
     return text
@@ -145,10 +146,11 @@ def check_template_kwargs(kwargs: dict[str, Any] | None, bounds: InputSettings) 
 
 def _check_text_bytes(text: PromptText, param: str, bounds: InputSettings) -> None:
     if text.total > bounds.max_text_bytes:
-        parts = {param: text.content, "tools": text.structure, "documents": text.documents}
+        parts = {param: text.content, "tools": text.structure + text.schemas, "documents": text.documents}
         largest = max(parts, key=parts.__getitem__)
         raise RequestTooLarge(f"the request holds {text.total} bytes of text ({text.content} in the {param}, "
-                              f"{text.structure} in tools, tool-call arguments and schemas, {text.documents} in "
+                              f"{text.structure + text.schemas} in tools, tool-call arguments and schemas, "
+                              f"{text.documents} in "
                               f"documents); at most {bounds.max_text_bytes} are allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)",
                               param=largest)
 

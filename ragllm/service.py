@@ -121,8 +121,9 @@ class CompletionService:
                 options=options, no_think=no_think))
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         passthrough = _passthrough(body)
-        structured = structured_output_of(passthrough or {}, self.schema_limits)
-        tools = tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.schema_limits)
+        # Schemas are checked (and tools' parameters) where their size says: off the event loop when large.
+        heavy_constraints = text.structure + text.schemas > LARGE_TEXT_BYTES // 8
+        structured, tools = await off_loop_if(heavy_constraints, self._constraints, body, passthrough)
         if tools is not None and tools.must_call and model.tool_call_format is not None:
             structured = _tool_call_constraint(model.tool_call_format, tools, structured)
         if rag_context is not None and rag_context.citations == "constrained":
@@ -164,14 +165,14 @@ class CompletionService:
         )
         return self._prepared("completion", request_id, model, generation, body)
 
-    def prepare_tokenize(self, body: TokenizeRequest) -> tuple[ModelCard, GenerationRequest]:
-        check_tokenize(body, self.bounds)
+    async def prepare_tokenize(self, body: TokenizeRequest) -> tuple[ModelCard, GenerationRequest]:
+        text = check_tokenize(body, self.bounds)
         model = self._model(body.model)
         if (body.messages is None) == (body.prompt is None):
             raise InvalidRequest("send either messages or prompt", param="messages")
         messages = None
         if body.messages is not None:
-            messages = self._template_messages(body.messages)
+            messages = await off_loop_if(text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages)
         return model, GenerationRequest("tokenize", SamplingParams(), messages=messages, prompt=body.prompt,
                                         chat_template_kwargs=body.chat_template_kwargs)
 
@@ -186,6 +187,11 @@ class CompletionService:
             stream=bool(body.stream),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
         )
+
+    def _constraints(self, body: ChatCompletionRequest, passthrough: dict[str, Any] | None
+                     ) -> tuple[StructuredOutput | None, ToolUse | None]:
+        return (structured_output_of(passthrough or {}, self.schema_limits),
+                tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.schema_limits))
 
     def _template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
         return [_template_message(message, index, self.schema_limits) for index, message in enumerate(messages)]

@@ -103,7 +103,7 @@ async def _generate(request: Request, principal: Principal, allowance: Allowance
 async def _tokenize(request: Request, principal: Principal, allowance: Allowance | None,
                     body: TokenizeRequest) -> Response:
     state = app_state(request)
-    model, generation = state.service.prepare_tokenize(body)
+    model, generation = await state.service.prepare_tokenize(body)
     count = await state.engine.count_prompt_tokens(generation)
     return Response(orjson.dumps({"count": count, "max_model_len": model.max_model_len}),
                     media_type="application/json", headers=allowance.headers() if allowance else None)

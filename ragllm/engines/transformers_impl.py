@@ -254,7 +254,7 @@ class TransformersEngine(Engine):
             if sequence is not leader:
                 sequence.leader = leader
                 leader.followers.append(sequence)
-        stream = _QueueStream(self, leader, choices)
+        stream = _QueueStream(self, sequences)
         self._scheduler.submit(leader)
         return stream
 
@@ -384,12 +384,13 @@ class _QueueStream(DeltaStream):
     """The deltas of a request's choices, as its sequences produce them; done when every choice has
     finished. A failure of any choice fails the request (closing it frees the other choices)."""
 
-    def __init__(self, engine: TransformersEngine, sequence: Sequence, choices: int = 1) -> None:
-        self.request_id = sequence.request_id
+    def __init__(self, engine: TransformersEngine, sequences: list[Sequence]) -> None:
+        self.request_id = sequences[0].request_id
         self._engine = engine
-        self._leader = sequence
-        self._queue: asyncio.Queue = sequence.sink
-        self._unfinished = choices
+        # Every choice, kept here: the scheduler empties the leader's followers once they start.
+        self._choices = tuple(sequences)
+        self._queue: asyncio.Queue = sequences[0].sink
+        self._unfinished = len(sequences)
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
@@ -416,9 +417,9 @@ class _QueueStream(DeltaStream):
     def produced(self) -> Usage:
         """Read off the sequences (the engine thread appends to them): the prompt once the leader was
         scheduled, every choice's sampled tokens, queued for the consumer or not."""
-        leader = self._leader
+        leader = self._choices[0]
         prompt = leader.num_prompt_tokens if leader.queue_time_s is not None else 0
-        return Usage(prompt, sum(len(s.output_ids) for s in (leader, *leader.followers)))
+        return Usage(prompt, sum(len(s.output_ids) for s in self._choices))
 
     def _finish(self) -> None:
         self._done = True

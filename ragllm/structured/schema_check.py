@@ -22,9 +22,9 @@ SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depen
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames",
                  "unevaluatedProperties", "unevaluatedItems")
-# Subschemas that apply to the same value as the schema holding them (a $ref's target too).
-_SAME_VALUE_LISTS = ("allOf", "anyOf", "oneOf")
-_SAME_VALUE = ("not", "if", "then", "else")
+# Subschemas a value must satisfy as well as the schema holding them (a $ref's target too); anyOf and
+# oneOf branches are alternatives (a cycle through one may have a way out), not requirements.
+_REQUIRED_LISTS = ("allOf",)
 # The published drafts' meta-schemas, as clients write them (with or without the trailing '#').
 DIALECTS = frozenset(f"{scheme}://json-schema.org/{path}" for scheme in ("http", "https") for path in (
     "draft-04/schema", "draft-06/schema", "draft-07/schema", "draft/2019-09/schema", "draft/2020-12/schema"))
@@ -62,8 +62,8 @@ def _check_keywords(schema: dict[str, Any], param: str) -> None:
 
 
 def _refuse_empty_cycles(root: dict[str, Any], param: str) -> None:
-    """Depth-first over "applies to the same value" edges (a $ref, allOf/anyOf/oneOf, not, if/then/else),
-    with an explicit stack: a cycle among them is a schema that refers to itself forever."""
+    """Depth-first over "the same value must also satisfy" edges (a $ref, allOf), with an explicit stack:
+    a cycle among them is a schema that requires itself forever."""
     state: dict[int, bool] = {}  # id of a subschema → True while on the path, False once explored
     for start in _subschemas(root):
         if id(start) in state:
@@ -107,11 +107,10 @@ def _same_value(root: dict[str, Any], schema: dict[str, Any]) -> Iterator[dict[s
         target = _resolved(root, reference)
         if target is not None:
             yield target
-    for key in _SAME_VALUE_LISTS:
+    for key in _REQUIRED_LISTS:
         value = schema.get(key)
         if isinstance(value, list):
             yield from (sub for sub in value if isinstance(sub, dict))
-    yield from (schema[key] for key in _SAME_VALUE if isinstance(schema.get(key), dict))
 
 
 def _resolved(root: dict[str, Any], reference: str) -> dict[str, Any] | None:

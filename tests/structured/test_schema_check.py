@@ -73,6 +73,7 @@ REAL_SCHEMAS = [
     {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "array", "prefixItems": [{"type": "integer"}]},
     {"type": "object", "properties": {"next": {"$ref": "#"}, "value": {"type": "integer"}}},  # a linked list
     {"type": "object", "properties": {"not": {"type": "string"}, "$ref": {"type": "string"}}},  # keywords as names
+    {"anyOf": [{"type": "string"}, {"$ref": "#"}]},  # any string satisfies it: a way out of the cycle
 ]
 
 
@@ -106,10 +107,9 @@ def test_a_dialect_other_than_a_published_draft_is_refused_without_being_fetched
 
 @pytest.mark.parametrize("schema", [
     {"$ref": "#"},
-    {"anyOf": [{"type": "null"}, {"$ref": "#"}]},
+    {"allOf": [{"type": "object"}, {"$ref": "#"}]},
     {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"},
     {"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}},
-    {"not": {"if": {"$ref": "#"}}},
 ])
 def test_a_ref_that_leads_back_without_a_value_in_between_is_refused(schema):
     with pytest.raises(InvalidRequest) as refusal:
