@@ -28,6 +28,18 @@ def async_client(server) -> openai.AsyncOpenAI:
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The packaged model's own tokenizer (tests that need another define their own)."""
+    from transformers import AutoTokenizer
+
+    from ragllm.config import load_settings
+    from ragllm.models import resolve_model
+
+    engine = load_settings().engine
+    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
+
+
+@pytest.fixture(scope="session")
 def model() -> str:
     return MODEL
 

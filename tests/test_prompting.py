@@ -30,17 +30,6 @@ QUESTION = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "When was the Verdant Bridge completed?"}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from ragllm.config import load_settings
-    from ragllm.models import resolve_model
-
-    engine = load_settings().engine
-    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
-
-
 def _prompt(tokenizer, documents) -> str:
     messages = render_messages(load_template("default@1"), rank(documents), QUESTION)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -102,17 +102,6 @@ def _stopped_one_character_at_a_time(text: str, stops: list[str]) -> tuple[str, 
 
 
 # -- detokenizing ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from ragllm.config import load_settings
-    from ragllm.models import resolve_model
-
-    engine = load_settings().engine
-    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
-
-
 unicode_text = st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), max_size=30)
 
 

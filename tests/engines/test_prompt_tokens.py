@@ -5,19 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ragllm.config import load_settings
 from ragllm.engines.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
 from ragllm.loadtest import Workload
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from ragllm.models import resolve_model
-
-    engine = load_settings().engine
-    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
 
 
 def _whole(tokenizer, text: str) -> list[int]:

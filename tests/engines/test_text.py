@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragllm.config import load_settings
 from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from ragllm.models import resolve_model
-
-    engine = load_settings().engine
-    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
 
 
 @pytest.mark.parametrize("text", [

@@ -12,7 +12,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ragllm.config import load_settings
 from ragllm.errors import InvalidRequest
 from ragllm.structured.grammar_cache import GrammarCache
 from ragllm.structured.grammars import GrammarCompiler, GrammarViolation, MaskOverBudget
@@ -22,16 +21,6 @@ from ragllm.structured.spec import structured_output_of
 
 # Every parse of a string of 'a's is ambiguous in more ways each step: its mask costs grow with the answer.
 AMBIGUOUS = 'start: s "."\ns: s s | s s s | "a" | "b" | "ab" | "ba" | "aa"\n'
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from ragllm.models import resolve_model
-
-    engine = load_settings().engine
-    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,10 @@ import sys
 import pytest
 import torch
 
-from ragllm.config import load_settings
 from ragllm.errors import ConstraintUnfollowable, InvalidRequest
 from ragllm.structured.grammars import Grammar, GrammarCompiler, GrammarViolation
 from ragllm.structured.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput, structured_output_of
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from ragllm.models import resolve_model
-
-    engine = load_settings().engine
-    return AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))
 
 
 @pytest.fixture(scope="module")
