@@ -32,21 +32,28 @@ def gpu_server(tmp_path_factory):
         server.stop()
 
 
-def _leave_after_first_token(url: str, index: int) -> str:
+def _messages(index: int) -> list[dict]:
+    return [{"role": "user", "content": " ".join(f"t{(index * 131 + i) % 5000 + 3}" for i in range(96))}]
+
+
+def _leave_after_first_token(url: str, index: int) -> tuple[str, int]:
+    prompt_tokens = httpx.post(f"{url}/tokenize", json={"model": "gpu", "messages": _messages(index)},
+                               timeout=60).json()["count"]
     body = {"model": "gpu", "max_tokens": 256, "ignore_eos": True, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": " ".join(f"t{(index * 131 + i) % 5000 + 3}" for i in range(96))}]}
+            "messages": _messages(index)}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"cache-control": "no-store"},
                       timeout=120) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                return response.headers["x-request-id"]
+                return response.headers["x-request-id"], prompt_tokens
     raise AssertionError("the stream ended before its first token")
 
 
 def test_streams_left_after_their_first_token_are_charged_what_the_engine_made(gpu_server):
     with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
-        request_ids = set(pool.map(lambda index: _leave_after_first_token(gpu_server.url, index), range(STREAMS)))
+        expected = dict(pool.map(lambda index: _leave_after_first_token(gpu_server.url, index), range(STREAMS)))
+    request_ids = set(expected)
     gpu_server.wait_until(lambda response: response.json()["running"] == 0, timeout_s=60)
     entries = {}
     for line in gpu_server.log_tail_full().splitlines():
@@ -59,7 +66,8 @@ def test_streams_left_after_their_first_token_are_charged_what_the_engine_made(g
     print(f"\n{STREAMS} streams left after their first token: prompt tokens "
           f"{sorted({int(e['prompt_tokens']) for e in charged})}, completion tokens min "
           f"{min(int(e['completion_tokens']) for e in charged)}, max {max(int(e['completion_tokens']) for e in charged)}")
-    for entry in charged:
+    for request_id in request_ids:
+        entry = entries[request_id]
         assert int(entry["status"]) == 499
-        assert int(entry["prompt_tokens"]) > 96  # the words and the chat template's own tokens
+        assert int(entry["prompt_tokens"]) == expected[request_id]  # what /tokenize counts: what was prefilled
         assert int(entry["completion_tokens"]) >= 1
