@@ -210,7 +210,7 @@ class CompletionService:
     async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
         timer = self.metrics.request_timer()
         stream = await self.engine.generate(prepared.generation)
-        parsers = tool_parser(prepared)
+        parsers = tool_parser(prepared, self.schema_limits)
         return (ToolCallStream(stream, parsers) if parsers is not None else stream), timer
 
     async def run_to_end(self, stream: DeltaStream, timer: RequestTimer, choices: int = 1) -> Outcome:
@@ -229,13 +229,13 @@ class CompletionService:
         return outcome
 
 
-def tool_parser(prepared: PreparedRequest) -> Callable[[], ToolCallParser] | None:
+def tool_parser(prepared: PreparedRequest, limits: JsonLimits) -> Callable[[], ToolCallParser] | None:
     """Makes a reader of tool calls for each choice of an answer the engine returns as raw text;
     None where no tool can be called or the engine reads them itself (an upstream)."""
     tool_format, tools = prepared.model.tool_call_format, prepared.tools
     if tools is None or tool_format is None:
         return None
-    return lambda: ToolCallParser(tool_format, tools.names(), tools.parallel)
+    return lambda: ToolCallParser(tool_format, tools.names(), tools.parallel, limits)
 
 
 def _tool_call_constraint(tool_format: str, tools: ToolUse, structured: StructuredOutput | None) -> StructuredOutput:

@@ -11,22 +11,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ragllm.bounded_json import JsonTooComplex, check_structure, try_loads_bounded
+from ragllm.bounded_json import JsonLimits, JsonTooComplex, check_structure, try_loads_bounded
 from ragllm.structured.spec import DEFAULT_SCHEMA_LIMITS
 from ragllm.tools.calls import tool_call_delta
 from ragllm.tools.formats import LLAMA3_JSON
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
-# A call the model writes is read within the bounds a request's own arguments get; a deeper or larger
-# one (a tenant can force any shape with a regular expression) stays text.
-ANSWER_JSON_LIMITS = DEFAULT_SCHEMA_LIMITS
 
 
 class ToolCallParser:
     """Splits one answer into content and calls of the functions ``names``."""
 
-    def __init__(self, tool_format: str, names: list[str], parallel: bool = True) -> None:
+    def __init__(self, tool_format: str, names: list[str], parallel: bool = True,
+                 limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> None:
+        # A call the model writes is read within the bounds the request's own arguments get; a deeper or
+        # larger one (a tenant can force any shape with a regular expression) stays text.
+        self._limits = limits
         self._llama = tool_format == LLAMA3_JSON
         self._names = set(names)
         self._parallel = parallel
@@ -105,7 +106,7 @@ class ToolCallParser:
         while position < len(body):
             try:
                 value, end = decoder.raw_decode(body, position)
-                check_structure(value, ANSWER_JSON_LIMITS)
+                check_structure(value, self._limits)
             except (json.JSONDecodeError, RecursionError, JsonTooComplex):
                 return held, []  # deeper than any call we would pass on: the answer's text, as written
             call = self._call(value, "parameters")
@@ -119,7 +120,7 @@ class ToolCallParser:
 
     # -- shared ------------------------------------------------------------------------------------
     def _calls_from(self, block: str) -> list[dict[str, Any]]:
-        value = try_loads_bounded(block, ANSWER_JSON_LIMITS)
+        value = try_loads_bounded(block, self._limits)
         call = self._call(value, "arguments")
         return [call] if call is not None else []
 
