@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import time
 import os
@@ -50,10 +52,14 @@ class RequestRecord:
     # the request is billed comes from them, not from what reached the client.
     engine_streams: "list[DeltaStream]" = field(default_factory=list)
 
-    def settle_usage(self) -> None:
+    async def settle_usage(self) -> None:
         """Tokens the engine produced for this request, however it ended (the client gone mid-stream
         or before a whole answer, an error, a drain), raised into ``prompt_tokens`` and
-        ``completion_tokens``: what is logged, counted and charged. A cache hit keeps the cached usage."""
+        ``completion_tokens``: what is logged, counted and charged. A cache hit keeps the cached usage.
+        Waits for the engine to confirm a cancelled request is out, so a step it was still running
+        is charged too."""
+        if self.cache != "hit":
+            await asyncio.gather(*(stream.settled() for stream in self.engine_streams))
         produced = [usage for usage in (stream.produced() for stream in self.engine_streams) if usage is not None]
         if self.cache == "hit" or not produced:
             return
@@ -174,7 +180,7 @@ class RequestRecordMiddleware:
                 await self._finish(record)
 
     async def _finish(self, record: RequestRecord) -> None:
-        record.settle_usage()
+        await record.settle_usage()
         if record.cache != "hit":  # vLLM's token counters: what the engine prefilled and generated
             self.state.metrics.prompt_tokens_for_model.inc(record.prompt_tokens)
             self.state.metrics.generation_tokens_for_model.inc(record.completion_tokens)

@@ -152,6 +152,10 @@ class DeltaStream(abc.ABC):
         engine cannot tell; the service then bills the deltas it iterated."""
         return None
 
+    async def settled(self) -> None:
+        """Returns once ``produced()`` is final (after ``aclose()``, the engine may still be finishing
+        a step for the request); at once for engines whose count is final when the stream closes."""
+
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[Delta]: ...
 
@@ -183,6 +187,9 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache: "KVCacheStats | None" = None  # engines that hold a KV cache themselves
+    # Tokens the engine itself counted as made for clients since it started (the prompt of each
+    # request whose prefill started, every token sampled), independent of what requests were billed.
+    produced: "Usage | None" = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,10 +67,11 @@ class SchedulerLimits:
 
 
 class _Abort:
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "on_removed")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, on_removed: Callable[[], None] | None) -> None:
         self.request_id = request_id
+        self.on_removed = on_removed  # called on the engine thread once no step can add to it
 
 
 _SHUTDOWN = object()
@@ -100,6 +101,10 @@ class Scheduler:
         self.fatal: BaseException | None = None  # set once a step failed for no sequence in particular
         self.last_progress = time.monotonic()  # when a step last completed (or the loop last idled)
         self.num_sequence_faults = 0
+        # What the engine produced for clients, counted here as it happens (not from what was billed):
+        # the prompt of each request once its prefill starts, and every token sampled for any choice.
+        self.num_prompt_tokens_started = 0
+        self.num_tokens_sampled = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
@@ -123,8 +128,10 @@ class Scheduler:
     def submit(self, sequence: Sequence) -> None:
         self._inbox.put(sequence)
 
-    def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+    def abort(self, request_id: str, on_removed: Callable[[], None] | None = None) -> None:
+        """Remove the request; ``on_removed`` is called (on the engine thread) once it is out of every
+        queue and no step in flight can sample for it any more, so what it produced is final."""
+        self._inbox.put(_Abort(request_id, on_removed))
 
     def stop(self, timeout_s: float = 30) -> None:
         self._inbox.put(_SHUTDOWN)
@@ -217,6 +224,8 @@ class Scheduler:
                 return False
             if isinstance(item, _Abort):
                 self._abort(item.request_id)
+                if item.on_removed is not None:
+                    item.on_removed()
             else:
                 self.waiting.append(item)
             try:
@@ -394,7 +403,8 @@ class Scheduler:
         items = []
         for sequence, target, chunk in chunks:
             for member in (sequence, *sequence.followers):
-                member.mark_scheduled()
+                if member.mark_scheduled() and member is sequence and sequence.for_client:
+                    self.num_prompt_tokens_started += sequence.num_prompt_tokens  # once a request
             start = sequence.num_computed
             items.append(PrefillChunk(sequence.block_table, target[start : start + chunk], start))
         all_logits = self.runner.prefill_many(items)
@@ -460,6 +470,8 @@ class Scheduler:
                 for outcome in (token, token_scores):
                     if isinstance(outcome, BaseException):
                         raise outcome
+                if sequence.for_client:
+                    self.num_tokens_sampled += 1  # append_token keeps it, whatever it raises after
                 delta = sequence.append_token(token, token_scores)
             except Exception as exc:
                 self._fail_sequence(sequence, exc, results)

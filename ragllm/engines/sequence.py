@@ -50,6 +50,8 @@ class Sequence:
     logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None  # the structured output the answer must follow
     index: int = 0  # the choice this sequence answers (of its request's n)
+    # A client's request, whose tokens the engine counts as produced; the engine's own canary is not.
+    for_client: bool = True
     # Choices 1..n-1 of the request, which wait for this sequence's prompt to be prefilled and then
     # start from a copy of its cache (the prompt is prefilled once).
     followers: list["Sequence"] = field(default_factory=list)
@@ -84,9 +86,12 @@ class Sequence:
     def history(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def mark_scheduled(self) -> None:
-        if self.queue_time_s is None:
-            self.queue_time_s = time.monotonic() - self.arrival_time
+    def mark_scheduled(self) -> bool:
+        """Note when the sequence first left the queue; True that first time (its prompt starts)."""
+        if self.queue_time_s is not None:
+            return False
+        self.queue_time_s = time.monotonic() - self.arrival_time
+        return True
 
     def append_token(self, token_id: int, scores: "TokenScores | None" = None) -> Delta | None:
         """Record a sampled token (with its log probabilities, when asked for); returns a delta when

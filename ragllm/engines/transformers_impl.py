@@ -48,6 +48,9 @@ from ragllm.errors import (
 
 logger = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0005
+# How long a left request's billing waits for the engine thread to confirm its abort: a step or two
+# normally; longer only when the engine is stalling, which its health check reports anyway.
+SETTLE_TIMEOUT_S = 5.0
 
 
 class TransformersEngine(Engine):
@@ -186,6 +189,7 @@ class TransformersEngine(Engine):
         request = GenerationRequest("canary-" + os.urandom(6).hex(), SamplingParams(max_tokens=1, temperature=0.0),
                                     prompt_token_ids=[self._canary_token])
         sequence = self._new_sequence(request, [self._canary_token])
+        sequence.for_client = False
         self._scheduler.submit(sequence)
         try:
             answer = await asyncio.wait_for(sequence.sink.get(), self.settings.stall_timeout_s)
@@ -229,7 +233,9 @@ class TransformersEngine(Engine):
                           blocks_free=blocks.pool.num_free, prefix_cache_queries=blocks.pool.queries,
                           prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions,
                           dtype=str(self._scheduler.runner.cache_dtype).removeprefix("torch."))
-        return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv)
+        produced = Usage(self._scheduler.num_prompt_tokens_started, self._scheduler.num_tokens_sampled)
+        return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv,
+                           produced=produced)
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
         health = self.health()
@@ -348,8 +354,27 @@ class TransformersEngine(Engine):
     def _deliver_from_engine_thread(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
         self._loop.call_soon_threadsafe(_dispatch, results)
 
-    def _abort(self, request_id: str) -> None:
-        self._scheduler.abort(request_id)
+    def _abort(self, request_id: str) -> asyncio.Future[None]:
+        """Remove the request from the engine; the future is done once the engine thread has removed
+        it, after which nothing more is sampled for it."""
+        removed = self._loop.create_future()
+
+        def acknowledge() -> None:  # on the engine thread
+            try:
+                self._loop.call_soon_threadsafe(_resolve, removed)
+            except RuntimeError:  # the event loop has closed: nobody waits any more
+                pass
+
+        self._scheduler.abort(request_id, acknowledge)
+        return removed
+
+    def _is_running(self) -> bool:
+        return self._scheduler is not None and self._scheduler.is_alive()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
@@ -392,6 +417,7 @@ class _QueueStream(DeltaStream):
         self._queue: asyncio.Queue = sequences[0].sink
         self._unfinished = len(sequences)
         self._done = False
+        self._removed: asyncio.Future[None] | None = None  # the engine's word that the abort is done
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self._done:
@@ -399,7 +425,7 @@ class _QueueStream(DeltaStream):
             if isinstance(item, BaseException):
                 self._finish()
                 if self._unfinished > 1:  # the other choices would run on for nobody
-                    self._engine._abort(self.request_id)
+                    self._removed = self._engine._abort(self.request_id)
                 if isinstance(item, RagLLMError):  # the engine's own verdict on this request
                     raise item
                 raise EngineFailure(f"generation failed: {item}") from item
@@ -412,7 +438,18 @@ class _QueueStream(DeltaStream):
     async def aclose(self) -> None:
         if not self._done:
             self._finish()
-            self._engine._abort(self.request_id)
+            self._removed = self._engine._abort(self.request_id)
+
+    async def settled(self) -> None:
+        """Once an abort is in, the engine thread may still be sampling the step it started: wait for
+        its word that the request is out, so ``produced()`` counts that step's tokens too."""
+        if self._removed is None or self._removed.done() or not self._engine._is_running():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._removed), SETTLE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            logger.warning("request %s: the engine did not confirm its abort within %g s; billing what it "
+                           "had produced by then", self.request_id, SETTLE_TIMEOUT_S)
 
     def produced(self) -> Usage:
         """Read off the sequences (the engine thread appends to them): the prompt once the leader was

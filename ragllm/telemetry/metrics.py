@@ -138,6 +138,15 @@ class _EngineStatsCollector(Collector):
             ("vllm:num_requests_waiting", "Requests queued for the engine.", stats.num_waiting),
         ):
             yield self._family(GaugeMetricFamily(name, doc, labels=["model_name"]), value)
+        if stats.produced is not None:
+            for name, doc, value in (
+                ("ragllm_engine_prompt_tokens", "Prompt tokens of requests whose prefill the engine started, "
+                 "counted by the engine (what requests were billed: vllm:prompt_tokens).",
+                 stats.produced.prompt_tokens),
+                ("ragllm_engine_generation_tokens", "Tokens the engine sampled for requests, counted by the "
+                 "engine (what requests were billed: vllm:generation_tokens).", stats.produced.completion_tokens),
+            ):
+                yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), value)
         kv = stats.kv_cache
         if kv is None:  # an upstream engine: its replicas export these series themselves
             return

@@ -39,5 +39,8 @@ class ToolCallStream(DeltaStream):
     def produced(self) -> Usage | None:
         return self._inner.produced()
 
+    async def settled(self) -> None:
+        await self._inner.settled()
+
     async def scrape_metrics(self) -> list[tuple[str, str]]:
         return await self._inner.scrape_metrics()

@@ -80,6 +80,12 @@ def _tokens_counted(server) -> tuple[float, float]:
     return metric_value(text, "vllm:prompt_tokens_total"), metric_value(text, "vllm:generation_tokens_total")
 
 
+def _engine_counted(server) -> tuple[float, float]:
+    """The engine's own count of what it produced (prompts started, tokens sampled), not from billing."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return metric_value(text, "ragllm_engine_prompt_tokens_total"), metric_value(text, "ragllm_engine_generation_tokens_total")
+
+
 def _running(server) -> float:
     return metric_value(httpx.get(f"{server.url}/metrics").text, "vllm:num_requests_running")
 
@@ -132,12 +138,13 @@ def test_a_response_cache_hit_spends_nothing(billed, shared_redis_url):
 
 
 @pytest.mark.parametrize("chunks", LEAVE_AFTER)
-def test_a_stream_left_early_is_charged_at_least_what_it_received(billed, shared_redis_url, chunks):
+def test_a_stream_left_early_is_charged_exactly_what_the_engine_made(billed, shared_redis_url, chunks):
     key = f"leaver-{chunks}"
     wait_clear_of_window_edge()
     _wait_idle(billed)
     before = _remaining(billed, key)
     prompt_before, generated_before = _tokens_counted(billed)
+    engine_before = _engine_counted(billed)
     prompt_tokens = httpx.post(f"{billed.url}/tokenize", headers=_auth(key), timeout=30,
                                json={"model": MODEL, "messages": QUESTION}).json()["count"]
     received = 0
@@ -159,12 +166,17 @@ def test_a_stream_left_early_is_charged_at_least_what_it_received(billed, shared
     prompt_after, generated_after = _tokens_counted(billed)
     assert prompt_after - prompt_before == prompt_tokens
     assert generated_after - generated_before == int(entry["completion_tokens"])
+    _wait_idle(billed)  # charged exactly what the engine made, the step it ran after the client left too
+    engine_after = _engine_counted(billed)
+    assert (engine_after[0] - engine_before[0], engine_after[1] - engine_before[1]) == (
+        int(entry["prompt_tokens"]), int(entry["completion_tokens"]))
 
 
 def test_a_client_gone_before_a_whole_answer_is_charged_what_the_engine_made(billed, shared_redis_url):
     wait_clear_of_window_edge()
     _wait_idle(billed)
     before = _remaining(billed, "waiter")
+    engine_before = _engine_counted(billed)
     connection = _post_raw(billed.url, "waiter", {"model": MODEL, "messages": QUESTION, "max_tokens": 400,
                                                   "temperature": 0})
     deadline = time.monotonic() + 20
@@ -177,6 +189,10 @@ def test_a_client_gone_before_a_whole_answer_is_charged_what_the_engine_made(bil
     assert int(entry["prompt_tokens"]) > 0 and int(entry["completion_tokens"]) > 0, entry
     charged = int(entry["prompt_tokens"]) + int(entry["completion_tokens"])
     assert _remaining_once_settled(billed, "waiter", before - charged) == before - charged
+    _wait_idle(billed)
+    engine_after = _engine_counted(billed)
+    assert (engine_after[0] - engine_before[0], engine_after[1] - engine_before[1]) == (
+        int(entry["prompt_tokens"]), int(entry["completion_tokens"]))
 
 
 def _post_raw(url: str, key: str, body: dict, send_bytes: int | None = None) -> socket.socket:
