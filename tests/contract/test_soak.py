@@ -1,4 +1,4 @@
-"""Soak: a gateway in front of two replicas under a mixed load of valid, invalid, oversized and
+"""Soak: a gateway in front of two replicas under a mixed load of valid, invalid (hostile JSON among them), oversized and
 disconnecting clients, while its Redis is killed and restarted and one replica is killed mid-run.
 
 Bounded: 30 s of load on loopback by default (``SOAK_LOAD_S`` sets it; RELIABILITY.md's recorded run
@@ -21,6 +21,7 @@ from collections import Counter
 import httpx
 import redis
 
+from tests.contract.test_hostile_soak import HOSTILE_BODIES
 from tests.servers import MODEL, RedisServer, ServerProcess, free_port, send_chat_raw
 from tests.sse import post_stream
 
@@ -58,7 +59,9 @@ INVALID_BODIES = [b"{not json", b'{"model": 7, "messages": "hi"}', b"\xff\xfe\x0
                   json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}).encode(),
                   json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                               "temperature": 1e-40}).encode(),
-                  json.dumps({"model": MODEL, "messages": []}).encode()]
+                  json.dumps({"model": MODEL, "messages": []}).encode(),
+                  # what a hostile tenant sends (deep schemas, deep call arguments, 2,500 choices, ...)
+                  *(json.dumps(body).encode() for body in HOSTILE_BODIES.values())]
 
 
 def _invalid(url: str, rng: random.Random) -> tuple[str, str]:
