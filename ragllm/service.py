@@ -76,6 +76,7 @@ class PreparedRequest:
     generation: GenerationRequest
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
     rag: RagContext | None = None  # the request carried documents
     strip_thinking: bool = False  # remove <think>...</think> from the answer
     tools: ToolUse | None = None  # tools the answer may call, read out of its text by ``tool_parser``
@@ -186,6 +187,8 @@ class CompletionService:
             generation=generation,
             stream=bool(body.stream),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            continuous_usage=bool(body.stream_options and body.stream_options.include_usage
+                                  and body.stream_options.continuous_usage_stats),
         )
 
     def _constraints(self, body: ChatCompletionRequest, passthrough: dict[str, Any] | None

@@ -126,11 +126,14 @@ class ChunkEncoder:
             {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
             + b"\n\n" for index in range(choices))
 
-    def text(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> bytes:
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0,
+             usage: Delta | None = None) -> bytes:
+        """A text event; ``usage``: the request's usage so far, carried by the event (continuous usage)."""
+        extra = {"usage": _usage(usage)} if usage is not None else None
         if not self._wants_logprobs:
-            if index == 0:  # the hot path: only the text is encoded
+            if index == 0 and extra is None:  # the hot path: only the text is encoded
                 return self._text_prefix + orjson.dumps(text) + self._text_suffix
-            return self._render(text, None, index=index)
+            return self._render(text, None, extra, index=index)
         entries = logprobs or []
         if self._chat:
             rendered = chat_logprobs(entries)
@@ -138,15 +141,19 @@ class ChunkEncoder:
             offset = self._text_offsets.get(index, 0)
             rendered = completion_logprobs(entries, offset)
             self._text_offsets[index] = offset + sum(len(entry.token) for entry in entries)
-        return self._render(text, None, logprobs=rendered, index=index)
+        return self._render(text, None, extra, logprobs=rendered, index=index)
 
-    def tool_calls(self, entries: list[dict], index: int = 0) -> bytes:
+    def tool_calls(self, entries: list[dict], index: int = 0, usage: Delta | None = None) -> bytes:
         """An event with tool-call entries (each with its index, as OpenAI streams them)."""
         choice = {"index": index, "delta": {"tool_calls": entries}, "logprobs": None, "finish_reason": None}
-        return b"data: " + orjson.dumps({**self._head, "choices": [choice]}) + b"\n\n"
+        extra = {"usage": _usage(usage)} if usage is not None else {}
+        return b"data: " + orjson.dumps({**self._head, "choices": [choice], **extra}) + b"\n\n"
 
-    def finish(self, finish_reason: str, index: int = 0, extra: dict | None = None) -> bytes:
+    def finish(self, finish_reason: str, index: int = 0, extra: dict | None = None,
+               usage: Delta | None = None) -> bytes:
         """One choice's finish event (with ``extra`` fields on the request's last one)."""
+        if usage is not None:
+            extra = {**(extra or {}), "usage": _usage(usage)}
         return self._render(None, finish_reason, extra, index=index)
 
     def end(self, summary: Delta) -> bytes:

@@ -289,15 +289,17 @@ async def _stream_events(state: AppState, prepared: PreparedRequest, stream: Del
                 stripper = strippers[index]
                 text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
             done = tally.add(delta, text)
-            events = encoder.text(text, delta.logprobs, index) if text or delta.logprobs else b""
+            usage = tally.summary() if prepared.continuous_usage else None
+            events = encoder.text(text, delta.logprobs, index, usage) if text or delta.logprobs else b""
             if delta.tool_calls:
-                events += encoder.tool_calls(delta.tool_calls, index)
+                events += encoder.tool_calls(delta.tool_calls, index, usage)
             if opening:
                 record.queue_s, record.prompt_tokens = delta.queue_time_s, delta.prompt_tokens
                 events, opening = opening + events, b""
             if delta.finish_reason is not None:
                 answer = tally.choices[0].text
-                events += encoder.finish(delta.finish_reason.value, index, _extensions(prepared, answer) if done else None)
+                events += encoder.finish(delta.finish_reason.value, index,
+                                         _extensions(prepared, answer) if done else None, usage)
             if done:
                 summary = tally.summary()
                 timer.on_finish(summary)

@@ -54,6 +54,9 @@ class ChatMessage(_Wire):
 
 class StreamOptions(_Wire):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM's extension: with include_usage, every chunk carries the usage so far "
+                           "(a client or gateway that leaves early knows what the answer cost).")
 
 
 class ResponseFormat(_Wire):

@@ -55,6 +55,26 @@ def test_streaming_chat_arrives_in_chunks_with_usage_last(client, model):
     assert int(raw.headers["x-ragllm-prompt-tokens"]) == whole.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, model, n):
+    """vLLM's extension, which a gateway in front of us asks for: a client that leaves early still
+    knows what the answer cost. Without include_usage it does nothing, as in vLLM."""
+    chunks = list(client.chat.completions.create(
+        model=model, messages=STORY, temperature=0.7, seed=3, max_tokens=12, n=n, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_headers=NO_CACHE))
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.completion_tokens == 12 * n
+    carrying = [c for c in chunks if c.choices and (c.choices[0].delta.content or c.choices[0].finish_reason)]
+    assert len(carrying) >= 12 * n - 2 and all(c.usage is not None for c in carrying)
+    assert {c.usage.prompt_tokens for c in carrying} == {final.prompt_tokens}
+    so_far = [c.usage.completion_tokens for c in carrying]
+    assert so_far == sorted(so_far) and so_far[-1] == final.completion_tokens and so_far[0] <= 2
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in carrying)
+    alone = list(client.chat.completions.create(
+        model=model, messages=CAPITAL, max_tokens=4, stream=True, stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in alone)
+
+
 def test_stream_without_include_usage_has_no_usage(client, model):
     chunks = list(client.chat.completions.create(model=model, messages=CAPITAL, max_tokens=4, stream=True))
     assert all(c.usage is None for c in chunks)

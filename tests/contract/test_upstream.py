@@ -247,6 +247,29 @@ def test_a_client_that_leaves_a_stream_cancels_the_upstream_request(cluster):
     assert _left_then_idle_s(cluster, {**LONG, "stream": True}, first_token=True) <= 1.0
 
 
+def test_a_stream_left_through_the_gateway_is_charged_the_prompt_the_replica_computed(cluster):
+    """The gateway asks its replicas for the usage on every chunk, so a stream its client leaves after
+    the first token is charged the prompt and the tokens reported so far, not only what was read."""
+    def counted() -> tuple[float, float, float, float]:
+        gateway = httpx.get(f"{cluster.gateway.url}/metrics").text
+        replicas = [httpx.get(f"{server.url}/metrics").text for server in cluster.upstreams]
+        return (metric_value(gateway, "vllm:prompt_tokens_total"), metric_value(gateway, "vllm:generation_tokens_total"),
+                sum(metric_value(text, "ragllm_engine_prompt_tokens_total") for text in replicas),
+                sum(metric_value(text, "ragllm_engine_generation_tokens_total") for text in replicas))
+
+    cluster.wait_all_upstreams_up()
+    _wait_idle(cluster, 30)
+    before = counted()
+    _left_then_idle_s(cluster, {**LONG, "stream": True}, first_token=True)
+    deadline = time.monotonic() + 5  # the gateway records the request once it notices the client left
+    while counted()[0] == before[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gateway_prompt, gateway_generated, replica_prompt, replica_generated = (
+        after - earlier for after, earlier in zip(counted(), before))
+    assert gateway_prompt == replica_prompt > 0
+    assert 1 <= gateway_generated <= replica_generated
+
+
 def test_a_client_that_leaves_before_a_whole_answer_cancels_the_upstream_request(cluster):
     assert _left_then_idle_s(cluster, {**LONG, "stream": False}, first_token=False) <= 1.0
 
