@@ -152,6 +152,11 @@ class UpstreamSettings(BaseModel):
     probe_interval_s: float = Field(2.0, gt=0, description="Active health probes of every upstream.")
     eject_after_failures: int = Field(2, ge=1, description="Consecutive failures that eject an upstream.")
     eject_for_s: float = Field(5.0, gt=0, description="How long an ejected upstream is skipped.")
+    stream_whole_answers: bool = Field(
+        True, description="Ask upstreams to stream non-streaming requests too (with the usage on every chunk) "
+                          "and assemble the answer here, so one whose client leaves early is charged what the "
+                          "upstream reported so far, not nothing. Off: one JSON answer each, for upstreams that "
+                          "report usage only on whole answers.")
     metrics_cache_s: float = Field(
         5.0, ge=0, description="GET /metrics scrapes every upstream at most once per this many seconds and "
                                "serves the cached text in between (concurrent scrapes share one fan-out).")

@@ -82,7 +82,22 @@ def gateway(tmp_path_factory, shared_redis_url):
         "RAGLLM_UPSTREAM__URLS": upstream.url, "REDIS_URL": shared_redis_url, "RAGLLM_REDIS__PREFIX": prefix})
     try:
         server.wait_ready()
-        server.prefix = prefix
+        server.prefix, server.upstream = prefix, upstream
+        yield server
+    finally:
+        server.stop()
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def one_json_gateway(tmp_path_factory):
+    """A gateway that asks for whole answers as one JSON each (``stream_whole_answers`` off)."""
+    upstream = MisbehavingUpstream().start()
+    server = ServerProcess("--engine", "upstream", log_dir=tmp_path_factory.mktemp("one-json-gateway"), env={
+        "RAGLLM_UPSTREAM__URLS": upstream.url, "RAGLLM_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+    try:
+        server.wait_ready()
+        server.upstream = upstream
         yield server
     finally:
         server.stop()
@@ -121,11 +136,24 @@ def _entry(redis_url: str, prefix: str, request_id: str) -> dict:
     raise AssertionError(f"no request-log entry for {request_id}")
 
 
-def test_a_whole_answer_that_is_not_json_is_a_clear_error(gateway):
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
+@pytest.mark.parametrize("asked_as", ["a stream", "one JSON"])
+def test_a_whole_answer_that_is_not_json_is_a_clear_error(gateway, one_json_gateway, asked_as):
+    server = gateway if asked_as == "a stream" else one_json_gateway
+    response = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
                           json=_chat("garbage", stream=False))
     assert response.status_code == 500
     assert "malformed JSON" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("asked_as", ["a stream", "one JSON"])
+def test_a_whole_answer_is_relayed_with_the_upstreams_usage_either_way(gateway, one_json_gateway, asked_as):
+    server = gateway if asked_as == "a stream" else one_json_gateway
+    answer = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
+                        json=_chat("good", stream=False)).json()
+    assert answer["choices"][0]["message"]["content"] == "".join(GOOD_TEXT)
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (7, 4)
+    assert server.upstream.received[-1]["stream"] is (asked_as == "a stream")
 
 
 def test_errors_in_started_streams_are_counted_as_errors(gateway):

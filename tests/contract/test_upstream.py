@@ -247,9 +247,11 @@ def test_a_client_that_leaves_a_stream_cancels_the_upstream_request(cluster):
     assert _left_then_idle_s(cluster, {**LONG, "stream": True}, first_token=True) <= 1.0
 
 
-def test_a_stream_left_through_the_gateway_is_charged_the_prompt_the_replica_computed(cluster):
-    """The gateway asks its replicas for the usage on every chunk, so a stream its client leaves after
-    the first token is charged the prompt and the tokens reported so far, not only what was read."""
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole answer"])
+def test_an_answer_left_through_the_gateway_is_charged_the_prompt_the_replica_computed(cluster, stream):
+    """The gateway streams from its replicas, whole answers too, with the usage on every chunk, so an
+    answer its client leaves part-way is charged the prompt and the tokens reported so far (before:
+    a stream its chunks only, a whole answer nothing)."""
     def counted() -> tuple[float, float, float, float]:
         gateway = httpx.get(f"{cluster.gateway.url}/metrics").text
         replicas = [httpx.get(f"{server.url}/metrics").text for server in cluster.upstreams]
@@ -260,7 +262,14 @@ def test_a_stream_left_through_the_gateway_is_charged_the_prompt_the_replica_com
     cluster.wait_all_upstreams_up()
     _wait_idle(cluster, 30)
     before = counted()
-    _left_then_idle_s(cluster, {**LONG, "stream": True}, first_token=True)
+    connection = send_chat_raw(cluster.gateway.url, {**LONG, "stream": stream})
+    _wait_busy(cluster)
+    if stream:
+        _read_until(connection, b'"content":"')
+    else:
+        time.sleep(1.5)  # some tokens made, nothing sent back yet
+    connection.close()
+    _wait_idle(cluster, 1.0)
     deadline = time.monotonic() + 5  # the gateway records the request once it notices the client left
     while counted()[0] == before[0] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -234,11 +234,11 @@ class UpstreamEngine(Engine):
                 envelope = await _json(response)
                 response.release()
                 raise UpstreamError(response.status, envelope)
-            stream = UpstreamStream(self, replica, response, request.request_id, request.incremental,
+            streamed = body["stream"]
+            stream = UpstreamStream(self, replica, response, request.request_id, streamed,
                                     wants_logprobs=request.params.logprobs is not None)
             # A whole answer arrives at its end, so the total bound applies rather than the first-token one.
-            first_delta_timeout = (self.upstream.first_token_timeout_s if request.incremental
-                                   else self.upstream.total_timeout_s)
+            first_delta_timeout = self.upstream.first_token_timeout_s if streamed else self.upstream.total_timeout_s
             await asyncio.wait_for(stream.prefetch(), first_delta_timeout)
         except (aiohttp.ClientError, asyncio.TimeoutError, _RetryElsewhere) as exc:
             self._release(replica, failed=True)
@@ -262,13 +262,16 @@ class UpstreamEngine(Engine):
 
     def _payload(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         params = request.params
-        body: dict[str, Any] = {"model": self._upstream_model(), "stream": request.incremental}
+        # Whole answers are streamed from the upstream too (by default) and assembled here, as the
+        # in-process engine's are: a client that leaves early is then charged what was made so far.
+        streamed = request.incremental or self.upstream.stream_whole_answers
+        body: dict[str, Any] = {"model": self._upstream_model(), "stream": streamed}
         # Only what the client set: the upstream's model defaults (its generation config) fill the rest.
         for key in request.sampling_set:
             body[key] = getattr(params, key)
         if params.seed is not None:
             body["seed"] = params.seed
-        if request.incremental:
+        if streamed:
             # Usage on every chunk (vLLM, SGLang; others ignore the field): a stream the client leaves
             # early is billed its prompt and the tokens made so far, not only what it read.
             body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
