@@ -212,6 +212,15 @@ async def main() -> None:
                                           "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}", "RAGLLM_SERVER__LOG_LEVEL": "warning"})
         processes.append(ragllm)
         targets.append(Target("ragllm upstream", f"http://127.0.0.1:{ragllm_port}", "stub", ragllm))
+        # Whole answers asked for as one JSON (the default streams them, for billing a client that leaves).
+        one_json_port = free_port()
+        one_json = start([sys.executable, "-m", "ragllm.cli", "serve", "--engine", "upstream", "--port",
+                          str(one_json_port)], GATEWAY_CORE,
+                         env={"RAGLLM_UPSTREAM__URLS": stub_url, "RAGLLM_AUTH__REQUIRED": "true",
+                              "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}", "RAGLLM_SERVER__LOG_LEVEL": "warning",
+                              "RAGLLM_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+        processes.append(one_json)
+        targets.append(Target("ragllm upstream, one JSON", f"http://127.0.0.1:{one_json_port}", "stub", one_json))
         if args.litellm:
             workdir = Path(tempfile.mkdtemp(prefix="litellm-bench-"))
             litellm_port = free_port()
