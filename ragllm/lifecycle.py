@@ -26,6 +26,10 @@ class Lifecycle:
         self._drain_started: float | None = None
         self._exit_at: float | None = None
 
+    def finished_one(self) -> None:
+        """A request has been answered and recorded: it no longer holds a drain back."""
+        self.in_flight -= 1
+
     @property
     def draining(self) -> bool:
         return self._drain_started is not None

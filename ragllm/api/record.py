@@ -174,10 +174,16 @@ class RequestRecordMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            lifecycle.in_flight -= 1
             metrics.requests.labels(path, str(record.status)).inc()
             if path in GENERATION_PATHS:
-                await self._finish(record)
+                # A task of its own, shielded: a shutdown that cancels this request must not lose its
+                # log entry and charge (settling may wait for the engine to finish a step), and it
+                # counts as in flight until recorded, so a drain waits for it.
+                finish = asyncio.ensure_future(self._finish(record))
+                finish.add_done_callback(lambda _: lifecycle.finished_one())
+                await asyncio.shield(finish)
+            else:
+                lifecycle.finished_one()
 
     async def _finish(self, record: RequestRecord) -> None:
         await record.settle_usage()

@@ -127,7 +127,7 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest, prompts: Prompt
         prompts = prompts or PromptTokenizer(tokenizer)
         text = _chat_prompt_text(tokenizer, prompts.literal, request.messages, request.chat_template_kwargs or {},
                                  request.tools)
-        return prompts.encode(text)
+        return prompts.encode(text, request.cache_scope.digest())
     if request.prompt_token_ids is not None:
         _check_token_ids(tokenizer, request.prompt_token_ids)
         return list(request.prompt_token_ids)

@@ -5,7 +5,9 @@ the system message with its documents, each turn, the question. Fast tokenizers 
 tokens out first and tokenize each piece on its own, so a piece's ids do not depend on its
 neighbours. In RAG traffic the document piece comes back again and again while the question
 changes; tokenizing it is the largest per-request cost outside the model (measured: ~10 ms of CPU
-for a 4k-token prompt on a 2-core machine), so its ids are kept in a bounded LRU keyed by its text.
+for a 4k-token prompt on a 2-core machine), so its ids are kept in a bounded LRU keyed by its text
+and the request's cache scope: a hit is faster, and a tenant who timed its own requests could
+otherwise learn which documents another tenant had sent.
 
 Whether a tokenizer really tokenizes pieces independently is checked once, on probe texts; one that
 does not (a SentencePiece tokenizer that marks the first word of a piece, tokens that swallow the
@@ -43,7 +45,7 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Any, max_cached_chars: int = DEFAULT_MAX_CACHED_CHARS) -> None:
         self._tokenizer = tokenizer
         self._max_cached_chars = max_cached_chars
-        self._cached: OrderedDict[str, list[int]] = OrderedDict()
+        self._cached: OrderedDict[tuple[bytes, str], list[int]] = OrderedDict()  # (scope, piece) → ids
         self._cached_chars = 0
         self._lock = threading.Lock()  # prompts are tokenized on several worker threads
         self._specials = _special_token_ids(tokenizer)
@@ -55,11 +57,15 @@ class PromptTokenizer:
         self._control_splitter = _splitter(self._control_ids)
         self._plain = _plain_encoder(tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of a rendered prompt; client text in it (escaped) is tokenized as plain text."""
+    def encode(self, text: str, scope: bytes = b"") -> list[int]:
+        """Ids of a rendered prompt; client text in it (escaped) is tokenized as plain text. Pieces are
+        reused only within ``scope`` (the request's cache scope: tenant and salt)."""
         if ESCAPE in text and self._control_splitter is not None:
-            return self._by_pieces(text, self._piece_with_literals, self._control_splitter, self._control_ids)
-        return self._by_pieces(text, self._piece) if self.segmented else self._whole(text)
+            return self._by_pieces(text, lambda piece: self._piece_with_literals(piece, scope),
+                                   self._control_splitter, self._control_ids)
+        if not self.segmented:
+            return self._whole(text)
+        return self._by_pieces(text, lambda piece: self._piece(piece, scope))
 
     def _by_pieces(self, text: str, piece_ids: Callable[[str], list[int]], splitter: re.Pattern[str] | None = None,
                    specials: dict[str, int] | None = None) -> list[int]:
@@ -72,37 +78,38 @@ class PromptTokenizer:
                 ids += [special] if special is not None else piece_ids(piece)
         return ids
 
-    def _piece_with_literals(self, piece: str) -> list[int]:
+    def _piece_with_literals(self, piece: str, scope: bytes) -> list[int]:
         if ESCAPE in piece:
-            return self._piece(piece, lambda escaped: self._plain(self.literal.unescape(escaped)))
-        return self._piece(piece) if self.segmented else self._whole(piece)
+            return self._piece(piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped)))
+        return self._piece(piece, scope) if self.segmented else self._whole(piece)
 
-    def _piece(self, piece: str, encode: Callable[[str], list[int]] | None = None) -> list[int]:
+    def _piece(self, piece: str, scope: bytes = b"", encode: Callable[[str], list[int]] | None = None) -> list[int]:
         """Keyed by the piece's text as rendered: an escaped piece never equals a plain one (it holds
         U+E000, which plain pieces never do), so the two kinds of ids cannot be mixed up."""
         encode = encode or self._whole
         if len(piece) < MIN_CACHED_CHARS:
             return encode(piece)
+        key = (scope, piece)
         with self._lock:
-            cached = self._cached.get(piece)
+            cached = self._cached.get(key)
             if cached is not None:
-                self._cached.move_to_end(piece)
+                self._cached.move_to_end(key)
                 self.hits += 1
                 return cached
         ids = encode(piece)
-        self._remember(piece, ids)
+        self._remember(key, ids)
         return ids
 
-    def _remember(self, piece: str, ids: list[int]) -> None:
-        if len(piece) > self._max_cached_chars:
+    def _remember(self, key: tuple[bytes, str], ids: list[int]) -> None:
+        if len(key[1]) > self._max_cached_chars:
             return
         with self._lock:
-            if piece in self._cached:
+            if key in self._cached:
                 return
-            self._cached[piece] = ids
-            self._cached_chars += len(piece)
+            self._cached[key] = ids
+            self._cached_chars += len(key[1])
             while self._cached_chars > self._max_cached_chars:
-                evicted, _ = self._cached.popitem(last=False)
+                (_, evicted), _ = self._cached.popitem(last=False)
                 self._cached_chars -= len(evicted)
 
     def _whole(self, text: str) -> list[int]:

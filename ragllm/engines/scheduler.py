@@ -77,6 +77,15 @@ class _Abort:
 _SHUTDOWN = object()
 
 
+def _acknowledge(abort: _Abort) -> None:
+    if abort.on_removed is None:
+        return
+    try:
+        abort.on_removed()
+    except Exception:  # the caller's callback: its failure is no reason to stop the engine
+        logger.warning("acknowledging the abort of %s failed", abort.request_id, exc_info=True)
+
+
 @dataclass
 class _LaunchedStep:
     batch: list[Sequence]  # the decoding sequences, in slot order, it was launched for
@@ -163,6 +172,17 @@ class Scheduler:
                 self._hand_over_held()
                 break
             self._hand_over(results)
+        self._acknowledge_late_aborts()
+
+    def _acknowledge_late_aborts(self) -> None:
+        """Aborts that arrived behind the shutdown: nothing runs any more, so each is done."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Abort):
+                _acknowledge(item)
 
     def _hand_over(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
         """Give a step's results to the consumers, or hold them for the next step's wait on the device.
@@ -224,8 +244,7 @@ class Scheduler:
                 return False
             if isinstance(item, _Abort):
                 self._abort(item.request_id)
-                if item.on_removed is not None:
-                    item.on_removed()
+                _acknowledge(item)
             else:
                 self.waiting.append(item)
             try:

@@ -48,9 +48,9 @@ from ragllm.errors import (
 
 logger = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0005
-# How long a left request's billing waits for the engine thread to confirm its abort: a step or two
-# normally; longer only when the engine is stalling, which its health check reports anyway.
-SETTLE_TIMEOUT_S = 5.0
+# While a left request's billing waits for the engine to confirm its abort, how often it checks that
+# the engine thread is still there to confirm it.
+ABORT_POLL_S = 0.5
 
 
 class TransformersEngine(Engine):
@@ -441,15 +441,20 @@ class _QueueStream(DeltaStream):
             self._removed = self._engine._abort(self.request_id)
 
     async def settled(self) -> None:
-        """Once an abort is in, the engine thread may still be sampling the step it started: wait for
-        its word that the request is out, so ``produced()`` counts that step's tokens too."""
-        if self._removed is None or self._removed.done() or not self._engine._is_running():
+        """Once an abort is in, the engine thread may still be running the step it started (a long
+        prefill can take many seconds): wait for its word that the request is out, so ``produced()``
+        counts that step's tokens too. Bounded by the engine's stall timeout, and over at once if the
+        engine thread has stopped."""
+        if self._removed is None:
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._removed), SETTLE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            logger.warning("request %s: the engine did not confirm its abort within %g s; billing what it "
-                           "had produced by then", self.request_id, SETTLE_TIMEOUT_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._engine.settings.stall_timeout_s
+        while not self._removed.done() and self._engine._is_running():
+            if loop.time() >= deadline:
+                logger.warning("request %s: the engine did not confirm its abort within %g s; billing what "
+                               "it had produced by then", self.request_id, self._engine.settings.stall_timeout_s)
+                return
+            await asyncio.wait({self._removed}, timeout=ABORT_POLL_S)
 
     def produced(self) -> Usage:
         """Read off the sequences (the engine thread appends to them): the prompt once the leader was

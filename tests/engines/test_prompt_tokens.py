@@ -50,6 +50,17 @@ def test_the_cache_stays_within_its_character_budget(tokenizer):
     assert len(prompts._cached) == 2  # the oldest went to make room for the third
 
 
+def test_pieces_are_reused_only_within_the_scope_that_sent_them(tokenizer):
+    """A piece one tenant sent is not reused for another: a faster prompt would tell the second tenant
+    that the first had sent that document."""
+    prompts = PromptTokenizer(tokenizer)
+    text = "<|im_start|>system\n" + "a confidential document " * MIN_CACHED_CHARS + "<|im_end|>"
+    first = prompts.encode(text, scope=b"tenant-a")
+    assert prompts.encode(text, scope=b"tenant-b") == first and prompts.hits == 0
+    assert prompts.encode(text, scope=b"tenant-a") == first and prompts.hits == 1
+    assert prompts.encode(text) == first and prompts.hits == 1  # the unscoped requests are a scope too
+
+
 def _sentencepiece_style_tokenizer():
     """A Metaspace tokenizer that marks the first word of the text, as Llama 2's does: a piece after a
     special token tokenizes differently alone than inside the text."""

@@ -120,6 +120,51 @@ def test_abort_of_a_waiting_request_removes_it():
     assert scheduler.num_waiting == 0
 
 
+def test_an_abort_is_acknowledged_once_the_request_is_out_and_nothing_more_is_sampled_for_it():
+    scheduler = _scheduler()
+    keep, drop = _sequence("keep", [1, 2, 3], 10), _sequence("drop", [4, 5, 6], 400)
+    scheduler.submit(drop)
+    scheduler.submit(keep)
+    scheduler.run_once()
+    scheduler.run_once()
+    acknowledged: list[int] = []
+    scheduler.abort("drop", lambda: acknowledged.append(len(drop.output_ids)))
+    assert acknowledged == []  # not before the engine has taken it in
+    scheduler.run_once()
+    assert acknowledged == [len(drop.output_ids)] and acknowledged[0] >= 1
+    _run_to_completion(scheduler, {})
+    assert len(drop.output_ids) == acknowledged[0]
+
+
+def test_the_engine_counts_prompts_once_and_every_sampled_token_but_not_its_canary():
+    scheduler = _scheduler(max_num_seqs=2)
+    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:4], MAX_TOKENS[:4]))]
+    canary = _sequence("canary", [5], 1)
+    canary.for_client = False
+    _run_to_completion(scheduler, {0: sequences[:3], 1: [canary, sequences[3]]})
+    assert scheduler.num_prompt_tokens_started == sum(len(s.prompt_ids) for s in sequences)
+    assert scheduler.num_tokens_sampled == sum(len(s.output_ids) for s in sequences)
+
+
+def test_a_failing_acknowledgement_does_not_stop_the_engine():
+    scheduler = _scheduler()
+    scheduler.submit(_sequence("a", [1, 2], 50))
+    scheduler.run_once()
+    scheduler.abort("a", lambda: 1 / 0)
+    scheduler.run_once()
+    assert scheduler.fatal is None and scheduler.num_running == 0
+
+
+def test_aborts_behind_the_shutdown_are_acknowledged_when_the_thread_ends():
+    scheduler = _scheduler()
+    acknowledged: list[str] = []
+    scheduler._inbox.put(scheduler_module._SHUTDOWN)  # queued first: the thread stops before the abort
+    scheduler.abort("late", lambda: acknowledged.append("late"))
+    scheduler.start()
+    scheduler._thread.join(timeout=10)
+    assert not scheduler.is_alive() and acknowledged == ["late"]
+
+
 def test_finish_reasons_and_stop_strings():
     scheduler = _scheduler()
     reference = _reference([1, 2, 3], 12)
