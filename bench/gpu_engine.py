@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.host_profile import PhaseTimes  # noqa: E402
-from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from bench.random_models import ARCHITECTURES, build_random_checkpoint, word  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.cuda import kernels  # noqa: E402
@@ -327,10 +327,12 @@ def serve_end_to_end(model_dir: Path, max_model_len: int, log_path: Path) -> dic
 async def _drive(url: str) -> dict:
     import httpx
 
+    prompt_sizes: set[int] = set()  # reported, so a tokenizer that loses the words shows
+
     async def one(client: httpx.AsyncClient, index: int) -> tuple[float, int, float]:
         body = {"model": "bench", "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": " ".join(f"t{(index * 131 + i) % 5000 + 3}"
+                "messages": [{"role": "user", "content": " ".join(word((index * 131 + i) % 5000)
                                                                   for i in range(PROMPT_TOKENS))}]}
         start = time.perf_counter()
         first, tokens = None, 0
@@ -342,7 +344,9 @@ async def _drive(url: str) -> dict:
                 if first is None and '"content"' in line:
                     first = time.perf_counter() - start
                 if '"usage"' in line and '"completion_tokens"' in line:
-                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                    usage = json.loads(line[6:])["usage"]
+                    tokens = usage["completion_tokens"]
+                    prompt_sizes.add(usage["prompt_tokens"])
         return first or float("nan"), tokens, time.perf_counter() - start
 
     results = {}
@@ -354,6 +358,7 @@ async def _drive(url: str) -> dict:
             elapsed = time.perf_counter() - start
             results[concurrency] = {"aggregate_tok_s": sum(r[1] for r in runs) / elapsed,
                                     "ttft_ms_median": sorted(r[0] for r in runs)[len(runs) // 2] * 1e3}
+    results["prompt_tokens"] = sorted(prompt_sizes)
     return results
 
 
@@ -427,12 +432,12 @@ def main() -> None:
         return
     from transformers import AutoModelForCausalLM
 
+    if not args.skip_serve:  # first, while the GPU is free: the in-process engine below keeps its KV pool
+        report["ragllm_serve"] = serve_end_to_end(model_dir, args.max_model_len, args.json.with_suffix(".serve.log"))
+        save()
     report["ragllm"] = asyncio.run(ours(model_dir, vocab, args.max_model_len, args.profile))
     torch.cuda.empty_cache()
     save()
-    if not args.skip_serve:
-        report["ragllm_serve"] = serve_end_to_end(model_dir, args.max_model_len, args.json.with_suffix(".serve.log"))
-        save()
     if not args.skip_hf:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
         report["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
@@ -480,6 +485,9 @@ def print_table(report: dict) -> None:
         for concurrency, r in report["ragllm_serve"].items():
             if concurrency == "error":
                 print(f"ragllm serve failed: {r}")
+                continue
+            if concurrency == "prompt_tokens":
+                print(f"ragllm serve prompts (tokens, as its usage counted them): {r}")
                 continue
             print(f"ragllm serve (HTTP, streaming) at {concurrency}: {r['aggregate_tok_s']:.0f} tok/s, "
                   f"median TTFT {r['ttft_ms_median']:.1f} ms")

@@ -3,8 +3,15 @@
 Same shapes, so the same compute and memory traffic as the real checkpoints; the outputs are
 gibberish. ``quantization="awq"`` writes the layout AutoAWQ publishes (Qwen2.5-1.5B-Instruct-AWQ's:
 int4 GEMM packing, groups of 128, zero points, float16 scales and embeddings, the same key names and
-config), so a benchmark reads the same bytes as the real model. The tokenizer is a word-level one covering the whole vocabulary, so any sampled id
-detokenizes, with a ChatML template so the chat path works too.
+config), so a benchmark reads the same bytes as the real model.
+
+The tokenizer is a byte-level BPE covering the whole vocabulary (any sampled id detokenizes, every
+byte has a token), whose words are ``word(n)``: " ta", " tb", ... one token each after a space, with
+a ChatML template so the chat path works too. It is a BPE because loaders rebuild some model types'
+tokenizers from the file's vocabulary and merges with their own pre-tokenizer (transformers 5 loads a
+``qwen2`` checkpoint's as ``Qwen2Tokenizer``, which tokenized the word-level file used before as
+nothing: a 96-word prompt was 3 tokens); its words are letters only because those pre-tokenizers
+split every digit off on its own.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 
 AWQ_GROUP_SIZE = 128
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bfloat16", seed: int = 0,
@@ -62,15 +70,39 @@ def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bf
     return directory
 
 
+def word(n: int) -> str:
+    """The random tokenizer's ``n``-th word: "t" and ``n`` in base 26, written in letters."""
+    letters = ""
+    while True:
+        n, digit = divmod(n, 26)
+        letters = LETTERS[digit] + letters
+        if n == 0:
+            return "t" + letters
+
+
 def _write_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: index for index, token in enumerate(specials)}
-    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens(specials)  # already in the vocabulary: they keep ids 0-2
+    vocab = {token: index for index, token in enumerate(specials)}  # the specials keep ids 0-2
+    for byte in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[byte] = len(vocab)
+    merges: list[tuple[str, str]] = []
+
+    def merged(left: str, right: str) -> None:
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
+
+    merged("Ġ", "t")  # "Ġ" is the byte-level space
+    n = 0
+    while len(vocab) < vocab_size:  # each word is a shorter word and one letter more
+        token = "Ġ" + word(n)
+        merged(token[:-1], token[-1])
+        n += 1
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(specials)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<|im_start|>",

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from bench.random_models import build_random_checkpoint
-from tests.servers import ServerProcess
+from bench.random_models import build_random_checkpoint, word
+from tests.servers import ServerProcess, metric_value
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STREAMS = 64
@@ -33,7 +33,7 @@ def gpu_server(tmp_path_factory):
 
 
 def _messages(index: int) -> list[dict]:
-    return [{"role": "user", "content": " ".join(f"t{(index * 131 + i) % 5000 + 3}" for i in range(96))}]
+    return [{"role": "user", "content": " ".join(word((index * 131 + i) % 5000) for i in range(96))}]
 
 
 def _leave_after_first_token(url: str, index: int) -> tuple[str, int]:
@@ -50,7 +50,14 @@ def _leave_after_first_token(url: str, index: int) -> tuple[str, int]:
     raise AssertionError("the stream ended before its first token")
 
 
+def _engine_counted(url: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return (metric_value(text, "ragllm_engine_prompt_tokens_total"),
+            metric_value(text, "ragllm_engine_generation_tokens_total"))
+
+
 def test_streams_left_after_their_first_token_are_charged_what_the_engine_made(gpu_server):
+    engine_before = _engine_counted(gpu_server.url)
     with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
         expected = dict(pool.map(lambda index: _leave_after_first_token(gpu_server.url, index), range(STREAMS)))
     request_ids = set(expected)
@@ -71,3 +78,8 @@ def test_streams_left_after_their_first_token_are_charged_what_the_engine_made(g
         assert int(entry["status"]) == 499
         assert int(entry["prompt_tokens"]) == expected[request_id]  # what /tokenize counts: what was prefilled
         assert int(entry["completion_tokens"]) >= 1
+        assert int(entry["prompt_tokens"]) > 96  # the 96 words and the template's turns, not lost in tokenizing
+    # Exactly what the engine counted, the steps launched ahead before each abort arrived included.
+    engine_after = _engine_counted(gpu_server.url)
+    assert (engine_after[0] - engine_before[0], engine_after[1] - engine_before[1]) == (
+        sum(int(e["prompt_tokens"]) for e in charged), sum(int(e["completion_tokens"]) for e in charged))
