@@ -19,10 +19,11 @@ if TYPE_CHECKING:
 class Outbox:
     """A byte-bounded buffer between one producer and one sender.
 
-    Its bytes count against ``budget`` from ``put`` until the connection has taken them: a chunk
-    handed to ``send`` may wait in the connection's write buffer, and uvicorn's next ``send`` waits
-    for that buffer to drain before writing, so a chunk is released once the send after its own has
-    returned (``sent``), or when the outbox is ``discard``-ed. A budget that overflows may ``evict``
+    Its bytes count against ``budget`` from ``put`` until the connection has passed them to the
+    kernel: a chunk handed to ``send`` may wait in the connection's write buffer (an asyncio
+    transport buffers whatever the socket does not take, up to its high-water mark before a send
+    waits), so after each send ``sent`` is told how much that buffer still holds, or when the server
+    cannot say, the chunk counts until the next send returns. ``discard`` releases everything. A budget that overflows may ``evict``
     this outbox: its bytes are dropped and ``on_evicted`` ends the stream.
     """
 
@@ -88,10 +89,17 @@ class Outbox:
         self._size = 0
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def sent(self) -> None:
-        """A send has returned: what the send before it wrote has left the connection's buffer."""
-        self._release(self._in_connection)
-        self._in_connection, self._taken = self._taken, 0
+    def sent(self, in_connection: int | None = None) -> None:
+        """A send has returned; ``in_connection``: the bytes the connection's write buffer still holds
+        (None: unknown, taken to be the chunk just sent)."""
+        released = self._taken + self._in_connection
+        self._in_connection = self._taken if in_connection is None else in_connection
+        self._taken = 0
+        if self._budget is not None:
+            if self._in_connection > released:
+                self._budget.charge(self._in_connection - released)  # may evict this outbox
+            elif released > self._in_connection:
+                self._budget.release(released - self._in_connection)
 
     def evict(self) -> None:
         """Drop every byte held and end the stream (the budget's choice: this client holds the most)."""

@@ -22,8 +22,9 @@ from ragllm.errors import ClientClosedRequest
 
 T = TypeVar("T")
 
-# The scope extension through which the server lets a response drop its connection at once
-# (``ragllm.cli.abortable_http``): {"abort": callable}.
+# The scope extension through which the server lets a response drop its connection at once and see
+# how many bytes its write buffer holds (``ragllm.cli.abortable_http``):
+# {"abort": callable, "write_buffer_size": callable}.
 ABORT_EXTENSION = "ragllm.connection_abort"
 
 SSE_HEADERS = [
@@ -110,6 +111,7 @@ class EventStreamResponse(Response):
         watcher.add_done_callback(lambda done: done.cancelled() or end_with("disconnected"))
         producer = asyncio.ensure_future(self._produce(outbox, lambda: end_with("buffer_full")))
         watchdog = WriteWatchdog(self._write_timeout_s, lambda: end_with("write_timeout"))
+        buffered = scope.get("extensions", {}).get(ABORT_EXTENSION, {}).get("write_buffer_size")
         started = False
         try:
             # Headers wait for the first event, so they can carry what it taught (queue time, TTFT).
@@ -120,7 +122,7 @@ class EventStreamResponse(Response):
             started = True
             while chunk is not None:
                 await watchdog.send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
-                outbox.sent()
+                outbox.sent(buffered() if buffered is not None else None)
                 chunk = await outbox.take()
             await watchdog.send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
