@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from ragllm import __version__
 from ragllm.api.body_limit import BodyLimitMiddleware
 from ragllm.api.handlers import install_error_handlers
+from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.api.record import RequestRecordMiddleware
 from ragllm.api.routes import LEAN_ROUTES, router
 from ragllm.api.state import AppState
@@ -56,6 +57,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
         request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
         tracing=Tracing(settings.telemetry), lifecycle=Lifecycle(settings.server.shutdown_grace_s),
+        outbox_budget=OutboxBudget(settings.server.stream_buffer_total_bytes),
     )
 
     @contextlib.asynccontextmanager
@@ -85,6 +87,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         **_without_framework_telemetry(),
     )
     metrics.watch_in_flight(lambda: state.lifecycle.in_flight)
+    metrics.watch_stream_buffers(lambda: state.outbox_budget.num_bytes)
     app.state.ragllm = state
     # Served by the lean routes, matched first; the FastAPI routes after them document the API.
     app.router.routes.extend(LEAN_ROUTES)

@@ -65,6 +65,19 @@ class ServerSettings(BaseModel):
                                               "than the engine writes; the engine slot is freed as soon as the "
                                               "answer is generated. Past the bound the client is dropped and "
                                               "generation cancelled (recorded as 408, produced tokens billed).")
+    stream_buffer_total_bytes: int = Field(
+        64 * 1024 * 1024, ge=4096, description="Bytes held for slow readers by all streams together (at least "
+                                               "stream_buffer_bytes). Past it the streams holding the most, "
+                                               "clients that stopped reading, are dropped at once (408, "
+                                               "produced tokens billed), so readers that keep up never are.")
+
+    @model_validator(mode="after")
+    def _total_buffer_holds_one_stream(self) -> "ServerSettings":
+        if self.stream_buffer_total_bytes < self.stream_buffer_bytes:
+            raise ValueError(f"stream_buffer_total_bytes ({self.stream_buffer_total_bytes}) is below "
+                             f"stream_buffer_bytes ({self.stream_buffer_bytes}): one stream could never "
+                             "use its own bound")
+        return self
 
 
 class EngineSettings(BaseModel):

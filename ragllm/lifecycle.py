@@ -41,6 +41,12 @@ class Lifecycle:
             self.reason = reason
             logger.info("%s: draining %d requests in flight (grace %.0f s)", reason, self.in_flight, self.grace_s)
 
+    def grace_left_s(self) -> float:
+        """What is left of the drain's grace period (0 when not draining or once it is over)."""
+        if self._drain_started is None:
+            return 0.0
+        return max(0.0, self.grace_s - (time.monotonic() - self._drain_started))
+
     def request_exit(self, code: int, reason: str, after_s: float = FAILURE_EXIT_DELAY_S) -> None:
         """Exit with ``code`` in ``after_s`` seconds."""
         if self._exit_at is None:

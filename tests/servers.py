@@ -76,13 +76,20 @@ class ServerProcess:
         self._log.close()
 
 
-def send_chat_raw(url: str, body: dict) -> socket.socket:
+def send_chat_raw(url: str, body: dict, small_window: bool = False) -> socket.socket:
     """A chat request (no cache) on a raw connection, so the test decides to the moment when the
     client leaves (an HTTP client returns only once response headers arrive: with the first token, or
-    the whole answer). The caller closes the connection."""
+    the whole answer). The caller closes the connection.
+
+    ``small_window``: a 1,024-byte receive buffer and 1,000-byte segments, so the server's kernel send
+    buffer stays small too and a client that reads slowly (or not at all) soon blocks the server's writes."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    connection = socket.create_connection((host, int(port)))
+    connection = socket.socket()
+    if small_window:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
+    connection.connect((host, int(port)))
     connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                        b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
     return connection

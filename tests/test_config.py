@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import re
+from unittest import mock
 
-from ragllm.cli import build_parser
+import hypothesis
+import pytest
+from hypothesis import strategies as st
+
+from ragllm.cli import build_parser, main
 from ragllm.cli.serve import settings_from_args
 from pydantic import ValidationError
 
@@ -14,7 +20,8 @@ from ragllm.config import DEFAULT_MODEL, load_settings
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     for name in ("LLM_MODEL_ID", "MODEL_CACHE_DIR", "VLLM_MAX_NUM_SEQS", "VLLM_MAX_BATCH_SIZE",
-                 "RAGLLM_PROFILE", "RAGLLM_ENGINE__MAX_WAITING", "HUGGING_FACE_HUB_TOKEN", "REDIS_URL"):
+                 "RAGLLM_PROFILE", "RAGLLM_ENGINE__MAX_WAITING", "HUGGING_FACE_HUB_TOKEN", "REDIS_URL",
+                 "RAGLLM_SERVER__STREAM_BUFFER_BYTES", "RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -91,3 +98,38 @@ def test_slow_reader_and_metrics_cache_settings_come_from_the_environment_and_ar
             patched.setenv(name, value)
             with pytest.raises(ValidationError):
                 load_settings()
+
+
+_BUFFER_TOTAL = "RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES"
+_BUFFER_ONE = "RAGLLM_SERVER__STREAM_BUFFER_BYTES"
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(total=st.one_of(st.integers(-2**40, 2**40).map(str), st.text("0123456789+-._ ex", max_size=12)),
+                  one=st.sampled_from([None, "4096", "65536", "4194304", "67108864", "134217728"]))
+def test_the_total_stream_buffer_is_an_integer_no_smaller_than_one_streams_bound_or_refused(total, one):
+    environment = {_BUFFER_TOTAL: total, **({_BUFFER_ONE: one} if one else {})}
+    with mock.patch.dict(os.environ, environment):
+        try:
+            value = load_settings().server.stream_buffer_total_bytes
+        except ValidationError:
+            value = None
+    floor = max(4096, int(one or 4 * 1024 * 1024))
+    try:
+        number = float(total.replace("_", ""))
+    except ValueError:
+        number = None
+    if value is not None:  # accepted: the number written, and room for one stream's whole buffer
+        assert number is not None and value == number and value >= floor
+    elif re.fullmatch(r"-?\d+", total):  # a plain integer is refused only below the floor
+        assert int(total) < floor
+
+
+def test_the_total_stream_buffer_defaults_to_16_streams_and_a_bad_value_stops_serve_at_start(monkeypatch, capsys):
+    assert load_settings().server.stream_buffer_total_bytes == 16 * load_settings().server.stream_buffer_bytes
+    monkeypatch.setenv(_BUFFER_ONE, str(8 * 1024 * 1024))
+    monkeypatch.setenv(_BUFFER_TOTAL, str(4 * 1024 * 1024))
+    assert main(["serve", "--port", "1"]) == 2  # refused before anything starts (port 1 is never bound)
+    error = capsys.readouterr().err
+    assert "invalid settings" in error and "stream_buffer_total_bytes" in error
+    assert "Traceback" not in error

@@ -180,7 +180,8 @@ async def _respond(state: AppState, prepared: PreparedRequest, request: Request,
     return EventStreamResponse(events, headers, on_disconnect=lambda: _disconnected(state, record),
                                late_headers=record.first_token_headers, on_abandon=lambda: _abandoned(state, record),
                                on_too_slow=lambda reason: _too_slow(state, record, reason),
-                               write_timeout_s=server.write_timeout_s, buffer_bytes=server.stream_buffer_bytes)
+                               write_timeout_s=server.write_timeout_s, buffer_bytes=server.stream_buffer_bytes,
+                               budget=state.outbox_budget)
 
 
 # A whole (non-streaming) answer that broke off part-way is run again: the client has seen nothing.
@@ -243,8 +244,8 @@ def _abandoned(state: AppState, record: RequestRecord) -> bytes:
 
 
 def _too_slow(state: AppState, record: RequestRecord, reason: str) -> None:
-    """A streaming client dropped for not reading (``reason``: write_timeout or buffer_full): recorded
-    as 408, with the tokens the engine produced for it."""
+    """A streaming client dropped for not reading (``reason``: write_timeout, buffer_full or budget_full):
+    recorded as 408, with the tokens the engine produced for it."""
     record.status = ClientTooSlow.status_code
     record.finish_reason = record.finish_reason or "cancelled"
     state.metrics.slow_clients.labels(reason).inc()

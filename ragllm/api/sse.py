@@ -16,13 +16,15 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ragllm.api.outbox import Outbox
+from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.api.write_watchdog import WriteWatchdog
 from ragllm.errors import ClientClosedRequest
 
 T = TypeVar("T")
 
-# The scope extension through which the server lets a response drop its connection at once
-# (``ragllm.cli.abortable_http``): {"abort": callable}.
+# The scope extension through which the server lets a response drop its connection at once and see
+# how many bytes its write buffer holds (``ragllm.cli.abortable_http``):
+# {"abort": callable, "write_buffer_size": callable}.
 ABORT_EXTENSION = "ragllm.connection_abort"
 
 SSE_HEADERS = [
@@ -68,7 +70,8 @@ class EventStreamResponse(Response):
     A producer task pulls ``events`` (the engine's answer) into an ``Outbox`` as fast as they come;
     this task sends from it as fast as the client reads. A client that stops reading therefore frees
     its engine slot once its answer is generated, and is dropped when one write stays blocked for
-    ``write_timeout_s`` or the backlog reaches ``buffer_bytes`` (generation is then cancelled):
+    ``write_timeout_s``, the backlog reaches ``buffer_bytes``, or ``budget`` (shared by every stream)
+    evicts it as the largest holder (generation, if still running, is then cancelled):
     ``on_too_slow(reason)`` records it. A watcher task waits for ``http.disconnect``; when it comes,
     both tasks are cancelled (the engine slot is freed at its next step) and ``on_disconnect`` runs.
     """
@@ -78,7 +81,8 @@ class EventStreamResponse(Response):
                  late_headers: Callable[[], dict[str, str]] = dict,
                  on_abandon: Callable[[], bytes] = bytes,
                  on_too_slow: Callable[[str], None] = lambda reason: None,
-                 write_timeout_s: float = 30.0, buffer_bytes: int = 4 * 1024 * 1024) -> None:
+                 write_timeout_s: float = 30.0, buffer_bytes: int = 4 * 1024 * 1024,
+                 budget: OutboxBudget | None = None) -> None:
         self.status_code = 200
         self.background = None
         self._events = events
@@ -88,7 +92,9 @@ class EventStreamResponse(Response):
         self._late_headers = late_headers
         self._write_timeout_s = write_timeout_s
         self._buffer_bytes = buffer_bytes
-        self._ending: str | None = None  # why the sender was cancelled: disconnected, buffer_full, write_timeout
+        self._budget = budget
+        # Why the sender was cancelled: disconnected, buffer_full, budget_full, write_timeout.
+        self._ending: str | None = None
         self.raw_headers = SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,11 +106,12 @@ class EventStreamResponse(Response):
                 self._ending = reason
                 sender.cancel()
 
-        outbox = Outbox(self._buffer_bytes)
+        outbox = Outbox(self._buffer_bytes, self._budget, on_evicted=lambda: end_with("budget_full"))
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         watcher.add_done_callback(lambda done: done.cancelled() or end_with("disconnected"))
         producer = asyncio.ensure_future(self._produce(outbox, lambda: end_with("buffer_full")))
         watchdog = WriteWatchdog(self._write_timeout_s, lambda: end_with("write_timeout"))
+        buffered = scope.get("extensions", {}).get(ABORT_EXTENSION, {}).get("write_buffer_size")
         started = False
         try:
             # Headers wait for the first event, so they can carry what it taught (queue time, TTFT).
@@ -115,6 +122,7 @@ class EventStreamResponse(Response):
             started = True
             while chunk is not None:
                 await watchdog.send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+                outbox.sent(buffered() if buffered is not None else None)
                 chunk = await outbox.take()
             await watchdog.send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
@@ -138,6 +146,7 @@ class EventStreamResponse(Response):
             watcher.cancel()
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            outbox.discard()
 
     async def _produce(self, outbox: Outbox, on_full: Callable[[], None]) -> None:
         """The answer into the outbox; a full outbox ends it (closing ``events`` cancels generation)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.cache import ResponseCache
 from ragllm.config import Settings
 from ragllm.engines.base import Engine
@@ -30,5 +31,6 @@ class AppState:
     request_log: RequestLog
     tracing: Tracing
     lifecycle: Lifecycle
+    outbox_budget: OutboxBudget
     started_at: float = field(default_factory=time.monotonic)
     started_at_wall: float = field(default_factory=time.time)

@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from ragllm.cli.draining_server import DrainingServer
     from ragllm.telemetry.logging import configure_logging
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # pydantic's ValidationError included: say what is wrong, not a traceback
+        print(f"ragllm serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.server)
     try:
         app = create_app(settings)

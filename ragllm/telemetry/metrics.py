@@ -55,7 +55,10 @@ class Metrics:
             "ragllm_client_disconnects", "Streams cancelled because the client went away.", registry=r)
         self.slow_clients = Counter(
             "ragllm_slow_clients", "Streaming clients dropped for reading too slowly, by reason "
-            "(write_timeout, buffer_full).", ["reason"], registry=r)
+            "(write_timeout, buffer_full, budget_full).", ["reason"], registry=r)
+        self.stream_buffer_bytes = Gauge(
+            "ragllm_stream_buffer_bytes", "Bytes of streamed answers held for clients that read slower than "
+            "the engine writes, all streams together (bounded by server.stream_buffer_total_bytes).", registry=r)
         self.redis_fallbacks = Counter(
             "ragllm_redis_fallbacks", "Redis calls that failed or were skipped, by operation.", ["operation"],
             registry=r)
@@ -83,6 +86,10 @@ class Metrics:
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         """Requests being served, read at scrape time from the one counter the server keeps."""
         self.in_flight.set_function(count)
+
+    def watch_stream_buffers(self, num_bytes: Callable[[], int]) -> None:
+        """Bytes held for slow clients, read at scrape time from the process-wide outbox budget."""
+        self.stream_buffer_bytes.set_function(num_bytes)
 
     def request_timer(self) -> "RequestTimer":
         return RequestTimer(self)

@@ -10,9 +10,9 @@ the answers carry 20 top log probabilities a token to be that large in a few sec
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import threading
 import time
 
 import httpx
@@ -20,7 +20,7 @@ import openai
 import pytest
 import redis
 
-from tests.servers import MODEL, ServerProcess, metric_value
+from tests.servers import MODEL, ServerProcess, metric_value, send_chat_raw
 
 WRITE_TIMEOUT_S = 10.0  # long enough for an answer to finish generating after its writes block
 MAX_TOKENS = 100
@@ -64,15 +64,7 @@ def small_buffer_server(tmp_path_factory, shared_redis_url):
 
 def _non_reader(url: str, body: dict) -> socket.socket:
     """A streaming request on a connection whose client never reads (the caller closes it)."""
-    host, port = url.removeprefix("http://").split(":")
-    connection = socket.socket()
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
-    connection.connect((host, int(port)))
-    payload = json.dumps(body).encode()
-    connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                       b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
-    return connection
+    return send_chat_raw(url, body, small_window=True)
 
 
 def _peek(connection: socket.socket) -> bytes | None:
@@ -212,3 +204,65 @@ def test_a_non_reader_that_fills_the_buffer_is_dropped_and_its_generation_cancel
     assert entry["finish_reason"] == "cancelled"
     print(f"\nbuffer bound hit: dropped after {entry['completion_tokens']} of 2000 tokens")
     assert 0 < int(entry["completion_tokens"]) < 2000  # what was produced is billed
+
+
+NUM_NON_READERS = 8
+BUDGET_BYTES = 256 * 1024  # about two non-readers' worth of a ~120 KB answer
+
+
+@pytest.fixture(scope="module")
+def budget_server(tmp_path_factory, shared_redis_url):
+    """A total budget far below what the non-readers' answers add up to; each stream's own bound and the
+    write timeout far above what one answer needs: the total budget is what drops."""
+    process = _serve(tmp_path_factory, shared_redis_url, "slow-readers-budget",
+                     VLLM_MAX_NUM_SEQS=str(NUM_NON_READERS + 1), VLLM_MAX_BATCH_SIZE=str(NUM_NON_READERS + 1),
+                     RAGLLM_SERVER__WRITE_TIMEOUT_S="120", RAGLLM_SERVER__STREAM_BUFFER_BYTES=str(BUDGET_BYTES),
+                     RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES=str(BUDGET_BYTES))
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()
+
+
+def test_non_readers_past_the_total_budget_are_dropped_early_while_a_reader_is_served(
+        budget_server, shared_redis_url):
+    server = budget_server
+    answer = {**LARGE_ANSWER, "max_tokens": 60}  # ~120 KB each: 8 of them hold ~4x the budget
+    held: list[float] = []  # ragllm_stream_buffer_bytes, the budget's count, sampled throughout
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.2):
+            held.append(_metric(server.url, "ragllm_stream_buffer_bytes"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    connections = [_non_reader(server.url, answer) for _ in range(NUM_NON_READERS)]
+    try:
+        reader = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        chunks = list(reader.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Write a long essay about the sea."}], max_tokens=60,
+            temperature=0, stream=True, logprobs=True, top_logprobs=20, extra_body={"ignore_eos": True},
+            extra_headers=NO_CACHE))
+        assert chunks[-1].choices[0].finish_reason == "length"  # the reader got its whole answer
+        assert sum(len(c.choices[0].logprobs.content or ()) for c in chunks if c.choices and c.choices[0].logprobs) == 60
+
+        _wait_for(lambda: _engine_idle(server.url), 120, "every answer generated or cancelled")
+        sampling.set()
+        sampler.join()
+        dropped = _slow_clients(server.url, "budget_full")
+        assert dropped >= NUM_NON_READERS - BUDGET_BYTES // (60 * 1024)  # most were dropped early ...
+        assert _slow_clients(server.url, "write_timeout") == 0  # ... not by the write timeout
+        assert len(held) >= 5 and 0 < max(held) <= BUDGET_BYTES
+    finally:
+        for connection in connections:
+            connection.close()
+    entries = _logged_too_slow(shared_redis_url, server.prefix, int(dropped))
+    assert len(entries) == dropped  # each logged once, as 408, with the tokens produced for it
+    for entry in entries:
+        assert 0 < int(entry["completion_tokens"]) <= 60
+        assert entry["finish_reason"] == ("length" if entry["completion_tokens"] == "60" else "cancelled")
+    print(f"\n{NUM_NON_READERS} non-readers, budget {BUDGET_BYTES // 1024} KiB: {dropped:.0f} dropped early "
+          f"(budget_full), the reader got its whole answer; held at most {max(held) / 1024:.0f} KiB over "
+          f"{len(held)} samples; logged "
+          f"{[(e['status'], e['finish_reason'], e['completion_tokens']) for e in entries]}")
