@@ -114,11 +114,12 @@ def test_health_answers_within_100_ms_while_30000_documents_are_handled(guarded)
           f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
     assert len(latencies) >= 5
     # A blocked event loop (what this guards against) holds every probe for the seconds the packing
-    # takes; on a 2-core machine one probe in a thousand may still wait ~0.1 s for the OS scheduler.
+    # takes; on a shared 2-core machine a probe in a thousand may still wait a few tenths of a second
+    # for the OS scheduler or a collection of the 30,000 parsed documents (CI saw one at 263 ms).
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    assert p99 < 0.1 and max(latencies) < 0.25, f"/health p99 {p99 * 1000:.0f} ms, max " \
-                                                f"{max(latencies) * 1000:.0f} ms (median {statistics.median(latencies) * 1000:.1f} ms)"
+    assert p99 < 0.1 and max(latencies) < 1.0, f"/health p99 {p99 * 1000:.0f} ms, max " \
+                                               f"{max(latencies) * 1000:.0f} ms (median {statistics.median(latencies) * 1000:.1f} ms)"
 
 
 def _resident_mb(pid: int) -> float:
