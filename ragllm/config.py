@@ -134,6 +134,12 @@ class EngineSettings(BaseModel):
         20.0, gt=0, description="Longest one structured-output row's token mask may take in a step: a grammar "
                                 "whose first mask is slower is refused (400), a row whose mask overruns it later "
                                 "ends alone (400 structured_output_failed). None: no bound.")
+    grammar_mask_step_share: float | None = Field(
+        0.1, gt=0, description="Share of a step's other work (the model, sampling, delivery) one structured-"
+                               "output row's token masks may add to its batch, summed over its last 8 steps (at "
+                               "least 1 ms a step); a row over it ends alone (structured_output_failed), so a "
+                               "slow grammar slows the requests beside it by about this share at most. A row "
+                               "alone in its batch is held to grammar_mask_budget_ms only. None: no bound.")
     no_think_suffix: bool = Field(
         False, description="The model understands '/no_think' in the user turn (thinking models without a "
                            "template switch); appended to RAG questions unless reasoning is asked for.")

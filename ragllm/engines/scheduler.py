@@ -63,6 +63,7 @@ class SchedulerLimits:
     chunked_prefill: bool
     max_queue_wait_s: float | None = None  # None: a request may wait for its prefill indefinitely
     grammar_mask_budget_s: float | None = None  # one row's token mask a step; over it the row ends alone
+    grammar_mask_step_share: float | None = None  # of a step's other work, what one row's masks may add
     max_prefill_while_decoding: int | None = None  # prefill tokens a step while rows decode; None: half
 
 
@@ -467,7 +468,8 @@ class Scheduler:
         if all(s.grammar is None for s in batch):
             return logits, None
         if self._masks is None:
-            self._masks = TokenMasks(logits.shape[-1], logits.device, budget_s=self.limits.grammar_mask_budget_s)
+            self._masks = TokenMasks(logits.shape[-1], logits.device, budget_s=self.limits.grammar_mask_budget_s,
+                                     step_share=self.limits.grammar_mask_step_share)
         try:
             return self._masks.apply(logits, [s.grammar for s in batch])
         except Exception as exc:  # the masks themselves failed: the constrained rows end, the rest go on

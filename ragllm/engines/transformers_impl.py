@@ -119,6 +119,7 @@ class TransformersEngine(Engine):
             chunked_prefill=self.settings.chunked_prefill,
             max_queue_wait_s=self.settings.max_queue_wait_s,
             grammar_mask_budget_s=mask_budget_s,
+            grammar_mask_step_share=self.settings.grammar_mask_step_share,
             max_prefill_while_decoding=self.settings.max_prefill_tokens_while_decoding,
         )
         self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,

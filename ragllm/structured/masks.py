@@ -7,11 +7,8 @@ waits for a sync.
 Rows without a grammar are not touched.
 
 A step waits for its slowest mask, so one grammar whose masks are slow would slow every request in
-its batch. The batch's rows are filled in one call, which times them only together: when a fill
-overruns the per-row budget, its rows are suspects, and the next step fills each suspect in a call of
-its own, timed; a row over the budget there ends with an error of its own (``MaskOverBudget``) while
-the others go on. A slow grammar thus costs its batch at most two slow steps. (Timing the same step
-again would not do: a matcher keeps the mask it last computed.)
+its batch: ``MaskWatch`` says what a row may spend and which rows to time alone; a row over its
+allowance ends with an error of its own (``MaskOverBudget``) while the others go on.
 """
 
 from __future__ import annotations
@@ -19,24 +16,26 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ragllm.structured.grammars import Grammar, GrammarViolation, MaskOverBudget
 from ragllm.structured.mask_kernel import BITS, masked_logits
+from ragllm.structured.mask_watch import MaskWatch
 
 logger = logging.getLogger(__name__)
 
 
 class TokenMasks:
     """Masks for a model whose logits have ``vocab_size`` columns, on ``device``; ``budget_s`` is what
-    one row's mask may take in a step (None: no bound)."""
+    one row's mask may take in a step and ``step_share`` the share of a step's other work a row's
+    masks may add to its batch (None: no bound; see ``mask_watch``)."""
 
     def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None,
-                 budget_s: float | None = None) -> None:
+                 budget_s: float | None = None, step_share: float | None = None) -> None:
         self.device = device
-        self.budget_s = budget_s
+        self.watch = MaskWatch(budget_s, step_share)
         self.num_over_budget = 0  # rows ended for a slow mask, for tests and logs
         self.fill_seconds: deque[float] = deque(maxlen=4096)  # each step's fill, for benchmarks
         self.words = (vocab_size + BITS - 1) // BITS
@@ -46,7 +45,6 @@ class TokenMasks:
         self._buffers: list[torch.Tensor] = []
         self._turn = 0
         self._executor = None  # llguidance's, made on first use
-        self._suspects: set[int] = set()  # ids of matchers filled in a batch call that overran the budget
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
@@ -63,31 +61,37 @@ class TokenMasks:
             if len(rows) < len(grammars):  # llguidance writes every constrained row whole
                 free = [row for row, grammar in enumerate(grammars) if grammar is None]
                 bitmask.numpy()[free] = -1  # numpy: one thread; torch would wake its CPU pool beside the fill
-            self._fill(bitmask, grammars, failures)
+            self._fill(bitmask, grammars, failures, alone=len(grammars) == 1)
             return masked_logits(logits, bitmask.to(self.device, non_blocking=True)), failures
         bitmask = self._buffer(len(rows))
-        self._fill(bitmask, [grammars[row] for row in rows], failures, rows)
+        self._fill(bitmask, [grammars[row] for row in rows], failures, rows, alone=len(grammars) == 1)
         index = torch.tensor(rows)
         masked = logits.clone()
         masked[index] = masked_logits(masked[index], bitmask)
         return masked, failures
 
     def _fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
-              rows: list[int] | None = None) -> None:
+              rows: list[int] | None = None, alone: bool = False) -> None:
         """Each grammar's mask into its row of ``bitmask``; ``rows`` maps them to the batch's rows
-        (None: one to one, rows without a grammar left as they are)."""
+        (None: one to one, rows without a grammar left as they are); ``alone``: the batch has no
+        other row to slow."""
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
-        suspects = [(i, grammar) for i, grammar in present if id(grammar.matcher) in self._suspects]
-        together = [(i, grammar) for i, grammar in present if id(grammar.matcher) not in self._suspects]
+        suspects = [(i, grammar) for i, grammar in present if self.watch.is_suspect(id(grammar.matcher))]
+        together = [(i, grammar) for i, grammar in present if not self.watch.is_suspect(id(grammar.matcher))]
+        self.watch.step_started()
         started = time.perf_counter()
+        sampled = self.watch.sampled([id(grammar.matcher) for _, grammar in together], alone)
+        sample = [(i, grammar) for i, grammar in together if id(grammar.matcher) == sampled]
+        together = [(i, grammar) for i, grammar in together if id(grammar.matcher) != sampled]
         if together:
             self._fill_rows(bitmask, together, failures, rows)
-        elapsed = time.perf_counter() - started
-        self._suspects = {id(grammar.matcher) for _, grammar in together} \
-            if self.budget_s is not None and elapsed > self.budget_s else set()
-        self._fill_suspects(bitmask, suspects, failures, rows)
+        self.watch.batch_filled([id(grammar.matcher) for _, grammar in together], time.perf_counter() - started,
+                                alone)
+        self._fill_alone(bitmask, sample, failures, rows, self.watch.sample_filled, alone)
+        self._fill_alone(bitmask, suspects, failures, rows, self.watch.suspect_filled, alone)
         self.fill_seconds.append(time.perf_counter() - started)
+        self.watch.step_filled()
         # A grammar in an error state may still allow the end of sequence: ask each, not only empty rows.
         empty = ~bitmask.numpy().any(axis=1)
         for i, grammar in present:
@@ -126,26 +130,27 @@ class TokenMasks:
                 failures[rows[i]] = exc
                 bitmask[i] = -1
 
-    def _fill_suspects(self, bitmask: torch.Tensor, suspects: list[tuple[int, Grammar]], failures: list,
-                       rows: list[int]) -> None:
-        """Each suspect's mask in a call of its own, timed: a row over the budget ends alone. One call
-        per row costs a GIL hand-off each (see ``_fill_rows``), paid only the step after an overrun."""
+    def _fill_alone(self, bitmask: torch.Tensor, alone_rows: list[tuple[int, Grammar]], failures: list,
+                    rows: list[int], judge: Callable[[int, float, bool], str | None], alone: bool) -> None:
+        """Each row's mask in a call of its own, timed on this thread's CPU clock and judged by the
+        watch: a row over its allowance ends alone. One call per row costs a GIL hand-off each (see
+        ``_fill_rows``), paid by suspects and one sampled row a step."""
         row_bytes = bitmask.shape[1] * bitmask.element_size()
-        for i, grammar in suspects:
-            started = time.perf_counter()
+        for i, grammar in alone_rows:
+            started = time.thread_time()
             try:
                 grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
             except Exception as exc:
                 failures[rows[i]] = exc
                 bitmask[i] = -1
+                self.watch.ended(id(grammar.matcher))
                 continue
-            elapsed = time.perf_counter() - started
-            if elapsed > self.budget_s:
+            reason = judge(id(grammar.matcher), time.thread_time() - started, alone)
+            if reason is not None:
                 self.num_over_budget += 1
-                failures[rows[i]] = MaskOverBudget(
-                    f"structured output: computing its token mask took {elapsed * 1000:.0f} ms, over the "
-                    f"{self.budget_s * 1000:g} ms a step may spend on one row")
+                failures[rows[i]] = MaskOverBudget(f"structured output: {reason}")
                 bitmask[i] = -1
+                self.watch.ended(id(grammar.matcher))
 
     def _buffer(self, num_rows: int) -> torch.Tensor:
         if not self._buffers or self._buffers[0].shape[0] < num_rows:
