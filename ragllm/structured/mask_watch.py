@@ -11,12 +11,14 @@ batch. Two bounds hold a row:
   held to the absolute budget only. ``FLOOR_S`` keeps fast steps from ending ordinary schemas, whose
   masks take tens of microseconds.
 
-The batch's rows are filled in one call, which times them only together, so each step one row of
-the batch, in turn, is filled in a call of its own and timed on the engine thread's CPU clock (a wall
-clock would charge a row for the OS preempting the thread). A row found over its allowance, or a batch
-call that overran what all its rows may take, makes suspects: rows filled and timed alone every step.
-A suspect whose last ``WINDOW`` masks all kept within its allowance is trusted again. A row thus hides
-in its batch for at most as many steps as the batch has rows.
+The batch's rows are filled in one call, which times them only together. A call within one row's
+allowance clears them all. Past it, the next step fills one row of the batch, in turn, in a call of
+its own, timed on the engine thread's CPU clock (a wall clock would charge a row for the OS preempting
+the thread). A row found over its allowance, or a batch call that overran what all its rows may take,
+makes suspects: rows filled and timed alone every step. A suspect whose last ``WINDOW`` masks all kept
+within its allowance is trusted again. A row thus hides in its batch for at most as many steps as the
+batch has rows, and batches of ordinary grammars pay for no call of their own (each costs a hand-off of
+the GIL).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class MaskWatch:
         self._last_fill_end: float | None = None
         self._suspects: dict[int, _Suspect] = {}
         self._step = 0
+        self._sample_next = False  # the last batch call took longer than one row may: time one alone
 
     def step_started(self) -> None:
         """A constrained step's masks are about to be filled: what passed since the last fill ended
@@ -88,13 +91,14 @@ class MaskWatch:
         """The rows ``keys`` were filled together in ``elapsed_s``: over what they may take, each
         becomes a suspect."""
         allowance = self.allowance_s(alone)
+        self._sample_next = bool(keys) and allowance is not None and elapsed_s > allowance
         if keys and allowance is not None and elapsed_s > allowance * math.ceil(len(keys) / self.threads):
             for key in keys:
                 self._suspects.setdefault(key, _Suspect(self._step))
 
     def sampled(self, keys: list[int], alone: bool) -> int | None:
         """The row of ``keys`` (none of them suspects) to fill and time alone this step, in turn."""
-        if alone or not keys or self.allowance_s(alone) is None:
+        if not self._sample_next or alone or not keys or self.allowance_s(alone) is None:
             return None
         return keys[self._step % len(keys)]
 
@@ -116,7 +120,8 @@ class MaskWatch:
             return (f"computing its token mask took {cost_s * 1000:.0f} ms, over the "
                     f"{self.budget_s * 1000:g} ms a step may spend on one row")
         allowance = self.allowance_s(alone)
-        if allowance is not None and not alone and sum(suspect.costs) > allowance * WINDOW:
+        if self.step_share is not None and allowance is not None and not alone \
+                and sum(suspect.costs) > allowance * WINDOW:
             return (f"its token masks took {sum(suspect.costs) * 1000:.1f} ms over its last "
                     f"{len(suspect.costs)} steps, more than the {self.step_share:.0%} of the batch's "
                     f"other work ({allowance * WINDOW * 1000:.1f} ms over {WINDOW} steps) a row may "

@@ -130,3 +130,24 @@ def test_a_suspect_within_its_allowance_is_trusted_again_and_one_that_left_is_fo
     watch.batch_filled([3], elapsed_s=0.02, alone=False)
     reason = watch.suspect_filled(3, 0.011, alone=False)
     assert reason is not None and "over the 10 ms" in reason
+
+
+def test_a_batch_within_one_rows_allowance_times_no_row_alone_and_one_past_it_times_one_in_turn():
+    watch = MaskWatch(budget_s=0.01, step_share=None, threads=4)
+    keys = list(range(8))
+    watch.step_started()
+    watch.batch_filled(keys, elapsed_s=0.005, alone=False)
+    watch.step_started()
+    assert watch.sampled(keys, alone=False) is None  # every row was within its allowance: no hand-off
+    watch.batch_filled(keys, elapsed_s=0.015, alone=False)  # past one row's, within 8 rows on 4 threads
+    assert not any(watch.is_suspect(key) for key in keys)
+    picked = set()
+    for _ in range(len(keys)):
+        watch.step_started()
+        key = watch.sampled(keys, alone=False)
+        picked.add(key)
+        assert watch.sample_filled(key, 0.001, alone=False) is None and not watch.is_suspect(key)
+        watch.batch_filled(keys, elapsed_s=0.015, alone=False)
+    assert picked == set(keys)  # each in turn
+    watch.step_started()
+    assert watch.sampled(keys, alone=True) is None  # alone, it slows nobody
