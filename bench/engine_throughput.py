@@ -24,8 +24,8 @@ from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E4
 from bench.random_models import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
-from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

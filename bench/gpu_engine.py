@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.host_profile import PhaseTimes  # noqa: E402
 from bench.random_models import ARCHITECTURES, build_random_checkpoint, word  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
-from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from ragllm.engines.cuda import kernels  # noqa: E402
-from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.inprocess.layers import kernels  # noqa: E402
+from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
 
 CONCURRENCY = (8, 32, 64)
 PROMPT_TOKENS = 128
@@ -141,8 +141,8 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = 
                kv_cache_dtype: str | None = None) -> dict:
     settings = EngineSettings(model=str(model_dir), device="cuda", dtype="bfloat16", max_num_seqs=64,
                               max_batch_size=64, max_num_batched_tokens=8192, max_model_len=max_model_len,
-                              max_waiting=256)
-    engine = TransformersEngine(settings, kv_cache_dtype=kv_cache_dtype)
+                              max_waiting=256, kv_cache_dtype=kv_cache_dtype)
+    engine = TransformersEngine(settings)
     started = time.perf_counter()
     await engine.start()
     results: dict = {"start_s": time.perf_counter() - started, "ttft_ms": {}, "aggregate_tok_s": {}}

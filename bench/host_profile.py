@@ -97,9 +97,9 @@ class PhaseTimes:
               "record": ("_record",), "decode launch": ("runner", "decode"),
               "waiting for tokens": ("_readback", "finish"), "mask fill": ("_masks", "_fill"),
               "llguidance call": ("_masks", "_fill_rows"),
-              "mask kernel": ("ragllm.structured.masks", "masked_logits"),
-              "sample launch": ("ragllm.engines.scheduler", "sample_on_device"),
-              "scores": ("ragllm.engines.scheduler", "scores_on_device"),
+              "mask kernel": ("ragllm.engines.inprocess.sample.masks", "masked_logits"),
+              "sample launch": ("ragllm.engines.inprocess.scheduler", "sample_on_device"),
+              "scores": ("ragllm.engines.inprocess.scheduler", "scores_on_device"),
               "readback start": ("_readback", "start"), "admit": ("_admit",),
               "room to decode": ("_room_to_decode",), "register decoded": ("_register_decoded",),
               "prefill": ("_prefill_within_budget",), "release": ("_release_finished",)}

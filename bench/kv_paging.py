@@ -23,8 +23,8 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree may come first
 from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
-from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
 # After ragllm: gpu_engine puts this tree first on the path, and the build under test is already loaded.
 from bench.gpu_engine import block_tables, random_prompt, timed  # noqa: E402
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import write_report  # noqa: E402
 from bench.structured_outputs import records_schema  # noqa: E402
 from ragllm.structured.grammars import GrammarCompiler  # noqa: E402
-from ragllm.structured.mask_kernel import masked_logits  # noqa: E402
+from ragllm.engines.inprocess.sample.mask_kernel import masked_logits  # noqa: E402
 from ragllm.structured.spec import structured_output_of  # noqa: E402
 
 # The engine's GIL switch interval on a GPU (transformers_impl.GIL_SWITCH_INTERVAL_S).

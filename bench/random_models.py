@@ -51,7 +51,7 @@ def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ragllm.engines.quantized.awq_writer import save_awq_checkpoint
+    from ragllm.engines.inprocess.quantized.awq_writer import save_awq_checkpoint
 
     model_type, shape = ARCHITECTURES[architecture]
     shape = {**shape, "vocab_size": vocab_size or shape["vocab_size"]}

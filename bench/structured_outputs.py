@@ -34,8 +34,8 @@ from bench.host_profile import HostProfile, PhaseTimes  # noqa: E402
 from bench.random_models import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
-from ragllm.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from ragllm.engines.transformers_impl import TransformersEngine  # noqa: E402
+from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
 from ragllm.structured.spec import StructuredOutput, structured_output_of  # noqa: E402
 
 ROUNDS = 3

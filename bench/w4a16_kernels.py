@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import write_report  # noqa: E402
-from ragllm.engines.cuda import w4a16  # noqa: E402
-from ragllm.engines.quantized.awq_format import AwqWeights, quantise  # noqa: E402
+from ragllm.engines.inprocess.layers import w4a16  # noqa: E402
+from ragllm.engines.inprocess.quantized.awq_format import AwqWeights, quantise  # noqa: E402
 
 # (name, inputs K, outputs N) of one Qwen2.5-1.5B layer
 SHAPES = (("qkv", 1536, 2048), ("o", 1536, 1536), ("gate_up", 1536, 17920), ("down", 8960, 1536))

@@ -127,6 +127,10 @@ class EngineSettings(BaseModel):
                           "a later request repeats are not computed again).")
     cuda_graphs: bool = Field(True, description="CUDA: replay decode steps and single-prompt prefills as "
                                                 "captured graphs.")
+    kv_cache_dtype: str | None = Field(
+        None, description="What the in-process engine's KV cache stores: fp8 (fp8_e4m3), or the model's dtype "
+                          "(None); 'auto': fp8 for a quantized checkpoint (the deployment README's pairing), the "
+                          "model's dtype otherwise. A supervised vLLM takes vllm.kv_cache_dtype.")
     grammar_cache_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="Bytes of compiled structured-output grammars kept for reuse, least "
                                             "recently used first out (a grammar's size is its compiled text's).")

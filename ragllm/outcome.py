@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragllm.engines.base import Delta, FinishReason, TokenLogprob
+from ragllm.generation import Delta, FinishReason, TokenLogprob
 from ragllm.tools.calls import merge_tool_call_deltas
 
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ragllm.engines.text import partial_suffix_length
+from ragllm.held_text import partial_suffix_length
 from ragllm.errors import InvalidRequest
 from ragllm.protocol.rag import Citation, RagDocument
 

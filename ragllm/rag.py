@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ragllm.engines.base import Engine, GenerationRequest, ModelCard, SamplingParams
+from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
+
+from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
 from ragllm.prompting import RagTemplate, parse_citations, render_messages, with_no_think
 from ragllm.protocol.rag import RagDocument, RagOptions

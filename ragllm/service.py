@@ -12,15 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragllm.engines.base import (
-    CacheScope,
-    DeltaStream,
-    Engine,
-    EngineState,
-    GenerationRequest,
-    ModelCard,
-    SamplingParams,
-)
+from ragllm.generation import CacheScope, EngineState, GenerationRequest, ModelCard, SamplingParams
+
+from ragllm.generation import DeltaStream
+
+from ragllm.engines.base import Engine
 from ragllm.bounded_json import JsonLimits
 from ragllm.bounds import PromptText, check_chat, check_completion, check_tokenize
 from ragllm.cache.keys import cache_key, is_deterministic

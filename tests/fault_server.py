@@ -24,7 +24,8 @@ FAULT_AFTER_TOKENS = 2
 
 
 def _install_faults() -> None:
-    from ragllm.engines import sampling, scheduler
+    from ragllm.engines.inprocess import scheduler
+    from ragllm.engines.inprocess.sample import choice as sampling
 
     calls: dict[int, int] = {}
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from ragllm.cache.keys import cache_key, is_deterministic
-from ragllm.engines.base import GenerationRequest, ModelCard, SamplingParams
+from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 from ragllm.structured.spec import StructuredOutput
 
 MODEL = ModelCard(id="m", max_model_len=100, fingerprint="fp_1")
@@ -53,7 +53,7 @@ def test_model_identity_and_tenant_change_the_key():
 
 
 def test_a_cache_salt_changes_the_key_and_no_salt_keeps_the_unsalted_key():
-    from ragllm.engines.base import CacheScope
+    from ragllm.generation import CacheScope
 
     key = cache_key(MODEL, BASE, "t")
     salted = [cache_key(MODEL, dataclasses.replace(BASE, cache_scope=CacheScope("t", salt)), "t") for salt in "xy"]

@@ -133,3 +133,13 @@ def test_the_total_stream_buffer_defaults_to_16_streams_and_a_bad_value_stops_se
     error = capsys.readouterr().err
     assert "invalid settings" in error and "stream_buffer_total_bytes" in error
     assert "Traceback" not in error
+
+
+def test_the_in_process_kv_cache_dtype_is_the_engines_own_setting(monkeypatch):
+    """engine.kv_cache_dtype: auto in the local profile, unset in the cloud one, set from the
+    environment apart from the supervised vLLM's flag."""
+    assert load_settings().engine.kv_cache_dtype == "auto"
+    assert load_settings(profile="cloud").engine.kv_cache_dtype is None
+    monkeypatch.setenv("RAGLLM_ENGINE__KV_CACHE_DTYPE", "fp8")
+    settings = load_settings()
+    assert (settings.engine.kv_cache_dtype, settings.vllm.kv_cache_dtype) == ("fp8", "auto")

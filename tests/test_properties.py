@@ -18,8 +18,9 @@ from starlette.exceptions import HTTPException
 from ragllm.api.body import parsed_body
 from ragllm.bounds import check_chat
 from ragllm.config import InputSettings
-from ragllm.engines.base import Engine, ModelCard
-from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.generation import ModelCard
+from ragllm.engines.base import Engine
+from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragllm.errors import RagLLMError
 from ragllm.prompting import ThinkStripper, load_template, rank
 from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -182,6 +183,6 @@ def test_packing_keeps_the_longest_ranked_prefix_that_fits(documents, window, ma
 
 
 async def _count(engine: WordCountingEngine, messages: list[dict[str, Any]]) -> int:
-    from ragllm.engines.base import GenerationRequest, SamplingParams
+    from ragllm.generation import GenerationRequest, SamplingParams
 
     return await engine.count_prompt_tokens(GenerationRequest("count", SamplingParams(), messages=messages))

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from ragllm.engines.base import Delta, TokenLogprob
+from ragllm.generation import Delta, TokenLogprob
 from ragllm.outcome import ChoiceOutcome, Outcome
 from ragllm.service import PreparedRequest
 

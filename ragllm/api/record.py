@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ragllm.engines.base import Usage
+from ragllm.generation import Usage
 
 if TYPE_CHECKING:
     from ragllm.api.state import AppState
-    from ragllm.engines.base import DeltaStream
+    from ragllm.generation import DeltaStream
     from ragllm.telemetry.tracing import RequestSpan
     from ragllm.limits import Principal
     from ragllm.telemetry.metrics import RequestTimer

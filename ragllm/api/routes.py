@@ -25,7 +25,8 @@ from ragllm.api.record import RequestRecord
 from ragllm.api.sse import EventStreamResponse, until_disconnect
 from ragllm.api.state import AppState
 from ragllm.cache import CachedResponse
-from ragllm.engines.base import Delta, DeltaStream, EngineState, FinishReason, KVCacheStats
+from ragllm.generation import Delta, EngineState, FinishReason, KVCacheStats
+from ragllm.generation import DeltaStream
 from ragllm.errors import (
     ClientClosedRequest,
     ClientTooSlow,

@@ -14,7 +14,7 @@ import hashlib
 
 import orjson
 
-from ragllm.engines.base import GenerationRequest, ModelCard
+from ragllm.generation import GenerationRequest, ModelCard
 
 KEY_VERSION = 3  # bump when the material below changes meaning
 

@@ -12,9 +12,9 @@ if TYPE_CHECKING:
 # name → "module:class"; the import happens only when the engine is chosen (torch is heavy).
 # Each class has ``from_settings(settings)`` taking the whole settings tree.
 ENGINES: dict[str, str] = {
-    "transformers": "ragllm.engines.transformers_impl:TransformersEngine",
+    "transformers": "ragllm.engines.inprocess.engine:TransformersEngine",
     "upstream": "ragllm.engines.upstream.engine:UpstreamEngine",
-    "vllm": "ragllm.engines.vllm:VllmEngine",
+    "vllm": "ragllm.engines.vllm.engine:VllmEngine",
 }
 
 

@@ -5,7 +5,7 @@ milliseconds with no per-vocabulary precomputation, so a request bringing a sche
 pays almost nothing; its token masks take about 0.1 ms a row on the CPU; it covers JSON Schema,
 regular expressions and Lark/GBNF grammars; and it needs no runtime beyond its own wheel. Every step's
 work is bounded by its parser limits (``parser_limits``) and each mask by a wall-time budget
-(``masks``), so no grammar can stall the engine.
+(``engines/inprocess/sample/masks``), so no grammar can stall the engine.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from prometheus_client.registry import Collector
 
-from ragllm.engines.base import Delta, EngineStats
+from ragllm.generation import Delta, EngineStats
 
 # Buckets as vLLM uses them, so percentiles line up with vLLM's own panels.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

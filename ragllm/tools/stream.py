@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from ragllm.engines.base import Delta, DeltaStream, FinishReason, Usage
+from ragllm.generation import Delta, FinishReason, Usage
+
+from ragllm.generation import DeltaStream
 from ragllm.tools.parsing import ToolCallParser
 
 

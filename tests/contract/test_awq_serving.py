@@ -13,8 +13,8 @@ import openai
 import pytest
 import torch
 
-from ragllm.engines.quantized.awq_loader import checkpoint_awq_config, load_awq_model
-from ragllm.engines.quantized.awq_writer import save_awq_checkpoint
+from ragllm.engines.inprocess.quantized.awq_loader import checkpoint_awq_config, load_awq_model
+from ragllm.engines.inprocess.quantized.awq_writer import save_awq_checkpoint
 from tests.servers import ServerProcess
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}

@@ -379,7 +379,7 @@ def test_sampling_fields_left_out_are_left_to_the_upstreams_model():
     """A field the client leaves out is not sent, so the replica's own defaults (the packaged model's
     top_p 0.9) apply as they do when it is called directly; one the client sets is sent."""
     from ragllm.config import EngineSettings, UpstreamSettings
-    from ragllm.engines.base import GenerationRequest, SamplingParams
+    from ragllm.generation import GenerationRequest, SamplingParams
     from ragllm.engines.upstream.engine import UpstreamEngine
 
     engine = UpstreamEngine(EngineSettings(), UpstreamSettings(urls=["http://127.0.0.1:9"]))  # never started

@@ -114,7 +114,7 @@ def test_missing_vllm_is_reported_by_health(tmp_path):
 def test_standin_parses_the_command_of_both_profiles(profile, monkeypatch):
     """The stand-in knows only vLLM's documented flags; the derived command must parse under it."""
     from ragllm.config import load_settings
-    from ragllm.engines.vllm_args import vllm_serve_args
+    from ragllm.engines.vllm.flags import vllm_serve_args
     from tests.vllm_standin import parse
 
     monkeypatch.setenv("RAGLLM_REDIS__URL", "redis://127.0.0.1:6379/0")

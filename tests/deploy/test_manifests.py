@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ragllm.config import load_settings
-from ragllm.engines.vllm_args import vllm_serve_args
+from ragllm.engines.vllm.flags import vllm_serve_args
 from tests.vllm_standin import flag_values
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

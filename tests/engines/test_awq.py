@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
-from ragllm.engines.model_runner import KVCacheOptions
-from ragllm.engines.quantized.awq_format import ORDER, AwqConfig, AwqWeights, dequantise, pack, quantise, unpack
-from ragllm.engines.quantized.awq_linear import AwqLinear
-from ragllm.engines.quantized.awq_loader import checkpoint_awq_config, load_awq_model
-from ragllm.engines.quantized.awq_writer import save_awq_checkpoint
+from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions
+from ragllm.engines.inprocess.quantized.awq_format import ORDER, AwqConfig, AwqWeights, dequantise, pack, quantise, unpack
+from ragllm.engines.inprocess.quantized.awq_linear import AwqLinear
+from ragllm.engines.inprocess.quantized.awq_loader import checkpoint_awq_config, load_awq_model
+from ragllm.engines.inprocess.quantized.awq_writer import save_awq_checkpoint
 from ragllm.errors import ModelLoadError
 from tests.tiny_models import ARCHITECTURES, tiny_model
 
@@ -167,8 +167,8 @@ def test_one_row_steps_that_fold_norms_into_the_products_match_steps_that_do_not
     loop with the products' plain fallbacks): the logits are those of steps that do not."""
     from dataclasses import replace
 
-    from ragllm.engines.cuda import runner as runner_module
-    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.inprocess.runner import cuda as runner_module
+    from ragllm.engines.inprocess.layers import w4a16
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     directory = _awq_checkpoint(tmp_path)
@@ -207,7 +207,7 @@ def test_w4a16_products_match_dequantise_then_matmul(rows, shape):
     """The Qwen2.5-1.5B layer shapes (q/k/v, o, down, gate/up), and one whose outputs fill no whole block,
     at decode and prefill row counts, against float32 over the dequantised weights; repeated calls give
     the same bits (the split-K counters reset and the shares add up in a fixed order)."""
-    from ragllm.engines.cuda.w4a16 import awq_matmul, counters_for
+    from ragllm.engines.inprocess.layers.w4a16 import awq_matmul, counters_for
 
     torch.manual_seed(rows)
     k, n = shape
@@ -240,7 +240,7 @@ def test_one_row_products_in_either_arithmetic(monkeypatch, words, wide_words, s
     enough, 32 or 64, against float32 over the dequantised weights."""
     from dataclasses import replace
 
-    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.inprocess.layers import w4a16
 
     monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_words=words, gemv_wide_words=wide_words))
     k, n = shape
@@ -257,7 +257,7 @@ def test_one_row_products_in_half_pairs_take_inputs_beyond_float16s_range(monkey
     by 2^-7, so nothing overflows and the outputs keep float32's answer."""
     from dataclasses import replace
 
-    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.inprocess.layers import w4a16
 
     monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_wide_words=32))
     k, n = 8960, 1536
@@ -279,8 +279,8 @@ def test_one_row_gated_product_reads_silu_of_gate_times_up(monkeypatch, words, w
     gives, and float32's answer."""
     from dataclasses import replace
 
-    from ragllm.engines.cuda import w4a16
-    from ragllm.engines.cuda.kernels import silu_and_mul
+    from ragllm.engines.inprocess.layers import w4a16
+    from ragllm.engines.inprocess.layers.kernels import silu_and_mul
 
     monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_words=words, gemv_wide_words=wide_words))
     k, n = 8960, 1536
@@ -303,8 +303,8 @@ def test_one_row_products_fold_the_norm_and_the_residual_add(monkeypatch, words,
     without the weights loaded before the wait (``gemv_early_loads``)."""
     from dataclasses import replace
 
-    from ragllm.engines.cuda import w4a16
-    from ragllm.engines.cuda.kernels import add_rms_norm
+    from ragllm.engines.inprocess.layers import w4a16
+    from ragllm.engines.inprocess.layers.kernels import add_rms_norm
 
     monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, gemv_words=words, gemv_wide_words=wide_words,
                                                  gemv_early_loads=early))
@@ -341,7 +341,7 @@ def test_one_row_products_fold_the_norm_and_the_residual_add(monkeypatch, words,
 def test_one_row_products_keep_float32_inputs_in_float32():
     """A float32 input takes the float32 arithmetic whatever the row width: float32's answer to 1e-4
     (float16 pairs would round the input to 11 bits, an error near 1e-3)."""
-    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.inprocess.layers import w4a16
 
     k, n = 1536, 17920
     weights = _random_awq(k, n, seed=3)
@@ -363,7 +363,7 @@ def test_tensor_core_products_at_every_tile_and_input_type(monkeypatch, block_n,
     is the input's own rounding: float32 inputs keep float32's answer."""
     from dataclasses import replace
 
-    from ragllm.engines.cuda import w4a16
+    from ragllm.engines.inprocess.layers import w4a16
 
     monkeypatch.setattr(w4a16, "TUNING", replace(w4a16.TUNING, rows_block_n=block_n, rows_swapped=swapped))
     for k, n in ((384, 200), (8960, 1536)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragllm.engines.blocks import BlockPool, extend_block_hashes
+from ragllm.engines.inprocess.kv.blocks import BlockPool, extend_block_hashes
 
 
 def _hashes(tokens: list[int], block_size: int = 4, salt: bytes = b"model") -> list[bytes]:
@@ -63,7 +63,7 @@ def test_the_same_tokens_computed_twice_keep_the_first_copy():
 
 
 def test_cache_scopes_name_tenant_and_salt_without_ambiguity():
-    from ragllm.engines.base import CacheScope
+    from ragllm.generation import CacheScope
 
     assert CacheScope().digest() == b""  # unscoped: the model's salt alone, as before scopes existed
     digests = {CacheScope(group, salt).digest() for group, salt in

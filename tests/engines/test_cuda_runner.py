@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.engines.base import SamplingParams
-from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
-from ragllm.engines.model_runner import KVCacheOptions, PrefillChunk
-from ragllm.engines.sampling import filtered_probabilities, filtered_probabilities_batched
-from ragllm.engines.scheduler import Scheduler, SchedulerLimits
+from ragllm.generation import SamplingParams
+from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, PrefillChunk
+from ragllm.engines.inprocess.sample.choice import filtered_probabilities, filtered_probabilities_batched
+from ragllm.engines.inprocess.scheduler import Scheduler, SchedulerLimits
 from ragllm.errors import ModelLoadError
 from tests.engines.test_model_runner import scattered_tables
 from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
@@ -310,7 +310,7 @@ def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
 def test_split_decode_attention_equals_one_pass_and_the_plain_twin(device):
     """Partitions of a long context attended in parallel and combined: the same output as one pass
     over the keys and as PyTorch's attention over the gathered cache, in float32 and bf16."""
-    from ragllm.engines.cuda.attention import decode_attention
+    from ragllm.engines.inprocess.layers.attention import decode_attention
 
     torch.manual_seed(0)
     heads, kv_heads, head_dim, block = 6, 2, 64, 16
@@ -351,7 +351,7 @@ def test_long_context_decode_graphs_match_transformers(device):
 def test_one_stream_decodes_over_short_partitions_like_transformers(device):
     """One row from 150 positions on: its attention runs in 64-key partitions (a single row splits from
     ``SPLIT_FEW_FROM`` keys), replayed from the split graph; logits stay transformers'."""
-    from ragllm.engines.cuda.attention import FEW_ROWS_PARTITION, split_from
+    from ragllm.engines.inprocess.layers.attention import FEW_ROWS_PARTITION, split_from
 
     assert split_from(1) <= 150 and FEW_ROWS_PARTITION < 150
     for dtype in _dtypes(device):

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.engines.cuda.runner import CudaGraphRunner, CudaRunnerOptions
-from ragllm.engines.model_runner import KVCacheOptions, ModelRunner, kv_storage_dtype
-from ragllm.engines.paged_cache import FP8, FP8_MAX, PagedKVCache
+from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, kv_storage_dtype
+from ragllm.engines.inprocess.kv.paged_cache import FP8, FP8_MAX, PagedKVCache
 from ragllm.errors import ModelLoadError
 from tests.tiny_models import ARCHITECTURES, tiny_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
 from tests.engines.test_model_runner import scattered_tables
 from tests.tiny_models import ARCHITECTURES, tiny_model
 

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ragllm.engines.base import GenerationRequest, SamplingParams
-from ragllm.engines.literal_text import BREAK, ESCAPE, LiteralText, special_token_texts
-from ragllm.engines.loading import prompt_token_ids
-from ragllm.engines.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
+from ragllm.generation import GenerationRequest, SamplingParams
+from ragllm.engines.inprocess.literal_text import BREAK, ESCAPE, LiteralText, special_token_texts
+from ragllm.engines.inprocess.loading import prompt_token_ids
+from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
 from ragllm.prompting import load_template, render_messages
 from ragllm.protocol.rag import RagDocument
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ragllm.config import EngineSettings
-from ragllm.engines.prefill_policy import MIN_PREFILL_CHUNK, PrefillPolicy
+from ragllm.engines.inprocess.prefill_policy import MIN_PREFILL_CHUNK, PrefillPolicy
 
 LOCAL = PrefillPolicy(step_tokens=1024, chunked=False)  # the local profile's numbers
 CLOUD = PrefillPolicy(step_tokens=2048, chunked=True)

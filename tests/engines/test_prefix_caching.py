@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from ragllm.engines.model_runner import KVCacheOptions
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions
 from tests.engines.test_scheduler import (
     MODEL,
     _check_against_reference,
@@ -162,7 +162,7 @@ def test_a_request_larger_than_the_whole_pool_is_refused_and_the_engine_goes_on(
 
 # -- cache scopes: tenants (and their cache_salt) never share blocks -------------------------------
 def _scoped(request_id: str, prompt: list[int], max_tokens: int, group: str | None, salt: str | None = None):
-    from ragllm.engines.base import CacheScope
+    from ragllm.generation import CacheScope
 
     sequence = _sequence(request_id, prompt, max_tokens)
     sequence.scope_salt = CacheScope(group, salt).digest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragllm.engines.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
+from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
 from ragllm.loadtest import Workload
 
 

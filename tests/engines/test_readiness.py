@@ -7,8 +7,8 @@ import asyncio
 import time
 
 from ragllm.config import load_settings
-from ragllm.engines.base import EngineState
-from ragllm.engines.transformers_impl import TransformersEngine
+from ragllm.generation import EngineState
+from ragllm.engines.inprocess.engine import TransformersEngine
 
 
 async def test_an_idle_engine_runs_canaries_and_a_hung_one_is_reported(monkeypatch):

@@ -6,14 +6,14 @@ import time
 
 import torch
 
-from ragllm.engines import sampling as sampling_module
-from ragllm.engines import scheduler as scheduler_module
-from ragllm.engines.base import Delta, FinishReason, SamplingParams
-from ragllm.engines.model_runner import KVCacheOptions, ModelRunner
-from ragllm.engines.scheduler import Scheduler, SchedulerLimits
+from ragllm.engines.inprocess.sample import choice as sampling_module
+from ragllm.engines.inprocess import scheduler as scheduler_module
+from ragllm.generation import Delta, FinishReason, SamplingParams
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
+from ragllm.engines.inprocess.scheduler import Scheduler, SchedulerLimits
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
-from ragllm.engines.sequence import Sequence
-from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.engines.inprocess.sequence import Sequence
+from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from tests.tiny_models import tiny_model
 
 
@@ -517,7 +517,7 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
 def test_a_delta_is_held_only_when_it_is_neither_an_answers_first_text_nor_its_last():
     """The first delta of an answer can come from a decode step (its first tokens wrote no whole
     character yet); it carries every token so far, and is never held, nor is a last delta or an error."""
-    from ragllm.engines.scheduler import _holdable
+    from ragllm.engines.inprocess.scheduler import _holdable
 
     assert not _holdable(Delta(text="é", num_tokens=3, prompt_tokens=9, completion_tokens=3))  # first text
     assert _holdable(Delta(text="x", num_tokens=1, prompt_tokens=9, completion_tokens=4))

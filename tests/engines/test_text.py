@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragllm.engines.text import IncrementalDetokenizer, StopMatcher
+from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 
 
 @pytest.mark.parametrize("text", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ragllm.config import load_settings
-from ragllm.engines.vllm_args import vllm_serve_args
+from ragllm.engines.vllm.flags import vllm_serve_args
 
 from tests.vllm_standin import flag_values
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ragllm.errors import InvalidRequest
 from ragllm.structured.grammar_cache import GrammarCache
 from ragllm.structured.grammars import GrammarCompiler, GrammarViolation, MaskOverBudget
-from ragllm.structured.masks import TokenMasks
+from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.structured.parser_limits import MAX_CHOICES, MAX_SCHEMA_PROPERTIES
 from ragllm.structured.spec import structured_output_of
 

@@ -11,7 +11,7 @@ import torch
 
 from ragllm.errors import ConstraintUnfollowable, InvalidRequest
 from ragllm.structured.grammars import Grammar, GrammarCompiler, GrammarViolation
-from ragllm.structured.masks import TokenMasks
+from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput, structured_output_of
 
 
@@ -155,7 +155,7 @@ from transformers import AutoTokenizer
 from ragllm.config import load_settings
 from ragllm.models import resolve_model
 from ragllm.structured.grammars import GrammarCompiler
-from ragllm.structured.masks import TokenMasks
+from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput
 engine = load_settings().engine
 tokenizer = AutoTokenizer.from_pretrained(resolve_model(engine.model, engine.model_cache_dir))

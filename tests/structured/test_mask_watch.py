@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ragllm.structured.grammars import GrammarCompiler, MaskOverBudget
-from ragllm.structured.mask_watch import FLOOR_S, WINDOW, MaskWatch
-from ragllm.structured.masks import TokenMasks
+from ragllm.engines.inprocess.sample.mask_watch import FLOOR_S, WINDOW, MaskWatch
+from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.structured.spec import structured_output_of
 
 # Every parse of a string of 'a's is ambiguous in more ways each step: its masks cost more each step

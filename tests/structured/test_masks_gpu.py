@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ragllm.structured.grammars import GrammarCompiler
-from ragllm.structured.masks import TokenMasks
+from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput
 
 pytestmark = [

@@ -9,6 +9,7 @@ After that, a broken upstream ends the stream with an error event, never a splic
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -17,15 +18,9 @@ from typing import Any
 import orjson
 
 from ragllm.config import EngineSettings, Settings, UpstreamSettings
-from ragllm.engines.base import (
-    DeltaStream,
-    Engine,
-    EngineHealth,
-    EngineState,
-    EngineStats,
-    GenerationRequest,
-    ModelCard,
-)
+from ragllm.generation import EngineHealth, EngineState, EngineStats, GenerationRequest, ModelCard
+from ragllm.generation import DeltaStream
+from ragllm.engines.base import Engine
 from ragllm.engines.upstream.discovery import ReplicaDiscovery, Resolver, resolve_addresses
 from ragllm.engines.upstream.envelope import error_fields
 from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
@@ -235,8 +230,10 @@ class UpstreamEngine(Engine):
                 response.release()
                 raise UpstreamError(response.status, envelope)
             streamed = body["stream"]
-            stream = UpstreamStream(self, replica, response, request.request_id, streamed,
-                                    wants_logprobs=request.params.logprobs is not None)
+            stream = UpstreamStream(response, request.request_id,
+                                    release=functools.partial(self._release, replica, failed=False),
+                                    replica_failed=functools.partial(self.pool.failed, replica),
+                                    incremental=streamed, wants_logprobs=request.params.logprobs is not None)
             # A whole answer arrives at its end, so the total bound applies rather than the first-token one.
             first_delta_timeout = self.upstream.first_token_timeout_s if streamed else self.upstream.total_timeout_s
             await asyncio.wait_for(stream.prefetch(), first_delta_timeout)

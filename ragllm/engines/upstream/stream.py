@@ -8,31 +8,31 @@ with an error event and ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 
-from ragllm.engines.base import Delta, DeltaStream, FinishReason, TokenLogprob, Usage
-from ragllm.engines.upstream.envelope import error_fields, is_error_event
-from ragllm.engines.upstream.router import Replica
-from ragllm.errors import EngineFailure, EngineInterrupted
+from ragllm.generation import Delta, FinishReason, TokenLogprob, Usage
 
-if TYPE_CHECKING:
-    from ragllm.engines.upstream.engine import UpstreamEngine
+from ragllm.generation import DeltaStream
+from ragllm.engines.upstream.envelope import error_fields, is_error_event
+from ragllm.errors import EngineFailure, EngineInterrupted
 
 # Choices an upstream answer may hold (requests ask for at most 8).
 MAX_RELAYED_CHOICES = 8
 
 
 class UpstreamStream(DeltaStream):
-    """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead."""
+    """Reads an upstream's SSE stream and turns it into deltas; the first one is read ahead.
+    ``replica_failed`` is called when the connection breaks mid-answer, ``release`` once when the
+    stream closes (the pool's bookkeeping stays the engine's)."""
 
-    def __init__(self, engine: "UpstreamEngine", replica: Replica, response: Any, request_id: str,
-                 incremental: bool = True, wants_logprobs: bool = False) -> None:
+    def __init__(self, response: Any, request_id: str, release: Callable[[], None],
+                 replica_failed: Callable[[], None], incremental: bool = True, wants_logprobs: bool = False) -> None:
         self.request_id = request_id
         self.response = response
-        self._engine, self._replica = engine, replica
+        self._release, self._replica_failed = release, replica_failed
         self._wants_logprobs = wants_logprobs
         self._events = self._parse() if incremental else self._parse_whole()
         self._first: Delta | None = None
@@ -55,7 +55,7 @@ class UpstreamStream(DeltaStream):
             async for delta in self._events:
                 yield delta
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self._engine.pool.failed(self._replica)
+            self._replica_failed()
             raise EngineInterrupted(f"the upstream {self._replica.url} broke off the answer "
                                     f"({type(exc).__name__}); the answer is incomplete") from exc
         finally:
@@ -155,7 +155,7 @@ class UpstreamStream(DeltaStream):
         if not self._done:
             self._done = True
             self.response.close()
-            self._engine._release(self._replica, failed=False)
+            self._release()
 
 
 def _choices(event: dict[str, Any]) -> list[dict[str, Any]]:
