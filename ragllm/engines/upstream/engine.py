@@ -230,7 +230,7 @@ class UpstreamEngine(Engine):
                 response.release()
                 raise UpstreamError(response.status, envelope)
             streamed = body["stream"]
-            stream = UpstreamStream(response, request.request_id,
+            stream = UpstreamStream(response, request.request_id, replica.url,
                                     release=functools.partial(self._release, replica, failed=False),
                                     replica_failed=functools.partial(self.pool.failed, replica),
                                     incremental=streamed, wants_logprobs=request.params.logprobs is not None)

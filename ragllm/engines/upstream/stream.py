@@ -28,10 +28,11 @@ class UpstreamStream(DeltaStream):
     ``replica_failed`` is called when the connection breaks mid-answer, ``release`` once when the
     stream closes (the pool's bookkeeping stays the engine's)."""
 
-    def __init__(self, response: Any, request_id: str, release: Callable[[], None],
+    def __init__(self, response: Any, request_id: str, url: str, release: Callable[[], None],
                  replica_failed: Callable[[], None], incremental: bool = True, wants_logprobs: bool = False) -> None:
         self.request_id = request_id
         self.response = response
+        self.url = url  # the upstream's, for errors that name it
         self._release, self._replica_failed = release, replica_failed
         self._wants_logprobs = wants_logprobs
         self._events = self._parse() if incremental else self._parse_whole()
@@ -56,7 +57,7 @@ class UpstreamStream(DeltaStream):
                 yield delta
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._replica_failed()
-            raise EngineInterrupted(f"the upstream {self._replica.url} broke off the answer "
+            raise EngineInterrupted(f"the upstream {self.url} broke off the answer "
                                     f"({type(exc).__name__}); the answer is incomplete") from exc
         finally:
             await self.aclose()
@@ -92,7 +93,7 @@ class UpstreamStream(DeltaStream):
                                 completion_tokens=counted[index], logprobs=logprobs, tool_calls=tool_calls,
                                 index=index)
         if not finishes or any(index not in finishes for index in counted):
-            raise EngineInterrupted(f"the upstream {self._replica.url} ended the stream without finishing the answer")
+            raise EngineInterrupted(f"the upstream {self.url} ended the stream without finishing the answer")
         last = max(finishes)
         for index in sorted(finishes):  # the usage total is split so the choices' counts add up to it
             tokens = counted.get(index, 0)
@@ -107,7 +108,7 @@ class UpstreamStream(DeltaStream):
         answer = self._event(await self.response.read())
         choices = _choices(answer) or [{}]
         if not all(choice.get("finish_reason") for choice in choices):
-            raise EngineInterrupted(f"the upstream {self._replica.url} answered without finishing")
+            raise EngineInterrupted(f"the upstream {self.url} answered without finishing")
         prompt_tokens, completion_tokens = _usage_counts(answer.get("usage") or {}, 0, 0)
         cached_tokens = _cached_tokens(answer.get("usage") or {})
         self._reported = Usage(prompt_tokens, completion_tokens)
@@ -126,22 +127,22 @@ class UpstreamStream(DeltaStream):
         logprobs = choice.get("logprobs")
         if not logprobs:
             if _choice_text(choice):
-                raise EngineFailure(f"the upstream {self._replica.url} sent no logprobs, though asked; "
+                raise EngineFailure(f"the upstream {self.url} sent no logprobs, though asked; "
                                     "it may not support them")
             return None
         try:
             return _chat_logprobs(logprobs) if "content" in logprobs else _legacy_logprobs(logprobs)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise EngineFailure(f"the upstream {self._replica.url} sent malformed logprobs") from exc
+            raise EngineFailure(f"the upstream {self.url} sent malformed logprobs") from exc
 
     def _event(self, data: bytes) -> dict[str, Any]:
         """One upstream JSON object; an error it reports, or anything malformed, as our EngineFailure."""
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            raise EngineFailure(f"the upstream {self._replica.url} sent malformed JSON: {data[:80]!r}") from exc
+            raise EngineFailure(f"the upstream {self.url} sent malformed JSON: {data[:80]!r}") from exc
         if not isinstance(event, dict):
-            raise EngineFailure(f"the upstream {self._replica.url} sent {type(event).__name__}, not an object")
+            raise EngineFailure(f"the upstream {self.url} sent {type(event).__name__}, not an object")
         if is_error_event(event):  # never skipped for want of choices: the answer failed
             raise EngineFailure(f"upstream error: {error_fields(event).message}")
         return event
