@@ -156,7 +156,7 @@ async def run_batch(engine: TransformersEngine, constrained: list[bool], prompts
 
 
 async def compile_times(engine: TransformersEngine) -> list[dict]:
-    compiler = engine._grammars
+    compiler = engine.grammars
     rows = []
     for name, fields in COMPILE_PROBES.items():
         spec: StructuredOutput = structured_output_of(fields)
@@ -186,7 +186,7 @@ async def main(args: argparse.Namespace) -> dict:
     try:
         # The tokenizer's index is built once per engine, before any grammar: timed on its own.
         started = time.perf_counter()
-        await asyncio.to_thread(engine._grammars._llg_tokenizer)
+        await asyncio.to_thread(engine.grammars.tokenizer_index)
         tokenizer_index_s = time.perf_counter() - started
         compiles = await compile_times(engine)
         spec = structured_output_of({"guided_json": records_schema(args.label_max_length)})

@@ -103,7 +103,7 @@ class GrammarCompiler:
     def _matcher(self, compiled: str) -> Any:
         import llguidance
 
-        return llguidance.LLMatcher(self._llg_tokenizer(), compiled, log_level=0, limits=self._parser_limits())
+        return llguidance.LLMatcher(self.tokenizer_index(), compiled, log_level=0, limits=self._parser_limits())
 
     def _parser_limits(self) -> Any:
         if self._limits is None:
@@ -118,7 +118,7 @@ class GrammarCompiler:
             compiled = _llguidance_grammar(spec, schema)
         except Exception as exc:  # noqa: BLE001 - only the library runs here: the request's content made it fail
             raise _refusal(spec, str(exc) or type(exc).__name__) from None
-        self._llg_tokenizer()  # loads the vocabulary's missing bytes the next check reads
+        self.tokenizer_index()  # loads the vocabulary's missing bytes the next check reads
         unwritable = self._unwritable_character(spec.source)
         if unwritable is not None:
             raise _refusal(spec, f"it needs the character U+{ord(unwritable):04X}, which this model's "
@@ -144,7 +144,7 @@ class GrammarCompiler:
             raise _refusal(spec, f"its first token mask took {elapsed * 1000:.0f} ms, over the "
                                  f"{self._mask_budget_s * 1000:g} ms a step may spend on one")
 
-    def _llg_tokenizer(self) -> Any:
+    def tokenizer_index(self) -> Any:
         with self._lock:
             if self._tokenizer is None:
                 import llguidance.hf

@@ -1,0 +1,103 @@
+"""From a generation request to the sequences the engine runs: the prompt's token ids (checked
+against the model's embedding), each choice's grammar and sampling generator, and how many tokens
+its answer may take within the context window. Runs off the event loop (tokenizing is CPU work)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
+from ragllm.engines.inprocess.prompt_tokens import PromptTokenizer
+from ragllm.engines.inprocess.sequence import Sequence
+from ragllm.errors import ContextLengthExceeded, EngineFailure
+from ragllm.generation import GenerationRequest
+from ragllm.structured.grammars import GrammarCompiler
+
+
+class SequenceBuilder:
+    """For one loaded model: ``tokenizer``, the rows of its embedding, the ids that stop an answer,
+    its context window and the grammars its structured outputs compile to."""
+
+    def __init__(self, tokenizer: Any, device: Any, embedding_rows: int, stop_token_ids: frozenset[int],
+                 max_model_len: int, grammars: GrammarCompiler, default_max_tokens: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.grammars = grammars
+        self.max_model_len = max_model_len
+        self._device = device
+        self._embedding_rows = embedding_rows
+        self._stop_token_ids = stop_token_ids
+        self._default_max_tokens = default_max_tokens
+        self._prompt_tokenizer = PromptTokenizer(tokenizer)
+        # A token's own text, for logprobs (decoded once per id, on the engine thread).
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(
+            lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def prompt_and_grammars(self, request: GenerationRequest, blocks: Any) -> tuple[list[int], list[Any], list[bytes]]:
+        """Off the event loop in one hop: the prompt's ids, each choice's position in the structured
+        output's grammar (None each where there is none), and the prompt's block hashes for the
+        prefix cache (hashed here rather than on the engine thread, which every stream waits on)."""
+        prompt_ids = self.prompt_ids(request)
+        structured = request.params.structured
+        grammars = [None] * request.params.n if structured is None else \
+            [self.grammars.grammar(structured) for _ in range(request.params.n)]
+        return prompt_ids, grammars, blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        from ragllm.engines.inprocess.loading import prompt_token_ids
+
+        ids = prompt_token_ids(self.tokenizer, request, self._prompt_tokenizer)
+        # A tokenizer with tokens the model has no embedding for would crash the device (CUDA asserts
+        # on an out-of-range index and the context is lost): refuse the request instead.
+        if max(ids) >= self._embedding_rows:
+            raise EngineFailure(f"the tokenizer produced token id {max(ids)}, but the model embeds only "
+                                f"{self._embedding_rows} tokens: the tokenizer does not match the model")
+        return ids
+
+    def new_sequence(self, request: GenerationRequest, prompt_ids: list[int], index: int = 0,
+                      sink: asyncio.Queue | None = None) -> Sequence:
+        """Choice ``index`` of the request; with a seed it samples with seed + index, as vLLM's do."""
+        import torch
+
+        max_tokens = self.max_tokens(len(prompt_ids), request.params.max_tokens)
+        generator = None
+        if request.params.seed is not None and not request.params.greedy:
+            generator = torch.Generator(device=self._device).manual_seed((request.params.seed + index) % 2**64)
+        return Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            params=request.params,
+            max_tokens=max_tokens,
+            stop_token_ids=frozenset() if request.params.ignore_eos else self._stop_token_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stop_matcher=StopMatcher(request.params.stop),
+            sink=sink if sink is not None else asyncio.Queue(),
+            generator=generator,
+            token_text=self._token_text if request.params.logprobs is not None else None,
+            index=index,
+            scope_salt=request.cache_scope.digest(),
+        )
+
+    def max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
+        window = self.max_model_len
+        room = window - num_prompt_tokens
+        if requested is None:
+            requested_default = self._default_max_tokens
+            if requested_default is not None and room > 0:
+                return min(room, requested_default)
+            if room <= 0:
+                raise ContextLengthExceeded(
+                    f"this model's maximum context length is {window} tokens; the prompt has "
+                    f"{num_prompt_tokens} tokens, leaving no room for a completion",
+                    param="messages",
+                )
+            return room
+        if requested > room:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {window} tokens; you requested "
+                f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, "
+                f"{requested} for the completion); reduce the prompt or max_tokens",
+                param="max_tokens",
+            )
+        return requested
