@@ -183,7 +183,7 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = 
     results["decode_tok_s"], results["host_phases_ms"], results["aggregate_tok_s_each"] = {}, {}, {}
     for batch in CONCURRENCY:
         rates, decode_rates = [], []
-        with PhaseTimes(engine._scheduler) as phases:
+        with PhaseTimes(engine.worker) as phases:
             for trial in range(AGGREGATE_TRIALS):
                 start = time.perf_counter()
                 runs = await asyncio.gather(*(stream(f"c{batch}-{trial}-{i}",
@@ -200,7 +200,7 @@ async def ours(model_dir: Path, vocab: int, max_model_len: int, profile: bool = 
         # The engine thread's phases, ms a step as wall/CPU (``PhaseTimes``), those it spent time in.
         results["host_phases_ms"][batch] = {phase: value for phase, value in phases.per_step_ms().items()
                                             if value != "0.000/0.000"}
-    runner = engine._scheduler.runner
+    runner = engine.worker.runner
     results["weight_bytes"] = weight_bytes(runner.model)
     results["kv_bytes_per_token"] = runner.bytes_per_block // runner.block_size
     results["kv_cache_tokens"] = runner.cache.num_blocks * runner.block_size

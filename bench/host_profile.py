@@ -2,7 +2,7 @@
 the runner's launches, sampling, masks, detokenizing) and the event loop (handing deltas to
 streams). On a GPU the host's work per step is what can leave the device idle.
 
-    with HostProfile(engine._scheduler) as profile:
+    with HostProfile(engine.worker) as profile:
         ...  # run a batch
     print(profile.table(20))
 
@@ -48,10 +48,10 @@ class _Wrapped:
 
 class HostProfile:
     """Profiles the calling thread and, where a profiler does not already see it, every
-    ``run_once`` of ``scheduler`` on the engine thread."""
+    ``run_once`` of ``worker`` on the engine thread."""
 
-    def __init__(self, scheduler: Any) -> None:
-        self._scheduler = scheduler
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
         self._profiles = {"every thread" if _SEES_EVERY_THREAD else "event loop": cProfile.Profile()}
         self._wrapped = _Wrapped()
 
@@ -69,7 +69,7 @@ class HostProfile:
                 return profiled
 
             # The engine thread looks ``run_once`` up on every pass.
-            self._wrapped.wrap(self._scheduler, "run_once", profiling)
+            self._wrapped.wrap(self._worker, "run_once", profiling)
         self._profiles[next(iter(self._profiles))].enable()
         return self
 
@@ -88,24 +88,24 @@ class HostProfile:
 
 
 class PhaseTimes:
-    """Wall time of the engine thread's phases per decode step, by timing a few of the scheduler's
+    """Wall time of the engine thread's phases per decode step, by timing a few of the worker's
     calls: cheap enough (a clock read each side) to leave the balance between host and device as it
     is, which a profiler does not. ``waiting for tokens`` is host time the device still needed: the
     host's slack in that step."""
 
-    PHASES = {"pass": ("run_once",), "deliver": ("_deliver",), "masks": ("_constrain",),
-              "record": ("_record",), "decode launch": ("runner", "decode"),
-              "waiting for tokens": ("_readback", "finish"), "mask fill": ("_masks", "_fill"),
-              "llguidance call": ("_masks", "_fill_rows"),
+    PHASES = {"pass": ("run_once",), "deliver": ("deliver",), "masks": ("sampler", "constrain"),
+              "record": ("record",), "decode launch": ("runner", "decode"),
+              "waiting for tokens": ("readback", "finish"), "mask fill": ("sampler", "masks", "fill"),
+              "llguidance call": ("sampler", "masks", "fill_batch"),
               "mask kernel": ("ragllm.engines.inprocess.sample.masks", "masked_logits"),
-              "sample launch": ("ragllm.engines.inprocess.scheduler", "sample_on_device"),
-              "scores": ("ragllm.engines.inprocess.scheduler", "scores_on_device"),
-              "readback start": ("_readback", "start"), "admit": ("_admit",),
-              "room to decode": ("_room_to_decode",), "register decoded": ("_register_decoded",),
-              "prefill": ("_prefill_within_budget",), "release": ("_release_finished",)}
+              "sample launch": ("ragllm.engines.inprocess.sample.sampler", "sample_on_device"),
+              "scores": ("ragllm.engines.inprocess.worker", "scores_on_device"),
+              "readback start": ("readback", "start"), "schedule": ("scheduler", "schedule"),
+              "prefill": ("runner", "prefill_many"), "update": ("scheduler", "update"),
+              "release": ("scheduler", "finish_step")}
 
-    def __init__(self, scheduler: Any) -> None:
-        self._scheduler = scheduler
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.cpu_seconds = dict.fromkeys(self.PHASES, 0.0)  # the engine thread's own CPU time in each
         self._wrapped = _Wrapped()
@@ -115,14 +115,14 @@ class PhaseTimes:
     def __enter__(self) -> "PhaseTimes":
         for phase, path in self.PHASES.items():
             # A dotted first name is a module (a function it calls by its global name); else the
-            # path runs from the scheduler.
-            owner = importlib.import_module(path[0]) if "." in path[0] else self._scheduler
+            # path runs from the worker.
+            owner = importlib.import_module(path[0]) if "." in path[0] else self._worker
             for name in path[1 if "." in path[0] else 0 : -1]:
                 owner = getattr(owner, name)
             if owner is None:  # made on first use (the masks): not timed before then
                 continue
             self._wrapped.wrap(owner, path[-1], lambda call, phase=phase: self._timed(phase, call))
-        self._steps_before = self._scheduler.num_steps
+        self._steps_before = self._worker.num_steps
         self._started = time.perf_counter()
         self._caller_cpu_started = time.thread_time()  # entered and left on the event loop's thread
         return self
@@ -130,7 +130,7 @@ class PhaseTimes:
     def __exit__(self, *exc_info: object) -> None:
         self.wall_s = time.perf_counter() - self._started
         self.caller_cpu_s = time.thread_time() - self._caller_cpu_started
-        self.steps = self._scheduler.num_steps - self._steps_before
+        self.steps = self._worker.num_steps - self._steps_before
         self._wrapped.restore()
 
     def _timed(self, phase: str, call: Any) -> Any:

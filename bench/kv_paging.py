@@ -96,7 +96,7 @@ async def throughput(model_dir: Path, vocab: int, per_token: int) -> dict:
         runs = await asyncio.gather(*(stream(engine, f"c{batch}-{i}", random_prompt(PROMPT_TOKENS, vocab, 5000 + i),
                                              DECODE_TOKENS) for i in range(batch)))
         results["decode_tok_s"][batch] = steady_decode_rate(runs)
-    results["decode_step_ms"] = {batch: step_ms(engine._scheduler.runner, batch) for batch in (1, 32, 64)}
+    results["decode_step_ms"] = {batch: step_ms(engine.worker.runner, batch) for batch in (1, 32, 64)}
     await engine.aclose()
     return results
 

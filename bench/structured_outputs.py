@@ -192,7 +192,7 @@ async def main(args: argparse.Namespace) -> dict:
         spec = structured_output_of({"guided_json": records_schema(args.label_max_length)})
         prompts = stream_prompts(synthetic_prompt(args.prompt_tokens), widest, args.same_prompt)
         await run_batch(engine, [False, True], prompts, 4, "warm", spec)  # first-call allocations, lazy kernels
-        engine._scheduler._masks.fill_seconds.clear()  # the fills reported are the measured batches' only
+        engine.worker.sampler.masks.fill_seconds.clear()  # the fills reported are the measured batches' only
         rows = []
         for level in levels:
             shapes = {"free": [False] * level, "json": [True] * level}
@@ -204,15 +204,15 @@ async def main(args: argparse.Namespace) -> dict:
                 for name, shape in shapes.items():
                     runs[name].append(await run_batch(engine, shape, prompts, args.max_tokens,
                                                       f"{name}-{level}-{round_index}", spec))
-                    if name == "json" and engine._scheduler._masks is not None:
-                        fills += engine._scheduler._masks.fill_seconds
-                        engine._scheduler._masks.fill_seconds.clear()
+                    if name == "json" and engine.worker.sampler.masks is not None:
+                        fills += engine.worker.sampler.masks.fill_seconds
+                        engine.worker.sampler.masks.fill_seconds.clear()
             rows.append({**summarise(level, runs), **fill_summary(fills)})
             if args.phase_times and level == widest:
                 rows[-1]["phase_ms_per_step"] = await phase_times(engine, shapes, prompts, args.max_tokens, spec)
             if args.profile_host and level == widest:
                 for name, shape in shapes.items():
-                    with HostProfile(engine._scheduler) as profile:
+                    with HostProfile(engine.worker) as profile:
                         await run_batch(engine, shape, prompts, args.max_tokens, f"profile-{name}", spec)
                     print(f"\n### host profile: {name}, {level} streams\n{profile.table(args.profile_host)}")
     finally:
@@ -241,10 +241,10 @@ async def phase_times(engine: TransformersEngine, shapes: dict[str, list[bool]],
                       max_tokens: int, spec: StructuredOutput) -> dict[str, dict]:
     """Each shape's engine-thread phases, ms per step (``PhaseTimes``), printed and returned."""
     times = {}
-    masks = engine._scheduler._masks
+    masks = engine.worker.sampler.masks
     for name, shape in shapes.items():
         masks.fill_seconds.clear()
-        with PhaseTimes(engine._scheduler) as phases:
+        with PhaseTimes(engine.worker) as phases:
             await run_batch(engine, shape, prompts, max_tokens, f"phases-{name}", spec)
         times[name] = phases.per_step_ms()
         # Where the slow fills fall in the answer: the first steps (each request's matcher starts

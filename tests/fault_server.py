@@ -24,8 +24,9 @@ FAULT_AFTER_TOKENS = 2
 
 
 def _install_faults() -> None:
-    from ragllm.engines.inprocess import scheduler
+    from ragllm.engines.inprocess import worker
     from ragllm.engines.inprocess.sample import choice as sampling
+    from ragllm.engines.inprocess.sample import sampler
 
     calls: dict[int, int] = {}
 
@@ -37,28 +38,29 @@ def _install_faults() -> None:
                     return True
         return False
 
-    def wrap_sampler(sampler):
+    def wrap_sampler(sample):
         def sampler_with_fault(logits, params, *args, **kwargs):
             if faulty_rows(params):
                 raise FloatingPointError("injected fault: probabilities are not finite")
-            return sampler(logits, params, *args, **kwargs)
+            return sample(logits, params, *args, **kwargs)
         return sampler_with_fault
 
-    # The scheduler's batched choice, and the row-by-row retry in the sampling module.
-    scheduler.sample_next_tokens = wrap_sampler(scheduler.sample_next_tokens)
-    scheduler.sample_on_device = wrap_sampler(scheduler.sample_on_device)
+    # The sampler's batched choice, and the row-by-row retry in the sampling module.
+    sampler.sample_next_tokens = wrap_sampler(sampler.sample_next_tokens)
+    sampler.sample_on_device = wrap_sampler(sampler.sample_on_device)
     sampling.sample_next_tokens = wrap_sampler(sampling.sample_next_tokens)
 
-    decode_all = scheduler.Scheduler._decode_all
+    decode = worker.Worker._decode
 
-    def decode_all_with_fault(self, results):
-        if any(s.params.seed == DEVICE_FAULT_SEED and s.prefill_done for s in self.running):
+    def decode_with_fault(self, decoding, results):
+        running = self.scheduler.running
+        if any(s.params.seed == DEVICE_FAULT_SEED and s.prefill_done for s in running):
             raise RuntimeError("injected fault: CUDA error: an illegal memory access was encountered")
-        if any(s.params.seed == HANG_FAULT_SEED and s.prefill_done for s in self.running):
+        if any(s.params.seed == HANG_FAULT_SEED and s.prefill_done for s in running):
             time.sleep(3600)
-        return decode_all(self, results)
+        return decode(self, decoding, results)
 
-    scheduler.Scheduler._decode_all = decode_all_with_fault
+    worker.Worker._decode = decode_with_fault
 
 
 def main() -> int:

@@ -11,7 +11,8 @@ from ragllm.generation import SamplingParams
 from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, PrefillChunk
 from ragllm.engines.inprocess.sample.choice import filtered_probabilities, filtered_probabilities_batched
-from ragllm.engines.inprocess.scheduler import Scheduler, SchedulerLimits
+from ragllm.engines.inprocess.scheduler import SchedulerLimits
+from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import ModelLoadError
 from tests.engines.test_model_runner import scattered_tables
 from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
@@ -31,8 +32,8 @@ def _runner(model, max_model_len=512, max_batch_size=4, num_blocks=300, prefix_c
                            CudaRunnerOptions(max_batch_size=max_batch_size, max_num_batched_tokens=1024, **options), kv)
 
 
-def _scheduler(runner: CudaGraphRunner, launch_ahead: bool = False) -> Scheduler:
-    return Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+def _worker(runner: CudaGraphRunner, launch_ahead: bool = False) -> Worker:
+    return Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
                                              chunked_prefill=False), deliver=lambda results: None,
                      launch_ahead=launch_ahead)
 
@@ -157,7 +158,7 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
     """Continuous batching over the paged cache: arrivals at different steps, blocks freed as sequences
     leave, prefix blocks shared among prompts that share a start; each equals its solo run."""
     model = tiny_model("llama", seed=3).to(device)
-    scheduler = _scheduler(_runner(model))
+    worker = _worker(_runner(model))
     shared = list(range(30, 30 + 72))
     prompts = PROMPTS + [shared + [5, 6], shared + [9]]
     max_tokens = MAX_TOKENS + [10, 10]
@@ -166,11 +167,11 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
                 9: sequences[7:]}
     for step in range(400):
         for sequence in arrivals.pop(step, []):
-            scheduler.submit(sequence)
-        scheduler.run_once()
-        if not arrivals and not scheduler.running and not scheduler.waiting:
+            worker.submit(sequence)
+        worker.run_once()
+        if not arrivals and not worker.scheduler.running and not worker.scheduler.waiting:
             break
-    assert scheduler.blocks.pool.hits >= 64
+    assert worker.scheduler.blocks.pool.hits >= 64
     _assert_each_equals_its_solo_run(model, sequences, device)
 
 
@@ -198,24 +199,24 @@ def test_preemption_with_steps_launched_ahead_gives_the_same_tokens(device):
     """A pool barely over one context window: sequences are preempted and recomputed while steps
     are launched ahead; every output equals its solo run and every block comes back."""
     model = tiny_model("llama", seed=3).to(device)
-    scheduler = _scheduler(_runner(model, num_blocks=40), launch_ahead=True)
+    worker = _worker(_runner(model, num_blocks=40), launch_ahead=True)
     prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
     sequences = [_sequence(f"r{r}", prompt, 60) for r, prompt in enumerate(prompts)]
     for sequence in sequences:
         sequence.stop_token_ids = frozenset()
     for sequence in sequences:
-        scheduler.submit(sequence)
+        worker.submit(sequence)
     for _ in range(2000):
-        scheduler.run_once()
-        if not scheduler.running and not scheduler.waiting:
+        worker.run_once()
+        if not worker.scheduler.running and not worker.scheduler.waiting:
             break
-    assert scheduler.blocks.num_preemptions > 0
+    assert worker.scheduler.blocks.num_preemptions > 0
     for sequence in sequences:
         with torch.no_grad():
             expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
                                       max_new_tokens=60, eos_token_id=None, pad_token_id=0)[0, len(sequence.prompt_ids):]
         assert sequence.output_ids == expected.tolist(), sequence.request_id
-    assert scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+    assert worker.scheduler.blocks.pool.num_free == worker.scheduler.blocks.pool.num_usable
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -223,19 +224,19 @@ def test_steps_launched_ahead_give_the_same_tokens(device):
     """The next decode step launched before this one's tokens are read back (what the GPU path does),
     with sequences finishing, joining and being aborted mid-run: every output equals its solo run."""
     model = tiny_model("llama", seed=3).to(device)
-    scheduler = _scheduler(_runner(model), launch_ahead=True)
+    worker = _worker(_runner(model), launch_ahead=True)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
     doomed = _sequence("aborted", [3, 1, 4, 1, 5], 40)
     arrivals = {0: sequences[:2] + [doomed], 3: sequences[2:4], 7: sequences[4:]}
     launched_ahead = 0
     for step in range(400):
         for sequence in arrivals.pop(step, []):
-            scheduler.submit(sequence)
+            worker.submit(sequence)
         if step == 5:
-            scheduler.abort("aborted")
-        scheduler.run_once()
-        launched_ahead += scheduler._ahead is not None
-        if not arrivals and not scheduler.running and not scheduler.waiting:
+            worker.abort("aborted")
+        worker.run_once()
+        launched_ahead += worker._ahead is not None
+        if not arrivals and not worker.scheduler.running and not worker.scheduler.waiting:
             break
     assert launched_ahead > 10
     _assert_each_equals_its_solo_run(model, sequences, device)
@@ -246,7 +247,7 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
     """Rows asking for logprobs beside rows that do not: their scores equal transformers' log_softmax,
     the other rows' tokens are unchanged, and steps are launched ahead once no row needs scores."""
     model = tiny_model("llama", seed=3).to(device)
-    scheduler = _scheduler(_runner(model), launch_ahead=True)
+    worker = _worker(_runner(model), launch_ahead=True)
     plain = [_sequence(f"plain{i}", p, 30) for i, p in enumerate(PROMPTS[:2])]
     for sequence in plain:
         sequence.stop_token_ids = frozenset()
@@ -255,11 +256,11 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
     scored.token_text = str
     entries, launched_ahead = [], 0
     for sequence in (*plain, scored):
-        scheduler.submit(sequence)
+        worker.submit(sequence)
     for _ in range(100):
-        entries += [e for s, item in scheduler.run_once() if s is scored for e in (item.logprobs or ())]
-        launched_ahead += scheduler._ahead is not None
-        if not scheduler.running:
+        entries += [e for s, item in worker.run_once() if s is scored for e in (item.logprobs or ())]
+        launched_ahead += worker._ahead is not None
+        if not worker.scheduler.running:
             break
     assert launched_ahead > 0 and len(entries) == len(scored.output_ids)
     ids = list(scored.prompt_ids)
@@ -280,15 +281,15 @@ def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
     model = tiny_model("llama", seed=3).to(device)
     prompt = list(range(40, 80))
 
-    def scheduler() -> Scheduler:
-        return _scheduler(_runner(model), launch_ahead=True)
+    def worker() -> Worker:
+        return _worker(_runner(model), launch_ahead=True)
 
     def run(sequences, engine) -> None:
         for sequence in sequences:
             engine.submit(sequence)
         for _ in range(400):
             engine.run_once()
-            if not engine.running and not engine.waiting:
+            if not engine.scheduler.running and not engine.scheduler.waiting:
                 return
         raise AssertionError("did not drain")
 
@@ -298,10 +299,10 @@ def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
 
     solos = [on_device(_seeded(f"solo{seed}", prompt, 12, seed)) for seed in (21, 22, 23)]
     for solo in solos:
-        run([solo], scheduler())
+        run([solo], worker())
     choices = [on_device(choice) for choice in _choices_of("r", prompt, 12, [21, 22, 23])]
     plain = _sequence("plain", [1, 2, 3], 12)
-    run([plain, choices[0]], scheduler())
+    run([plain, choices[0]], worker())
     assert [c.output_ids for c in choices] == [s.output_ids for s in solos]
     _assert_each_equals_its_solo_run(model, [plain], device)
 

@@ -16,12 +16,12 @@ async def test_an_idle_engine_runs_canaries_and_a_hung_one_is_reported(monkeypat
     engine = TransformersEngine(settings)
     await engine.start()
     try:
-        scheduler = engine._scheduler
-        steps = scheduler.num_steps
+        worker = engine.worker
+        steps = worker.num_steps
         await asyncio.sleep(1.0)
-        assert scheduler.num_steps > steps  # canaries ran with no request in sight
+        assert worker.num_steps > steps  # canaries ran with no request in sight
         assert engine.health().state is EngineState.READY
-        monkeypatch.setattr(scheduler, "step", lambda results: time.sleep(5))  # the model stops answering
+        monkeypatch.setattr(worker, "step", lambda plan, results: time.sleep(5))  # the model stops answering
         await asyncio.sleep(2.5)
         health = engine.health()
         assert health.state is EngineState.BROKEN and health.restart_needed

@@ -1,4 +1,4 @@
-"""The continuous-batching scheduler, stepped by hand on a tiny random model."""
+"""The continuous-batching worker, stepped by hand on a tiny random model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import time
 import torch
 
 from ragllm.engines.inprocess.sample import choice as sampling_module
-from ragllm.engines.inprocess import scheduler as scheduler_module
+from ragllm.engines.inprocess import worker as worker_module
+from ragllm.engines.inprocess.sample import sampler as sampler_module
 from ragllm.generation import Delta, FinishReason, SamplingParams
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
-from ragllm.engines.inprocess.scheduler import Scheduler, SchedulerLimits
+from ragllm.engines.inprocess.scheduler import SchedulerLimits
+from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
 from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
@@ -27,10 +29,10 @@ class LetterTokenizer:
 MODEL = tiny_model("llama", seed=3)
 
 
-def _scheduler(kv: KVCacheOptions = KVCacheOptions(block_size=16, num_blocks=400), **limits) -> Scheduler:
+def _worker(kv: KVCacheOptions = KVCacheOptions(block_size=16, num_blocks=400), **limits) -> Worker:
     defaults = dict(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False)
     runner = ModelRunner(MODEL, max_model_len=512, kv=kv)
-    return Scheduler(runner, SchedulerLimits(**{**defaults, **limits}), deliver=lambda results: None)
+    return Worker(runner, SchedulerLimits(**{**defaults, **limits}), deliver=lambda results: None)
 
 
 def _sequence(request_id: str, prompt: list[int], max_tokens: int, stop=()) -> Sequence:
@@ -48,14 +50,14 @@ def _reference(prompt: list[int], max_tokens: int) -> list[int]:
     return out
 
 
-def _run_to_completion(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], max_steps=500) -> int:
+def _run_to_completion(worker: Worker, arrivals: dict[int, list[Sequence]], max_steps=500) -> int:
     for step in range(max_steps):
         for sequence in arrivals.pop(step, []):
-            scheduler.submit(sequence)
-        scheduler.run_once()
-        if not arrivals and not scheduler.running and not scheduler.waiting:
+            worker.submit(sequence)
+        worker.run_once()
+        if not arrivals and not worker.scheduler.running and not worker.scheduler.waiting:
             return step
-    raise AssertionError("scheduler did not drain")
+    raise AssertionError("worker did not drain")
 
 
 PROMPTS = [[1, 2, 3], list(range(10, 60)), [7, 8], list(range(100, 130)), [44] * 5, [9, 19, 29, 39]]
@@ -69,114 +71,114 @@ def _check_against_reference(sequences):
 
 
 def test_sequences_joining_and_leaving_mid_batch_match_solo_greedy():
-    scheduler = _scheduler(max_num_seqs=4, max_batch_size=4)
+    worker = _worker(max_num_seqs=4, max_batch_size=4)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
     # Arrivals spread over steps; with 4 slots, the last ones wait for earlier ones to leave.
     arrivals = {0: sequences[:2], 2: sequences[2:4], 3: sequences[4:5], 6: sequences[5:]}
-    _run_to_completion(scheduler, arrivals)
+    _run_to_completion(worker, arrivals)
     _check_against_reference(sequences)
-    assert scheduler.num_running == 0
+    assert worker.scheduler.num_running == 0
 
 
 def test_micro_batches_and_chunked_prefill_give_the_same_tokens():
-    scheduler = _scheduler(max_num_seqs=6, max_batch_size=2, max_num_batched_tokens=16, chunked_prefill=True)
+    worker = _worker(max_num_seqs=6, max_batch_size=2, max_num_batched_tokens=16, chunked_prefill=True)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
-    _run_to_completion(scheduler, {0: sequences})
+    _run_to_completion(worker, {0: sequences})
     _check_against_reference(sequences)
 
 
 def test_whole_prompt_prefill_respects_the_step_budget_but_never_starves():
-    scheduler = _scheduler(max_num_batched_tokens=32)
+    worker = _worker(max_num_batched_tokens=32)
     long_prompt = _sequence("long", list(range(1, 101)), 3)  # longer than a whole step's budget
-    scheduler.submit(long_prompt)
-    scheduler.run_once()
+    worker.submit(long_prompt)
+    worker.run_once()
     assert long_prompt.prefill_done and len(long_prompt.output_ids) == 1
 
 
 def test_abort_frees_the_slot_at_the_next_step():
-    scheduler = _scheduler()
+    worker = _worker()
     keep, drop = _sequence("keep", [1, 2, 3], 10), _sequence("drop", [4, 5, 6], 400)
-    scheduler.submit(drop)
-    scheduler.submit(keep)
-    scheduler.run_once()
-    scheduler.run_once()
-    assert scheduler.num_running == 2
-    scheduler.abort("drop")
-    scheduler.run_once()
-    assert [s.request_id for s in scheduler.running] == ["keep"]
-    _run_to_completion(scheduler, {})
+    worker.submit(drop)
+    worker.submit(keep)
+    worker.run_once()
+    worker.run_once()
+    assert worker.scheduler.num_running == 2
+    worker.abort("drop")
+    worker.run_once()
+    assert [s.request_id for s in worker.scheduler.running] == ["keep"]
+    _run_to_completion(worker, {})
     assert keep.output_ids == _reference(keep.prompt_ids, 10)
 
 
 def test_abort_of_a_waiting_request_removes_it():
-    scheduler = _scheduler(max_num_seqs=1)
+    worker = _worker(max_num_seqs=1)
     first, second = _sequence("a", [1, 2], 50), _sequence("b", [3, 4], 50)
-    scheduler.submit(first)
-    scheduler.submit(second)
-    scheduler.run_once()
-    assert scheduler.num_waiting == 1
-    scheduler.abort("b")
-    scheduler.run_once()
-    assert scheduler.num_waiting == 0
+    worker.submit(first)
+    worker.submit(second)
+    worker.run_once()
+    assert worker.scheduler.num_waiting == 1
+    worker.abort("b")
+    worker.run_once()
+    assert worker.scheduler.num_waiting == 0
 
 
 def test_an_abort_is_acknowledged_once_the_request_is_out_and_nothing_more_is_sampled_for_it():
-    scheduler = _scheduler()
+    worker = _worker()
     keep, drop = _sequence("keep", [1, 2, 3], 10), _sequence("drop", [4, 5, 6], 400)
-    scheduler.submit(drop)
-    scheduler.submit(keep)
-    scheduler.run_once()
-    scheduler.run_once()
+    worker.submit(drop)
+    worker.submit(keep)
+    worker.run_once()
+    worker.run_once()
     acknowledged: list[int] = []
-    scheduler.abort("drop", lambda: acknowledged.append(len(drop.output_ids)))
+    worker.abort("drop", lambda: acknowledged.append(len(drop.output_ids)))
     assert acknowledged == []  # not before the engine has taken it in
-    scheduler.run_once()
+    worker.run_once()
     assert acknowledged == [len(drop.output_ids)] and acknowledged[0] >= 1
-    _run_to_completion(scheduler, {})
+    _run_to_completion(worker, {})
     assert len(drop.output_ids) == acknowledged[0]
 
 
 def test_the_engine_counts_prompts_once_and_every_sampled_token_but_not_its_canary():
-    scheduler = _scheduler(max_num_seqs=2)
+    worker = _worker(max_num_seqs=2)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:4], MAX_TOKENS[:4]))]
     canary = _sequence("canary", [5], 1)
     canary.for_client = False
-    _run_to_completion(scheduler, {0: sequences[:3], 1: [canary, sequences[3]]})
-    assert scheduler.num_prompt_tokens_started == sum(len(s.prompt_ids) for s in sequences)
-    assert scheduler.num_tokens_sampled == sum(len(s.output_ids) for s in sequences)
+    _run_to_completion(worker, {0: sequences[:3], 1: [canary, sequences[3]]})
+    assert worker.num_prompt_tokens_started == sum(len(s.prompt_ids) for s in sequences)
+    assert worker.num_tokens_sampled == sum(len(s.output_ids) for s in sequences)
 
 
 def test_a_failing_acknowledgement_does_not_stop_the_engine():
-    scheduler = _scheduler()
-    scheduler.submit(_sequence("a", [1, 2], 50))
-    scheduler.run_once()
-    scheduler.abort("a", lambda: 1 / 0)
-    scheduler.run_once()
-    assert scheduler.fatal is None and scheduler.num_running == 0
+    worker = _worker()
+    worker.submit(_sequence("a", [1, 2], 50))
+    worker.run_once()
+    worker.abort("a", lambda: 1 / 0)
+    worker.run_once()
+    assert worker.fatal is None and worker.scheduler.num_running == 0
 
 
 def test_aborts_behind_the_shutdown_are_acknowledged_when_the_thread_ends():
-    scheduler = _scheduler()
+    worker = _worker()
     acknowledged: list[str] = []
-    scheduler._inbox.put(scheduler_module._SHUTDOWN)  # queued first: the thread stops before the abort
-    scheduler.abort("late", lambda: acknowledged.append("late"))
-    scheduler.start()
-    scheduler._thread.join(timeout=10)
-    assert not scheduler.is_alive() and acknowledged == ["late"]
+    worker._inbox.put(worker_module.SHUTDOWN)  # queued first: the thread stops before the abort
+    worker.abort("late", lambda: acknowledged.append("late"))
+    worker.start()
+    worker._thread.join(timeout=10)
+    assert not worker.is_alive() and acknowledged == ["late"]
 
 
 def test_finish_reasons_and_stop_strings():
-    scheduler = _scheduler()
+    worker = _worker()
     reference = _reference([1, 2, 3], 12)
     text = LetterTokenizer().decode(reference)
     stop = text[4:6]
     by_length = _sequence("len", [1, 2, 3], 12)
     by_stop = _sequence("stop", [1, 2, 3], 12, stop=(stop,))
     results = []
-    scheduler.submit(by_length)
-    scheduler.submit(by_stop)
+    worker.submit(by_length)
+    worker.submit(by_stop)
     for _ in range(20):
-        results.extend(scheduler.run_once())
+        results.extend(worker.run_once())
     finals = {s.request_id: d for s, d in results if d.finish_reason is not None}
     assert finals["len"].finish_reason is FinishReason.LENGTH and finals["len"].completion_tokens == 12
     assert finals["stop"].finish_reason is FinishReason.STOP
@@ -187,14 +189,14 @@ def test_finish_reasons_and_stop_strings():
 
 
 def test_blocks_freed_by_a_finished_sequence_serve_the_next_and_all_return():
-    scheduler = _scheduler(KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False), max_num_seqs=3,
+    worker = _worker(KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False), max_num_seqs=3,
                            max_batch_size=3, max_num_batched_tokens=512)
-    free_at_start = scheduler.blocks.pool.num_free
+    free_at_start = worker.scheduler.blocks.pool.num_free
     sequences = [_sequence("short", [1, 2, 3], 2), _sequence("long", [i % 200 + 1 for i in range(300)], 6),
                  _sequence("mid", [5, 6], 10), _sequence("late", [i % 150 + 2 for i in range(200)], 5)]
-    _run_to_completion(scheduler, {0: sequences[:3], 1: sequences[3:]})  # "late" needs "long"'s blocks
+    _run_to_completion(worker, {0: sequences[:3], 1: sequences[3:]})  # "late" needs "long"'s blocks
     _check_against_reference(sequences)
-    assert scheduler.blocks.pool.num_free == free_at_start
+    assert worker.scheduler.blocks.pool.num_free == free_at_start
 
 
 # -- faults ---------------------------------------------------------------------------------------
@@ -205,16 +207,16 @@ def _seeded(request_id: str, prompt: list[int], max_tokens: int, seed: int) -> S
     return sequence
 
 
-def _results_by_request(scheduler: Scheduler, arrivals: dict[int, list[Sequence]]) -> dict[str, list]:
+def _results_by_request(worker: Worker, arrivals: dict[int, list[Sequence]]) -> dict[str, list]:
     by_request: dict[str, list] = {}
     for step in range(500):
         for sequence in arrivals.pop(step, []):
-            scheduler.submit(sequence)
-        for sequence, item in scheduler.run_once():
+            worker.submit(sequence)
+        for sequence, item in worker.run_once():
             by_request.setdefault(sequence.request_id, []).append(item)
-        if not arrivals and not scheduler.running and not scheduler.waiting:
+        if not arrivals and not worker.scheduler.running and not worker.scheduler.waiting:
             return by_request
-    raise AssertionError("scheduler did not drain")
+    raise AssertionError("worker did not drain")
 
 
 class FailingDetokenizer(IncrementalDetokenizer):
@@ -229,11 +231,11 @@ class FailingDetokenizer(IncrementalDetokenizer):
 def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkeypatch):
     def solo(seed: int) -> list[int]:
         sequence = _seeded(f"solo{seed}", [5, 6, 7], 10, seed)
-        _run_to_completion(_scheduler(), {0: [sequence]})
+        _run_to_completion(_worker(), {0: [sequence]})
         return sequence.output_ids
 
     expected = {seed: solo(seed) for seed in (11, 12, 13)}
-    real_sampler = scheduler_module.sample_next_tokens
+    real_sampler = sampler_module.sample_next_tokens
     calls_with_the_faulty_row = 0
 
     def sampler_failing_on_row_with_seed_13(logits, params, histories, generators):
@@ -248,24 +250,24 @@ def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkey
                 raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_sampler(logits, params, histories, generators)
 
-    monkeypatch.setattr(scheduler_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
+    monkeypatch.setattr(sampler_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
     monkeypatch.setattr(sampling_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
     sequences = [_seeded(f"s{seed}", [5, 6, 7], 10, seed) for seed in (11, 12)]
     faulty = _seeded("s13", [5, 6, 7], 10, 13)
-    scheduler = _scheduler()
-    results = _results_by_request(scheduler, {0: sequences, 1: [faulty]})
+    worker = _worker()
+    results = _results_by_request(worker, {0: sequences, 1: [faulty]})
     assert [s.output_ids for s in sequences] == [expected[11], expected[12]]
     assert isinstance(results["s13"][-1], EngineFailure) and len(faulty.output_ids) == 1
     assert calls_with_the_faulty_row == 3  # its prefill token, the failed batch, then alone
-    assert scheduler.num_sequence_faults == 1 and scheduler.fatal is None and scheduler.num_running == 0
+    assert worker.num_sequence_faults == 1 and worker.fatal is None and worker.scheduler.num_running == 0
 
 
 def test_a_detokenizer_fault_ends_only_its_sequence():
     healthy = _sequence("ok", [1, 2, 3], 8)
     broken = _sequence("broken", [1, 2, 3], 8)
     broken.detokenizer = FailingDetokenizer(LetterTokenizer(), [1, 2, 3])
-    scheduler = _scheduler()
-    results = _results_by_request(scheduler, {0: [healthy, broken]})
+    worker = _worker()
+    results = _results_by_request(worker, {0: [healthy, broken]})
     assert healthy.output_ids == _reference([1, 2, 3], 8)
     assert isinstance(results["broken"][-1], EngineFailure) and "UnicodeDecodeError" in str(results["broken"][-1])
 
@@ -273,74 +275,74 @@ def test_a_detokenizer_fault_ends_only_its_sequence():
 def test_a_failed_forward_pass_is_fatal_and_refuses_everything_after(monkeypatch):
     fatal: list[BaseException] = []
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(num_blocks=100))
-    scheduler = Scheduler(runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append)
+    worker = Worker(runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append)
     first, queued = _sequence("a", [1, 2, 3], 20), _sequence("b", [4, 5], 20)
-    scheduler.submit(first)
-    scheduler.run_once()
+    worker.submit(first)
+    worker.run_once()
     monkeypatch.setattr(runner, "decode", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost")))
-    scheduler.submit(queued)
-    results = scheduler.run_once()
+    worker.submit(queued)
+    results = worker.run_once()
     assert {s.request_id for s, _ in results} == {"a", "b"}
     assert all(isinstance(item, EngineNotReady) for _, item in results)
     assert len(fatal) == 1 and "device lost" in str(fatal[0])
     late = _sequence("c", [6], 5)
-    scheduler.submit(late)
-    assert [(s.request_id, type(item)) for s, item in scheduler.run_once()] == [("c", EngineNotReady)]
+    worker.submit(late)
+    assert [(s.request_id, type(item)) for s, item in worker.run_once()] == [("c", EngineNotReady)]
 
 
 def test_a_request_that_waits_past_the_bound_is_refused_with_503():
-    scheduler = _scheduler(max_num_seqs=1, max_queue_wait_s=0.2)
+    worker = _worker(max_num_seqs=1, max_queue_wait_s=0.2)
     running, waiting = _sequence("long", [1, 2], 400), _sequence("late", [3, 4], 5)
-    scheduler.submit(running)
-    scheduler.submit(waiting)
-    scheduler.run_once()
+    worker.submit(running)
+    worker.submit(waiting)
+    worker.run_once()
     waiting.arrival_time -= 1.0  # as if it had waited a second
-    results = scheduler.run_once()
+    results = worker.run_once()
     assert [(s.request_id, type(item)) for s, item in results if s is waiting] == [("late", EngineOverloaded)]
-    assert scheduler.num_waiting == 0 and scheduler.num_running == 1
+    assert worker.scheduler.num_waiting == 0 and worker.scheduler.num_running == 1
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
-    scheduler = _scheduler(max_num_seqs=4, max_num_batched_tokens=64)
+    worker = _worker(max_num_seqs=4, max_num_batched_tokens=64)
     decoding = [_sequence(f"d{i}", [i + 1, i + 2], 50) for i in range(3)]
     for sequence in decoding:
         sequence.stop_token_ids = frozenset()  # they keep decoding throughout
-    _run_steps(scheduler, decoding, 2)
+    _run_steps(worker, decoding, 2)
     long = _sequence("long", [i % 200 + 1 for i in range(150)], 3)
-    scheduler.submit(long)
+    worker.submit(long)
     steps = 0
     while not long.output_ids:
-        scheduler.run_once()
+        worker.run_once()
         steps += 1
     # Half of the 64-token step while rows decode: 32 + 32 + 32 + 32 + 22 prompt tokens (the whole
     # step's 61 before), so the three rows wait for at most 32 prompt tokens between two tokens.
     assert steps == 5
     assert [len(s.output_ids) for s in decoding] == [7, 7, 7]  # a token every step meanwhile
-    _run_to_completion(scheduler, {})
+    _run_to_completion(worker, {})
     _check_against_reference([long])
 
 
 def test_the_prefill_cap_while_decoding_sets_the_chunks_and_lifts_when_decoding_ends(monkeypatch):
-    scheduler = _scheduler(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_while_decoding=40)
+    worker = _worker(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_while_decoding=40)
     prefilled: list[int] = []
-    real_prefill_many = scheduler.runner.prefill_many
-    monkeypatch.setattr(scheduler.runner, "prefill_many", lambda chunks: (
+    real_prefill_many = worker.runner.prefill_many
+    monkeypatch.setattr(worker.runner, "prefill_many", lambda chunks: (
         prefilled.extend(len(chunk.token_ids) for chunk in chunks), real_prefill_many(chunks))[1])
     decoding = _sequence("d", [3, 4], 4)
     decoding.stop_token_ids = frozenset()  # exactly 4 tokens: it decodes through the next 3 steps
-    _run_steps(scheduler, [decoding], 1)
+    _run_steps(worker, [decoding], 1)
     long = _sequence("long", [i % 200 + 1 for i in range(300)], 3)
-    _run_to_completion(scheduler, {0: [long]})
+    _run_to_completion(worker, {0: [long]})
     # 40 a step while the other row decodes; once it has finished, the rest whole (nobody waits)
     assert prefilled == [2, 40, 40, 40, 180]
     _check_against_reference([long, decoding])
 
 
-def _run_steps(scheduler: Scheduler, sequences: list[Sequence], steps: int) -> None:
+def _run_steps(worker: Worker, sequences: list[Sequence], steps: int) -> None:
     for sequence in sequences:
-        scheduler.submit(sequence)
+        worker.submit(sequence)
     for _ in range(steps):
-        scheduler.run_once()
+        worker.run_once()
 
 
 def test_logprobs_are_the_models_own_for_each_token_in_batches_and_alone():
@@ -351,7 +353,7 @@ def test_logprobs_are_the_models_own_for_each_token_in_batches_and_alone():
         return sequence
 
     asked, plain = with_logprobs("asked", [1, 2, 3], 2), _sequence("plain", [4, 5], 6)
-    results = _results_by_request(_scheduler(), {0: [asked, plain]})
+    results = _results_by_request(_worker(), {0: [asked, plain]})
     entries = [entry for delta in results["asked"] for entry in (delta.logprobs or ())]
     assert all(delta.logprobs is None for delta in results["plain"])
     assert [e.token for e in entries] == [f"<{t}>" for t in asked.output_ids]
@@ -370,14 +372,14 @@ def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_write():
     among them: a padded id (Qwen2.5 pads 151,665 ids to 151,936 columns) is never listed."""
     choosable = MODEL.config.vocab_size // 2
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
-    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+    worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
                                                   chunked_prefill=False),
                           deliver=lambda results: None, choosable=choosable)
     top = 8
     asked = _sequence("asked", PROMPTS[1], 6)
     asked.params = SamplingParams(temperature=0.0, logprobs=top)
     asked.token_text = lambda token: f"<{token}>"
-    results = _results_by_request(scheduler, {0: [asked]})
+    results = _results_by_request(worker, {0: [asked]})
     entries = [entry for delta in results["asked"] for entry in (delta.logprobs or ())]
     assert len(entries) == len(asked.output_ids) == 6
     ids, listed = list(asked.prompt_ids), set()
@@ -410,41 +412,41 @@ def test_choices_prefill_their_prompt_once_and_each_decodes_as_alone(monkeypatch
 
     def solo(seed: int) -> list[int]:
         sequence = _seeded(f"solo{seed}", prompt, 10, seed)
-        _run_to_completion(_scheduler(), {0: [sequence]})
+        _run_to_completion(_worker(), {0: [sequence]})
         return sequence.output_ids
 
     expected = [solo(seed) for seed in (5, 6, 7)]
-    scheduler = _scheduler(max_num_seqs=4, chunked_prefill=True, max_num_batched_tokens=16)
+    worker = _worker(max_num_seqs=4, chunked_prefill=True, max_num_batched_tokens=16)
     prefilled = []
-    real_prefill_many = scheduler.runner.prefill_many
-    monkeypatch.setattr(scheduler.runner, "prefill_many", lambda items: (
+    real_prefill_many = worker.runner.prefill_many
+    monkeypatch.setattr(worker.runner, "prefill_many", lambda items: (
         prefilled.extend(len(ids) for _, ids, _ in items), real_prefill_many(items))[1])
     choices = _choices_of("r", prompt, 10, [5, 6, 7])
     other = _sequence("other", [1, 2, 3], 12)  # decodes beside them, and frees its slot mid-way
-    results = _results_by_request(scheduler, {0: [other], 1: [choices[0]]})
+    results = _results_by_request(worker, {0: [other], 1: [choices[0]]})
     assert [c.output_ids for c in choices] == expected
     assert other.output_ids == _reference([1, 2, 3], 12)
     assert sum(prefilled) == len(prompt) + 3  # the shared prompt once, plus the other request's
     finishes = [item.index for item in results["r"] if item.finish_reason is not None]
-    assert sorted(finishes) == [0, 1, 2] and scheduler.num_running == 0
+    assert sorted(finishes) == [0, 1, 2] and worker.scheduler.num_running == 0
 
 
 def test_choices_wait_until_all_their_slots_are_free_and_leave_together_on_abort():
-    scheduler = _scheduler(max_num_seqs=3)
+    worker = _worker(max_num_seqs=3)
     blocker = _sequence("blocker", [1, 2, 3], 4)
     choices = _choices_of("r", [4, 5, 6], 50, [1, 2, 3])
-    scheduler.submit(blocker)
-    scheduler.run_once()
-    scheduler.submit(choices[0])
-    scheduler.run_once()
-    assert scheduler.num_running == 1 and scheduler.num_waiting == 1  # 3 slots needed, 2 free
+    worker.submit(blocker)
+    worker.run_once()
+    worker.submit(choices[0])
+    worker.run_once()
+    assert worker.scheduler.num_running == 1 and worker.scheduler.num_waiting == 1  # 3 slots needed, 2 free
     while blocker.status.value != "finished":
-        scheduler.run_once()
-    scheduler.run_once()
-    assert scheduler.num_running == 3 and all(c.output_ids for c in choices)
-    scheduler.abort("r")
-    scheduler.run_once()
-    assert scheduler.num_running == 0 and scheduler.num_waiting == 0
+        worker.run_once()
+    worker.run_once()
+    assert worker.scheduler.num_running == 3 and all(c.output_ids for c in choices)
+    worker.abort("r")
+    worker.run_once()
+    assert worker.scheduler.num_running == 0 and worker.scheduler.num_waiting == 0
 
 
 def test_tokens_are_chosen_only_among_the_ids_the_tokenizer_can_write():
@@ -452,11 +454,11 @@ def test_tokens_are_chosen_only_among_the_ids_the_tokenizer_can_write():
     still decode greedily over the ids that remain, decode and prefill alike."""
     choosable = MODEL.config.vocab_size // 2
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
-    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+    worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
                                                   chunked_prefill=False),
                           deliver=lambda results: None, launch_ahead=True, choosable=choosable)
     sequences = [_sequence(f"r{i}", p, 12) for i, p in enumerate(PROMPTS[:4])]
-    _run_to_completion(scheduler, {0: sequences})
+    _run_to_completion(worker, {0: sequences})
     # Unconstrained, some of these answers would use ids past the cut: the limit is what changed them.
     assert any(max(_reference(s.prompt_ids, s.max_tokens)) >= choosable for s in sequences)
     for sequence in sequences:
@@ -478,13 +480,13 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
     passes = [0]
     delivered: list[tuple[int, Sequence, object]] = []  # (pass it was handed over in, sequence, item)
-    scheduler = Scheduler(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
+    worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
                                                   chunked_prefill=False),
                           deliver=lambda results: delivered.extend((passes[0], s, item) for s, item in results),
                           launch_ahead=True)
     sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))]
     produced: dict[int, int] = {}  # id(delta) → the pass that made it
-    run_once = scheduler.run_once
+    run_once = worker.run_once
 
     def counted_pass(block: bool = False):  # the engine thread's loop looks run_once up every pass
         passes[0] += 1
@@ -492,16 +494,16 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
         produced.update((id(item), passes[0]) for _, item in results or ())
         return results
 
-    scheduler.run_once = counted_pass
+    worker.run_once = counted_pass
     for sequence in sequences:
-        scheduler.submit(sequence)
-    scheduler.start()
+        worker.submit(sequence)
+    worker.start()
     deadline = time.monotonic() + 60
     while sum(item.finish_reason is not None for _, _, item in delivered) < len(sequences):
         assert time.monotonic() < deadline, "not every answer was handed over"
         time.sleep(0.01)
-    scheduler.stop()
-    assert not scheduler._held
+    worker.stop()
+    assert not worker._held
     late = 0
     for sequence in sequences:
         mine = [(at, item) for at, s, item in delivered if s is sequence]
@@ -517,7 +519,7 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
 def test_a_delta_is_held_only_when_it_is_neither_an_answers_first_text_nor_its_last():
     """The first delta of an answer can come from a decode step (its first tokens wrote no whole
     character yet); it carries every token so far, and is never held, nor is a last delta or an error."""
-    from ragllm.engines.inprocess.scheduler import _holdable
+    from ragllm.engines.inprocess.worker import _holdable
 
     assert not _holdable(Delta(text="é", num_tokens=3, prompt_tokens=9, completion_tokens=3))  # first text
     assert _holdable(Delta(text="x", num_tokens=1, prompt_tokens=9, completion_tokens=4))

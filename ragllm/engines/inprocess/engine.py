@@ -50,7 +50,7 @@ class TransformersEngine(Engine):
         self.settings = settings
         self._health = EngineHealth(EngineState.LOADING, "model is loading")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._scheduler: Any = None
+        self.worker: Any = None  # the engine thread (``worker.Worker``), made once the model loads
         self._tokenizer: Any = None
         self._device: Any = None
         self.dtype_name = ""
@@ -82,7 +82,8 @@ class TransformersEngine(Engine):
 
     def _load(self) -> None:
         from ragllm.engines.inprocess.loading import load_model_and_tokenizer
-        from ragllm.engines.inprocess.scheduler import Scheduler, SchedulerLimits
+        from ragllm.engines.inprocess.scheduler import SchedulerLimits
+        from ragllm.engines.inprocess.worker import Worker
 
         loaded = load_model_and_tokenizer(self.settings)
         self._tokenizer, self._device = loaded.tokenizer, loaded.device
@@ -111,8 +112,8 @@ class TransformersEngine(Engine):
             grammar_mask_step_share=self.settings.grammar_mask_step_share,
             max_prefill_while_decoding=self.settings.max_prefill_tokens_while_decoding,
         )
-        self._scheduler = Scheduler(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,
-                                    choosable=self._choosable)
+        self.worker = Worker(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,
+                             choosable=self._choosable)
         self._card = ModelCard(
             id=self.settings.public_model_name,
             max_model_len=max_model_len,
@@ -128,7 +129,7 @@ class TransformersEngine(Engine):
             # Python's default 5 ms switch interval each handover can wait that long, which on a GPU
             # (a prefill takes a few ms) doubled the time to first token. 0.5 ms costs nothing there.
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
-        self._scheduler.start()
+        self.worker.start()
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
 
     def _runner(self, model: Any, max_model_len: int, model_path: str) -> Any:
@@ -155,10 +156,10 @@ class TransformersEngine(Engine):
         if self._canary is not None:
             self._canary.cancel()
             await asyncio.gather(self._canary, return_exceptions=True)
-        if self._scheduler is not None:
+        if self.worker is not None:
             # A broken engine's thread may be stuck in a step for good: do not wait for it (it is a
             # daemon thread, gone with the process).
-            await asyncio.to_thread(self._scheduler.stop, 0 if self.health().restart_needed else 30)
+            await asyncio.to_thread(self.worker.stop, 0 if self.health().restart_needed else 30)
 
     def _on_fatal(self, exc: BaseException) -> None:
         """Engine thread: a step failed for no sequence in particular (a device error)."""
@@ -171,7 +172,7 @@ class TransformersEngine(Engine):
         interval = self.settings.canary_interval_s
         while self._health.state is EngineState.READY:
             await asyncio.sleep(interval / 2)
-            idle_for = time.monotonic() - self._scheduler.last_progress
+            idle_for = time.monotonic() - self.worker.last_progress
             if self._admitted == 0 and idle_for >= interval:
                 await self._run_canary()
 
@@ -180,11 +181,11 @@ class TransformersEngine(Engine):
                                     prompt_token_ids=[self._canary_token])
         sequence = self._new_sequence(request, [self._canary_token])
         sequence.for_client = False
-        self._scheduler.submit(sequence)
+        self.worker.submit(sequence)
         try:
             answer = await asyncio.wait_for(sequence.sink.get(), self.settings.stall_timeout_s)
         except asyncio.TimeoutError:
-            self._scheduler.abort(request.request_id)
+            self.worker.abort(request.request_id)
             answer = TimeoutError(f"no token within {self.settings.stall_timeout_s:g} s")
         if isinstance(answer, BaseException) and self._health.state is EngineState.READY:
             self._health = EngineHealth(EngineState.BROKEN, f"the canary generation failed: {answer}",
@@ -206,24 +207,24 @@ class TransformersEngine(Engine):
         return self._health
 
     def _broken_now(self) -> EngineHealth | None:
-        if not self._scheduler.is_alive():
+        if not self.worker.is_alive():
             return EngineHealth(EngineState.BROKEN, "engine thread has stopped", restart_needed=True)
-        stalled_for = time.monotonic() - self._scheduler.last_progress
+        stalled_for = time.monotonic() - self.worker.last_progress
         if self._admitted and stalled_for > self.settings.stall_timeout_s:
             return EngineHealth(EngineState.BROKEN, f"the engine has completed no step for {stalled_for:.0f} s "
                                                     f"with {self._admitted} requests admitted", restart_needed=True)
         return None
 
     def stats(self) -> EngineStats:
-        if self._scheduler is None:
+        if self.worker is None:
             return EngineStats()
-        running = self._scheduler.num_running
-        blocks = self._scheduler.blocks  # plain counters read off the engine thread: a moment's view
+        running = self.worker.scheduler.num_running
+        blocks = self.worker.scheduler.blocks  # plain counters read off the engine thread: a moment's view
         kv = KVCacheStats(block_size=blocks.block_size, blocks_total=blocks.pool.num_usable,
                           blocks_free=blocks.pool.num_free, prefix_cache_queries=blocks.pool.queries,
                           prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions,
-                          dtype=str(self._scheduler.runner.cache_dtype).removeprefix("torch."))
-        produced = Usage(self._scheduler.num_prompt_tokens_started, self._scheduler.num_tokens_sampled)
+                          dtype=str(self.worker.runner.cache_dtype).removeprefix("torch."))
+        produced = Usage(self.worker.num_prompt_tokens_started, self.worker.num_tokens_sampled)
         return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv,
                            produced=produced)
 
@@ -251,7 +252,7 @@ class TransformersEngine(Engine):
                 sequence.leader = leader
                 leader.followers.append(sequence)
         stream = _QueueStream(self, sequences)
-        self._scheduler.submit(leader)
+        self.worker.submit(leader)
         return stream
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -280,7 +281,7 @@ class TransformersEngine(Engine):
         structured = request.params.structured
         grammars = [None] * request.params.n if structured is None else \
             [self._grammars.grammar(structured) for _ in range(request.params.n)]
-        return prompt_ids, grammars, self._scheduler.blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
+        return prompt_ids, grammars, self.worker.scheduler.blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.inprocess.loading import prompt_token_ids
@@ -355,11 +356,11 @@ class TransformersEngine(Engine):
             except RuntimeError:  # the event loop has closed: nobody waits any more
                 pass
 
-        self._scheduler.abort(request_id, acknowledge)
+        self.worker.abort(request_id, acknowledge)
         return removed
 
     def _is_running(self) -> bool:
-        return self._scheduler is not None and self._scheduler.is_alive()
+        return self.worker is not None and self.worker.is_alive()
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -61,16 +61,16 @@ class TokenMasks:
             if len(rows) < len(grammars):  # llguidance writes every constrained row whole
                 free = [row for row, grammar in enumerate(grammars) if grammar is None]
                 bitmask.numpy()[free] = -1  # numpy: one thread; torch would wake its CPU pool beside the fill
-            self._fill(bitmask, grammars, failures, alone=len(grammars) == 1)
+            self.fill(bitmask, grammars, failures, alone=len(grammars) == 1)
             return masked_logits(logits, bitmask.to(self.device, non_blocking=True)), failures
         bitmask = self._buffer(len(rows))
-        self._fill(bitmask, [grammars[row] for row in rows], failures, rows, alone=len(grammars) == 1)
+        self.fill(bitmask, [grammars[row] for row in rows], failures, rows, alone=len(grammars) == 1)
         index = torch.tensor(rows)
         masked = logits.clone()
         masked[index] = masked_logits(masked[index], bitmask)
         return masked, failures
 
-    def _fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
+    def fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
               rows: list[int] | None = None, alone: bool = False) -> None:
         """Each grammar's mask into its row of ``bitmask``; ``rows`` maps them to the batch's rows
         (None: one to one, rows without a grammar left as they are); ``alone``: the batch has no
@@ -85,7 +85,7 @@ class TokenMasks:
         sample = [(i, grammar) for i, grammar in together if id(grammar.matcher) == sampled]
         together = [(i, grammar) for i, grammar in together if id(grammar.matcher) != sampled]
         if together:
-            self._fill_rows(bitmask, together, failures, rows)
+            self.fill_batch(bitmask, together, failures, rows)
         self.watch.batch_filled([id(grammar.matcher) for _, grammar in together], time.perf_counter() - started,
                                 alone)
         self._fill_alone(bitmask, sample, failures, rows, self.watch.sample_filled, alone)
@@ -100,7 +100,7 @@ class TokenMasks:
                 failures[rows[i]] = GrammarViolation(f"structured output: {error or 'no token can continue'}")
                 bitmask[i] = -1  # its tokens are not used; an all-masked row would only make NaNs
 
-    def _fill_rows(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
+    def fill_batch(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
                    rows: list[int]) -> None:
         """Every present grammar's mask, in one call that drops the GIL once and spreads the rows
         over llguidance's threads (80% of the CPUs, at most 32).
@@ -134,7 +134,7 @@ class TokenMasks:
                     rows: list[int], judge: Callable[[int, float, bool], str | None], alone: bool) -> None:
         """Each row's mask in a call of its own, timed on this thread's CPU clock and judged by the
         watch: a row over its allowance ends alone. One call per row costs a GIL hand-off each (see
-        ``_fill_rows``), paid by suspects and one sampled row a step."""
+        ``fill_batch``), paid by suspects and one sampled row a step."""
         row_bytes = bitmask.shape[1] * bitmask.element_size()
         for i, grammar in alone_rows:
             started = time.thread_time()
