@@ -49,7 +49,7 @@ from ragllm.protocol.openai import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from ragllm.prompting import ThinkStripper, strip_thinking
+from ragllm.thinking import ThinkStripper, strip_thinking
 from ragllm.outcome import ChoiceOutcome, Outcome, Tally
 from ragllm.service import CachePlan, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams

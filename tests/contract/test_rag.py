@@ -8,8 +8,8 @@ import openai
 import pytest
 
 from ragllm.client import AsyncRagClient, Document, RagClient
-from ragllm.prompting import parse_citations
-from ragllm.protocol.rag import RagDocument, RagOptions
+from ragllm.rag.citations import parse_citations
+from ragllm.rag.contract import RagDocument, RagOptions
 from tests.servers import MODEL, ServerProcess
 
 DOCUMENTS = [

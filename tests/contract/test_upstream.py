@@ -338,7 +338,7 @@ def test_structured_outputs_reach_the_upstream_as_sent(cluster):
 
 
 def test_constrained_citations_go_to_the_upstream_as_a_regular_expression(cluster):
-    from ragllm.structured.citations import citation_pattern
+    from ragllm.rag.citations import citation_pattern
 
     body = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", timeout=120, headers=NO_CACHE, json={
         "model": MODEL, "messages": [{"role": "user", "content": "When was the bridge completed?"}],
