@@ -36,7 +36,8 @@ from ragllm.errors import (
     RateLimited,
     ShuttingDown,
 )
-from ragllm.limits import Allowance, Principal
+from ragllm.access.keys import Principal
+from ragllm.access.rate_limits import Allowance
 from ragllm.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
