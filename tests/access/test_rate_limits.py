@@ -11,7 +11,7 @@ from ragllm.access.rate_limits import RateLimiter
 from ragllm.config import RedisSettings
 from ragllm.errors import RateLimited
 from ragllm.redis_link import RedisLink
-from tests.servers import wait_clear_of_window_edge
+from tests.support.servers import wait_clear_of_window_edge
 
 
 @pytest.mark.parametrize("with_redis", [True, False])

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from tests.servers import MODEL, ServerProcess, metric_value
-from tests.sse import post_stream
+from tests.support.servers import MODEL, ServerProcess, metric_value
+from tests.support.sse import post_stream
 
 LOAD_S = float(os.environ.get("SOAK_LOAD_S", "30"))
 CLIENTS = 4

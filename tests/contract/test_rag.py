@@ -10,7 +10,7 @@ import pytest
 from ragllm.client import AsyncRagClient, Document, RagClient
 from ragllm.rag.citations import parse_citations
 from ragllm.rag.contract import RagDocument, RagOptions
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 DOCUMENTS = [
     {"id": "bridge", "title": "Verdant Bridge", "text": "The Verdant Bridge in Oslund was completed in 1987.",

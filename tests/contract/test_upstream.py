@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import MODEL, ServerProcess, free_port, metric_value, send_chat_raw
+from tests.support.servers import MODEL, ServerProcess, free_port, metric_value, send_chat_raw
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 LONG_DOCUMENTS = [{"id": "bridge", "text": "The Verdant Bridge in Oslund was completed in 1987. " * 8},

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from ragllm.cli import main
 from ragllm.loadtest.generator import Bounds, run_level
 from ragllm.loadtest.workload import Workload
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 FIRST_TOKEN_S = 0.060
 TOKEN_GAP_S = 0.025
