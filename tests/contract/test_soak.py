@@ -21,7 +21,7 @@ from collections import Counter
 import httpx
 import redis
 
-from tests.contract.test_hostile_soak import HOSTILE_BODIES
+from tests.support.hostile_bodies import HOSTILE_BODIES
 from tests.support.servers import MODEL, RedisServer, ServerProcess, free_port, send_chat_raw
 from tests.support.sse import post_stream
 

@@ -421,7 +421,7 @@ def test_several_choices_are_relayed_as_the_upstream_made_them(cluster):
 def test_the_gateways_answers_validate_against_openais_schema(cluster):
     """What the gateway relays (several choices, tool calls, logprobs; whole and streamed) is still
     a valid OpenAI response."""
-    from tests.contract.test_openai_schema import WEATHER, _events, _validate
+    from tests.support.openai_schema import WEATHER, sse_events, validate
 
     bodies = [{"n": 2, "seed": 3, "temperature": 1.0}, {"tools": [WEATHER], "tool_choice": "required"},
               {"logprobs": True, "top_logprobs": 2}]
@@ -430,8 +430,8 @@ def test_the_gateways_answers_validate_against_openais_schema(cluster):
                 "temperature": 0, **extra}
         whole = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=120)
         assert whole.status_code == 200, whole.text
-        _validate(whole.json(), "CreateChatCompletionResponse")
+        validate(whole.json(), "CreateChatCompletionResponse")
         streamed = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", headers=NO_CACHE, timeout=120,
                               json={**body, "stream": True, "stream_options": {"include_usage": True}})
-        for event in _events(streamed.text):
-            _validate(event, "CreateChatCompletionStreamResponse")
+        for event in sse_events(streamed.text):
+            validate(event, "CreateChatCompletionStreamResponse")
