@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from bench.random_models import build_random_checkpoint, word
+from ragllm.testing.random_checkpoints import build_random_checkpoint, word
 from tests.support.servers import ServerProcess, metric_value
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
