@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.random_models import ARCHITECTURES
+from ragllm.testing.random_checkpoints import ARCHITECTURES
 from ragllm.config import DEFAULT_MODEL
 
 

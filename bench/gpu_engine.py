@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.host_profile import PhaseTimes  # noqa: E402
-from bench.random_models import ARCHITECTURES, build_random_checkpoint, word  # noqa: E402
+from ragllm.testing.random_checkpoints import ARCHITECTURES, build_random_checkpoint, word  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.inprocess.layers import kernels  # noqa: E402

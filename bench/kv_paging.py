@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: an older tree may come first
-from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from ragllm.testing.random_checkpoints import ARCHITECTURES, build_random_checkpoint  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402

@@ -25,9 +25,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.random_models import ARCHITECTURES, build_random_checkpoint  # noqa: E402
+from ragllm.testing.random_checkpoints import ARCHITECTURES, build_random_checkpoint  # noqa: E402
 from bench.server import served  # noqa: E402
-from ragllm.loadtest import Bounds, Workload, run_level  # noqa: E402
+from ragllm.loadtest.generator import Bounds, run_level  # noqa: E402
+from ragllm.loadtest.workload import Workload  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

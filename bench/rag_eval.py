@@ -26,7 +26,7 @@ from bench.report import write_report  # noqa: E402
 from bench.server import served  # noqa: E402
 from ragllm.client import Document, RagClient  # noqa: E402
 from ragllm.config import DEFAULT_MODEL  # noqa: E402
-from ragllm.protocol.rag import RagOptions  # noqa: E402
+from ragllm.rag.contract import RagOptions  # noqa: E402
 
 CASES = Path(__file__).with_name("rag_eval_cases.json")
 DECLINE_PHRASES = ("not contain", "does not", "do not", "don't", "doesn't", "no information", "not mention",

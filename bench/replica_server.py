@@ -1,5 +1,5 @@
 """A model of a vLLM replica served over HTTP, for capacity work: an OpenAI-compatible chat endpoint
-whose timing is ``replica_model.ReplicaModel`` run in real time (not a test double of vLLM's API:
+whose timing is ``ragllm.testing.replica_model.ReplicaModel`` run in real time (not a test double of vLLM's API:
 the answers are filler words; what it models is when they come).
 
 A request's document set is its first message (the RAG system message with its documents), its
@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.replica_model import ReplicaModel, ReplicaProfile, SimRequest  # noqa: E402
+from ragllm.testing.replica_model import ReplicaModel, ReplicaProfile, SimRequest  # noqa: E402
 
 MODEL = "replica-model"
 

@@ -1,7 +1,8 @@
 """The routing simulation's HTTP form: the same replica model served over HTTP
 (``bench/replica_server.py``, one process per replica), the real gateway (``ragllm serve --engine
 upstream``) in front, and the same arrivals sent through it; then the in-process form
-(``bench/routing.py``) on the same arrivals, side by side, to show the fast form predicts the real one.
+(``ragllm/testing/routing_simulation.py``) on the same arrivals, side by side, to show the fast form
+predicts the real one.
 
 Time is stretched by ``--time-scale`` on the HTTP side (every step of the model takes that much
 longer, arrivals come that much slower), so that one 2-core machine can host the replicas, the
@@ -30,7 +31,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gateway_overhead import wait_ready  # noqa: E402
-from bench.routing import Load, arrivals, simulate  # noqa: E402
+from ragllm.testing.routing_simulation import Load, arrivals, simulate  # noqa: E402
 
 FILLER = "retrieved passage text "  # 23 characters; a prompt token is modelled as 4 characters
 

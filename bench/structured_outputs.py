@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E402
 from bench.host_profile import HostProfile, PhaseTimes  # noqa: E402
-from bench.random_models import build_random_checkpoint  # noqa: E402
+from ragllm.testing.random_checkpoints import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402

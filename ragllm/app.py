@@ -23,7 +23,8 @@ from ragllm.config import Settings
 from ragllm.engines import create_engine
 from ragllm.engines.base import Engine
 from ragllm.lifecycle import EXIT_ENGINE_FAILED, Lifecycle
-from ragllm.limits import KeyRing, RateLimiter
+from ragllm.access.keys import KeyRing
+from ragllm.access.rate_limits import RateLimiter
 from ragllm.redis_link import RedisLink
 from ragllm.service import CompletionService
 from ragllm.telemetry.metrics import Metrics

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragllm.protocol.rag import Citation, RagDocument as Document, RagOptions, RagReport
+from ragllm.rag.contract import Citation, RagDocument as Document, RagOptions, RagReport
 
 __all__ = ["Answer", "AsyncRagClient", "Citation", "Document", "RagClient"]
 

@@ -21,9 +21,9 @@ from ragllm.bounded_json import JsonLimits
 from ragllm.bounds import PromptText, check_chat, check_completion, check_tokenize
 from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.config import InputSettings
-from ragllm.prompting import load_template, rank
-from ragllm.protocol.rag import RagOptions
-from ragllm.rag import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, is_heavy, off_loop_if, pack
+from ragllm.rag.prompt import load_template, rank
+from ragllm.rag.contract import RagOptions
+from ragllm.rag.packing import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, is_heavy, off_loop_if, pack
 from ragllm.errors import (
     ContextLengthExceeded,
     EngineInterrupted,
@@ -40,7 +40,7 @@ from ragllm.protocol.openai import (
     SamplingFields,
     TokenizeRequest,
 )
-from ragllm.structured.citations import citation_pattern
+from ragllm.rag.citations import citation_pattern
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
 from ragllm.outcome import Outcome, Tally
 from ragllm.telemetry.metrics import Metrics, RequestTimer

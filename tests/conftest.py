@@ -3,7 +3,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 
 @pytest.fixture(scope="session")

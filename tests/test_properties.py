@@ -22,10 +22,11 @@ from ragllm.generation import ModelCard
 from ragllm.engines.base import Engine
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragllm.errors import RagLLMError
-from ragllm.prompting import ThinkStripper, load_template, rank
 from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest
-from ragllm.protocol.rag import RagDocument, RagOptions
-from ragllm.rag import PackRequest, pack
+from ragllm.rag.contract import RagDocument, RagOptions
+from ragllm.rag.packing import PackRequest, pack
+from ragllm.rag.prompt import load_template, rank
+from ragllm.thinking import ThinkStripper
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -19,7 +19,7 @@ from ragllm.bounded_json import JsonLimits, check_structure
 from ragllm.bounds import check_raw
 from ragllm.config import InputSettings
 from ragllm.protocol.openai import FAIL_FAST
-from ragllm.protocol.rag import RagDocument
+from ragllm.rag.contract import RagDocument
 
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 LARGE_BODY_BYTES = 256 * 1024

@@ -6,7 +6,7 @@ from fastapi import Request
 
 from ragllm.api.record import SCOPE_KEY, RequestRecord
 from ragllm.api.state import AppState
-from ragllm.limits import Principal
+from ragllm.access.keys import Principal
 from ragllm.telemetry.tracing import child_span
 
 

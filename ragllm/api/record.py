@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ragllm.api.state import AppState
     from ragllm.generation import DeltaStream
     from ragllm.telemetry.tracing import RequestSpan
-    from ragllm.limits import Principal
+    from ragllm.access.keys import Principal
     from ragllm.telemetry.metrics import RequestTimer
 
 request_logger = logging.getLogger("ragllm.requests")

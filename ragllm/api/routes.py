@@ -36,7 +36,8 @@ from ragllm.errors import (
     RateLimited,
     ShuttingDown,
 )
-from ragllm.limits import Allowance, Principal
+from ragllm.access.keys import Principal
+from ragllm.access.rate_limits import Allowance
 from ragllm.protocol.openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -49,7 +50,7 @@ from ragllm.protocol.openai import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from ragllm.prompting import ThinkStripper, strip_thinking
+from ragllm.thinking import ThinkStripper, strip_thinking
 from ragllm.outcome import ChoiceOutcome, Outcome, Tally
 from ragllm.service import CachePlan, PreparedRequest, cache_plan
 from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams

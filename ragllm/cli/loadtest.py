@@ -35,8 +35,10 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ragllm.loadtest import Bounds, Workload, as_dict, comparison, report_json, run_level
-    from ragllm.loadtest_plot import plot_report
+    from ragllm.loadtest.generator import Bounds, run_level
+    from ragllm.loadtest.plot import plot_report
+    from ragllm.loadtest.report import comparison, report_json
+    from ragllm.loadtest.workload import Workload, as_dict
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI: keep the table whole
     try:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ragllm.protocol.rag import RagDocument, RagOptions, RagReport
+from ragllm.rag.contract import RagDocument, RagOptions, RagReport
 
 MAX_STOP_SEQUENCES = 16
 MAX_CACHE_SALT_CHARS = 256

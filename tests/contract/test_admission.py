@@ -13,7 +13,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 

@@ -15,7 +15,7 @@ import torch
 
 from ragllm.engines.inprocess.quantized.awq_loader import checkpoint_awq_config, load_awq_model
 from ragllm.engines.inprocess.quantized.awq_writer import save_awq_checkpoint
-from tests.servers import ServerProcess
+from tests.support.servers import ServerProcess
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 MESSAGES = [{"role": "user", "content": "Name three primary colours."}]

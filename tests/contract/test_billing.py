@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from tests.servers import MODEL, ServerProcess, metric_value, wait_clear_of_window_edge
+from tests.support.servers import MODEL, ServerProcess, metric_value, wait_clear_of_window_edge
 
 TPM = 1_000_000
 LEAVE_AFTER = (1, 8)  # content chunks read before the client leaves a stream

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from bench.random_models import build_random_checkpoint, word
-from tests.servers import ServerProcess, metric_value
+from ragllm.testing.random_checkpoints import build_random_checkpoint, word
+from tests.support.servers import ServerProcess, metric_value
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 STREAMS = 64

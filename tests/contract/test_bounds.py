@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 KEY = "tester:s3cret"
 AUTH = {"Authorization": "Bearer s3cret"}

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.misbehaving_upstream import MisbehavingUpstream
-from tests.servers import MODEL, ServerProcess
+from tests.support.misbehaving_upstream import MisbehavingUpstream
+from tests.support.servers import MODEL, ServerProcess
 
 NO_RESPONSE_CACHE = {"Cache-Control": "no-cache, no-store"}
 KEYS = [{"id": "alpha-1", "key": "key-alpha-1", "cache_group": "alpha"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.servers import metric_value
+from tests.support.servers import metric_value
 
 
 def test_completion_from_text(client, model):

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import ServerProcess, metric_value
+from tests.support.servers import ServerProcess, metric_value
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -9,8 +9,8 @@ import re
 import httpx
 import pytest
 
-from ragllm.prompting import load_template
-from ragllm.structured.citations import citation_pattern
+from ragllm.rag.prompt import load_template
+from ragllm.rag.citations import citation_pattern
 
 DOCUMENTS = [{"id": "bridge", "title": "Verdant Bridge", "text": "The Verdant Bridge in Oslund was completed in 1987."},
              {"id": "ferry", "title": "Ferry", "text": "Before the bridge, a ferry crossed the river every hour."}]

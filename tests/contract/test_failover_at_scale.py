@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.servers import ServerProcess, free_port
+from tests.support.servers import ServerProcess, free_port
 
 REPLICAS = 16
 DOCUMENTS = "Retrieved passage about the Verdant Bridge and the ferry before it. " * 30

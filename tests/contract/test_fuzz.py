@@ -17,7 +17,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 EXAMPLES_PER_OPERATION = 60
 # Sent in every positive run besides what the generator draws: the valid bodies it draws mostly ask for

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.misbehaving_upstream import MisbehavingUpstream
-from tests.servers import ServerProcess, metric_value
+from tests.support.misbehaving_upstream import MisbehavingUpstream
+from tests.support.servers import ServerProcess, metric_value
 
 CACHE_S = 3.0
 

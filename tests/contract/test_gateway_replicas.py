@@ -13,7 +13,7 @@ import openai
 import pytest
 import redis
 
-from tests.servers import ServerProcess, free_port, wait_clear_of_window_edge
+from tests.support.servers import ServerProcess, free_port, wait_clear_of_window_edge
 
 KEYS = "team-a:secret-a,team-b:secret-b"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

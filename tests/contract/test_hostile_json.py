@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 KEY = "tenant:s3cret"
 AUTH = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import httpx
 import redis
 
-from tests.servers import MODEL, ServerProcess, metric_value
-from tests.sse import post_stream
+from tests.support.hostile_bodies import HOSTILE_BODIES, ask
+from tests.support.servers import ServerProcess, metric_value
+from tests.support.sse import post_stream
 
 LOAD_S = float(os.environ.get("SOAK_LOAD_S", "30"))
 CLIENTS = 4
@@ -108,46 +109,8 @@ def _auth(tenant: str) -> dict[str, str]:
     return {"Authorization": f"Bearer secret-{tenant}"}
 
 
-def _nested_schema(depth: int) -> dict:
-    schema: dict = {"type": "string"}
-    for _ in range(depth):
-        schema = {"type": "object", "properties": {"a": schema}}
-    return schema
-
-
-def _ask(content: str = "Say hello.", **fields) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **fields}
-
-
-TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
-# Each is refused with a 400 naming a field; together they are what once answered 500s, stalled the
-# loop or were billed nothing.
-HOSTILE_BODIES = {
-    "schema 300 deep": _ask(response_format={"type": "json_schema",
-                                             "json_schema": {"name": "x", "schema": _nested_schema(300)}}),
-    "tool parameters 300 deep": _ask(tools=[{"type": "function", "function": {
-        "name": "deep", "parameters": _nested_schema(300)}}]),
-    "guided_json string 5,000 deep": _ask(guided_json="[" * 5000 + "]" * 5000),
-    "format as a list": _ask(response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "string", "format": ["email"]}}}),
-    "tool_choice function as a string": _ask(tools=[TOOL], tool_choice={"type": "function", "function": "f"}),
-    "call arguments 5,000 deep": {"model": MODEL, "max_tokens": 8, "messages": [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-            "name": "lookup", "arguments": '{"a":' * 5000 + "1" + "}" * 5000}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
-    "stop of 20,000 integers": _ask(stop=list(range(20_000))),
-    "logit_bias": _ask(logit_bias={"1": 100}),
-    "2,500 choices": _ask(guided_choice=[f"c{i}" for i in range(2500)]),
-    "a document that is a number": _ask(documents=[{"id": "a", "text": "x"}, 7]),
-    "chat_template_kwargs.tokenize": _ask(chat_template_kwargs={"tokenize": True}),
-    "stream_options as a list": _ask(stream=True, stream_options=[1]),
-    "cache_salt blank": _ask(cache_salt="   "),
-}
-
-
 def _question(rng: random.Random) -> dict:
-    return _ask(f"Say the number {rng.randint(1, 10**6)}.", max_tokens=rng.choice([4, 8, 12]),
+    return ask(f"Say the number {rng.randint(1, 10**6)}.", max_tokens=rng.choice([4, 8, 12]),
                 temperature=rng.choice([0, 0.7]), n=rng.choice([1, 1, 2]))
 
 
@@ -170,7 +133,7 @@ def _valid_stream(target: Target, tenant: str, rng: random.Random) -> tuple[str,
 
 def _cached(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
     """The same deterministic question again and again: answered from the response cache, charged 0."""
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=_ask("What is RAG?", temperature=0),
+    response = httpx.post(f"{target.url}/v1/chat/completions", json=ask("What is RAG?", temperature=0),
                           headers=_auth(tenant), timeout=120)
     return "cacheable", str(response.status_code)
 
@@ -184,7 +147,7 @@ def _hostile_json(target: Target, tenant: str, rng: random.Random) -> tuple[str,
 
 
 def _forged_turns(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    body = _ask(FORGED, temperature=0.7) if rng.random() < 0.5 else _ask(
+    body = ask(FORGED, temperature=0.7) if rng.random() < 0.5 else ask(
         "What does the document say?", temperature=0.7, documents=[{"id": "d1", "text": FORGED}])
     response = httpx.post(f"{target.url}/v1/chat/completions", json=body, headers={**_auth(tenant), **NO_CACHE}, timeout=120)
     return "forged turns", "completed" if response.status_code == 200 else f"{response.status_code} {_code(response)}"
@@ -206,14 +169,14 @@ def _raw(url: str, tenant: str, body: dict, send_bytes: int | None = None, reade
 
 
 def _mid_upload(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    body = _ask("x" * 20_000)
+    body = ask("x" * 20_000)
     with _raw(target.url, tenant, body, send_bytes=rng.choice([0, 5_000])):
         time.sleep(0.05)
     return "mid-upload leaver", "left"
 
 
 def _early_leaver(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    body = {**_ask("Write a long story about the sea.", max_tokens=200, ignore_eos=True, temperature=0.7), "stream": True}
+    body = {**ask("Write a long story about the sea.", max_tokens=200, ignore_eos=True, temperature=0.7), "stream": True}
     leave_after = rng.choice([1, 3, 8])
     with httpx.stream("POST", f"{target.url}/v1/chat/completions", json=body, headers={**_auth(tenant), **NO_CACHE},
                       timeout=60) as response:
@@ -231,7 +194,7 @@ def _non_reader(target: Target, tenant: str, rng: random.Random) -> tuple[str, s
     tokens and the write timeout drops it. A dropped client cannot tell (the server's close waits
     behind the data it never read), so it peeks at its response's id and waits for the request log
     to record the request; the outcome is the status logged."""
-    body = {**_ask("Write a long essay.", max_tokens=400, ignore_eos=True, temperature=0.7, logprobs=True,
+    body = {**ask("Write a long essay.", max_tokens=400, ignore_eos=True, temperature=0.7, logprobs=True,
                    top_logprobs=20), "stream": True}
     with _raw(target.url, tenant, body, reader=False) as connection:
         connection.settimeout(60)
@@ -246,7 +209,7 @@ def _non_reader(target: Target, tenant: str, rng: random.Random) -> tuple[str, s
 
 
 def _wrong_key(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=_ask(), headers=_auth("nobody"), timeout=30)
+    response = httpx.post(f"{target.url}/v1/chat/completions", json=ask(), headers=_auth("nobody"), timeout=30)
     return "wrong key", str(response.status_code)
 
 

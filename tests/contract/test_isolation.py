@@ -1,7 +1,7 @@
 """One request's fault never touches another: faults injected into a real server's engine.
 
-``tests/fault_server.py`` runs the real ``ragllm serve`` with faults wired into its engine, chosen by
-a request's seed: a sampling fault (one sequence's) and a device fault (no sequence's).
+``tests/support/fault_server.py`` runs the real ``ragllm serve`` with faults wired into its engine,
+chosen by a request's seed: a sampling fault (one sequence's) and a device fault (no sequence's).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import time
 import httpx
 import pytest
 
-from tests.fault_server import DEVICE_FAULT_SEED, HANG_FAULT_SEED, SAMPLING_FAULT_SEED
-from tests.servers import MODEL, ServerProcess
-from tests.sse import post_stream
+from tests.support.fault_server import DEVICE_FAULT_SEED, HANG_FAULT_SEED, SAMPLING_FAULT_SEED
+from tests.support.servers import MODEL, ServerProcess
+from tests.support.sse import post_stream
 
-FAULT_SERVER = ("-m", "tests.fault_server")
+FAULT_SERVER = ("-m", "tests.support.fault_server")
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 QUESTIONS = ["Name three rivers in Europe.", "What is a prime number?", "Describe a cat in one line.",
              "Why is the sky blue?"]

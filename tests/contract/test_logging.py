@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 SECRET_QUESTION = "What is the capital of Zubrowka, the secret word?"
 

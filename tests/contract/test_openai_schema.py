@@ -3,16 +3,11 @@ OpenAPI description, in tests/data): strict clients that check responses accept 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import httpx
-import jsonschema
 import pytest
 
-SCHEMAS = json.loads((Path(__file__).parent.parent / "data" / "openai_response_schemas.json").read_text())
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}
+from tests.support.openai_schema import WEATHER, sse_events, validate
+
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0}
 TEXT = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
 DOCUMENTS = [{"id": "sky", "text": "The sky is blue because of Rayleigh scattering."}]
@@ -32,16 +27,6 @@ WHOLE = {"chat": "CreateChatCompletionResponse", "text": "CreateCompletionRespon
 CHUNK = {"chat": "CreateChatCompletionStreamResponse", "text": "CreateCompletionResponse"}
 
 
-def _validate(instance: dict, definition: str) -> None:
-    jsonschema.validate(instance, {**SCHEMAS, "$ref": f"#/$defs/{definition}"})
-
-
-def _events(body: str) -> list[dict]:
-    data = [line[5:].strip() for line in body.splitlines() if line.startswith("data:")]
-    assert data[-1] == "[DONE]"
-    return [json.loads(item) for item in data[:-1]]
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("cache", ["fresh", "replayed"])
@@ -58,9 +43,9 @@ def test_answers_validate_against_openais_schema(server, model, case, stream, ca
     if cache == "replayed":  # answers with logprobs are never cached
         assert response.headers["x-ragllm-cache"] == ("bypass" if "logprobs" in case else "hit")
     if not stream:
-        _validate(response.json(), WHOLE[kind])
+        validate(response.json(), WHOLE[kind])
         return
-    events = _events(response.text)
+    events = sse_events(response.text)
     for event in events:
-        _validate(event, CHUNK[kind])
+        validate(event, CHUNK[kind])
     assert events[-1]["usage"]["total_tokens"] > 0

@@ -74,7 +74,8 @@ def test_health_reports_the_kv_blocks(server):
 def test_the_load_generator_reports_what_repeated_documents_found_cached(server, model):
     import asyncio
 
-    from ragllm.loadtest import Bounds, Workload, run_level
+    from ragllm.loadtest.generator import Bounds, run_level
+    from ragllm.loadtest.workload import Workload
 
     workload = Workload(model=model, max_tokens=4, context_words=150, doc_sets=2, repeat_rate=1.0)
     level = asyncio.run(run_level(server.url, workload, Bounds(requests=6), concurrency=1))

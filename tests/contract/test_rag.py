@@ -8,9 +8,9 @@ import openai
 import pytest
 
 from ragllm.client import AsyncRagClient, Document, RagClient
-from ragllm.prompting import parse_citations
-from ragllm.protocol.rag import RagDocument, RagOptions
-from tests.servers import MODEL, ServerProcess
+from ragllm.rag.citations import parse_citations
+from ragllm.rag.contract import RagDocument, RagOptions
+from tests.support.servers import MODEL, ServerProcess
 
 DOCUMENTS = [
     {"id": "bridge", "title": "Verdant Bridge", "text": "The Verdant Bridge in Oslund was completed in 1987.",

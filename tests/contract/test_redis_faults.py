@@ -8,7 +8,7 @@ import time
 import httpx
 import redis
 
-from tests.servers import MODEL, RedisServer, ServerProcess, metric_value
+from tests.support.servers import MODEL, RedisServer, ServerProcess, metric_value
 
 NUM_REQUESTS = 36
 CONCURRENCY = 3

@@ -10,7 +10,7 @@ import openai
 import pytest
 import redis
 
-from tests.servers import MODEL, ServerProcess, wait_clear_of_window_edge
+from tests.support.servers import MODEL, ServerProcess, wait_clear_of_window_edge
 
 KEYS = "team-a:secret-a,team-b:secret-b"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -17,7 +17,7 @@ import pytest
 from ragllm.app import create_app
 from ragllm.config import load_settings
 from ragllm.engines.upstream.engine import UpstreamEngine
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 PROBE_INTERVAL_S = 0.3

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.servers import MODEL, ServerProcess
+from tests.support.servers import MODEL, ServerProcess
 
 SCHEMAS = json.loads((Path(__file__).parents[1] / "data" / "json_schemas.json").read_text())
 MAX_TOKENS = 256

@@ -12,8 +12,8 @@ import time
 import httpx
 import redis
 
-from tests.servers import MODEL, ServerProcess, metric_value, send_chat_raw
-from tests.sse import parse
+from tests.support.servers import MODEL, ServerProcess, metric_value, send_chat_raw
+from tests.support.sse import parse
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 STREAMS = 8

@@ -20,7 +20,7 @@ import openai
 import pytest
 import redis
 
-from tests.servers import MODEL, ServerProcess, metric_value, send_chat_raw
+from tests.support.servers import MODEL, ServerProcess, metric_value, send_chat_raw
 
 WRITE_TIMEOUT_S = 10.0  # long enough for an answer to finish generating after its writes block
 MAX_TOKENS = 100

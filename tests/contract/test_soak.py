@@ -21,9 +21,9 @@ from collections import Counter
 import httpx
 import redis
 
-from tests.contract.test_hostile_soak import HOSTILE_BODIES
-from tests.servers import MODEL, RedisServer, ServerProcess, free_port, send_chat_raw
-from tests.sse import post_stream
+from tests.support.hostile_bodies import HOSTILE_BODIES
+from tests.support.servers import MODEL, RedisServer, ServerProcess, free_port, send_chat_raw
+from tests.support.sse import post_stream
 
 LOAD_S = float(os.environ.get("SOAK_LOAD_S", "30"))
 CLIENTS = 4

@@ -19,7 +19,7 @@ import redis
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.misbehaving_upstream import (
+from tests.support.misbehaving_upstream import (
     BEHAVIOURS,
     GOOD_TEXT,
     REFUSAL_MESSAGE,
@@ -28,8 +28,8 @@ from tests.misbehaving_upstream import (
     STREAM_ERROR_MESSAGE,
     MisbehavingUpstream,
 )
-from tests.servers import MODEL, ServerProcess, metric_value
-from tests.sse import DONE, post_stream
+from tests.support.servers import MODEL, ServerProcess, metric_value
+from tests.support.sse import DONE, post_stream
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 UPSTREAM_ERRORS = sorted(set(BEHAVIOURS) - {"good"})

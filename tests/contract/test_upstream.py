@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import MODEL, ServerProcess, free_port, metric_value, send_chat_raw
+from tests.support.servers import MODEL, ServerProcess, free_port, metric_value, send_chat_raw
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 LONG_DOCUMENTS = [{"id": "bridge", "text": "The Verdant Bridge in Oslund was completed in 1987. " * 8},
@@ -338,7 +338,7 @@ def test_structured_outputs_reach_the_upstream_as_sent(cluster):
 
 
 def test_constrained_citations_go_to_the_upstream_as_a_regular_expression(cluster):
-    from ragllm.structured.citations import citation_pattern
+    from ragllm.rag.citations import citation_pattern
 
     body = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", timeout=120, headers=NO_CACHE, json={
         "model": MODEL, "messages": [{"role": "user", "content": "When was the bridge completed?"}],
@@ -421,7 +421,7 @@ def test_several_choices_are_relayed_as_the_upstream_made_them(cluster):
 def test_the_gateways_answers_validate_against_openais_schema(cluster):
     """What the gateway relays (several choices, tool calls, logprobs; whole and streamed) is still
     a valid OpenAI response."""
-    from tests.contract.test_openai_schema import WEATHER, _events, _validate
+    from tests.support.openai_schema import WEATHER, sse_events, validate
 
     bodies = [{"n": 2, "seed": 3, "temperature": 1.0}, {"tools": [WEATHER], "tool_choice": "required"},
               {"logprobs": True, "top_logprobs": 2}]
@@ -430,8 +430,8 @@ def test_the_gateways_answers_validate_against_openais_schema(cluster):
                 "temperature": 0, **extra}
         whole = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=120)
         assert whole.status_code == 200, whole.text
-        _validate(whole.json(), "CreateChatCompletionResponse")
+        validate(whole.json(), "CreateChatCompletionResponse")
         streamed = httpx.post(f"{cluster.gateway.url}/v1/chat/completions", headers=NO_CACHE, timeout=120,
                               json={**body, "stream": True, "stream_options": {"include_usage": True}})
-        for event in _events(streamed.text):
-            _validate(event, "CreateChatCompletionStreamResponse")
+        for event in sse_events(streamed.text):
+            validate(event, "CreateChatCompletionStreamResponse")

@@ -1,5 +1,6 @@
-"""The ``vllm`` engine's child supervision, with a real child: the vLLM stand-in (``tests/vllm_standin.py``),
-which checks the flags and serves the packaged model as vLLM would, /health and /metrics included."""
+"""The ``vllm`` engine's child supervision, with a real child: the vLLM stand-in
+(``tests/support/vllm_standin.py``), which checks the flags and serves the packaged model as vLLM
+would, /health and /metrics included."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import MODEL, ServerProcess, free_port
+from tests.support.servers import MODEL, ServerProcess, free_port
 
-STANDIN = Path(__file__).resolve().parents[1] / "vllm_standin.py"
+STANDIN = Path(__file__).resolve().parents[1] / "support" / "vllm_standin.py"
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -115,7 +116,7 @@ def test_standin_parses_the_command_of_both_profiles(profile, monkeypatch):
     """The stand-in knows only vLLM's documented flags; the derived command must parse under it."""
     from ragllm.config import load_settings
     from ragllm.engines.vllm.flags import vllm_serve_args
-    from tests.vllm_standin import parse
+    from tests.support.vllm_standin import parse
 
     monkeypatch.setenv("RAGLLM_REDIS__URL", "redis://127.0.0.1:6379/0")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")

@@ -14,7 +14,7 @@ import yaml
 
 from ragllm.config import load_settings
 from ragllm.engines.vllm.flags import vllm_serve_args
-from tests.vllm_standin import flag_values
+from tests.support.vllm_standin import flag_values
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 TOOLS = Path(sys.executable).parent  # check-jsonschema, kubernetes-validate, hadolint: test extras

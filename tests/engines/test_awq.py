@@ -16,7 +16,7 @@ from ragllm.engines.inprocess.quantized.awq_linear import AwqLinear
 from ragllm.engines.inprocess.quantized.awq_loader import checkpoint_awq_config, load_awq_model
 from ragllm.engines.inprocess.quantized.awq_writer import save_awq_checkpoint
 from ragllm.errors import ModelLoadError
-from tests.tiny_models import ARCHITECTURES, tiny_model
+from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                          reason="needs a CUDA GPU")])

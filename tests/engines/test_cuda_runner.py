@@ -16,7 +16,7 @@ from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import ModelLoadError
 from tests.engines.test_model_runner import scattered_tables
 from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
-from tests.tiny_models import ARCHITECTURES, tiny_model
+from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                          reason="needs a CUDA GPU")])

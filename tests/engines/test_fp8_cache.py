@@ -11,7 +11,7 @@ from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOpti
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, kv_storage_dtype
 from ragllm.engines.inprocess.kv.paged_cache import FP8, FP8_MAX, PagedKVCache
 from ragllm.errors import ModelLoadError
-from tests.tiny_models import ARCHITECTURES, tiny_model
+from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # Measured (prefill of 150 tokens, then 50 teacher-forced decode steps, tiny random models): the

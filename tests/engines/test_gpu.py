@@ -7,7 +7,7 @@ import torch
 
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
 from tests.engines.test_model_runner import scattered_tables
-from tests.tiny_models import ARCHITECTURES, tiny_model
+from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,8 +11,8 @@ from ragllm.generation import GenerationRequest, SamplingParams
 from ragllm.engines.inprocess.literal_text import BREAK, ESCAPE, LiteralText, special_token_texts
 from ragllm.engines.inprocess.loading import prompt_token_ids
 from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
-from ragllm.prompting import load_template, render_messages
-from ragllm.protocol.rag import RagDocument
+from ragllm.rag.prompt import load_template, render_messages
+from ragllm.rag.contract import RagDocument
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -7,7 +7,7 @@ import torch
 
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
 from ragllm.errors import ModelLoadError
-from tests.tiny_models import ARCHITECTURES, tiny_model
+from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 KV = KVCacheOptions(block_size=16, num_blocks=200)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
-from ragllm.loadtest import Workload
+from ragllm.loadtest.workload import Workload
 
 
 def _whole(tokenizer, text: str) -> list[int]:

@@ -1,11 +1,11 @@
-"""The project's router (``ReplicaPool``) over modelled replicas on virtual time (``bench/routing.py``):
-what it must keep at scale, checked on a small, fast run."""
+"""The project's router (``ReplicaPool``) over modelled replicas on virtual time
+(``ragllm/testing/routing_simulation.py``): what it must keep at scale, checked on a small, fast run."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.routing import Load, simulate
+from ragllm.testing.routing_simulation import Load, simulate
 
 LOAD = Load()
 
@@ -33,7 +33,7 @@ def test_a_slowed_replica_loses_its_share_and_gets_it_back():
 
 
 def test_every_request_finishes_and_the_counts_return_to_zero(monkeypatch):
-    from bench import routing
+    from ragllm.testing import routing_simulation as routing
 
     pools = []
     real_make = routing.make_policy

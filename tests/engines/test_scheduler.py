@@ -16,7 +16,7 @@ from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
 from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
-from tests.tiny_models import tiny_model
+from tests.support.tiny_models import tiny_model
 
 
 class LetterTokenizer:

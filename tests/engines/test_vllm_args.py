@@ -7,7 +7,7 @@ import pytest
 from ragllm.config import load_settings
 from ragllm.engines.vllm.flags import vllm_serve_args
 
-from tests.vllm_standin import flag_values
+from tests.support.vllm_standin import flag_values
 
 
 def _flags(args: list[str]) -> dict[str, str | None]:

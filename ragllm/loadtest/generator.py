@@ -1,71 +1,26 @@
-"""The load generator: streaming chat requests against any OpenAI-compatible server.
+"""The load generator: streaming chat requests against any OpenAI-compatible server, one level at a
+time, timed on the client's own clock.
 
 Metrics follow `vllm bench serve`: TTFT is the time from sending a request to its first content
-chunk; ITL the gaps between later chunks; TPOT (latency - TTFT) / (output tokens - 1); output tokens
-come from the server's usage chunk. Levels run one after another: a closed loop of N concurrent
-clients, or an open loop of Poisson arrivals at a given rate.
+chunk; ITL the gaps between later chunks; output tokens come from the server's usage chunk. A level
+is a closed loop of N concurrent clients, or an open loop of Poisson arrivals at a given rate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-
-@dataclass
-class Workload:
-    model: str
-    max_tokens: int = 64
-    context_words: int = 400  # the shared "retrieved documents" part of each prompt
-    doc_sets: int = 4  # distinct document sets
-    repeat_rate: float = 0.75  # share of requests that reuse an earlier document set
-    prompts: list[str] | None = None  # a prompt file replaces the RAG-shaped prompts
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._random = random.Random(self.seed)
-        self._sets = [_documents(index, self.context_words) for index in range(self.doc_sets)]
-        self._used: set[int] = set()  # document sets sent at least once
-        self._fresh = 0
-
-    def next_messages(self) -> list[dict[str, str]]:
-        return self.next_request()[0]
-
-    def next_request(self) -> tuple[list[dict[str, str]], bool]:
-        """The next request's messages, and whether its documents were sent before (a repeat, which a
-        server's prefix cache can serve)."""
-        if self.prompts:
-            return [{"role": "user", "content": self._random.choice(self.prompts)}], False
-        repeated = False
-        if self._random.random() < self.repeat_rate:
-            index = self._random.randrange(len(self._sets))
-            documents, repeated = self._sets[index], index in self._used
-            self._used.add(index)
-        else:  # a document set never seen before
-            self._fresh += 1
-            documents = _documents(self.doc_sets + self._fresh, self.context_words)
-        question = f"Question {self._random.randint(1, 10_000)}: what do the documents say about item " \
-                   f"{self._random.randint(1, 50)}?"
-        return [{"role": "system", "content": "Answer from the documents only.\n\n" + documents},
-                {"role": "user", "content": question}], repeated
-
-
-def _documents(index: int, words: int) -> str:
-    sentence = f"Document {index} notes that item {{n}} was reviewed and found consistent with the record. "
-    text, n = [], 0
-    while sum(len(s.split()) for s in text) < words:
-        n += 1
-        text.append(sentence.format(n=n))
-    return "".join(text)
+from ragllm.loadtest.report import summarize
+from ragllm.loadtest.workload import Workload
 
 
 @dataclass
@@ -194,85 +149,3 @@ async def prefix_cache_counters(http: httpx.AsyncClient, url: str) -> tuple[floa
                 totals[sample.name] += sample.value
                 found = True
     return (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]) if found else None
-
-
-def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
-    ordered = sorted(values)
-
-    def at(percent: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(round(percent / 100 * (len(ordered) - 1))))] * scale, 3)
-
-    return {"mean": round(statistics.mean(ordered) * scale, 3), "p50": at(50), "p90": at(90), "p99": at(99)}
-
-
-def summarize(results: list[RequestResult], duration_s: float, **level: Any) -> dict[str, Any]:
-    good = [r for r in results if r.ok]
-    tpots = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in good if r.output_tokens > 1]
-    output_tokens = sum(r.output_tokens for r in good)
-    return {
-        **{k: v for k, v in level.items() if v is not None},
-        "requests": len(results),
-        "completed": len(good),
-        "errors": len(results) - len(good),
-        "error_samples": sorted({r.error for r in results if not r.ok})[:5],
-        "duration_s": round(duration_s, 3),
-        "requests_per_s": round(len(good) / duration_s, 3) if duration_s else 0.0,
-        "output_tokens": output_tokens,
-        "output_tokens_per_s": round(output_tokens / duration_s, 2) if duration_s else 0.0,
-        "ttft_ms": _percentiles([r.ttft_s for r in good]),
-        "tpot_ms": _percentiles(tpots),
-        "itl_ms": _percentiles([gap for r in good for gap in r.itl_s]),
-        "latency_ms": _percentiles([r.latency_s for r in good]),
-        **_repeats(good),
-    }
-
-
-def _repeats(good: list[RequestResult]) -> dict[str, Any]:
-    """Requests whose documents were sent before against those sending theirs the first time: time to
-    first token of each, and the share of the repeats' prompt tokens the server reported cached."""
-    repeated = [r for r in good if r.repeated]
-    if not repeated:
-        return {}
-    prompt_tokens = sum(r.prompt_tokens for r in repeated)
-    return {
-        "repeated": len(repeated),
-        "repeated_prompt_tokens": prompt_tokens,
-        "ttft_repeated_ms": _percentiles([r.ttft_s for r in repeated]),
-        "ttft_first_ms": _percentiles([r.ttft_s for r in good if not r.repeated]),
-        "repeated_cached_share": round(sum(r.cached_tokens for r in repeated) / prompt_tokens, 4)
-        if prompt_tokens else None,
-    }
-
-
-def report_json(levels: list[dict[str, Any]], settings: dict[str, Any]) -> bytes:
-    return orjson.dumps({"tool": "ragllm loadtest", "settings": settings, "levels": levels},
-                        option=orjson.OPT_INDENT_2)
-
-
-def comparison(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
-    """Matching levels' key figures, old against new: (level, metric, old, new)."""
-    rows = []
-    old_levels = {_level_name(level): level for level in old["levels"]}
-    for level in new["levels"]:
-        name = _level_name(level)
-        before = old_levels.get(name)
-        if before is None:
-            continue
-        for metric, pick in (("output tok/s", lambda x: x["output_tokens_per_s"]),
-                             ("TTFT p50 ms", lambda x: x["ttft_ms"]["p50"]),
-                             ("TPOT p50 ms", lambda x: x["tpot_ms"]["p50"]),
-                             ("latency p99 ms", lambda x: x["latency_ms"]["p99"])):
-            rows.append((name, metric, pick(before), pick(level)))
-    return rows
-
-
-def _level_name(level: dict[str, Any]) -> str:
-    return f"c={level['concurrency']}" if "concurrency" in level else f"rate={level['rate']}/s"
-
-
-def as_dict(workload: Workload) -> dict[str, Any]:
-    data = asdict(workload)
-    data.pop("prompts", None)
-    return data

@@ -1,4 +1,7 @@
-"""Citations the engine guarantees: a regular expression over natural text in which every sentence
+"""Citations: ``[id]`` markers (several ids may share brackets: ``[a, b]``), read out of answers
+(``parse_citations``) and, for ``citations: "constrained"``, guaranteed by the engine.
+
+Guaranteed with a regular expression over natural text in which every sentence
 is followed by a well-formed citation of the packed documents' ids ("... in 1987. [bridge]"), unless
 the answer declines with the template's own sentence.
 
@@ -14,7 +17,10 @@ the in-process engine, and vLLM's ``structured_outputs.regex`` with either of it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+from ragllm.rag.contract import Citation, RagDocument
 
 # A sentence: anything but brackets, up to its closing punctuation; after a citation, the next one
 # starts as sentences and list items do (a model that may write on in lower case after "[id]"
@@ -36,3 +42,23 @@ def citation_pattern(document_ids: Sequence[str], decline: str) -> str:
 
 def _escape(text: str) -> str:
     return "".join(f"\\{char}" if char in _META else char for char in text)
+
+
+_CITATION = re.compile(r"\[([^\[\]\n]{1,300})\]")
+
+
+def parse_citations(text: str, documents: dict[str, RagDocument]) -> tuple[list[Citation], list[str]]:
+    """Cited documents in order of first citation, and cited ids that were never supplied."""
+    cited: dict[str, Citation] = {}
+    unknown: list[str] = []
+    for match in _CITATION.finditer(text):
+        for part in match.group(1).split(","):
+            cited_id = part.strip()
+            if not cited_id or " " in cited_id:
+                continue  # bracketed prose, not an id
+            document = documents.get(cited_id)
+            if document is not None:
+                cited.setdefault(cited_id, Citation(id=cited_id, title=document.title, source=document.source))
+            elif cited_id not in unknown:
+                unknown.append(cited_id)
+    return list(cited.values()), unknown

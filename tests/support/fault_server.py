@@ -9,7 +9,7 @@ service itself carries no fault hooks. A request chooses its fault through its `
   sequence in particular, as a device error is);
 - ``HANG_FAULT_SEED``: the engine's next decode step never returns (a hung device).
 
-Usage: ``python -m tests.fault_server [ragllm serve flags...]``.
+Usage: ``python -m tests.support.fault_server [ragllm serve flags...]``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The random checkpoints' tokenizer (bench/random_models.py) loads as written whatever the model type,
-one token a word: GPU benchmarks and tests size their prompts with it."""
+"""The random checkpoints' tokenizer (ragllm/testing/random_checkpoints.py) loads as written whatever
+the model type, one token a word: GPU benchmarks and tests size their prompts with it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from bench.random_models import _write_tokenizer, word
+from ragllm.testing.random_checkpoints import word, write_tokenizer
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_each_word_is_one_token_and_every_id_decodes(tmp_path, model_type):
-    _write_tokenizer(tmp_path, 5000)
+    write_tokenizer(tmp_path, 5000)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 5000}))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert len(tokenizer) == 5000

@@ -1,17 +1,14 @@
-"""API keys and rate limits, against a real Redis and in the per-process fallback."""
+"""API keys: from the environment and a key file, their limits and cache groups."""
 
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
-from ragllm.config import AuthSettings, LimitsSettings, RedisSettings
-from ragllm.errors import AuthenticationFailed, RateLimited
-from ragllm.limits import KeyRing, Principal, RateLimiter, digest
-from ragllm.redis_link import RedisLink
-from tests.servers import wait_clear_of_window_edge
+from ragllm.access.keys import KeyRing, Principal, digest
+from ragllm.config import AuthSettings, LimitsSettings
+from ragllm.errors import AuthenticationFailed
 
 
 def test_keys_from_env_and_file_are_checked_and_carry_their_limits(tmp_path):
@@ -47,34 +44,3 @@ def test_a_cache_group_that_is_not_a_non_empty_string_stops_the_start(tmp_path, 
     keys_file.write_text(json.dumps([{"id": "a1", "key": "k1", "cache_group": group}]))
     with pytest.raises(ValueError, match="cache_group"):
         KeyRing.from_settings(AuthSettings(keys_file=keys_file), LimitsSettings())
-
-
-@pytest.mark.parametrize("with_redis", [True, False])
-async def test_token_budget_stops_requests_once_spent(shared_redis_url, with_redis):
-    link = RedisLink(RedisSettings(url=shared_redis_url, prefix=f"test-{uuid.uuid4().hex}")) if with_redis else None
-    limiter = RateLimiter(link)
-    principal = Principal("k", rpm=None, tpm=100)
-    wait_clear_of_window_edge()
-    allowance = await limiter.admit(principal)
-    assert allowance.headers()["x-ratelimit-remaining-tokens"] == "100"
-    await limiter.spend(principal, 150)
-    with pytest.raises(RateLimited) as caught:
-        await limiter.admit(principal)
-    assert caught.value.error_type == "tokens"
-    assert caught.value.headers["x-ratelimit-remaining-tokens"] == "0"
-    assert 1 <= int(caught.value.headers["retry-after"]) <= 60
-    if link is not None:
-        await link.aclose()
-
-
-async def test_requests_fall_back_to_per_process_counting_when_redis_is_down():
-    link = RedisLink(RedisSettings(url="redis://127.0.0.1:1/0", timeout_s=0.05))
-    limiter = RateLimiter(link)
-    principal = Principal("k", rpm=2, tpm=None)
-    wait_clear_of_window_edge()
-    await limiter.admit(principal)
-    await limiter.admit(principal)
-    with pytest.raises(RateLimited) as caught:
-        await limiter.admit(principal)
-    assert caught.value.error_type == "requests"
-    await link.aclose()

@@ -1,4 +1,5 @@
-"""The constrained-citation pattern, in Python's regex engine and in the engine's grammar library."""
+"""Citations read out of answers, and the constrained-citation pattern in Python's regex engine and in
+the engine's grammar library."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import re
 
 import pytest
 
-from ragllm.structured.citations import citation_pattern
+from ragllm.rag.citations import citation_pattern, parse_citations
+from ragllm.rag.contract import RagDocument
 
 IDS = ["doc-1", "a.b", "x+y", "doc-10"]
 DECLINE = "The documents do not contain the answer."
+DOCUMENTS = [
+    RagDocument(id="bridge", title="Verdant Bridge", source="https://example.org/bridge",
+                text="The Verdant Bridge in Oslund was completed in 1987.\n", score=0.9),
+    RagDocument(id="ferry", title="Ferry", text="A ferry crossed the river before the bridge.", score=0.9),
+]
 
 
 @pytest.mark.parametrize("answer, allowed", [
@@ -44,3 +51,14 @@ def test_the_grammar_library_accepts_the_pattern():
 
     pattern = citation_pattern(IDS, DECLINE)
     assert llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_regex(pattern)) == ""
+
+
+def test_citations_valid_unknown_and_missing():
+    documents = {d.id: d for d in DOCUMENTS}
+    citations, unknown = parse_citations(
+        "Built in 1987 [bridge]; ferries came first [ferry, bridge]. See [nowhere] and [note: not an id].",
+        documents)
+    assert [(c.id, c.title, c.source) for c in citations] == [
+        ("bridge", "Verdant Bridge", "https://example.org/bridge"), ("ferry", "Ferry", None)]
+    assert unknown == ["nowhere"]
+    assert parse_citations("No citation here.", documents) == ([], [])

@@ -66,7 +66,7 @@ def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bf
         model.save_pretrained(directory)
     else:
         raise ValueError(f"unknown quantization {quantization!r}")
-    _write_tokenizer(directory, shape["vocab_size"])
+    write_tokenizer(directory, shape["vocab_size"])
     return directory
 
 
@@ -80,7 +80,8 @@ def word(n: int) -> str:
             return "t" + letters
 
 
-def _write_tokenizer(directory: Path, vocab_size: int) -> None:
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A byte-level BPE of ``vocab_size`` tokens whose words are ``word(n)``, with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>"]

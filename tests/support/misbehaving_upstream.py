@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.servers import MODEL, free_port
+from tests.support.servers import MODEL, free_port
 
 GOOD_TEXT = ["The ", "answer ", "is ", "42."]
 

@@ -1,10 +1,11 @@
-"""The RAG prompt contract, pure: documents and a question in, messages out; answers checked after.
+"""The RAG prompt, pure: documents and a question in, messages out.
 
-- Templates are data (``ragllm/rag_templates/<name>.toml``), versioned by name (``default@1``).
+- Templates are data (``ragllm/rag/templates/<name>.toml``), versioned by name (``default@1``).
 - Documents are put in a canonical order (score, highest first; then id), so the same documents
   always render the same bytes and engine prefix caches hit.
-- Citations are ``[id]`` markers (several ids may share brackets: ``[a, b]``).
-- Thinking: ``<think>...</think>`` is removed from answers unless reasoning was asked for.
+- Citations are ``[id]`` markers (several ids may share brackets: ``[a, b]``), read back by
+  ``citations``; ``<think>...</think>`` is removed from answers by ``ragllm.thinking`` unless
+  reasoning was asked for.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ragllm.held_text import partial_suffix_length
 from ragllm.errors import InvalidRequest
-from ragllm.protocol.rag import Citation, RagDocument
+from ragllm.rag.contract import RagDocument
 
 NO_THINK = "/no_think"
 
@@ -39,7 +39,7 @@ def load_template(name: str) -> RagTemplate:
     """A template by name; raises InvalidRequest (400) for one that does not exist."""
     if not re.fullmatch(r"[a-z0-9_-]+@\d+", name):
         raise InvalidRequest(f"unknown RAG template {name!r}", param="rag.template")
-    resource = resources.files("ragllm.rag_templates").joinpath(f"{name}.toml")
+    resource = resources.files("ragllm.rag.templates").joinpath(f"{name}.toml")
     if not resource.is_file():
         raise InvalidRequest(f"unknown RAG template {name!r}", param="rag.template")
     return RagTemplate(name=name, **tomllib.loads(resource.read_text()))
@@ -79,69 +79,3 @@ def with_no_think(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The deployment README's contract for models without a thinking switch in their template."""
     last = messages[-1]
     return [*messages[:-1], {**last, "content": f"{last['content']} {NO_THINK}"}]
-
-
-_CITATION = re.compile(r"\[([^\[\]\n]{1,300})\]")
-
-
-def parse_citations(text: str, documents: dict[str, RagDocument]) -> tuple[list[Citation], list[str]]:
-    """Cited documents in order of first citation, and cited ids that were never supplied."""
-    cited: dict[str, Citation] = {}
-    unknown: list[str] = []
-    for match in _CITATION.finditer(text):
-        for part in match.group(1).split(","):
-            cited_id = part.strip()
-            if not cited_id or " " in cited_id:
-                continue  # bracketed prose, not an id
-            document = documents.get(cited_id)
-            if document is not None:
-                cited.setdefault(cited_id, Citation(id=cited_id, title=document.title, source=document.source))
-            elif cited_id not in unknown:
-                unknown.append(cited_id)
-    return list(cited.values()), unknown
-
-
-class ThinkStripper:
-    """Removes ``<think>...</think>`` from streamed text, holding back what could be a tag's start,
-    and the blank space a thinking block leaves before the answer."""
-
-    _OPEN, _CLOSE = "<think>", "</think>"
-
-    def __init__(self) -> None:
-        self._pending = ""
-        self._thinking = False
-        self._at_start = True
-
-    def feed(self, text: str) -> str:
-        buffer, out = self._pending + text, []
-        self._pending = ""
-        while buffer:
-            tag = self._CLOSE if self._thinking else self._OPEN
-            index = buffer.find(tag)
-            if index >= 0:
-                if not self._thinking:
-                    out.append(buffer[:index])
-                buffer = buffer[index + len(tag):]
-                self._thinking = not self._thinking
-                continue
-            held = partial_suffix_length(buffer, (tag,))
-            if not self._thinking:
-                out.append(buffer[: len(buffer) - held])
-            self._pending = buffer[len(buffer) - held:]
-            break
-        return self._trim_start("".join(out))
-
-    def flush(self) -> str:
-        pending, self._pending = self._pending, ""
-        return "" if self._thinking else self._trim_start(pending)
-
-    def _trim_start(self, text: str) -> str:
-        if self._at_start:
-            text = text.lstrip()
-            self._at_start = not text
-        return text
-
-
-def strip_thinking(text: str) -> str:
-    stripper = ThinkStripper()
-    return stripper.feed(text) + stripper.flush()

@@ -1,4 +1,4 @@
-"""The RAG contract's pure parts: rendering (golden file), ranking, citations, thinking."""
+"""The RAG prompt: rendering (golden file), ranking, templates, the no-think suffix."""
 
 from __future__ import annotations
 
@@ -7,18 +7,10 @@ from pathlib import Path
 import pytest
 
 from ragllm.errors import InvalidRequest
-from ragllm.prompting import (
-    ThinkStripper,
-    load_template,
-    parse_citations,
-    rank,
-    render_messages,
-    strip_thinking,
-    with_no_think,
-)
-from ragllm.protocol.rag import RagDocument
+from ragllm.rag.contract import RagDocument
+from ragllm.rag.prompt import load_template, rank, render_messages, with_no_think
 
-GOLDEN = Path(__file__).parent / "golden" / "rag_default@1.txt"
+GOLDEN = Path(__file__).parents[1] / "golden" / "rag_default@1.txt"
 DOCUMENTS = [
     RagDocument(id="weather", title="Oslund weather", text="Oslund has mild summers.", score=0.2),
     RagDocument(id="bridge", title="Verdant Bridge", source="https://example.org/bridge",
@@ -61,29 +53,3 @@ def test_no_think_goes_on_the_last_user_turn_only():
     messages = with_no_think([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                               {"role": "user", "content": "c"}])
     assert [m["content"] for m in messages] == ["a", "b", "c /no_think"]
-
-
-def test_citations_valid_unknown_and_missing():
-    documents = {d.id: d for d in DOCUMENTS}
-    citations, unknown = parse_citations(
-        "Built in 1987 [bridge]; ferries came first [ferry, bridge]. See [nowhere] and [note: not an id].",
-        documents)
-    assert [(c.id, c.title, c.source) for c in citations] == [
-        ("bridge", "Verdant Bridge", "https://example.org/bridge"), ("ferry", "Ferry", None)]
-    assert unknown == ["nowhere"]
-    assert parse_citations("No citation here.", documents) == ([], [])
-
-
-@pytest.mark.parametrize("chunks", [
-    ["<think>\nLet me think.</think>\n\nThe answer [bridge]."],
-    ["<th", "ink>\nLet me", " think.</thi", "nk>", "\n\nThe answer", " [bridge]."],
-    ["<think></think>", "The answer [bridge]."],
-])
-def test_thinking_is_stripped_across_chunk_boundaries(chunks):
-    stripper = ThinkStripper()
-    assert "".join(stripper.feed(c) for c in chunks) + stripper.flush() == "The answer [bridge]."
-
-
-def test_text_that_only_looks_like_a_tag_is_kept():
-    assert strip_thinking("a < b and <thin> ice") == "a < b and <thin> ice"
-    assert strip_thinking("unfinished <think>thoughts") == "unfinished "

@@ -16,8 +16,9 @@ from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 
 from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
-from ragllm.prompting import RagTemplate, parse_citations, render_messages, with_no_think
-from ragllm.protocol.rag import RagDocument, RagOptions
+from ragllm.rag.citations import parse_citations
+from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
+from ragllm.rag.contract import RagDocument, RagOptions
 
 T = TypeVar("T")
 
