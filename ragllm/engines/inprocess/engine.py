@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
-import threading
 import time
 from typing import Any
 
@@ -19,17 +17,15 @@ from ragllm.config import EngineSettings, Settings
 from ragllm.generation import Delta, EngineHealth, EngineState, EngineStats, GenerationRequest, KVCacheStats, ModelCard, SamplingParams, Usage
 from ragllm.generation import DeltaStream
 from ragllm.engines.base import Engine
+from ragllm.engines.inprocess.admission import AdmissionCounter
+from ragllm.engines.inprocess.canary import Canary
 from ragllm.engines.inprocess.model_facts import choosable_ids, fingerprint, logits_width, max_token_bytes
 from ragllm.engines.inprocess.request_stream import RequestStream
 from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.engines.inprocess.sequence_builder import SequenceBuilder
 from ragllm.structured.grammars import GrammarCompiler
 from ragllm.tools.formats import format_of_template
-from ragllm.errors import (
-    EngineNotReady,
-    EngineOverloaded,
-    InvalidRequest,
-)
+from ragllm.errors import EngineNotReady, InvalidRequest
 
 logger = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -49,9 +45,9 @@ class TransformersEngine(Engine):
         self._card: ModelCard | None = None
         self._stop_token_ids: frozenset[int] = frozenset()
         self._embedding_rows = 0
-        self._admitted = 0  # requests generating or queued; guarded by _admission_lock
-        self._admission_lock = threading.Lock()
-        self._canary: asyncio.Task | None = None
+        self.admission = AdmissionCounter(settings.max_num_seqs, settings.max_waiting)
+        self._canary: Canary | None = None
+        self._canary_task: asyncio.Task | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TransformersEngine":
@@ -70,17 +66,19 @@ class TransformersEngine(Engine):
             self._health = EngineHealth(EngineState.BROKEN, f"model failed to load: {exc}")
             raise
         self._health = EngineHealth(EngineState.READY)
-        self._canary = asyncio.create_task(self._canary_forever())
+        self._canary_task = asyncio.create_task(self._canary.run_while(
+            ready=lambda: self._health.state is EngineState.READY, idle=lambda: self.admission.count == 0,
+            on_failure=self._mark_broken))
 
     def _load(self) -> None:
         from ragllm.engines.inprocess.loading import load_model_and_tokenizer
+        from ragllm.engines.inprocess.runner.build import build_runner
         from ragllm.engines.inprocess.scheduler import SchedulerLimits
         from ragllm.engines.inprocess.worker import Worker
 
         loaded = load_model_and_tokenizer(self.settings)
         self._tokenizer, self._device = loaded.tokenizer, loaded.device
         self.dtype_name = loaded.dtype_name
-        self._canary_token = next(iter(loaded.stop_token_ids), 0)  # any valid id serves
         choosable = choosable_ids(loaded.tokenizer, logits_width(loaded.model))
         budget_ms = self.settings.grammar_mask_budget_ms
         mask_budget_s = None if budget_ms is None else budget_ms / 1000
@@ -91,7 +89,7 @@ class TransformersEngine(Engine):
                                           loaded.model.get_input_embeddings().num_embeddings,
                                           loaded.stop_token_ids, max_model_len, grammars,
                                           self.settings.default_max_tokens)
-        runner = self._runner(loaded.model, max_model_len, str(loaded.path))
+        runner = build_runner(loaded.model, loaded.device, max_model_len, str(loaded.path), self.settings)
         limits = SchedulerLimits(
             max_num_seqs=self.settings.max_num_seqs,
             max_batch_size=self.settings.max_batch_size,
@@ -104,6 +102,8 @@ class TransformersEngine(Engine):
         )
         self.worker = Worker(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,
                              choosable=choosable)
+        self._canary = Canary(self.worker, self._sequences, next(iter(loaded.stop_token_ids), 0),
+                              self.settings.canary_interval_s, self.settings.stall_timeout_s)
         self._card = ModelCard(
             id=self.settings.public_model_name,
             max_model_len=max_model_len,
@@ -122,30 +122,10 @@ class TransformersEngine(Engine):
         self.worker.start()
         logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
 
-    def _runner(self, model: Any, max_model_len: int, model_path: str) -> Any:
-        from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, kv_storage_dtype
-        from ragllm.checkpoints import resolved_kv_cache_dtype
-
-        kv = KVCacheOptions(block_size=self.settings.block_size, num_blocks=self.settings.num_kv_blocks,
-                            memory_bytes=self.settings.kv_cache_memory_bytes,
-                            prefix_caching=self.settings.enable_prefix_caching,
-                            dtype=kv_storage_dtype(resolved_kv_cache_dtype(self.settings.kv_cache_dtype, model_path)))
-        if self._device.type != "cuda":
-            return ModelRunner(model, max_model_len, kv)
-        from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
-
-        options = CudaRunnerOptions(
-            max_batch_size=self.settings.max_batch_size,
-            max_num_batched_tokens=self.settings.max_num_batched_tokens,
-            gpu_memory_utilization=self.settings.gpu_memory_utilization,
-            cuda_graphs=self.settings.cuda_graphs,
-        )
-        return CudaGraphRunner(model, max_model_len, options, kv)
-
     async def aclose(self) -> None:
-        if self._canary is not None:
-            self._canary.cancel()
-            await asyncio.gather(self._canary, return_exceptions=True)
+        if self._canary_task is not None:
+            self._canary_task.cancel()
+            await asyncio.gather(self._canary_task, return_exceptions=True)
         if self.worker is not None:
             # A broken engine's thread may be stuck in a step for good: do not wait for it (it is a
             # daemon thread, gone with the process).
@@ -153,33 +133,10 @@ class TransformersEngine(Engine):
 
     def _on_fatal(self, exc: BaseException) -> None:
         """Engine thread: a step failed for no sequence in particular (a device error)."""
-        self._health = EngineHealth(EngineState.BROKEN, f"engine failed: {type(exc).__name__}: {exc}",
-                                    restart_needed=True)
+        self._mark_broken(f"engine failed: {type(exc).__name__}: {exc}")
 
-    # -- readiness ------------------------------------------------------------------------------
-    async def _canary_forever(self) -> None:
-        """While idle, prove every ``canary_interval_s`` that the model still produces a token."""
-        interval = self.settings.canary_interval_s
-        while self._health.state is EngineState.READY:
-            await asyncio.sleep(interval / 2)
-            idle_for = time.monotonic() - self.worker.last_progress
-            if self._admitted == 0 and idle_for >= interval:
-                await self._run_canary()
-
-    async def _run_canary(self) -> None:
-        request = GenerationRequest("canary-" + os.urandom(6).hex(), SamplingParams(max_tokens=1, temperature=0.0),
-                                    prompt_token_ids=[self._canary_token])
-        sequence = self._sequences.new_sequence(request, [self._canary_token])
-        sequence.for_client = False
-        self.worker.submit(sequence)
-        try:
-            answer = await asyncio.wait_for(sequence.sink.get(), self.settings.stall_timeout_s)
-        except asyncio.TimeoutError:
-            self.worker.abort(request.request_id)
-            answer = TimeoutError(f"no token within {self.settings.stall_timeout_s:g} s")
-        if isinstance(answer, BaseException) and self._health.state is EngineState.READY:
-            self._health = EngineHealth(EngineState.BROKEN, f"the canary generation failed: {answer}",
-                                        restart_needed=True)
+    def _mark_broken(self, detail: str) -> None:
+        self._health = EngineHealth(EngineState.BROKEN, detail, restart_needed=True)
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -209,9 +166,9 @@ class TransformersEngine(Engine):
         if not self.worker.is_alive():
             return EngineHealth(EngineState.BROKEN, "engine thread has stopped", restart_needed=True)
         stalled_for = time.monotonic() - self.worker.last_progress
-        if self._admitted and stalled_for > self.settings.stall_timeout_s:
+        if self.admission.count and stalled_for > self.settings.stall_timeout_s:
             return EngineHealth(EngineState.BROKEN, f"the engine has completed no step for {stalled_for:.0f} s "
-                                                    f"with {self._admitted} requests admitted", restart_needed=True)
+                                                    f"with {self.admission.count} requests admitted", restart_needed=True)
         return None
 
     def stats(self) -> EngineStats:
@@ -224,7 +181,7 @@ class TransformersEngine(Engine):
                           prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions,
                           dtype=str(self.worker.runner.cache_dtype).removeprefix("torch."))
         produced = Usage(self.worker.num_prompt_tokens_started, self.worker.num_tokens_sampled)
-        return EngineStats(num_running=running, num_waiting=max(0, self._admitted - running), kv_cache=kv,
+        return EngineStats(num_running=running, num_waiting=max(0, self.admission.count - running), kv_cache=kv,
                            produced=produced)
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
@@ -235,7 +192,7 @@ class TransformersEngine(Engine):
         if choices > self.settings.max_num_seqs:
             raise InvalidRequest(f"n={choices} needs {choices} engine slots at once; this engine has "
                                  f"max_num_seqs={self.settings.max_num_seqs}", param="n")
-        self._reserve_admission()
+        self.admission.reserve()
         try:
             prompt_ids, grammars, block_hashes = await asyncio.to_thread(
                 self._sequences.prompt_and_grammars, request, self.worker.scheduler.blocks)
@@ -258,20 +215,8 @@ class TransformersEngine(Engine):
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(await asyncio.to_thread(self._sequences.prompt_ids, request))
 
-    # -- admission ------------------------------------------------------------------------------
-    def _reserve_admission(self) -> None:
-        capacity = self.settings.max_num_seqs + self.settings.max_waiting
-        with self._admission_lock:
-            if self._admitted >= capacity:
-                raise EngineOverloaded(
-                    f"the engine is at capacity ({self.settings.max_num_seqs} running, "
-                    f"{self.settings.max_waiting} waiting); retry shortly"
-                )
-            self._admitted += 1
-
     def release_admission(self) -> None:
-        with self._admission_lock:
-            self._admitted -= 1
+        self.admission.release()
 
     # -- engine thread → event loop ---------------------------------------------------------------
     def _deliver_from_engine_thread(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
