@@ -7,6 +7,7 @@ import pytest
 
 from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
 from ragllm.loadtest.workload import Workload
+from tests.support.sentencepiece_tokenizer import sentencepiece_style_tokenizer
 
 
 def _whole(tokenizer, text: str) -> list[int]:
@@ -61,24 +62,8 @@ def test_pieces_are_reused_only_within_the_scope_that_sent_them(tokenizer):
     assert prompts.encode(text) == first and prompts.hits == 1  # the unscoped requests are a scope too
 
 
-def _sentencepiece_style_tokenizer():
-    """A Metaspace tokenizer that marks the first word of the text, as Llama 2's does: a piece after a
-    special token tokenizes differently alone than inside the text."""
-    import string
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    characters = ["<unk>", "▁", *string.printable]
-    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(characters)}, [], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    fast = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
-    return fast
-
-
 def test_a_tokenizer_whose_pieces_depend_on_their_place_is_used_whole():
-    tokenizer = _sentencepiece_style_tokenizer()
+    tokenizer = sentencepiece_style_tokenizer()
     text = "hello world</s><s>hello " + "world " * MIN_CACHED_CHARS
     prompts = PromptTokenizer(tokenizer)
     assert not prompts.segmented

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
-from tests.engines.test_model_runner import scattered_tables
+from tests.support.block_tables import scattered_tables
 from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 pytestmark = [

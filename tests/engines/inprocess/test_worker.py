@@ -15,89 +15,51 @@ from ragllm.engines.inprocess.scheduler import SchedulerLimits
 from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
 from ragllm.engines.inprocess.sequence import Sequence
-from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
-from tests.support.tiny_models import tiny_model
-
-
-class LetterTokenizer:
-    """Test double for a tokenizer (text is not what these tests are about): id n → one letter."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(ord("a") + token % 26) for token in ids)
-
-
-MODEL = tiny_model("llama", seed=3)
-
-
-def _worker(kv: KVCacheOptions = KVCacheOptions(block_size=16, num_blocks=400), **limits) -> Worker:
-    defaults = dict(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False)
-    runner = ModelRunner(MODEL, max_model_len=512, kv=kv)
-    return Worker(runner, SchedulerLimits(**{**defaults, **limits}), deliver=lambda results: None)
-
-
-def _sequence(request_id: str, prompt: list[int], max_tokens: int, stop=()) -> Sequence:
-    return Sequence(request_id=request_id, prompt_ids=prompt, params=SamplingParams(temperature=0.0, stop=stop),
-                    max_tokens=max_tokens, stop_token_ids=frozenset({0}),
-                    detokenizer=IncrementalDetokenizer(LetterTokenizer(), prompt),
-                    stop_matcher=StopMatcher(stop), sink=None)
-
-
-def _reference(prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' own greedy decoding, stopping at token 0 like the sequences above."""
-    with torch.no_grad():
-        out = MODEL.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=0, pad_token_id=0)[0, len(prompt):].tolist()
-    return out
-
-
-def _run_to_completion(worker: Worker, arrivals: dict[int, list[Sequence]], max_steps=500) -> int:
-    for step in range(max_steps):
-        for sequence in arrivals.pop(step, []):
-            worker.submit(sequence)
-        worker.run_once()
-        if not arrivals and not worker.scheduler.running and not worker.scheduler.waiting:
-            return step
-    raise AssertionError("worker did not drain")
-
-
-PROMPTS = [[1, 2, 3], list(range(10, 60)), [7, 8], list(range(100, 130)), [44] * 5, [9, 19, 29, 39]]
-MAX_TOKENS = [12, 5, 20, 8, 15, 3]
-
-
-def _check_against_reference(sequences):
-    for sequence in sequences:
-        expected = _reference(sequence.prompt_ids, sequence.max_tokens)
-        assert sequence.output_ids == expected, sequence.request_id
+from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer
+from tests.support.letter_model import (
+    MAX_TOKENS,
+    MODEL,
+    PROMPTS,
+    LetterTokenizer,
+    check_against_reference,
+    choices_of,
+    greedy_sequence,
+    make_worker,
+    reference_tokens,
+    results_by_request,
+    run_to_completion,
+    seeded_sequence,
+)
 
 
 def test_sequences_joining_and_leaving_mid_batch_match_solo_greedy():
-    worker = _worker(max_num_seqs=4, max_batch_size=4)
-    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    worker = make_worker(max_num_seqs=4, max_batch_size=4)
+    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
     # Arrivals spread over steps; with 4 slots, the last ones wait for earlier ones to leave.
     arrivals = {0: sequences[:2], 2: sequences[2:4], 3: sequences[4:5], 6: sequences[5:]}
-    _run_to_completion(worker, arrivals)
-    _check_against_reference(sequences)
+    run_to_completion(worker, arrivals)
+    check_against_reference(sequences)
     assert worker.scheduler.num_running == 0
 
 
 def test_micro_batches_and_chunked_prefill_give_the_same_tokens():
-    worker = _worker(max_num_seqs=6, max_batch_size=2, max_num_batched_tokens=16, chunked_prefill=True)
-    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
-    _run_to_completion(worker, {0: sequences})
-    _check_against_reference(sequences)
+    worker = make_worker(max_num_seqs=6, max_batch_size=2, max_num_batched_tokens=16, chunked_prefill=True)
+    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    run_to_completion(worker, {0: sequences})
+    check_against_reference(sequences)
 
 
 def test_whole_prompt_prefill_respects_the_step_budget_but_never_starves():
-    worker = _worker(max_num_batched_tokens=32)
-    long_prompt = _sequence("long", list(range(1, 101)), 3)  # longer than a whole step's budget
+    worker = make_worker(max_num_batched_tokens=32)
+    long_prompt = greedy_sequence("long", list(range(1, 101)), 3)  # longer than a whole step's budget
     worker.submit(long_prompt)
     worker.run_once()
     assert long_prompt.prefill_done and len(long_prompt.output_ids) == 1
 
 
 def test_abort_frees_the_slot_at_the_next_step():
-    worker = _worker()
-    keep, drop = _sequence("keep", [1, 2, 3], 10), _sequence("drop", [4, 5, 6], 400)
+    worker = make_worker()
+    keep, drop = greedy_sequence("keep", [1, 2, 3], 10), greedy_sequence("drop", [4, 5, 6], 400)
     worker.submit(drop)
     worker.submit(keep)
     worker.run_once()
@@ -106,13 +68,13 @@ def test_abort_frees_the_slot_at_the_next_step():
     worker.abort("drop")
     worker.run_once()
     assert [s.request_id for s in worker.scheduler.running] == ["keep"]
-    _run_to_completion(worker, {})
-    assert keep.output_ids == _reference(keep.prompt_ids, 10)
+    run_to_completion(worker, {})
+    assert keep.output_ids == reference_tokens(keep.prompt_ids, 10)
 
 
 def test_abort_of_a_waiting_request_removes_it():
-    worker = _worker(max_num_seqs=1)
-    first, second = _sequence("a", [1, 2], 50), _sequence("b", [3, 4], 50)
+    worker = make_worker(max_num_seqs=1)
+    first, second = greedy_sequence("a", [1, 2], 50), greedy_sequence("b", [3, 4], 50)
     worker.submit(first)
     worker.submit(second)
     worker.run_once()
@@ -123,8 +85,8 @@ def test_abort_of_a_waiting_request_removes_it():
 
 
 def test_an_abort_is_acknowledged_once_the_request_is_out_and_nothing_more_is_sampled_for_it():
-    worker = _worker()
-    keep, drop = _sequence("keep", [1, 2, 3], 10), _sequence("drop", [4, 5, 6], 400)
+    worker = make_worker()
+    keep, drop = greedy_sequence("keep", [1, 2, 3], 10), greedy_sequence("drop", [4, 5, 6], 400)
     worker.submit(drop)
     worker.submit(keep)
     worker.run_once()
@@ -134,23 +96,23 @@ def test_an_abort_is_acknowledged_once_the_request_is_out_and_nothing_more_is_sa
     assert acknowledged == []  # not before the engine has taken it in
     worker.run_once()
     assert acknowledged == [len(drop.output_ids)] and acknowledged[0] >= 1
-    _run_to_completion(worker, {})
+    run_to_completion(worker, {})
     assert len(drop.output_ids) == acknowledged[0]
 
 
 def test_the_engine_counts_prompts_once_and_every_sampled_token_but_not_its_canary():
-    worker = _worker(max_num_seqs=2)
-    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:4], MAX_TOKENS[:4]))]
-    canary = _sequence("canary", [5], 1)
+    worker = make_worker(max_num_seqs=2)
+    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:4], MAX_TOKENS[:4]))]
+    canary = greedy_sequence("canary", [5], 1)
     canary.for_client = False
-    _run_to_completion(worker, {0: sequences[:3], 1: [canary, sequences[3]]})
+    run_to_completion(worker, {0: sequences[:3], 1: [canary, sequences[3]]})
     assert worker.num_prompt_tokens_started == sum(len(s.prompt_ids) for s in sequences)
     assert worker.num_tokens_sampled == sum(len(s.output_ids) for s in sequences)
 
 
 def test_a_failing_acknowledgement_does_not_stop_the_engine():
-    worker = _worker()
-    worker.submit(_sequence("a", [1, 2], 50))
+    worker = make_worker()
+    worker.submit(greedy_sequence("a", [1, 2], 50))
     worker.run_once()
     worker.abort("a", lambda: 1 / 0)
     worker.run_once()
@@ -158,7 +120,7 @@ def test_a_failing_acknowledgement_does_not_stop_the_engine():
 
 
 def test_aborts_behind_the_shutdown_are_acknowledged_when_the_thread_ends():
-    worker = _worker()
+    worker = make_worker()
     acknowledged: list[str] = []
     worker._inbox.put(worker_module.SHUTDOWN)  # queued first: the thread stops before the abort
     worker.abort("late", lambda: acknowledged.append("late"))
@@ -168,12 +130,12 @@ def test_aborts_behind_the_shutdown_are_acknowledged_when_the_thread_ends():
 
 
 def test_finish_reasons_and_stop_strings():
-    worker = _worker()
-    reference = _reference([1, 2, 3], 12)
+    worker = make_worker()
+    reference = reference_tokens([1, 2, 3], 12)
     text = LetterTokenizer().decode(reference)
     stop = text[4:6]
-    by_length = _sequence("len", [1, 2, 3], 12)
-    by_stop = _sequence("stop", [1, 2, 3], 12, stop=(stop,))
+    by_length = greedy_sequence("len", [1, 2, 3], 12)
+    by_stop = greedy_sequence("stop", [1, 2, 3], 12, stop=(stop,))
     results = []
     worker.submit(by_length)
     worker.submit(by_stop)
@@ -189,36 +151,17 @@ def test_finish_reasons_and_stop_strings():
 
 
 def test_blocks_freed_by_a_finished_sequence_serve_the_next_and_all_return():
-    worker = _worker(KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False), max_num_seqs=3,
-                           max_batch_size=3, max_num_batched_tokens=512)
+    worker = make_worker(KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False), max_num_seqs=3,
+                         max_batch_size=3, max_num_batched_tokens=512)
     free_at_start = worker.scheduler.blocks.pool.num_free
-    sequences = [_sequence("short", [1, 2, 3], 2), _sequence("long", [i % 200 + 1 for i in range(300)], 6),
-                 _sequence("mid", [5, 6], 10), _sequence("late", [i % 150 + 2 for i in range(200)], 5)]
-    _run_to_completion(worker, {0: sequences[:3], 1: sequences[3:]})  # "late" needs "long"'s blocks
-    _check_against_reference(sequences)
+    sequences = [greedy_sequence("short", [1, 2, 3], 2), greedy_sequence("long", [i % 200 + 1 for i in range(300)], 6),
+                 greedy_sequence("mid", [5, 6], 10), greedy_sequence("late", [i % 150 + 2 for i in range(200)], 5)]
+    run_to_completion(worker, {0: sequences[:3], 1: sequences[3:]})  # "late" needs "long"'s blocks
+    check_against_reference(sequences)
     assert worker.scheduler.blocks.pool.num_free == free_at_start
 
 
 # -- faults ---------------------------------------------------------------------------------------
-def _seeded(request_id: str, prompt: list[int], max_tokens: int, seed: int) -> Sequence:
-    sequence = _sequence(request_id, prompt, max_tokens)
-    sequence.params = SamplingParams(temperature=0.9, seed=seed)
-    sequence.generator = torch.Generator().manual_seed(seed)
-    return sequence
-
-
-def _results_by_request(worker: Worker, arrivals: dict[int, list[Sequence]]) -> dict[str, list]:
-    by_request: dict[str, list] = {}
-    for step in range(500):
-        for sequence in arrivals.pop(step, []):
-            worker.submit(sequence)
-        for sequence, item in worker.run_once():
-            by_request.setdefault(sequence.request_id, []).append(item)
-        if not arrivals and not worker.scheduler.running and not worker.scheduler.waiting:
-            return by_request
-    raise AssertionError("worker did not drain")
-
-
 class FailingDetokenizer(IncrementalDetokenizer):
     """Test double of a detokenizer that breaks on its fourth token (a fault of one sequence)."""
 
@@ -230,8 +173,8 @@ class FailingDetokenizer(IncrementalDetokenizer):
 
 def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkeypatch):
     def solo(seed: int) -> list[int]:
-        sequence = _seeded(f"solo{seed}", [5, 6, 7], 10, seed)
-        _run_to_completion(_worker(), {0: [sequence]})
+        sequence = seeded_sequence(f"solo{seed}", [5, 6, 7], 10, seed)
+        run_to_completion(make_worker(), {0: [sequence]})
         return sequence.output_ids
 
     expected = {seed: solo(seed) for seed in (11, 12, 13)}
@@ -252,10 +195,10 @@ def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkey
 
     monkeypatch.setattr(sampler_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
     monkeypatch.setattr(sampling_module, "sample_next_tokens", sampler_failing_on_row_with_seed_13)
-    sequences = [_seeded(f"s{seed}", [5, 6, 7], 10, seed) for seed in (11, 12)]
-    faulty = _seeded("s13", [5, 6, 7], 10, 13)
-    worker = _worker()
-    results = _results_by_request(worker, {0: sequences, 1: [faulty]})
+    sequences = [seeded_sequence(f"s{seed}", [5, 6, 7], 10, seed) for seed in (11, 12)]
+    faulty = seeded_sequence("s13", [5, 6, 7], 10, 13)
+    worker = make_worker()
+    results = results_by_request(worker, {0: sequences, 1: [faulty]})
     assert [s.output_ids for s in sequences] == [expected[11], expected[12]]
     assert isinstance(results["s13"][-1], EngineFailure) and len(faulty.output_ids) == 1
     assert calls_with_the_faulty_row == 3  # its prefill token, the failed batch, then alone
@@ -263,12 +206,12 @@ def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkey
 
 
 def test_a_detokenizer_fault_ends_only_its_sequence():
-    healthy = _sequence("ok", [1, 2, 3], 8)
-    broken = _sequence("broken", [1, 2, 3], 8)
+    healthy = greedy_sequence("ok", [1, 2, 3], 8)
+    broken = greedy_sequence("broken", [1, 2, 3], 8)
     broken.detokenizer = FailingDetokenizer(LetterTokenizer(), [1, 2, 3])
-    worker = _worker()
-    results = _results_by_request(worker, {0: [healthy, broken]})
-    assert healthy.output_ids == _reference([1, 2, 3], 8)
+    worker = make_worker()
+    results = results_by_request(worker, {0: [healthy, broken]})
+    assert healthy.output_ids == reference_tokens([1, 2, 3], 8)
     assert isinstance(results["broken"][-1], EngineFailure) and "UnicodeDecodeError" in str(results["broken"][-1])
 
 
@@ -276,7 +219,7 @@ def test_a_failed_forward_pass_is_fatal_and_refuses_everything_after(monkeypatch
     fatal: list[BaseException] = []
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(num_blocks=100))
     worker = Worker(runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append)
-    first, queued = _sequence("a", [1, 2, 3], 20), _sequence("b", [4, 5], 20)
+    first, queued = greedy_sequence("a", [1, 2, 3], 20), greedy_sequence("b", [4, 5], 20)
     worker.submit(first)
     worker.run_once()
     monkeypatch.setattr(runner, "decode", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost")))
@@ -285,14 +228,14 @@ def test_a_failed_forward_pass_is_fatal_and_refuses_everything_after(monkeypatch
     assert {s.request_id for s, _ in results} == {"a", "b"}
     assert all(isinstance(item, EngineNotReady) for _, item in results)
     assert len(fatal) == 1 and "device lost" in str(fatal[0])
-    late = _sequence("c", [6], 5)
+    late = greedy_sequence("c", [6], 5)
     worker.submit(late)
     assert [(s.request_id, type(item)) for s, item in worker.run_once()] == [("c", EngineNotReady)]
 
 
 def test_a_request_that_waits_past_the_bound_is_refused_with_503():
-    worker = _worker(max_num_seqs=1, max_queue_wait_s=0.2)
-    running, waiting = _sequence("long", [1, 2], 400), _sequence("late", [3, 4], 5)
+    worker = make_worker(max_num_seqs=1, max_queue_wait_s=0.2)
+    running, waiting = greedy_sequence("long", [1, 2], 400), greedy_sequence("late", [3, 4], 5)
     worker.submit(running)
     worker.submit(waiting)
     worker.run_once()
@@ -303,12 +246,12 @@ def test_a_request_that_waits_past_the_bound_is_refused_with_503():
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
-    worker = _worker(max_num_seqs=4, max_num_batched_tokens=64)
-    decoding = [_sequence(f"d{i}", [i + 1, i + 2], 50) for i in range(3)]
+    worker = make_worker(max_num_seqs=4, max_num_batched_tokens=64)
+    decoding = [greedy_sequence(f"d{i}", [i + 1, i + 2], 50) for i in range(3)]
     for sequence in decoding:
         sequence.stop_token_ids = frozenset()  # they keep decoding throughout
     _run_steps(worker, decoding, 2)
-    long = _sequence("long", [i % 200 + 1 for i in range(150)], 3)
+    long = greedy_sequence("long", [i % 200 + 1 for i in range(150)], 3)
     worker.submit(long)
     steps = 0
     while not long.output_ids:
@@ -318,24 +261,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode():
     # step's 61 before), so the three rows wait for at most 32 prompt tokens between two tokens.
     assert steps == 5
     assert [len(s.output_ids) for s in decoding] == [7, 7, 7]  # a token every step meanwhile
-    _run_to_completion(worker, {})
-    _check_against_reference([long])
+    run_to_completion(worker, {})
+    check_against_reference([long])
 
 
 def test_the_prefill_cap_while_decoding_sets_the_chunks_and_lifts_when_decoding_ends(monkeypatch):
-    worker = _worker(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_while_decoding=40)
+    worker = make_worker(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_while_decoding=40)
     prefilled: list[int] = []
     real_prefill_many = worker.runner.prefill_many
     monkeypatch.setattr(worker.runner, "prefill_many", lambda chunks: (
         prefilled.extend(len(chunk.token_ids) for chunk in chunks), real_prefill_many(chunks))[1])
-    decoding = _sequence("d", [3, 4], 4)
+    decoding = greedy_sequence("d", [3, 4], 4)
     decoding.stop_token_ids = frozenset()  # exactly 4 tokens: it decodes through the next 3 steps
     _run_steps(worker, [decoding], 1)
-    long = _sequence("long", [i % 200 + 1 for i in range(300)], 3)
-    _run_to_completion(worker, {0: [long]})
+    long = greedy_sequence("long", [i % 200 + 1 for i in range(300)], 3)
+    run_to_completion(worker, {0: [long]})
     # 40 a step while the other row decodes; once it has finished, the rest whole (nobody waits)
     assert prefilled == [2, 40, 40, 40, 180]
-    _check_against_reference([long, decoding])
+    check_against_reference([long, decoding])
 
 
 def _run_steps(worker: Worker, sequences: list[Sequence], steps: int) -> None:
@@ -347,13 +290,13 @@ def _run_steps(worker: Worker, sequences: list[Sequence], steps: int) -> None:
 
 def test_logprobs_are_the_models_own_for_each_token_in_batches_and_alone():
     def with_logprobs(request_id: str, prompt: list[int], top: int) -> Sequence:
-        sequence = _sequence(request_id, prompt, 6)
+        sequence = greedy_sequence(request_id, prompt, 6)
         sequence.params = SamplingParams(temperature=0.0, logprobs=top)
         sequence.token_text = lambda token: f"<{token}>"
         return sequence
 
-    asked, plain = with_logprobs("asked", [1, 2, 3], 2), _sequence("plain", [4, 5], 6)
-    results = _results_by_request(_worker(), {0: [asked, plain]})
+    asked, plain = with_logprobs("asked", [1, 2, 3], 2), greedy_sequence("plain", [4, 5], 6)
+    results = results_by_request(make_worker(), {0: [asked, plain]})
     entries = [entry for delta in results["asked"] for entry in (delta.logprobs or ())]
     assert all(delta.logprobs is None for delta in results["plain"])
     assert [e.token for e in entries] == [f"<{t}>" for t in asked.output_ids]
@@ -376,10 +319,10 @@ def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_write():
                                                   chunked_prefill=False),
                           deliver=lambda results: None, choosable=choosable)
     top = 8
-    asked = _sequence("asked", PROMPTS[1], 6)
+    asked = greedy_sequence("asked", PROMPTS[1], 6)
     asked.params = SamplingParams(temperature=0.0, logprobs=top)
     asked.token_text = lambda token: f"<{token}>"
-    results = _results_by_request(worker, {0: [asked]})
+    results = results_by_request(worker, {0: [asked]})
     entries = [entry for delta in results["asked"] for entry in (delta.logprobs or ())]
     assert len(entries) == len(asked.output_ids) == 6
     ids, listed = list(asked.prompt_ids), set()
@@ -398,43 +341,34 @@ def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_write():
     assert int(torch.topk(full, top).indices.max()) >= choosable
 
 
-def _choices_of(request_id: str, prompt: list[int], max_tokens: int, seeds: list[int]) -> list[Sequence]:
-    """One request of several choices: the first leads, the rest follow it."""
-    group = [_seeded(request_id, prompt, max_tokens, seed) for seed in seeds]
-    for index, follower in enumerate(group[1:], start=1):
-        follower.index, follower.leader = index, group[0]
-        group[0].followers.append(follower)
-    return group
-
-
 def test_choices_prefill_their_prompt_once_and_each_decodes_as_alone(monkeypatch):
     prompt = list(range(20, 60))
 
     def solo(seed: int) -> list[int]:
-        sequence = _seeded(f"solo{seed}", prompt, 10, seed)
-        _run_to_completion(_worker(), {0: [sequence]})
+        sequence = seeded_sequence(f"solo{seed}", prompt, 10, seed)
+        run_to_completion(make_worker(), {0: [sequence]})
         return sequence.output_ids
 
     expected = [solo(seed) for seed in (5, 6, 7)]
-    worker = _worker(max_num_seqs=4, chunked_prefill=True, max_num_batched_tokens=16)
+    worker = make_worker(max_num_seqs=4, chunked_prefill=True, max_num_batched_tokens=16)
     prefilled = []
     real_prefill_many = worker.runner.prefill_many
     monkeypatch.setattr(worker.runner, "prefill_many", lambda items: (
         prefilled.extend(len(ids) for _, ids, _ in items), real_prefill_many(items))[1])
-    choices = _choices_of("r", prompt, 10, [5, 6, 7])
-    other = _sequence("other", [1, 2, 3], 12)  # decodes beside them, and frees its slot mid-way
-    results = _results_by_request(worker, {0: [other], 1: [choices[0]]})
+    choices = choices_of("r", prompt, 10, [5, 6, 7])
+    other = greedy_sequence("other", [1, 2, 3], 12)  # decodes beside them, and frees its slot mid-way
+    results = results_by_request(worker, {0: [other], 1: [choices[0]]})
     assert [c.output_ids for c in choices] == expected
-    assert other.output_ids == _reference([1, 2, 3], 12)
+    assert other.output_ids == reference_tokens([1, 2, 3], 12)
     assert sum(prefilled) == len(prompt) + 3  # the shared prompt once, plus the other request's
     finishes = [item.index for item in results["r"] if item.finish_reason is not None]
     assert sorted(finishes) == [0, 1, 2] and worker.scheduler.num_running == 0
 
 
 def test_choices_wait_until_all_their_slots_are_free_and_leave_together_on_abort():
-    worker = _worker(max_num_seqs=3)
-    blocker = _sequence("blocker", [1, 2, 3], 4)
-    choices = _choices_of("r", [4, 5, 6], 50, [1, 2, 3])
+    worker = make_worker(max_num_seqs=3)
+    blocker = greedy_sequence("blocker", [1, 2, 3], 4)
+    choices = choices_of("r", [4, 5, 6], 50, [1, 2, 3])
     worker.submit(blocker)
     worker.run_once()
     worker.submit(choices[0])
@@ -457,10 +391,10 @@ def test_tokens_are_chosen_only_among_the_ids_the_tokenizer_can_write():
     worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
                                                   chunked_prefill=False),
                           deliver=lambda results: None, launch_ahead=True, choosable=choosable)
-    sequences = [_sequence(f"r{i}", p, 12) for i, p in enumerate(PROMPTS[:4])]
-    _run_to_completion(worker, {0: sequences})
+    sequences = [greedy_sequence(f"r{i}", p, 12) for i, p in enumerate(PROMPTS[:4])]
+    run_to_completion(worker, {0: sequences})
     # Unconstrained, some of these answers would use ids past the cut: the limit is what changed them.
-    assert any(max(_reference(s.prompt_ids, s.max_tokens)) >= choosable for s in sequences)
+    assert any(max(reference_tokens(s.prompt_ids, s.max_tokens)) >= choosable for s in sequences)
     for sequence in sequences:
         assert all(token < choosable for token in sequence.output_ids)
         with torch.no_grad():  # greedy over the first ``choosable`` columns, one token at a time
@@ -484,7 +418,7 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
                                                   chunked_prefill=False),
                           deliver=lambda results: delivered.extend((passes[0], s, item) for s, item in results),
                           launch_ahead=True)
-    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))]
+    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))]
     produced: dict[int, int] = {}  # id(delta) → the pass that made it
     run_once = worker.run_once
 

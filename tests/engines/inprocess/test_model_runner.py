@@ -7,6 +7,7 @@ import torch
 
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
 from ragllm.errors import ModelLoadError
+from tests.support.block_tables import scattered_tables
 from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 KV = KVCacheOptions(block_size=16, num_blocks=200)
@@ -15,20 +16,6 @@ KV = KVCacheOptions(block_size=16, num_blocks=200)
 def _reference_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
-
-
-def scattered_tables(lengths: list[int], block_size: int = 16, first: int = 1) -> list[list[int]]:
-    """Block tables for sequences of these lengths, their blocks interleaved (not contiguous) so
-    that a read through the wrong table or offset shows."""
-    needed = [-(-length // block_size) for length in lengths]
-    tables: list[list[int]] = [[] for _ in lengths]
-    block = first
-    for round_ in range(max(needed)):
-        for row in reversed(range(len(lengths))):
-            if round_ < needed[row]:
-                tables[row].append(block)
-                block += 1
-    return tables
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -14,8 +14,8 @@ from ragllm.engines.inprocess.sample.choice import filtered_probabilities, filte
 from ragllm.engines.inprocess.scheduler import SchedulerLimits
 from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import ModelLoadError
-from tests.engines.test_model_runner import scattered_tables
-from tests.engines.test_scheduler import MAX_TOKENS, PROMPTS, _sequence
+from tests.support.block_tables import scattered_tables
+from tests.support.letter_model import MAX_TOKENS, PROMPTS, choices_of, greedy_sequence, seeded_sequence
 from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -162,7 +162,7 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
     shared = list(range(30, 30 + 72))
     prompts = PROMPTS + [shared + [5, 6], shared + [9]]
     max_tokens = MAX_TOKENS + [10, 10]
-    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
     arrivals = {0: sequences[:2], 2: sequences[2:4], 3: sequences[4:5], 5: sequences[6:7], 6: sequences[5:6],
                 9: sequences[7:]}
     for step in range(400):
@@ -201,7 +201,7 @@ def test_preemption_with_steps_launched_ahead_gives_the_same_tokens(device):
     model = tiny_model("llama", seed=3).to(device)
     worker = _worker(_runner(model, num_blocks=40), launch_ahead=True)
     prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
-    sequences = [_sequence(f"r{r}", prompt, 60) for r, prompt in enumerate(prompts)]
+    sequences = [greedy_sequence(f"r{r}", prompt, 60) for r, prompt in enumerate(prompts)]
     for sequence in sequences:
         sequence.stop_token_ids = frozenset()
     for sequence in sequences:
@@ -225,8 +225,8 @@ def test_steps_launched_ahead_give_the_same_tokens(device):
     with sequences finishing, joining and being aborted mid-run: every output equals its solo run."""
     model = tiny_model("llama", seed=3).to(device)
     worker = _worker(_runner(model), launch_ahead=True)
-    sequences = [_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
-    doomed = _sequence("aborted", [3, 1, 4, 1, 5], 40)
+    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    doomed = greedy_sequence("aborted", [3, 1, 4, 1, 5], 40)
     arrivals = {0: sequences[:2] + [doomed], 3: sequences[2:4], 7: sequences[4:]}
     launched_ahead = 0
     for step in range(400):
@@ -248,10 +248,10 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
     the other rows' tokens are unchanged, and steps are launched ahead once no row needs scores."""
     model = tiny_model("llama", seed=3).to(device)
     worker = _worker(_runner(model), launch_ahead=True)
-    plain = [_sequence(f"plain{i}", p, 30) for i, p in enumerate(PROMPTS[:2])]
+    plain = [greedy_sequence(f"plain{i}", p, 30) for i, p in enumerate(PROMPTS[:2])]
     for sequence in plain:
         sequence.stop_token_ids = frozenset()
-    scored = _sequence("scored", PROMPTS[2], 8)
+    scored = greedy_sequence("scored", PROMPTS[2], 8)
     scored.params = SamplingParams(temperature=0.0, logprobs=3)
     scored.token_text = str
     entries, launched_ahead = [], 0
@@ -276,8 +276,6 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
 def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
     """n choices over the paged cache, steps launched ahead: the followers share the leader's prompt
     blocks, and choice i samples exactly as a single request with seed + i does."""
-    from tests.engines.test_scheduler import _choices_of, _seeded
-
     model = tiny_model("llama", seed=3).to(device)
     prompt = list(range(40, 80))
 
@@ -297,11 +295,11 @@ def test_choices_share_one_prefill_and_each_equals_its_solo_run(device):
         sequence.generator = torch.Generator(device=device).manual_seed(sequence.params.seed)
         return sequence
 
-    solos = [on_device(_seeded(f"solo{seed}", prompt, 12, seed)) for seed in (21, 22, 23)]
+    solos = [on_device(seeded_sequence(f"solo{seed}", prompt, 12, seed)) for seed in (21, 22, 23)]
     for solo in solos:
         run([solo], worker())
-    choices = [on_device(choice) for choice in _choices_of("r", prompt, 12, [21, 22, 23])]
-    plain = _sequence("plain", [1, 2, 3], 12)
+    choices = [on_device(choice) for choice in choices_of("r", prompt, 12, [21, 22, 23])]
+    plain = greedy_sequence("plain", [1, 2, 3], 12)
     run([plain, choices[0]], worker())
     assert [c.output_ids for c in choices] == [s.output_ids for s in solos]
     _assert_each_equals_its_solo_run(model, [plain], device)
