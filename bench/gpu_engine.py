@@ -25,12 +25,7 @@ import argparse
 import asyncio
 import gc
 import json
-import os
-import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,19 +33,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gpu_workload import DECODE_TOKENS, PROMPT_TOKENS, TTFT_ATTEMPTS, block_tables, copy_bandwidth, random_prompt, timed  # noqa: E402
+from bench.hf_baseline import hf_generate, hf_generate_batch  # noqa: E402
 from bench.host_profile import PhaseTimes  # noqa: E402
-from ragllm.testing.random_checkpoints import ARCHITECTURES, build_random_checkpoint, word  # noqa: E402
+from bench.serve_end_to_end import serve_end_to_end  # noqa: E402
+from ragllm.testing.random_checkpoints import ARCHITECTURES, build_random_checkpoint  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.inprocess.layers import kernels  # noqa: E402
 from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
 
 CONCURRENCY = (8, 32, 64)
-PROMPT_TOKENS = 128
-DECODE_TOKENS = 256
-TTFT_ATTEMPTS = 5  # TTFT is reported as the median of this many prompts; single-stream rate as that of 3
 AGGREGATE_TRIALS = 3  # each concurrency's rate is the median of this many batches (one varies by ±10%)
-BATCH_API_TOKENS = 64  # generate_batch is slow enough that 256 tokens per request would dominate the run
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,72 +62,6 @@ def parse_args() -> argparse.Namespace:
                         help="concurrent streams of the aggregate runs, comma-separated (empty: none)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gpu_engine.json"))
     return parser.parse_args()
-
-
-def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(length)]
-
-
-def copy_bandwidth() -> float:
-    """Device memory bandwidth in bytes/s, from a large device-to-device copy (read + write)."""
-    source = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    target.copy_(source)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    return 2 * source.numel() * 10 / (time.perf_counter() - start)
-
-
-def timed(function) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-# -- Hugging Face generate ----------------------------------------------------------------------------
-def hf_generate(model, vocab: int) -> dict:
-    def run(batch: int, prompt_len: int, new_tokens: int) -> float:
-        ids = torch.tensor([random_prompt(prompt_len, vocab, seed) for seed in range(batch)], device="cuda")
-        return timed(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                            do_sample=False, pad_token_id=0))
-
-    run(1, PROMPT_TOKENS, 4)  # warm-up
-    results = {"ttft_ms": {}, "aggregate_tok_s": {}}
-    for length in (512, 2048):
-        results["ttft_ms"][length] = statistics.median(run(1, length, 1) for _ in range(TTFT_ATTEMPTS)) * 1e3
-    one = run(1, PROMPT_TOKENS, 1)
-    results["single_stream_tok_s"] = (DECODE_TOKENS - 1) / (run(1, PROMPT_TOKENS, DECODE_TOKENS) - one)
-    for batch in CONCURRENCY:
-        elapsed = run(batch, PROMPT_TOKENS, DECODE_TOKENS)
-        results["aggregate_tok_s"][batch] = batch * DECODE_TOKENS / elapsed
-    return results
-
-
-def hf_generate_batch(model, vocab: int) -> dict:
-    from transformers import GenerationConfig
-
-    # Random weights: end-of-sequence comes about once in 150k tokens, so every request runs to its cap.
-    config = GenerationConfig(max_new_tokens=BATCH_API_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=-1)
-    results: dict = {"aggregate_tok_s": {}, "tokens_per_request": BATCH_API_TOKENS}
-    try:
-        model.generate_batch([random_prompt(PROMPT_TOKENS, vocab, 0)], generation_config=config,
-                             progress_bar=False)  # warm-up (and graph capture where it does that)
-        for batch in CONCURRENCY:
-            inputs = [random_prompt(PROMPT_TOKENS, vocab, seed) for seed in range(batch)]
-            start = time.perf_counter()
-            outputs = model.generate_batch(inputs, generation_config=config, progress_bar=False)
-            elapsed = time.perf_counter() - start
-            generated = sum(len(o.generated_tokens) for o in outputs.values())
-            results["aggregate_tok_s"][batch] = generated / elapsed
-    except Exception as exc:  # an API change across transformers releases: report, don't abort the run
-        results["error"] = f"{type(exc).__name__}: {exc}"[:300]
-    return results
 
 
 # -- our engine ------------------------------------------------------------------------------------------
@@ -219,13 +147,6 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def block_tables(runner, rows: int, length: int) -> list[list[int]]:
-    """Disjoint block tables for ``rows`` sequences of ``length`` positions (the engine is idle: any
-    block may be written)."""
-    width = runner.blocks_for(length)
-    return [list(range(1 + row * width, 1 + (row + 1) * width)) for row in range(rows)]
-
-
 def prefill_times(runner, vocab: int) -> dict:
     """The runner's prefill alone (no scheduler), and a continuation after a reused prefix."""
     table = block_tables(runner, 1, 2048)[0]
@@ -284,82 +205,6 @@ def step_time(runner, batch: int, steps: int = 50) -> float:
     tables = block_tables(runner, batch, PROMPT_TOKENS + 1)
     runner.decode(tables, tokens, positions)
     return timed(lambda: [runner.decode(tables, tokens, positions) for _ in range(steps)]) / steps
-
-
-# -- end to end through ragllm serve --------------------------------------------------------------------------
-def serve_end_to_end(model_dir: Path, max_model_len: int, log_path: Path) -> dict:
-    import httpx
-
-    log = open(log_path, "wb")
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "RAGLLM_ENGINE__MAX_NUM_SEQS": "64", "RAGLLM_ENGINE__MAX_BATCH_SIZE": "64",
-           "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "8192", "RAGLLM_ENGINE__MAX_WAITING": "256",
-           "RAGLLM_ENGINE__DTYPE": "bfloat16", "RAGLLM_SERVER__LOG_REQUESTS": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "ragllm.cli", "serve", "--model", str(model_dir), "--device",
-                               "cuda", "--port", str(port), "--max-model-len", str(max_model_len),
-                               "--served-model-name", "bench"],
-                              env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                health = httpx.get(f"{url}/health")
-                if health.status_code == 200:
-                    break
-            except httpx.TransportError:
-                health = None
-            if time.monotonic() > deadline or server.poll() is not None:
-                return {"error": f"not ready: {health.text if health is not None else 'no answer'}"}
-            time.sleep(0.5)
-        try:
-            return asyncio.run(_drive(url))
-        except Exception as exc:  # reported, with the server's log beside the JSON
-            return {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-
-
-async def _drive(url: str) -> dict:
-    import httpx
-
-    prompt_sizes: set[int] = set()  # reported, so a tokenizer that loses the words shows
-
-    async def one(client: httpx.AsyncClient, index: int) -> tuple[float, int, float]:
-        body = {"model": "bench", "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": " ".join(word((index * 131 + i) % 5000)
-                                                                  for i in range(PROMPT_TOKENS))}]}
-        start = time.perf_counter()
-        first, tokens = None, 0
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
-                                 headers={"cache-control": "no-store"}) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-            async for line in response.aiter_lines():
-                if first is None and '"content"' in line:
-                    first = time.perf_counter() - start
-                if '"usage"' in line and '"completion_tokens"' in line:
-                    usage = json.loads(line[6:])["usage"]
-                    tokens = usage["completion_tokens"]
-                    prompt_sizes.add(usage["prompt_tokens"])
-        return first or float("nan"), tokens, time.perf_counter() - start
-
-    results = {}
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=100)) as client:
-        await one(client, 0)
-        for concurrency in (1, 32):
-            start = time.perf_counter()
-            runs = await asyncio.gather(*(one(client, i) for i in range(concurrency)))
-            elapsed = time.perf_counter() - start
-            results[concurrency] = {"aggregate_tok_s": sum(r[1] for r in runs) / elapsed,
-                                    "ttft_ms_median": sorted(r[0] for r in runs)[len(runs) // 2] * 1e3}
-    results["prompt_tokens"] = sorted(prompt_sizes)
-    return results
 
 
 VARIANTS = (("bf16", None), ("bf16", "fp8"), ("awq", None), ("awq", "fp8"))
@@ -444,10 +289,10 @@ def main() -> None:
         floor = report["bandwidth_gb_s"] / report["weights_gb"]  # tokens/s if only the weights were read
         report["bandwidth_floor_tok_s"] = floor
         report["ragllm"]["fraction_of_floor"] = report["ragllm"]["single_stream_tok_s"] / floor
-        report["hf_generate"] = hf_generate(model, vocab)
+        report["hf_generate"] = hf_generate(model, vocab, CONCURRENCY)
         report["hf_generate"]["fraction_of_floor"] = report["hf_generate"]["single_stream_tok_s"] / floor
         save()
-        report["hf_generate_batch"] = hf_generate_batch(model, vocab)
+        report["hf_generate_batch"] = hf_generate_batch(model, vocab, CONCURRENCY)
         save()
     print_table(report)
     print(f"wrote {args.json}")

@@ -25,8 +25,8 @@ from ragllm.testing.random_checkpoints import ARCHITECTURES, build_random_checkp
 from ragllm.config import EngineSettings  # noqa: E402
 from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
-# After ragllm: gpu_engine puts this tree first on the path, and the build under test is already loaded.
-from bench.gpu_engine import block_tables, random_prompt, timed  # noqa: E402
+# After ragllm, so the build under test (PYTHONPATH) is the one loaded.
+from bench.gpu_workload import block_tables, random_prompt, timed  # noqa: E402
 
 PROMPT_TOKENS = 4096
 DECODE_TOKENS = 128
