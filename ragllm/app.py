@@ -26,7 +26,7 @@ from ragllm.lifecycle import EXIT_ENGINE_FAILED, Lifecycle
 from ragllm.access.keys import KeyRing
 from ragllm.access.rate_limits import RateLimiter
 from ragllm.redis_link import RedisLink
-from ragllm.service import CompletionService
+from ragllm.serving.prepare import RequestPreparer
 from ragllm.telemetry.metrics import Metrics
 from ragllm.telemetry.request_log import RequestLog
 from ragllm.telemetry.tracing import Tracing
@@ -54,7 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     if settings.redis.url:
         redis = RedisLink(settings.redis, on_fallback=lambda op: metrics.redis_fallbacks.labels(op).inc())
     state = AppState(
-        settings=settings, engine=engine, metrics=metrics, service=CompletionService(engine, metrics, settings.input),
+        settings=settings, engine=engine, metrics=metrics, preparer=RequestPreparer(engine, metrics, settings.input),
         redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
         request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
         tracing=Tracing(settings.telemetry), lifecycle=Lifecycle(settings.server.shutdown_grace_s),

@@ -51,8 +51,9 @@ from ragllm.protocol.openai import (
     TokenizeResponse,
 )
 from ragllm.thinking import ThinkStripper, strip_thinking
-from ragllm.outcome import ChoiceOutcome, Outcome, Tally
-from ragllm.service import CachePlan, PreparedRequest, cache_plan
+from ragllm.serving.cache_plan import CachePlan, cache_plan
+from ragllm.serving.outcome import ChoiceOutcome, Outcome, Tally
+from ragllm.serving.prepare import PreparedRequest
 from ragllm.telemetry.metrics import RequestTimer, exposition_with_upstreams
 from ragllm.telemetry.tracing import child_span
 
@@ -96,16 +97,16 @@ async def _generate(request: Request, principal: Principal, allowance: Allowance
                     body: ChatCompletionRequest | CompletionRequest) -> Response:
     state = app_state(request)
     if isinstance(body, ChatCompletionRequest):
-        prepared = await state.service.prepare_chat(body, principal.cache_group)
+        prepared = await state.preparer.prepare_chat(body, principal.cache_group)
     else:
-        prepared = state.service.prepare_completion(body, principal.cache_group)
+        prepared = state.preparer.prepare_completion(body, principal.cache_group)
     return await _respond(state, prepared, request, principal, allowance)
 
 
 async def _tokenize(request: Request, principal: Principal, allowance: Allowance | None,
                     body: TokenizeRequest) -> Response:
     state = app_state(request)
-    model, generation = await state.service.prepare_tokenize(body)
+    model, generation = await state.preparer.prepare_tokenize(body)
     count = await state.engine.count_prompt_tokens(generation)
     return Response(orjson.dumps({"count": count, "max_model_len": model.max_model_len}),
                     media_type="application/json", headers=allowance.headers() if allowance else None)
@@ -195,7 +196,7 @@ async def _respond_whole(state: AppState, prepared: PreparedRequest, request: Re
                          timer: RequestTimer) -> Response:
     for run in range(1, MAX_INTERRUPTED_RUNS + 1):
         try:
-            outcome = await until_disconnect(request.receive, state.service.run_to_end(
+            outcome = await until_disconnect(request.receive, state.preparer.run_to_end(
                 stream, timer, prepared.generation.params.n))
             break
         except ClientClosedRequest:
@@ -222,7 +223,7 @@ async def _opened(state: AppState, prepared: PreparedRequest, request: Request,
         await opened[0].aclose()
 
     try:
-        stream, timer = await until_disconnect(request.receive, state.service.open(prepared), discard=discard)
+        stream, timer = await until_disconnect(request.receive, state.preparer.open(prepared), discard=discard)
     except ClientClosedRequest:
         _disconnected(state, record)
         raise
