@@ -16,7 +16,6 @@ from ragllm.config import InputSettings
 from ragllm.engines.base import Engine
 from ragllm.errors import (
     ContextLengthExceeded,
-    EngineInterrupted,
     EngineNotReady,
     InvalidRequest,
     ModelNotFound,
@@ -36,7 +35,6 @@ from ragllm.rag.packing import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, i
 from ragllm.rag.prompt import load_template, rank
 from ragllm.serving.bounds import PromptText, check_chat, check_completion, check_tokenize
 from ragllm.serving.messages import single_prompt, template_message
-from ragllm.serving.outcome import Outcome, Tally
 from ragllm.serving.sampling import chat_logprobs, refuse_unsupported_sampling, sampling_params, sampling_set
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
 from ragllm.telemetry.metrics import Metrics, RequestTimer
@@ -199,7 +197,7 @@ class RequestPreparer:
         served = ", ".join(card.id for card in self.engine.models()) or "none (still loading)"
         raise ModelNotFound(f"the model {name!r} does not exist; served models: {served}", param="model")
 
-    # -- running --------------------------------------------------------------------------------
+    # -- opening --------------------------------------------------------------------------------
     async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
         """The engine's stream for ``prepared`` (tool calls read out of its text where the engine leaves
         them there), and the timer of its run, started as the engine is asked."""
@@ -207,21 +205,6 @@ class RequestPreparer:
         stream = await self.engine.generate(prepared.generation)
         parsers = tool_parser(prepared, self.schema_limits)
         return (ToolCallStream(stream, parsers) if parsers is not None else stream), timer
-
-    async def run_to_end(self, stream: DeltaStream, timer: RequestTimer, choices: int = 1) -> Outcome:
-        tally = Tally(choices)
-        finished = False
-        try:
-            async for delta in stream:
-                timer.on_delta(delta)
-                finished = tally.add(delta)
-        finally:
-            await stream.aclose()
-        if not finished:
-            raise EngineInterrupted("the engine ended the answer without finishing it")
-        outcome = tally.outcome()
-        timer.on_finish(outcome.last)
-        return outcome
 
 
 def tool_parser(prepared: PreparedRequest, limits: JsonLimits) -> Callable[[], ToolCallParser] | None:
