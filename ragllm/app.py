@@ -12,10 +12,10 @@ from fastapi import FastAPI
 
 from ragllm import __version__
 from ragllm.api.body_limit import BodyLimitMiddleware
+from ragllm.api import health, routes
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.api.record import RequestRecordMiddleware
-from ragllm.api.routes import LEAN_ROUTES, router
 from ragllm.api.state import AppState
 from ragllm.cache import ResponseCache
 from ragllm.cache.memory import MemoryCache
@@ -90,9 +90,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     metrics.watch_in_flight(lambda: state.lifecycle.in_flight)
     metrics.watch_stream_buffers(lambda: state.outbox_budget.num_bytes)
     app.state.ragllm = state
-    # Served by the lean routes, matched first; the FastAPI routes after them document the API.
-    app.router.routes.extend(LEAN_ROUTES)
-    app.include_router(router)
+    # The POST routes are the app's own, not an included router's: FastAPI serves an included route
+    # through its per-request route context and dependency exit stacks, which they have no use for.
+    app.router.routes.extend(routes.router.routes)
+    app.include_router(health.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(RequestRecordMiddleware, state=state)  # outermost: it records the 413s too

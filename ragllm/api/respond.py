@@ -56,6 +56,7 @@ class Responder:
         self.plan: CachePlan | None = None
 
     async def respond(self, principal: Principal, allowance: Allowance | None) -> Response:
+        """The response, headed with the request's id, the caller's rate limits and what the cache did."""
         state, prepared, record = self.state, self.prepared, self.record
         record.request_id, record.model, record.stream = prepared.id, prepared.model.id, prepared.stream
         if state.settings.server.log_prompts:
@@ -122,6 +123,7 @@ class Responder:
         return stream, timer
 
     async def _whole(self, headers: dict[str, str], stream: DeltaStream, timer: RequestTimer) -> Response:
+        """One JSON body, once every choice has finished; the client is watched meanwhile."""
         prepared, record = self.prepared, self.record
         for run in range(1, MAX_INTERRUPTED_RUNS + 1):
             try:
