@@ -12,10 +12,10 @@ from fastapi import FastAPI
 
 from ragllm import __version__
 from ragllm.api.body_limit import BodyLimitMiddleware
+from ragllm.api import health, routes
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.api.record import RequestRecordMiddleware
-from ragllm.api.routes import LEAN_ROUTES, router
 from ragllm.api.state import AppState
 from ragllm.cache import ResponseCache
 from ragllm.cache.memory import MemoryCache
@@ -26,7 +26,7 @@ from ragllm.lifecycle import EXIT_ENGINE_FAILED, Lifecycle
 from ragllm.access.keys import KeyRing
 from ragllm.access.rate_limits import RateLimiter
 from ragllm.redis_link import RedisLink
-from ragllm.service import CompletionService
+from ragllm.serving.prepare import RequestPreparer
 from ragllm.telemetry.metrics import Metrics
 from ragllm.telemetry.request_log import RequestLog
 from ragllm.telemetry.tracing import Tracing
@@ -54,7 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     if settings.redis.url:
         redis = RedisLink(settings.redis, on_fallback=lambda op: metrics.redis_fallbacks.labels(op).inc())
     state = AppState(
-        settings=settings, engine=engine, metrics=metrics, service=CompletionService(engine, metrics, settings.input),
+        settings=settings, engine=engine, metrics=metrics, preparer=RequestPreparer(engine, metrics, settings.input),
         redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
         request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
         tracing=Tracing(settings.telemetry), lifecycle=Lifecycle(settings.server.shutdown_grace_s),
@@ -90,9 +90,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     metrics.watch_in_flight(lambda: state.lifecycle.in_flight)
     metrics.watch_stream_buffers(lambda: state.outbox_budget.num_bytes)
     app.state.ragllm = state
-    # Served by the lean routes, matched first; the FastAPI routes after them document the API.
-    app.router.routes.extend(LEAN_ROUTES)
-    app.include_router(router)
+    # The POST routes are the app's own, not an included router's: FastAPI serves an included route
+    # through its per-request route context and dependency exit stacks, which they have no use for.
+    app.router.routes.extend(routes.router.routes)
+    app.include_router(health.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(RequestRecordMiddleware, state=state)  # outermost: it records the 413s too

@@ -100,6 +100,6 @@ def test_readme_stays_short() -> None:
 def test_the_checks_can_fail(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text("# Title\n\n[gone](nowhere.md), [anchor](#nothing), [fine](#title), "
-                    "`ragllm/no_such_module.py`, `ragllm/service.py`\n", encoding="utf-8")
+                    "`ragllm/no_such_module.py`, `ragllm/serving/prepare.py`\n", encoding="utf-8")
     assert broken_links(page) == ["nowhere.md: no such file", "#nothing: no heading with that anchor"]
     assert missing_paths(page) == ["ragllm/no_such_module.py"]

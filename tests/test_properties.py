@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from starlette.exceptions import HTTPException
 
 from ragllm.api.body import parsed_body
-from ragllm.bounds import check_chat
 from ragllm.config import InputSettings
 from ragllm.generation import ModelCard
 from ragllm.engines.base import Engine
@@ -26,6 +25,7 @@ from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from ragllm.rag.contract import RagDocument, RagOptions
 from ragllm.rag.packing import PackRequest, pack
 from ragllm.rag.prompt import load_template, rank
+from ragllm.serving.bounds import check_chat
 from ragllm.thinking import ThinkStripper
 
 PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,10 +16,10 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 
 from ragllm.bounded_json import JsonLimits, check_structure
-from ragllm.bounds import check_raw
 from ragllm.config import InputSettings
 from ragllm.protocol.openai import FAIL_FAST
 from ragllm.rag.contract import RagDocument
+from ragllm.serving.bounds import check_raw
 
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 LARGE_BODY_BYTES = 256 * 1024

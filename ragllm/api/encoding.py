@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 
 from ragllm.generation import Delta, TokenLogprob
-from ragllm.outcome import ChoiceOutcome, Outcome
-from ragllm.service import PreparedRequest
+from ragllm.serving.outcome import ChoiceOutcome, Outcome
+from ragllm.serving.prepare import PreparedRequest
 
 DONE_EVENT = b"data: [DONE]\n\n"
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ragllm.generation import DeltaStream
     from ragllm.telemetry.tracing import RequestSpan
     from ragllm.access.keys import Principal
-    from ragllm.telemetry.metrics import RequestTimer
+    from ragllm.telemetry.metrics import Metrics, RequestTimer
 
 request_logger = logging.getLogger("ragllm.requests")
 
@@ -66,6 +66,11 @@ class RequestRecord:
         total = sum(produced, start=Usage())
         self.prompt_tokens = max(self.prompt_tokens, total.prompt_tokens)
         self.completion_tokens = max(self.completion_tokens, total.completion_tokens)
+
+    def client_left(self, metrics: "Metrics") -> None:
+        """The client closed the connection before its response was complete: logged as a 499, and counted."""
+        self.disconnected = True
+        metrics.client_disconnects.inc()
 
     @property
     def billed_tokens(self) -> int:

@@ -13,7 +13,7 @@ from ragllm.lifecycle import Lifecycle
 from ragllm.access.keys import KeyRing
 from ragllm.access.rate_limits import RateLimiter
 from ragllm.redis_link import RedisLink
-from ragllm.service import CompletionService
+from ragllm.serving.prepare import RequestPreparer
 from ragllm.telemetry.metrics import Metrics
 from ragllm.telemetry.request_log import RequestLog
 from ragllm.telemetry.tracing import Tracing
@@ -24,7 +24,7 @@ class AppState:
     settings: Settings
     engine: Engine
     metrics: Metrics
-    service: CompletionService
+    preparer: RequestPreparer
     redis: RedisLink | None
     cache: ResponseCache
     keys: KeyRing

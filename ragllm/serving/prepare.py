@@ -1,7 +1,6 @@
-"""The request pipeline between the HTTP layer and the engine.
-
-It turns OpenAI requests into engine requests (refusing what the engine cannot honour, with a clear
-400), admits them, and runs non-streaming ones to the end. The HTTP layer frames the results.
+"""OpenAI requests turned into engine requests: checked against the request bounds and what the
+model can honour (a clear 400 otherwise), RAG documents packed, tools and structured outputs read;
+and a prepared request's engine stream opened.
 """
 
 from __future__ import annotations
@@ -12,28 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragllm.generation import CacheScope, EngineState, GenerationRequest, ModelCard, SamplingParams
-
-from ragllm.generation import DeltaStream
-
-from ragllm.engines.base import Engine
 from ragllm.bounded_json import JsonLimits
-from ragllm.bounds import PromptText, check_chat, check_completion, check_tokenize
-from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.config import InputSettings
-from ragllm.rag.prompt import load_template, rank
-from ragllm.rag.contract import RagOptions
-from ragllm.rag.packing import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, is_heavy, off_loop_if, pack
+from ragllm.engines.base import Engine
 from ragllm.errors import (
     ContextLengthExceeded,
-    EngineInterrupted,
     EngineNotReady,
     InvalidRequest,
     ModelNotFound,
     Unsupported,
 )
+from ragllm.generation import CacheScope, DeltaStream, EngineState, GenerationRequest, ModelCard, SamplingParams
 from ragllm.protocol.openai import (
-    MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -41,18 +30,19 @@ from ragllm.protocol.openai import (
     TokenizeRequest,
 )
 from ragllm.rag.citations import citation_pattern
+from ragllm.rag.contract import RagOptions
+from ragllm.rag.packing import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, is_heavy, off_loop_if, pack
+from ragllm.rag.prompt import load_template, rank
+from ragllm.serving.bounds import PromptText, check_chat, check_completion, check_tokenize
+from ragllm.serving.messages import single_prompt, template_message
+from ragllm.serving.sampling import chat_logprobs, refuse_unsupported_sampling, sampling_params, sampling_set
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
-from ragllm.outcome import Outcome, Tally
 from ragllm.telemetry.metrics import Metrics, RequestTimer
 from ragllm.tools.formats import call_constraint
 from ragllm.tools.parsing import ToolCallParser
-from ragllm.tools.request import ToolUse, arguments_object, tool_use_of
+from ragllm.tools.request import ToolUse, tool_use_of
 from ragllm.tools.stream import ToolCallStream
 
-# Sampling fields a request may leave to the model's defaults.
-DEFAULTED_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-# Choices one request may ask for: each takes an engine slot for its whole answer.
-MAX_CHOICES = 8
 # Past this much text, turning messages into the engine's form (parsing tool-call arguments) runs on a
 # worker thread, so that the event loop keeps answering others.
 LARGE_TEXT_BYTES = 256 * 1024
@@ -78,7 +68,9 @@ class PreparedRequest:
     tools: ToolUse | None = None  # tools the answer may call, read out of its text by ``tool_parser``
 
 
-class CompletionService:
+class RequestPreparer:
+    """Prepares OpenAI requests for the engine, and opens the engine's stream for a prepared one."""
+
     def __init__(self, engine: Engine, metrics: Metrics, bounds: InputSettings | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -90,7 +82,7 @@ class CompletionService:
         """``cache_group``: the caller's (see ``CacheScope``); None with API keys off."""
         text = check_chat(body, self.bounds)
         model = self._model(body.model)
-        _refuse_common(body)
+        refuse_unsupported_sampling(body)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -127,13 +119,13 @@ class CompletionService:
             structured, passthrough = _constrained_citations(rag_context, body, structured, passthrough)
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, max_tokens, model.sampling_defaults, _chat_logprobs(body), structured),
+            params=sampling_params(body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
             incremental=bool(body.stream),
             passthrough=passthrough,
             tools=list(tools.functions) if tools is not None else None,
-            sampling_set=_sampling_set(body),
+            sampling_set=sampling_set(body),
             cache_scope=CacheScope(cache_group, body.cache_salt),
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
@@ -145,19 +137,19 @@ class CompletionService:
         model = self._model(body.model)
         _refuse_unsupported_completion_fields(body)
         request_id = f"cmpl-{os.urandom(16).hex()}"
-        text, token_ids = _single_prompt(body.prompt)
+        text, token_ids = single_prompt(body.prompt)
         if text is not None:
             _refuse_unfittable(model, text_size, body.max_tokens or 1, "prompt" if body.max_tokens is None else "max_tokens")
         passthrough = _passthrough(body)
         generation = GenerationRequest(
             request_id=request_id,
-            params=_sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs,
-                                    structured_output_of(passthrough or {}, self.schema_limits)),
+            params=sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs,
+                                   structured_output_of(passthrough or {}, self.schema_limits)),
             prompt=text,
             prompt_token_ids=token_ids,
             incremental=bool(body.stream),
             passthrough=passthrough,
-            sampling_set=_sampling_set(body),
+            sampling_set=sampling_set(body),
             cache_scope=CacheScope(cache_group, body.cache_salt),
         )
         return self._prepared("completion", request_id, model, generation, body)
@@ -193,7 +185,7 @@ class CompletionService:
                 tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.schema_limits))
 
     def _template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        return [_template_message(message, index, self.schema_limits) for index, message in enumerate(messages)]
+        return [template_message(message, index, self.schema_limits) for index, message in enumerate(messages)]
 
     def _model(self, name: str) -> ModelCard:
         health = self.engine.health()
@@ -205,27 +197,14 @@ class CompletionService:
         served = ", ".join(card.id for card in self.engine.models()) or "none (still loading)"
         raise ModelNotFound(f"the model {name!r} does not exist; served models: {served}", param="model")
 
-    # -- running --------------------------------------------------------------------------------
+    # -- opening --------------------------------------------------------------------------------
     async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
+        """The engine's stream for ``prepared`` (tool calls read out of its text where the engine leaves
+        them there), and the timer of its run, started as the engine is asked."""
         timer = self.metrics.request_timer()
         stream = await self.engine.generate(prepared.generation)
         parsers = tool_parser(prepared, self.schema_limits)
         return (ToolCallStream(stream, parsers) if parsers is not None else stream), timer
-
-    async def run_to_end(self, stream: DeltaStream, timer: RequestTimer, choices: int = 1) -> Outcome:
-        tally = Tally(choices)
-        finished = False
-        try:
-            async for delta in stream:
-                timer.on_delta(delta)
-                finished = tally.add(delta)
-        finally:
-            await stream.aclose()
-        if not finished:
-            raise EngineInterrupted("the engine ended the answer without finishing it")
-        outcome = tally.outcome()
-        timer.on_finish(outcome.last)
-        return outcome
 
 
 def tool_parser(prepared: PreparedRequest, limits: JsonLimits) -> Callable[[], ToolCallParser] | None:
@@ -243,34 +222,6 @@ def _tool_call_constraint(tool_format: str, tools: ToolUse, structured: Structur
         raise InvalidRequest(f"a tool_choice that requires a call cannot be combined with {structured.param}: "
                              "the answer must be a tool call", param="tool_choice")
     return call_constraint(tool_format, tools)
-
-
-def _sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float],
-                     logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
-    """The request's values; where it leaves one out, the model's default, else OpenAI's."""
-
-    def pick(name: str, fallback: float) -> float:
-        value = getattr(body, name)
-        return value if value is not None else defaults.get(name, fallback)
-
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=pick("temperature", 1.0),
-        top_p=pick("top_p", 1.0),
-        top_k=max(0, int(pick("top_k", 0))),
-        min_p=pick("min_p", 0.0),
-        repetition_penalty=pick("repetition_penalty", 1.0),
-        seed=body.seed,
-        stop=_stop_strings(body.stop),
-        ignore_eos=bool(body.ignore_eos),
-        logprobs=logprobs,
-        structured=structured,
-        n=body.n or 1,
-    )
-
-
-def _sampling_set(body: SamplingFields) -> frozenset[str]:
-    return frozenset(name for name in DEFAULTED_SAMPLING_FIELDS if getattr(body, name) is not None)
 
 
 def _constrained_citations(context: RagContext, body: ChatCompletionRequest, structured: StructuredOutput | None,
@@ -296,22 +247,6 @@ def _passthrough(body: SamplingFields) -> dict[str, Any] | None:
     return fields or None
 
 
-def _chat_logprobs(body: ChatCompletionRequest) -> int | None:
-    """OpenAI's pair: ``logprobs: true`` asks for them, ``top_logprobs`` for alternatives too."""
-    if body.top_logprobs and not body.logprobs:
-        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    return (body.top_logprobs or 0) if body.logprobs else None
-
-
-def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
-    return tuple(s for s in stops if s)
-
-
 def _refuse_unfittable(model: ModelCard, text: PromptText, answer_tokens: int, param: str) -> None:
     """A prompt that cannot fit the context window whatever its tokens, refused from its byte length
     before anything tokenizes it (an 8 MiB message would cost seconds of CPU and a gigabyte of memory
@@ -327,93 +262,11 @@ def _refuse_unfittable(model: ModelCard, text: PromptText, answer_tokens: int, p
             f"{answer_tokens} for the completion; reduce the prompt or max_tokens", param=param)
 
 
-def _template_message(message: ChatMessage, index: int, limits: JsonLimits) -> dict[str, Any]:
-    """A message as chat templates and upstreams take it: role, plain-text content, and an assistant's
-    tool calls (arguments as the JSON strings sent) or a tool turn's call id."""
-    role = "system" if message.role == "developer" else message.role
-    rendered: dict[str, Any] = {"role": role, "content": _text_content(message, index)}
-    if role == "tool":
-        if not message.tool_call_id:
-            raise InvalidRequest("a tool message needs tool_call_id", param=f"messages[{index}].tool_call_id")
-        rendered["tool_call_id"] = message.tool_call_id
-    if message.tool_calls:
-        if role != "assistant":
-            raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{index}].tool_calls")
-        for number, call in enumerate(message.tool_calls):  # templates need them as objects: checked now
-            arguments_object(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments",
-                             limits)
-        rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
-    return rendered
-
-
-def _text_content(message: ChatMessage, index: int) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for part in content:
-        if isinstance(part, dict):  # a part type other than text (image_url, input_audio, ...)
-            kind = part.get("type", "unknown")
-            raise Unsupported(f"content parts of type {kind!r} are not supported; send text",
-                              param=f"messages[{index}].content")
-        texts.append(part.text)
-    return "".join(texts)
-
-
-def _single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[str | None, list[int] | None]:
-    if isinstance(prompt, str):
-        return prompt, None
-    if prompt and all(isinstance(token, int) for token in prompt):
-        return None, list(prompt)
-    if len(prompt) == 1:
-        return _single_prompt(prompt[0])
-    raise Unsupported("exactly one prompt per request is supported; send several requests instead",
-                      param="prompt")
-
-
-def _refuse_common(body: SamplingFields) -> None:
-    if body.n is not None and body.n > MAX_CHOICES:
-        raise InvalidRequest(f"n may be at most {MAX_CHOICES}; send several requests for more choices", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise Unsupported(f"{name} is not supported (use repetition_penalty)", param=name)
-    if body.logit_bias:
-        raise Unsupported("logit_bias is not supported", param="logit_bias")
-
-
 def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:
-    _refuse_common(body)
+    refuse_unsupported_sampling(body)
     if body.echo:
         raise Unsupported("echo is not supported", param="echo")
     if body.suffix is not None:
         raise Unsupported("suffix is not supported", param="suffix")
     if body.best_of not in (None, 1):
         raise Unsupported("only best_of=1 is supported", param="best_of")
-
-
-@dataclass(frozen=True, slots=True)
-class CachePlan:
-    """What the response cache may do for one request."""
-
-    key: str | None  # None: the request is not cacheable (not deterministic, or caching is off)
-    read: bool
-    write: bool
-
-
-NO_CACHE = CachePlan(None, False, False)
-
-
-def cache_plan(prepared: PreparedRequest, tenant: str | None, cache_control: str | None, enabled: bool) -> CachePlan:
-    """Deterministic requests are cached; ``Cache-Control: no-cache`` skips the lookup and
-    ``no-store`` the write, as in HTTP."""
-    params = prepared.generation.params
-    if not enabled or not is_deterministic(prepared.generation) or params.logprobs is not None or params.n > 1:
-        return NO_CACHE  # the cache keeps one choice's text, calls and usage, not log probabilities
-    directives = {part.strip().lower() for part in (cache_control or "").split(",")}
-    return CachePlan(
-        key=cache_key(prepared.model, prepared.generation, tenant),
-        read="no-cache" not in directives,
-        write="no-store" not in directives,
-    )

@@ -1,4 +1,4 @@
-"""A finished answer: each choice's text, log probabilities and tool calls, and the request's usage."""
+"""An answer counted as it comes: each choice's text, log probabilities and tool calls, and the usage."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragllm.generation import Delta, FinishReason, TokenLogprob
+from ragllm.thinking import ThinkStripper
 from ragllm.tools.calls import merge_tool_call_deltas
 
 
@@ -30,23 +31,34 @@ class Outcome:
 
 
 class Tally:
-    """Collects a request's deltas by choice until every choice has finished. Every token of a
-    stream passes here: ``keep_text=False`` (a stream whose text nobody reads afterwards) keeps none."""
+    """Collects a request's deltas by choice until every choice has finished, streamed or not. Every
+    token of an answer passes here: ``keep_text=False`` (a stream whose text nobody reads afterwards)
+    keeps none. With ``strip_thinking`` each choice's ``<think>`` blocks are removed here, the one place
+    they are, so a streamed answer and a whole one show the same text."""
 
-    def __init__(self, choices: int, keep_text: bool = True) -> None:
+    def __init__(self, choices: int, keep_text: bool = True, strip_thinking: bool = False) -> None:
         self.choices = [ChoiceOutcome() for _ in range(choices)]
         self._parts: list[list[str]] | None = [[] for _ in range(choices)] if keep_text else None
+        self._strippers = [ThinkStripper() for _ in range(choices)] if strip_thinking else None
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.queue_time_s: float | None = None
         self._unfinished = choices
 
-    def add(self, delta: Delta, text: str | None = None) -> bool:
-        """Count ``delta`` (``text``: its text as shown, if not the delta's own); True once every
-        choice has finished."""
+    @property
+    def done(self) -> bool:
+        """Every choice has finished."""
+        return not self._unfinished
+
+    def add(self, delta: Delta) -> str:
+        """Count ``delta``; returns its text as shown (without thinking, where it is stripped)."""
         choice = self.choices[delta.index]
+        text = delta.text
+        if self._strippers is not None:
+            stripper = self._strippers[delta.index]
+            text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
         if self._parts is not None:
-            self._parts[delta.index].append(delta.text if text is None else text)
+            self._parts[delta.index].append(text)
         if delta.logprobs:
             choice.logprobs += delta.logprobs
         if delta.tool_calls:
@@ -61,7 +73,7 @@ class Tally:
             if self._parts is not None:
                 choice.text = "".join(self._parts[delta.index])
             self._unfinished -= 1
-        return not self._unfinished
+        return text
 
     def outcome(self) -> Outcome:
         return Outcome(self.choices, self.summary())
