@@ -65,6 +65,11 @@ class CacheScope:
         return hashlib.sha256(json.dumps([self.group, self.salt]).encode()).digest()
 
 
+# The key of ``chat_template_kwargs`` whose value is a template of the request's own (where the
+# server allows one), not content: the in-process engine renders it as given rather than escaped.
+REQUEST_TEMPLATE_KEY = "chat_template"
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """A chat (``messages``) or a completion (``prompt`` text or token ids), never both."""

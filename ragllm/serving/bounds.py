@@ -16,6 +16,7 @@ import orjson
 
 from ragllm.config import InputSettings
 from ragllm.errors import InvalidRequest, RequestTooLarge, Unsupported
+from ragllm.generation import REQUEST_TEMPLATE_KEY
 from ragllm.protocol.openai import (
     ChatCompletionRequest,
     ChatMessage,
@@ -30,7 +31,6 @@ MIN_TEMPERATURE = 1e-2
 MIN_REPETITION_PENALTY = 1e-2
 # chat_template_kwargs a request may set: the documented switches of the templates we serve.
 TEMPLATE_SWITCHES = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
-REQUEST_TEMPLATE_KEY = "chat_template"
 TEMPLATE_VALUE_MAX_CHARS = 64
 
 

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ragllm.config import EngineSettings
-from ragllm.generation import GenerationRequest
+from ragllm.generation import REQUEST_TEMPLATE_KEY, GenerationRequest
 from ragllm.engines.inprocess.literal_text import LiteralText
 from ragllm.engines.inprocess.prompt_tokens import PromptTokenizer
 from ragllm.errors import InvalidRequest, ModelLoadError
 from ragllm.models import resolve_model
-from ragllm.serving.bounds import REQUEST_TEMPLATE_KEY
 from ragllm.tools.formats import format_of_template
 from ragllm.tools.rendering import template_inputs
 
