@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ragllm.testing.random_checkpoints import ARCHITECTURES
 from ragllm.config import DEFAULT_MODEL
+from ragllm.testing.random_checkpoints import ARCHITECTURES
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, concurrency: str, json_name: str) -> None:
     """The model (packaged, a path, or random weights), the load shape and where the JSON goes."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model id or path (default: packaged)")
-    parser.add_argument("--random", choices=sorted(ARCHITECTURES), help="random weights of this architecture")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model id or path (default: packaged)"
+    )
+    parser.add_argument(
+        "--random", choices=sorted(ARCHITECTURES), help="random weights of this architecture"
+    )
     parser.add_argument("--random-dir", type=Path, default=Path("bench/results/models"))
     parser.add_argument("--concurrency", default=concurrency, help="comma-separated stream counts")
     parser.add_argument("--prompt-tokens", type=int, default=128)

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_args import add_engine_arguments, synthetic_prompt  # noqa: E402
-from ragllm.testing.random_checkpoints import build_random_checkpoint  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from ragllm.config import EngineSettings  # noqa: E402
-from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
 from ragllm.engines.inprocess.engine import TransformersEngine  # noqa: E402
+from ragllm.generation import GenerationRequest, SamplingParams  # noqa: E402
+from ragllm.testing.random_checkpoints import build_random_checkpoint  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,13 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def run_level(engine: TransformersEngine, concurrency: int, prompt: list[int], max_tokens: int) -> dict:
+async def run_level(
+    engine: TransformersEngine, concurrency: int, prompt: list[int], max_tokens: int
+) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(index: int) -> tuple[float, float, int]:
         start = time.perf_counter()
-        stream = await engine.generate(GenerationRequest(f"bench-{concurrency}-{index}", params,
-                                                         prompt_token_ids=prompt))
+        stream = await engine.generate(
+            GenerationRequest(f"bench-{concurrency}-{index}", params, prompt_token_ids=prompt)
+        )
         first = None
         tokens = 0
         async for delta in stream:
@@ -69,8 +72,14 @@ async def main(args: argparse.Namespace) -> dict:
     if args.random:
         model = str(build_random_checkpoint(args.random, args.random_dir / args.random))
     widest = max(levels)
-    settings = EngineSettings(model=model, device=args.device, max_num_seqs=widest, max_batch_size=widest,
-                              max_num_batched_tokens=max(1024, args.prompt_tokens), max_waiting=widest)
+    settings = EngineSettings(
+        model=model,
+        device=args.device,
+        max_num_seqs=widest,
+        max_batch_size=widest,
+        max_num_batched_tokens=max(1024, args.prompt_tokens),
+        max_waiting=widest,
+    )
     engine = TransformersEngine(settings)
     await engine.start()
     try:
@@ -96,14 +105,18 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"\nengine_throughput  model={report['model']}  device={report['device']}  dtype={report['dtype']}  "
-          f"prompt={report['prompt_tokens']} tokens  output={report['max_tokens']} tokens/stream")
+    print(
+        f"\nengine_throughput  model={report['model']}  device={report['device']}  dtype={report['dtype']}  "
+        f"prompt={report['prompt_tokens']} tokens  output={report['max_tokens']} tokens/stream"
+    )
     header = f"{'streams':>8} {'tokens':>8} {'wall s':>8} {'tok/s':>10} {'tok/s/stream':>13} {'TTFT ms':>9} {'x vs 1st':>9}"
     print(header)
     print("-" * len(header))
     for row in report["rows"]:
-        print(f"{row['concurrency']:>8} {row['output_tokens']:>8} {row['wall_s']:>8} {row['tokens_per_s']:>10} "
-              f"{row['per_stream_tokens_per_s']:>13} {row['mean_ttft_ms']:>9} {row['speedup_vs_first']:>9}")
+        print(
+            f"{row['concurrency']:>8} {row['output_tokens']:>8} {row['wall_s']:>8} {row['tokens_per_s']:>10} "
+            f"{row['per_stream_tokens_per_s']:>13} {row['mean_ttft_ms']:>9} {row['speedup_vs_first']:>9}"
+        )
 
 
 if __name__ == "__main__":

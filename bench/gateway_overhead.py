@@ -38,6 +38,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.server import stop  # noqa: E402
+
 GATEWAY_CORE, CLIENT_CORE = 0, 1
 API_KEY = "bench-secret-key"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -84,8 +85,14 @@ def _children(pid: int) -> list[int]:
 
 
 def start(command: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=pinned(core), start_new_session=True)
+    return subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=pinned(core),
+        start_new_session=True,
+    )
 
 
 async def wait_ready(url: str, path: str, headers: dict, timeout_s: float = 120) -> None:
@@ -102,14 +109,23 @@ async def wait_ready(url: str, path: str, headers: dict, timeout_s: float = 120)
     raise TimeoutError(f"{url}{path} not ready")
 
 
-async def one_request(session: aiohttp.ClientSession, target: Target, stream: bool, tokens: int) -> float:
+async def one_request(
+    session: aiohttp.ClientSession, target: Target, stream: bool, tokens: int
+) -> float:
     """Seconds to the whole answer (non-streaming) or to the first content event (streaming)."""
-    body = {"model": target.model, "messages": MESSAGES, "max_tokens": tokens, "temperature": 0.7,
-            "stream": stream}
+    body = {
+        "model": target.model,
+        "messages": MESSAGES,
+        "max_tokens": tokens,
+        "temperature": 0.7,
+        "stream": stream,
+    }
     started = time.perf_counter()
     async with session.post(f"{target.url}/v1/chat/completions", json=body) as response:
         if response.status != 200:
-            raise RuntimeError(f"{target.name}: HTTP {response.status}: {(await response.text())[:300]}")
+            raise RuntimeError(
+                f"{target.name}: HTTP {response.status}: {(await response.text())[:300]}"
+            )
         if not stream:
             await response.read()
             return time.perf_counter() - started
@@ -172,61 +188,140 @@ async def measure(target: Target, args: argparse.Namespace) -> None:
         rps = await throughput(session, target, 64, args.duration)
         per_event = await cpu_per_event(session, target, args.streams, 64 if args.pace_ms else 8)
     target.results = {
-        "p50_ms": statistics.median(plain) * 1e3, "p99_ms": percentile(plain, 0.99) * 1e3,
-        "ttft_p50_ms": statistics.median(streamed) * 1e3, "ttft_p99_ms": percentile(streamed, 0.99) * 1e3,
-        "rps_c64": rps, "cpu_us_per_event": per_event,
+        "p50_ms": statistics.median(plain) * 1e3,
+        "p99_ms": percentile(plain, 0.99) * 1e3,
+        "ttft_p50_ms": statistics.median(streamed) * 1e3,
+        "ttft_p99_ms": percentile(streamed, 0.99) * 1e3,
+        "rps_c64": rps,
+        "cpu_us_per_event": per_event,
     }
 
 
 def litellm_config(directory: Path, stub_url: str) -> Path:
     path = directory / "litellm.yaml"
-    path.write_text(json.dumps({  # JSON is YAML
-        "model_list": [{"model_name": "stub", "litellm_params": {
-            "model": "openai/stub", "api_base": f"{stub_url}/v1", "api_key": "none"}}],
-        "general_settings": {"master_key": API_KEY},
-        "litellm_settings": {"telemetry": False, "drop_params": True},
-    }))
+    path.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "model_list": [
+                    {
+                        "model_name": "stub",
+                        "litellm_params": {
+                            "model": "openai/stub",
+                            "api_base": f"{stub_url}/v1",
+                            "api_key": "none",
+                        },
+                    }
+                ],
+                "general_settings": {"master_key": API_KEY},
+                "litellm_settings": {"telemetry": False, "drop_params": True},
+            }
+        )
+    )
     return path
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description="gateway overhead: direct vs ragllm vs LiteLLM")
-    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per latency series")
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds of the concurrency-64 run")
+    parser.add_argument(
+        "--requests", type=int, default=1000, help="sequential requests per latency series"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="seconds of the concurrency-64 run"
+    )
     parser.add_argument("--streams", type=int, default=300, help="streams per CPU-per-event series")
-    parser.add_argument("--litellm", default=shutil.which("litellm"), help="LiteLLM's CLI (skipped if absent)")
-    parser.add_argument("--pace-ms", type=float, default=0.0, help="the stub's interval between stream events")
+    parser.add_argument(
+        "--litellm", default=shutil.which("litellm"), help="LiteLLM's CLI (skipped if absent)"
+    )
+    parser.add_argument(
+        "--pace-ms", type=float, default=0.0, help="the stub's interval between stream events"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench/results/gateway_overhead.json")
     args = parser.parse_args()
     os.sched_setaffinity(0, {CLIENT_CORE})
 
     stub_port = free_port()
     stub_url = f"http://127.0.0.1:{stub_port}"
-    processes = [start([sys.executable, str(ROOT / "bench/stub_upstream.py"), "--port", str(stub_port),
-                        "--pace-ms", str(args.pace_ms)], CLIENT_CORE)]
+    processes = [
+        start(
+            [
+                sys.executable,
+                str(ROOT / "bench/stub_upstream.py"),
+                "--port",
+                str(stub_port),
+                "--pace-ms",
+                str(args.pace_ms),
+            ],
+            CLIENT_CORE,
+        )
+    ]
     targets = [Target("direct", stub_url, "stub")]
     try:
         ragllm_port = free_port()
-        ragllm = start([sys.executable, "-m", "ragllm.cli", "serve", "--engine", "upstream", "--port", str(ragllm_port)],
-                       GATEWAY_CORE, env={"RAGLLM_UPSTREAM__URLS": stub_url, "RAGLLM_AUTH__REQUIRED": "true",
-                                          "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}", "RAGLLM_SERVER__LOG_LEVEL": "warning"})
+        ragllm = start(
+            [
+                sys.executable,
+                "-m",
+                "ragllm.cli",
+                "serve",
+                "--engine",
+                "upstream",
+                "--port",
+                str(ragllm_port),
+            ],
+            GATEWAY_CORE,
+            env={
+                "RAGLLM_UPSTREAM__URLS": stub_url,
+                "RAGLLM_AUTH__REQUIRED": "true",
+                "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}",
+                "RAGLLM_SERVER__LOG_LEVEL": "warning",
+            },
+        )
         processes.append(ragllm)
         targets.append(Target("ragllm upstream", f"http://127.0.0.1:{ragllm_port}", "stub", ragllm))
         # Whole answers asked for as one JSON (the default streams them, for billing a client that leaves).
         one_json_port = free_port()
-        one_json = start([sys.executable, "-m", "ragllm.cli", "serve", "--engine", "upstream", "--port",
-                          str(one_json_port)], GATEWAY_CORE,
-                         env={"RAGLLM_UPSTREAM__URLS": stub_url, "RAGLLM_AUTH__REQUIRED": "true",
-                              "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}", "RAGLLM_SERVER__LOG_LEVEL": "warning",
-                              "RAGLLM_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+        one_json = start(
+            [
+                sys.executable,
+                "-m",
+                "ragllm.cli",
+                "serve",
+                "--engine",
+                "upstream",
+                "--port",
+                str(one_json_port),
+            ],
+            GATEWAY_CORE,
+            env={
+                "RAGLLM_UPSTREAM__URLS": stub_url,
+                "RAGLLM_AUTH__REQUIRED": "true",
+                "RAGLLM_AUTH__KEYS": f"bench:{API_KEY}",
+                "RAGLLM_SERVER__LOG_LEVEL": "warning",
+                "RAGLLM_UPSTREAM__STREAM_WHOLE_ANSWERS": "false",
+            },
+        )
         processes.append(one_json)
-        targets.append(Target("ragllm upstream, one JSON", f"http://127.0.0.1:{one_json_port}", "stub", one_json))
+        targets.append(
+            Target(
+                "ragllm upstream, one JSON", f"http://127.0.0.1:{one_json_port}", "stub", one_json
+            )
+        )
         if args.litellm:
             workdir = Path(tempfile.mkdtemp(prefix="litellm-bench-"))
             litellm_port = free_port()
-            litellm = start([args.litellm, "--config", str(litellm_config(workdir, stub_url)), "--port",
-                             str(litellm_port), "--num_workers", "1"], GATEWAY_CORE,
-                            env={"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"})
+            litellm = start(
+                [
+                    args.litellm,
+                    "--config",
+                    str(litellm_config(workdir, stub_url)),
+                    "--port",
+                    str(litellm_port),
+                    "--num_workers",
+                    "1",
+                ],
+                GATEWAY_CORE,
+                env={"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"},
+            )
             processes.append(litellm)
             targets.append(Target("LiteLLM", f"http://127.0.0.1:{litellm_port}", "stub", litellm))
         for target in targets:
@@ -242,19 +337,38 @@ async def main() -> None:
 
 def report(targets: list[Target], output: Path, pace_ms: float = 0.0) -> None:
     direct = targets[0].results
-    table = Table(title="Gateway overhead (stub upstream; gateway on core 0, stub + client on core 1)")
-    for column in ("target", "p50 ms", "added p50 ms", "p99 ms", "TTFT p50 ms", "added TTFT ms",
-                   "req/s @64", "CPU µs/event"):
+    table = Table(
+        title="Gateway overhead (stub upstream; gateway on core 0, stub + client on core 1)"
+    )
+    for column in (
+        "target",
+        "p50 ms",
+        "added p50 ms",
+        "p99 ms",
+        "TTFT p50 ms",
+        "added TTFT ms",
+        "req/s @64",
+        "CPU µs/event",
+    ):
         table.add_column(column, justify="right" if column != "target" else "left")
     for target in targets:
         r = target.results
-        table.add_row(target.name, f"{r['p50_ms']:.2f}", f"{r['p50_ms'] - direct['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['ttft_p50_ms']:.2f}", f"{r['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f}",
-                      f"{r['rps_c64']:.0f}", "-" if r["cpu_us_per_event"] is None else f"{r['cpu_us_per_event']:.0f}")
+        table.add_row(
+            target.name,
+            f"{r['p50_ms']:.2f}",
+            f"{r['p50_ms'] - direct['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['ttft_p50_ms']:.2f}",
+            f"{r['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f}",
+            f"{r['rps_c64']:.0f}",
+            "-" if r["cpu_us_per_event"] is None else f"{r['cpu_us_per_event']:.0f}",
+        )
     Console().print(table)
     output.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"name": t.name, "url": t.url, **t.results} for t in targets]
-    output.write_text(json.dumps({"cpu_count": os.cpu_count(), "pace_ms": pace_ms, "targets": rows}, indent=2))
+    output.write_text(
+        json.dumps({"cpu_count": os.cpu_count(), "pace_ms": pace_ms, "targets": rows}, indent=2)
+    )
     print(f"wrote {output}")
 
 

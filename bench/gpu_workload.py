@@ -10,7 +10,9 @@ import torch
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 256
-TTFT_ATTEMPTS = 5  # TTFT is reported as the median of this many prompts; single-stream rate as that of 3
+TTFT_ATTEMPTS = (
+    5  # TTFT is reported as the median of this many prompts; single-stream rate as that of 3
+)
 
 
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:

@@ -24,17 +24,38 @@ from bench.report import write_report  # noqa: E402
 from ragllm.config import load_settings  # noqa: E402
 from ragllm.models import resolve_model  # noqa: E402
 
-SCHEMA = {"type": "object", "additionalProperties": False,
-          "required": ["name", "age", "tags", "address", "note"],
-          "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-                         "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}},
-                         "address": {"$ref": "#/$defs/Address"},
-                         "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
-          "$defs": {"Address": {"type": "object", "additionalProperties": False, "required": ["street", "zip"],
-                                "properties": {"street": {"type": "string"},
-                                               "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}
-ANSWER = json.dumps({"name": "Ada Lovelace", "age": 36, "tags": ["a", "c"],
-                     "address": {"street": "12 St James's Square", "zip": "12345"}, "note": None})
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "tags", "address", "note"],
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}},
+        "address": {"$ref": "#/$defs/Address"},
+        "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+    },
+    "$defs": {
+        "Address": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["street", "zip"],
+            "properties": {
+                "street": {"type": "string"},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+        }
+    },
+}
+ANSWER = json.dumps(
+    {
+        "name": "Ada Lovelace",
+        "age": 36,
+        "tags": ["a", "c"],
+        "address": {"street": "12 St James's Square", "zip": "12345"},
+        "note": None,
+    }
+)
 
 
 def timed(function):
@@ -52,7 +73,9 @@ def measure_llguidance(tokenizer, vocab: int, answer: list[int]) -> dict:
     options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
     def compile_schema():
-        return llguidance.LLMatcher(index, llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=options))
+        return llguidance.LLMatcher(
+            index, llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=options)
+        )
 
     template, first_s = timed(compile_schema)
     _, again_s = timed(template.deep_copy)
@@ -64,17 +87,26 @@ def measure_llguidance(tokenizer, vocab: int, answer: list[int]) -> dict:
         matcher.consume_token(token)
         return allowed
 
-    return {"index_s": index_s, "compile_first_s": first_s, "compile_again_s": again_s, "mask": mask}
+    return {
+        "index_s": index_s,
+        "compile_first_s": first_s,
+        "compile_again_s": again_s,
+        "mask": mask,
+    }
 
 
 def measure_xgrammar(tokenizer, vocab: int, answer: list[int]) -> dict:
     import xgrammar
 
-    index, index_s = timed(lambda: xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab))
+    index, index_s = timed(
+        lambda: xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+    )
     compiler = xgrammar.GrammarCompiler(index, max_threads=2)
 
     def compile_schema():
-        return compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(", ", ": "))
+        return compiler.compile_json_schema(
+            json.dumps(SCHEMA), any_whitespace=False, separators=(", ", ": ")
+        )
 
     compiled, first_s = timed(compile_schema)
     _, again_s = timed(compile_schema)  # xgrammar's own cache
@@ -86,7 +118,12 @@ def measure_xgrammar(tokenizer, vocab: int, answer: list[int]) -> dict:
         matcher.accept_token(token)
         return allowed
 
-    return {"index_s": index_s, "compile_first_s": first_s, "compile_again_s": again_s, "mask": mask}
+    return {
+        "index_s": index_s,
+        "compile_first_s": first_s,
+        "compile_again_s": again_s,
+        "mask": mask,
+    }
 
 
 def measure_outlines_core(tokenizer, vocab: int, answer: list[int]) -> dict:
@@ -99,7 +136,9 @@ def measure_outlines_core(tokenizer, vocab: int, answer: list[int]) -> dict:
         for text, token_id in tokenizer.get_vocab().items():
             if token_id == tokenizer.eos_token_id or any(char not in byte_of for char in text):
                 continue
-            tokens.setdefault(bytes(byte_of[c] for c in text).decode("latin-1"), []).append(token_id)
+            tokens.setdefault(bytes(byte_of[c] for c in text).decode("latin-1"), []).append(
+                token_id
+            )
         return Vocabulary(tokenizer.eos_token_id, tokens)
 
     vocabulary, index_s = timed(build_vocabulary)
@@ -116,10 +155,19 @@ def measure_outlines_core(tokenizer, vocab: int, answer: list[int]) -> dict:
         guide.advance(token)
         return allowed
 
-    return {"index_s": index_s, "compile_first_s": first_s, "compile_again_s": again_s, "mask": mask}
+    return {
+        "index_s": index_s,
+        "compile_first_s": first_s,
+        "compile_again_s": again_s,
+        "mask": mask,
+    }
 
 
-LIBRARIES = {"llguidance": measure_llguidance, "xgrammar": measure_xgrammar, "outlines-core": measure_outlines_core}
+LIBRARIES = {
+    "llguidance": measure_llguidance,
+    "xgrammar": measure_xgrammar,
+    "outlines-core": measure_outlines_core,
+}
 
 
 def main() -> None:
@@ -144,20 +192,35 @@ def main() -> None:
             start = time.perf_counter()
             all_allowed &= result["mask"](token)
             times.append(time.perf_counter() - start)
-        rows.append({"library": name, "tokenizer_index_ms": round(result["index_s"] * 1e3, 1),
-                     "compile_first_ms": round(result["compile_first_s"] * 1e3, 2),
-                     "compile_again_ms": round(result["compile_again_s"] * 1e3, 3),
-                     "mask_median_us": round(statistics.median(times[1:]) * 1e6, 1),
-                     "mask_first_ms": round(times[0] * 1e3, 2), "answer_allowed": all_allowed})
-    report = {"benchmark": "grammar_libraries", "vocab": vocab, "answer_tokens": len(answer), "rows": rows}
-    print(f"\ngrammar_libraries  tokenizer=packaged ({vocab} tokens)  answer={len(answer)} tokens  CPU")
+        rows.append(
+            {
+                "library": name,
+                "tokenizer_index_ms": round(result["index_s"] * 1e3, 1),
+                "compile_first_ms": round(result["compile_first_s"] * 1e3, 2),
+                "compile_again_ms": round(result["compile_again_s"] * 1e3, 3),
+                "mask_median_us": round(statistics.median(times[1:]) * 1e6, 1),
+                "mask_first_ms": round(times[0] * 1e3, 2),
+                "answer_allowed": all_allowed,
+            }
+        )
+    report = {
+        "benchmark": "grammar_libraries",
+        "vocab": vocab,
+        "answer_tokens": len(answer),
+        "rows": rows,
+    }
+    print(
+        f"\ngrammar_libraries  tokenizer=packaged ({vocab} tokens)  answer={len(answer)} tokens  CPU"
+    )
     header = f"{'library':<14} {'index ms':>9} {'compile ms':>11} {'again ms':>9} {'mask us':>8} {'1st mask ms':>12} {'valid':>6}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['library']:<14} {row['tokenizer_index_ms']:>9} {row['compile_first_ms']:>11} "
-              f"{row['compile_again_ms']:>9} {row['mask_median_us']:>8} {row['mask_first_ms']:>12} "
-              f"{row['answer_allowed']!s:>6}")
+        print(
+            f"{row['library']:<14} {row['tokenizer_index_ms']:>9} {row['compile_first_ms']:>11} "
+            f"{row['compile_again_ms']:>9} {row['mask_median_us']:>8} {row['mask_first_ms']:>12} "
+            f"{row['answer_allowed']!s:>6}"
+        )
     write_report(args.json, report)
 
 

@@ -52,10 +52,12 @@ class HostProfile:
 
     def __init__(self, worker: Any) -> None:
         self._worker = worker
-        self._profiles = {"every thread" if _SEES_EVERY_THREAD else "event loop": cProfile.Profile()}
+        self._profiles = {
+            "every thread" if _SEES_EVERY_THREAD else "event loop": cProfile.Profile()
+        }
         self._wrapped = _Wrapped()
 
-    def __enter__(self) -> "HostProfile":
+    def __enter__(self) -> HostProfile:
         if not _SEES_EVERY_THREAD:
             engine = self._profiles["engine thread"] = cProfile.Profile()
 
@@ -66,6 +68,7 @@ class HostProfile:
                         return run_once(block)
                     finally:
                         engine.disable()
+
                 return profiled
 
             # The engine thread looks ``run_once`` up on every pass.
@@ -93,26 +96,36 @@ class PhaseTimes:
     is, which a profiler does not. ``waiting for tokens`` is host time the device still needed: the
     host's slack in that step."""
 
-    PHASES = {"pass": ("run_once",), "deliver": ("deliver",), "masks": ("sampler", "constrain"),
-              "record": ("record",), "decode launch": ("runner", "decode"),
-              "waiting for tokens": ("readback", "finish"), "mask fill": ("sampler", "masks", "fill"),
-              "llguidance call": ("sampler", "masks", "fill_batch"),
-              "mask kernel": ("ragllm.engines.inprocess.sample.masks", "masked_logits"),
-              "sample launch": ("ragllm.engines.inprocess.sample.sampler", "sample_on_device"),
-              "scores": ("ragllm.engines.inprocess.worker", "scores_on_device"),
-              "readback start": ("readback", "start"), "schedule": ("scheduler", "schedule"),
-              "prefill": ("runner", "prefill_many"), "update": ("scheduler", "update"),
-              "release": ("scheduler", "finish_step")}
+    PHASES = {
+        "pass": ("run_once",),
+        "deliver": ("deliver",),
+        "masks": ("sampler", "constrain"),
+        "record": ("record",),
+        "decode launch": ("runner", "decode"),
+        "waiting for tokens": ("readback", "finish"),
+        "mask fill": ("sampler", "masks", "fill"),
+        "llguidance call": ("sampler", "masks", "fill_batch"),
+        "mask kernel": ("ragllm.engines.inprocess.sample.masks", "masked_logits"),
+        "sample launch": ("ragllm.engines.inprocess.sample.sampler", "sample_on_device"),
+        "scores": ("ragllm.engines.inprocess.worker", "scores_on_device"),
+        "readback start": ("readback", "start"),
+        "schedule": ("scheduler", "schedule"),
+        "prefill": ("runner", "prefill_many"),
+        "update": ("scheduler", "update"),
+        "release": ("scheduler", "finish_step"),
+    }
 
     def __init__(self, worker: Any) -> None:
         self._worker = worker
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self.cpu_seconds = dict.fromkeys(self.PHASES, 0.0)  # the engine thread's own CPU time in each
+        self.cpu_seconds = dict.fromkeys(
+            self.PHASES, 0.0
+        )  # the engine thread's own CPU time in each
         self._wrapped = _Wrapped()
         self._steps_before = 0
         self._started = self._caller_cpu_started = 0.0
 
-    def __enter__(self) -> "PhaseTimes":
+    def __enter__(self) -> PhaseTimes:
         for phase, path in self.PHASES.items():
             # A dotted first name is a module (a function it calls by its global name); else the
             # path runs from the worker.
@@ -150,7 +163,13 @@ class PhaseTimes:
         """Each phase's mean ms per step as wall/CPU (the engine thread's own CPU time; the rest it
         spent blocked: on the device, on llguidance's threads or for the GIL), and the step's period."""
         steps = max(self.steps, 1)
-        report = {phase: f"{total / steps * 1e3:.3f}/{self.cpu_seconds[phase] / steps * 1e3:.3f}"
-                  for phase, total in self.seconds.items()}
-        return {"steps": self.steps, "step period": round(self.wall_s / steps * 1e3, 3), **report,
-                "event loop CPU": round(self.caller_cpu_s / steps * 1e3, 3)}
+        report = {
+            phase: f"{total / steps * 1e3:.3f}/{self.cpu_seconds[phase] / steps * 1e3:.3f}"
+            for phase, total in self.seconds.items()
+        }
+        return {
+            "steps": self.steps,
+            "step period": round(self.wall_s / steps * 1e3, 3),
+            **report,
+            "event loop CPU": round(self.caller_cpu_s / steps * 1e3, 3),
+        }

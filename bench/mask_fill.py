@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.report import write_report  # noqa: E402
 from bench.structured_outputs import records_schema  # noqa: E402
-from ragllm.structured.grammars import GrammarCompiler  # noqa: E402
 from ragllm.engines.inprocess.sample.mask_kernel import masked_logits  # noqa: E402
+from ragllm.structured.grammars import GrammarCompiler  # noqa: E402
 from ragllm.structured.spec import structured_output_of  # noqa: E402
 
 # The engine's GIL switch interval on a GPU (transformers_impl.GIL_SWITCH_INTERVAL_S).
@@ -37,12 +37,16 @@ SWITCH_INTERVAL_S = 0.0005
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, help="a tokenizer directory (default: the packaged model's)")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="a tokenizer directory (default: the packaged model's)"
+    )
     parser.add_argument("--vocab", type=int, help="logits width (default: the tokenizer's length)")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--threads", default="1,4,8,16", help="thread counts for the one-call fill")
-    parser.add_argument("--busy", action="store_true", help="also run each variant beside a GIL-holding thread")
+    parser.add_argument(
+        "--busy", action="store_true", help="also run each variant beside a GIL-holding thread"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/mask_fill.json"))
     return parser.parse_args(argv)
 
@@ -64,8 +68,12 @@ class FillBench:
 
         hf = AutoTokenizer.from_pretrained(tokenizer_path(args))
         self.vocab = args.vocab or len(hf)
-        self.compiler = GrammarCompiler(hf, self.vocab, frozenset())  # the engine's, as it makes matchers
-        self.spec = structured_output_of({"guided_json": records_schema(label_max_length=16)})  # as recorded
+        self.compiler = GrammarCompiler(
+            hf, self.vocab, frozenset()
+        )  # the engine's, as it makes matchers
+        self.spec = structured_output_of(
+            {"guided_json": records_schema(label_max_length=16)}
+        )  # as recorded
         self.rows, self.steps = args.rows, args.steps
         self.words = (self.vocab + 31) // 32
         self.scores = torch.randn(self.rows, self.vocab, generator=torch.Generator().manual_seed(0))
@@ -94,8 +102,12 @@ class FillBench:
             for _ in range(self.steps):
                 started = time.perf_counter()
                 if executor is not None:
-                    executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
-                                                     bitmask.data_ptr(), row_bytes, self.rows)
+                    executor.unsafe_compute_mask_ptr(
+                        [(m, i) for i, m in enumerate(matchers)],
+                        bitmask.data_ptr(),
+                        row_bytes,
+                        self.rows,
+                    )
                 else:
                     for i, matcher in enumerate(matchers):
                         matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
@@ -108,13 +120,15 @@ class FillBench:
             if holder:
                 holder.join()
         ordered = sorted(times)
-        return {"call": f"one call, {threads} thread(s)" if threads else "a call per row",
-                "matchers": "independent" if independent else "copies of one",
-                "busy_gil": busy,
-                "mean_ms": round(statistics.mean(times) * 1e3, 3),
-                "p50_ms": round(ordered[len(ordered) // 2] * 1e3, 3),
-                "p90_ms": round(ordered[int(len(ordered) * 0.9)] * 1e3, 3),
-                "max_ms": round(ordered[-1] * 1e3, 3)}
+        return {
+            "call": f"one call, {threads} thread(s)" if threads else "a call per row",
+            "matchers": "independent" if independent else "copies of one",
+            "busy_gil": busy,
+            "mean_ms": round(statistics.mean(times) * 1e3, 3),
+            "p50_ms": round(ordered[len(ordered) // 2] * 1e3, 3),
+            "p90_ms": round(ordered[int(len(ordered) * 0.9)] * 1e3, 3),
+            "max_ms": round(ordered[-1] * 1e3, 3),
+        }
 
 
 def _hold_the_gil(stop: threading.Event) -> None:
@@ -141,21 +155,32 @@ def main(args: argparse.Namespace) -> dict:
         for independent in (False, True):
             for threads in (None, *thread_counts):
                 rows.append(bench.run(threads, independent, busy))
-    return {"benchmark": "mask_fill", "tokenizer": str(tokenizer_path(args)), "vocab": bench.vocab,
-            "rows": args.rows, "steps": args.steps, "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "independent_matcher_ms": round(compile_ms, 3),
-            "variants": rows}
+    return {
+        "benchmark": "mask_fill",
+        "tokenizer": str(tokenizer_path(args)),
+        "vocab": bench.vocab,
+        "rows": args.rows,
+        "steps": args.steps,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "independent_matcher_ms": round(compile_ms, 3),
+        "variants": rows,
+    }
 
 
 def print_table(report: dict) -> None:
-    print(f"\nmask_fill  {report['rows']} rows x {report['steps']} steps  vocab={report['vocab']}  "
-          f"cpus={report['cpus']}  (an independent matcher costs {report['independent_matcher_ms']} ms to make)")
+    print(
+        f"\nmask_fill  {report['rows']} rows x {report['steps']} steps  vocab={report['vocab']}  "
+        f"cpus={report['cpus']}  (an independent matcher costs {report['independent_matcher_ms']} ms to make)"
+    )
     header = f"{'call':<22} {'matchers':<15} {'busy GIL':>9} {'mean':>8} {'p50':>8} {'p90':>8} {'max':>8}"
     print(header)
     print("-" * len(header))
     for row in report["variants"]:
-        print(f"{row['call']:<22} {row['matchers']:<15} {row['busy_gil']!s:>9} {row['mean_ms']:>8} "
-              f"{row['p50_ms']:>8} {row['p90_ms']:>8} {row['max_ms']:>8}")
+        print(
+            f"{row['call']:<22} {row['matchers']:<15} {row['busy_gil']!s:>9} {row['mean_ms']:>8} "
+            f"{row['p50_ms']:>8} {row['p90_ms']:>8} {row['max_ms']:>8}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,24 @@ from ragllm.config import DEFAULT_MODEL  # noqa: E402
 from ragllm.rag.contract import RagOptions  # noqa: E402
 
 CASES = Path(__file__).with_name("rag_eval_cases.json")
-DECLINE_PHRASES = ("not contain", "does not", "do not", "don't", "doesn't", "no information", "not mention",
-                   "not provided", "not specified", "not say", "cannot", "can't", "unable", "unknown",
-                   "not available", "no mention")
+DECLINE_PHRASES = (
+    "not contain",
+    "does not",
+    "do not",
+    "don't",
+    "doesn't",
+    "no information",
+    "not mention",
+    "not provided",
+    "not specified",
+    "not say",
+    "cannot",
+    "can't",
+    "unable",
+    "unknown",
+    "not available",
+    "no mention",
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,6 +66,7 @@ def declined(text: str) -> bool:
 
 def fact_found(value: str, text: str) -> bool:
     """``value`` as a whole word of ``text``, case aside, thousands separators removed from numbers."""
+
     def normal(s: str) -> str:
         return re.sub(r"(?<=\d)[,\u202f ](?=\d{3}\b)", "", s.lower())
 
@@ -60,13 +76,27 @@ def fact_found(value: str, text: str) -> bool:
 def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str) -> dict:
     rows = []
     for case in cases:
-        answer = client.answer(case["question"], [Document(**d) for d in case["documents"]], temperature=0,
-                               max_tokens=max_tokens, options=RagOptions(citations=citations),
-                               extra_headers={"Cache-Control": "no-cache, no-store"})
+        answer = client.answer(
+            case["question"],
+            [Document(**d) for d in case["documents"]],
+            temperature=0,
+            max_tokens=max_tokens,
+            options=RagOptions(citations=citations),
+            extra_headers={"Cache-Control": "no-cache, no-store"},
+        )
         found = [value for value in case["expected"] if fact_found(value, answer.text)]
-        rows.append({"id": case["id"], "kind": case["kind"], "answer": answer.text, "found": found,
-                     "cited": answer.cited, "unknown_citations": answer.unknown_citations,
-                     "declined": declined(answer.text), "tokens": answer.prompt_tokens + answer.completion_tokens})
+        rows.append(
+            {
+                "id": case["id"],
+                "kind": case["kind"],
+                "answer": answer.text,
+                "found": found,
+                "cited": answer.cited,
+                "unknown_citations": answer.unknown_citations,
+                "declined": declined(answer.text),
+                "tokens": answer.prompt_tokens + answer.completion_tokens,
+            }
+        )
     return {"summary": summarize(rows), "answers": rows}
 
 
@@ -96,26 +126,39 @@ def main() -> None:
     args = parse_args()
     cases = json.loads(CASES.read_text())["cases"]
     modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
-    report = {"benchmark": "rag_eval", "cases_file": str(CASES), "max_tokens": args.max_tokens, "runs": {}}
+    report = {
+        "benchmark": "rag_eval",
+        "cases_file": str(CASES),
+        "max_tokens": args.max_tokens,
+        "runs": {},
+    }
     with nullcontext(args.url) if args.url else served() as url:
         for model in args.model or [DEFAULT_MODEL]:
             client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=300)
             for mode in modes:
                 citations = "constrained" if mode == "constrained" else True
-                report["runs"][f"{model} / {mode}"] = evaluate(client, cases, args.max_tokens, citations)
+                report["runs"][f"{model} / {mode}"] = evaluate(
+                    client, cases, args.max_tokens, citations
+                )
             client.close()
     print(f"\nrag_eval  {len(cases)} cases  max_tokens={args.max_tokens}  greedy")
-    header = (f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
-              f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7}")
+    header = (
+        f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
+        f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7}"
+    )
     print(header)
     print("-" * len(header))
     for name, result in report["runs"].items():
         s = result["summary"]
-        print(f"{name:<48} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
-              f"{s['unanswerable_declined']:>15.0%} {s['unanswerable_cited']:>12.0%} "
-              f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} {s['mean_tokens']:>7}")
-    print("\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no unknown id; "
-          "unans: unanswerable questions; contra both: contradiction cases whose answer gives both values")
+        print(
+            f"{name:<48} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
+            f"{s['unanswerable_declined']:>15.0%} {s['unanswerable_cited']:>12.0%} "
+            f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} {s['mean_tokens']:>7}"
+        )
+    print(
+        "\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no unknown id; "
+        "unans: unanswerable questions; contra both: contradiction cases whose answer gives both values"
+    )
     write_report(args.json, report)
 
 

@@ -31,7 +31,9 @@ MODEL = "replica-model"
 
 
 class ReplicaService:
-    def __init__(self, time_scale: float, slowdown: float, profile: ReplicaProfile = ReplicaProfile()) -> None:
+    def __init__(
+        self, time_scale: float, slowdown: float, profile: ReplicaProfile = ReplicaProfile()
+    ) -> None:
         self.model = ReplicaModel(profile, slowdown=slowdown)
         self.time_scale = time_scale
         self.step_done = asyncio.Event()
@@ -61,9 +63,14 @@ class ReplicaService:
         rest = sum(len(str(m.get("content") or "")) for m in messages[1:])
         doc_set = int.from_bytes(hashlib.blake2b(head.encode(), digest_size=8).digest(), "big")
         doc_tokens = len(head) // 4
-        request = SimRequest(index=next(self._indices), doc_set=doc_set, doc_tokens=doc_tokens,
-                             prompt_tokens=doc_tokens + max(1, rest // 4),
-                             output_tokens=max(1, int(body.get("max_tokens") or 16)), arrival=time.monotonic())
+        request = SimRequest(
+            index=next(self._indices),
+            doc_set=doc_set,
+            doc_tokens=doc_tokens,
+            prompt_tokens=doc_tokens + max(1, rest // 4),
+            output_tokens=max(1, int(body.get("max_tokens") or 16)),
+            arrival=time.monotonic(),
+        )
         self.model.submit(request)
         self.wake.set()
         return request
@@ -83,8 +90,15 @@ class ReplicaService:
 
 
 def _chunk(text: str, finish: str | None = None, usage: dict | None = None) -> bytes:
-    event = {"id": "chatcmpl-model", "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL,
-             "choices": [] if usage else [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    event = {
+        "id": "chatcmpl-model",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": MODEL,
+        "choices": []
+        if usage
+        else [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
     if usage:
         event["usage"] = usage
     return b"data: " + orjson.dumps(event) + b"\n\n"
@@ -95,48 +109,86 @@ def make_app(service: ReplicaService) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "model",
-                                                              "max_model_len": 32768}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": MODEL, "object": "model", "owned_by": "model", "max_model_len": 32768}
+                ],
+            }
+        )
 
     async def metrics(_: web.Request) -> web.Response:
         model = service.model
         doc_tokens = model.profile.cache_doc_sets
-        lines = [f"vllm:num_requests_running {len(model.running) + len(model.admitted_this_step)}",
-                 f"vllm:num_requests_waiting {len(model.waiting)}",
-                 f"vllm:kv_cache_usage_perc {min(1.0, len(model.cache) / doc_tokens)}",
-                 f"vllm:prefix_cache_queries_total {model.lookups}",
-                 f"vllm:prefix_cache_hits_total {model.hits}",
-                 f"replica_model_requests_total {service.served}"]
+        lines = [
+            f"vllm:num_requests_running {len(model.running) + len(model.admitted_this_step)}",
+            f"vllm:num_requests_waiting {len(model.waiting)}",
+            f"vllm:kv_cache_usage_perc {min(1.0, len(model.cache) / doc_tokens)}",
+            f"vllm:prefix_cache_queries_total {model.lookups}",
+            f"vllm:prefix_cache_hits_total {model.hits}",
+            f"replica_model_requests_total {service.served}",
+        ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         simulated = service.submit(body)
         service.served += 1
-        usage = {"prompt_tokens": simulated.prompt_tokens, "completion_tokens": simulated.output_tokens,
-                 "total_tokens": simulated.prompt_tokens + simulated.output_tokens,
-                 "prompt_tokens_details": {"cached_tokens": 0}}
+        usage = {
+            "prompt_tokens": simulated.prompt_tokens,
+            "completion_tokens": simulated.output_tokens,
+            "total_tokens": simulated.prompt_tokens + simulated.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        }
         if not body.get("stream"):
             async for _ in service.tokens(simulated):
                 pass
-            usage["prompt_tokens_details"]["cached_tokens"] = simulated.doc_tokens if simulated.cache_hit else 0
-            return web.json_response({"id": "chatcmpl-model", "object": "chat.completion", "created": int(time.time()),
-                                      "model": MODEL, "usage": usage, "choices": [{
-                                          "index": 0, "finish_reason": "length",
-                                          "message": {"role": "assistant", "content": " word" * simulated.output_tokens}}]})
+            usage["prompt_tokens_details"]["cached_tokens"] = (
+                simulated.doc_tokens if simulated.cache_hit else 0
+            )
+            return web.json_response(
+                {
+                    "id": "chatcmpl-model",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": MODEL,
+                    "usage": usage,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "length",
+                            "message": {
+                                "role": "assistant",
+                                "content": " word" * simulated.output_tokens,
+                            },
+                        }
+                    ],
+                }
+            )
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         sent = 0
         async for count in service.tokens(simulated):
             sent += count
-            await response.write(_chunk(" word" * count, "length" if sent >= simulated.output_tokens else None))
-        usage["prompt_tokens_details"]["cached_tokens"] = simulated.doc_tokens if simulated.cache_hit else 0
+            await response.write(
+                _chunk(" word" * count, "length" if sent >= simulated.output_tokens else None)
+            )
+        usage["prompt_tokens_details"]["cached_tokens"] = (
+            simulated.doc_tokens if simulated.cache_hit else 0
+        )
         await response.write(_chunk("", usage=usage) + b"data: [DONE]\n\n")
         return response
 
     app = web.Application()
-    app.add_routes([web.get("/health", health), web.get("/v1/models", models), web.get("/metrics", metrics),
-                    web.post("/v1/chat/completions", chat)])
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/v1/models", models),
+            web.get("/metrics", metrics),
+            web.post("/v1/chat/completions", chat),
+        ]
+    )
     return app
 
 

@@ -25,13 +25,37 @@ def serve_end_to_end(model_dir: Path, max_model_len: int, log_path: Path) -> dic
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "RAGLLM_ENGINE__MAX_NUM_SEQS": "64", "RAGLLM_ENGINE__MAX_BATCH_SIZE": "64",
-           "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "8192", "RAGLLM_ENGINE__MAX_WAITING": "256",
-           "RAGLLM_ENGINE__DTYPE": "bfloat16", "RAGLLM_SERVER__LOG_REQUESTS": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "ragllm.cli", "serve", "--model", str(model_dir), "--device",
-                               "cuda", "--port", str(port), "--max-model-len", str(max_model_len),
-                               "--served-model-name", "bench"],
-                              env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "RAGLLM_ENGINE__MAX_NUM_SEQS": "64",
+        "RAGLLM_ENGINE__MAX_BATCH_SIZE": "64",
+        "RAGLLM_ENGINE__MAX_NUM_BATCHED_TOKENS": "8192",
+        "RAGLLM_ENGINE__MAX_WAITING": "256",
+        "RAGLLM_ENGINE__DTYPE": "bfloat16",
+        "RAGLLM_SERVER__LOG_REQUESTS": "false",
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ragllm.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--device",
+            "cuda",
+            "--port",
+            str(port),
+            "--max-model-len",
+            str(max_model_len),
+            "--served-model-name",
+            "bench",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -60,16 +84,31 @@ async def _drive(url: str) -> dict:
     prompt_sizes: set[int] = set()  # reported, so a tokenizer that loses the words shows
 
     async def one(client: httpx.AsyncClient, index: int) -> tuple[float, int, float]:
-        body = {"model": "bench", "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": " ".join(word((index * 131 + i) % 5000)
-                                                                  for i in range(PROMPT_TOKENS))}]}
+        body = {
+            "model": "bench",
+            "max_tokens": DECODE_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [
+                {
+                    "role": "user",
+                    "content": " ".join(
+                        word((index * 131 + i) % 5000) for i in range(PROMPT_TOKENS)
+                    ),
+                }
+            ],
+        }
         start = time.perf_counter()
         first, tokens = None, 0
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
-                                 headers={"cache-control": "no-store"}) as response:
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=body, headers={"cache-control": "no-store"}
+        ) as response:
             if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+                raise RuntimeError(
+                    f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                )
             async for line in response.aiter_lines():
                 if first is None and '"content"' in line:
                     first = time.perf_counter() - start
@@ -86,7 +125,9 @@ async def _drive(url: str) -> dict:
             start = time.perf_counter()
             runs = await asyncio.gather(*(one(client, i) for i in range(concurrency)))
             elapsed = time.perf_counter() - start
-            results[concurrency] = {"aggregate_tok_s": sum(r[1] for r in runs) / elapsed,
-                                    "ttft_ms_median": sorted(r[0] for r in runs)[len(runs) // 2] * 1e3}
+            results[concurrency] = {
+                "aggregate_tok_s": sum(r[1] for r in runs) / elapsed,
+                "ttft_ms_median": sorted(r[0] for r in runs)[len(runs) // 2] * 1e3,
+            }
     results["prompt_tokens"] = sorted(prompt_sizes)
     return results

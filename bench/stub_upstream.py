@@ -20,23 +20,56 @@ import time
 import orjson
 
 MODEL = "stub"
-MODELS = orjson.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "stub",
-                                                   "max_model_len": 8192}]})
+MODELS = orjson.dumps(
+    {
+        "object": "list",
+        "data": [{"id": MODEL, "object": "model", "owned_by": "stub", "max_model_len": 8192}],
+    }
+)
 
 
 def _response(status: str, body: bytes, content_type: bytes = b"application/json") -> bytes:
-    return (b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type
-            + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 def _events(tokens: int) -> list[bytes]:
     created = int(time.time())
     usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
-    events = [{"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created, "model": MODEL,
-               "choices": [{"index": 0, "delta": {"content": " word"},
-                            "finish_reason": "length" if index == tokens - 1 else None}]} for index in range(tokens)]
-    events.append({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created, "model": MODEL,
-                   "choices": [], "usage": usage})
+    events = [
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": " word"},
+                    "finish_reason": "length" if index == tokens - 1 else None,
+                }
+            ],
+        }
+        for index in range(tokens)
+    ]
+    events.append(
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": MODEL,
+            "choices": [],
+            "usage": usage,
+        }
+    )
     return [b"data: " + orjson.dumps(event) + b"\n\n" for event in events] + [b"data: [DONE]\n\n"]
 
 
@@ -48,10 +81,25 @@ def _completion(tokens: int, stream: bool) -> bytes:
     created = int(time.time())
     usage = {"prompt_tokens": 12, "completion_tokens": tokens, "total_tokens": 12 + tokens}
     if not stream:
-        return _response("200 OK", orjson.dumps({
-            "id": "chatcmpl-stub", "object": "chat.completion", "created": created, "model": MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": " word" * tokens},
-                         "finish_reason": "length"}], "usage": usage}))
+        return _response(
+            "200 OK",
+            orjson.dumps(
+                {
+                    "id": "chatcmpl-stub",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": MODEL,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": " word" * tokens},
+                            "finish_reason": "length",
+                        }
+                    ],
+                    "usage": usage,
+                }
+            ),
+        )
     body = b"".join(_events(tokens))
     return _response("200 OK", body, b"text/event-stream")
 
@@ -80,8 +128,8 @@ class StubProtocol(asyncio.Protocol):
                     length = int(value)
             if len(self.buffer) < head_end + 4 + length:
                 return
-            body = self.buffer[head_end + 4:head_end + 4 + length]
-            self.buffer = self.buffer[head_end + 4 + length:]
+            body = self.buffer[head_end + 4 : head_end + 4 + length]
+            self.buffer = self.buffer[head_end + 4 + length :]
             path = head.split(" ", 2)[1]
             if self.pace_s and path == "/v1/chat/completions" and orjson.loads(body).get("stream"):
                 self.pending = asyncio.ensure_future(self._paced(orjson.loads(body), self.pending))
@@ -91,7 +139,9 @@ class StubProtocol(asyncio.Protocol):
     async def _paced(self, request: dict, previous: asyncio.Task | None) -> None:
         if previous is not None:  # a client pipelining requests gets its answers in order
             await previous
-        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
         for index, event in enumerate(_events(int(request.get("max_tokens") or 16))):
             if index:
                 await asyncio.sleep(self.pace_s)
@@ -113,8 +163,9 @@ class StubProtocol(asyncio.Protocol):
 
 
 async def serve(port: int, pace_ms: float = 0.0) -> None:
-    server = await asyncio.get_running_loop().create_server(lambda: StubProtocol(pace_ms / 1e3), "127.0.0.1", port,
-                                                            backlog=1024)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: StubProtocol(pace_ms / 1e3), "127.0.0.1", port, backlog=1024
+    )
     async with server:
         await server.serve_forever()
 
@@ -122,6 +173,8 @@ async def serve(port: int, pace_ms: float = 0.0) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9100)
-    parser.add_argument("--pace-ms", type=float, default=0.0, help="one event per write, this far apart")
+    parser.add_argument(
+        "--pace-ms", type=float, default=0.0, help="one event per write, this far apart"
+    )
     arguments = parser.parse_args()
     asyncio.run(serve(arguments.port, arguments.pace_ms))

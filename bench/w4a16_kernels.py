@@ -37,8 +37,11 @@ COPIES = 8
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("bench/results/w4a16_kernels.json"))
-    parser.add_argument("--decode-rows", default=",".join(map(str, DECODE_ROWS)),
-                        help="comma-separated decode row counts to sweep")
+    parser.add_argument(
+        "--decode-rows",
+        default=",".join(map(str, DECODE_ROWS)),
+        help="comma-separated decode row counts to sweep",
+    )
     parser.add_argument("--skip-prefill", action="store_true")
     return parser.parse_args()
 
@@ -71,12 +74,21 @@ def layer_weights(k: int, n: int) -> tuple[list[AwqWeights], list[torch.Tensor]]
     dense = torch.randn(n, k, device="cuda") * 0.02
     packed = quantise(dense, GROUP)
     dense = dense.to(torch.bfloat16)
-    return ([AwqWeights(packed.qweight.clone(), packed.qzeros.clone(), packed.scales.clone(), None, GROUP)
-             for _ in range(COPIES)], [dense.clone() for _ in range(COPIES)])
+    return (
+        [
+            AwqWeights(
+                packed.qweight.clone(), packed.qzeros.clone(), packed.scales.clone(), None, GROUP
+            )
+            for _ in range(COPIES)
+        ],
+        [dense.clone() for _ in range(COPIES)],
+    )
 
 
 def packed_bytes(weights: AwqWeights) -> int:
-    return sum(t.numel() * t.element_size() for t in (weights.qweight, weights.qzeros, weights.scales))
+    return sum(
+        t.numel() * t.element_size() for t in (weights.qweight, weights.qzeros, weights.scales)
+    )
 
 
 def main() -> None:
@@ -84,7 +96,12 @@ def main() -> None:
     torch.manual_seed(0)
     layers = {name: layer_weights(k, n) for name, k, n in SHAPES}
     counters = {name: w4a16.counters_for(n, torch.device("cuda")) for name, _, n in SHAPES}
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "decode": {}, "prefill": {}}
+    report: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "decode": {},
+        "prefill": {},
+    }
     base = w4a16.W4A16Tuning()
 
     def run_awq(name: str, x: torch.Tensor):
@@ -96,27 +113,49 @@ def main() -> None:
     def measure(tuning: w4a16.W4A16Tuning, entry: dict, inputs: dict) -> None:
         w4a16.TUNING = tuning
         times = {name: graph_time_us(run_awq(name, inputs[name])) for name, _, _ in SHAPES}
-        entry["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
+        entry["awq"].append(
+            {"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())}
+        )
 
     # -- decode: bf16 cuBLAS, then each tuning ------------------------------------------------------------
-    gemv_tunings = [replace(base, gemv_words=words, gemv_programs_per_sm=per_sm, gemv_stages=stages,
-                            gemv_unrolled=unrolled, gemv_wide_words=wide)
-                    for words, per_sm, stages, unrolled, wide in itertools.product((8, 16), (8, 16), (2, 3),
-                                                                                   (False, True), (0, 32, 64))
-                    if not (unrolled and stages == 3)]  # an unrolled program is not pipelined
+    gemv_tunings = [
+        replace(
+            base,
+            gemv_words=words,
+            gemv_programs_per_sm=per_sm,
+            gemv_stages=stages,
+            gemv_unrolled=unrolled,
+            gemv_wide_words=wide,
+        )
+        for words, per_sm, stages, unrolled, wide in itertools.product(
+            (8, 16), (8, 16), (2, 3), (False, True), (0, 32, 64)
+        )
+        if not (unrolled and stages == 3)
+    ]  # an unrolled program is not pipelined
     gemv_tunings.append(replace(base, gemv_words=0))  # 0: one row through the tiled kernel
     # Tensor-core tilings for 2-64 rows: tile widths, orientation, warps and programs a multiprocessor at
     # three stages, then the other stages for the four fastest of those at the first multi-row count.
     # Later row counts try only that count's four fastest (each tiling compiles anew per shape).
-    tiled_tunings = [replace(base, rows_block_n=block_n, rows_swapped=swapped, rows_warps=warps,
-                             rows_programs_per_sm=per_sm, rows_stages=3)
-                     for block_n, swapped, warps, per_sm in itertools.product((32, 64), (False, True), (4, 8),
-                                                                              (2, 4, 8))
-                     # The tensor cores' long side is 64; wider tiles (128, 256) lost on an H100 (BENCHMARKS.md).
-                     if not (swapped and block_n < 64) and not (block_n < 64 and warps > 4)]
+    tiled_tunings = [
+        replace(
+            base,
+            rows_block_n=block_n,
+            rows_swapped=swapped,
+            rows_warps=warps,
+            rows_programs_per_sm=per_sm,
+            rows_stages=3,
+        )
+        for block_n, swapped, warps, per_sm in itertools.product(
+            (32, 64), (False, True), (4, 8), (2, 4, 8)
+        )
+        # The tensor cores' long side is 64; wider tiles (128, 256) lost on an H100 (BENCHMARKS.md).
+        if not (swapped and block_n < 64) and not (block_n < 64 and warps > 4)
+    ]
     tiled_swept = False  # the full tiled sweep runs at the first multi-row count only
     for rows in (int(count) for count in args.decode_rows.split(",") if count):
-        inputs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
+        inputs = {
+            name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES
+        }
         entry: dict = {"bf16_us": {}, "awq": []}
         for name, _, _ in SHAPES:
             entry["bf16_us"][name] = graph_time_us(run_dense(name, inputs[name]))
@@ -126,7 +165,9 @@ def main() -> None:
         if rows > 1 and not tiled_swept:
             for row in entry["awq"][:4]:
                 for stages in (2, 4):
-                    measure(replace(base, **{**row["tuning"], "rows_stages": stages}), entry, inputs)
+                    measure(
+                        replace(base, **{**row["tuning"], "rows_stages": stages}), entry, inputs
+                    )
             entry["awq"].sort(key=lambda row: row["layer_us"])
             tiled_swept = True
         if rows > 1:
@@ -134,48 +175,91 @@ def main() -> None:
         entry["bf16_layer_us"] = sum(entry["bf16_us"].values())
         report["decode"][rows] = entry
         best = entry["awq"][0]
-        gbps = {name: packed_bytes(layers[name][0][0]) / (best["us"][name] * 1e-6) / 1e9 for name, _, _ in SHAPES}
+        gbps = {
+            name: packed_bytes(layers[name][0][0]) / (best["us"][name] * 1e-6) / 1e9
+            for name, _, _ in SHAPES
+        }
         best["weight_gb_s"] = gbps
-        print(f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
-              f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
-              f"{ {k: round(v) for k, v in gbps.items()} }", flush=True)
-        write_report(args.json, report)  # after every row count, so a run cut short keeps what it measured
+        print(
+            f"decode {rows:>3} rows: bf16 layer {entry['bf16_layer_us']:.1f} µs, AWQ best {best['layer_us']:.1f} µs "
+            f"with {best['tuning']}; per product µs { {k: round(v, 1) for k, v in best['us'].items()} }; GB/s "
+            f"{ {k: round(v) for k, v in gbps.items()} }",
+            flush=True,
+        )
+        write_report(
+            args.json, report
+        )  # after every row count, so a run cut short keeps what it measured
         if rows == 1:  # the best with and without wide rows, side by side
             for wide in (0, 32, 64):
-                row = next(r for r in entry["awq"]
-                           if r["tuning"]["gemv_wide_words"] == wide and r["tuning"]["gemv_words"])
-                print(f"  wide rows {wide or 'never'}: layer {row['layer_us']:.1f} µs, per product µs "
-                      f"{ {k: round(v, 1) for k, v in row['us'].items()} }", flush=True)
+                row = next(
+                    r
+                    for r in entry["awq"]
+                    if r["tuning"]["gemv_wide_words"] == wide and r["tuning"]["gemv_words"]
+                )
+                print(
+                    f"  wide rows {wide or 'never'}: layer {row['layer_us']:.1f} µs, per product µs "
+                    f"{ {k: round(v, 1) for k, v in row['us'].items()} }",
+                    flush=True,
+                )
     if args.skip_prefill:
         write_report(args.json, report)
         return
     # -- prefill --------------------------------------------------------------------------------------------
-    inputs = {name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16) for name, k, _ in SHAPES}
-    prefill: dict = {"bf16_us": {name: graph_time_us(run_dense(name, inputs[name]), 1) for name, _, _ in SHAPES},
-                     "awq": []}
-    prefill_tunings = [replace(base, prefill_mode="dequantise", dequantise_warps=warps) for warps in (4, 8)] + [
-        replace(base, prefill_mode="tiled", prefill_block_m=bm, prefill_block_n=bn, prefill_warps=warps,
-                prefill_stages=stages)
-        for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2))]
+    inputs = {
+        name: torch.randn(PREFILL_ROWS, k, device="cuda", dtype=torch.bfloat16)
+        for name, k, _ in SHAPES
+    }
+    prefill: dict = {
+        "bf16_us": {name: graph_time_us(run_dense(name, inputs[name]), 1) for name, _, _ in SHAPES},
+        "awq": [],
+    }
+    prefill_tunings = [
+        replace(base, prefill_mode="dequantise", dequantise_warps=warps) for warps in (4, 8)
+    ] + [
+        replace(
+            base,
+            prefill_mode="tiled",
+            prefill_block_m=bm,
+            prefill_block_n=bn,
+            prefill_warps=warps,
+            prefill_stages=stages,
+        )
+        for bm, bn, warps, stages in (
+            (128, 128, 8, 3),
+            (64, 128, 4, 3),
+            (128, 64, 4, 3),
+            (128, 128, 4, 2),
+        )
+    ]
     for tuning in prefill_tunings:
         w4a16.TUNING = tuning
         try:
             times = {name: graph_time_us(run_awq(name, inputs[name]), 1) for name, _, _ in SHAPES}
         except Exception as exc:  # a tile that does not fit in shared memory: reported, not fatal
-            prefill["awq"].append({"tuning": asdict(tuning), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            prefill["awq"].append(
+                {"tuning": asdict(tuning), "error": f"{type(exc).__name__}: {exc}"[:200]}
+            )
             continue
-        prefill["awq"].append({"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())})
+        prefill["awq"].append(
+            {"tuning": asdict(tuning), "us": times, "layer_us": sum(times.values())}
+        )
     prefill["awq"].sort(key=lambda row: row.get("layer_us", float("inf")))
     prefill["bf16_layer_us"] = sum(prefill["bf16_us"].values())
     report["prefill"][PREFILL_ROWS] = prefill
     best = prefill["awq"][0]
-    print(f"prefill {PREFILL_ROWS} rows: bf16 layer {prefill['bf16_layer_us']:.0f} µs, AWQ best {best['layer_us']:.0f} µs "
-          f"with {best['tuning']}", flush=True)
+    print(
+        f"prefill {PREFILL_ROWS} rows: bf16 layer {prefill['bf16_layer_us']:.0f} µs, AWQ best {best['layer_us']:.0f} µs "
+        f"with {best['tuning']}",
+        flush=True,
+    )
     for row in prefill["awq"]:
         if row["tuning"]["prefill_mode"] == "dequantise":
-            print(f"prefill by dequantise-then-matmul, {row['tuning']['dequantise_warps']} warps a dequantising "
-                  f"program: {row.get('layer_us', float('nan')):.0f} µs; per product µs "
-                  f"{ {k: round(v, 1) for k, v in row.get('us', {}).items()} }", flush=True)
+            print(
+                f"prefill by dequantise-then-matmul, {row['tuning']['dequantise_warps']} warps a dequantising "
+                f"program: {row.get('layer_us', float('nan')):.0f} µs; per product µs "
+                f"{ {k: round(v, 1) for k, v in row.get('us', {}).items()} }",
+                flush=True,
+            )
     write_report(args.json, report)
 
 

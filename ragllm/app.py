@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from ragllm import __version__
-from ragllm.api.body_limit import BodyLimitMiddleware
+from ragllm.access.keys import KeyRing
+from ragllm.access.rate_limits import RateLimiter
 from ragllm.api import health, routes
+from ragllm.api.body_limit import BodyLimitMiddleware
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.api.record import RequestRecordMiddleware
@@ -23,8 +25,6 @@ from ragllm.config import Settings
 from ragllm.engines import create_engine
 from ragllm.engines.base import Engine
 from ragllm.lifecycle import EXIT_ENGINE_FAILED, Lifecycle
-from ragllm.access.keys import KeyRing
-from ragllm.access.rate_limits import RateLimiter
 from ragllm.redis_link import RedisLink
 from ragllm.serving.prepare import RequestPreparer
 from ragllm.telemetry.metrics import Metrics
@@ -41,8 +41,10 @@ class ConfigurationError(ValueError):
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. The engine loads in the background: /health answers 503 until it is ready."""
     if settings.redis.required and not settings.redis.url:
-        raise ConfigurationError(f"the {settings.profile} profile needs Redis: set REDIS_URL "
-                                 "(e.g. redis://127.0.0.1:6379/0)")
+        raise ConfigurationError(
+            f"the {settings.profile} profile needs Redis: set REDIS_URL "
+            "(e.g. redis://127.0.0.1:6379/0)"
+        )
     try:
         keys = KeyRing.from_settings(settings.auth, settings.limits)
     except (ValueError, OSError) as exc:
@@ -52,12 +54,23 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     metrics.watch_engine(engine.stats)
     redis = None
     if settings.redis.url:
-        redis = RedisLink(settings.redis, on_fallback=lambda op: metrics.redis_fallbacks.labels(op).inc())
+        redis = RedisLink(
+            settings.redis, on_fallback=lambda op: metrics.redis_fallbacks.labels(op).inc()
+        )
     state = AppState(
-        settings=settings, engine=engine, metrics=metrics, preparer=RequestPreparer(engine, metrics, settings.input),
-        redis=redis, cache=_response_cache(settings, redis), keys=keys, limiter=RateLimiter(redis),
-        request_log=RequestLog(settings.request_log, redis, on_drop=metrics.request_log_dropped.inc),
-        tracing=Tracing(settings.telemetry), lifecycle=Lifecycle(settings.server.shutdown_grace_s),
+        settings=settings,
+        engine=engine,
+        metrics=metrics,
+        preparer=RequestPreparer(engine, metrics, settings.input),
+        redis=redis,
+        cache=_response_cache(settings, redis),
+        keys=keys,
+        limiter=RateLimiter(redis),
+        request_log=RequestLog(
+            settings.request_log, redis, on_drop=metrics.request_log_dropped.inc
+        ),
+        tracing=Tracing(settings.telemetry),
+        lifecycle=Lifecycle(settings.server.shutdown_grace_s),
         outbox_budget=OutboxBudget(settings.server.stream_buffer_total_bytes),
     )
 

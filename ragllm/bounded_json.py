@@ -24,7 +24,9 @@ class JsonLimits:
 
     max_depth: int
     max_values: int
-    values_setting: str = "RAGLLM_INPUT__MAX_JSON_VALUES"  # named in the refusal, so an operator knows what to raise
+    values_setting: str = (
+        "RAGLLM_INPUT__MAX_JSON_VALUES"  # named in the refusal, so an operator knows what to raise
+    )
 
     @classmethod
     def body(cls, bounds: InputSettings) -> JsonLimits:
@@ -33,7 +35,9 @@ class JsonLimits:
     @classmethod
     def schema(cls, bounds: InputSettings) -> JsonLimits:
         """One schema, tool's parameters or tool-call arguments."""
-        return cls(bounds.max_json_depth, bounds.max_schema_values, "RAGLLM_INPUT__MAX_SCHEMA_VALUES")
+        return cls(
+            bounds.max_json_depth, bounds.max_schema_values, "RAGLLM_INPUT__MAX_SCHEMA_VALUES"
+        )
 
 
 class JsonTooComplex(InvalidRequest):
@@ -51,22 +55,39 @@ def check_structure(value: Any, limits: JsonLimits, param: str | None = None) ->
     while stack:
         container, depth, field = stack.pop()
         if depth > limits.max_depth:
-            raise JsonTooComplex(f"{field or 'the request body'} is nested more than {limits.max_depth} levels "
-                                 "deep (RAGLLM_INPUT__MAX_JSON_DEPTH)", param=field, code="json_too_deep")
+            raise JsonTooComplex(
+                f"{field or 'the request body'} is nested more than {limits.max_depth} levels "
+                "deep (RAGLLM_INPUT__MAX_JSON_DEPTH)",
+                param=field,
+                code="json_too_deep",
+            )
         count += len(container)
         if count > limits.max_values:
-            raise JsonTooComplex(f"{field or 'the request body'} holds more than {limits.max_values} JSON values "
-                                 f"({limits.values_setting})", param=field, code="json_too_large")
+            raise JsonTooComplex(
+                f"{field or 'the request body'} holds more than {limits.max_values} JSON values "
+                f"({limits.values_setting})",
+                param=field,
+                code="json_too_large",
+            )
         if isinstance(container, list):
             stack += [(item, depth + 1, field) for item in container if type(item) in _CONTAINERS]
         elif field is None:  # the body's own fields: each names what it holds
-            stack += [(item, depth + 1, key) for key, item in container.items() if type(item) in _CONTAINERS]
+            stack += [
+                (item, depth + 1, key)
+                for key, item in container.items()
+                if type(item) in _CONTAINERS
+            ]
         else:
-            stack += [(item, depth + 1, field) for item in container.values() if type(item) in _CONTAINERS]
+            stack += [
+                (item, depth + 1, field) for item in container.values() if type(item) in _CONTAINERS
+            ]
     return count
 
 
-_CONTAINERS = (dict, list)  # what orjson decodes objects and arrays to (exact types: nothing else is built)
+_CONTAINERS = (
+    dict,
+    list,
+)  # what orjson decodes objects and arrays to (exact types: nothing else is built)
 
 
 def loads_bounded(text: str | bytes, limits: JsonLimits, param: str) -> Any:
@@ -75,8 +96,12 @@ def loads_bounded(text: str | bytes, limits: JsonLimits, param: str) -> Any:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         if "depth" in str(exc):  # orjson's own limit, far past ours
-            raise JsonTooComplex(f"{param} is nested more than {limits.max_depth} levels deep "
-                                 "(RAGLLM_INPUT__MAX_JSON_DEPTH)", param=param, code="json_too_deep") from None
+            raise JsonTooComplex(
+                f"{param} is nested more than {limits.max_depth} levels deep "
+                "(RAGLLM_INPUT__MAX_JSON_DEPTH)",
+                param=param,
+                code="json_too_deep",
+            ) from None
         raise InvalidRequest(f"{param} is not valid JSON ({exc})", param=param) from None
     check_structure(value, limits, param)
     return value

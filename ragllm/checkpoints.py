@@ -22,7 +22,10 @@ def checkpoint_quantization(model: str) -> str | None:
             declared = {}
         return declared.get("quant_method")
     name = model.rsplit("/", 1)[-1].lower()
-    return next((method for method in NAMED_METHODS if re.search(rf"(^|[-_.]){method}($|[-_.])", name)), None)
+    return next(
+        (method for method in NAMED_METHODS if re.search(rf"(^|[-_.]){method}($|[-_.])", name)),
+        None,
+    )
 
 
 def resolved_kv_cache_dtype(setting: str | None, model: str) -> str | None:

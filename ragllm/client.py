@@ -1,10 +1,10 @@
 """A typed client for RAG orchestrators, on top of the official ``openai`` SDK.
 
-    from ragllm.client import RagClient, Document
+from ragllm.client import RagClient, Document
 
-    client = RagClient("http://localhost:8081/v1", model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    answer = client.answer("When was the bridge built?", [Document(id="d1", text="It opened in 1987.")])
-    print(answer.text, [c.id for c in answer.citations])
+client = RagClient("http://localhost:8081/v1", model="HuggingFaceTB/SmolLM2-135M-Instruct")
+answer = client.answer("When was the bridge built?", [Document(id="d1", text="It opened in 1987.")])
+print(answer.text, [c.id for c in answer.citations])
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragllm.rag.contract import Citation, RagDocument as Document, RagOptions, RagReport
+from ragllm.rag.contract import Citation, RagOptions, RagReport
+from ragllm.rag.contract import RagDocument as Document
 
 __all__ = ["Answer", "AsyncRagClient", "Citation", "Document", "RagClient"]
 
@@ -34,13 +35,21 @@ class Answer:
         return bool(self.citations)
 
 
-def _request(model: str, question: str, documents: list[Document], history: list[dict] | None,
-             options: RagOptions, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _request(
+    model: str,
+    question: str,
+    documents: list[Document],
+    history: list[dict] | None,
+    options: RagOptions,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "model": model,
         "messages": [*(history or []), {"role": "user", "content": question}],
-        "extra_body": {"documents": [d.model_dump(exclude_none=True) for d in documents],
-                       "rag": options.model_dump(exclude_none=True)},
+        "extra_body": {
+            "documents": [d.model_dump(exclude_none=True) for d in documents],
+            "rag": options.model_dump(exclude_none=True),
+        },
         **kwargs,
     }
 
@@ -62,16 +71,27 @@ def _answer(completion: Any) -> Answer:
 
 
 class RagClient:
-    def __init__(self, base_url: str, model: str, api_key: str = "unused", **openai_kwargs: Any) -> None:
+    def __init__(
+        self, base_url: str, model: str, api_key: str = "unused", **openai_kwargs: Any
+    ) -> None:
         from openai import OpenAI
 
         self.model = model
         self._client = OpenAI(base_url=base_url, api_key=api_key, **openai_kwargs)
 
-    def answer(self, question: str, documents: list[Document], *, history: list[dict] | None = None,
-               options: RagOptions | None = None, **kwargs: Any) -> Answer:
+    def answer(
+        self,
+        question: str,
+        documents: list[Document],
+        *,
+        history: list[dict] | None = None,
+        options: RagOptions | None = None,
+        **kwargs: Any,
+    ) -> Answer:
         """Ask ``question`` over ``documents``; ``kwargs`` go to the SDK (max_tokens, temperature, ...)."""
-        request = _request(self.model, question, documents, history, options or RagOptions(), kwargs)
+        request = _request(
+            self.model, question, documents, history, options or RagOptions(), kwargs
+        )
         return _answer(self._client.chat.completions.create(**request))
 
     def close(self) -> None:
@@ -79,15 +99,26 @@ class RagClient:
 
 
 class AsyncRagClient:
-    def __init__(self, base_url: str, model: str, api_key: str = "unused", **openai_kwargs: Any) -> None:
+    def __init__(
+        self, base_url: str, model: str, api_key: str = "unused", **openai_kwargs: Any
+    ) -> None:
         from openai import AsyncOpenAI
 
         self.model = model
         self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, **openai_kwargs)
 
-    async def answer(self, question: str, documents: list[Document], *, history: list[dict] | None = None,
-                     options: RagOptions | None = None, **kwargs: Any) -> Answer:
-        request = _request(self.model, question, documents, history, options or RagOptions(), kwargs)
+    async def answer(
+        self,
+        question: str,
+        documents: list[Document],
+        *,
+        history: list[dict] | None = None,
+        options: RagOptions | None = None,
+        **kwargs: Any,
+    ) -> Answer:
+        request = _request(
+            self.model, question, documents, history, options or RagOptions(), kwargs
+        )
         return _answer(await self._client.chat.completions.create(**request))
 
     async def close(self) -> None:

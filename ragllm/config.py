@@ -47,36 +47,58 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
-    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (cloud).")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line (cloud)."
+    )
     log_requests: bool = Field(True, description="One log line per finished generation request.")
-    log_prompts: bool = Field(False, description="Include prompts and completions in request lines.")
+    log_prompts: bool = Field(
+        False, description="Include prompts and completions in request lines."
+    )
     shutdown_grace_s: float = Field(
-        10.0, ge=0, description="SIGTERM: how long running requests may take to finish before the process "
-                                "exits (keep it below the orchestrator's kill timeout).")
+        10.0,
+        ge=0,
+        description="SIGTERM: how long running requests may take to finish before the process "
+        "exits (keep it below the orchestrator's kill timeout).",
+    )
     exit_on_engine_failure: bool = Field(
-        True, description="Exit with status 70 once the engine is broken (a device error, a stalled engine), "
-                          "so the orchestrator restarts the process; false: stay up answering 503.")
+        True,
+        description="Exit with status 70 once the engine is broken (a device error, a stalled engine), "
+        "so the orchestrator restarts the process; false: stay up answering 503.",
+    )
     write_timeout_s: float = Field(
-        30.0, gt=0, description="A streamed answer whose client reads nothing for this long (one write stays "
-                                "blocked) has its connection dropped (recorded as 408).")
+        30.0,
+        gt=0,
+        description="A streamed answer whose client reads nothing for this long (one write stays "
+        "blocked) has its connection dropped (recorded as 408).",
+    )
     stream_buffer_bytes: int = Field(
-        4 * 1024 * 1024, ge=4096, description="Bytes of a streamed answer held for a client that reads slower "
-                                              "than the engine writes; the engine slot is freed as soon as the "
-                                              "answer is generated. Past the bound the client is dropped and "
-                                              "generation cancelled (recorded as 408, produced tokens billed).")
+        4 * 1024 * 1024,
+        ge=4096,
+        description="Bytes of a streamed answer held for a client that reads slower "
+        "than the engine writes; the engine slot is freed as soon as the "
+        "answer is generated. Past the bound the client is dropped and "
+        "generation cancelled (recorded as 408, produced tokens billed).",
+    )
     stream_buffer_total_bytes: int = Field(
-        64 * 1024 * 1024, ge=4096, description="Bytes held for slow readers by all streams together (at least "
-                                               "stream_buffer_bytes). Past it the streams holding the most, "
-                                               "clients that stopped reading, are dropped at once (408, "
-                                               "produced tokens billed), so readers that keep up never are.")
+        64 * 1024 * 1024,
+        ge=4096,
+        description="Bytes held for slow readers by all streams together (at least "
+        "stream_buffer_bytes). Past it the streams holding the most, "
+        "clients that stopped reading, are dropped at once (408, "
+        "produced tokens billed), so readers that keep up never are.",
+    )
 
     @model_validator(mode="after")
-    def _total_buffer_holds_one_stream(self) -> "ServerSettings":
+    def _total_buffer_holds_one_stream(self) -> ServerSettings:
         if self.stream_buffer_total_bytes < self.stream_buffer_bytes:
-            raise ValueError(f"stream_buffer_total_bytes ({self.stream_buffer_total_bytes}) is below "
-                             f"stream_buffer_bytes ({self.stream_buffer_bytes}): one stream could never "
-                             "use its own bound")
+            raise ValueError(
+                f"stream_buffer_total_bytes ({self.stream_buffer_total_bytes}) is below "
+                f"stream_buffer_bytes ({self.stream_buffer_bytes}): one stream could never "
+                "use its own bound"
+            )
         return self
 
 
@@ -91,65 +113,111 @@ class EngineSettings(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1)
     max_num_seqs: int = Field(6, ge=1, description="Sequences holding KV cache at once.")
     max_batch_size: int = Field(4, ge=1, description="Rows in one decode forward pass.")
-    max_num_batched_tokens: int = Field(1024, ge=16, description="Token budget per scheduling step.")
+    max_num_batched_tokens: int = Field(
+        1024, ge=16, description="Token budget per scheduling step."
+    )
     chunked_prefill: bool = False
     max_prefill_tokens_while_decoding: int | None = Field(
-        None, ge=16, description="Prompt tokens a step prefills while answers decode (at most "
-                                 "max_num_batched_tokens): a stream waits at most one such chunk between two "
-                                 "tokens; None: half of max_num_batched_tokens.")
+        None,
+        ge=16,
+        description="Prompt tokens a step prefills while answers decode (at most "
+        "max_num_batched_tokens): a stream waits at most one such chunk between two "
+        "tokens; None: half of max_num_batched_tokens.",
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context window; default: model's.")
     max_waiting: int = Field(16, ge=0, description="Queued requests before answering 503.")
     max_queue_wait_s: float | None = Field(
-        120.0, gt=0, description="A request whose prefill has not started this long after arrival gets 503 "
-                                 "+ Retry-After; None: no bound.")
+        120.0,
+        gt=0,
+        description="A request whose prefill has not started this long after arrival gets 503 "
+        "+ Retry-After; None: no bound.",
+    )
     stall_timeout_s: float = Field(
-        120.0, gt=0, description="With work queued, no completed engine step for this long makes the engine "
-                                 "unhealthy (/health 503); keep it above the longest step (a whole-context "
-                                 "prefill of the model on this hardware).")
+        120.0,
+        gt=0,
+        description="With work queued, no completed engine step for this long makes the engine "
+        "unhealthy (/health 503); keep it above the longest step (a whole-context "
+        "prefill of the model on this hardware).",
+    )
     canary_interval_s: float = Field(
-        30.0, gt=0, description="When idle this long, a one-token canary generation checks that the model "
-                                "still runs (readiness is work done, not a thread alive).")
+        30.0,
+        gt=0,
+        description="When idle this long, a one-token canary generation checks that the model "
+        "still runs (readiness is work done, not a thread alive).",
+    )
     default_max_tokens: int | None = Field(
-        None, ge=1, description="Completion cap when a request sets none; None: the rest of the context.")
+        None,
+        ge=1,
+        description="Completion cap when a request sets none; None: the rest of the context.",
+    )
     cpu_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory the weights, "
-                                          "KV cache and activations may use (in-process CUDA engine: checked at "
-                                          "start; vLLM: --gpu-memory-utilization).")
-    block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block (vLLM's --block-size).")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory the weights, "
+        "KV cache and activations may use (in-process CUDA engine: checked at "
+        "start; vLLM: --gpu-memory-utilization).",
+    )
+    block_size: int = Field(
+        16, ge=1, le=256, description="Tokens per KV-cache block (vLLM's --block-size)."
+    )
     kv_cache_memory_bytes: int | None = Field(
-        None, ge=1, description="Bytes of KV cache. None: on CUDA what gpu_memory_utilization leaves after the "
-                                "weights and activations; on the CPU 1 GiB (at least one whole context window).")
+        None,
+        ge=1,
+        description="Bytes of KV cache. None: on CUDA what gpu_memory_utilization leaves after the "
+        "weights and activations; on the CPU 1 GiB (at least one whole context window).",
+    )
     num_kv_blocks: int | None = Field(
-        None, ge=2, description="An exact number of KV blocks, overriding the memory budget (benchmarks that "
-                                "compare equal pools; vLLM's --num-gpu-blocks-override).")
+        None,
+        ge=2,
+        description="An exact number of KV blocks, overriding the memory budget (benchmarks that "
+        "compare equal pools; vLLM's --num-gpu-blocks-override).",
+    )
     enable_prefix_caching: bool = Field(
-        True, description="Share the KV blocks of prompt prefixes across requests (the RAG template and documents "
-                          "a later request repeats are not computed again).")
-    cuda_graphs: bool = Field(True, description="CUDA: replay decode steps and single-prompt prefills as "
-                                                "captured graphs.")
+        True,
+        description="Share the KV blocks of prompt prefixes across requests (the RAG template and documents "
+        "a later request repeats are not computed again).",
+    )
+    cuda_graphs: bool = Field(
+        True, description="CUDA: replay decode steps and single-prompt prefills as captured graphs."
+    )
     kv_cache_dtype: str | None = Field(
-        None, description="What the in-process engine's KV cache stores: fp8 (fp8_e4m3), or the model's dtype "
-                          "(None); 'auto': fp8 for a quantized checkpoint (the deployment README's pairing), the "
-                          "model's dtype otherwise. A supervised vLLM takes vllm.kv_cache_dtype.")
+        None,
+        description="What the in-process engine's KV cache stores: fp8 (fp8_e4m3), or the model's dtype "
+        "(None); 'auto': fp8 for a quantized checkpoint (the deployment README's pairing), the "
+        "model's dtype otherwise. A supervised vLLM takes vllm.kv_cache_dtype.",
+    )
     grammar_cache_bytes: int = Field(
-        64 * 1024 * 1024, ge=0, description="Bytes of compiled structured-output grammars kept for reuse, least "
-                                            "recently used first out (a grammar's size is its compiled text's).")
+        64 * 1024 * 1024,
+        ge=0,
+        description="Bytes of compiled structured-output grammars kept for reuse, least "
+        "recently used first out (a grammar's size is its compiled text's).",
+    )
     grammar_mask_budget_ms: float | None = Field(
-        20.0, gt=0, description="Longest one structured-output row's token mask may take in a step: a grammar "
-                                "whose first mask is slower is refused (400), a row whose mask overruns it later "
-                                "ends alone (400 structured_output_failed). None: no bound.")
+        20.0,
+        gt=0,
+        description="Longest one structured-output row's token mask may take in a step: a grammar "
+        "whose first mask is slower is refused (400), a row whose mask overruns it later "
+        "ends alone (400 structured_output_failed). None: no bound.",
+    )
     grammar_mask_step_share: float | None = Field(
-        0.1, gt=0, description="Share of a step's other work (the model, sampling, delivery) one structured-"
-                               "output row's token masks may add to its batch, summed over its last 8 steps (at "
-                               "least 1 ms a step); a row over it ends alone (structured_output_failed), so a "
-                               "slow grammar slows the requests beside it by about this share at most. A row "
-                               "alone in its batch is held to grammar_mask_budget_ms only. None: no bound.")
+        0.1,
+        gt=0,
+        description="Share of a step's other work (the model, sampling, delivery) one structured-"
+        "output row's token masks may add to its batch, summed over its last 8 steps (at "
+        "least 1 ms a step); a row over it ends alone (structured_output_failed), so a "
+        "slow grammar slows the requests beside it by about this share at most. A row "
+        "alone in its batch is held to grammar_mask_budget_ms only. None: no bound.",
+    )
     no_think_suffix: bool = Field(
-        False, description="The model understands '/no_think' in the user turn (thinking models without a "
-                           "template switch); appended to RAG questions unless reasoning is asked for.")
+        False,
+        description="The model understands '/no_think' in the user turn (thinking models without a "
+        "template switch); appended to RAG questions unless reasoning is asked for.",
+    )
 
     @model_validator(mode="after")
-    def _batch_within_seqs(self) -> "EngineSettings":
+    def _batch_within_seqs(self) -> EngineSettings:
         # A decode batch larger than the running set could never fill; clamp rather than refuse.
         self.max_batch_size = min(self.max_batch_size, self.max_num_seqs)
         return self
@@ -166,33 +234,53 @@ class UpstreamSettings(BaseModel):
     """The ``upstream`` engine: a pool of OpenAI-compatible servers (vLLM, SGLang, llama.cpp, ragllm)."""
 
     urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Base URLs (without /v1); a JSON list or comma-separated.")
+        default_factory=list, description="Base URLs (without /v1); a JSON list or comma-separated."
+    )
     api_key: SecretStr | None = Field(None, description="Bearer key sent upstream.")
     connect_timeout_s: float = Field(2.0, gt=0)
     first_token_timeout_s: float = Field(120.0, gt=0, description="Request sent → first chunk.")
     idle_timeout_s: float = Field(60.0, gt=0, description="Longest silence between chunks.")
     total_timeout_s: float = Field(1800.0, gt=0)
-    probe_interval_s: float = Field(2.0, gt=0, description="Active health probes of every upstream.")
-    eject_after_failures: int = Field(2, ge=1, description="Consecutive failures that eject an upstream.")
+    probe_interval_s: float = Field(
+        2.0, gt=0, description="Active health probes of every upstream."
+    )
+    eject_after_failures: int = Field(
+        2, ge=1, description="Consecutive failures that eject an upstream."
+    )
     eject_for_s: float = Field(5.0, gt=0, description="How long an ejected upstream is skipped.")
     stream_whole_answers: bool = Field(
-        True, description="Ask upstreams to stream non-streaming requests too (with the usage on every chunk) "
-                          "and assemble the answer here, so one whose client leaves early is charged what the "
-                          "upstream reported so far, not nothing. Off: one JSON answer each, for upstreams that "
-                          "report usage only on whole answers.")
+        True,
+        description="Ask upstreams to stream non-streaming requests too (with the usage on every chunk) "
+        "and assemble the answer here, so one whose client leaves early is charged what the "
+        "upstream reported so far, not nothing. Off: one JSON answer each, for upstreams that "
+        "report usage only on whole answers.",
+    )
     metrics_cache_s: float = Field(
-        5.0, ge=0, description="GET /metrics scrapes every upstream at most once per this many seconds and "
-                               "serves the cached text in between (concurrent scrapes share one fan-out).")
-    affinity_slack: int = Field(2, ge=0, description="Outstanding requests an affine replica may carry "
-                                                      "beyond the least loaded before affinity yields.")
-    affinity_prefill_slack: int = Field(0, ge=0, description="Prompts awaiting their first token an affine "
-                                                             "replica may hold beyond the replica with the "
-                                                             "fewest before affinity yields.")
+        5.0,
+        ge=0,
+        description="GET /metrics scrapes every upstream at most once per this many seconds and "
+        "serves the cached text in between (concurrent scrapes share one fan-out).",
+    )
+    affinity_slack: int = Field(
+        2,
+        ge=0,
+        description="Outstanding requests an affine replica may carry "
+        "beyond the least loaded before affinity yields.",
+    )
+    affinity_prefill_slack: int = Field(
+        0,
+        ge=0,
+        description="Prompts awaiting their first token an affine "
+        "replica may hold beyond the replica with the "
+        "fewest before affinity yields.",
+    )
     cache_salt: Literal["tenant", "client", "off"] = Field(
-        "tenant", description="The cache_salt sent upstream (vLLM's per-request prefix-cache salt): 'tenant', one "
-                              "derived from the caller's cache group and its own cache_salt, so tenants never "
-                              "share an upstream's prefix cache; 'client', the client's cache_salt as sent; 'off', "
-                              "none (upstreams that refuse unknown fields).")
+        "tenant",
+        description="The cache_salt sent upstream (vLLM's per-request prefix-cache salt): 'tenant', one "
+        "derived from the caller's cache group and its own cache_salt, so tenants never "
+        "share an upstream's prefix cache; 'client', the client's cache_salt as sent; 'off', "
+        "none (upstreams that refuse unknown fields).",
+    )
 
     @field_validator("urls", mode="before")
     @classmethod
@@ -206,28 +294,49 @@ class UpstreamSettings(BaseModel):
 class VllmSettings(BaseModel):
     """Flags for a `vllm serve` child that only vLLM has (the shared ones come from ``engine``)."""
 
-    command: str = Field("vllm", description="How to run vLLM's CLI (split like a shell would); "
-                                             "'serve' and the derived flags follow it.")
+    command: str = Field(
+        "vllm",
+        description="How to run vLLM's CLI (split like a shell would); "
+        "'serve' and the derived flags follow it.",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Where the child listens, on 127.0.0.1.")
-    startup_timeout_s: float = Field(1200.0, gt=0, description="Spawn → /health 200, weights download "
-                                                               "and CUDA graph capture included.")
-    restart_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between restarts of a "
-                                                                 "child that keeps dying.")
+    startup_timeout_s: float = Field(
+        1200.0,
+        gt=0,
+        description="Spawn → /health 200, weights download and CUDA graph capture included.",
+    )
+    restart_backoff_max_s: float = Field(
+        30.0, gt=0, description="Longest wait between restarts of a child that keeps dying."
+    )
     stop_grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL at shutdown.")
-    quantization: str | None = Field(None, description="--quantization, e.g. awq; 'auto': awq for an AWQ "
-                                                       "checkpoint, nothing otherwise; None: never passed.")
-    kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype, e.g. fp8; 'auto': fp8 for a "
-                                                         "quantized checkpoint (the deployment README's pairing), "
-                                                         "nothing otherwise; None: never passed.")
+    quantization: str | None = Field(
+        None,
+        description="--quantization, e.g. awq; 'auto': awq for an AWQ "
+        "checkpoint, nothing otherwise; None: never passed.",
+    )
+    kv_cache_dtype: str | None = Field(
+        None,
+        description="--kv-cache-dtype, e.g. fp8; 'auto': fp8 for a "
+        "quantized checkpoint (the deployment README's pairing), "
+        "nothing otherwise; None: never passed.",
+    )
     extra_args: list[str] = Field(default_factory=list, description="Appended as they are.")
 
 
 class RedisSettings(BaseModel):
-    url: str | None = Field(None, description="REDIS_URL; unset: in-memory cache, per-process limits.")
-    required: bool = Field(False, description="Refuse to start without a Redis URL (cloud profile).")
+    url: str | None = Field(
+        None, description="REDIS_URL; unset: in-memory cache, per-process limits."
+    )
+    required: bool = Field(
+        False, description="Refuse to start without a Redis URL (cloud profile)."
+    )
     prefix: str = Field("ragllm", description="Prefix of every key the service writes.")
-    timeout_s: float = Field(0.25, gt=0, description="Bound on any one Redis call; past it, fall back.")
-    retry_interval_s: float = Field(1.0, gt=0, description="After a failure, how long to bypass Redis.")
+    timeout_s: float = Field(
+        0.25, gt=0, description="Bound on any one Redis call; past it, fall back."
+    )
+    retry_interval_s: float = Field(
+        1.0, gt=0, description="After a failure, how long to bypass Redis."
+    )
 
 
 class CacheSettings(BaseModel):
@@ -239,13 +348,20 @@ class CacheSettings(BaseModel):
 class AuthSettings(BaseModel):
     required: bool = Field(False, description="Demand an API key (cloud profile).")
     keys: SecretStr | None = Field(None, description="Comma-separated id:secret pairs.")
-    keys_file: Path | None = Field(None, description="JSON list of {id, key | sha256, rpm?, tpm?, "
-                                                      "cache_group?}; keys of one cache_group share a prefix cache.")
+    keys_file: Path | None = Field(
+        None,
+        description="JSON list of {id, key | sha256, rpm?, tpm?, "
+        "cache_group?}; keys of one cache_group share a prefix cache.",
+    )
 
 
 class LimitsSettings(BaseModel):
-    rpm: int | None = Field(None, ge=1, description="Requests per minute per API key; None: unlimited.")
-    tpm: int | None = Field(None, ge=1, description="Tokens (prompt + completion) per minute per key.")
+    rpm: int | None = Field(
+        None, ge=1, description="Requests per minute per API key; None: unlimited."
+    )
+    tpm: int | None = Field(
+        None, ge=1, description="Tokens (prompt + completion) per minute per key."
+    )
 
 
 class InputSettings(BaseModel):
@@ -253,21 +369,35 @@ class InputSettings(BaseModel):
 
     max_messages: int = Field(1024, ge=1, description="Messages in one chat request.")
     max_documents: int = Field(1024, ge=0, description="Documents in one RAG request.")
-    max_documents_bytes: int = Field(8 * 1024 * 1024, ge=0, description="UTF-8 bytes of all documents' "
-                                                                        "text, titles and sources.")
-    max_text_bytes: int = Field(8 * 1024 * 1024, ge=1, description="UTF-8 bytes of the prompt or all "
-                                                                   "messages' content.")
+    max_documents_bytes: int = Field(
+        8 * 1024 * 1024, ge=0, description="UTF-8 bytes of all documents' text, titles and sources."
+    )
+    max_text_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="UTF-8 bytes of the prompt or all messages' content."
+    )
     max_stop_length: int = Field(256, ge=1, description="Characters in one stop string.")
     max_json_depth: int = Field(
-        64, ge=8, le=250, description="Levels of nesting in the body and in any JSON a request carries in a string "
-                                      "(a schema, tool-call arguments); real schemas use under 20.")
-    max_json_values: int = Field(250_000, ge=1000, description="JSON values (objects, arrays, strings, numbers...) "
-                                                                "in one request body.")
+        64,
+        ge=8,
+        le=250,
+        description="Levels of nesting in the body and in any JSON a request carries in a string "
+        "(a schema, tool-call arguments); real schemas use under 20.",
+    )
+    max_json_values: int = Field(
+        250_000,
+        ge=1000,
+        description="JSON values (objects, arrays, strings, numbers...) in one request body.",
+    )
     max_schema_values: int = Field(
-        20_000, ge=100, description="JSON values in one JSON Schema, tool's parameters or tool-call arguments "
-                                    "(OpenAI allows 5,000 properties in a schema: about 15,000 values).")
+        20_000,
+        ge=100,
+        description="JSON values in one JSON Schema, tool's parameters or tool-call arguments "
+        "(OpenAI allows 5,000 properties in a schema: about 15,000 values).",
+    )
     allow_request_chat_template: bool = Field(
-        False, description="Let requests supply their own chat template (chat_template_kwargs.chat_template).")
+        False,
+        description="Let requests supply their own chat template (chat_template_kwargs.chat_template).",
+    )
 
 
 class RequestLogSettings(BaseModel):
@@ -283,7 +413,10 @@ class TelemetrySettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="RAGLLM_", env_nested_delimiter="__", extra="ignore", nested_model_default_partial_update=True
+        env_prefix="RAGLLM_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        nested_model_default_partial_update=True,
     )
 
     profile: Literal["local", "cloud"] = "local"

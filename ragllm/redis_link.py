@@ -24,7 +24,9 @@ class RedisUnavailable(Exception):
 
 
 class RedisLink:
-    def __init__(self, settings: RedisSettings, on_fallback: Callable[[str], None] = lambda op: None) -> None:
+    def __init__(
+        self, settings: RedisSettings, on_fallback: Callable[[str], None] = lambda op: None
+    ) -> None:
         from redis.asyncio import Redis
 
         self.settings = settings
@@ -61,7 +63,9 @@ class RedisLink:
             raise RedisUnavailable(self.last_error)
         try:
             result = await asyncio.wait_for(action(self._client), self.settings.timeout_s)
-        except Exception as exc:  # timeouts, refused connections, protocol errors: all mean "not now"
+        except (
+            Exception
+        ) as exc:  # timeouts, refused connections, protocol errors: all mean "not now"
             self._trip(operation, exc)
             raise RedisUnavailable(str(exc)) from exc
         if self.last_error:
@@ -71,8 +75,12 @@ class RedisLink:
 
     def _trip(self, operation: str, exc: BaseException) -> None:
         if not self.last_error:
-            logger.warning("redis unavailable during %s (%s); falling back for %.1fs", operation,
-                           exc or type(exc).__name__, self.settings.retry_interval_s)
+            logger.warning(
+                "redis unavailable during %s (%s); falling back for %.1fs",
+                operation,
+                exc or type(exc).__name__,
+                self.settings.retry_interval_s,
+            )
         self.last_error = f"{type(exc).__name__}: {exc}"
         self._open_until = time.monotonic() + self.settings.retry_interval_s
         self._on_fallback(operation)

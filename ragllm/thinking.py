@@ -26,13 +26,13 @@ class ThinkStripper:
             if index >= 0:
                 if not self._thinking:
                     out.append(buffer[:index])
-                buffer = buffer[index + len(tag):]
+                buffer = buffer[index + len(tag) :]
                 self._thinking = not self._thinking
                 continue
             held = partial_suffix_length(buffer, (tag,))
             if not self._thinking:
                 out.append(buffer[: len(buffer) - held])
-            self._pending = buffer[len(buffer) - held:]
+            self._pending = buffer[len(buffer) - held :]
             break
         return self._trim_start("".join(out))
 

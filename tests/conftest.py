@@ -9,8 +9,9 @@ from tests.support.servers import MODEL, ServerProcess
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """One real server with the packaged model, shared by the contract tests."""
-    process = ServerProcess(env={"RAGLLM_ENGINE__MAX_WAITING": "32"},
-                            log_dir=tmp_path_factory.mktemp("server"))
+    process = ServerProcess(
+        env={"RAGLLM_ENGINE__MAX_WAITING": "32"}, log_dir=tmp_path_factory.mktemp("server")
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -19,12 +20,16 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    return openai.OpenAI(
+        base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=120
+    )
 
 
 @pytest.fixture(scope="session")
 def async_client(server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=300)
+    return openai.AsyncOpenAI(
+        base_url=f"{server.url}/v1", api_key="not-needed", max_retries=0, timeout=300
+    )
 
 
 @pytest.fixture(scope="session")

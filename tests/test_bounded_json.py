@@ -8,14 +8,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ragllm.bounded_json import JsonLimits, JsonTooComplex, check_structure, loads_bounded, try_loads_bounded
+from ragllm.bounded_json import (
+    JsonLimits,
+    JsonTooComplex,
+    check_structure,
+    loads_bounded,
+    try_loads_bounded,
+)
 from ragllm.errors import InvalidRequest
 
-PROPERTY_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+PROPERTY_SETTINGS = settings(
+    max_examples=300, deadline=None, suppress_health_check=list(HealthCheck)
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=4), children, max_size=5),
-    max_leaves=40)
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=4), children, max_size=5)
+    ),
+    max_leaves=40,
+)
 UNBOUNDED = JsonLimits(max_depth=10**6, max_values=10**9)
 
 
@@ -39,7 +50,9 @@ def values_of(value) -> int:
 @given(value=json_values, depth_room=st.integers(-2, 2), values_room=st.integers(-3, 3))
 def test_refused_exactly_when_deeper_or_larger_than_the_limits(value, depth_room, values_room):
     depth, values = depth_of(value), values_of(value)
-    limits = JsonLimits(max_depth=max(1, depth + depth_room), max_values=max(1, values + values_room))
+    limits = JsonLimits(
+        max_depth=max(1, depth + depth_room), max_values=max(1, values + values_room)
+    )
     try:
         counted = check_structure(value, limits, "field")
     except JsonTooComplex as refusal:
@@ -56,10 +69,14 @@ def test_a_body_refusal_names_the_top_level_field_that_holds_it():
     for _ in range(70):
         deep = [deep]
     with pytest.raises(JsonTooComplex) as refusal:
-        check_structure({"model": "m", "response_format": {"json_schema": deep}}, JsonLimits(64, 10_000))
+        check_structure(
+            {"model": "m", "response_format": {"json_schema": deep}}, JsonLimits(64, 10_000)
+        )
     assert refusal.value.param == "response_format" and refusal.value.code == "json_too_deep"
     with pytest.raises(JsonTooComplex) as refusal:
-        check_structure({"model": "m", "logit_bias": {str(i): 0 for i in range(2000)}}, JsonLimits(64, 1000))
+        check_structure(
+            {"model": "m", "logit_bias": {str(i): 0 for i in range(2000)}}, JsonLimits(64, 1000)
+        )
     assert refusal.value.param == "logit_bias" and refusal.value.code == "json_too_large"
 
 

@@ -9,19 +9,27 @@ from unittest import mock
 import hypothesis
 import pytest
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from ragllm.cli import build_parser, main
 from ragllm.cli.serve import settings_from_args
-from pydantic import ValidationError
-
 from ragllm.config import DEFAULT_MODEL, load_settings
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("LLM_MODEL_ID", "MODEL_CACHE_DIR", "VLLM_MAX_NUM_SEQS", "VLLM_MAX_BATCH_SIZE",
-                 "RAGLLM_PROFILE", "RAGLLM_ENGINE__MAX_WAITING", "HUGGING_FACE_HUB_TOKEN", "REDIS_URL",
-                 "RAGLLM_SERVER__STREAM_BUFFER_BYTES", "RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES"):
+    for name in (
+        "LLM_MODEL_ID",
+        "MODEL_CACHE_DIR",
+        "VLLM_MAX_NUM_SEQS",
+        "VLLM_MAX_BATCH_SIZE",
+        "RAGLLM_PROFILE",
+        "RAGLLM_ENGINE__MAX_WAITING",
+        "HUGGING_FACE_HUB_TOKEN",
+        "REDIS_URL",
+        "RAGLLM_SERVER__STREAM_BUFFER_BYTES",
+        "RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -65,7 +73,9 @@ def test_environment_overrides_profile(monkeypatch):
 def test_cli_flags_override_environment(monkeypatch):
     monkeypatch.setenv("LLM_MODEL_ID", "from-env")
     monkeypatch.setenv("RAGLLM_PROFILE", "cloud")
-    args = build_parser().parse_args(["serve", "--profile", "local", "--model", "from-cli", "--port", "9000"])
+    args = build_parser().parse_args(
+        ["serve", "--profile", "local", "--model", "from-cli", "--port", "9000"]
+    )
     settings = settings_from_args(args)
     assert settings.profile == "local"
     assert settings.engine.model == "from-cli"
@@ -83,8 +93,13 @@ def test_unknown_profile_is_refused():
         load_settings(profile="staging")
 
 
-def test_slow_reader_and_metrics_cache_settings_come_from_the_environment_and_are_bounded(monkeypatch):
-    assert (load_settings().server.write_timeout_s, load_settings().server.stream_buffer_bytes) == (30.0, 4 * 1024 * 1024)
+def test_slow_reader_and_metrics_cache_settings_come_from_the_environment_and_are_bounded(
+    monkeypatch,
+):
+    assert (load_settings().server.write_timeout_s, load_settings().server.stream_buffer_bytes) == (
+        30.0,
+        4 * 1024 * 1024,
+    )
     assert load_settings().upstream.metrics_cache_s == 5.0
     monkeypatch.setenv("RAGLLM_SERVER__WRITE_TIMEOUT_S", "2.5")
     monkeypatch.setenv("RAGLLM_SERVER__STREAM_BUFFER_BYTES", "65536")
@@ -92,8 +107,11 @@ def test_slow_reader_and_metrics_cache_settings_come_from_the_environment_and_ar
     settings = load_settings()
     assert (settings.server.write_timeout_s, settings.server.stream_buffer_bytes) == (2.5, 65536)
     assert settings.upstream.metrics_cache_s == 0
-    for name, value in [("RAGLLM_SERVER__WRITE_TIMEOUT_S", "0"), ("RAGLLM_SERVER__STREAM_BUFFER_BYTES", "100"),
-                        ("RAGLLM_UPSTREAM__METRICS_CACHE_S", "-1")]:
+    for name, value in [
+        ("RAGLLM_SERVER__WRITE_TIMEOUT_S", "0"),
+        ("RAGLLM_SERVER__STREAM_BUFFER_BYTES", "100"),
+        ("RAGLLM_UPSTREAM__METRICS_CACHE_S", "-1"),
+    ]:
         with monkeypatch.context() as patched:
             patched.setenv(name, value)
             with pytest.raises(ValidationError):
@@ -105,9 +123,15 @@ _BUFFER_ONE = "RAGLLM_SERVER__STREAM_BUFFER_BYTES"
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
-@hypothesis.given(total=st.one_of(st.integers(-2**40, 2**40).map(str), st.text("0123456789+-._ ex", max_size=12)),
-                  one=st.sampled_from([None, "4096", "65536", "4194304", "67108864", "134217728"]))
-def test_the_total_stream_buffer_is_an_integer_no_smaller_than_one_streams_bound_or_refused(total, one):
+@hypothesis.given(
+    total=st.one_of(
+        st.integers(-(2**40), 2**40).map(str), st.text("0123456789+-._ ex", max_size=12)
+    ),
+    one=st.sampled_from([None, "4096", "65536", "4194304", "67108864", "134217728"]),
+)
+def test_the_total_stream_buffer_is_an_integer_no_smaller_than_one_streams_bound_or_refused(
+    total, one
+):
     environment = {_BUFFER_TOTAL: total, **({_BUFFER_ONE: one} if one else {})}
     with mock.patch.dict(os.environ, environment):
         try:
@@ -125,11 +149,18 @@ def test_the_total_stream_buffer_is_an_integer_no_smaller_than_one_streams_bound
         assert int(total) < floor
 
 
-def test_the_total_stream_buffer_defaults_to_16_streams_and_a_bad_value_stops_serve_at_start(monkeypatch, capsys):
-    assert load_settings().server.stream_buffer_total_bytes == 16 * load_settings().server.stream_buffer_bytes
+def test_the_total_stream_buffer_defaults_to_16_streams_and_a_bad_value_stops_serve_at_start(
+    monkeypatch, capsys
+):
+    assert (
+        load_settings().server.stream_buffer_total_bytes
+        == 16 * load_settings().server.stream_buffer_bytes
+    )
     monkeypatch.setenv(_BUFFER_ONE, str(8 * 1024 * 1024))
     monkeypatch.setenv(_BUFFER_TOTAL, str(4 * 1024 * 1024))
-    assert main(["serve", "--port", "1"]) == 2  # refused before anything starts (port 1 is never bound)
+    assert (
+        main(["serve", "--port", "1"]) == 2
+    )  # refused before anything starts (port 1 is never bound)
     error = capsys.readouterr().err
     assert "invalid settings" in error and "stream_buffer_total_bytes" in error
     assert "Traceback" not in error

@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted([ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "RELIABILITY.md",
-                *(ROOT / "docs").rglob("*.md")])
+PAGES = sorted(
+    [
+        ROOT / "README.md",
+        ROOT / "BENCHMARKS.md",
+        ROOT / "RELIABILITY.md",
+        *(ROOT / "docs").rglob("*.md"),
+    ]
+)
 HISTORICAL = {ROOT / "docs" / "benchmarks" / "history.md"}  # its backticked paths may be historical
 README_MAX_LINES = 300
 
@@ -99,7 +105,13 @@ def test_readme_stays_short() -> None:
 
 def test_the_checks_can_fail(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n[gone](nowhere.md), [anchor](#nothing), [fine](#title), "
-                    "`ragllm/no_such_module.py`, `ragllm/serving/prepare.py`\n", encoding="utf-8")
-    assert broken_links(page) == ["nowhere.md: no such file", "#nothing: no heading with that anchor"]
+    page.write_text(
+        "# Title\n\n[gone](nowhere.md), [anchor](#nothing), [fine](#title), "
+        "`ragllm/no_such_module.py`, `ragllm/serving/prepare.py`\n",
+        encoding="utf-8",
+    )
+    assert broken_links(page) == [
+        "nowhere.md: no such file",
+        "#nothing: no heading with that anchor",
+    ]
     assert missing_paths(page) == ["ragllm/no_such_module.py"]

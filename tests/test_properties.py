@@ -9,7 +9,6 @@ import re
 from typing import Any
 
 import orjson
-import pytest
 from fastapi.exceptions import RequestValidationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,10 +16,10 @@ from starlette.exceptions import HTTPException
 
 from ragllm.api.body import parsed_body
 from ragllm.config import InputSettings
-from ragllm.generation import ModelCard
 from ragllm.engines.base import Engine
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragllm.errors import RagLLMError
+from ragllm.generation import ModelCard
 from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from ragllm.rag.contract import RagDocument, RagOptions
 from ragllm.rag.packing import PackRequest, pack
@@ -28,7 +27,9 @@ from ragllm.rag.prompt import load_template, rank
 from ragllm.serving.bounds import check_chat
 from ragllm.thinking import ThinkStripper
 
-PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _chunked(text: str, cuts: list[int]) -> list[str]:
@@ -38,14 +39,40 @@ def _chunked(text: str, cuts: list[int]) -> list[str]:
 
 # -- wire models and bounds -----------------------------------------------------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=20)
-chat_like = st.fixed_dictionaries({"model": st.text(max_size=5), "messages": st.lists(st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]), "content": json_values}),
-    max_size=3)}, optional={"temperature": json_values, "stop": json_values, "max_tokens": json_values,
-                           "seed": json_values, "documents": json_values, "chat_template_kwargs": json_values,
-                           "top_k": json_values, "n": json_values})
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+chat_like = st.fixed_dictionaries(
+    {
+        "model": st.text(max_size=5),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]),
+                    "content": json_values,
+                }
+            ),
+            max_size=3,
+        ),
+    },
+    optional={
+        "temperature": json_values,
+        "stop": json_values,
+        "max_tokens": json_values,
+        "seed": json_values,
+        "documents": json_values,
+        "chat_template_kwargs": json_values,
+        "top_k": json_values,
+        "n": json_values,
+    },
+)
 
 
 @PROPERTY_SETTINGS
@@ -79,8 +106,11 @@ ALPHABET = "abEN "
 
 
 @PROPERTY_SETTINGS
-@given(text=st.text(ALPHABET, max_size=40), stops=st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
-       cuts=st.lists(st.integers(0, 40), max_size=10))
+@given(
+    text=st.text(ALPHABET, max_size=40),
+    stops=st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=10),
+)
 def test_streamed_stop_matching_equals_matching_the_whole_text(text, stops, cuts):
     matcher = StopMatcher(tuple(stops))
     released, hit = "", False
@@ -104,10 +134,14 @@ def _stopped_one_character_at_a_time(text: str, stops: list[str]) -> tuple[str, 
 
 
 # -- detokenizing ---------------------------------------------------------------------------------
-unicode_text = st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), max_size=30)
+unicode_text = st.text(
+    st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Zs")), max_size=30
+)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=unicode_text)
 def test_deltas_add_up_to_the_decoded_text_and_never_split_a_character(tokenizer, text):
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -128,7 +162,10 @@ def _reference_strip(text: str) -> str:
 
 
 @PROPERTY_SETTINGS
-@given(pieces=st.lists(st.sampled_from(PIECES), max_size=15), cuts=st.lists(st.integers(0, 60), max_size=8))
+@given(
+    pieces=st.lists(st.sampled_from(PIECES), max_size=15),
+    cuts=st.lists(st.integers(0, 60), max_size=8),
+)
 def test_streamed_think_stripping_equals_stripping_the_whole_text(pieces, cuts):
     text = "".join(pieces)
     stripper = ThinkStripper()
@@ -143,47 +180,82 @@ class WordCountingEngine(Engine):
     name = "words"
 
     async def start(self) -> None: ...
-    async def generate(self, request): raise NotImplementedError
-    def models(self): return []
-    def health(self): raise NotImplementedError
-    def stats(self): raise NotImplementedError
+    async def generate(self, request):
+        raise NotImplementedError
+
+    def models(self):
+        return []
+
+    def health(self):
+        raise NotImplementedError
+
+    def stats(self):
+        raise NotImplementedError
+
     async def aclose(self) -> None: ...
 
     async def count_prompt_tokens(self, request) -> int:
         return sum(len(str(m["content"]).split()) for m in request.messages)
 
 
-documents_strategy = st.lists(st.builds(
-    RagDocument, id=st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True), text=st.text("xy ", min_size=1, max_size=80),
-    score=st.none() | st.floats(0, 1)), max_size=12, unique_by=lambda d: d.id)
+documents_strategy = st.lists(
+    st.builds(
+        RagDocument,
+        id=st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True),
+        text=st.text("xy ", min_size=1, max_size=80),
+        score=st.none() | st.floats(0, 1),
+    ),
+    max_size=12,
+    unique_by=lambda d: d.id,
+)
 
 
 @PROPERTY_SETTINGS
-@given(documents=documents_strategy, window=st.integers(60, 400), max_tokens=st.integers(1, 50),
-       cap=st.none() | st.integers(1, 200), max_token_bytes=st.none() | st.just(81))
-def test_packing_keeps_the_longest_ranked_prefix_that_fits(documents, window, max_tokens, cap, max_token_bytes):
+@given(
+    documents=documents_strategy,
+    window=st.integers(60, 400),
+    max_tokens=st.integers(1, 50),
+    cap=st.none() | st.integers(1, 200),
+    max_token_bytes=st.none() | st.just(81),
+)
+def test_packing_keeps_the_longest_ranked_prefix_that_fits(
+    documents, window, max_tokens, cap, max_token_bytes
+):
     """With or without the byte bound (no word here is longer than 81 bytes, so it holds)."""
     engine = WordCountingEngine()
     ranked = rank(documents)
     model = ModelCard("m", window, max_token_bytes=max_token_bytes)
-    request = PackRequest(model=model, template=load_template("default@1"), ranked=ranked,
-                          messages=[{"role": "user", "content": "What is it?"}], template_kwargs=None,
-                          max_tokens=max_tokens, options=RagOptions(max_context_tokens=cap), no_think=False)
+    request = PackRequest(
+        model=model,
+        template=load_template("default@1"),
+        ranked=ranked,
+        messages=[{"role": "user", "content": "What is it?"}],
+        template_kwargs=None,
+        max_tokens=max_tokens,
+        options=RagOptions(max_context_tokens=cap),
+        no_think=False,
+    )
     try:
         messages, context = asyncio.run(pack(engine, request))
     except RagLLMError as error:
         assert error.code == "context_length_exceeded"
         return
     used = len(context.used)
-    assert context.used == [d.id for d in ranked[:used]] and context.dropped == [d.id for d in ranked[used:]]
+    assert context.used == [d.id for d in ranked[:used]] and context.dropped == [
+        d.id for d in ranked[used:]
+    ]
     total = asyncio.run(_count(engine, messages))
     assert total <= window - max_tokens and (cap is None or context.context_tokens <= cap)
     if context.dropped:  # one more document would not have fitted
-        _, fuller = asyncio.run(pack(engine, dataclasses.replace(request, ranked=ranked[: used + 1])))
+        _, fuller = asyncio.run(
+            pack(engine, dataclasses.replace(request, ranked=ranked[: used + 1]))
+        )
         assert len(fuller.used) == used
 
 
 async def _count(engine: WordCountingEngine, messages: list[dict[str, Any]]) -> int:
     from ragllm.generation import GenerationRequest, SamplingParams
 
-    return await engine.count_prompt_tokens(GenerationRequest("count", SamplingParams(), messages=messages))
+    return await engine.count_prompt_tokens(
+        GenerationRequest("count", SamplingParams(), messages=messages)
+    )

@@ -26,7 +26,9 @@ class ApiKey:
     digest: bytes
     rpm: int | None = None
     tpm: int | None = None
-    cache_group: str | None = None  # keys naming one group share a prefix cache; None: the key's own
+    cache_group: str | None = (
+        None  # keys naming one group share a prefix cache; None: the key's own
+    )
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,15 @@ class KeyRing:
         self._limits = limits
 
     @classmethod
-    def from_settings(cls, auth: AuthSettings, limits: LimitsSettings) -> "KeyRing":
+    def from_settings(cls, auth: AuthSettings, limits: LimitsSettings) -> KeyRing:
         keys = _keys_from_env(auth.keys.get_secret_value()) if auth.keys else []
         if auth.keys_file:
             keys += _keys_from_file(auth.keys_file)
         if auth.required and not keys:
-            raise ValueError("API keys are required (auth.required) but none are configured: set "
-                             "RAGLLM_AUTH__KEYS=id:secret[,...] or RAGLLM_AUTH__KEYS_FILE")
+            raise ValueError(
+                "API keys are required (auth.required) but none are configured: set "
+                "RAGLLM_AUTH__KEYS=id:secret[,...] or RAGLLM_AUTH__KEYS_FILE"
+            )
         return cls(keys, auth.required or bool(keys), limits)
 
     def authenticate(self, authorization: str | None) -> Principal:
@@ -73,8 +77,12 @@ class KeyRing:
                 match = key
         if match is None:
             raise AuthenticationFailed("incorrect API key provided")
-        return Principal(match.key_id, match.rpm or self._limits.rpm, match.tpm or self._limits.tpm,
-                         match.cache_group or match.key_id)
+        return Principal(
+            match.key_id,
+            match.rpm or self._limits.rpm,
+            match.tpm or self._limits.tpm,
+            match.cache_group or match.key_id,
+        )
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -103,7 +111,9 @@ def _keys_from_file(path: Path) -> list[ApiKey]:
             key_digest = bytes.fromhex(item["sha256"])
         else:
             key_digest = digest(item["key"])
-        keys.append(ApiKey(item["id"], key_digest, item.get("rpm"), item.get("tpm"), _cache_group(item)))
+        keys.append(
+            ApiKey(item["id"], key_digest, item.get("rpm"), item.get("tpm"), _cache_group(item))
+        )
     return keys
 
 

@@ -87,8 +87,12 @@ class RateLimiter:
             kind = "tokens" if spent_tokens else "requests"
             limit = principal.tpm if spent_tokens else principal.rpm
             headers = {**allowance.headers(), "retry-after": str(max(1, round(reset_s)))}
-            raise RateLimited(f"rate limit reached for {kind} per minute (limit {limit}); "
-                              f"retry in {max(1, round(reset_s))}s", error_type=kind, headers=headers)
+            raise RateLimited(
+                f"rate limit reached for {kind} per minute (limit {limit}); "
+                f"retry in {max(1, round(reset_s))}s",
+                error_type=kind,
+                headers=headers,
+            )
         return allowance
 
     async def spend(self, principal: Principal, num_tokens: int) -> None:
@@ -98,28 +102,43 @@ class RateLimiter:
         _, token_key = self._keys(principal.key_id, window)
         if self._link is not None:
             try:
-                await self._link.call("rate_limit", lambda redis: self._spend_script(
-                    keys=[token_key], args=[num_tokens, 2 * WINDOW_S * 1000], client=redis))
+                await self._link.call(
+                    "rate_limit",
+                    lambda redis: self._spend_script(
+                        keys=[token_key], args=[num_tokens, 2 * WINDOW_S * 1000], client=redis
+                    ),
+                )
                 return
             except RedisUnavailable:
                 pass
         self._local[token_key] = self._local.get(token_key, 0) + num_tokens
 
-    async def _admit(self, request_key: str, token_key: str, principal: Principal) -> tuple[bool, int, int]:
+    async def _admit(
+        self, request_key: str, token_key: str, principal: Principal
+    ) -> tuple[bool, int, int]:
         if self._link is not None:
             try:
-                result = await self._link.call("rate_limit", lambda redis: self._admit_script(
-                    keys=[request_key, token_key],
-                    args=[principal.rpm or 0, principal.tpm or 0, 2 * WINDOW_S * 1000], client=redis))
+                result = await self._link.call(
+                    "rate_limit",
+                    lambda redis: self._admit_script(
+                        keys=[request_key, token_key],
+                        args=[principal.rpm or 0, principal.tpm or 0, 2 * WINDOW_S * 1000],
+                        client=redis,
+                    ),
+                )
                 return bool(result[0]), int(result[1]), int(result[2])
             except RedisUnavailable:
                 pass
         return self._admit_locally(request_key, token_key, principal)
 
-    def _admit_locally(self, request_key: str, token_key: str, principal: Principal) -> tuple[bool, int, int]:
+    def _admit_locally(
+        self, request_key: str, token_key: str, principal: Principal
+    ) -> tuple[bool, int, int]:
         self._forget_old_windows()
         requests, tokens = self._local.get(request_key, 0), self._local.get(token_key, 0)
-        if (principal.rpm and requests >= principal.rpm) or (principal.tpm and tokens >= principal.tpm):
+        if (principal.rpm and requests >= principal.rpm) or (
+            principal.tpm and tokens >= principal.tpm
+        ):
             return False, requests, tokens
         self._local[request_key] = requests + 1
         return True, requests + 1, tokens

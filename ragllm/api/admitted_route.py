@@ -28,11 +28,15 @@ from ragllm.telemetry.tracing import child_span
 ENDPOINT_PARAMETERS = ("body", "request", "principal", "allowance")
 
 
-async def admitted(request: Request, principal: Principal = Depends(authenticated)) -> Allowance | None:
+async def admitted(
+    request: Request, principal: Principal = Depends(authenticated)
+) -> Allowance | None:
     """Refused while draining; counted against the caller's rate limit."""
     state = app_state(request)
     if state.lifecycle.draining:
-        raise ShuttingDown(f"the server is shutting down ({state.lifecycle.reason}); retry on another replica")
+        raise ShuttingDown(
+            f"the server is shutting down ({state.lifecycle.reason}); retry on another replica"
+        )
     try:
         with child_span(record_of(request).span, "rate_limit"):
             return await state.limiter.admit(principal)
@@ -51,7 +55,9 @@ class AdmittedRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         parameters = tuple(inspect.signature(endpoint).parameters)
         if parameters != ENDPOINT_PARAMETERS:
-            raise TypeError(f"{endpoint.__name__} takes {parameters}; an admitted endpoint takes {ENDPOINT_PARAMETERS}")
+            raise TypeError(
+                f"{endpoint.__name__} takes {parameters}; an admitted endpoint takes {ENDPOINT_PARAMETERS}"
+            )
         super().__init__(path, endpoint, **kwargs)
         # Starlette's own request/response wrapper: FastAPI's adds exit stacks for dependencies, none here.
         self.app = request_response(self.get_route_handler())
@@ -62,7 +68,9 @@ class AdmittedRoute(APIRoute):
         async def handle(request: Request) -> Response:
             principal = await authenticated(request)
             allowance = await admitted(request, principal)
-            body = await parsed_body(await _body(request), body_model, app_state(request).settings.input)
+            body = await parsed_body(
+                await _body(request), body_model, app_state(request).settings.input
+            )
             return await endpoint(body, request, principal, allowance)
 
         return handle
@@ -77,4 +85,6 @@ async def _body(request: Request) -> bytes:
         record = record_of(request)
         if record is not None:
             record.client_left(app_state(request).metrics)
-        raise ClientClosedRequest("the client closed the connection before its request body was read") from None
+        raise ClientClosedRequest(
+            "the client closed the connection before its request body was read"
+        ) from None

@@ -46,7 +46,9 @@ def _decoded(raw: bytes) -> Any:
     except orjson.JSONDecodeError as exc:
         if raw and _not_utf8(raw):
             raise HTTPException(400, "invalid UTF-8 in the request body") from exc
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": str(exc)}]) from exc
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": str(exc)}]
+        ) from exc
 
 
 def _not_utf8(raw: bytes) -> bool:
@@ -74,12 +76,15 @@ def _sliced_documents(documents: list[Any]) -> list[RagDocument]:
         try:
             validated += _DOCUMENTS.validate_python(documents[start : start + DOCUMENT_SLICE])
         except ValidationError as exc:
-            errors = [{**e, "loc": ("body", "documents", e["loc"][0] + start, *e["loc"][1:])}
-                      for e in exc.errors(include_url=False)]
+            errors = [
+                {**e, "loc": ("body", "documents", e["loc"][0] + start, *e["loc"][1:])}
+                for e in exc.errors(include_url=False)
+            ]
             raise RequestValidationError(errors) from exc
     return validated
 
 
 def _request_error(exc: ValidationError) -> RequestValidationError:
-    return RequestValidationError([{**error, "loc": ("body", *error["loc"])}
-                                   for error in exc.errors(include_url=False)])
+    return RequestValidationError(
+        [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+    )

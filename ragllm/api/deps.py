@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from ragllm.access.keys import Principal
 from ragllm.api.record import SCOPE_KEY, RequestRecord
 from ragllm.api.state import AppState
-from ragllm.access.keys import Principal
 from ragllm.telemetry.tracing import child_span
 
 

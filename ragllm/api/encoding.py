@@ -43,10 +43,21 @@ def _wants_logprobs(prepared: PreparedRequest) -> bool:
 
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
     """OpenAI's chat ``logprobs``: one entry a token, with its UTF-8 bytes and top alternatives."""
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
-                         "top_logprobs": [{"token": token, "logprob": logprob, "bytes": list(token.encode())}
-                                          for token, logprob in e.top]} for e in entries],
-            "refusal": None}
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.token.encode()),
+                "top_logprobs": [
+                    {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+                    for token, logprob in e.top
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> dict:
@@ -55,8 +66,12 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int = 0) -> di
     for entry in entries:
         offsets.append(text_offset)
         text_offset += len(entry.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [dict(e.top) for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def full_response(prepared: PreparedRequest, outcome: Outcome, extra: dict | None = None) -> bytes:
@@ -64,14 +79,26 @@ def full_response(prepared: PreparedRequest, outcome: Outcome, extra: dict | Non
     wants = _wants_logprobs(prepared)
     if prepared.kind == "chat":
         body = _head(prepared, "chat.completion")
-        body["choices"] = [{"index": index, "message": _message(choice),
-                            "logprobs": chat_logprobs(choice.logprobs) if wants else None,
-                            "finish_reason": choice.finish_reason.value} for index, choice in enumerate(outcome.choices)]
+        body["choices"] = [
+            {
+                "index": index,
+                "message": _message(choice),
+                "logprobs": chat_logprobs(choice.logprobs) if wants else None,
+                "finish_reason": choice.finish_reason.value,
+            }
+            for index, choice in enumerate(outcome.choices)
+        ]
     else:
         body = _head(prepared, "text_completion")
-        body["choices"] = [{"index": index, "text": choice.text,
-                            "logprobs": completion_logprobs(choice.logprobs) if wants else None,
-                            "finish_reason": choice.finish_reason.value} for index, choice in enumerate(outcome.choices)]
+        body["choices"] = [
+            {
+                "index": index,
+                "text": choice.text,
+                "logprobs": completion_logprobs(choice.logprobs) if wants else None,
+                "finish_reason": choice.finish_reason.value,
+            }
+            for index, choice in enumerate(outcome.choices)
+        ]
     body["usage"] = _usage(outcome.last)
     if extra:
         body.update(extra)
@@ -83,7 +110,12 @@ def _message(choice: ChoiceOutcome) -> dict:
     empty is null, as OpenAI sends it)."""
     if not choice.tool_calls:
         return {"role": "assistant", "content": choice.text, "refusal": None}
-    return {"role": "assistant", "content": choice.text or None, "refusal": None, "tool_calls": choice.tool_calls}
+    return {
+        "role": "assistant",
+        "content": choice.text or None,
+        "refusal": None,
+        "tool_calls": choice.tool_calls,
+    }
 
 
 def error_event(envelope: dict) -> bytes:
@@ -98,7 +130,9 @@ class ChunkEncoder:
         self._prepared = prepared
         self._chat = prepared.kind == "chat"
         self._wants_logprobs = _wants_logprobs(prepared)
-        self._text_offsets: dict[int, int] = {}  # completions' logprobs: where a choice's next token starts
+        self._text_offsets: dict[
+            int, int
+        ] = {}  # completions' logprobs: where a choice's next token starts
         head = _head(prepared, "chat.completion.chunk" if self._chat else "text_completion")
         if prepared.include_usage:
             head["usage"] = None  # OpenAI: every chunk but the last carries "usage": null
@@ -109,25 +143,63 @@ class ChunkEncoder:
         before, after = rendered.split(orjson.dumps(marker))
         self._text_prefix, self._text_suffix = before, after
 
-    def _render(self, text: str | None, finish_reason: str | None, extra: dict | None = None,
-                logprobs: dict | None = None, index: int = 0) -> bytes:
+    def _render(
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        extra: dict | None = None,
+        logprobs: dict | None = None,
+        index: int = 0,
+    ) -> bytes:
         if self._chat:
             delta = {} if text is None else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
-        return b"data: " + orjson.dumps({**self._head, "choices": [choice], **(extra or {})}) + b"\n\n"
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        return (
+            b"data: " + orjson.dumps({**self._head, "choices": [choice], **(extra or {})}) + b"\n\n"
+        )
 
     def opening(self, choices: int = 1) -> bytes | None:
         """Chat streams open with the assistant role, for each choice, as OpenAI's do."""
         if not self._chat:
             return None
-        return b"".join(b"data: " + orjson.dumps({**self._head, "choices": [
-            {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
-            + b"\n\n" for index in range(choices))
+        return b"".join(
+            b"data: "
+            + orjson.dumps(
+                {
+                    **self._head,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+            + b"\n\n"
+            for index in range(choices)
+        )
 
-    def text(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0,
-             usage: Delta | None = None) -> bytes:
+    def text(
+        self,
+        text: str,
+        logprobs: list[TokenLogprob] | None = None,
+        index: int = 0,
+        usage: Delta | None = None,
+    ) -> bytes:
         """A text event; ``usage``: the request's usage so far, carried by the event (continuous usage)."""
         extra = {"usage": _usage(usage)} if usage is not None else None
         if not self._wants_logprobs:
@@ -145,12 +217,22 @@ class ChunkEncoder:
 
     def tool_calls(self, entries: list[dict], index: int = 0, usage: Delta | None = None) -> bytes:
         """An event with tool-call entries (each with its index, as OpenAI streams them)."""
-        choice = {"index": index, "delta": {"tool_calls": entries}, "logprobs": None, "finish_reason": None}
+        choice = {
+            "index": index,
+            "delta": {"tool_calls": entries},
+            "logprobs": None,
+            "finish_reason": None,
+        }
         extra = {"usage": _usage(usage)} if usage is not None else {}
         return b"data: " + orjson.dumps({**self._head, "choices": [choice], **extra}) + b"\n\n"
 
-    def finish(self, finish_reason: str, index: int = 0, extra: dict | None = None,
-               usage: Delta | None = None) -> bytes:
+    def finish(
+        self,
+        finish_reason: str,
+        index: int = 0,
+        extra: dict | None = None,
+        usage: Delta | None = None,
+    ) -> bytes:
         """One choice's finish event (with ``extra`` fields on the request's last one)."""
         if usage is not None:
             extra = {**(extra or {}), "usage": _usage(usage)}

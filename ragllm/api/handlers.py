@@ -14,29 +14,45 @@ from ragllm.errors import RagLLMError
 
 logger = logging.getLogger(__name__)
 
-_HTTP_ERROR_TYPES = {401: "authentication_error", 404: "invalid_request_error", 405: "invalid_request_error",
-                     413: "invalid_request_error", 429: "rate_limit_exceeded"}
+_HTTP_ERROR_TYPES = {
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+}
 _HTTP_ERROR_CODES = {413: "request_too_large"}
 
 
-def error_response(status: int, message: str, error_type: str, param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 async def _service_error(request: Request, exc: RagLLMError) -> Response:
     headers = dict(exc.headers or {})
     if exc.retry_after_s is not None:
         headers.setdefault("retry-after", str(exc.retry_after_s))
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+    return error_response(
+        exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers
+    )
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
-        return error_response(400, "the request body is not valid JSON", "invalid_request_error",
-                              code="invalid_json")
+        return error_response(
+            400, "the request body is not valid JSON", "invalid_request_error", code="invalid_json"
+        )
     param = _param_path(first.get("loc", ()))
     message = f"{param}: {first['msg']}" if param else first["msg"]
     if first.get("type") == "missing":
@@ -68,10 +84,19 @@ def http_error_response(exc: HTTPException) -> Response:
     """Starlette's and FastAPI's HTTP errors (and our own raised as such) in OpenAI's envelope."""
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
     if exc.status_code == 400:  # FastAPI's body parser: undecodable bytes (invalid UTF-8, ...)
-        return error_response(400, f"the request body could not be parsed: {exc.detail}", error_type,
-                              code="invalid_body")
-    return error_response(exc.status_code, str(exc.detail), error_type, code=_HTTP_ERROR_CODES.get(exc.status_code),
-                          headers=exc.headers)
+        return error_response(
+            400,
+            f"the request body could not be parsed: {exc.detail}",
+            error_type,
+            code="invalid_body",
+        )
+    return error_response(
+        exc.status_code,
+        str(exc.detail),
+        error_type,
+        code=_HTTP_ERROR_CODES.get(exc.status_code),
+        headers=exc.headers,
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

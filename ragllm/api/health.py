@@ -22,8 +22,16 @@ async def list_models(request: Request) -> dict:
     created = int(state.started_at_wall)
     return {
         "object": "list",
-        "data": [{"id": c.id, "object": "model", "created": created, "owned_by": c.owned_by,
-                  "max_model_len": c.max_model_len} for c in state.engine.models()],
+        "data": [
+            {
+                "id": c.id,
+                "object": "model",
+                "created": created,
+                "owned_by": c.owned_by,
+                "max_model_len": c.max_model_len,
+            }
+            for c in state.engine.models()
+        ],
     }
 
 
@@ -31,9 +39,16 @@ def _kv_cache_health(kv: KVCacheStats | None) -> KVCacheHealth | None:
     if kv is None:
         return None
     hit_rate = kv.prefix_cache_hits / kv.prefix_cache_queries if kv.prefix_cache_queries else None
-    return KVCacheHealth(block_size=kv.block_size, blocks_total=kv.blocks_total, blocks_free=kv.blocks_free,
-                         usage=round(kv.usage, 4), prefix_cache_hit_rate=hit_rate, preemptions=kv.num_preemptions,
-                         dtype=kv.dtype, tokens_total=kv.blocks_total * kv.block_size)
+    return KVCacheHealth(
+        block_size=kv.block_size,
+        blocks_total=kv.blocks_total,
+        blocks_free=kv.blocks_free,
+        usage=round(kv.usage, 4),
+        prefix_cache_hit_rate=hit_rate,
+        preemptions=kv.num_preemptions,
+        dtype=kv.dtype,
+        tokens_total=kv.blocks_total * kv.block_size,
+    )
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -41,7 +56,9 @@ async def health(request: Request) -> Response:
     state = app_state(request)
     engine_health = state.engine.health()
     stats = state.engine.stats()
-    status = {EngineState.READY: "ok", EngineState.LOADING: "loading"}.get(engine_health.state, "error")
+    status = {EngineState.READY: "ok", EngineState.LOADING: "loading"}.get(
+        engine_health.state, "error"
+    )
     detail = engine_health.detail
     if state.lifecycle.draining and status == "ok":
         status, detail = "draining", f"shutting down: {state.lifecycle.reason}"
@@ -57,8 +74,11 @@ async def health(request: Request) -> Response:
         cache=state.cache.name if state.settings.cache.enabled else "off",
         kv_cache=_kv_cache_health(stats.kv_cache),
     )
-    return Response(body.model_dump_json(), status_code=200 if status == "ok" else 503,
-                    media_type="application/json")
+    return Response(
+        body.model_dump_json(),
+        status_code=200 if status == "ok" else 503,
+        media_type="application/json",
+    )
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -68,4 +88,6 @@ async def metrics(request: Request) -> Response:
     scraped = await state.engine.scrape_metrics()
     if not scraped:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-    return Response(exposition_with_upstreams(state.metrics.registry, scraped), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        exposition_with_upstreams(state.metrics.registry, scraped), media_type=CONTENT_TYPE_LATEST
+    )

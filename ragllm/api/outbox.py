@@ -27,13 +27,19 @@ class Outbox:
     this outbox: its bytes are dropped and ``on_evicted`` ends the stream.
     """
 
-    def __init__(self, max_bytes: int, budget: OutboxBudget | None = None,
-                 on_evicted: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        budget: OutboxBudget | None = None,
+        on_evicted: Callable[[], None] = lambda: None,
+    ) -> None:
         self.max_bytes = max_bytes
         self._chunks: list[bytes] = []
         self._size = 0
         self._taken = 0  # bytes of the last take, being sent
-        self._in_connection = 0  # bytes of the take before, perhaps still in the connection's buffer
+        self._in_connection = (
+            0  # bytes of the take before, perhaps still in the connection's buffer
+        )
         self._closed = False
         self._evicted = False
         self._error: BaseException | None = None

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-
 import logging
-import time
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +14,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ragllm.generation import Usage
 
 if TYPE_CHECKING:
+    from ragllm.access.keys import Principal
     from ragllm.api.state import AppState
     from ragllm.generation import DeltaStream
-    from ragllm.telemetry.tracing import RequestSpan
-    from ragllm.access.keys import Principal
     from ragllm.telemetry.metrics import Metrics, RequestTimer
+    from ragllm.telemetry.tracing import RequestSpan
 
 request_logger = logging.getLogger("ragllm.requests")
 
@@ -32,8 +31,10 @@ SCOPE_KEY = "ragllm.record"
 class RequestRecord:
     endpoint: str
     started: float = field(default_factory=time.perf_counter)
-    request_id: str = field(default_factory=lambda: f"req-{os.urandom(16).hex()}")  # replaced once prepared
-    principal: "Principal | None" = None
+    request_id: str = field(
+        default_factory=lambda: f"req-{os.urandom(16).hex()}"
+    )  # replaced once prepared
+    principal: Principal | None = None
     model: str = ""
     status: int = 500  # until a response starts, an exception is what happened
     finish_reason: str = ""
@@ -42,15 +43,15 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float | None = None
-    timer: "RequestTimer | None" = None
+    timer: RequestTimer | None = None
     disconnected: bool = False
     prompt: Any = None  # only kept when server.log_prompts is on
     completion: str | None = None
-    span: "RequestSpan | None" = None  # when tracing is on
+    span: RequestSpan | None = None  # when tracing is on
     finished_at: float | None = None  # perf_counter time of the last token
     # Every engine stream opened for the request (a whole answer that broke off is run again): what
     # the request is billed comes from them, not from what reached the client.
-    engine_streams: "list[DeltaStream]" = field(default_factory=list)
+    engine_streams: list[DeltaStream] = field(default_factory=list)
 
     async def settle_usage(self) -> None:
         """Tokens the engine produced for this request, however it ended (the client gone mid-stream
@@ -60,14 +61,18 @@ class RequestRecord:
         is charged too."""
         if self.cache != "hit":
             await asyncio.gather(*(stream.settled() for stream in self.engine_streams))
-        produced = [usage for usage in (stream.produced() for stream in self.engine_streams) if usage is not None]
+        produced = [
+            usage
+            for usage in (stream.produced() for stream in self.engine_streams)
+            if usage is not None
+        ]
         if self.cache == "hit" or not produced:
             return
         total = sum(produced, start=Usage())
         self.prompt_tokens = max(self.prompt_tokens, total.prompt_tokens)
         self.completion_tokens = max(self.completion_tokens, total.completion_tokens)
 
-    def client_left(self, metrics: "Metrics") -> None:
+    def client_left(self, metrics: Metrics) -> None:
         """The client closed the connection before its response was complete: logged as a 499, and counted."""
         self.disconnected = True
         metrics.client_disconnects.inc()
@@ -132,14 +137,20 @@ class RequestRecord:
             span.child_between("queue", submitted, scheduled)
             span.child_between("prefill", scheduled, first_token)
             span.child_between("decode", first_token, self.finished_at or time.perf_counter())
-        span.finish({
-            "http.request.method": "POST", "http.route": self.endpoint,
-            "http.response.status_code": 499 if self.disconnected else self.status,
-            "ragllm.request_id": self.request_id, "gen_ai.request.model": self.model,
-            "gen_ai.usage.input_tokens": self.prompt_tokens, "gen_ai.usage.output_tokens": self.completion_tokens,
-            "gen_ai.response.finish_reasons": self.finish_reason, "ragllm.cache": self.cache,
-            "ragllm.key_id": self.principal.key_id if self.principal else None,
-        })
+        span.finish(
+            {
+                "http.request.method": "POST",
+                "http.route": self.endpoint,
+                "http.response.status_code": 499 if self.disconnected else self.status,
+                "ragllm.request_id": self.request_id,
+                "gen_ai.request.model": self.model,
+                "gen_ai.usage.input_tokens": self.prompt_tokens,
+                "gen_ai.usage.output_tokens": self.completion_tokens,
+                "gen_ai.response.finish_reasons": self.finish_reason,
+                "ragllm.cache": self.cache,
+                "ragllm.key_id": self.principal.key_id if self.principal else None,
+            }
+        )
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -149,7 +160,7 @@ def _ms(seconds: float | None) -> float | None:
 class RequestRecordMiddleware:
     """Counts requests by status, tracks in-flight ones, and logs each finished generation request."""
 
-    def __init__(self, app: ASGIApp, state: "AppState") -> None:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
 
@@ -163,7 +174,9 @@ class RequestRecordMiddleware:
         metrics = self.state.metrics
         trace_header: list[tuple[bytes, bytes]] = []
         if path in GENERATION_PATHS and self.state.tracing.enabled:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            headers = {
+                k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())
+            }
             record.span = self.state.tracing.start_request(f"POST {path}", headers)
             trace_header = [(b"x-trace-id", record.span.trace_id.encode())]
 

@@ -58,12 +58,20 @@ class Responder:
     async def respond(self, principal: Principal, allowance: Allowance | None) -> Response:
         """The response, headed with the request's id, the caller's rate limits and what the cache did."""
         state, prepared, record = self.state, self.prepared, self.record
-        record.request_id, record.model, record.stream = prepared.id, prepared.model.id, prepared.stream
+        record.request_id, record.model, record.stream = (
+            prepared.id,
+            prepared.model.id,
+            prepared.stream,
+        )
         if state.settings.server.log_prompts:
             generation = prepared.generation
             record.prompt = generation.messages or generation.prompt or generation.prompt_token_ids
-        plan = self.plan = cache_plan(prepared, principal.key_id, self.request.headers.get("cache-control"),
-                                      state.settings.cache.enabled)
+        plan = self.plan = cache_plan(
+            prepared,
+            principal.key_id,
+            self.request.headers.get("cache-control"),
+            state.settings.cache.enabled,
+        )
         headers = {"x-request-id": prepared.id, **(allowance.headers() if allowance else {})}
         if plan.read:
             with child_span(record.span, "cache_lookup"):
@@ -77,31 +85,58 @@ class Responder:
         if not prepared.stream:
             return await self._whole(headers, stream, timer)
         server = state.settings.server
-        return EventStreamResponse(self._events(stream, timer), headers, on_disconnect=self._disconnected,
-                                   late_headers=record.first_token_headers, on_abandon=self._abandoned,
-                                   on_too_slow=self._too_slow, write_timeout_s=server.write_timeout_s,
-                                   buffer_bytes=server.stream_buffer_bytes, budget=state.outbox_budget)
+        return EventStreamResponse(
+            self._events(stream, timer),
+            headers,
+            on_disconnect=self._disconnected,
+            late_headers=record.first_token_headers,
+            on_abandon=self._abandoned,
+            on_too_slow=self._too_slow,
+            write_timeout_s=server.write_timeout_s,
+            buffer_bytes=server.stream_buffer_bytes,
+            budget=state.outbox_budget,
+        )
 
     def _replay(self, cached: CachedResponse, headers: dict[str, str]) -> Response:
         """A cache hit: the original content and usage, under this request's fresh id and timestamp."""
         prepared, record = self.prepared, self.record
-        last = Delta(text="", num_tokens=0, prompt_tokens=cached.prompt_tokens,
-                     completion_tokens=cached.completion_tokens, finish_reason=FinishReason(cached.finish_reason),
-                     cached_tokens=cached.cached_tokens)
+        last = Delta(
+            text="",
+            num_tokens=0,
+            prompt_tokens=cached.prompt_tokens,
+            completion_tokens=cached.completion_tokens,
+            finish_reason=FinishReason(cached.finish_reason),
+            cached_tokens=cached.cached_tokens,
+        )
         record.cache, record.finish_reason = "hit", cached.finish_reason
-        record.prompt_tokens, record.completion_tokens = cached.prompt_tokens, cached.completion_tokens
+        record.prompt_tokens, record.completion_tokens = (
+            cached.prompt_tokens,
+            cached.completion_tokens,
+        )
         extensions = self._extensions(cached.text)
         tool_calls = [dict(call) for call in cached.tool_calls]
         if not prepared.stream:
-            choice = ChoiceOutcome(cached.text, last.finish_reason, tool_calls=tool_calls,
-                                   completion_tokens=cached.completion_tokens)
+            choice = ChoiceOutcome(
+                cached.text,
+                last.finish_reason,
+                tool_calls=tool_calls,
+                completion_tokens=cached.completion_tokens,
+            )
             body = full_response(prepared, Outcome([choice], last), extensions)
-            return Response(body, media_type="application/json", headers={**headers, **record.timing_headers()})
+            return Response(
+                body, media_type="application/json", headers={**headers, **record.timing_headers()}
+            )
         encoder = ChunkEncoder(prepared)
         entries = [{"index": index, **call} for index, call in enumerate(tool_calls)]
-        events = ((encoder.opening() or b"") + (encoder.text(cached.text) if cached.text else b"")
-                  + (encoder.tool_calls(entries) if entries else b"") + encoder.closing(last, extensions))
-        return Response(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+        events = (
+            (encoder.opening() or b"")
+            + (encoder.text(cached.text) if cached.text else b"")
+            + (encoder.tool_calls(entries) if entries else b"")
+            + encoder.closing(last, extensions)
+        )
+        return Response(
+            events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"}
+        )
 
     async def _opened(self) -> tuple[DeltaStream, RequestTimer]:
         """The engine's stream, opened while watching the client: an upstream may take long to answer
@@ -113,8 +148,9 @@ class Responder:
             await opened[0].aclose()
 
         try:
-            stream, timer = await until_disconnect(self.request.receive, self.state.preparer.open(self.prepared),
-                                                   discard=discard)
+            stream, timer = await until_disconnect(
+                self.request.receive, self.state.preparer.open(self.prepared), discard=discard
+            )
         except ClientClosedRequest:
             self._disconnected()
             raise
@@ -122,12 +158,16 @@ class Responder:
         record.engine_streams.append(stream)
         return stream, timer
 
-    async def _whole(self, headers: dict[str, str], stream: DeltaStream, timer: RequestTimer) -> Response:
+    async def _whole(
+        self, headers: dict[str, str], stream: DeltaStream, timer: RequestTimer
+    ) -> Response:
         """One JSON body, once every choice has finished; the client is watched meanwhile."""
         prepared, record = self.prepared, self.record
         for run in range(1, MAX_INTERRUPTED_RUNS + 1):
             try:
-                outcome = await until_disconnect(self.request.receive, _gathered(stream, timer, prepared))
+                outcome = await until_disconnect(
+                    self.request.receive, _gathered(stream, timer, prepared)
+                )
                 break
             except ClientClosedRequest:
                 self._disconnected()
@@ -137,8 +177,11 @@ class Responder:
                     raise
                 stream, timer = await self._opened()
         await self._finished(outcome.text, outcome.last, outcome.choices[0].tool_calls)
-        return Response(full_response(prepared, outcome, self._extensions(outcome.text)),
-                        media_type="application/json", headers={**headers, **record.timing_headers()})
+        return Response(
+            full_response(prepared, outcome, self._extensions(outcome.text)),
+            media_type="application/json",
+            headers={**headers, **record.timing_headers()},
+        )
 
     async def _events(self, stream: DeltaStream, timer: RequestTimer) -> AsyncIterator[bytes]:
         """The SSE events of one answer. Every stream ends with a finish or an error event, then
@@ -148,16 +191,25 @@ class Responder:
         encoder = ChunkEncoder(prepared)
         choices = prepared.generation.params.n
         # Keep the text only when it will be cached, logged or checked for citations: most streams need none.
-        tally = Tally(choices, keep_text=self.plan.write or record.prompt is not None or prepared.rag is not None,
-                      strip_thinking=prepared.strip_thinking)
+        tally = Tally(
+            choices,
+            keep_text=self.plan.write or record.prompt is not None or prepared.rag is not None,
+            strip_thinking=prepared.strip_thinking,
+        )
         deltas = _tallied(stream, timer, tally)
-        opening = encoder.opening(choices) or b""  # sent with the first delta, once its timings are known
+        opening = (
+            encoder.opening(choices) or b""
+        )  # sent with the first delta, once its timings are known
         started = False  # something was yielded: from then on errors are reported in-band
         try:
             async for delta, text in deltas:
                 index = delta.index
                 usage = tally.summary() if prepared.continuous_usage else None
-                events = encoder.text(text, delta.logprobs, index, usage) if text or delta.logprobs else b""
+                events = (
+                    encoder.text(text, delta.logprobs, index, usage)
+                    if text or delta.logprobs
+                    else b""
+                )
                 if delta.tool_calls:
                     events += encoder.tool_calls(delta.tool_calls, index, usage)
                 if opening:
@@ -165,8 +217,12 @@ class Responder:
                     events, opening = opening + events, b""
                 if delta.finish_reason is not None:
                     answer = tally.choices[0].text
-                    events += encoder.finish(delta.finish_reason.value, index,
-                                             self._extensions(answer) if tally.done else None, usage)
+                    events += encoder.finish(
+                        delta.finish_reason.value,
+                        index,
+                        self._extensions(answer) if tally.done else None,
+                        usage,
+                    )
                 if tally.done:
                     summary = tally.summary()
                     started = True
@@ -183,7 +239,9 @@ class Responder:
             record.status, record.finish_reason = error.status_code, "error"
             yield error_event(error.to_envelope()) + DONE_EVENT
         finally:
-            if record.finished_at is None:  # ended early (client gone or too slow, error): bill what was produced
+            if (
+                record.finished_at is None
+            ):  # ended early (client gone or too slow, error): bill what was produced
                 _bill_produced(record, tally)
             await deltas.aclose()
 
@@ -196,8 +254,14 @@ class Responder:
         if record.prompt is not None:
             record.completion = text
         if plan.write:
-            cached = CachedResponse(text, last.finish_reason.value, last.prompt_tokens, last.completion_tokens,
-                                    tuple(tool_calls or ()), last.cached_tokens)
+            cached = CachedResponse(
+                text,
+                last.finish_reason.value,
+                last.prompt_tokens,
+                last.completion_tokens,
+                tuple(tool_calls or ()),
+                last.cached_tokens,
+            )
             await self.state.cache.put(plan.key, cached, self.state.settings.cache.ttl_s)
 
     def _extensions(self, answer: str) -> dict | None:
@@ -209,7 +273,9 @@ class Responder:
         """A stream the server stops serving (its shutdown grace is over): recorded as the 503 it is, and
         ended as every stream ends, with an error event and [DONE]."""
         reason = self.state.lifecycle.reason or "shutdown"
-        error = ShuttingDown(f"the server stopped before the answer was complete ({reason}); retry on another replica")
+        error = ShuttingDown(
+            f"the server stopped before the answer was complete ({reason}); retry on another replica"
+        )
         self.record.status, self.record.finish_reason = error.status_code, "error"
         return error_event(error.to_envelope()) + DONE_EVENT
 
@@ -224,7 +290,9 @@ class Responder:
         self.record.client_left(self.state.metrics)
 
 
-async def _tallied(stream: DeltaStream, timer: RequestTimer, tally: Tally) -> AsyncIterator[tuple[Delta, str]]:
+async def _tallied(
+    stream: DeltaStream, timer: RequestTimer, tally: Tally
+) -> AsyncIterator[tuple[Delta, str]]:
     """Each delta of an answer with its text as shown, timed and counted. The answer is complete once
     ``tally.done`` (a stream's events stop there; a whole answer reads the stream to its end, which
     engines put right after the last finish); a stream that ends before then is an EngineInterrupted.

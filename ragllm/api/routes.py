@@ -31,42 +31,70 @@ router = APIRouter(route_class=AdmittedRoute)
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 # One server-sent event, as OpenAPI describes text/event-stream (3.0/3.1 tools read ``schema`` per event):
 # ``data`` is one JSON chunk, and ``[DONE]`` last.
-_STREAM_DOC = {"text/event-stream": {"schema": {
-    "type": "object", "required": ["data"],
-    "description": "One server-sent event: data is a JSON chunk (chat.completion.chunk or text_completion), "
-                   "then [DONE]",
-    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
-                   "retry": {"type": "integer", "minimum": 0}}}}}
+_STREAM_DOC = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "description": "One server-sent event: data is a JSON chunk (chat.completion.chunk or text_completion), "
+            "then [DONE]",
+            "properties": {
+                "data": {"type": "string"},
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "retry": {"type": "integer", "minimum": 0},
+            },
+        }
+    }
+}
 _CACHE_DOC = "Cache-Control: no-cache skips the response-cache lookup, no-store skips the write."
 
 
-@router.post("/v1/chat/completions", description=_CACHE_DOC,
-             responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **_ERRORS})
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           principal: Principal = Depends(authenticated),
-                           allowance: Allowance | None = Depends(admitted)) -> Response:
+@router.post(
+    "/v1/chat/completions",
+    description=_CACHE_DOC,
+    responses={200: {"model": ChatCompletion, "content": _STREAM_DOC}, **_ERRORS},
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    principal: Principal = Depends(authenticated),
+    allowance: Allowance | None = Depends(admitted),
+) -> Response:
     state = app_state(request)
     prepared = await state.preparer.prepare_chat(body, principal.cache_group)
     return await Responder(state, request, prepared).respond(principal, allowance)
 
 
-@router.post("/v1/completions", description=_CACHE_DOC,
-             responses={200: {"model": Completion, "content": _STREAM_DOC}, **_ERRORS})
-async def completions(body: CompletionRequest, request: Request,
-                      principal: Principal = Depends(authenticated),
-                      allowance: Allowance | None = Depends(admitted)) -> Response:
+@router.post(
+    "/v1/completions",
+    description=_CACHE_DOC,
+    responses={200: {"model": Completion, "content": _STREAM_DOC}, **_ERRORS},
+)
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    principal: Principal = Depends(authenticated),
+    allowance: Allowance | None = Depends(admitted),
+) -> Response:
     state = app_state(request)
     prepared = state.preparer.prepare_completion(body, principal.cache_group)
     return await Responder(state, request, prepared).respond(principal, allowance)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
-async def tokenize(body: TokenizeRequest, request: Request,
-                   principal: Principal = Depends(authenticated),
-                   allowance: Allowance | None = Depends(admitted)) -> Response:
+async def tokenize(
+    body: TokenizeRequest,
+    request: Request,
+    principal: Principal = Depends(authenticated),
+    allowance: Allowance | None = Depends(admitted),
+) -> Response:
     """Token counts as vLLM's /tokenize gives them (what an upstream gateway budgets RAG prompts with)."""
     state = app_state(request)
     model, generation = await state.preparer.prepare_tokenize(body)
     count = await state.engine.count_prompt_tokens(generation)
-    return Response(orjson.dumps({"count": count, "max_model_len": model.max_model_len}),
-                    media_type="application/json", headers=allowance.headers() if allowance else None)
+    return Response(
+        orjson.dumps({"count": count, "max_model_len": model.max_model_len}),
+        media_type="application/json",
+        headers=allowance.headers() if allowance else None,
+    )

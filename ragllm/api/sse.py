@@ -39,8 +39,9 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T],
-                           discard: Callable[[T], Awaitable[None]] | None = None) -> T:
+async def until_disconnect(
+    receive: Receive, work: Awaitable[T], discard: Callable[[T], Awaitable[None]] | None = None
+) -> T:
     """Await ``work`` but cancel it (and raise ClientClosedRequest) if the client disconnects first.
 
     Work can finish in spite of its cancellation (Python 3.11's ``asyncio.wait_for`` returns a result
@@ -76,13 +77,18 @@ class EventStreamResponse(Response):
     both tasks are cancelled (the engine slot is freed at its next step) and ``on_disconnect`` runs.
     """
 
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str],
-                 on_disconnect: Callable[[], None],
-                 late_headers: Callable[[], dict[str, str]] = dict,
-                 on_abandon: Callable[[], bytes] = bytes,
-                 on_too_slow: Callable[[str], None] = lambda reason: None,
-                 write_timeout_s: float = 30.0, buffer_bytes: int = 4 * 1024 * 1024,
-                 budget: OutboxBudget | None = None) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        headers: dict[str, str],
+        on_disconnect: Callable[[], None],
+        late_headers: Callable[[], dict[str, str]] = dict,
+        on_abandon: Callable[[], bytes] = bytes,
+        on_too_slow: Callable[[str], None] = lambda reason: None,
+        write_timeout_s: float = 30.0,
+        buffer_bytes: int = 4 * 1024 * 1024,
+        budget: OutboxBudget | None = None,
+    ) -> None:
         self.status_code = 200
         self.background = None
         self._events = events
@@ -106,7 +112,9 @@ class EventStreamResponse(Response):
                 self._ending = reason
                 sender.cancel()
 
-        outbox = Outbox(self._buffer_bytes, self._budget, on_evicted=lambda: end_with("budget_full"))
+        outbox = Outbox(
+            self._buffer_bytes, self._budget, on_evicted=lambda: end_with("budget_full")
+        )
         watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
         watcher.add_done_callback(lambda done: done.cancelled() or end_with("disconnected"))
         producer = asyncio.ensure_future(self._produce(outbox, lambda: end_with("buffer_full")))
@@ -117,21 +125,35 @@ class EventStreamResponse(Response):
             # Headers wait for the first event, so they can carry what it taught (queue time, TTFT).
             chunk = await outbox.take()
             late = [(k.encode(), v.encode()) for k, v in self._late_headers().items()]
-            await watchdog.send(send, {"type": "http.response.start", "status": 200,
-                                       "headers": self.raw_headers + late})
+            await watchdog.send(
+                send,
+                {"type": "http.response.start", "status": 200, "headers": self.raw_headers + late},
+            )
             started = True
             while chunk is not None:
-                await watchdog.send(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+                await watchdog.send(
+                    send, {"type": "http.response.body", "body": chunk, "more_body": True}
+                )
                 outbox.sent(buffered() if buffered is not None else None)
                 chunk = await outbox.take()
-            await watchdog.send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+            await watchdog.send(
+                send, {"type": "http.response.body", "body": b"", "more_body": False}
+            )
         except asyncio.CancelledError:
-            if self._ending is None:  # the server is stopping: end the stream properly, then let it go
+            if (
+                self._ending is None
+            ):  # the server is stopping: end the stream properly, then let it go
                 producer.cancel()
                 if started:
                     with contextlib.suppress(Exception):
-                        await watchdog.send(send, {"type": "http.response.body", "body": self._on_abandon(),
-                                                   "more_body": False})
+                        await watchdog.send(
+                            send,
+                            {
+                                "type": "http.response.body",
+                                "body": self._on_abandon(),
+                                "more_body": False,
+                            },
+                        )
                 raise
             sender.uncancel()
             if self._ending == "disconnected":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ragllm.access.keys import KeyRing
+from ragllm.access.rate_limits import RateLimiter
 from ragllm.api.outbox_budget import OutboxBudget
 from ragllm.cache import ResponseCache
 from ragllm.config import Settings
 from ragllm.engines.base import Engine
 from ragllm.lifecycle import Lifecycle
-from ragllm.access.keys import KeyRing
-from ragllm.access.rate_limits import RateLimiter
 from ragllm.redis_link import RedisLink
 from ragllm.serving.prepare import RequestPreparer
 from ragllm.telemetry.metrics import Metrics

@@ -21,7 +21,9 @@ class WriteWatchdog:
         self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
         self._on_timeout = on_timeout
-        self._write_began: float | None = None  # loop time of the send under way; None between sends
+        self._write_began: float | None = (
+            None  # loop time of the send under way; None between sends
+        )
         self._timer = self._loop.call_later(timeout_s, self._check)
 
     async def send(self, send: Send, message: Message) -> None:
@@ -37,4 +39,6 @@ class WriteWatchdog:
         if began is not None and now - began >= self._timeout_s:
             self._on_timeout()
             return
-        self._timer = self._loop.call_at((now if began is None else began) + self._timeout_s, self._check)
+        self._timer = self._loop.call_at(
+            (now if began is None else began) + self._timeout_s, self._check
+        )

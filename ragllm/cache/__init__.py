@@ -26,10 +26,17 @@ class CachedResponse:
         return orjson.dumps(fields)
 
     @classmethod
-    def loads(cls, raw: bytes) -> "CachedResponse":
+    def loads(cls, raw: bytes) -> CachedResponse:
         text, finish_reason, prompt_tokens, completion_tokens, *rest = orjson.loads(raw)
         tool_calls = tuple(rest[0]) if rest else ()
-        return cls(text, finish_reason, prompt_tokens, completion_tokens, tool_calls, rest[1] if len(rest) > 1 else 0)
+        return cls(
+            text,
+            finish_reason,
+            prompt_tokens,
+            completion_tokens,
+            tool_calls,
+            rest[1] if len(rest) > 1 else 0,
+        )
 
 
 class ResponseCache(Protocol):

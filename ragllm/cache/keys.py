@@ -31,7 +31,9 @@ def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) 
         "chat_template_kwargs": request.chat_template_kwargs,
         "passthrough": request.passthrough,
         "tools": request.tools,
-        "sampling_set": sorted(request.sampling_set),  # what the client left to an upstream's defaults
+        "sampling_set": sorted(
+            request.sampling_set
+        ),  # what the client left to an upstream's defaults
         "params": dataclasses.asdict(request.params),
     }
     if request.cache_scope.salt is not None:  # only when set, so unsalted requests keep their keys

@@ -7,7 +7,9 @@ from collections import OrderedDict
 
 from ragllm.cache import CachedResponse
 
-_ENTRY_OVERHEAD = 200  # dict slot, key string and tuple, roughly; keeps tiny entries from being free
+_ENTRY_OVERHEAD = (
+    200  # dict slot, key string and tuple, roughly; keeps tiny entries from being free
+)
 
 
 class MemoryCache:

@@ -9,7 +9,9 @@ from ragllm.cli import loadtest, serve, stats
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ragllm", description="OpenAI-compatible completions for RAG.")
+    parser = argparse.ArgumentParser(
+        prog="ragllm", description="OpenAI-compatible completions for RAG."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve.add_parser(commands)
     stats.add_parser(commands)
@@ -20,5 +22,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.run(args)
-
-

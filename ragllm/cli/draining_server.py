@@ -57,5 +57,7 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown, its wait for connections still flushing an answer stretched to the rest
         of the grace period (idle connections are closed at once; the wait ends when the last one goes)."""
-        self.config.timeout_graceful_shutdown = max(self._close_wait_s, self.lifecycle.grace_left_s())
+        self.config.timeout_graceful_shutdown = max(
+            self._close_wait_s, self.lifecycle.grace_left_s()
+        )
         await super().shutdown(sockets)

@@ -14,7 +14,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--host", help="bind address (default 127.0.0.1; cloud profile 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default 8081)")
     parser.add_argument("--profile", choices=PROFILES, help="settings profile (default local)")
-    parser.add_argument("--model", help="Hugging Face id, local directory or .gguf file (env LLM_MODEL_ID)")
+    parser.add_argument(
+        "--model", help="Hugging Face id, local directory or .gguf file (env LLM_MODEL_ID)"
+    )
     parser.add_argument("--served-model-name", help="the name clients send as 'model'")
     parser.add_argument("--engine", help="engine implementation (default transformers)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the model runs")
@@ -53,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = settings_from_args(args)
-    except ValueError as exc:  # pydantic's ValidationError included: say what is wrong, not a traceback
+    except (
+        ValueError
+    ) as exc:  # pydantic's ValidationError included: say what is wrong, not a traceback
         print(f"ragllm serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.server)
@@ -62,10 +66,16 @@ def run(args: argparse.Namespace) -> int:
     except ConfigurationError as exc:
         print(f"ragllm serve: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, http=AbortableHTTPProtocol,
-                            log_level=settings.server.log_level, access_log=False,
-                            timeout_graceful_shutdown=CONNECTION_CLOSE_WAIT_S,
-                            log_config=None)  # keep the handlers configure_logging installed
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        http=AbortableHTTPProtocol,
+        log_level=settings.server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=CONNECTION_CLOSE_WAIT_S,
+        log_config=None,
+    )  # keep the handlers configure_logging installed
     lifecycle = app.state.ragllm.lifecycle
     DrainingServer(config, lifecycle).run()
     return lifecycle.exit_code

@@ -16,7 +16,9 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser("stats", help="summarise the request log kept in Redis")
-    parser.add_argument("--since", default="15m", help="window to summarise: 30s, 15m, 2h, 1d (default 15m)")
+    parser.add_argument(
+        "--since", default="15m", help="window to summarise: 30s, 15m, 2h, 1d (default 15m)"
+    )
     parser.add_argument("--redis-url", help="default: REDIS_URL")
     parser.set_defaults(run=run)
 
@@ -62,8 +64,10 @@ def summarize(entries: list[dict[str, str]], window_s: float) -> Summary:
         requests=len(entries),
         errors=sum(1 for s in statuses if s >= 400 and s != 499),
         cancelled=sum(1 for s in statuses if s == 499),
-        ttft_p50_ms=_percentile(ttfts, 50), ttft_p95_ms=_percentile(ttfts, 95),
-        latency_p50_ms=_percentile(latencies, 50), latency_p95_ms=_percentile(latencies, 95),
+        ttft_p50_ms=_percentile(ttfts, 50),
+        ttft_p95_ms=_percentile(ttfts, 95),
+        latency_p50_ms=_percentile(latencies, 50),
+        latency_p95_ms=_percentile(latencies, 95),
         completion_tokens=tokens,
         tokens_per_s=tokens / window_s if window_s else 0.0,
         cache_hits=sum(1 for e in lookups if e["cache"] == "hit"),
@@ -92,7 +96,12 @@ def render(summary: Summary, since: str) -> str:
         ("TTFT p50 / p95", f"{ms(summary.ttft_p50_ms)} / {ms(summary.ttft_p95_ms)}"),
         ("latency p50 / p95", f"{ms(summary.latency_p50_ms)} / {ms(summary.latency_p95_ms)}"),
         ("generated tokens/s", f"{summary.tokens_per_s:.2f} ({summary.completion_tokens} tokens)"),
-        ("cache hit rate", "-" if hit_rate is None else f"{hit_rate:.1%} ({summary.cache_hits}/{summary.cache_lookups})"),
+        (
+            "cache hit rate",
+            "-"
+            if hit_rate is None
+            else f"{hit_rate:.1%} ({summary.cache_hits}/{summary.cache_lookups})",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -104,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     url = args.redis_url or settings.redis.url
     if not url:
-        print("ragllm stats: the request log lives in Redis; set REDIS_URL or pass --redis-url", file=sys.stderr)
+        print(
+            "ragllm stats: the request log lives in Redis; set REDIS_URL or pass --redis-url",
+            file=sys.stderr,
+        )
         return 2
     window_s = parse_duration(args.since)
     start_ms = int((time.time() - window_s) * 1000)

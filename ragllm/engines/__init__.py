@@ -18,13 +18,15 @@ ENGINES: dict[str, str] = {
 }
 
 
-def create_engine(settings: "Settings") -> "Engine":
+def create_engine(settings: Settings) -> Engine:
     """Instantiate the engine named by ``settings.engine.name``; raises ValueError for an unknown name."""
     try:
         target = ENGINES[settings.engine.name]
     except KeyError:
         known = ", ".join(sorted(ENGINES))
-        raise ValueError(f"unknown engine {settings.engine.name!r}; known engines: {known}") from None
+        raise ValueError(
+            f"unknown engine {settings.engine.name!r}; known engines: {known}"
+        ) from None
     module_name, _, attr = target.partition(":")
     engine_class = getattr(importlib.import_module(module_name), attr)
     return engine_class.from_settings(settings)

@@ -8,6 +8,7 @@ the service is ``ragllm.generation``'s, the stream ``generate`` returns included
 from __future__ import annotations
 
 import abc
+
 from ragllm.generation import DeltaStream, EngineHealth, EngineStats, GenerationRequest, ModelCard
 
 

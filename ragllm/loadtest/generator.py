@@ -38,8 +38,13 @@ class RequestResult:
 
 async def one_request(http: httpx.AsyncClient, url: str, workload: Workload) -> RequestResult:
     messages, repeated = workload.next_request()
-    payload = {"model": workload.model, "messages": messages, "max_tokens": workload.max_tokens,
-               "stream": True, "stream_options": {"include_usage": True}}
+    payload = {
+        "model": workload.model,
+        "messages": messages,
+        "max_tokens": workload.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     usage: dict[str, Any] = {}
     start = time.perf_counter()
     first = last = None
@@ -72,8 +77,16 @@ async def one_request(http: httpx.AsyncClient, url: str, workload: Workload) -> 
     if first is None:
         return RequestResult(False, latency_s=latency, error="no content in the stream")
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return RequestResult(True, first - start, latency, tokens, gaps, repeated=repeated,
-                         prompt_tokens=usage.get("prompt_tokens", 0), cached_tokens=cached)
+    return RequestResult(
+        True,
+        first - start,
+        latency,
+        tokens,
+        gaps,
+        repeated=repeated,
+        prompt_tokens=usage.get("prompt_tokens", 0),
+        cached_tokens=cached,
+    )
 
 
 @dataclass(frozen=True)
@@ -86,9 +99,15 @@ class Bounds:
             raise ValueError("give --requests, --duration or both: a load test must be bounded")
 
 
-async def run_level(url: str, workload: Workload, bounds: Bounds, concurrency: int | None = None,
-                    rate: float | None = None, on_done: Callable[[], None] = lambda: None,
-                    timeout_s: float = 300) -> dict[str, Any]:
+async def run_level(
+    url: str,
+    workload: Workload,
+    bounds: Bounds,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    on_done: Callable[[], None] = lambda: None,
+    timeout_s: float = 300,
+) -> dict[str, Any]:
     """One level: ``concurrency`` closed-loop clients, or Poisson arrivals at ``rate`` per second."""
     results: list[RequestResult] = []
     started = time.perf_counter()
@@ -107,6 +126,7 @@ async def run_level(url: str, workload: Workload, bounds: Bounds, concurrency: i
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
         counters_before = await prefix_cache_counters(http, url)
         if concurrency is not None:
+
             async def client() -> None:
                 nonlocal issued
                 while may_issue():
@@ -126,9 +146,15 @@ async def run_level(url: str, workload: Workload, bounds: Bounds, concurrency: i
         counters_after = await prefix_cache_counters(http, url)
     summary = summarize(results, elapsed, concurrency=concurrency, rate=rate)
     if counters_before and counters_after and counters_after[0] > counters_before[0]:
-        queries, hits = counters_after[0] - counters_before[0], counters_after[1] - counters_before[1]
-        summary.update(prefix_cache_queries=queries, prefix_cache_hits=hits,
-                       prefix_cache_hit_rate=round(hits / queries, 4))
+        queries, hits = (
+            counters_after[0] - counters_before[0],
+            counters_after[1] - counters_before[1],
+        )
+        summary.update(
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
+            prefix_cache_hit_rate=round(hits / queries, 4),
+        )
     return summary
 
 
@@ -148,4 +174,8 @@ async def prefix_cache_counters(http: httpx.AsyncClient, url: str) -> tuple[floa
             if sample.name in totals:
                 totals[sample.name] += sample.value
                 found = True
-    return (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"]) if found else None
+    return (
+        (totals["vllm:prefix_cache_queries_total"], totals["vllm:prefix_cache_hits_total"])
+        if found
+        else None
+    )

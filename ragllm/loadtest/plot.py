@@ -23,10 +23,17 @@ def plot_report(levels: list[dict[str, Any]], path: Path, title: str = "ragllm l
             latency_axis.plot(xs, values, style, label=f"{label} {percentile}")
     latency_axis.set(xlabel=xlabel, ylabel="milliseconds", title="latency")
     latency_axis.legend()
-    throughput_axis.plot(xs, [level["output_tokens_per_s"] for level in levels], "-o", label="output tokens/s")
+    throughput_axis.plot(
+        xs, [level["output_tokens_per_s"] for level in levels], "-o", label="output tokens/s"
+    )
     requests_axis = throughput_axis.twinx()
-    requests_axis.plot(xs, [level["requests_per_s"] for level in levels], "--s", color="tab:orange",
-                       label="requests/s")
+    requests_axis.plot(
+        xs,
+        [level["requests_per_s"] for level in levels],
+        "--s",
+        color="tab:orange",
+        label="requests/s",
+    )
     throughput_axis.set(xlabel=xlabel, ylabel="output tokens/s", title="throughput")
     requests_axis.set_ylabel("requests/s")
     throughput_axis.legend(loc="upper left")

@@ -21,9 +21,17 @@ def _percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float 
     ordered = sorted(values)
 
     def at(percent: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(round(percent / 100 * (len(ordered) - 1))))] * scale, 3)
+        return round(
+            ordered[min(len(ordered) - 1, int(round(percent / 100 * (len(ordered) - 1))))] * scale,
+            3,
+        )
 
-    return {"mean": round(statistics.mean(ordered) * scale, 3), "p50": at(50), "p90": at(90), "p99": at(99)}
+    return {
+        "mean": round(statistics.mean(ordered) * scale, 3),
+        "p50": at(50),
+        "p90": at(90),
+        "p99": at(99),
+    }
 
 
 def summarize(results: list[RequestResult], duration_s: float, **level: Any) -> dict[str, Any]:
@@ -61,16 +69,21 @@ def _repeats(good: list[RequestResult]) -> dict[str, Any]:
         "ttft_repeated_ms": _percentiles([r.ttft_s for r in repeated]),
         "ttft_first_ms": _percentiles([r.ttft_s for r in good if not r.repeated]),
         "repeated_cached_share": round(sum(r.cached_tokens for r in repeated) / prompt_tokens, 4)
-        if prompt_tokens else None,
+        if prompt_tokens
+        else None,
     }
 
 
 def report_json(levels: list[dict[str, Any]], settings: dict[str, Any]) -> bytes:
-    return orjson.dumps({"tool": "ragllm loadtest", "settings": settings, "levels": levels},
-                        option=orjson.OPT_INDENT_2)
+    return orjson.dumps(
+        {"tool": "ragllm loadtest", "settings": settings, "levels": levels},
+        option=orjson.OPT_INDENT_2,
+    )
 
 
-def comparison(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
+def comparison(
+    old: dict[str, Any], new: dict[str, Any]
+) -> list[tuple[str, str, float | None, float | None]]:
     """Matching levels' key figures, old against new: (level, metric, old, new)."""
     rows = []
     old_levels = {_level_name(level): level for level in old["levels"]}
@@ -79,10 +92,12 @@ def comparison(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str,
         before = old_levels.get(name)
         if before is None:
             continue
-        for metric, pick in (("output tok/s", lambda x: x["output_tokens_per_s"]),
-                             ("TTFT p50 ms", lambda x: x["ttft_ms"]["p50"]),
-                             ("TPOT p50 ms", lambda x: x["tpot_ms"]["p50"]),
-                             ("latency p99 ms", lambda x: x["latency_ms"]["p99"])):
+        for metric, pick in (
+            ("output tok/s", lambda x: x["output_tokens_per_s"]),
+            ("TTFT p50 ms", lambda x: x["ttft_ms"]["p50"]),
+            ("TPOT p50 ms", lambda x: x["tpot_ms"]["p50"]),
+            ("latency p99 ms", lambda x: x["latency_ms"]["p99"]),
+        ):
             rows.append((name, metric, pick(before), pick(level)))
     return rows
 

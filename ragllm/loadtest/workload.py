@@ -40,10 +40,14 @@ class Workload:
         else:  # a document set never seen before
             self._fresh += 1
             documents = _documents(self.doc_sets + self._fresh, self.context_words)
-        question = f"Question {self._random.randint(1, 10_000)}: what do the documents say about item " \
-                   f"{self._random.randint(1, 50)}?"
-        return [{"role": "system", "content": "Answer from the documents only.\n\n" + documents},
-                {"role": "user", "content": question}], repeated
+        question = (
+            f"Question {self._random.randint(1, 10_000)}: what do the documents say about item "
+            f"{self._random.randint(1, 50)}?"
+        )
+        return [
+            {"role": "system", "content": "Answer from the documents only.\n\n" + documents},
+            {"role": "user", "content": question},
+        ], repeated
 
 
 def _documents(index: int, words: int) -> str:

@@ -48,96 +48,172 @@ class ChatMessage(_Wire):
     content: str | Annotated[list[TextContentPart | dict[str, Any]], FAIL_FAST] | None = None
     name: str | None = None
     tool_calls: Annotated[list[ToolCall], FAIL_FAST] | None = Field(
-        None, description="An assistant turn's calls of the request's tools.")
-    tool_call_id: str | None = Field(None, description="A tool turn: the call whose result it carries.")
+        None, description="An assistant turn's calls of the request's tools."
+    )
+    tool_call_id: str | None = Field(
+        None, description="A tool turn: the call whose result it carries."
+    )
 
 
 class StreamOptions(_Wire):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(
-        False, description="vLLM's extension: with include_usage, every chunk carries the usage so far "
-                           "(a client or gateway that leaves early knows what the answer cost).")
+        False,
+        description="vLLM's extension: with include_usage, every chunk carries the usage so far "
+        "(a client or gateway that leaves early knows what the answer cost).",
+    )
 
 
 class ResponseFormat(_Wire):
     type: str = Field(description="'text', 'json_object' or 'json_schema'.")
     json_schema: dict[str, Any] | None = Field(
-        None, description="With type 'json_schema': {name, schema, strict}; the answer follows the schema.")
+        None,
+        description="With type 'json_schema': {name, schema, strict}; the answer follows the schema.",
+    )
 
 
 class SamplingFields(_Wire):
     """Fields shared by chat and text completions."""
 
     model: str = Field(description="A model id from GET /v1/models.")
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32, description="Upper bound on generated tokens.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0,
-                                      description="0 means greedy decoding; otherwise at least 0.01.")
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="Upper bound on generated tokens."
+    )
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="0 means greedy decoding; otherwise at least 0.01."
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(1, ge=1, le=128, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | Strings | None = Field(None, description="Up to 16 stop strings (256 characters each by "
-                                          "default), never included in the output.")
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1, description="Makes sampling reproducible.")
+    stop: str | Strings | None = Field(
+        None,
+        description="Up to 16 stop strings (256 characters each by "
+        "default), never included in the output.",
+    )
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**64 - 1, description="Makes sampling reproducible."
+    )
     user: str | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 is supported."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 is supported."
+    )
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
     # Extensions beyond OpenAI's API (as in vLLM):
-    top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="Extension: sample among the k most likely tokens; -1 or 0 = off.")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension: drop tokens below min_p × the top probability.")
+    top_k: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_INT32,
+        description="Extension: sample among the k most likely tokens; -1 or 0 = off.",
+    )
+    min_p: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Extension: drop tokens below min_p × the top probability.",
+    )
     repetition_penalty: float | None = Field(
-        None, gt=0.0, le=10.0, description="Extension: CTRL-style penalty on tokens already present; 1 = off; "
-                                           "at least 0.01.")
+        None,
+        gt=0.0,
+        le=10.0,
+        description="Extension: CTRL-style penalty on tokens already present; 1 = off; "
+        "at least 0.01.",
+    )
     ignore_eos: bool | None = Field(
-        None, description="Extension: keep generating past end-of-sequence tokens (for benchmarks).")
+        None, description="Extension: keep generating past end-of-sequence tokens (for benchmarks)."
+    )
     structured_outputs: dict[str, Any] | None = Field(
-        None, description="Extension (as in vLLM): constrain the answer to one of json (a JSON Schema), "
-                          "json_object, regex, choice (a list of strings) or grammar (Lark or GBNF).")
-    guided_json: dict[str, Any] | str | None = Field(None, description="Extension: vLLM's older structured_outputs.json.")
-    guided_regex: str | None = Field(None, description="Extension: vLLM's older structured_outputs.regex.")
-    guided_choice: Strings | None = Field(None, description="Extension: vLLM's older structured_outputs.choice.")
-    guided_grammar: str | None = Field(None, description="Extension: vLLM's older structured_outputs.grammar.")
+        None,
+        description="Extension (as in vLLM): constrain the answer to one of json (a JSON Schema), "
+        "json_object, regex, choice (a list of strings) or grammar (Lark or GBNF).",
+    )
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="Extension: vLLM's older structured_outputs.json."
+    )
+    guided_regex: str | None = Field(
+        None, description="Extension: vLLM's older structured_outputs.regex."
+    )
+    guided_choice: Strings | None = Field(
+        None, description="Extension: vLLM's older structured_outputs.choice."
+    )
+    guided_grammar: str | None = Field(
+        None, description="Extension: vLLM's older structured_outputs.grammar."
+    )
     cache_salt: str | None = Field(
-        None, min_length=1, max_length=MAX_CACHE_SALT_CHARS, strict=True,
+        None,
+        min_length=1,
+        max_length=MAX_CACHE_SALT_CHARS,
+        strict=True,
         description="Extension (as in vLLM): prefix-cache blocks are shared only with requests of the same "
-                    "salt, within the caller's own cache group (never another tenant's); 1 to 256 characters, not "
-                    "all blank.")
+        "salt, within the caller's own cache group (never another tenant's); 1 to 256 characters, not "
+        "all blank.",
+    )
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], FAIL_FAST]
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32,
-                                              description="Preferred spelling of max_tokens.")
-    logprobs: bool | None = Field(None, description="Return each token's log probability (in-process engine).")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely alternatives "
-                                                                    "at each position, up to 20.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="Preferred spelling of max_tokens."
+    )
+    logprobs: bool | None = Field(
+        None, description="Return each token's log probability (in-process engine)."
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="With logprobs: the most likely alternatives at each position, up to 20.",
+    )
     response_format: ResponseFormat | None = Field(
-        None, description="{'type': 'json_schema', 'json_schema': {...}} or {'type': 'json_object'} constrain the "
-                          "answer (enforced token by token in the in-process engine; passed on upstream).")
+        None,
+        description="{'type': 'json_schema', 'json_schema': {...}} or {'type': 'json_object'} constrain the "
+        "answer (enforced token by token in the in-process engine; passed on upstream).",
+    )
     tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = Field(
-        None, description="Functions the model may call: [{'type': 'function', 'function': {name, description, "
-                          "parameters}}], at most 128.")
-    tool_choice: Any = Field(None, description="'none', 'auto' (the default with tools), 'required', or "
-                                               "{'type': 'function', 'function': {'name': ...}}; the last two are "
-                                               "enforced, so arguments always validate (in-process engine).")
-    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer.")
+        None,
+        description="Functions the model may call: [{'type': 'function', 'function': {name, description, "
+        "parameters}}], at most 128.",
+    )
+    tool_choice: Any = Field(
+        None,
+        description="'none', 'auto' (the default with tools), 'required', or "
+        "{'type': 'function', 'function': {'name': ...}}; the last two are "
+        "enforced, so arguments always validate (in-process engine).",
+    )
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: at most one call per answer."
+    )
     # Extensions: the RAG contract (see the README) and template switches.
     documents: Annotated[list[RagDocument], FAIL_FAST] | None = Field(
-        None, description="Extension: retrieved documents; the RAG template renders them and the answer's "
-                          "[id] citations are checked against them.")
-    rag: RagOptions | None = Field(None, description="Extension: RAG options (template, budget, reasoning).")
+        None,
+        description="Extension: retrieved documents; the RAG template renders them and the answer's "
+        "[id] citations are checked against them.",
+    )
+    rag: RagOptions | None = Field(
+        None, description="Extension: RAG options (template, budget, reasoning)."
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="Extension: switches passed to the chat template: enable_thinking, thinking, "
-                          "reasoning_effort (chat_template only where the server allows it).")
+        None,
+        description="Extension: switches passed to the chat template: enable_thinking, thinking, "
+        "reasoning_effort (chat_template only where the server allows it).",
+    )
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | Strings | TokenIds | Annotated[list[TokenIds], FAIL_FAST] = Field(
-        description="One prompt: a string or a list of token ids (a one-element list of either is accepted).")
+        description="One prompt: a string or a list of token ids (a one-element list of either is accepted)."
+    )
     echo: bool | None = Field(False, description="Not supported; must be false.")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log probability and this "
-                                                                "many alternatives (in-process engine).")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Return each token's log probability and this "
+        "many alternatives (in-process engine).",
+    )
     suffix: str | None = Field(None, description="Not supported; must be null.")
     best_of: int | None = Field(None, description="Only 1 is supported.")
 
@@ -153,7 +229,9 @@ class ChatCompletionMessage(_Wire):
     role: Literal["assistant"]
     content: str | None = Field(description="null when the answer is only tool calls.")
     refusal: None = None
-    tool_calls: list[ToolCall] | None = Field(None, description="Present when the answer calls tools.")
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="Present when the answer calls tools."
+    )
 
 
 class TopLogprob(_Wire):
@@ -179,7 +257,9 @@ class ChatChoice(_Wire):
 
 
 class ChatCompletion(_Wire):
-    rag: RagReport | None = Field(None, description="Extension: present when the request carried documents.")
+    rag: RagReport | None = Field(
+        None, description="Extension: present when the request carried documents."
+    )
     id: str
     object: Literal["chat.completion"]
     created: int
@@ -257,10 +337,16 @@ class KVCacheHealth(_Wire):
     blocks_total: int
     blocks_free: int
     usage: float
-    prefix_cache_hit_rate: float | None = Field(description="Prompt tokens found cached / looked up so far.")
+    prefix_cache_hit_rate: float | None = Field(
+        description="Prompt tokens found cached / looked up so far."
+    )
     preemptions: int
-    dtype: str = Field("", description="What the cache stores: the model's dtype, or float8_e4m3fn.")
-    tokens_total: int = Field(0, description="Positions the whole pool holds (blocks_total × block_size).")
+    dtype: str = Field(
+        "", description="What the cache stores: the model's dtype, or float8_e4m3fn."
+    )
+    tokens_total: int = Field(
+        0, description="Positions the whole pool holds (blocks_total × block_size)."
+    )
 
 
 class HealthResponse(_Wire):
@@ -273,4 +359,4 @@ class HealthResponse(_Wire):
     waiting: int = 0
     redis: Literal["ok", "degraded", "disabled"] = "disabled"
     cache: str = "memory"
-    kv_cache: "KVCacheHealth | None" = Field(None, description="The in-process engine's KV blocks.")
+    kv_cache: KVCacheHealth | None = Field(None, description="The in-process engine's KV blocks.")

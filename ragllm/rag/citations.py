@@ -25,7 +25,9 @@ from ragllm.rag.contract import Citation, RagDocument
 # A sentence: anything but brackets, up to its closing punctuation; after a citation, the next one
 # starts as sentences and list items do (a model that may write on in lower case after "[id]"
 # turns the citation into a word: "[ferry] is a ferry crossing."). A citation: [id] or [id, id, ...].
-_WORDS = r"(?:[^\[\].!?]|\.[0-9])"  # a "." before a digit is part of the sentence, a full stop ends it
+_WORDS = (
+    r"(?:[^\[\].!?]|\.[0-9])"  # a "." before a digit is part of the sentence, a full stop ends it
+)
 _FIRST_SENTENCE = rf"{_WORDS}+[.!?]"
 _NEXT_SENTENCE = rf"\s+[A-Z0-9\"'(*\-]{_WORDS}*[.!?]"
 _META = set("\\.+*?()|[]{}^$#&-~")
@@ -35,7 +37,9 @@ def citation_pattern(document_ids: Sequence[str], decline: str) -> str:
     """Sentences each followed by a citation of ``document_ids``, or exactly ``decline``."""
     if not document_ids:
         return _escape(decline)
-    one = "(?:" + "|".join(_escape(i) for i in sorted(document_ids, key=lambda i: (-len(i), i))) + ")"
+    one = (
+        "(?:" + "|".join(_escape(i) for i in sorted(document_ids, key=lambda i: (-len(i), i))) + ")"
+    )
     cite = rf"\[{one}(?:, ?{one})*\]"
     return rf"{_FIRST_SENTENCE} ?{cite}(?:{_NEXT_SENTENCE} ?{cite})*|{_escape(decline)}"
 
@@ -47,7 +51,9 @@ def _escape(text: str) -> str:
 _CITATION = re.compile(r"\[([^\[\]\n]{1,300})\]")
 
 
-def parse_citations(text: str, documents: dict[str, RagDocument]) -> tuple[list[Citation], list[str]]:
+def parse_citations(
+    text: str, documents: dict[str, RagDocument]
+) -> tuple[list[Citation], list[str]]:
     """Cited documents in order of first citation, and cited ids that were never supplied."""
     cited: dict[str, Citation] = {}
     unknown: list[str] = []
@@ -58,7 +64,9 @@ def parse_citations(text: str, documents: dict[str, RagDocument]) -> tuple[list[
                 continue  # bracketed prose, not an id
             document = documents.get(cited_id)
             if document is not None:
-                cited.setdefault(cited_id, Citation(id=cited_id, title=document.title, source=document.source))
+                cited.setdefault(
+                    cited_id, Citation(id=cited_id, title=document.title, source=document.source)
+                )
             elif cited_id not in unknown:
                 unknown.append(cited_id)
     return list(cited.values()), unknown

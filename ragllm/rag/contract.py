@@ -10,11 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field
 class RagDocument(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[^\[\],\s]+$",
-                    description="Cited as [id]; no spaces, commas or brackets.")
+    id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\[\],\s]+$",
+        description="Cited as [id]; no spaces, commas or brackets.",
+    )
     text: str
     title: str | None = None
-    source: str | None = Field(None, description="Where it came from (URL, path); returned with citations.")
+    source: str | None = Field(
+        None, description="Where it came from (URL, path); returned with citations."
+    )
     score: float | None = Field(None, description="Retrieval score; higher ranks first.")
 
 
@@ -23,11 +29,17 @@ class RagOptions(BaseModel):
 
     template: str = Field("default@1", description="Versioned prompt template.")
     citations: bool | Literal["constrained"] = Field(
-        True, description="true: parse [id] citations out of the answer; \"constrained\": also make decoding allow "
-                          "only well-formed citations of the packed documents, and at least one unless the answer "
-                          "declines with the template's sentence; false: neither.")
-    max_context_tokens: int | None = Field(None, ge=1, description="Cap on tokens spent on documents.")
-    reasoning: bool = Field(False, description="Let thinking models think (and keep <think> output).")
+        True,
+        description='true: parse [id] citations out of the answer; "constrained": also make decoding allow '
+        "only well-formed citations of the packed documents, and at least one unless the answer "
+        "declines with the template's sentence; false: neither.",
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=1, description="Cap on tokens spent on documents."
+    )
+    reasoning: bool = Field(
+        False, description="Let thinking models think (and keep <think> output)."
+    )
 
 
 class Citation(BaseModel):

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
-
 from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
+from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 from ragllm.rag.citations import parse_citations
-from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
 from ragllm.rag.contract import RagDocument, RagOptions
+from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
 
 T = TypeVar("T")
 
@@ -32,7 +31,10 @@ LARGE_DOCUMENTS_CHARS = 256 * 1024
 
 
 def is_heavy(documents: list[RagDocument]) -> bool:
-    return len(documents) > MANY_DOCUMENTS or sum(len(d.text) for d in documents) > LARGE_DOCUMENTS_CHARS
+    return (
+        len(documents) > MANY_DOCUMENTS
+        or sum(len(d.text) for d in documents) > LARGE_DOCUMENTS_CHARS
+    )
 
 
 async def off_loop_if(heavy: bool, function: Callable[..., T], *args: Any) -> T:
@@ -61,7 +63,11 @@ class RagContext:
             "citations": [c.model_dump() for c in citations],
             "unknown_citations": unknown,
             "cited": bool(citations),
-            "citation_mode": "constrained" if self.citations == "constrained" else "parsed" if self.citations else "off",
+            "citation_mode": "constrained"
+            if self.citations == "constrained"
+            else "parsed"
+            if self.citations
+            else "off",
         }
 
 
@@ -91,8 +97,12 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
 
     async def render(count: int) -> tuple[list[dict[str, Any]], int]:
         messages = await off_loop_if(heavy, render_sync, count)
-        probe = GenerationRequest("count", SamplingParams(), messages=messages,
-                                  chat_template_kwargs=request.template_kwargs)
+        probe = GenerationRequest(
+            "count",
+            SamplingParams(),
+            messages=messages,
+            chat_template_kwargs=request.template_kwargs,
+        )
         return messages, await engine.count_prompt_tokens(probe)
 
     bare_messages, bare = await render(0)
@@ -100,14 +110,17 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
         raise ContextLengthExceeded(
             f"the instruction and the question alone take {bare} tokens; with {reserve} kept for the answer, "
             f"the model's {window}-token context cannot hold them; shorten the question or lower max_tokens",
-            param="messages")
+            param="messages",
+        )
     cap = request.options.max_context_tokens
 
     def fits(tokens: int) -> bool:
         return tokens <= budget and (cap is None or tokens - bare <= cap)
 
     best_count, best = 0, (bare_messages, bare)
-    reachable = within_reach(request.ranked, min(budget - bare, cap or budget), request.model.max_token_bytes)
+    reachable = within_reach(
+        request.ranked, min(budget - bare, cap or budget), request.model.max_token_bytes
+    )
     everything = await render(reachable) if reachable else best
     if fits(everything[1]):  # the common case: two renders
         best_count, best = reachable, everything
@@ -134,8 +147,10 @@ def within_reach(ranked: list[RagDocument], token_room: int, max_token_bytes: in
         return len(ranked)
     room_bytes, total = max(token_room, 0) * max_token_bytes, 0
     for count, document in enumerate(ranked):
-        total += sum(len(part.encode()) for part in (document.id, document.text, document.title or "",
-                                                     document.source or ""))
+        total += sum(
+            len(part.encode())
+            for part in (document.id, document.text, document.title or "", document.source or "")
+        )
         if total > room_bytes:
             return count
     return len(ranked)

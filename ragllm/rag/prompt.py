@@ -50,20 +50,31 @@ def rank(documents: list[RagDocument]) -> list[RagDocument]:
     seen: set[str] = set()
     for document in documents:  # one pass: a request may carry many documents
         if document.id in seen:
-            raise InvalidRequest(f"document id {document.id!r} appears more than once", param="documents")
+            raise InvalidRequest(
+                f"document id {document.id!r} appears more than once", param="documents"
+            )
         seen.add(document.id)
     return sorted(documents, key=lambda d: (d.score is None, -(d.score or 0.0), d.id))
 
 
-def render_messages(template: RagTemplate, documents: list[RagDocument],
-                    messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def render_messages(
+    template: RagTemplate, documents: list[RagDocument], messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """One system message (instruction, the caller's system text, the documents), then the
     conversation, whose last user turn is the question."""
     caller_system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
-    rendered = [_tidy(template.document.format(id=d.id, title=d.title or "", source=d.source or "",
-                                               text=d.text.strip())) for d in documents]
+    rendered = [
+        _tidy(
+            template.document.format(
+                id=d.id, title=d.title or "", source=d.source or "", text=d.text.strip()
+            )
+        )
+        for d in documents
+    ]
     block = template.document_separator.join(rendered) if rendered else "(no documents)"
-    system = "\n\n".join([template.instruction, *caller_system, f"{template.documents_header}\n\n{block}"])
+    system = "\n\n".join(
+        [template.instruction, *caller_system, f"{template.documents_header}\n\n{block}"]
+    )
     conversation = [m for m in messages if m["role"] != "system"]
     if not conversation or conversation[-1]["role"] != "user":
         raise InvalidRequest("a RAG request ends with the user's question", param="messages")

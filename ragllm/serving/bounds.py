@@ -41,8 +41,12 @@ def check_raw(body: Any, bounds: InputSettings) -> None:
     for field, limit in (("messages", bounds.max_messages), ("documents", bounds.max_documents)):
         items = body.get(field)
         if isinstance(items, list) and len(items) > limit:
-            raise InvalidRequest(f"{field} has {len(items)} items; at most {limit} are allowed "
-                                 f"(RAGLLM_INPUT__MAX_{field.upper()})", param=field, code="array_above_max_length")
+            raise InvalidRequest(
+                f"{field} has {len(items)} items; at most {limit} are allowed "
+                f"(RAGLLM_INPUT__MAX_{field.upper()})",
+                param=field,
+                code="array_above_max_length",
+            )
     if isinstance(body.get("logit_bias"), dict) and body["logit_bias"]:
         # Refused whatever it holds: validating 100,000 entries first would only delay the same answer.
         raise Unsupported("logit_bias is not supported", param="logit_bias")
@@ -75,11 +79,18 @@ def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> PromptText
     check_raw({"messages": body.messages, "documents": body.documents}, bounds)
     text = PromptText(
         content=sum(_content_bytes(message.content) for message in body.messages),
-        structure=_calls_bytes(body.messages) + _json_bytes(body.tools), schemas=_schema_bytes(body),
-        documents=sum(_utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents or ()))
+        structure=_calls_bytes(body.messages) + _json_bytes(body.tools),
+        schemas=_schema_bytes(body),
+        documents=sum(
+            _utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents or ()
+        ),
+    )
     if text.documents > bounds.max_documents_bytes:
-        raise RequestTooLarge(f"the documents hold {text.documents} bytes; at most {bounds.max_documents_bytes} "
-                              "are allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)", param="documents")
+        raise RequestTooLarge(
+            f"the documents hold {text.documents} bytes; at most {bounds.max_documents_bytes} "
+            "are allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)",
+            param="documents",
+        )
     _check_text_bytes(text, "messages", bounds)
     check_template_kwargs(body.chat_template_kwargs, bounds)
     check_sampling(body, bounds)
@@ -88,7 +99,11 @@ def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> PromptText
 
 def check_completion(body: CompletionRequest, bounds: InputSettings) -> PromptText:
     prompt = body.prompt
-    size = _utf8(prompt) if isinstance(prompt, str) else sum(_utf8(p) for p in prompt if isinstance(p, str))
+    size = (
+        _utf8(prompt)
+        if isinstance(prompt, str)
+        else sum(_utf8(p) for p in prompt if isinstance(p, str))
+    )
     text = PromptText(content=size, schemas=_schema_bytes(body))
     _check_text_bytes(text, "prompt", bounds)
     check_sampling(body, bounds)
@@ -99,8 +114,10 @@ def check_tokenize(body: TokenizeRequest, bounds: InputSettings) -> PromptText:
     text = PromptText(content=_utf8(body.prompt))
     if body.messages is not None:
         check_raw({"messages": body.messages}, bounds)
-        text = PromptText(content=sum(_content_bytes(message.content) for message in body.messages),
-                          structure=_calls_bytes(body.messages))
+        text = PromptText(
+            content=sum(_content_bytes(message.content) for message in body.messages),
+            structure=_calls_bytes(body.messages),
+        )
     _check_text_bytes(text, "messages" if body.messages is not None else "prompt", bounds)
     check_template_kwargs(body.chat_template_kwargs, bounds)
     return text
@@ -108,19 +125,29 @@ def check_tokenize(body: TokenizeRequest, bounds: InputSettings) -> PromptText:
 
 def check_sampling(body: SamplingFields, bounds: InputSettings) -> None:
     if body.temperature is not None and 0.0 < body.temperature < MIN_TEMPERATURE:
-        raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; "
-                             f"{body.temperature!r} is too small to sample with", param="temperature")
+        raise InvalidRequest(
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}; "
+            f"{body.temperature!r} is too small to sample with",
+            param="temperature",
+        )
     if body.repetition_penalty is not None and body.repetition_penalty < MIN_REPETITION_PENALTY:
-        raise InvalidRequest(f"repetition_penalty must be at least {MIN_REPETITION_PENALTY} (1 is off); "
-                             f"{body.repetition_penalty!r} is too small", param="repetition_penalty")
+        raise InvalidRequest(
+            f"repetition_penalty must be at least {MIN_REPETITION_PENALTY} (1 is off); "
+            f"{body.repetition_penalty!r} is too small",
+            param="repetition_penalty",
+        )
     if body.cache_salt is not None and not body.cache_salt.strip():
         # vLLM refuses a blank salt too; refused here, the same request is valid on every engine.
         raise InvalidRequest("cache_salt must not be blank", param="cache_salt")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
     for index, stop in enumerate(stops):
         if len(stop) > bounds.max_stop_length:
-            raise InvalidRequest(f"stop strings may be at most {bounds.max_stop_length} characters; "
-                                 f"stop[{index}] has {len(stop)}", param="stop", code="string_above_max_length")
+            raise InvalidRequest(
+                f"stop strings may be at most {bounds.max_stop_length} characters; "
+                f"stop[{index}] has {len(stop)}",
+                param="stop",
+                code="string_above_max_length",
+            )
 
 
 def check_template_kwargs(kwargs: dict[str, Any] | None, bounds: InputSettings) -> None:
@@ -128,42 +155,68 @@ def check_template_kwargs(kwargs: dict[str, Any] | None, bounds: InputSettings) 
     for key, value in (kwargs or {}).items():
         if key == REQUEST_TEMPLATE_KEY:
             if not bounds.allow_request_chat_template:
-                raise InvalidRequest("a chat template supplied by the request is not allowed on this server "
-                                     "(RAGLLM_INPUT__ALLOW_REQUEST_CHAT_TEMPLATE)",
-                                     param=f"chat_template_kwargs.{key}")
+                raise InvalidRequest(
+                    "a chat template supplied by the request is not allowed on this server "
+                    "(RAGLLM_INPUT__ALLOW_REQUEST_CHAT_TEMPLATE)",
+                    param=f"chat_template_kwargs.{key}",
+                )
             if not isinstance(value, str):
-                raise InvalidRequest("chat_template must be a string", param=f"chat_template_kwargs.{key}")
+                raise InvalidRequest(
+                    "chat_template must be a string", param=f"chat_template_kwargs.{key}"
+                )
             continue
         if key not in TEMPLATE_SWITCHES:
             allowed = ", ".join(sorted(TEMPLATE_SWITCHES))
-            raise InvalidRequest(f"chat_template_kwargs.{key} is not supported; allowed: {allowed}",
-                                 param=f"chat_template_kwargs.{key}")
-        if not isinstance(value, bool | int | float | str) or (isinstance(value, str)
-                                                               and len(value) > TEMPLATE_VALUE_MAX_CHARS):
-            raise InvalidRequest(f"chat_template_kwargs.{key} must be a boolean, a number or a short string",
-                                 param=f"chat_template_kwargs.{key}")
+            raise InvalidRequest(
+                f"chat_template_kwargs.{key} is not supported; allowed: {allowed}",
+                param=f"chat_template_kwargs.{key}",
+            )
+        if not isinstance(value, bool | int | float | str) or (
+            isinstance(value, str) and len(value) > TEMPLATE_VALUE_MAX_CHARS
+        ):
+            raise InvalidRequest(
+                f"chat_template_kwargs.{key} must be a boolean, a number or a short string",
+                param=f"chat_template_kwargs.{key}",
+            )
 
 
 def _check_text_bytes(text: PromptText, param: str, bounds: InputSettings) -> None:
     if text.total > bounds.max_text_bytes:
-        parts = {param: text.content, "tools": text.structure + text.schemas, "documents": text.documents}
+        parts = {
+            param: text.content,
+            "tools": text.structure + text.schemas,
+            "documents": text.documents,
+        }
         largest = max(parts, key=parts.__getitem__)
-        raise RequestTooLarge(f"the request holds {text.total} bytes of text ({text.content} in the {param}, "
-                              f"{text.structure + text.schemas} in tools, tool-call arguments and schemas, "
-                              f"{text.documents} in "
-                              f"documents); at most {bounds.max_text_bytes} are allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)",
-                              param=largest)
+        raise RequestTooLarge(
+            f"the request holds {text.total} bytes of text ({text.content} in the {param}, "
+            f"{text.structure + text.schemas} in tools, tool-call arguments and schemas, "
+            f"{text.documents} in "
+            f"documents); at most {bounds.max_text_bytes} are allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)",
+            param=largest,
+        )
 
 
 def _calls_bytes(messages: list[ChatMessage]) -> int:
-    return sum(_utf8(call.function.arguments) + _utf8(call.function.name) for message in messages
-               for call in message.tool_calls or ())
+    return sum(
+        _utf8(call.function.arguments) + _utf8(call.function.name)
+        for message in messages
+        for call in message.tool_calls or ()
+    )
 
 
 def _schema_bytes(body: SamplingFields) -> int:
-    fields = (body.structured_outputs, body.guided_json, body.guided_regex, body.guided_grammar, body.guided_choice,
-              getattr(body, "response_format", None) and body.response_format.json_schema)
-    return sum(_utf8(value) if isinstance(value, str) else _json_bytes(value) for value in fields if value)
+    fields = (
+        body.structured_outputs,
+        body.guided_json,
+        body.guided_regex,
+        body.guided_grammar,
+        body.guided_choice,
+        getattr(body, "response_format", None) and body.response_format.json_schema,
+    )
+    return sum(
+        _utf8(value) if isinstance(value, str) else _json_bytes(value) for value in fields if value
+    )
 
 
 def _json_bytes(value: Any) -> int:

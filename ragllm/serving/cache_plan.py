@@ -20,11 +20,18 @@ class CachePlan:
 NO_CACHE = CachePlan(None, False, False)
 
 
-def cache_plan(prepared: PreparedRequest, tenant: str | None, cache_control: str | None, enabled: bool) -> CachePlan:
+def cache_plan(
+    prepared: PreparedRequest, tenant: str | None, cache_control: str | None, enabled: bool
+) -> CachePlan:
     """Deterministic requests are cached; ``Cache-Control: no-cache`` skips the lookup and
     ``no-store`` the write, as in HTTP."""
     params = prepared.generation.params
-    if not enabled or not is_deterministic(prepared.generation) or params.logprobs is not None or params.n > 1:
+    if (
+        not enabled
+        or not is_deterministic(prepared.generation)
+        or params.logprobs is not None
+        or params.n > 1
+    ):
         return NO_CACHE  # the cache keeps one choice's text, calls and usage, not log probabilities
     directives = {part.strip().lower() for part in (cache_control or "").split(",")}
     return CachePlan(

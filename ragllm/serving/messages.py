@@ -17,14 +17,23 @@ def template_message(message: ChatMessage, index: int, limits: JsonLimits) -> di
     rendered: dict[str, Any] = {"role": role, "content": _text_content(message, index)}
     if role == "tool":
         if not message.tool_call_id:
-            raise InvalidRequest("a tool message needs tool_call_id", param=f"messages[{index}].tool_call_id")
+            raise InvalidRequest(
+                "a tool message needs tool_call_id", param=f"messages[{index}].tool_call_id"
+            )
         rendered["tool_call_id"] = message.tool_call_id
     if message.tool_calls:
         if role != "assistant":
-            raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{index}].tool_calls")
-        for number, call in enumerate(message.tool_calls):  # templates need them as objects: checked now
-            arguments_object(call.function.arguments, f"messages[{index}].tool_calls[{number}].function.arguments",
-                             limits)
+            raise InvalidRequest(
+                "only assistant messages carry tool_calls", param=f"messages[{index}].tool_calls"
+            )
+        for number, call in enumerate(
+            message.tool_calls
+        ):  # templates need them as objects: checked now
+            arguments_object(
+                call.function.arguments,
+                f"messages[{index}].tool_calls[{number}].function.arguments",
+                limits,
+            )
         rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
     return rendered
 
@@ -39,13 +48,17 @@ def _text_content(message: ChatMessage, index: int) -> str:
     for part in content:
         if isinstance(part, dict):  # a part type other than text (image_url, input_audio, ...)
             kind = part.get("type", "unknown")
-            raise Unsupported(f"content parts of type {kind!r} are not supported; send text",
-                              param=f"messages[{index}].content")
+            raise Unsupported(
+                f"content parts of type {kind!r} are not supported; send text",
+                param=f"messages[{index}].content",
+            )
         texts.append(part.text)
     return "".join(texts)
 
 
-def single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[str | None, list[int] | None]:
+def single_prompt(
+    prompt: str | list[str] | list[int] | list[list[int]],
+) -> tuple[str | None, list[int] | None]:
     """The one prompt of a completions request: its text, or its token ids."""
     if isinstance(prompt, str):
         return prompt, None
@@ -53,5 +66,6 @@ def single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> tupl
         return None, list(prompt)
     if len(prompt) == 1:
         return single_prompt(prompt[0])
-    raise Unsupported("exactly one prompt per request is supported; send several requests instead",
-                      param="prompt")
+    raise Unsupported(
+        "exactly one prompt per request is supported; send several requests instead", param="prompt"
+    )

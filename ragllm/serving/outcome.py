@@ -14,7 +14,9 @@ from ragllm.tools.calls import merge_tool_call_deltas
 class ChoiceOutcome:
     text: str = ""
     finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # every token's, when the request asked
+    logprobs: list[TokenLogprob] = field(
+        default_factory=list
+    )  # every token's, when the request asked
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # in message form
     completion_tokens: int = 0
 
@@ -56,7 +58,9 @@ class Tally:
         text = delta.text
         if self._strippers is not None:
             stripper = self._strippers[delta.index]
-            text = stripper.feed(text) + (stripper.flush() if delta.finish_reason is not None else "")
+            text = stripper.feed(text) + (
+                stripper.flush() if delta.finish_reason is not None else ""
+            )
         if self._parts is not None:
             self._parts[delta.index].append(text)
         if delta.logprobs:
@@ -80,7 +84,12 @@ class Tally:
 
     def summary(self) -> Delta:
         """One delta for the whole request, as metrics, the request log and the cache take it."""
-        return Delta(text="", num_tokens=0, prompt_tokens=self.prompt_tokens,
-                     completion_tokens=sum(c.completion_tokens for c in self.choices),
-                     finish_reason=self.choices[0].finish_reason, queue_time_s=self.queue_time_s,
-                     cached_tokens=self.cached_tokens)
+        return Delta(
+            text="",
+            num_tokens=0,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=sum(c.completion_tokens for c in self.choices),
+            finish_reason=self.choices[0].finish_reason,
+            queue_time_s=self.queue_time_s,
+            cached_tokens=self.cached_tokens,
+        )

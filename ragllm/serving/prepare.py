@@ -21,7 +21,14 @@ from ragllm.errors import (
     ModelNotFound,
     Unsupported,
 )
-from ragllm.generation import CacheScope, DeltaStream, EngineState, GenerationRequest, ModelCard, SamplingParams
+from ragllm.generation import (
+    CacheScope,
+    DeltaStream,
+    EngineState,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+)
 from ragllm.protocol.openai import (
     ChatCompletionRequest,
     ChatMessage,
@@ -31,11 +38,23 @@ from ragllm.protocol.openai import (
 )
 from ragllm.rag.citations import citation_pattern
 from ragllm.rag.contract import RagOptions
-from ragllm.rag.packing import DEFAULT_ANSWER_TOKENS, PackRequest, RagContext, is_heavy, off_loop_if, pack
+from ragllm.rag.packing import (
+    DEFAULT_ANSWER_TOKENS,
+    PackRequest,
+    RagContext,
+    is_heavy,
+    off_loop_if,
+    pack,
+)
 from ragllm.rag.prompt import load_template, rank
 from ragllm.serving.bounds import PromptText, check_chat, check_completion, check_tokenize
 from ragllm.serving.messages import single_prompt, template_message
-from ragllm.serving.sampling import chat_logprobs, refuse_unsupported_sampling, sampling_params, sampling_set
+from ragllm.serving.sampling import (
+    chat_logprobs,
+    refuse_unsupported_sampling,
+    sampling_params,
+    sampling_set,
+)
 from ragllm.structured.spec import GUIDED_FIELDS, StructuredOutput, structured_output_of
 from ragllm.telemetry.metrics import Metrics, RequestTimer
 from ragllm.tools.formats import call_constraint
@@ -47,8 +66,14 @@ from ragllm.tools.stream import ToolCallStream
 # worker thread, so that the event loop keeps answering others.
 LARGE_TEXT_BYTES = 256 * 1024
 # Fields an upstream engine receives as the client sent them (documented in the README).
-PASSTHROUGH_FIELDS = ("response_format", "structured_outputs", *GUIDED_FIELDS, "tools", "tool_choice",
-                      "parallel_tool_calls")
+PASSTHROUGH_FIELDS = (
+    "response_format",
+    "structured_outputs",
+    *GUIDED_FIELDS,
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+)
 
 
 @dataclass(slots=True)
@@ -62,34 +87,52 @@ class PreparedRequest:
     generation: GenerationRequest
     stream: bool
     include_usage: bool
-    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
+    continuous_usage: bool = (
+        False  # every chunk carries the usage so far (vLLM's continuous_usage_stats)
+    )
     rag: RagContext | None = None  # the request carried documents
     strip_thinking: bool = False  # remove <think>...</think> from the answer
-    tools: ToolUse | None = None  # tools the answer may call, read out of its text by ``tool_parser``
+    tools: ToolUse | None = (
+        None  # tools the answer may call, read out of its text by ``tool_parser``
+    )
 
 
 class RequestPreparer:
     """Prepares OpenAI requests for the engine, and opens the engine's stream for a prepared one."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, bounds: InputSettings | None = None) -> None:
+    def __init__(
+        self, engine: Engine, metrics: Metrics, bounds: InputSettings | None = None
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.bounds = bounds or InputSettings()
         self.schema_limits = JsonLimits.schema(self.bounds)
 
     # -- preparing ------------------------------------------------------------------------------
-    async def prepare_chat(self, body: ChatCompletionRequest, cache_group: str | None = None) -> PreparedRequest:
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, cache_group: str | None = None
+    ) -> PreparedRequest:
         """``cache_group``: the caller's (see ``CacheScope``); None with API keys off."""
         text = check_chat(body, self.bounds)
         model = self._model(body.model)
         refuse_unsupported_sampling(body)
         if not body.messages:
             raise InvalidRequest("messages must contain at least one message", param="messages")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
+        )
         rag_requested = body.documents is not None or body.rag is not None
-        _refuse_unfittable(model, text, max_tokens or (DEFAULT_ANSWER_TOKENS if rag_requested else 1),
-                           "messages" if max_tokens is None else "max_tokens")
-        messages = await off_loop_if(text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages)
+        _refuse_unfittable(
+            model,
+            text,
+            max_tokens or (DEFAULT_ANSWER_TOKENS if rag_requested else 1),
+            "messages" if max_tokens is None else "max_tokens",
+        )
+        messages = await off_loop_if(
+            text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages
+        )
         template_kwargs = dict(body.chat_template_kwargs or {})
         strip_thinking = template_kwargs.get("enable_thinking") is False
         rag_context = None
@@ -104,22 +147,37 @@ class RequestPreparer:
                     no_think = model.no_think_suffix
             documents = body.documents or []
             ranked = await off_loop_if(is_heavy(documents), rank, documents)
-            messages, rag_context = await pack(self.engine, PackRequest(
-                model=model, template=load_template(options.template), ranked=ranked,
-                messages=messages, template_kwargs=template_kwargs or None, max_tokens=max_tokens,
-                options=options, no_think=no_think))
+            messages, rag_context = await pack(
+                self.engine,
+                PackRequest(
+                    model=model,
+                    template=load_template(options.template),
+                    ranked=ranked,
+                    messages=messages,
+                    template_kwargs=template_kwargs or None,
+                    max_tokens=max_tokens,
+                    options=options,
+                    no_think=no_think,
+                ),
+            )
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         passthrough = _passthrough(body)
         # Schemas are checked (and tools' parameters) where their size says: off the event loop when large.
         heavy_constraints = text.structure + text.schemas > LARGE_TEXT_BYTES // 8
-        structured, tools = await off_loop_if(heavy_constraints, self._constraints, body, passthrough)
+        structured, tools = await off_loop_if(
+            heavy_constraints, self._constraints, body, passthrough
+        )
         if tools is not None and tools.must_call and model.tool_call_format is not None:
             structured = _tool_call_constraint(model.tool_call_format, tools, structured)
         if rag_context is not None and rag_context.citations == "constrained":
-            structured, passthrough = _constrained_citations(rag_context, body, structured, passthrough)
+            structured, passthrough = _constrained_citations(
+                rag_context, body, structured, passthrough
+            )
         generation = GenerationRequest(
             request_id=request_id,
-            params=sampling_params(body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured),
+            params=sampling_params(
+                body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured
+            ),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
             incremental=bool(body.stream),
@@ -132,19 +190,31 @@ class RequestPreparer:
         prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools
         return prepared
 
-    def prepare_completion(self, body: CompletionRequest, cache_group: str | None = None) -> PreparedRequest:
+    def prepare_completion(
+        self, body: CompletionRequest, cache_group: str | None = None
+    ) -> PreparedRequest:
         text_size = check_completion(body, self.bounds)
         model = self._model(body.model)
         _refuse_unsupported_completion_fields(body)
         request_id = f"cmpl-{os.urandom(16).hex()}"
         text, token_ids = single_prompt(body.prompt)
         if text is not None:
-            _refuse_unfittable(model, text_size, body.max_tokens or 1, "prompt" if body.max_tokens is None else "max_tokens")
+            _refuse_unfittable(
+                model,
+                text_size,
+                body.max_tokens or 1,
+                "prompt" if body.max_tokens is None else "max_tokens",
+            )
         passthrough = _passthrough(body)
         generation = GenerationRequest(
             request_id=request_id,
-            params=sampling_params(body, body.max_tokens, model.sampling_defaults, body.logprobs,
-                                   structured_output_of(passthrough or {}, self.schema_limits)),
+            params=sampling_params(
+                body,
+                body.max_tokens,
+                model.sampling_defaults,
+                body.logprobs,
+                structured_output_of(passthrough or {}, self.schema_limits),
+            ),
             prompt=text,
             prompt_token_ids=token_ids,
             incremental=bool(body.stream),
@@ -161,12 +231,25 @@ class RequestPreparer:
             raise InvalidRequest("send either messages or prompt", param="messages")
         messages = None
         if body.messages is not None:
-            messages = await off_loop_if(text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages)
-        return model, GenerationRequest("tokenize", SamplingParams(), messages=messages, prompt=body.prompt,
-                                        chat_template_kwargs=body.chat_template_kwargs)
+            messages = await off_loop_if(
+                text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages
+            )
+        return model, GenerationRequest(
+            "tokenize",
+            SamplingParams(),
+            messages=messages,
+            prompt=body.prompt,
+            chat_template_kwargs=body.chat_template_kwargs,
+        )
 
-    def _prepared(self, kind: Literal["chat", "completion"], request_id: str, model: ModelCard,
-                  generation: GenerationRequest, body: SamplingFields) -> PreparedRequest:
+    def _prepared(
+        self,
+        kind: Literal["chat", "completion"],
+        request_id: str,
+        model: ModelCard,
+        generation: GenerationRequest,
+        body: SamplingFields,
+    ) -> PreparedRequest:
         return PreparedRequest(
             kind=kind,
             id=request_id,
@@ -175,17 +258,26 @@ class RequestPreparer:
             generation=generation,
             stream=bool(body.stream),
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            continuous_usage=bool(body.stream_options and body.stream_options.include_usage
-                                  and body.stream_options.continuous_usage_stats),
+            continuous_usage=bool(
+                body.stream_options
+                and body.stream_options.include_usage
+                and body.stream_options.continuous_usage_stats
+            ),
         )
 
-    def _constraints(self, body: ChatCompletionRequest, passthrough: dict[str, Any] | None
-                     ) -> tuple[StructuredOutput | None, ToolUse | None]:
-        return (structured_output_of(passthrough or {}, self.schema_limits),
-                tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.schema_limits))
+    def _constraints(
+        self, body: ChatCompletionRequest, passthrough: dict[str, Any] | None
+    ) -> tuple[StructuredOutput | None, ToolUse | None]:
+        return (
+            structured_output_of(passthrough or {}, self.schema_limits),
+            tool_use_of(body.tools, body.tool_choice, body.parallel_tool_calls, self.schema_limits),
+        )
 
     def _template_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-        return [template_message(message, index, self.schema_limits) for index, message in enumerate(messages)]
+        return [
+            template_message(message, index, self.schema_limits)
+            for index, message in enumerate(messages)
+        ]
 
     def _model(self, name: str) -> ModelCard:
         health = self.engine.health()
@@ -195,7 +287,9 @@ class RequestPreparer:
             if card.id == name:
                 return card
         served = ", ".join(card.id for card in self.engine.models()) or "none (still loading)"
-        raise ModelNotFound(f"the model {name!r} does not exist; served models: {served}", param="model")
+        raise ModelNotFound(
+            f"the model {name!r} does not exist; served models: {served}", param="model"
+        )
 
     # -- opening --------------------------------------------------------------------------------
     async def open(self, prepared: PreparedRequest) -> tuple[DeltaStream, RequestTimer]:
@@ -207,7 +301,9 @@ class RequestPreparer:
         return (ToolCallStream(stream, parsers) if parsers is not None else stream), timer
 
 
-def tool_parser(prepared: PreparedRequest, limits: JsonLimits) -> Callable[[], ToolCallParser] | None:
+def tool_parser(
+    prepared: PreparedRequest, limits: JsonLimits
+) -> Callable[[], ToolCallParser] | None:
     """Makes a reader of tool calls for each choice of an answer the engine returns as raw text;
     None where no tool can be called or the engine reads them itself (an upstream)."""
     tool_format, tools = prepared.model.tool_call_format, prepared.tools
@@ -216,27 +312,44 @@ def tool_parser(prepared: PreparedRequest, limits: JsonLimits) -> Callable[[], T
     return lambda: ToolCallParser(tool_format, tools.names(), tools.parallel, limits)
 
 
-def _tool_call_constraint(tool_format: str, tools: ToolUse, structured: StructuredOutput | None) -> StructuredOutput:
+def _tool_call_constraint(
+    tool_format: str, tools: ToolUse, structured: StructuredOutput | None
+) -> StructuredOutput:
     """tool_choice "required" or a named function, enforced: the answer is calls, arguments valid."""
     if structured is not None:
-        raise InvalidRequest(f"a tool_choice that requires a call cannot be combined with {structured.param}: "
-                             "the answer must be a tool call", param="tool_choice")
+        raise InvalidRequest(
+            f"a tool_choice that requires a call cannot be combined with {structured.param}: "
+            "the answer must be a tool call",
+            param="tool_choice",
+        )
     return call_constraint(tool_format, tools)
 
 
-def _constrained_citations(context: RagContext, body: ChatCompletionRequest, structured: StructuredOutput | None,
-                           passthrough: dict[str, Any] | None) -> tuple[StructuredOutput, dict[str, Any]]:
+def _constrained_citations(
+    context: RagContext,
+    body: ChatCompletionRequest,
+    structured: StructuredOutput | None,
+    passthrough: dict[str, Any] | None,
+) -> tuple[StructuredOutput, dict[str, Any]]:
     """The answer may cite only the packed documents, and must cite one unless it declines: as a
     regular expression, enforced in process or by the upstream (vLLM's structured_outputs.regex)."""
     if structured is not None:
-        raise InvalidRequest("rag.citations 'constrained' cannot be combined with another structured output "
-                             f"({structured.param})", param="rag.citations")
+        raise InvalidRequest(
+            "rag.citations 'constrained' cannot be combined with another structured output "
+            f"({structured.param})",
+            param="rag.citations",
+        )
     if body.rag is not None and body.rag.reasoning:
-        raise InvalidRequest("rag.citations 'constrained' cannot be combined with rag.reasoning: the thinking "
-                             "would be held to the citation pattern too", param="rag.citations")
+        raise InvalidRequest(
+            "rag.citations 'constrained' cannot be combined with rag.reasoning: the thinking "
+            "would be held to the citation pattern too",
+            param="rag.citations",
+        )
     pattern = citation_pattern(context.used, load_template(context.template).decline)
-    return StructuredOutput("regex", pattern, "rag.citations"), {**(passthrough or {}),
-                                                                 "structured_outputs": {"regex": pattern}}
+    return StructuredOutput("regex", pattern, "rag.citations"), {
+        **(passthrough or {}),
+        "structured_outputs": {"regex": pattern},
+    }
 
 
 def _passthrough(body: SamplingFields) -> dict[str, Any] | None:
@@ -259,7 +372,9 @@ def _refuse_unfittable(model: ModelCard, text: PromptText, answer_tokens: int, p
         raise ContextLengthExceeded(
             f"this model's maximum context length is {model.max_model_len} tokens; the prompt's text alone is "
             f"at least {at_least} tokens (no token covers more than {model.max_token_bytes} bytes), before "
-            f"{answer_tokens} for the completion; reduce the prompt or max_tokens", param=param)
+            f"{answer_tokens} for the completion; reduce the prompt or max_tokens",
+            param=param,
+        )
 
 
 def _refuse_unsupported_completion_fields(body: CompletionRequest) -> None:

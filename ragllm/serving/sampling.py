@@ -14,8 +14,13 @@ DEFAULTED_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetiti
 MAX_CHOICES = 8
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, defaults: dict[str, float],
-                    logprobs: int | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields,
+    max_tokens: int | None,
+    defaults: dict[str, float],
+    logprobs: int | None = None,
+    structured: StructuredOutput | None = None,
+) -> SamplingParams:
     """The request's values; where it leaves one out, the model's default, else OpenAI's."""
 
     def pick(name: str, fallback: float) -> float:
@@ -55,14 +60,18 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
         return ()
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
+        raise InvalidRequest(
+            f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop"
+        )
     return tuple(s for s in stops if s)
 
 
 def refuse_unsupported_sampling(body: SamplingFields) -> None:
     """Sampling fields of OpenAI's that the engine does not honour, refused rather than ignored."""
     if body.n is not None and body.n > MAX_CHOICES:
-        raise InvalidRequest(f"n may be at most {MAX_CHOICES}; send several requests for more choices", param="n")
+        raise InvalidRequest(
+            f"n may be at most {MAX_CHOICES}; send several requests for more choices", param="n"
+        )
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise Unsupported(f"{name} is not supported (use repetition_penalty)", param=name)

@@ -19,7 +19,9 @@ class GrammarCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.num_bytes = 0
-        self._entries: OrderedDict[Hashable, tuple[str, int]] = OrderedDict()  # key → (grammar, its bytes)
+        self._entries: OrderedDict[Hashable, tuple[str, int]] = (
+            OrderedDict()
+        )  # key → (grammar, its bytes)
         self._lock = threading.Lock()
 
     def get(self, key: Hashable) -> str | None:

@@ -47,7 +47,9 @@ class Grammar:
 
     def accept(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
-            raise GrammarViolation(f"structured output: {self.matcher.get_error() or f'token {token_id} refused'}")
+            raise GrammarViolation(
+                f"structured output: {self.matcher.get_error() or f'token {token_id} refused'}"
+            )
 
     @property
     def finished(self) -> bool:
@@ -61,8 +63,11 @@ class Grammar:
         """What the client is told when its answer could not go on within the constraint: the
         constraint asked for what this model cannot write (a 400 naming the field), not a fault of
         the service."""
-        return ConstraintUnfollowable(f"the answer could not follow the {_DESCRIPTIONS[self.spec.kind]} in "
-                                      f"{self.spec.param}: {_first_line(str(violation))}", param=self.spec.param)
+        return ConstraintUnfollowable(
+            f"the answer could not follow the {_DESCRIPTIONS[self.spec.kind]} in "
+            f"{self.spec.param}: {_first_line(str(violation))}",
+            param=self.spec.param,
+        )
 
 
 class GrammarCompiler:
@@ -70,8 +75,14 @@ class GrammarCompiler:
     by constraint, least recently used first out. Thread-safe; call it off the
     event loop (building the tokenizer's index takes about half a second, once)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int],
-                 cache_bytes: int = 64 * 1024 * 1024, mask_budget_s: float | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: frozenset[int],
+        cache_bytes: int = 64 * 1024 * 1024,
+        mask_budget_s: float | None = None,
+    ) -> None:
         self._hf_tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._stop_token_ids = sorted(stop_token_ids)
@@ -98,12 +109,16 @@ class GrammarCompiler:
         with self._lock:
             self.num_compiled += 1
         self.cache.put(spec, compiled)
-        return Grammar(matcher, spec)  # the matcher that checked the grammar serves the first request
+        return Grammar(
+            matcher, spec
+        )  # the matcher that checked the grammar serves the first request
 
     def _matcher(self, compiled: str) -> Any:
         import llguidance
 
-        return llguidance.LLMatcher(self.tokenizer_index(), compiled, log_level=0, limits=self._parser_limits())
+        return llguidance.LLMatcher(
+            self.tokenizer_index(), compiled, log_level=0, limits=self._parser_limits()
+        )
 
     def _parser_limits(self) -> Any:
         if self._limits is None:
@@ -113,7 +128,9 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutput) -> tuple[str, Any]:
         """``spec`` as llguidance's grammar, checked against this tokenizer, and the matcher that
         checked it (at the grammar's start); 400 where it cannot be."""
-        schema = bounded_schema(spec.schema()) if spec.kind in ("json_schema", "json_object") else None
+        schema = (
+            bounded_schema(spec.schema()) if spec.kind in ("json_schema", "json_object") else None
+        )
         try:
             compiled = _llguidance_grammar(spec, schema)
         except Exception as exc:  # noqa: BLE001 - only the library runs here: the request's content made it fail
@@ -121,8 +138,11 @@ class GrammarCompiler:
         self.tokenizer_index()  # loads the vocabulary's missing bytes the next check reads
         unwritable = self._unwritable_character(spec.source)
         if unwritable is not None:
-            raise _refusal(spec, f"it needs the character U+{ord(unwritable):04X}, which this model's "
-                                 "vocabulary cannot write")
+            raise _refusal(
+                spec,
+                f"it needs the character U+{ord(unwritable):04X}, which this model's "
+                "vocabulary cannot write",
+            )
         # Building the matcher checks the grammar (within INITIAL_LEXER_FUEL); llguidance's own
         # validate_grammar would build it a second time for the same verdict.
         matcher = self._matcher(compiled)
@@ -141,8 +161,11 @@ class GrammarCompiler:
         if matcher.is_error():
             raise _refusal(spec, matcher.get_error())
         if self._mask_budget_s is not None and elapsed > self._mask_budget_s:
-            raise _refusal(spec, f"its first token mask took {elapsed * 1000:.0f} ms, over the "
-                                 f"{self._mask_budget_s * 1000:g} ms a step may spend on one")
+            raise _refusal(
+                spec,
+                f"its first token mask took {elapsed * 1000:.0f} ms, over the "
+                f"{self._mask_budget_s * 1000:g} ms a step may spend on one",
+            )
 
     def tokenizer_index(self) -> Any:
         with self._lock:
@@ -150,7 +173,10 @@ class GrammarCompiler:
                 import llguidance.hf
 
                 tokenizer = llguidance.hf.from_tokenizer(
-                    self._hf_tokenizer, n_vocab=self._vocab_size, eos_token=self._stop_token_ids or None)
+                    self._hf_tokenizer,
+                    n_vocab=self._vocab_size,
+                    eos_token=self._stop_token_ids or None,
+                )
                 self._missing_bytes = _bytes_no_token_writes(tokenizer, self._vocab_size)
                 self._tokenizer = tokenizer
             return self._tokenizer
@@ -171,11 +197,15 @@ def _llguidance_grammar(spec: StructuredOutput, schema: dict[str, Any] | None) -
 
     matcher = llguidance.LLMatcher
     if schema is not None:
-        return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS, overrides={"whitespace_flexible": False})
+        return matcher.grammar_from_json_schema(
+            schema, defaults=JSON_OPTIONS, overrides={"whitespace_flexible": False}
+        )
     if spec.kind == "regex":
         return matcher.grammar_from_regex(spec.source)
     if spec.kind == "choice":
-        return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choices()))
+        return matcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c) for c in spec.choices())
+        )
     return llguidance.grammar_from("grammar", spec.source)  # Lark, or GBNF as llama.cpp writes it
 
 
@@ -204,12 +234,20 @@ def bounded_schema(schema: Any) -> Any:
             bounded[key] = [bounded_schema(sub) for sub in value]
         elif key in SCHEMA_VALUES:
             bounded[key] = bounded_schema(value)
-    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema \
-            and "patternProperties" not in schema:
+    if (
+        isinstance(schema.get("properties"), dict)
+        and "additionalProperties" not in schema
+        and "patternProperties" not in schema
+    ):
         bounded["additionalProperties"] = False
-    if isinstance(schema.get("additionalProperties"), dict) and not schema.get("properties") \
-            and "patternProperties" not in schema:
-        bounded["patternProperties"] = {f"^.{{0,{MAX_MAP_KEY_LENGTH}}}$": bounded["additionalProperties"]}
+    if (
+        isinstance(schema.get("additionalProperties"), dict)
+        and not schema.get("properties")
+        and "patternProperties" not in schema
+    ):
+        bounded["patternProperties"] = {
+            f"^.{{0,{MAX_MAP_KEY_LENGTH}}}$": bounded["additionalProperties"]
+        }
         bounded["additionalProperties"] = False
     kind = schema.get("type")
     if kind in ("integer", "number"):
@@ -220,8 +258,12 @@ def bounded_schema(schema: Any) -> Any:
             bounded["maximum"] = limit
         if kind == "number" and "multipleOf" not in schema:
             bounded["multipleOf"] = NUMBER_STEP
-    if kind == "string" and "maxLength" not in schema and isinstance(schema.get("format"), str) \
-            and schema["format"] in FORMAT_MAX_LENGTH:
+    if (
+        kind == "string"
+        and "maxLength" not in schema
+        and isinstance(schema.get("format"), str)
+        and schema["format"] in FORMAT_MAX_LENGTH
+    ):
         bounded["maxLength"] = FORMAT_MAX_LENGTH[schema["format"]]
     return bounded
 
@@ -243,8 +285,13 @@ def _bytes_no_token_writes(tokenizer: Any, vocab_size: int) -> frozenset[int]:
     return frozenset(range(256)) - written
 
 
-_DESCRIPTIONS = {"json_schema": "JSON Schema", "json_object": "JSON object constraint",
-                 "regex": "regular expression", "choice": "choice list", "grammar": "grammar"}
+_DESCRIPTIONS = {
+    "json_schema": "JSON Schema",
+    "json_object": "JSON object constraint",
+    "regex": "regular expression",
+    "choice": "choice list",
+    "grammar": "grammar",
+}
 
 
 def _first_line(text: str) -> str:
@@ -254,5 +301,7 @@ def _first_line(text: str) -> str:
 
 
 def _refusal(spec: StructuredOutput, reason: str) -> InvalidRequest:
-    return InvalidRequest(f"the {_DESCRIPTIONS[spec.kind]} in {spec.param} cannot be enforced: {_first_line(reason)}",
-                          param=spec.param)
+    return InvalidRequest(
+        f"the {_DESCRIPTIONS[spec.kind]} in {spec.param} cannot be enforced: {_first_line(reason)}",
+        param=spec.param,
+    )

@@ -20,14 +20,33 @@ from ragllm.errors import InvalidRequest
 # Where a JSON Schema holds other schemas: by name, in a list, or as one.
 SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames",
-                 "unevaluatedProperties", "unevaluatedItems")
+SCHEMA_VALUES = (
+    "items",
+    "additionalProperties",
+    "not",
+    "contains",
+    "if",
+    "then",
+    "else",
+    "propertyNames",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
 # Subschemas a value must satisfy as well as the schema holding them (a $ref's target too); anyOf and
 # oneOf branches are alternatives (a cycle through one may have a way out), not requirements.
 _REQUIRED_LISTS = ("allOf",)
 # The published drafts' meta-schemas, as clients write them (with or without the trailing '#').
-DIALECTS = frozenset(f"{scheme}://json-schema.org/{path}" for scheme in ("http", "https") for path in (
-    "draft-04/schema", "draft-06/schema", "draft-07/schema", "draft/2019-09/schema", "draft/2020-12/schema"))
+DIALECTS = frozenset(
+    f"{scheme}://json-schema.org/{path}"
+    for scheme in ("http", "https")
+    for path in (
+        "draft-04/schema",
+        "draft-06/schema",
+        "draft-07/schema",
+        "draft/2019-09/schema",
+        "draft/2020-12/schema",
+    )
+)
 
 
 def check_schema(schema: Any, param: str, limits: JsonLimits) -> None:
@@ -36,16 +55,24 @@ def check_schema(schema: Any, param: str, limits: JsonLimits) -> None:
         raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
     check_structure(schema, limits, param)
     dialect = schema.get("$schema")
-    if dialect is not None and (not isinstance(dialect, str) or dialect.rstrip("#") not in DIALECTS):
-        raise InvalidRequest(f"{param}.$schema must name a published JSON Schema draft (draft-04 to 2020-12)",
-                             param=param)
+    if dialect is not None and (
+        not isinstance(dialect, str) or dialect.rstrip("#") not in DIALECTS
+    ):
+        raise InvalidRequest(
+            f"{param}.$schema must name a published JSON Schema draft (draft-04 to 2020-12)",
+            param=param,
+        )
     _check_keywords(schema, param)
     _refuse_empty_cycles(schema, param)
 
 
 def num_properties(schema: dict[str, Any]) -> int:
     """Property names ``schema`` declares, in all its subschemas together."""
-    return sum(len(sub["properties"]) for sub in _subschemas(schema) if isinstance(sub.get("properties"), dict))
+    return sum(
+        len(sub["properties"])
+        for sub in _subschemas(schema)
+        if isinstance(sub.get("properties"), dict)
+    )
 
 
 def _check_keywords(schema: dict[str, Any], param: str) -> None:
@@ -55,10 +82,14 @@ def _check_keywords(schema: dict[str, Any], param: str) -> None:
         jsonschema_rs.meta.validate(schema)
     except jsonschema_rs.ValidationError as exc:
         where = "".join(f"/{part}" for part in exc.instance_path) or "/"
-        raise InvalidRequest(f"{param} is not a valid JSON Schema: at {where}, {exc.message.splitlines()[0]}",
-                             param=param) from None
+        raise InvalidRequest(
+            f"{param} is not a valid JSON Schema: at {where}, {exc.message.splitlines()[0]}",
+            param=param,
+        ) from None
     except jsonschema_rs.ReferencingError as exc:
-        raise InvalidRequest(f"{param} is not a valid JSON Schema: {str(exc).splitlines()[0]}", param=param) from None
+        raise InvalidRequest(
+            f"{param} is not a valid JSON Schema: {str(exc).splitlines()[0]}", param=param
+        ) from None
 
 
 def _refuse_empty_cycles(root: dict[str, Any], param: str) -> None:
@@ -69,7 +100,9 @@ def _refuse_empty_cycles(root: dict[str, Any], param: str) -> None:
         if id(start) in state:
             continue
         state[id(start)] = True
-        path: list[tuple[dict[str, Any], Iterator[dict[str, Any]]]] = [(start, _same_value(root, start))]
+        path: list[tuple[dict[str, Any], Iterator[dict[str, Any]]]] = [
+            (start, _same_value(root, start))
+        ]
         while path:
             node, successors = path[-1]
             following = next(successors, None)
@@ -77,8 +110,11 @@ def _refuse_empty_cycles(root: dict[str, Any], param: str) -> None:
                 state[id(node)] = False
                 path.pop()
             elif state.get(id(following)) is True:
-                raise InvalidRequest(f"{param} refers back to itself through $ref without any value in between, "
-                                     "so no answer can satisfy it", param=param)
+                raise InvalidRequest(
+                    f"{param} refers back to itself through $ref without any value in between, "
+                    "so no answer can satisfy it",
+                    param=param,
+                )
             elif id(following) not in state:
                 state[id(following)] = True
                 path.append((following, _same_value(root, following)))

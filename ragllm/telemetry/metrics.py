@@ -13,18 +13,80 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from ragllm.generation import Delta, EngineStats
 
 # Buckets as vLLM uses them, so percentiles line up with vLLM's own panels.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-               20.0, 40.0, 80.0)
-LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class Metrics:
@@ -34,42 +96,92 @@ class Metrics:
         labels = ["model_name"]
         r = self.registry
         self.time_to_first_token = Histogram(
-            "vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=TTFT_BUCKETS, registry=r)
+            "vllm:time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.inter_token_latency = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between output tokens.", labels, buckets=ITL_BUCKETS,
-            registry=r)
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens.",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.e2e_latency = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=LATENCY_BUCKETS,
-            registry=r)
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds", "Time a request waited before its prefill.", labels,
-            buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens.", labels, registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", labels, registry=r)
+            "vllm:request_queue_time_seconds",
+            "Time a request waited before its prefill.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prefilled prompt tokens.", labels, registry=r
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generated tokens.", labels, registry=r
+        )
         self.request_success = Counter(
-            "vllm:request_success", "Finished requests.", labels + ["finished_reason"], registry=r)
+            "vllm:request_success", "Finished requests.", labels + ["finished_reason"], registry=r
+        )
         self.requests = Counter(
-            "ragllm_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+            "ragllm_requests",
+            "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.in_flight = Gauge("ragllm_requests_in_flight", "Requests being served.", registry=r)
         self.client_disconnects = Counter(
-            "ragllm_client_disconnects", "Streams cancelled because the client went away.", registry=r)
+            "ragllm_client_disconnects",
+            "Streams cancelled because the client went away.",
+            registry=r,
+        )
         self.slow_clients = Counter(
-            "ragllm_slow_clients", "Streaming clients dropped for reading too slowly, by reason "
-            "(write_timeout, buffer_full, budget_full).", ["reason"], registry=r)
+            "ragllm_slow_clients",
+            "Streaming clients dropped for reading too slowly, by reason "
+            "(write_timeout, buffer_full, budget_full).",
+            ["reason"],
+            registry=r,
+        )
         self.stream_buffer_bytes = Gauge(
-            "ragllm_stream_buffer_bytes", "Bytes of streamed answers held for clients that read slower than "
-            "the engine writes, all streams together (bounded by server.stream_buffer_total_bytes).", registry=r)
+            "ragllm_stream_buffer_bytes",
+            "Bytes of streamed answers held for clients that read slower than "
+            "the engine writes, all streams together (bounded by server.stream_buffer_total_bytes).",
+            registry=r,
+        )
         self.redis_fallbacks = Counter(
-            "ragllm_redis_fallbacks", "Redis calls that failed or were skipped, by operation.", ["operation"],
-            registry=r)
+            "ragllm_redis_fallbacks",
+            "Redis calls that failed or were skipped, by operation.",
+            ["operation"],
+            registry=r,
+        )
         self.cache_lookups = Counter(
-            "ragllm_cache_lookups", "Response cache lookups by result.", ["result"], registry=r)
+            "ragllm_cache_lookups", "Response cache lookups by result.", ["result"], registry=r
+        )
         self.request_log_dropped = Counter(
-            "ragllm_request_log_dropped", "Request-log entries dropped from a full buffer.", registry=r)
+            "ragllm_request_log_dropped",
+            "Request-log entries dropped from a full buffer.",
+            registry=r,
+        )
         self.request_log_pending = Gauge(
-            "ragllm_request_log_pending", "Request-log entries waiting to be written to Redis.", registry=r)
+            "ragllm_request_log_pending",
+            "Request-log entries waiting to be written to Redis.",
+            registry=r,
+        )
         self.rate_limited = Counter(
-            "ragllm_rate_limited", "Requests refused by a rate limit, by kind.", ["kind"], registry=r)
+            "ragllm_rate_limited",
+            "Requests refused by a rate limit, by kind.",
+            ["kind"],
+            registry=r,
+        )
         # Children bound to this model once: ``labels()`` takes a lock and a dict lookup per call,
         # and the histograms below are observed on every token.
         self.ttft_for_model = self.time_to_first_token.labels(model_name)
@@ -91,7 +203,7 @@ class Metrics:
         """Bytes held for slow clients, read at scrape time from the process-wide outbox budget."""
         self.stream_buffer_bytes.set_function(num_bytes)
 
-    def request_timer(self) -> "RequestTimer":
+    def request_timer(self) -> RequestTimer:
         return RequestTimer(self)
 
 
@@ -141,33 +253,63 @@ class _EngineStatsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         for name, doc, value in (
-            ("vllm:num_requests_running", "Requests in the engine's running batch.", stats.num_running),
+            (
+                "vllm:num_requests_running",
+                "Requests in the engine's running batch.",
+                stats.num_running,
+            ),
             ("vllm:num_requests_waiting", "Requests queued for the engine.", stats.num_waiting),
         ):
             yield self._family(GaugeMetricFamily(name, doc, labels=["model_name"]), value)
         if stats.produced is not None:
             for name, doc, value in (
-                ("ragllm_engine_prompt_tokens", "Prompt tokens of requests whose prefill the engine started, "
-                 "counted by the engine (what requests were billed: vllm:prompt_tokens).",
-                 stats.produced.prompt_tokens),
-                ("ragllm_engine_generation_tokens", "Tokens the engine sampled for requests, counted by the "
-                 "engine (what requests were billed: vllm:generation_tokens).", stats.produced.completion_tokens),
+                (
+                    "ragllm_engine_prompt_tokens",
+                    "Prompt tokens of requests whose prefill the engine started, "
+                    "counted by the engine (what requests were billed: vllm:prompt_tokens).",
+                    stats.produced.prompt_tokens,
+                ),
+                (
+                    "ragllm_engine_generation_tokens",
+                    "Tokens the engine sampled for requests, counted by the "
+                    "engine (what requests were billed: vllm:generation_tokens).",
+                    stats.produced.completion_tokens,
+                ),
             ):
                 yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), value)
         kv = stats.kv_cache
         if kv is None:  # an upstream engine: its replicas export these series themselves
             return
-        yield self._family(GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache block usage (1 = full).",
-                                             labels=["model_name"]), kv.usage)
+        yield self._family(
+            GaugeMetricFamily(
+                "vllm:kv_cache_usage_perc",
+                "KV-cache block usage (1 = full).",
+                labels=["model_name"],
+            ),
+            kv.usage,
+        )
         for name, doc, value in (
-            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", kv.prefix_cache_queries),
-            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", kv.prefix_cache_hits),
-            ("vllm:num_preemptions", "Sequences preempted for want of KV blocks.", kv.num_preemptions),
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                kv.prefix_cache_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                kv.prefix_cache_hits,
+            ),
+            (
+                "vllm:num_preemptions",
+                "Sequences preempted for want of KV blocks.",
+                kv.num_preemptions,
+            ),
         ):
             yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), value)
 
-    def _family(self, family: GaugeMetricFamily | CounterMetricFamily,
-                value: float) -> GaugeMetricFamily | CounterMetricFamily:
+    def _family(
+        self, family: GaugeMetricFamily | CounterMetricFamily, value: float
+    ) -> GaugeMetricFamily | CounterMetricFamily:
         family.add_metric([self._model_name], value)
         return family
 
@@ -188,8 +330,10 @@ def exposition_with_upstreams(registry: CollectorRegistry, scraped: list[tuple[s
         for family in parsed:
             if not family.name.startswith("vllm:"):
                 continue
-            labelled = [Sample(s.name, {**s.labels, "upstream": source}, s.value, s.timestamp, s.exemplar)
-                        for s in family.samples]
+            labelled = [
+                Sample(s.name, {**s.labels, "upstream": source}, s.value, s.timestamp, s.exemplar)
+                for s in family.samples
+            ]
             mine = families.get(family.name)
             if mine is None:
                 family.samples = labelled

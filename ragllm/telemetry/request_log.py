@@ -42,13 +42,31 @@ return #ARGV - 2
 """
 
 # Fields of an entry, in order (all values are strings or numbers; the API key itself never is one).
-FIELDS = ("request_id", "key_id", "endpoint", "model", "status", "finish_reason", "cache", "stream",
-          "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "latency_ms", "time")
+FIELDS = (
+    "request_id",
+    "key_id",
+    "endpoint",
+    "model",
+    "status",
+    "finish_reason",
+    "cache",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "queue_ms",
+    "ttft_ms",
+    "latency_ms",
+    "time",
+)
 
 
 class RequestLog:
-    def __init__(self, settings: RequestLogSettings, link: RedisLink | None,
-                 on_drop: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(
+        self,
+        settings: RequestLogSettings,
+        link: RedisLink | None,
+        on_drop: Callable[[int], None] = lambda n: None,
+    ) -> None:
         self.settings = settings
         self._link = link
         # Without Redis the queue is the log: a ring of the most recent entries, where letting the
@@ -58,7 +76,9 @@ class RequestLog:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.stream_key = link.key(settings.stream) if link else settings.stream
-        self._unsent: tuple[str, list[dict[str, Any]]] | None = None  # a batch to send again, same id
+        self._unsent: tuple[str, list[dict[str, Any]]] | None = (
+            None  # a batch to send again, same id
+        )
         self._write_script = link.client.register_script(_WRITE_BATCH_LUA) if link else None
 
     def append(self, entry: dict[str, Any]) -> None:
@@ -86,7 +106,7 @@ class RequestLog:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             await self.flush()
@@ -96,7 +116,9 @@ class RequestLog:
         while self._link is not None and (self._unsent or self._pending):
             batch_id, batch = self._unsent or (os.urandom(8).hex(), self._take_batch())
             try:
-                await self._link.call("request_log", lambda redis: self._write(redis, batch_id, batch))
+                await self._link.call(
+                    "request_log", lambda redis: self._write(redis, batch_id, batch)
+                )
             except RedisUnavailable:
                 self._unsent = (batch_id, batch)
                 self._drop_overflow()
@@ -116,16 +138,25 @@ class RequestLog:
             self._pending.popleft()
         if overflow > lost and self._unsent is not None:  # the buffer is smaller than a batch
             batch_id, batch = self._unsent
-            self._unsent = (batch_id, batch[overflow - lost :]) if overflow - lost < len(batch) else None
+            self._unsent = (
+                (batch_id, batch[overflow - lost :]) if overflow - lost < len(batch) else None
+            )
         self._on_drop(overflow)
 
     async def _write(self, redis: Any, batch_id: str, batch: list[dict[str, Any]]) -> Any:
         # Values as text here (as redis-py writes them), not left to Lua's number formatting.
-        entries = [orjson.dumps([part for key, value in entry.items() for part in (key, str(_field(value)))])
-                   for entry in batch]
+        entries = [
+            orjson.dumps(
+                [part for key, value in entry.items() for part in (key, str(_field(value)))]
+            )
+            for entry in batch
+        ]
         marker = self._link.key("request_log_batch", batch_id)
-        return await self._write_script(keys=[self.stream_key, marker],
-                                        args=[self.settings.maxlen, BATCH_MARKER_TTL_S, *entries], client=redis)
+        return await self._write_script(
+            keys=[self.stream_key, marker],
+            args=[self.settings.maxlen, BATCH_MARKER_TTL_S, *entries],
+            client=redis,
+        )
 
     async def aclose(self) -> None:
         if self._task is not None:

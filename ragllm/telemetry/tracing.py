@@ -43,7 +43,7 @@ class Tracing:
         self._provider.add_span_processor(BatchSpanProcessor(exporter))
         self._tracer = self._provider.get_tracer("ragllm")
 
-    def start_request(self, name: str, headers: Mapping[str, str]) -> "RequestSpan | None":
+    def start_request(self, name: str, headers: Mapping[str, str]) -> RequestSpan | None:
         if self._tracer is None:
             return None
         from opentelemetry.trace import SpanKind
@@ -82,7 +82,9 @@ class RequestSpan:
             yield
 
     def child_between(self, name: str, start_perf: float, end_perf: float) -> None:
-        span = self._tracer.start_span(name, context=self._context(), start_time=self._ns(start_perf))
+        span = self._tracer.start_span(
+            name, context=self._context(), start_time=self._ns(start_perf)
+        )
         span.end(end_time=self._ns(end_perf))
 
     def _ns(self, perf: float) -> int:

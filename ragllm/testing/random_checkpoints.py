@@ -21,28 +21,59 @@ from pathlib import Path
 
 ARCHITECTURES = {
     # SmolLM2-135M-Instruct (the packaged model)
-    "smollm2-135m": ("llama", dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+    ),
     # Qwen2.5-1.5B-Instruct (the deployment README's model, before AWQ)
-    "qwen2.5-1.5b": ("qwen2", dict(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "qwen2.5-1.5b": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 
 
 AWQ_GROUP_SIZE = 128
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bfloat16", seed: int = 0,
-                            vocab_size: int | None = None, quantization: str | None = None) -> Path:
+def build_random_checkpoint(
+    architecture: str,
+    directory: Path,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    vocab_size: int | None = None,
+    quantization: str | None = None,
+) -> Path:
     """Write config, random weights and a tokenizer to ``directory`` (reused when present);
     ``vocab_size`` replaces the architecture's (to match a real tokenizer's); ``quantization="awq"``
     writes AWQ int4 layers (float16 elsewhere, as published)."""
@@ -55,10 +86,14 @@ def build_random_checkpoint(architecture: str, directory: Path, dtype: str = "bf
 
     model_type, shape = ARCHITECTURES[architecture]
     shape = {**shape, "vocab_size": vocab_size or shape["vocab_size"]}
-    config = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
+    config = AutoConfig.for_model(
+        model_type, bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape
+    )
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16 if quantization else getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float16 if quantization else getattr(torch, dtype)
+        )
     directory.mkdir(parents=True, exist_ok=True)
     if quantization == "awq":
         save_awq_checkpoint(model, directory, AWQ_GROUP_SIZE)
@@ -105,7 +140,15 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(specials)
     tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<|im_start|>",
-        "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "chat_template": CHATML,
-    }))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": "<unk>",
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|im_end|>",
+                "chat_template": CHATML,
+            }
+        )
+    )

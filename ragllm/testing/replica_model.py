@@ -38,9 +38,17 @@ class ReplicaProfile:
 # 3k-token document sets beyond 32 running sequences. A published vLLM run on an L4 (7B, FP16, 64
 # concurrent: 831 tokens/s; AWQ 2.5x that) is in the same range as the steps this gives.
 PROFILES = {
-    "h200-qwen2.5-1.5b": ReplicaProfile(max_num_seqs=32, cache_doc_sets=1400),  # 4.3M bf16 KV tokens / ~3k
-    "l4-qwen2.5-7b-awq": ReplicaProfile(prefill_s_per_token=2.5e-4, step_base_s=1.8e-2, step_per_row_s=3.0e-4,
-                                        max_num_seqs=32, max_prefill_tokens=8192, cache_doc_sets=150),
+    "h200-qwen2.5-1.5b": ReplicaProfile(
+        max_num_seqs=32, cache_doc_sets=1400
+    ),  # 4.3M bf16 KV tokens / ~3k
+    "l4-qwen2.5-7b-awq": ReplicaProfile(
+        prefill_s_per_token=2.5e-4,
+        step_base_s=1.8e-2,
+        step_per_row_s=3.0e-4,
+        max_num_seqs=32,
+        max_prefill_tokens=8192,
+        cache_doc_sets=150,
+    ),
 }
 
 
@@ -65,7 +73,9 @@ class SimRequest:
 @dataclass(eq=False)
 class ReplicaModel:
     profile: ReplicaProfile = field(default_factory=ReplicaProfile)
-    slowdown: float = 1.0  # a slower GPU, or a replica turned slow: every step takes this much longer
+    slowdown: float = (
+        1.0  # a slower GPU, or a replica turned slow: every step takes this much longer
+    )
     waiting: deque = field(default_factory=deque)
     running: list = field(default_factory=list)  # heap of (finishing step, request index, request)
     step: int = 0
@@ -87,9 +97,13 @@ class ReplicaModel:
         budget = profile.max_prefill_tokens
         prefill_tokens = 0
         self.admitted_this_step = []
-        while self.waiting and len(self.running) + len(self.admitted_this_step) < profile.max_num_seqs:
+        while (
+            self.waiting and len(self.running) + len(self.admitted_this_step) < profile.max_num_seqs
+        ):
             request = self.waiting[0]
-            uncached = request.prompt_tokens - (request.doc_tokens if request.doc_set in self.cache else 0)
+            uncached = request.prompt_tokens - (
+                request.doc_tokens if request.doc_set in self.cache else 0
+            )
             if self.admitted_this_step and prefill_tokens + uncached > budget:
                 break
             self.waiting.popleft()
@@ -98,15 +112,20 @@ class ReplicaModel:
             self.admitted_this_step.append(request)
         rows = len(self.running) + len(self.admitted_this_step)
         self.busy = True
-        return self.slowdown * (profile.step_base_s + profile.step_per_row_s * rows
-                                + profile.prefill_s_per_token * prefill_tokens)
+        return self.slowdown * (
+            profile.step_base_s
+            + profile.step_per_row_s * rows
+            + profile.prefill_s_per_token * prefill_tokens
+        )
 
     def finish_step(self, now: float) -> tuple[list[SimRequest], list[SimRequest]]:
         """End the step at ``now``: (requests whose first token came, requests that finished)."""
         first = self.admitted_this_step
         for request in first:
             request.first_token_at = now
-            heapq.heappush(self.running, (self.step + request.output_tokens - 1, request.index, request))
+            heapq.heappush(
+                self.running, (self.step + request.output_tokens - 1, request.index, request)
+            )
         finished = []
         while self.running and self.running[0][0] <= self.step:
             request = heapq.heappop(self.running)[2]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from ragllm.engines.upstream.router import Replica, ReplicaPool, rendezvous_weight
 
@@ -86,7 +87,9 @@ class AffinityByOutstanding:
 class Ours:
     """The project's router itself, on the simulation's clock."""
 
-    def __init__(self, urls: list[str], slack: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, urls: list[str], slack: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._pool = ReplicaPool(urls, slack=slack, eject_after=2, eject_for_s=5.0, clock=clock)
         self.replicas = self._pool.replicas
 
@@ -96,14 +99,26 @@ class Ours:
         return replica
 
 
-def make_policy(name: str, urls: list[str], slack: int, clock: Callable[[], float], seed: int = 0) -> Policy:
+def make_policy(
+    name: str, urls: list[str], slack: int, clock: Callable[[], float], seed: int = 0
+) -> Policy:
     if name == "ours":
         return Ours(urls, slack, clock)
     replicas = [Replica(url) for url in urls]
     if name == "affinity_by_outstanding":
         return AffinityByOutstanding(replicas, slack)
-    return {"round_robin": RoundRobin, "least_outstanding": LeastOutstanding,
-            "consistent_hash": ConsistentHash}.get(name, lambda r: PowerOfTwo(r, seed))(replicas)
+    return {
+        "round_robin": RoundRobin,
+        "least_outstanding": LeastOutstanding,
+        "consistent_hash": ConsistentHash,
+    }.get(name, lambda r: PowerOfTwo(r, seed))(replicas)
 
 
-POLICIES = ("round_robin", "least_outstanding", "power_of_two", "consistent_hash", "affinity_by_outstanding", "ours")
+POLICIES = (
+    "round_robin",
+    "least_outstanding",
+    "power_of_two",
+    "consistent_hash",
+    "affinity_by_outstanding",
+    "ours",
+)

@@ -25,7 +25,9 @@ SLOW_FACTOR = 4.0
 
 @dataclass(frozen=True)
 class Load:
-    rate_per_replica: float = 20.0  # requests/s; about half a replica's capacity when nothing is cached
+    rate_per_replica: float = (
+        20.0  # requests/s; about half a replica's capacity when nothing is cached
+    )
     doc_sets_per_replica: int = 64
     zipf_s: float = 1.0
     doc_tokens: int = 3000
@@ -37,7 +39,9 @@ def arrivals(replicas: int, duration: float, load: Load, seed: int) -> list[SimR
     """Poisson arrivals at ``rate_per_replica * replicas``; each picks a document set by Zipf popularity."""
     rng = random.Random(seed)
     doc_sets = load.doc_sets_per_replica * replicas
-    cumulative = list(itertools.accumulate(1.0 / (rank + 1) ** load.zipf_s for rank in range(doc_sets)))
+    cumulative = list(
+        itertools.accumulate(1.0 / (rank + 1) ** load.zipf_s for rank in range(doc_sets))
+    )
     requests, now = [], 0.0
     rate = load.rate_per_replica * replicas
     while True:
@@ -45,9 +49,16 @@ def arrivals(replicas: int, duration: float, load: Load, seed: int) -> list[SimR
         if now >= duration:
             return requests
         doc_set = bisect.bisect_left(cumulative, rng.random() * cumulative[-1])
-        requests.append(SimRequest(index=len(requests), doc_set=doc_set, doc_tokens=load.doc_tokens,
-                                   prompt_tokens=load.doc_tokens + load.question_tokens,
-                                   output_tokens=load.output_tokens, arrival=now))
+        requests.append(
+            SimRequest(
+                index=len(requests),
+                doc_set=doc_set,
+                doc_tokens=load.doc_tokens,
+                prompt_tokens=load.doc_tokens + load.question_tokens,
+                output_tokens=load.output_tokens,
+                arrival=now,
+            )
+        )
 
 
 def slowdown_at(scenario: str, replica: int, replicas: int, now: float, duration: float) -> float:
@@ -58,8 +69,16 @@ def slowdown_at(scenario: str, replica: int, replicas: int, now: float, duration
     return 1.0
 
 
-def simulate(policy_name: str, replicas: int, scenario: str, duration: float, load: Load, slack: int,
-             seed: int, profile: ReplicaProfile = ReplicaProfile()) -> dict:
+def simulate(
+    policy_name: str,
+    replicas: int,
+    scenario: str,
+    duration: float,
+    load: Load,
+    slack: int,
+    seed: int,
+    profile: ReplicaProfile = ReplicaProfile(),
+) -> dict:
     clock = [0.0]
     urls = [f"http://replica-{i}:8000" for i in range(replicas)]
     policy = make_policy(policy_name, urls, slack, lambda: clock[0], seed)
@@ -120,8 +139,15 @@ def simulate(policy_name: str, replicas: int, scenario: str, duration: float, lo
     return result
 
 
-def summarise(requests: list[SimRequest], models: list[ReplicaModel], area: list[float], end: float,
-              replicas: int, scenario: str, duration: float) -> dict:
+def summarise(
+    requests: list[SimRequest],
+    models: list[ReplicaModel],
+    area: list[float],
+    end: float,
+    replicas: int,
+    scenario: str,
+    duration: float,
+) -> dict:
     ttfts = sorted(request.ttft for request in requests)
     averages = [a / end for a in area]
     mean_load = statistics.fmean(averages)
@@ -158,11 +184,27 @@ def share_over_time(requests: list[SimRequest], duration: float) -> dict:
     before = statistics.fmean(shares[1:slow_from])
     during = statistics.fmean(shares[slow_from:slow_to])
     after = statistics.fmean(shares[slow_to:])
-    lost = next(((w - slow_from + 1) * width for w in range(slow_from, slow_to) if shares[w] <= before / 2), None)
-    regained = next(((w - slow_to + 1) * width for w in range(slow_to, SHARE_WINDOWS) if shares[w] >= 0.8 * before),
-                    None)
-    return {"before": before, "during": during, "after": after, "seconds_to_lose": lost,
-            "seconds_to_regain": regained, "window_s": width, "per_window": [round(s, 4) for s in shares]}
+    lost = next(
+        ((w - slow_from + 1) * width for w in range(slow_from, slow_to) if shares[w] <= before / 2),
+        None,
+    )
+    regained = next(
+        (
+            (w - slow_to + 1) * width
+            for w in range(slow_to, SHARE_WINDOWS)
+            if shares[w] >= 0.8 * before
+        ),
+        None,
+    )
+    return {
+        "before": before,
+        "during": during,
+        "after": after,
+        "seconds_to_lose": lost,
+        "seconds_to_regain": regained,
+        "window_s": width,
+        "per_window": [round(s, 4) for s in shares],
+    }
 
 
 def _percentile(ordered: list[float], q: float) -> float:

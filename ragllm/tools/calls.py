@@ -9,8 +9,12 @@ from typing import Any
 
 def tool_call_delta(index: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """One whole call as a streamed ``tool_calls`` entry (its message form less ``index``)."""
-    return {"index": index, "id": f"call_{os.urandom(12).hex()}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "index": index,
+        "id": f"call_{os.urandom(12).hex()}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 def merge_tool_call_deltas(calls: list[dict[str, Any]], entries: list[dict[str, Any]]) -> None:

@@ -42,8 +42,10 @@ def call_constraint(tool_format: str, tools: ToolUse) -> StructuredOutput:
     under each one's schema: how tool_choice "required" or a named function is enforced."""
     names = [tools.named] if tools.named else tools.names()
     arguments_key = "parameters" if tool_format == LLAMA3_JSON else "arguments"
-    schema = {"x-guidance": {**JSON_OPTIONS, "whitespace_flexible": False},
-              "anyOf": [_call_schema(name, arguments_key, tools.parameters(name)) for name in names]}
+    schema = {
+        "x-guidance": {**JSON_OPTIONS, "whitespace_flexible": False},
+        "anyOf": [_call_schema(name, arguments_key, tools.parameters(name)) for name in names],
+    }
     body = "%json " + json.dumps(schema)
     if tool_format == LLAMA3_JSON:
         source = f"start: call\ncall: {body}"
@@ -54,5 +56,9 @@ def call_constraint(tool_format: str, tools: ToolUse) -> StructuredOutput:
 
 
 def _call_schema(name: str, arguments_key: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": {"name": {"const": name}, arguments_key: bounded_schema(parameters)},
-            "required": ["name", arguments_key], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, arguments_key: bounded_schema(parameters)},
+        "required": ["name", arguments_key],
+        "additionalProperties": False,
+    }

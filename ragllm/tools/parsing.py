@@ -23,8 +23,13 @@ PYTHON_TAG = "<|python_tag|>"
 class ToolCallParser:
     """Splits one answer into content and calls of the functions ``names``."""
 
-    def __init__(self, tool_format: str, names: list[str], parallel: bool = True,
-                 limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> None:
+    def __init__(
+        self,
+        tool_format: str,
+        names: list[str],
+        parallel: bool = True,
+        limits: JsonLimits = DEFAULT_SCHEMA_LIMITS,
+    ) -> None:
         # A call the model writes is read within the bounds the request's own arguments get; a deeper or
         # larger one (a tenant can force any shape with a regular expression) stays text.
         self._limits = limits
@@ -46,7 +51,9 @@ class ToolCallParser:
         held, self._held = self._held, ""
         if self._llama:
             return self._finish_llama(held)
-        if self._inside:  # never closed (the answer hit its length): a call only if its JSON is whole
+        if (
+            self._inside
+        ):  # never closed (the answer hit its length): a call only if its JSON is whole
             self._inside = False
             calls = self._calls_from(held)
             return ("" if calls else OPEN + held), calls
@@ -60,7 +67,7 @@ class ToolCallParser:
                 end = self._held.find(CLOSE)
                 if end < 0:
                     return "".join(content), calls
-                block, self._held = self._held[:end], self._held[end + len(CLOSE):]
+                block, self._held = self._held[:end], self._held[end + len(CLOSE) :]
                 self._inside = False
                 found = self._calls_from(block)
                 if found:
@@ -71,15 +78,17 @@ class ToolCallParser:
             start = self._held.find(OPEN)
             if start >= 0:
                 before = self._held[:start]
-                content.append(before.rstrip() if before.strip() else "")  # blanks before a call are not content
-                self._held, self._inside = self._held[start + len(OPEN):], True
+                content.append(
+                    before.rstrip() if before.strip() else ""
+                )  # blanks before a call are not content
+                self._held, self._inside = self._held[start + len(OPEN) :], True
                 continue
             # Show all but what may begin a tag, and trailing blanks (they may come before a call).
             keep = _partial_tag_length(self._held)
             shown = self._held[: len(self._held) - keep]
             shown_stripped = shown.rstrip()
             content.append(shown_stripped)
-            self._held = shown[len(shown_stripped):] + self._held[len(self._held) - keep:]
+            self._held = shown[len(shown_stripped) :] + self._held[len(self._held) - keep :]
             return "".join(content), calls
 
     # -- llama3_json: the whole answer is a call, or it is content -------------------------------
@@ -108,7 +117,10 @@ class ToolCallParser:
                 value, end = decoder.raw_decode(body, position)
                 check_structure(value, self._limits)
             except (json.JSONDecodeError, RecursionError, JsonTooComplex):
-                return held, []  # deeper than any call we would pass on: the answer's text, as written
+                return (
+                    held,
+                    [],
+                )  # deeper than any call we would pass on: the answer's text, as written
             call = self._call(value, "parameters")
             if call is None:
                 return held, []

@@ -17,15 +17,19 @@ from ragllm.tools.request import arguments_object
 TOOLS_PREAMBLE = (
     "You can call functions to help answer. Their signatures, one JSON object per line:\n<tools>\n{signatures}\n"
     "</tools>\nTo call one, answer with a JSON object holding its name and arguments between tags, "
-    "like this:\n<tool_call>\n{{\"name\": \"function_name\", \"arguments\": {{\"argument\": \"value\"}}}}\n"
-    "</tool_call>\nA function's result comes back between <tool_response> tags.")
+    'like this:\n<tool_call>\n{{"name": "function_name", "arguments": {{"argument": "value"}}}}\n'
+    "</tool_call>\nA function's result comes back between <tool_response> tags."
+)
 
 
-def template_inputs(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                    renders_tools: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def template_inputs(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, renders_tools: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(messages, tools) to hand the chat template."""
     if renders_tools:
-        return [_with_argument_objects(message, index) for index, message in enumerate(messages)], tools or None
+        return [
+            _with_argument_objects(message, index) for index, message in enumerate(messages)
+        ], tools or None
     if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         return messages, None
     return _written_out(messages, tools or []), None
@@ -34,13 +38,25 @@ def template_inputs(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
 def _with_argument_objects(message: dict[str, Any], index: int) -> dict[str, Any]:
     if not message.get("tool_calls"):
         return message
-    calls = [{**call, "function": {**call["function"], "arguments": arguments_object(
-        call["function"].get("arguments"), f"messages[{index}].tool_calls[{number}].function.arguments")}}
-        for number, call in enumerate(message["tool_calls"])]
+    calls = [
+        {
+            **call,
+            "function": {
+                **call["function"],
+                "arguments": arguments_object(
+                    call["function"].get("arguments"),
+                    f"messages[{index}].tool_calls[{number}].function.arguments",
+                ),
+            },
+        }
+        for number, call in enumerate(message["tool_calls"])
+    ]
     return {**message, "tool_calls": calls}
 
 
-def _written_out(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _written_out(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     written: list[dict[str, Any]] = []
     first = 0
     if tools:
@@ -59,7 +75,9 @@ def _written_out(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) ->
             else:
                 written.append({"role": "user", "content": response, "tool_responses": True})
         elif message.get("tool_calls"):
-            calls = [_call_text(call, index, number) for number, call in enumerate(message["tool_calls"])]
+            calls = [
+                _call_text(call, index, number) for number, call in enumerate(message["tool_calls"])
+            ]
             text = "\n".join(([message["content"]] if message.get("content") else []) + calls)
             written.append({"role": "assistant", "content": text})
         else:
@@ -69,6 +87,11 @@ def _written_out(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) ->
 
 def _call_text(call: dict[str, Any], index: int, number: int) -> str:
     function = call["function"]
-    arguments = arguments_object(function.get("arguments"), f"messages[{index}].tool_calls[{number}].function.arguments")
-    return "<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False) \
+    arguments = arguments_object(
+        function.get("arguments"), f"messages[{index}].tool_calls[{number}].function.arguments"
+    )
+    return (
+        "<tool_call>\n"
+        + json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
         + "\n</tool_call>"
+    )

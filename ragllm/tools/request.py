@@ -55,8 +55,12 @@ class ToolUse:
         raise KeyError(name)
 
 
-def tool_use_of(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool | None,
-                limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> ToolUse | None:
+def tool_use_of(
+    tools: list[dict[str, Any]] | None,
+    tool_choice: Any,
+    parallel_tool_calls: bool | None,
+    limits: JsonLimits = DEFAULT_SCHEMA_LIMITS,
+) -> ToolUse | None:
     """The request's tool use, or None where no tool can be called (no tools, or tool_choice "none");
     ``limits`` bound each function's parameters schema."""
     if not tools:
@@ -64,7 +68,9 @@ def tool_use_of(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_t
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
         return None
     if len(tools) > MAX_TOOLS:
-        raise InvalidRequest(f"at most {MAX_TOOLS} tools are allowed, got {len(tools)}", param="tools")
+        raise InvalidRequest(
+            f"at most {MAX_TOOLS} tools are allowed, got {len(tools)}", param="tools"
+        )
     functions = tuple(_function(tool, index, limits) for index, tool in enumerate(tools))
     names = [tool["function"]["name"] for tool in functions]
     duplicate = next((name for name in names if names.count(name) > 1), None)
@@ -84,18 +90,30 @@ def _function(tool: Any, index: int, limits: JsonLimits) -> dict[str, Any]:
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise InvalidRequest("a tool needs function.name", param=f"{param}.function.name")
     name = function["name"]
-    if not name or len(name) > 64 or not all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
-        raise InvalidRequest("a function name is 1 to 64 letters, digits, '_' or '-'", param=f"{param}.function.name")
+    if (
+        not name
+        or len(name) > 64
+        or not all(c.isascii() and (c.isalnum() or c in "_-") for c in name)
+    ):
+        raise InvalidRequest(
+            "a function name is 1 to 64 letters, digits, '_' or '-'", param=f"{param}.function.name"
+        )
     parameters = function.get("parameters")
-    if parameters is not None and (not isinstance(parameters, dict) or parameters.get("type", "object") != "object"):
-        raise InvalidRequest("function.parameters must be a JSON Schema of type 'object'",
-                             param=f"{param}.function.parameters")
+    if parameters is not None and (
+        not isinstance(parameters, dict) or parameters.get("type", "object") != "object"
+    ):
+        raise InvalidRequest(
+            "function.parameters must be a JSON Schema of type 'object'",
+            param=f"{param}.function.parameters",
+        )
     if parameters is not None:
         check_schema(parameters, f"{param}.function.parameters", limits)
     described = {"name": name}
     if function.get("description") is not None:
         described["description"] = str(function["description"])
-    described["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    described["parameters"] = (
+        parameters if parameters is not None else {"type": "object", "properties": {}}
+    )
     return {"type": "function", "function": described}
 
 
@@ -108,20 +126,33 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
         function = tool_choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
-            raise InvalidRequest("tool_choice.function must be an object with the name of a function",
-                                 param="tool_choice.function")
+            raise InvalidRequest(
+                "tool_choice.function must be an object with the name of a function",
+                param="tool_choice.function",
+            )
         if name not in names:
-            raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+            raise InvalidRequest(
+                f"tool_choice names {name!r}, which is not among the tools", param="tool_choice"
+            )
         return "named", name
-    raise InvalidRequest("tool_choice is 'none', 'auto', 'required' or {'type': 'function', 'function': "
-                         "{'name': ...}}", param="tool_choice")
+    raise InvalidRequest(
+        "tool_choice is 'none', 'auto', 'required' or {'type': 'function', 'function': "
+        "{'name': ...}}",
+        param="tool_choice",
+    )
 
 
-def arguments_object(arguments: Any, param: str, limits: JsonLimits = DEFAULT_SCHEMA_LIMITS) -> dict[str, Any]:
+def arguments_object(
+    arguments: Any, param: str, limits: JsonLimits = DEFAULT_SCHEMA_LIMITS
+) -> dict[str, Any]:
     """A call's arguments, sent as OpenAI sends them (a JSON string), as the object templates render."""
     if isinstance(arguments, dict):
         return arguments
-    value = loads_bounded(arguments, limits, param) if isinstance(arguments, str) and arguments.strip() else {}
+    value = (
+        loads_bounded(arguments, limits, param)
+        if isinstance(arguments, str) and arguments.strip()
+        else {}
+    )
     if not isinstance(value, dict):
         raise InvalidRequest("function.arguments must be a JSON object", param=param)
     return value

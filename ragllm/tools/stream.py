@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
-from ragllm.generation import Delta, FinishReason, Usage
-
-from ragllm.generation import DeltaStream
+from ragllm.generation import Delta, DeltaStream, FinishReason, Usage
 from ragllm.tools.parsing import ToolCallParser
 
 

@@ -13,8 +13,12 @@ from ragllm.errors import AuthenticationFailed
 
 def test_keys_from_env_and_file_are_checked_and_carry_their_limits(tmp_path):
     keys_file = tmp_path / "keys.json"
-    keys_file.write_text(json.dumps([{"id": "svc", "sha256": digest("s3cret").hex(), "rpm": 7, "tpm": 700}]))
-    ring = KeyRing.from_settings(AuthSettings(keys="ops:opskey", keys_file=keys_file), LimitsSettings(rpm=100))
+    keys_file.write_text(
+        json.dumps([{"id": "svc", "sha256": digest("s3cret").hex(), "rpm": 7, "tpm": 700}])
+    )
+    ring = KeyRing.from_settings(
+        AuthSettings(keys="ops:opskey", keys_file=keys_file), LimitsSettings(rpm=100)
+    )
     assert ring.authenticate("Bearer opskey") == Principal("ops", 100, None, cache_group="ops")
     assert ring.authenticate("Bearer s3cret") == Principal("svc", 7, 700, cache_group="svc")
     for header in (None, "", "Bearer", "Bearer wrong", "Basic opskey", "opskey"):
@@ -24,17 +28,30 @@ def test_keys_from_env_and_file_are_checked_and_carry_their_limits(tmp_path):
 
 def test_keys_are_off_locally_and_required_in_the_cloud_profile():
     anonymous = KeyRing.from_settings(AuthSettings(), LimitsSettings()).authenticate(None)
-    assert anonymous.key_id == "anonymous" and anonymous.cache_group is None  # one prefix cache for all
+    assert (
+        anonymous.key_id == "anonymous" and anonymous.cache_group is None
+    )  # one prefix cache for all
     with pytest.raises(ValueError, match="RAGLLM_AUTH__KEYS"):
         KeyRing.from_settings(AuthSettings(required=True), LimitsSettings())
 
 
 def test_a_key_file_can_put_keys_in_one_cache_group_and_each_other_key_keeps_its_own(tmp_path):
     keys_file = tmp_path / "keys.json"
-    keys_file.write_text(json.dumps([{"id": "a1", "key": "k1", "cache_group": "team-a"},
-                                     {"id": "a2", "key": "k2", "cache_group": "team-a"}, {"id": "b", "key": "k3"}]))
-    ring = KeyRing.from_settings(AuthSettings(keys="ops:opskey", keys_file=keys_file), LimitsSettings())
-    groups = [ring.authenticate(f"Bearer {key}").cache_group for key in ("k1", "k2", "k3", "opskey")]
+    keys_file.write_text(
+        json.dumps(
+            [
+                {"id": "a1", "key": "k1", "cache_group": "team-a"},
+                {"id": "a2", "key": "k2", "cache_group": "team-a"},
+                {"id": "b", "key": "k3"},
+            ]
+        )
+    )
+    ring = KeyRing.from_settings(
+        AuthSettings(keys="ops:opskey", keys_file=keys_file), LimitsSettings()
+    )
+    groups = [
+        ring.authenticate(f"Bearer {key}").cache_group for key in ("k1", "k2", "k3", "opskey")
+    ]
     assert groups == ["team-a", "team-a", "b", "ops"]
 
 

@@ -16,7 +16,11 @@ from tests.support.servers import wait_clear_of_window_edge
 
 @pytest.mark.parametrize("with_redis", [True, False])
 async def test_token_budget_stops_requests_once_spent(shared_redis_url, with_redis):
-    link = RedisLink(RedisSettings(url=shared_redis_url, prefix=f"test-{uuid.uuid4().hex}")) if with_redis else None
+    link = (
+        RedisLink(RedisSettings(url=shared_redis_url, prefix=f"test-{uuid.uuid4().hex}"))
+        if with_redis
+        else None
+    )
     limiter = RateLimiter(link)
     principal = Principal("k", rpm=None, tpm=100)
     wait_clear_of_window_edge()

@@ -16,8 +16,11 @@ chunks = st.lists(st.binary(min_size=0, max_size=3000), max_size=60)
 
 
 @settings(max_examples=200, deadline=None)
-@given(chunks=chunks, max_bytes=st.integers(min_value=1, max_value=20_000),
-       take_every=st.integers(min_value=1, max_value=10))
+@given(
+    chunks=chunks,
+    max_bytes=st.integers(min_value=1, max_value=20_000),
+    take_every=st.integers(min_value=1, max_value=10),
+)
 def test_bytes_come_out_in_order_and_the_backlog_stays_bounded(chunks, max_bytes, take_every):
     async def run() -> None:
         outbox = Outbox(max_bytes)

@@ -13,8 +13,10 @@ from ragllm.api.outbox import Outbox
 from ragllm.api.outbox_budget import OutboxBudget
 
 # (stream, action, chunk size): put a chunk, or take what is queued and send it (a client reading).
-operations = st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["put", "put", "send"]),
-                                st.integers(1, 3000)), max_size=120)
+operations = st.lists(
+    st.tuples(st.integers(0, 5), st.sampled_from(["put", "put", "send"]), st.integers(1, 3000)),
+    max_size=120,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -23,14 +25,18 @@ def test_held_bytes_stay_within_the_budget_and_evicted_streams_are_told_once(ope
     async def run() -> None:
         budget = OutboxBudget(max_bytes)
         evictions = [0] * 6
-        outboxes = [Outbox(8192, budget, on_evicted=lambda i=i: evictions.__setitem__(i, evictions[i] + 1))
-                    for i in range(6)]
+        outboxes = [
+            Outbox(8192, budget, on_evicted=lambda i=i: evictions.__setitem__(i, evictions[i] + 1))
+            for i in range(6)
+        ]
         accepted: list[list[bytes]] = [[] for _ in outboxes]
         delivered = [b""] * len(outboxes)
         for index, action, size in operations:
             outbox = outboxes[index]
             if action == "put":
-                others = {i: o.num_held for i, o in enumerate(outboxes) if i != index and not o.evicted}
+                others = {
+                    i: o.num_held for i, o in enumerate(outboxes) if i != index and not o.evicted
+                }
                 putter_held = outbox.num_held + size
                 chunk = bytes([index]) * size
                 if outbox.put(chunk):
@@ -60,8 +66,10 @@ async def test_a_client_that_keeps_up_is_never_evicted_by_clients_that_stopped_r
     budget = OutboxBudget(64 * 1024)
     evicted: list[str] = []
     reader = Outbox(16 * 1024, budget, on_evicted=lambda: evicted.append("reader"))
-    non_readers = [Outbox(16 * 1024, budget, on_evicted=lambda i=i: evicted.append(f"non-reader {i}"))
-                   for i in range(20)]
+    non_readers = [
+        Outbox(16 * 1024, budget, on_evicted=lambda i=i: evicted.append(f"non-reader {i}"))
+        for i in range(20)
+    ]
     received = b""
     for step in range(40):  # every stream gets an event of 2 KB a step; only the reader reads it
         for index, outbox in enumerate(non_readers):
@@ -72,7 +80,9 @@ async def test_a_client_that_keeps_up_is_never_evicted_by_clients_that_stopped_r
         assert budget.num_bytes <= budget.max_bytes
     assert "reader" not in evicted and received == b"r" * 2048 * 40
     assert len(evicted) >= 20 - 64 // 16 and budget.num_evicted == len(evicted)
-    assert reader.num_held <= 2 * 2048  # its last event, and the one before perhaps still in the connection
+    assert (
+        reader.num_held <= 2 * 2048
+    )  # its last event, and the one before perhaps still in the connection
 
 
 async def test_a_stream_larger_than_the_whole_budget_evicts_itself():

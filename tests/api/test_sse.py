@@ -15,6 +15,7 @@ def _client_that_leaves(after_s: float):
     async def receive() -> dict:
         await asyncio.sleep(after_s)
         return {"type": "http.disconnect"}
+
     return receive
 
 
@@ -40,7 +41,9 @@ async def test_work_that_finishes_despite_its_cancellation_is_discarded():
         raise AssertionError("not cancelled")
 
     with pytest.raises(ClientClosedRequest):
-        await until_disconnect(_client_that_leaves(0.01), open_stream(), discard=lambda s: s.aclose())
+        await until_disconnect(
+            _client_that_leaves(0.01), open_stream(), discard=lambda s: s.aclose()
+        )
     assert opened.closed
 
 
@@ -58,7 +61,9 @@ async def test_cancelled_work_is_not_discarded_and_finished_work_is_returned():
 
     discarded = []
     with pytest.raises(ClientClosedRequest):
-        await until_disconnect(_client_that_leaves(0.01), slow(), discard=lambda s: discarded.append(s))
+        await until_disconnect(
+            _client_that_leaves(0.01), slow(), discard=lambda s: discarded.append(s)
+        )
     assert cancelled and not discarded
 
     async def fast() -> str:

@@ -20,7 +20,9 @@ async def test_a_long_stream_of_prompt_writes_never_times_out():
     watchdog = WriteWatchdog(TIMEOUT_S, lambda: timeouts.append(time.monotonic()))
     try:
         deadline = time.monotonic() + 5 * TIMEOUT_S
-        while time.monotonic() < deadline:  # waiting between sends (the engine) is not the client's fault
+        while (
+            time.monotonic() < deadline
+        ):  # waiting between sends (the engine) is not the client's fault
             await watchdog.send(_sent, {})
             await asyncio.sleep(TIMEOUT_S / 3)
         await asyncio.sleep(2 * TIMEOUT_S)
@@ -33,6 +35,7 @@ async def test_a_send_blocked_past_the_timeout_trips_it_once_and_a_shorter_one_d
     timeouts = []
     watchdog = WriteWatchdog(TIMEOUT_S, lambda: timeouts.append(time.monotonic()))
     try:
+
         async def slow_to_accept(message: dict) -> None:
             await asyncio.sleep(TIMEOUT_S / 2)
 

@@ -51,5 +51,7 @@ async def test_redis_cache_reads_as_a_miss_when_redis_is_unreachable():
 def test_an_entry_keeps_its_prefix_cache_hit_and_older_entries_still_load():
     entry = CachedResponse("Paris.", "stop", 37, 3, cached_tokens=32)
     assert CachedResponse.loads(entry.dumps()) == entry
-    assert CachedResponse.loads(b'["Paris.","stop",37,3]') == CachedResponse("Paris.", "stop", 37, 3)
+    assert CachedResponse.loads(b'["Paris.","stop",37,3]') == CachedResponse(
+        "Paris.", "stop", 37, 3
+    )
     assert CachedResponse.loads(b'["x","tool_calls",5,2,[{"id":"c"}]]').tool_calls == ({"id": "c"},)

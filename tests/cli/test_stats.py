@@ -14,14 +14,22 @@ from ragllm.telemetry.request_log import RequestLog
 
 
 def _entry(status=200, ttft=10.0, latency=100.0, tokens=10, cache="miss"):
-    return {"status": str(status), "ttft_ms": str(ttft), "latency_ms": str(latency),
-            "completion_tokens": str(tokens), "cache": cache}
+    return {
+        "status": str(status),
+        "ttft_ms": str(ttft),
+        "latency_ms": str(latency),
+        "completion_tokens": str(tokens),
+        "cache": cache,
+    }
 
 
 def test_summary_percentiles_rates_and_tokens():
     entries = [_entry(ttft=t, latency=10 * t) for t in range(1, 21)]
-    entries += [_entry(status=404, ttft="", latency=1.0, tokens=0, cache=""),
-                _entry(status=499, tokens=3), _entry(cache="hit", tokens=50)]
+    entries += [
+        _entry(status=404, ttft="", latency=1.0, tokens=0, cache=""),
+        _entry(status=499, tokens=3),
+        _entry(cache="hit", tokens=50),
+    ]
     summary = summarize(entries, window_s=10)
     assert summary.requests == 23
     assert summary.errors == 1 and summary.cancelled == 1
@@ -32,7 +40,11 @@ def test_summary_percentiles_rates_and_tokens():
 
 
 def test_durations():
-    assert parse_duration("15m") == 900 and parse_duration("2h") == 7200 and parse_duration("30s") == 30
+    assert (
+        parse_duration("15m") == 900
+        and parse_duration("2h") == 7200
+        and parse_duration("30s") == 30
+    )
 
 
 async def test_stats_command_reads_the_log_from_redis(shared_redis_url, monkeypatch, capsys):

@@ -34,7 +34,12 @@ def awq_checkpoint(tmp_path_factory):
     target = tmp_path_factory.mktemp("smollm2-awq")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     save_awq_checkpoint(model, target, group_size=64)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         if (source / name).is_file():
             shutil.copy(source / name, target / name)
     return target
@@ -42,8 +47,13 @@ def awq_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def awq_server(awq_checkpoint, tmp_path_factory):
-    process = ServerProcess("--model", str(awq_checkpoint), "--served-model-name", SERVED_NAME,
-                            log_dir=tmp_path_factory.mktemp("awq-server"))
+    process = ServerProcess(
+        "--model",
+        str(awq_checkpoint),
+        "--served-model-name",
+        SERVED_NAME,
+        log_dir=tmp_path_factory.mktemp("awq-server"),
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -52,7 +62,9 @@ def awq_server(awq_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def awq_client(awq_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{awq_server.url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    return openai.OpenAI(
+        base_url=f"{awq_server.url}/v1", api_key="not-needed", max_retries=0, timeout=120
+    )
 
 
 def test_the_first_tokens_logprobs_are_the_dequantised_models(awq_client, awq_checkpoint):
@@ -61,11 +73,23 @@ def test_the_first_tokens_logprobs_are_the_dequantised_models(awq_client, awq_ch
     the module: no earlier prompt has left blocks in the prefix cache."""
     from transformers import AutoTokenizer
 
-    completion = awq_client.chat.completions.create(model=SERVED_NAME, messages=MESSAGES, temperature=0, max_tokens=1,
-                                                    logprobs=True, top_logprobs=5, extra_headers=NO_CACHE)
+    completion = awq_client.chat.completions.create(
+        model=SERVED_NAME,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=1,
+        logprobs=True,
+        top_logprobs=5,
+        extra_headers=NO_CACHE,
+    )
     tokenizer = AutoTokenizer.from_pretrained(awq_checkpoint)
-    reference = load_awq_model(awq_checkpoint, checkpoint_awq_config(awq_checkpoint), torch.float32,
-                               torch.device("cpu"), packed=False)
+    reference = load_awq_model(
+        awq_checkpoint,
+        checkpoint_awq_config(awq_checkpoint),
+        torch.float32,
+        torch.device("cpu"),
+        packed=False,
+    )
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert completion.usage.prompt_tokens == len(ids)
@@ -90,14 +114,21 @@ def test_the_local_profile_pairs_awq_with_an_fp8_kv_cache(awq_server):
 
 
 def test_chat_answers_stream_and_count_their_tokens(awq_client):
-    whole = awq_client.chat.completions.create(model=SERVED_NAME, messages=MESSAGES, temperature=0, max_tokens=24,
-                                               extra_headers=NO_CACHE)
+    whole = awq_client.chat.completions.create(
+        model=SERVED_NAME, messages=MESSAGES, temperature=0, max_tokens=24, extra_headers=NO_CACHE
+    )
     choice = whole.choices[0]
     assert choice.message.content and choice.finish_reason in ("stop", "length")
     assert whole.usage.completion_tokens > 0
-    stream = awq_client.chat.completions.create(model=SERVED_NAME, messages=MESSAGES, temperature=0, max_tokens=24,
-                                                stream=True, stream_options={"include_usage": True},
-                                                extra_headers=NO_CACHE)
+    stream = awq_client.chat.completions.create(
+        model=SERVED_NAME,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=NO_CACHE,
+    )
     chunks = list(stream)
     # (Not compared with the whole answer token for token: the second prompt reads its prefix back from
     # the fp8 cache where the first computed it fresh, which may turn a near-tie.)

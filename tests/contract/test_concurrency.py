@@ -23,13 +23,19 @@ QUESTIONS = [
 ]
 
 
-NO_CACHE = {"Cache-Control": "no-cache, no-store"}  # these tests are about the engine, not the cache
+NO_CACHE = {
+    "Cache-Control": "no-cache, no-store"
+}  # these tests are about the engine, not the cache
 
 
 async def _greedy(client: openai.AsyncOpenAI, model: str, question: str) -> str:
     completion = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24,
-        extra_headers=NO_CACHE)
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=24,
+        extra_headers=NO_CACHE,
+    )
     return completion.choices[0].message.content
 
 
@@ -45,9 +51,16 @@ def _running(server) -> float:
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server, model):
-    disconnects_before = metric_value(httpx.get(f"{server.url}/metrics").text, "ragllm_client_disconnects_total")
-    payload = {"model": model, "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
-               "max_tokens": 2000, "temperature": 0, "stream": True}
+    disconnects_before = metric_value(
+        httpx.get(f"{server.url}/metrics").text, "ragllm_client_disconnects_total"
+    )
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{server.url}/v1/chat/completions", json=payload) as response:
             assert response.status_code == 200
@@ -66,11 +79,19 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, model):
 
 
 async def test_disconnect_while_waiting_for_a_non_streaming_answer_frees_the_slot(server, model):
-    disconnects_before = metric_value(httpx.get(f"{server.url}/metrics").text, "ragllm_client_disconnects_total")
-    payload = {"model": model, "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
-               "max_tokens": 2000, "temperature": 0}
+    disconnects_before = metric_value(
+        httpx.get(f"{server.url}/metrics").text, "ragllm_client_disconnects_total"
+    )
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
+        "max_tokens": 2000,
+        "temperature": 0,
+    }
     async with httpx.AsyncClient(timeout=60) as http:
-        request = asyncio.ensure_future(http.post(f"{server.url}/v1/chat/completions", json=payload))
+        request = asyncio.ensure_future(
+            http.post(f"{server.url}/v1/chat/completions", json=payload)
+        )
         deadline = time.monotonic() + 20
         while _running(server) != 1 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -89,8 +110,10 @@ async def test_disconnect_while_waiting_for_a_non_streaming_answer_frees_the_slo
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     """A server that admits one running request and queues none."""
-    process = ServerProcess(env={"VLLM_MAX_NUM_SEQS": "1", "RAGLLM_ENGINE__MAX_WAITING": "0"},
-                            log_dir=tmp_path_factory.mktemp("tiny"))
+    process = ServerProcess(
+        env={"VLLM_MAX_NUM_SEQS": "1", "RAGLLM_ENGINE__MAX_WAITING": "0"},
+        log_dir=tmp_path_factory.mktemp("tiny"),
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -98,14 +121,24 @@ def tiny_server(tmp_path_factory):
 
 
 async def test_full_queue_answers_503_and_loses_nothing_accepted(tiny_server, model):
-    client = openai.AsyncOpenAI(base_url=f"{tiny_server.url}/v1", api_key="x", max_retries=0, timeout=120)
-    first = asyncio.ensure_future(client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Count to twenty."}], max_tokens=40, temperature=0))
+    client = openai.AsyncOpenAI(
+        base_url=f"{tiny_server.url}/v1", api_key="x", max_retries=0, timeout=120
+    )
+    first = asyncio.ensure_future(
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Count to twenty."}],
+            max_tokens=40,
+            temperature=0,
+        )
+    )
     deadline = time.monotonic() + 20
     while _running(tiny_server) != 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     with pytest.raises(openai.InternalServerError) as caught:
-        await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+        )
     assert caught.value.status_code == 503
     assert caught.value.response.headers["retry-after"]
     assert caught.value.code == "engine_overloaded"
@@ -122,8 +155,10 @@ def test_model_that_fails_to_load_reports_503(tmp_path):
         body = response.json()
         assert "does not exist" in body["detail"]
         assert set(body) >= {"status", "model", "engine", "uptime_s"}
-        chat = httpx.post(f"{process.url}/v1/chat/completions",
-                          json={"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        chat = httpx.post(
+            f"{process.url}/v1/chat/completions",
+            json={"model": "x", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert chat.status_code == 503
         assert chat.json()["error"]["code"] == "engine_not_ready"
     finally:

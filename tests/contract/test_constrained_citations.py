@@ -9,22 +9,45 @@ import re
 import httpx
 import pytest
 
-from ragllm.rag.prompt import load_template
 from ragllm.rag.citations import citation_pattern
+from ragllm.rag.prompt import load_template
 
-DOCUMENTS = [{"id": "bridge", "title": "Verdant Bridge", "text": "The Verdant Bridge in Oslund was completed in 1987."},
-             {"id": "ferry", "title": "Ferry", "text": "Before the bridge, a ferry crossed the river every hour."}]
+DOCUMENTS = [
+    {
+        "id": "bridge",
+        "title": "Verdant Bridge",
+        "text": "The Verdant Bridge in Oslund was completed in 1987.",
+    },
+    {
+        "id": "ferry",
+        "title": "Ferry",
+        "text": "Before the bridge, a ferry crossed the river every hour.",
+    },
+]
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 
 
 def _ask(server, model, question, citations, **extra):
-    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, headers=NO_CACHE, json={
-        "model": model, "messages": [{"role": "user", "content": question}], "documents": DOCUMENTS,
-        "rag": {"citations": citations}, "temperature": 0, "max_tokens": 80, **extra})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=120,
+        headers=NO_CACHE,
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "documents": DOCUMENTS,
+            "rag": {"citations": citations},
+            "temperature": 0,
+            "max_tokens": 80,
+            **extra,
+        },
+    )
     return response
 
 
-@pytest.mark.parametrize("question", ["When was the Verdant Bridge completed?", "How often did the ferry cross?"])
+@pytest.mark.parametrize(
+    "question", ["When was the Verdant Bridge completed?", "How often did the ferry cross?"]
+)
 def test_constrained_answers_cite_only_supplied_documents(server, model, question):
     body = _ask(server, model, question, "constrained").json()
     choice, report = body["choices"][0], body["rag"]
@@ -49,10 +72,17 @@ def test_an_answer_cut_by_max_tokens_still_cites_only_supplied_documents(server,
 def test_the_same_question_unconstrained_reports_parsed_citations(server, model):
     body = _ask(server, model, "When was the Verdant Bridge completed?", True).json()
     assert body["rag"]["citation_mode"] == "parsed"
-    assert _ask(server, model, "When was the Verdant Bridge completed?", False).json()["rag"]["citation_mode"] == "off"
+    assert (
+        _ask(server, model, "When was the Verdant Bridge completed?", False).json()["rag"][
+            "citation_mode"
+        ]
+        == "off"
+    )
 
 
-@pytest.mark.parametrize("extra", [{"response_format": {"type": "json_object"}}, {"guided_regex": "a+"}])
+@pytest.mark.parametrize(
+    "extra", [{"response_format": {"type": "json_object"}}, {"guided_regex": "a+"}]
+)
 def test_constrained_citations_do_not_combine_with_another_constraint(server, model, extra):
     response = _ask(server, model, "When?", "constrained", **extra)
     assert response.status_code == 400 and response.json()["error"]["param"] == "rag.citations"

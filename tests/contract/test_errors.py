@@ -27,7 +27,9 @@ def test_unknown_model_is_404_model_not_found(client):
 def test_context_length_exceeded(client, model):
     long_text = "word " * 9000
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": long_text}])
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": long_text}]
+        )
     assert caught.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=model, messages=HELLO, max_tokens=8190)
@@ -48,10 +50,22 @@ def test_context_length_exceeded(client, model):
         ({"n": 9}, "n"),
         ({"stop": 7}, "stop"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
-         "tools[0].function.parameters"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages[0].content"),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}
+                ]
+            },
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
+            "messages[0].content",
+        ),
     ],
 )
 def test_invalid_chat_requests_are_400(client, model, overrides, param):
@@ -63,20 +77,32 @@ def test_invalid_chat_requests_are_400(client, model, overrides, param):
 
 
 def test_missing_model_field(server):
-    error = _assert_envelope(httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO}), 400)
+    error = _assert_envelope(
+        httpx.post(f"{server.url}/v1/chat/completions", json={"messages": HELLO}), 400
+    )
     assert error["param"] == "model"
 
 
 def test_malformed_json_is_400(server):
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     assert _assert_envelope(response, 400)["code"] == "invalid_json"
 
 
 def test_invalid_utf8_is_400(server, model):
-    body = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
-                          headers={"content-type": "application/json"})
+    body = (
+        b'{"model": "'
+        + model.encode()
+        + b'", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+    )
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
     _assert_envelope(response, 400)
 
 
@@ -103,7 +129,17 @@ def test_completion_errors(client, model):
 
 
 def test_oversized_body_is_413_without_reading_it(server, model):
-    body = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "' + b"a" * (33 << 20) + b'"}]}'
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body,
-                          headers={"content-type": "application/json"}, timeout=60)
+    body = (
+        b'{"model": "'
+        + model.encode()
+        + b'", "messages": [{"role": "user", "content": "'
+        + b"a" * (33 << 20)
+        + b'"}]}'
+    )
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert _assert_envelope(response, 413)["code"] == "request_too_large"

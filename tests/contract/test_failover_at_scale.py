@@ -22,8 +22,14 @@ DOCUMENTS = "Retrieved passage about the Verdant Bridge and the ferry before it.
 @pytest.fixture
 def replicas():
     ports = [free_port() for _ in range(REPLICAS)]
-    processes = [subprocess.Popen([sys.executable, "bench/replica_server.py", "--port", str(port), "--time-scale", "20"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for port in ports]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "bench/replica_server.py", "--port", str(port), "--time-scale", "20"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        for port in ports
+    ]
     try:
         yield ports, processes
     finally:
@@ -35,10 +41,13 @@ def replicas():
 
 def _busiest(ports: list[int]) -> int:
     """The replica with the most requests running or waiting now (affinity may leave some idle)."""
+
     def load(port: int) -> float:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         values = dict(line.split() for line in text.splitlines() if line)
-        return float(values["vllm:num_requests_running"]) + float(values["vllm:num_requests_waiting"])
+        return float(values["vllm:num_requests_running"]) + float(
+            values["vllm:num_requests_waiting"]
+        )
 
     loads = [load(port) for port in ports]
     assert max(loads) > 0
@@ -47,11 +56,20 @@ def _busiest(ports: list[int]) -> int:
 
 def _stream(url: str, index: int) -> tuple[bool, bool]:
     """(whether the answer completed, whether any content had arrived before it ended)."""
-    body = {"model": "replica-model", "max_tokens": 20, "stream": True, "messages": [
-        {"role": "system", "content": f"document set {index % 24}: {DOCUMENTS}"},
-        {"role": "user", "content": "When was the bridge completed?"}]}
+    body = {
+        "model": "replica-model",
+        "max_tokens": 20,
+        "stream": True,
+        "messages": [
+            {"role": "system", "content": f"document set {index % 24}: {DOCUMENTS}"},
+            {"role": "user", "content": "When was the bridge completed?"},
+        ],
+    }
     started = False
-    with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{url}/v1/chat/completions", json=body) as response,
+    ):
         if response.status_code != 200:
             return False, False
         for line in response.iter_lines():
@@ -66,10 +84,17 @@ def _stream(url: str, index: int) -> tuple[bool, bool]:
 
 def test_a_killed_replica_loses_no_request_that_had_not_started_streaming(replicas, tmp_path):
     ports, processes = replicas
-    gateway = ServerProcess("--engine", "upstream", log_dir=tmp_path, env={
-        "RAGLLM_UPSTREAM__URLS": ",".join(f"http://127.0.0.1:{port}" for port in ports),
-        "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.3", "RAGLLM_CACHE__ENABLED": "false",
-        "RAGLLM_ENGINE__MAX_WAITING": "256"})
+    gateway = ServerProcess(
+        "--engine",
+        "upstream",
+        log_dir=tmp_path,
+        env={
+            "RAGLLM_UPSTREAM__URLS": ",".join(f"http://127.0.0.1:{port}" for port in ports),
+            "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.3",
+            "RAGLLM_CACHE__ENABLED": "false",
+            "RAGLLM_ENGINE__MAX_WAITING": "256",
+        },
+    )
     try:
         gateway.wait_until(lambda r: r.status_code == 200 and not r.json()["detail"])
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
@@ -77,15 +102,25 @@ def test_a_killed_replica_loses_no_request_that_had_not_started_streaming(replic
             while sum(f.done() for f in futures) < 24:
                 time.sleep(0.05)
             victim = _busiest(ports)
-            processes[victim].send_signal(signal.SIGKILL)  # a crash, mid-load, of a replica carrying requests
+            processes[victim].send_signal(
+                signal.SIGKILL
+            )  # a crash, mid-load, of a replica carrying requests
             results = [f.result() for f in futures]
-        lost = [index for index, (completed, started) in enumerate(results) if not completed and not started]
-        cut = [index for index, (completed, started) in enumerate(results) if not completed and started]
+        lost = [
+            index
+            for index, (completed, started) in enumerate(results)
+            if not completed and not started
+        ]
+        cut = [
+            index for index, (completed, started) in enumerate(results) if not completed and started
+        ]
         assert lost == []  # whatever had not started streaming moved to another replica
         assert sum(completed for completed, _ in results) == 96 - len(cut)
         moved = gateway.log_tail_full().count("trying another")
         assert len(cut) + moved >= 1  # the killed replica was carrying requests when it died
         health = httpx.get(f"{gateway.url}/health").json()
-        assert health["status"] == "ok" and str(ports[victim]) in health["detail"]  # named as unavailable
+        assert (
+            health["status"] == "ok" and str(ports[victim]) in health["detail"]
+        )  # named as unavailable
     finally:
         gateway.stop()

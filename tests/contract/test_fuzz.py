@@ -24,15 +24,23 @@ EXAMPLES_PER_OPERATION = 60
 # more than the 64-token context holds (400), and a run that drew no answerable one never reached the
 # engine (seen: 0 answers in 60 for each generation endpoint).
 ANSWERABLE = {
-    "POST /v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    "POST /v1/chat/completions": {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4,
+    },
     "POST /v1/completions": {"model": MODEL, "prompt": "Hi", "max_tokens": 4},
 }
 
 
 @pytest.fixture(scope="module")
 def fuzzed_server(tmp_path_factory):
-    server = ServerProcess("--max-model-len", "64", log_dir=tmp_path_factory.mktemp("fuzzed"),
-                           env={"RAGLLM_ENGINE__MAX_WAITING": "64"})
+    server = ServerProcess(
+        "--max-model-len",
+        "64",
+        log_dir=tmp_path_factory.mktemp("fuzzed"),
+        env={"RAGLLM_ENGINE__MAX_WAITING": "64"},
+    )
     try:
         yield server.wait_ready()
     finally:
@@ -51,34 +59,60 @@ def _operations(schema) -> list:
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_server_errors_and_responses_match_the_schema(api_schema, mode):
     operations = _operations(api_schema)
-    assert {op.label for op in operations} >= {"POST /v1/chat/completions", "POST /v1/completions",
-                                              "POST /tokenize", "GET /v1/models", "GET /health"}
+    assert {op.label for op in operations} >= {
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+        "POST /tokenize",
+        "GET /v1/models",
+        "GET /health",
+    }
     statuses: Counter[tuple[str, int]] = Counter()
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # a GET without parameters has no invalid form
         _fuzz(operation, mode, statuses)
-    print(f"\nfuzzed ({mode.value}): " + ", ".join(f"{label} {status}: {count}"
-                                                  for (label, status), count in sorted(statuses.items())))
+    print(
+        f"\nfuzzed ({mode.value}): "
+        + ", ".join(
+            f"{label} {status}: {count}" for (label, status), count in sorted(statuses.items())
+        )
+    )
     assert all(status < 500 for _, status in statuses)
-    if mode is GenerationMode.POSITIVE:  # the engine was reached, not only the validation in front of it
-        assert statuses[("POST /v1/chat/completions", 200)] + statuses[("POST /v1/completions", 200)] >= 2
+    if (
+        mode is GenerationMode.POSITIVE
+    ):  # the engine was reached, not only the validation in front of it
+        assert (
+            statuses[("POST /v1/chat/completions", 200)] + statuses[("POST /v1/completions", 200)]
+            >= 2
+        )
 
 
 def _fuzz(operation, mode: GenerationMode, statuses: Counter) -> None:
     answerable = ANSWERABLE.get(operation.label) if mode is GenerationMode.POSITIVE else None
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def one_request(case):
-        if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) \
-                and zlib.crc32(repr(case.body).encode()) % 5:
+        if (
+            isinstance(case.body, dict)
+            and isinstance(case.body.get("model"), str)
+            and zlib.crc32(repr(case.body).encode()) % 5
+        ):
             case.body["model"] = MODEL
-        response = case.call_and_validate(checks=[not_a_server_error, response_schema_conformance],
-                                          headers={"Cache-Control": "no-store"}, timeout=60)
+        response = case.call_and_validate(
+            checks=[not_a_server_error, response_schema_conformance],
+            headers={"Cache-Control": "no-store"},
+            timeout=60,
+        )
         statuses[(operation.label, response.status_code)] += 1
 
     if answerable is not None:
-        one_request = example(case=operation.Case(body=dict(answerable), media_type="application/json"))(one_request)
+        one_request = example(
+            case=operation.Case(body=dict(answerable), media_type="application/json")
+        )(one_request)
     one_request()

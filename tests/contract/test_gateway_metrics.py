@@ -19,9 +19,15 @@ CACHE_S = 3.0
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     upstreams = [MisbehavingUpstream().start(), MisbehavingUpstream().start()]
-    server = ServerProcess("--engine", "upstream", log_dir=tmp_path_factory.mktemp("gateway-metrics"), env={
-        "RAGLLM_UPSTREAM__URLS": ",".join(u.url for u in upstreams),
-        "RAGLLM_UPSTREAM__METRICS_CACHE_S": str(CACHE_S)})
+    server = ServerProcess(
+        "--engine",
+        "upstream",
+        log_dir=tmp_path_factory.mktemp("gateway-metrics"),
+        env={
+            "RAGLLM_UPSTREAM__URLS": ",".join(u.url for u in upstreams),
+            "RAGLLM_UPSTREAM__METRICS_CACHE_S": str(CACHE_S),
+        },
+    )
     try:
         server.wait_ready()
         server.upstreams = upstreams
@@ -56,10 +62,14 @@ def test_concurrent_scrapes_share_one_fan_out_per_period(gateway):
     for _ in range(10):
         assert httpx.get(f"{gateway.url}/metrics").status_code == 200
     asyncio.run(_scrape_concurrently(gateway.url, 20))
-    if time.monotonic() - started < CACHE_S:  # a very slow machine may have crossed into the next period
+    if (
+        time.monotonic() - started < CACHE_S
+    ):  # a very slow machine may have crossed into the next period
         assert [n - b for n, b in zip(_scrapes(gateway), before)] == [1, 1]
     # Once the period is over, the next scrape fans out again, once.
     time.sleep(CACHE_S)
     asyncio.run(_scrape_concurrently(gateway.url, 20))
     assert [n - b for n, b in zip(_scrapes(gateway), before)] == [2, 2]
-    print(f"\n90 gateway scrapes over two periods: upstream scrapes {[n - b for n, b in zip(_scrapes(gateway), before)]}")
+    print(
+        f"\n90 gateway scrapes over two periods: upstream scrapes {[n - b for n, b in zip(_scrapes(gateway), before)]}"
+    )

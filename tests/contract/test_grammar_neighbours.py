@@ -22,8 +22,13 @@ ROUNDS = 2
 
 
 def _stream(url: str, body: dict, arrivals: list[float], errors: list[dict]) -> None:
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=NO_CACHE,
-                      timeout=120) as response:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers=NO_CACHE,
+        timeout=120,
+    ) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -38,12 +43,24 @@ def _stream(url: str, body: dict, arrivals: list[float], errors: list[dict]) -> 
 def _beside(url: str, model: str, companion: dict) -> tuple[list[float], list[float], list[dict]]:
     """A free neighbour streamed beside a constrained companion: the neighbour's token arrivals, the
     companion's, and the companion's in-band errors."""
-    neighbour = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story about a depot."}],
-                 "max_tokens": 120, "ignore_eos": True, "temperature": 0}
-    constrained = {"model": model, "messages": [{"role": "user", "content": "Repeat: " + "a" * 32}],
-                   "max_tokens": 120, "temperature": 0, **companion}
+    neighbour = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me a long story about a depot."}],
+        "max_tokens": 120,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    constrained = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Repeat: " + "a" * 32}],
+        "max_tokens": 120,
+        "temperature": 0,
+        **companion,
+    }
     arrivals, companion_arrivals, errors = [], [], []
-    companion_thread = threading.Thread(target=_stream, args=(url, constrained, companion_arrivals, errors))
+    companion_thread = threading.Thread(
+        target=_stream, args=(url, constrained, companion_arrivals, errors)
+    )
     companion_thread.start()
     time.sleep(0.3)  # both decode together from the neighbour's first token
     _stream(url, neighbour, arrivals, [])
@@ -58,7 +75,9 @@ def _gaps(arrivals: list[float], count: int) -> list[float]:
 def test_a_slow_grammar_slows_its_neighbour_by_at_most_a_fifth(server, model):
     beside_slow, beside_ordinary = [], []
     for _ in range(ROUNDS):  # interleaved, so that a noisy second on a shared machine falls on both
-        ordinary, ordinary_companion, ordinary_errors = _beside(server.url, model, {"guided_regex": ORDINARY})
+        ordinary, ordinary_companion, ordinary_errors = _beside(
+            server.url, model, {"guided_regex": ORDINARY}
+        )
         assert ordinary_errors == [] and len(ordinary_companion) > 100
         slow, slow_companion, errors = _beside(server.url, model, {"guided_grammar": AMBIGUOUS})
         assert len(slow) == 120, "the neighbour lost tokens"
@@ -66,11 +85,15 @@ def test_a_slow_grammar_slows_its_neighbour_by_at_most_a_fifth(server, model):
         assert "10% of the batch's other work" in errors[0]["message"], errors[0]["message"]
         # The gaps the neighbour waited while the slow grammar was in its batch, and as many beside
         # the ordinary one.
-        shared = [gap for gap, arrived in zip(_gaps(slow, 119), slow[1:]) if arrived <= slow_companion[-1]]
+        shared = [
+            gap for gap, arrived in zip(_gaps(slow, 119), slow[1:]) if arrived <= slow_companion[-1]
+        ]
         assert len(shared) >= 10, "the slow grammar ended before the two shared a batch"
         beside_slow += shared
         beside_ordinary += _gaps(ordinary, len(shared))
     slowdown = statistics.mean(beside_slow) / statistics.mean(beside_ordinary)
-    print(f"\nneighbour's mean gap beside the slow grammar {statistics.mean(beside_slow) * 1000:.1f} ms, beside an "
-          f"ordinary one {statistics.mean(beside_ordinary) * 1000:.1f} ms ({len(beside_slow)} gaps): {slowdown:.2f}x")
+    print(
+        f"\nneighbour's mean gap beside the slow grammar {statistics.mean(beside_slow) * 1000:.1f} ms, beside an "
+        f"ordinary one {statistics.mean(beside_ordinary) * 1000:.1f} ms ({len(beside_slow)} gaps): {slowdown:.2f}x"
+    )
     assert slowdown <= 1.2, f"the neighbour was {slowdown:.2f}x slower beside the slow grammar"

@@ -77,7 +77,7 @@ class ChargeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "ChargeSampler":
+    def __enter__(self) -> ChargeSampler:
         self._thread.start()
         return self
 
@@ -110,19 +110,33 @@ def _auth(tenant: str) -> dict[str, str]:
 
 
 def _question(rng: random.Random) -> dict:
-    return ask(f"Say the number {rng.randint(1, 10**6)}.", max_tokens=rng.choice([4, 8, 12]),
-                temperature=rng.choice([0, 0.7]), n=rng.choice([1, 1, 2]))
+    return ask(
+        f"Say the number {rng.randint(1, 10**6)}.",
+        max_tokens=rng.choice([4, 8, 12]),
+        temperature=rng.choice([0, 0.7]),
+        n=rng.choice([1, 1, 2]),
+    )
 
 
 def _valid_whole(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=_question(rng), headers={**_auth(tenant), **NO_CACHE},
-                          timeout=120)
-    return "valid", "completed" if response.status_code == 200 else f"{response.status_code} {_code(response)}"
+    response = httpx.post(
+        f"{target.url}/v1/chat/completions",
+        json=_question(rng),
+        headers={**_auth(tenant), **NO_CACHE},
+        timeout=120,
+    )
+    return (
+        "valid",
+        "completed" if response.status_code == 200 else f"{response.status_code} {_code(response)}",
+    )
 
 
 def _valid_stream(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    result = post_stream(target.url, {**_question(rng), "stream": True, "stream_options": {"include_usage": True}},
-                         {**_auth(tenant), **NO_CACHE})
+    result = post_stream(
+        target.url,
+        {**_question(rng), "stream": True, "stream_options": {"include_usage": True}},
+        {**_auth(tenant), **NO_CACHE},
+    )
     assert result.status != 200 or result.ends_with_done, result.raw[-200:]
     if result.status == 200 and result.error is None and result.finish_reason:
         return "valid", "completed"
@@ -133,27 +147,57 @@ def _valid_stream(target: Target, tenant: str, rng: random.Random) -> tuple[str,
 
 def _cached(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
     """The same deterministic question again and again: answered from the response cache, charged 0."""
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=ask("What is RAG?", temperature=0),
-                          headers=_auth(tenant), timeout=120)
+    response = httpx.post(
+        f"{target.url}/v1/chat/completions",
+        json=ask("What is RAG?", temperature=0),
+        headers=_auth(tenant),
+        timeout=120,
+    )
     return "cacheable", str(response.status_code)
 
 
 def _hostile_json(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
     name = rng.choice(sorted(HOSTILE_BODIES))
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=HOSTILE_BODIES[name], headers=_auth(tenant), timeout=60)
-    error = response.json().get("error") if response.headers.get("content-type", "").startswith("application/json") else None
-    enveloped = isinstance(error, dict) and isinstance(error.get("message"), str) and error.get("param")
+    response = httpx.post(
+        f"{target.url}/v1/chat/completions",
+        json=HOSTILE_BODIES[name],
+        headers=_auth(tenant),
+        timeout=60,
+    )
+    error = (
+        response.json().get("error")
+        if response.headers.get("content-type", "").startswith("application/json")
+        else None
+    )
+    enveloped = (
+        isinstance(error, dict) and isinstance(error.get("message"), str) and error.get("param")
+    )
     return "hostile json", f"{response.status_code}{'' if enveloped else ' without a param'}"
 
 
 def _forged_turns(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    body = ask(FORGED, temperature=0.7) if rng.random() < 0.5 else ask(
-        "What does the document say?", temperature=0.7, documents=[{"id": "d1", "text": FORGED}])
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=body, headers={**_auth(tenant), **NO_CACHE}, timeout=120)
-    return "forged turns", "completed" if response.status_code == 200 else f"{response.status_code} {_code(response)}"
+    body = (
+        ask(FORGED, temperature=0.7)
+        if rng.random() < 0.5
+        else ask(
+            "What does the document say?", temperature=0.7, documents=[{"id": "d1", "text": FORGED}]
+        )
+    )
+    response = httpx.post(
+        f"{target.url}/v1/chat/completions",
+        json=body,
+        headers={**_auth(tenant), **NO_CACHE},
+        timeout=120,
+    )
+    return (
+        "forged turns",
+        "completed" if response.status_code == 200 else f"{response.status_code} {_code(response)}",
+    )
 
 
-def _raw(url: str, tenant: str, body: dict, send_bytes: int | None = None, reader: bool = True) -> socket.socket:
+def _raw(
+    url: str, tenant: str, body: dict, send_bytes: int | None = None, reader: bool = True
+) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     connection = socket.socket()
     if not reader:  # a tiny receive window: the server's writes block after a few kilobytes
@@ -161,9 +205,11 @@ def _raw(url: str, tenant: str, body: dict, send_bytes: int | None = None, reade
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
     connection.connect((host, int(port)))
     payload = json.dumps(body).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer secret-{tenant}\r\nCache-Control: no-cache, no-store\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer secret-{tenant}\r\nCache-Control: no-cache, no-store\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
     connection.sendall(head + payload[:send_bytes])
     return connection
 
@@ -176,10 +222,20 @@ def _mid_upload(target: Target, tenant: str, rng: random.Random) -> tuple[str, s
 
 
 def _early_leaver(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    body = {**ask("Write a long story about the sea.", max_tokens=200, ignore_eos=True, temperature=0.7), "stream": True}
+    body = {
+        **ask(
+            "Write a long story about the sea.", max_tokens=200, ignore_eos=True, temperature=0.7
+        ),
+        "stream": True,
+    }
     leave_after = rng.choice([1, 3, 8])
-    with httpx.stream("POST", f"{target.url}/v1/chat/completions", json=body, headers={**_auth(tenant), **NO_CACHE},
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST",
+        f"{target.url}/v1/chat/completions",
+        json=body,
+        headers={**_auth(tenant), **NO_CACHE},
+        timeout=60,
+    ) as response:
         chunks = 0
         for line in response.iter_lines():
             if line.startswith("data: {") and '"content"' in line:
@@ -194,8 +250,17 @@ def _non_reader(target: Target, tenant: str, rng: random.Random) -> tuple[str, s
     tokens and the write timeout drops it. A dropped client cannot tell (the server's close waits
     behind the data it never read), so it peeks at its response's id and waits for the request log
     to record the request; the outcome is the status logged."""
-    body = {**ask("Write a long essay.", max_tokens=400, ignore_eos=True, temperature=0.7, logprobs=True,
-                   top_logprobs=20), "stream": True}
+    body = {
+        **ask(
+            "Write a long essay.",
+            max_tokens=400,
+            ignore_eos=True,
+            temperature=0.7,
+            logprobs=True,
+            top_logprobs=20,
+        ),
+        "stream": True,
+    }
     with _raw(target.url, tenant, body, reader=False) as connection:
         connection.settimeout(60)
         head = connection.recv(1024, socket.MSG_PEEK)
@@ -203,13 +268,16 @@ def _non_reader(target: Target, tenant: str, rng: random.Random) -> tuple[str, s
         if request_id is None:
             return "non-reader", f"answered {head[:12]!r}"
         entry = target.log.wait_for(request_id.group(1).decode(), NON_READER_MAX_S)
-    return "non-reader", f"logged {entry['status']}" if entry else f"not logged within {NON_READER_MAX_S:g} s"
-
-
+    return (
+        "non-reader",
+        f"logged {entry['status']}" if entry else f"not logged within {NON_READER_MAX_S:g} s",
+    )
 
 
 def _wrong_key(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
-    response = httpx.post(f"{target.url}/v1/chat/completions", json=ask(), headers=_auth("nobody"), timeout=30)
+    response = httpx.post(
+        f"{target.url}/v1/chat/completions", json=ask(), headers=_auth("nobody"), timeout=30
+    )
     return "wrong key", str(response.status_code)
 
 
@@ -220,11 +288,22 @@ def _code(response: httpx.Response) -> str:
         return "unenveloped"
 
 
-KINDS = [(_valid_whole, 16), (_valid_stream, 16), (_cached, 8), (_hostile_json, 18), (_forged_turns, 10),
-         (_mid_upload, 8), (_early_leaver, 12), (_non_reader, 4), (_wrong_key, 8)]
+KINDS = [
+    (_valid_whole, 16),
+    (_valid_stream, 16),
+    (_cached, 8),
+    (_hostile_json, 18),
+    (_forged_turns, 10),
+    (_mid_upload, 8),
+    (_early_leaver, 12),
+    (_non_reader, 4),
+    (_wrong_key, 8),
+]
 
 
-def _client(target: Target, seed: int, until: float, outcomes: Counter, lock: threading.Lock) -> None:
+def _client(
+    target: Target, seed: int, until: float, outcomes: Counter, lock: threading.Lock
+) -> None:
     rng = random.Random(seed)
     functions, weights = zip(*KINDS)
     while time.monotonic() < until:
@@ -233,15 +312,24 @@ def _client(target: Target, seed: int, until: float, outcomes: Counter, lock: th
             outcomes[(kind, outcome)] += 1
 
 
-def test_hostile_tenants_are_answered_logged_and_charged_what_the_engine_made(tmp_path, shared_redis_url):
+def test_hostile_tenants_are_answered_logged_and_charged_what_the_engine_made(
+    tmp_path, shared_redis_url
+):
     prefix = f"ragllm-hostile-soak-{os.urandom(4).hex()}"
-    server = ServerProcess(log_dir=tmp_path, env={
-        "RAGLLM_AUTH__KEYS": ",".join(f"{t}:secret-{t}" for t in TENANTS), "RAGLLM_LIMITS__TPM": "10000000",
-        "REDIS_URL": shared_redis_url, "RAGLLM_REDIS__PREFIX": prefix, "RAGLLM_ENGINE__MAX_WAITING": "64",
-        "RAGLLM_SERVER__WRITE_TIMEOUT_S": str(WRITE_TIMEOUT_S),
-        # Not the 0.25 s default: on a loaded 2-core machine one slow charge would fall back to the
-        # process's own counters, and this test reads the charges from Redis.
-        "RAGLLM_REDIS__TIMEOUT_S": "5"})
+    server = ServerProcess(
+        log_dir=tmp_path,
+        env={
+            "RAGLLM_AUTH__KEYS": ",".join(f"{t}:secret-{t}" for t in TENANTS),
+            "RAGLLM_LIMITS__TPM": "10000000",
+            "REDIS_URL": shared_redis_url,
+            "RAGLLM_REDIS__PREFIX": prefix,
+            "RAGLLM_ENGINE__MAX_WAITING": "64",
+            "RAGLLM_SERVER__WRITE_TIMEOUT_S": str(WRITE_TIMEOUT_S),
+            # Not the 0.25 s default: on a loaded 2-core machine one slow charge would fall back to the
+            # process's own counters, and this test reads the charges from Redis.
+            "RAGLLM_REDIS__TIMEOUT_S": "5",
+        },
+    )
     try:
         server.wait_ready()
         engine_before = _engine_counted(server.url)
@@ -250,8 +338,10 @@ def test_hostile_tenants_are_answered_logged_and_charged_what_the_engine_made(tm
         with ChargeSampler(shared_redis_url, prefix) as charges:
             with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
                 target = Target(server.url, RequestLog(shared_redis_url, prefix))
-                for client in [pool.submit(_client, target, seed, started + LOAD_S, outcomes, lock)
-                               for seed in range(CLIENTS)]:
+                for client in [
+                    pool.submit(_client, target, seed, started + LOAD_S, outcomes, lock)
+                    for seed in range(CLIENTS)
+                ]:
                     client.result()
             server.wait_until(lambda response: response.json()["running"] == 0, timeout_s=30)
             entries = _logged(shared_redis_url, prefix, sum(outcomes.values()))
@@ -259,10 +349,21 @@ def test_hostile_tenants_are_answered_logged_and_charged_what_the_engine_made(tm
         books = _books(entries, engine_before, engine_after, charges.total)
         books["redis_fallbacks"] = _redis_fallbacks(server.url)
         statuses = Counter(entry["status"] for entry in entries)
-        print("\nhostile soak " + json.dumps({
-            "load_s": LOAD_S, "clients": CLIENTS, "requests": sum(outcomes.values()),
-            "outcomes": {f"{kind}: {outcome}": n for (kind, outcome), n in sorted(outcomes.items())},
-            "logged_statuses": dict(sorted(statuses.items())), **books}))
+        print(
+            "\nhostile soak "
+            + json.dumps(
+                {
+                    "load_s": LOAD_S,
+                    "clients": CLIENTS,
+                    "requests": sum(outcomes.values()),
+                    "outcomes": {
+                        f"{kind}: {outcome}": n for (kind, outcome), n in sorted(outcomes.items())
+                    },
+                    "logged_statuses": dict(sorted(statuses.items())),
+                    **books,
+                }
+            )
+        )
         _check(outcomes, entries, statuses, books)
     finally:
         server.stop()
@@ -270,8 +371,10 @@ def test_hostile_tenants_are_answered_logged_and_charged_what_the_engine_made(tm
 
 def _engine_counted(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return (metric_value(text, "ragllm_engine_prompt_tokens_total"),
-            metric_value(text, "ragllm_engine_generation_tokens_total"))
+    return (
+        metric_value(text, "ragllm_engine_prompt_tokens_total"),
+        metric_value(text, "ragllm_engine_generation_tokens_total"),
+    )
 
 
 def _logged(redis_url: str, prefix: str, sent: int) -> list[dict]:
@@ -285,13 +388,21 @@ def _logged(redis_url: str, prefix: str, sent: int) -> list[dict]:
 
 def _redis_fallbacks(url: str) -> int:
     try:
-        return int(metric_value(httpx.get(f"{url}/metrics", timeout=10).text, "ragllm_redis_fallbacks_total"))
+        return int(
+            metric_value(
+                httpx.get(f"{url}/metrics", timeout=10).text, "ragllm_redis_fallbacks_total"
+            )
+        )
     except KeyError:  # none happened: the series has no sample yet
         return 0
 
 
-def _books(entries: list[dict], engine_before: tuple[float, float], engine_after: tuple[float, float],
-           charged: int) -> dict:
+def _books(
+    entries: list[dict],
+    engine_before: tuple[float, float],
+    engine_after: tuple[float, float],
+    charged: int,
+) -> dict:
     billed = [entry for entry in entries if entry["cache"] != "hit"]
     return {
         "logged_prompt_tokens": sum(int(entry["prompt_tokens"]) for entry in billed),
@@ -306,10 +417,16 @@ def _books(entries: list[dict], engine_before: tuple[float, float], engine_after
 def _check(outcomes: Counter, entries: list[dict], statuses: Counter, books: dict) -> None:
     sent = sum(outcomes.values())
     assert len(entries) == sent, f"{sent} requests sent, {len(entries)} logged"
-    assert len({entry["request_id"] for entry in entries}) == len(entries), "a request was logged twice"
+    assert len({entry["request_id"] for entry in entries}) == len(entries), (
+        "a request was logged twice"
+    )
     for (kind, outcome), count in outcomes.items():
         if kind in ("valid", "forged turns"):
-            assert outcome == "completed" or outcome.split()[-1] in DOCUMENTED_503, (kind, outcome, count)
+            assert outcome == "completed" or outcome.split()[-1] in DOCUMENTED_503, (
+                kind,
+                outcome,
+                count,
+            )
         if kind == "hostile json":
             assert outcome == "400", (kind, outcome, count)
         if kind == "cacheable":
@@ -318,9 +435,13 @@ def _check(outcomes: Counter, entries: list[dict], statuses: Counter, books: dic
             assert outcome == "401", (kind, outcome, count)
         if kind == "non-reader":
             assert outcome == "logged 408", (kind, outcome, count)
-    server_faults = {status: n for status, n in statuses.items() if status.startswith("5") and status != "503"}
+    server_faults = {
+        status: n for status, n in statuses.items() if status.startswith("5") and status != "503"
+    }
     assert not server_faults, f"5xx in the request log: {server_faults}"
-    leavers = sum(n for (kind, _), n in outcomes.items() if kind in ("mid-upload leaver", "early leaver"))
+    leavers = sum(
+        n for (kind, _), n in outcomes.items() if kind in ("mid-upload leaver", "early leaver")
+    )
     assert statuses["499"] >= leavers, (statuses, leavers)
     non_readers = sum(n for (kind, _), n in outcomes.items() if kind == "non-reader")
     assert statuses["408"] >= non_readers, statuses
@@ -328,5 +449,7 @@ def _check(outcomes: Counter, entries: list[dict], statuses: Counter, books: dic
     produced = (books["engine_prompt_tokens"], books["engine_completion_tokens"])
     assert (books["logged_prompt_tokens"], books["logged_completion_tokens"]) == produced, books
     # A Redis call past its timeout charges the process's own counters instead: say so if it happened.
-    assert books["redis_fallbacks"] == 0, f"Redis calls fell back during the soak; charges not all in Redis: {books}"
+    assert books["redis_fallbacks"] == 0, (
+        f"Redis calls fell back during the soak; charges not all in Redis: {books}"
+    )
     assert books["charged_tokens"] == sum(produced), books

@@ -30,15 +30,31 @@ def _request_lines(server: ServerProcess, request_id: str) -> list[dict]:
 
 @pytest.mark.parametrize("log_prompts", [False, True])
 def test_json_request_lines(tmp_path, log_prompts):
-    server = ServerProcess(env={"RAGLLM_SERVER__LOG_FORMAT": "json",
-                                "RAGLLM_SERVER__LOG_PROMPTS": str(log_prompts).lower()}, log_dir=tmp_path)
+    server = ServerProcess(
+        env={
+            "RAGLLM_SERVER__LOG_FORMAT": "json",
+            "RAGLLM_SERVER__LOG_PROMPTS": str(log_prompts).lower(),
+        },
+        log_dir=tmp_path,
+    )
     try:
         server.wait_ready()
-        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "messages": [{"role": "user", "content": SECRET_QUESTION}], "max_tokens": 5})
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": SECRET_QUESTION}],
+                "max_tokens": 5,
+            },
+        )
         assert response.status_code == 200
         [line] = _request_lines(server, response.headers["x-request-id"])
-        assert line["status"] == 200 and line["level"] == "info" and line["logger"] == "ragllm.requests"
+        assert (
+            line["status"] == 200
+            and line["level"] == "info"
+            and line["logger"] == "ragllm.requests"
+        )
         assert line["completion_tokens"] == response.json()["usage"]["completion_tokens"]
         assert line["latency_ms"] >= line["ttft_ms"] > 0
         logged_prompt = "Zubrowka" in server.log_tail_full()
@@ -46,6 +62,8 @@ def test_json_request_lines(tmp_path, log_prompts):
         if log_prompts:
             assert line["completion"] == response.json()["choices"][0]["message"]["content"]
         # Every line the server wrote is JSON, uvicorn's own included.
-        assert all(raw.startswith("{") for raw in server.log_tail_full().splitlines() if raw.strip())
+        assert all(
+            raw.startswith("{") for raw in server.log_tail_full().splitlines() if raw.strip()
+        )
     finally:
         server.stop()

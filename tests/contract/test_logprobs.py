@@ -28,7 +28,9 @@ def reference():
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _greedy_logprobs(reference, prompt_ids: list[int], steps: int) -> list[tuple[int, torch.Tensor]]:
+def _greedy_logprobs(
+    reference, prompt_ids: list[int], steps: int
+) -> list[tuple[int, torch.Tensor]]:
     """(chosen id, log_softmax over the vocabulary) at each greedy step, teacher-forced."""
     model, _ = reference
     ids, out = list(prompt_ids), []
@@ -54,48 +56,90 @@ def _check(entries, expected, tokenizer, top: int) -> None:
         assert math.isclose(entry.logprob, float(logprobs[chosen]), abs_tol=TOLERANCE)
         assert entry.bytes == list(entry.token.encode())
         best = torch.topk(logprobs, top)
-        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([int(i)]) for i in best.indices]
+        assert [t.token for t in entry.top_logprobs] == [
+            tokenizer.decode([int(i)]) for i in best.indices
+        ]
         for alternative, value in zip(entry.top_logprobs, best.values):
             assert math.isclose(alternative.logprob, float(value), abs_tol=TOLERANCE)
 
 
 def test_chat_logprobs_match_transformers(client, model, reference):
-    completion = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=6,
-                                                logprobs=True, top_logprobs=3, extra_headers=NO_CACHE)
+    completion = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=3,
+        extra_headers=NO_CACHE,
+    )
     choice = completion.choices[0]
     assert choice.message.refusal is None and choice.logprobs.refusal is None
-    expected = _greedy_logprobs(reference, _chat_prompt_ids(reference), completion.usage.completion_tokens)
+    expected = _greedy_logprobs(
+        reference, _chat_prompt_ids(reference), completion.usage.completion_tokens
+    )
     _check(choice.logprobs.content, expected, reference[1], top=3)
 
 
 def test_streamed_logprobs_equal_the_whole_answers(client, model):
-    whole = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=6,
-                                           logprobs=True, top_logprobs=2, extra_headers=NO_CACHE)
-    stream = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=6,
-                                            logprobs=True, top_logprobs=2, stream=True, extra_headers=NO_CACHE)
-    entries = [entry for chunk in stream if chunk.choices and chunk.choices[0].logprobs
-               for entry in chunk.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+    whole = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+        extra_headers=NO_CACHE,
+    )
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        extra_headers=NO_CACHE,
+    )
+    entries = [
+        entry
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in entries] == [
+        (e.token, e.logprob) for e in whole.choices[0].logprobs.content
+    ]
 
 
 def test_completion_logprobs_in_the_legacy_format(client, model, reference):
     _, tokenizer = reference
     prompt_ids = tokenizer("The capital of France is").input_ids
-    completion = client.completions.create(model=model, prompt=prompt_ids, temperature=0, max_tokens=4,
-                                           logprobs=2, extra_headers=NO_CACHE)
+    completion = client.completions.create(
+        model=model,
+        prompt=prompt_ids,
+        temperature=0,
+        max_tokens=4,
+        logprobs=2,
+        extra_headers=NO_CACHE,
+    )
     logprobs = completion.choices[0].logprobs
     expected = _greedy_logprobs(reference, prompt_ids, len(logprobs.tokens))
     assert "".join(logprobs.tokens) == completion.choices[0].text
-    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
-    for value, alternatives, (chosen, reference_logprobs) in zip(logprobs.token_logprobs, logprobs.top_logprobs,
-                                                                 expected):
+    assert logprobs.text_offset == [
+        sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))
+    ]
+    for value, alternatives, (chosen, reference_logprobs) in zip(
+        logprobs.token_logprobs, logprobs.top_logprobs, expected
+    ):
         assert math.isclose(value, float(reference_logprobs[chosen]), abs_tol=TOLERANCE)
         assert len(alternatives) == 2
 
 
 def test_answers_without_logprobs_say_null(client, model):
-    completion = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=2,
-                                                extra_headers=NO_CACHE)
+    completion = client.chat.completions.create(
+        model=model, messages=MESSAGES, temperature=0, max_tokens=2, extra_headers=NO_CACHE
+    )
     assert completion.choices[0].logprobs is None and completion.choices[0].message.refusal is None
     assert "refusal" in completion.choices[0].message.model_dump(exclude_unset=True)
 

@@ -32,7 +32,9 @@ def test_every_dashboard_metric_is_exported(server):
     queried = _queried_metrics()
     assert len(queried) >= 12
     exposition = httpx.get(f"{server.url}/metrics").text
-    families = {_family(line.split()[2]) for line in exposition.splitlines() if line.startswith("# TYPE ")}
+    families = {
+        _family(line.split()[2]) for line in exposition.splitlines() if line.startswith("# TYPE ")
+    }
     missing = sorted(name for name in queried if _family(name) not in families)
     assert not missing, f"queried by the dashboard but not exported: {missing}"
 

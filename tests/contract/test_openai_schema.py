@@ -8,17 +8,33 @@ import pytest
 
 from tests.support.openai_schema import WEATHER, sse_events, validate
 
-CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 0}
+CHAT = {
+    "messages": [{"role": "user", "content": "Name a colour."}],
+    "max_tokens": 6,
+    "temperature": 0,
+}
 TEXT = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
 DOCUMENTS = [{"id": "sky", "text": "The sky is blue because of Rayleigh scattering."}]
 
 CASES = {
     "chat": ("chat", CHAT),
     "chat-logprobs": ("chat", {**CHAT, "logprobs": True, "top_logprobs": 2}),
-    "chat-tool-call": ("chat", {**CHAT, "max_tokens": 40, "tools": [WEATHER], "tool_choice": "required"}),
-    "chat-structured": ("chat", {**CHAT, "max_tokens": 30, "response_format": {"type": "json_object"}}),
-    "chat-rag": ("chat", {**CHAT, "documents": DOCUMENTS,
-                          "messages": [{"role": "user", "content": "Why is the sky blue?"}]}),
+    "chat-tool-call": (
+        "chat",
+        {**CHAT, "max_tokens": 40, "tools": [WEATHER], "tool_choice": "required"},
+    ),
+    "chat-structured": (
+        "chat",
+        {**CHAT, "max_tokens": 30, "response_format": {"type": "json_object"}},
+    ),
+    "chat-rag": (
+        "chat",
+        {
+            **CHAT,
+            "documents": DOCUMENTS,
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+        },
+    ),
     "text": ("text", TEXT),
     "text-logprobs": ("text", {**TEXT, "logprobs": 2}),
 }

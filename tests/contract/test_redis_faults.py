@@ -15,17 +15,27 @@ CONCURRENCY = 3
 
 
 def _request(url: str, index: int) -> tuple[int, str]:
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": f"Say the number {index}."}],
-               "temperature": 0, "max_tokens": 4}
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Say the number {index}."}],
+        "temperature": 0,
+        "max_tokens": 4,
+    }
     response = httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=60)
     return response.status_code, response.headers.get("x-request-id", "")
 
 
 def test_service_rides_through_a_redis_restart(tmp_path):
     redis_server = RedisServer(tmp_path).start()
-    server = ServerProcess(env={"REDIS_URL": redis_server.url, "RAGLLM_REDIS__TIMEOUT_S": "0.1",
-                                "RAGLLM_REDIS__RETRY_INTERVAL_S": "0.3", "RAGLLM_LIMITS__RPM": "1000"},
-                           log_dir=tmp_path)
+    server = ServerProcess(
+        env={
+            "REDIS_URL": redis_server.url,
+            "RAGLLM_REDIS__TIMEOUT_S": "0.1",
+            "RAGLLM_REDIS__RETRY_INTERVAL_S": "0.3",
+            "RAGLLM_LIMITS__RPM": "1000",
+        },
+        log_dir=tmp_path,
+    )
     try:
         server.wait_ready()
         results: list[tuple[int, str]] = []

@@ -17,7 +17,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _start(tmp_path_factory, redis_url: str, prefix: str, **extra_env: str) -> ServerProcess:
-    env = {"REDIS_URL": redis_url, "RAGLLM_REDIS__PREFIX": prefix, "RAGLLM_AUTH__KEYS": KEYS, **extra_env}
+    env = {
+        "REDIS_URL": redis_url,
+        "RAGLLM_REDIS__PREFIX": prefix,
+        "RAGLLM_AUTH__KEYS": KEYS,
+        **extra_env,
+    }
     return ServerProcess(env=env, log_dir=tmp_path_factory.mktemp("redis-server"))
 
 
@@ -29,7 +34,9 @@ def prefix() -> str:
 @pytest.fixture(scope="module")
 def limited_pair(tmp_path_factory, shared_redis_url, prefix):
     """Two server processes sharing one Redis, with 4 requests per minute per key."""
-    servers = [_start(tmp_path_factory, shared_redis_url, prefix, RAGLLM_LIMITS__RPM="4") for _ in range(2)]
+    servers = [
+        _start(tmp_path_factory, shared_redis_url, prefix, RAGLLM_LIMITS__RPM="4") for _ in range(2)
+    ]
     try:
         yield [server.wait_ready() for server in servers]
     finally:
@@ -46,7 +53,9 @@ def _log_entries(redis_url: str, prefix: str) -> list[dict[str, str]]:
     return [fields for _, fields in client.xrange(f"{prefix}:requests")]
 
 
-def _wait_for_entries(redis_url: str, prefix: str, count: int, timeout_s: float = 10) -> list[dict[str, str]]:
+def _wait_for_entries(
+    redis_url: str, prefix: str, count: int, timeout_s: float = 10
+) -> list[dict[str, str]]:
     deadline = time.monotonic() + timeout_s
     entries = _log_entries(redis_url, prefix)
     while len(entries) < count and time.monotonic() < deadline:
@@ -67,8 +76,16 @@ def cache_server(tmp_path_factory, shared_redis_url):
 
 
 def _chat(client: openai.OpenAI, headers: dict | None = None, **overrides):
-    arguments = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 12, **overrides}
-    return client.chat.completions.with_raw_response.create(extra_headers=headers or {}, **arguments)
+    arguments = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "temperature": 0,
+        "max_tokens": 12,
+        **overrides,
+    }
+    return client.chat.completions.with_raw_response.create(
+        extra_headers=headers or {}, **arguments
+    )
 
 
 def test_cache_miss_then_hit_through_the_sdk(cache_server):
@@ -88,8 +105,13 @@ def test_a_hit_replays_as_a_proper_stream(cache_server):
     client = _client(cache_server)
     original = _chat(client, max_tokens=14).parse()
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=QUESTION, temperature=0, max_tokens=14, stream=True,
-        stream_options={"include_usage": True})
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=14,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     assert raw.headers["x-ragllm-cache"] == "hit"
     chunks = list(raw.parse())
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -102,16 +124,28 @@ def test_sampled_requests_bypass_and_cache_control_is_honoured(cache_server):
     client = _client(cache_server)
     assert _chat(client, temperature=0.8).headers["x-ragllm-cache"] == "bypass"
     assert _chat(client, temperature=0.8, seed=5).headers["x-ragllm-cache"] == "miss"
-    assert _chat(client, {"Cache-Control": "no-store"}, max_tokens=15).headers["x-ragllm-cache"] == "miss"
-    assert _chat(client, max_tokens=15).headers["x-ragllm-cache"] == "miss"  # no-store wrote nothing
+    assert (
+        _chat(client, {"Cache-Control": "no-store"}, max_tokens=15).headers["x-ragllm-cache"]
+        == "miss"
+    )
+    assert (
+        _chat(client, max_tokens=15).headers["x-ragllm-cache"] == "miss"
+    )  # no-store wrote nothing
     assert _chat(client, max_tokens=15).headers["x-ragllm-cache"] == "hit"
-    assert _chat(client, {"Cache-Control": "no-cache"}, max_tokens=15).headers["x-ragllm-cache"] == "miss"
+    assert (
+        _chat(client, {"Cache-Control": "no-cache"}, max_tokens=15).headers["x-ragllm-cache"]
+        == "miss"
+    )
 
 
 def test_tenants_never_share_entries(cache_server):
     _chat(_client(cache_server, "secret-a"), max_tokens=16)
-    assert _chat(_client(cache_server, "secret-a"), max_tokens=16).headers["x-ragllm-cache"] == "hit"
-    assert _chat(_client(cache_server, "secret-b"), max_tokens=16).headers["x-ragllm-cache"] == "miss"
+    assert (
+        _chat(_client(cache_server, "secret-a"), max_tokens=16).headers["x-ragllm-cache"] == "hit"
+    )
+    assert (
+        _chat(_client(cache_server, "secret-b"), max_tokens=16).headers["x-ragllm-cache"] == "miss"
+    )
 
 
 def test_entries_expire_after_their_ttl(cache_server):
@@ -124,9 +158,13 @@ def test_entries_expire_after_their_ttl(cache_server):
 
 def test_missing_or_wrong_key_is_401(cache_server):
     with pytest.raises(openai.AuthenticationError):
-        _client(cache_server, "wrong").chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
-    response = httpx.post(f"{cache_server.url}/v1/chat/completions",
-                          json={"model": MODEL, "messages": QUESTION, "max_tokens": 2})
+        _client(cache_server, "wrong").chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=2
+        )
+    response = httpx.post(
+        f"{cache_server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": QUESTION, "max_tokens": 2},
+    )
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{cache_server.url}/v1/models").status_code == 401
@@ -170,5 +208,7 @@ def test_request_log_has_one_entry_per_request_including_errors(cache_server):
     assert [e["cache"] for e in entries[:2]] == ["miss", "hit"]
     assert entries[0]["key_id"] == "team-a"
     assert int(entries[0]["completion_tokens"]) == ok.parse().usage.completion_tokens
-    assert float(entries[0]["ttft_ms"]) > 0 and float(entries[0]["latency_ms"]) >= float(entries[0]["ttft_ms"])
+    assert float(entries[0]["ttft_ms"]) > 0 and float(entries[0]["latency_ms"]) >= float(
+        entries[0]["ttft_ms"]
+    )
     assert all("secret" not in value for entry in entries for value in entry.values())

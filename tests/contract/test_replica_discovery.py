@@ -27,9 +27,23 @@ DOCUMENTS = "Retrieved document text about the Verdant Bridge. " * 40
 @pytest.fixture
 def replicas():
     port = free_port()
-    processes = [subprocess.Popen([sys.executable, "bench/replica_server.py", "--host", address, "--port", str(port),
-                                   "--time-scale", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                 for address in ADDRESSES]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "bench/replica_server.py",
+                "--host",
+                address,
+                "--port",
+                str(port),
+                "--time-scale",
+                "5",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        for address in ADDRESSES
+    ]
     try:
         for address in ADDRESSES:
             _wait_up(f"http://{address}:{port}")
@@ -70,8 +84,14 @@ class Gateway:
         self.engine = UpstreamEngine(settings.engine, settings.upstream, resolve=resolve)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings, self.engine), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(settings, self.engine),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         _wait_up(self.url)
@@ -98,11 +118,19 @@ class Load:
             index = 0
             while not self._stop.is_set():
                 index += 1
-                body = {"model": "replica-model", "max_tokens": 8, "stream": True, "messages": [
-                    {"role": "system", "content": f"set {worker}-{index % 7}: {DOCUMENTS}"},
-                    {"role": "user", "content": "When was the bridge completed?"}]}
+                body = {
+                    "model": "replica-model",
+                    "max_tokens": 8,
+                    "stream": True,
+                    "messages": [
+                        {"role": "system", "content": f"set {worker}-{index % 7}: {DOCUMENTS}"},
+                        {"role": "user", "content": "When was the bridge completed?"},
+                    ],
+                }
                 try:
-                    with client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as response:
+                    with client.stream(
+                        "POST", f"{self.url}/v1/chat/completions", json=body
+                    ) as response:
                         text = "".join(response.iter_lines())
                     if response.status_code == 200 and "[DONE]" in text:
                         self.ok += 1
@@ -121,8 +149,13 @@ def _served(port: int) -> dict[str, float]:
     counts = {}
     for address in ADDRESSES:
         text = httpx.get(f"http://{address}:{port}/metrics").text
-        counts[address] = float(next(line.split()[1] for line in text.splitlines()
-                                     if line.startswith("replica_model_requests_total")))
+        counts[address] = float(
+            next(
+                line.split()[1]
+                for line in text.splitlines()
+                if line.startswith("replica_model_requests_total")
+            )
+        )
     return counts
 
 
@@ -152,12 +185,17 @@ def test_the_pool_follows_the_names_addresses_and_loses_no_request(replicas, mon
             time.sleep(0.1)
         assert min(_served(port).values()) > 0  # every joined replica takes traffic
         answer[:] = [ADDRESSES[1]]  # two leave (requests in flight there finish there)
-        _within_one_interval(lambda: gateway.replica_urls() == [f"http://{ADDRESSES[1]}:{port}"], "one replica")
+        _within_one_interval(
+            lambda: gateway.replica_urls() == [f"http://{ADDRESSES[1]}:{port}"], "one replica"
+        )
         time.sleep(0.5)  # let requests already sent to the leavers finish
         before = _served(port)
         time.sleep(1.0)
         after = _served(port)
-        assert after[ADDRESSES[0]] == before[ADDRESSES[0]] and after[ADDRESSES[2]] == before[ADDRESSES[2]]
+        assert (
+            after[ADDRESSES[0]] == before[ADDRESSES[0]]
+            and after[ADDRESSES[2]] == before[ADDRESSES[2]]
+        )
         assert after[ADDRESSES[1]] > before[ADDRESSES[1]]
     finally:
         if load is not None:
@@ -179,8 +217,15 @@ def test_a_name_that_stops_resolving_keeps_its_replicas(replicas, monkeypatch):
         gateway.engine.discovery.resolve = failing
         time.sleep(3 * PROBE_INTERVAL_S)
         assert len(gateway.replica_urls()) == 2
-        response = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=30, json={
-            "model": "replica-model", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        response = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            timeout=30,
+            json={
+                "model": "replica-model",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
         assert response.status_code == 200
     finally:
         gateway.stop()

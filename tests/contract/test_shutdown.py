@@ -20,10 +20,18 @@ STREAMS = 8
 
 
 def _stream(url: str, index: int, first_token: threading.Barrier) -> tuple[int, bytes, str]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell story number {index}."}],
-            "max_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Tell story number {index}."}],
+        "max_tokens": 40,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
     raw = b""
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=120
+    ) as response:
         for chunk in response.iter_raw():
             if not raw and b'"content"' in chunk:
                 first_token.wait(60)
@@ -33,9 +41,16 @@ def _stream(url: str, index: int, first_token: threading.Barrier) -> tuple[int, 
 
 def test_sigterm_drains_running_streams_then_exits_0(tmp_path, shared_redis_url):
     prefix = f"ragllm-drain-{os.urandom(4).hex()}"
-    server = ServerProcess(log_dir=tmp_path, env={
-        "VLLM_MAX_NUM_SEQS": str(STREAMS), "VLLM_MAX_BATCH_SIZE": str(STREAMS), "REDIS_URL": shared_redis_url,
-        "RAGLLM_REDIS__PREFIX": prefix, "RAGLLM_SERVER__SHUTDOWN_GRACE_S": "60"}).wait_ready()
+    server = ServerProcess(
+        log_dir=tmp_path,
+        env={
+            "VLLM_MAX_NUM_SEQS": str(STREAMS),
+            "VLLM_MAX_BATCH_SIZE": str(STREAMS),
+            "REDIS_URL": shared_redis_url,
+            "RAGLLM_REDIS__PREFIX": prefix,
+            "RAGLLM_SERVER__SHUTDOWN_GRACE_S": "60",
+        },
+    ).wait_ready()
     all_started = threading.Barrier(STREAMS + 1)
     with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
         streams = [pool.submit(_stream, server.url, i, all_started) for i in range(STREAMS)]
@@ -43,9 +58,14 @@ def test_sigterm_drains_running_streams_then_exits_0(tmp_path, shared_redis_url)
         os.kill(server.process.pid, signal.SIGTERM)
         health = server.wait_until(lambda response: response.status_code == 503, timeout_s=10)
         assert health.json()["status"] == "draining"
-        refused = httpx.post(f"{server.url}/v1/chat/completions", timeout=10,
-                             json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+        refused = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=10,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+        )
+        assert (
+            refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+        )
         assert refused.headers["retry-after"] == "1"
         results = [future.result() for future in streams]
     assert server.process.wait(timeout=60) == 0
@@ -53,10 +73,17 @@ def test_sigterm_drains_running_streams_then_exits_0(tmp_path, shared_redis_url)
     for status, raw, _ in results:
         result = parse(status, raw)
         assert status == 200 and result.finish_reason == "length" and result.ends_with_done
-    logged = {fields["request_id"]: fields for _, fields in
-              redis.Redis.from_url(shared_redis_url, decode_responses=True).xrange(f"{prefix}:requests")}
+    logged = {
+        fields["request_id"]: fields
+        for _, fields in redis.Redis.from_url(shared_redis_url, decode_responses=True).xrange(
+            f"{prefix}:requests"
+        )
+    }
     for _, _, request_id in results:
-        assert logged[request_id]["status"] == "200" and logged[request_id]["completion_tokens"] == "40"
+        assert (
+            logged[request_id]["status"] == "200"
+            and logged[request_id]["completion_tokens"] == "40"
+        )
 
 
 # ~2 KB an event (20 top log probabilities a token): the answer is ~300 KB, generated in ~10 s here and
@@ -64,9 +91,16 @@ def test_sigterm_drains_running_streams_then_exits_0(tmp_path, shared_redis_url)
 # buffers hold ~100 KB of it).
 SLOW_READ_BYTES, SLOW_READ_INTERVAL_S = 1024, 0.1
 SLOW_ANSWER_TOKENS = 150
-LARGE_ANSWER = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
-                "max_tokens": SLOW_ANSWER_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
-                "logprobs": True, "top_logprobs": 20}
+LARGE_ANSWER = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
+    "max_tokens": SLOW_ANSWER_TOKENS,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 20,
+}
 
 
 class SlowReader(threading.Thread):
@@ -96,9 +130,15 @@ def _engine_idle(url: str) -> bool:
 
 def test_sigterm_flushes_a_generated_answer_to_a_slow_reader(tmp_path, shared_redis_url):
     prefix = f"ragllm-drain-slow-{os.urandom(4).hex()}"
-    server = ServerProcess(log_dir=tmp_path, env={
-        "REDIS_URL": shared_redis_url, "RAGLLM_REDIS__PREFIX": prefix,
-        "RAGLLM_SERVER__SHUTDOWN_GRACE_S": "60", "RAGLLM_SERVER__WRITE_TIMEOUT_S": "60"}).wait_ready()
+    server = ServerProcess(
+        log_dir=tmp_path,
+        env={
+            "REDIS_URL": shared_redis_url,
+            "RAGLLM_REDIS__PREFIX": prefix,
+            "RAGLLM_SERVER__SHUTDOWN_GRACE_S": "60",
+            "RAGLLM_SERVER__WRITE_TIMEOUT_S": "60",
+        },
+    ).wait_ready()
     try:
         with send_chat_raw(server.url, LARGE_ANSWER, small_window=True) as connection:
             reader = SlowReader(connection)
@@ -108,7 +148,9 @@ def test_sigterm_flushes_a_generated_answer_to_a_slow_reader(tmp_path, shared_re
                 assert time.monotonic() < deadline, "the answer was not generated"
                 time.sleep(0.1)
             read_at_sigterm = len(reader.received)
-            in_flight = metric_value(httpx.get(f"{server.url}/metrics", timeout=5).text, "ragllm_requests_in_flight")
+            in_flight = metric_value(
+                httpx.get(f"{server.url}/metrics", timeout=5).text, "ragllm_requests_in_flight"
+            )
             signalled = time.monotonic()
             os.kill(server.process.pid, signal.SIGTERM)
             reader.join(90)
@@ -117,19 +159,27 @@ def test_sigterm_flushes_a_generated_answer_to_a_slow_reader(tmp_path, shared_re
     finally:
         server.stop()
     head, _, body = received.partition(b"\r\n\r\n")
-    print(f"\nSIGTERM once the answer was generated, the client having read {read_at_sigterm:,} bytes (requests "
-          f"in flight: {in_flight:.0f}); it read {len(received):,} in all, the last {reader.closed_at - signalled:.1f} s "
-          f"after the signal; exit status {exit_status}")
+    print(
+        f"\nSIGTERM once the answer was generated, the client having read {read_at_sigterm:,} bytes (requests "
+        f"in flight: {in_flight:.0f}); it read {len(received):,} in all, the last {reader.closed_at - signalled:.1f} s "
+        f"after the signal; exit status {exit_status}"
+    )
     assert head.startswith(b"HTTP/1.1 200")
     payload = _unchunked(body)
     print(f"the stream's last bytes: {payload[-60:]!r}")
-    assert len(received) > 1.5 * read_at_sigterm  # much of the answer was still unread at the signal ...
+    assert (
+        len(received) > 1.5 * read_at_sigterm
+    )  # much of the answer was still unread at the signal ...
     assert in_flight == 1  # ... part of it in the outbox: the response was still being sent
     result = parse(200, payload)
     assert result.ends_with_done and result.finish_reason == "length" and result.error is None
     assert exit_status == 0
-    [entry] = [fields for _, fields in redis.Redis.from_url(shared_redis_url, decode_responses=True)
-               .xrange(f"{prefix}:requests")]
+    [entry] = [
+        fields
+        for _, fields in redis.Redis.from_url(shared_redis_url, decode_responses=True).xrange(
+            f"{prefix}:requests"
+        )
+    ]
     assert entry["status"] == "200" and entry["completion_tokens"] == str(SLOW_ANSWER_TOKENS)
 
 
@@ -141,5 +191,5 @@ def _unchunked(body: bytes) -> bytes:
         length = int(size, 16)
         if length == 0:
             break
-        payload, body = payload + rest[:length], rest[length + 2:]
+        payload, body = payload + rest[:length], rest[length + 2 :]
     return payload

@@ -26,25 +26,43 @@ WRITE_TIMEOUT_S = 10.0  # long enough for an answer to finish generating after i
 MAX_TOKENS = 100
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 # ~2 KB an event: 100 events are about twice what a non-reading client's connection absorbs.
-LARGE_ANSWER = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
-                "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
-                "logprobs": True, "top_logprobs": 20}
+LARGE_ANSWER = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
+    "max_tokens": MAX_TOKENS,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 20,
+}
 
 
 def _serve(tmp_path_factory, redis_url: str, name: str, **settings: str) -> ServerProcess:
     prefix = f"ragllm-slow-{os.urandom(4).hex()}"
     # Two running and two waiting: four requests fill the engine's admission.
-    server = ServerProcess(log_dir=tmp_path_factory.mktemp(name), env={
-        "VLLM_MAX_NUM_SEQS": "2", "RAGLLM_ENGINE__MAX_WAITING": "2", "REDIS_URL": redis_url,
-        "RAGLLM_REDIS__PREFIX": prefix, **settings})
+    server = ServerProcess(
+        log_dir=tmp_path_factory.mktemp(name),
+        env={
+            "VLLM_MAX_NUM_SEQS": "2",
+            "RAGLLM_ENGINE__MAX_WAITING": "2",
+            "REDIS_URL": redis_url,
+            "RAGLLM_REDIS__PREFIX": prefix,
+            **settings,
+        },
+    )
     server.prefix = prefix
     return server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, shared_redis_url):
-    process = _serve(tmp_path_factory, shared_redis_url, "slow-readers",
-                     RAGLLM_SERVER__WRITE_TIMEOUT_S=str(WRITE_TIMEOUT_S))
+    process = _serve(
+        tmp_path_factory,
+        shared_redis_url,
+        "slow-readers",
+        RAGLLM_SERVER__WRITE_TIMEOUT_S=str(WRITE_TIMEOUT_S),
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -54,8 +72,13 @@ def server(tmp_path_factory, shared_redis_url):
 @pytest.fixture(scope="module")
 def small_buffer_server(tmp_path_factory, shared_redis_url):
     """The smallest stream buffer and a write timeout far away: the buffer bound is what drops."""
-    process = _serve(tmp_path_factory, shared_redis_url, "slow-readers-buffer",
-                     RAGLLM_SERVER__WRITE_TIMEOUT_S="120", RAGLLM_SERVER__STREAM_BUFFER_BYTES="4096")
+    process = _serve(
+        tmp_path_factory,
+        shared_redis_url,
+        "slow-readers-buffer",
+        RAGLLM_SERVER__WRITE_TIMEOUT_S="120",
+        RAGLLM_SERVER__STREAM_BUFFER_BYTES="4096",
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -120,7 +143,9 @@ def _logged_too_slow(redis_url: str, prefix: str, count: int) -> list[dict]:
 
     def logged() -> bool:
         nonlocal entries
-        entries = [fields for _, fields in client.xrange(f"{prefix}:requests") if fields["status"] == "408"]
+        entries = [
+            fields for _, fields in client.xrange(f"{prefix}:requests") if fields["status"] == "408"
+        ]
         return len(entries) >= count
 
     _wait_for(logged, 10, f"{count} requests logged as 408")
@@ -128,7 +153,8 @@ def _logged_too_slow(redis_url: str, prefix: str, count: int) -> list[dict]:
 
 
 def test_a_client_that_stops_reading_frees_its_slot_and_is_dropped_after_the_write_timeout(
-        server, shared_redis_url):
+    server, shared_redis_url
+):
     dropped_before = _slow_clients(server.url, "write_timeout")
     sent = time.monotonic()
     with _non_reader(server.url, LARGE_ANSWER) as connection:
@@ -141,17 +167,30 @@ def test_a_client_that_stops_reading_frees_its_slot_and_is_dropped_after_the_wri
         assert _metric(server.url, "ragllm_requests_in_flight") == 1
         assert _slow_clients(server.url, "write_timeout") == dropped_before
         started = time.monotonic()
-        answer = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=30, json={
-            "model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 5})
+        answer = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers=NO_CACHE,
+            timeout=30,
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 5,
+            },
+        )
         served_in = time.monotonic() - started
         assert answer.status_code == 200 and served_in < 10
-        _wait_for(lambda: _slow_clients(server.url, "write_timeout") == dropped_before + 1,
-                  WRITE_TIMEOUT_S + 10, "the non-reader dropped")
+        _wait_for(
+            lambda: _slow_clients(server.url, "write_timeout") == dropped_before + 1,
+            WRITE_TIMEOUT_S + 10,
+            "the non-reader dropped",
+        )
         dropped_after = time.monotonic() - sent
         received = _read_until_closed(connection)
         assert b"[DONE]" not in received
-    print(f"\nnon-reader: slot free {freed_after:.1f} s after sending, another request served in "
-          f"{served_in:.2f} s, dropped {dropped_after:.1f} s after sending; it could read {len(received):,} bytes")
+    print(
+        f"\nnon-reader: slot free {freed_after:.1f} s after sending, another request served in "
+        f"{served_in:.2f} s, dropped {dropped_after:.1f} s after sending; it could read {len(received):,} bytes"
+    )
     assert _metric(server.url, "ragllm_requests_in_flight") == 0
     [entry] = _logged_too_slow(shared_redis_url, server.prefix, 1)
     assert entry["stream"] == "1" and entry["finish_reason"] == "length"
@@ -168,17 +207,26 @@ def test_non_readers_filling_admission_do_not_turn_a_normal_client_away(server, 
             _wait_for(lambda: _peek(connection) is not None, 120, "every stream started")
             assert _peek(connection) == b"HTTP/1.1 200"
         _wait_for(lambda: _engine_idle(server.url), 60, "the non-readers' slots freed")
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai.OpenAI(
+            base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60
+        )
         for stream in (False, True, False):
             answer = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5, stream=stream,
-                extra_headers=NO_CACHE)
+                model=MODEL,
+                messages=[{"role": "user", "content": "Say hello."}],
+                max_tokens=5,
+                stream=stream,
+                extra_headers=NO_CACHE,
+            )
             if stream:
                 assert list(answer)[-1].choices[0].finish_reason is not None
             else:
                 assert answer.choices[0].finish_reason is not None
-        _wait_for(lambda: _slow_clients(server.url, "write_timeout") == dropped_before + 4,
-                  WRITE_TIMEOUT_S + 10, "every non-reader dropped")
+        _wait_for(
+            lambda: _slow_clients(server.url, "write_timeout") == dropped_before + 4,
+            WRITE_TIMEOUT_S + 10,
+            "every non-reader dropped",
+        )
         for connection in connections:
             assert b"[DONE]" not in _read_until_closed(connection)
     finally:
@@ -186,18 +234,26 @@ def test_non_readers_filling_admission_do_not_turn_a_normal_client_away(server, 
             connection.close()
     entries = _logged_too_slow(shared_redis_url, server.prefix, already_logged + 4)[already_logged:]
     assert len(entries) == 4
-    print("\n4 non-readers logged:", [(e["status"], e["finish_reason"], e["completion_tokens"]) for e in entries])
+    print(
+        "\n4 non-readers logged:",
+        [(e["status"], e["finish_reason"], e["completion_tokens"]) for e in entries],
+    )
     for entry in entries:  # on a slow machine a write may time out before its answer is complete
         assert 0 < int(entry["completion_tokens"]) <= MAX_TOKENS
-        assert entry["finish_reason"] == ("length" if int(entry["completion_tokens"]) == MAX_TOKENS else "cancelled")
+        assert entry["finish_reason"] == (
+            "length" if int(entry["completion_tokens"]) == MAX_TOKENS else "cancelled"
+        )
 
 
 def test_a_non_reader_that_fills_the_buffer_is_dropped_and_its_generation_cancelled(
-        small_buffer_server, shared_redis_url):
+    small_buffer_server, shared_redis_url
+):
     server = small_buffer_server
     long_answer = {**LARGE_ANSWER, "max_tokens": 2000}  # minutes of generation on these CPUs
     with _non_reader(server.url, long_answer) as connection:
-        _wait_for(lambda: _slow_clients(server.url, "buffer_full") == 1, 60, "the non-reader dropped")
+        _wait_for(
+            lambda: _slow_clients(server.url, "buffer_full") == 1, 60, "the non-reader dropped"
+        )
         _wait_for(lambda: _engine_idle(server.url), 10, "its generation cancelled")
         assert b"[DONE]" not in _read_until_closed(connection)
     [entry] = _logged_too_slow(shared_redis_url, server.prefix, 1)
@@ -214,10 +270,16 @@ BUDGET_BYTES = 256 * 1024  # about two non-readers' worth of a ~120 KB answer
 def budget_server(tmp_path_factory, shared_redis_url):
     """A total budget far below what the non-readers' answers add up to; each stream's own bound and the
     write timeout far above what one answer needs: the total budget is what drops."""
-    process = _serve(tmp_path_factory, shared_redis_url, "slow-readers-budget",
-                     VLLM_MAX_NUM_SEQS=str(NUM_NON_READERS + 1), VLLM_MAX_BATCH_SIZE=str(NUM_NON_READERS + 1),
-                     RAGLLM_SERVER__WRITE_TIMEOUT_S="120", RAGLLM_SERVER__STREAM_BUFFER_BYTES=str(BUDGET_BYTES),
-                     RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES=str(BUDGET_BYTES))
+    process = _serve(
+        tmp_path_factory,
+        shared_redis_url,
+        "slow-readers-budget",
+        VLLM_MAX_NUM_SEQS=str(NUM_NON_READERS + 1),
+        VLLM_MAX_BATCH_SIZE=str(NUM_NON_READERS + 1),
+        RAGLLM_SERVER__WRITE_TIMEOUT_S="120",
+        RAGLLM_SERVER__STREAM_BUFFER_BYTES=str(BUDGET_BYTES),
+        RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES=str(BUDGET_BYTES),
+    )
     try:
         yield process.wait_ready()
     finally:
@@ -225,7 +287,8 @@ def budget_server(tmp_path_factory, shared_redis_url):
 
 
 def test_non_readers_past_the_total_budget_are_dropped_early_while_a_reader_is_served(
-        budget_server, shared_redis_url):
+    budget_server, shared_redis_url
+):
     server = budget_server
     answer = {**LARGE_ANSWER, "max_tokens": 60}  # ~120 KB each: 8 of them hold ~4x the budget
     held: list[float] = []  # ragllm_stream_buffer_bytes, the budget's count, sampled throughout
@@ -239,19 +302,39 @@ def test_non_readers_past_the_total_budget_are_dropped_early_while_a_reader_is_s
     sampler.start()
     connections = [_non_reader(server.url, answer) for _ in range(NUM_NON_READERS)]
     try:
-        reader = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        chunks = list(reader.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Write a long essay about the sea."}], max_tokens=60,
-            temperature=0, stream=True, logprobs=True, top_logprobs=20, extra_body={"ignore_eos": True},
-            extra_headers=NO_CACHE))
+        reader = openai.OpenAI(
+            base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        chunks = list(
+            reader.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Write a long essay about the sea."}],
+                max_tokens=60,
+                temperature=0,
+                stream=True,
+                logprobs=True,
+                top_logprobs=20,
+                extra_body={"ignore_eos": True},
+                extra_headers=NO_CACHE,
+            )
+        )
         assert chunks[-1].choices[0].finish_reason == "length"  # the reader got its whole answer
-        assert sum(len(c.choices[0].logprobs.content or ()) for c in chunks if c.choices and c.choices[0].logprobs) == 60
+        assert (
+            sum(
+                len(c.choices[0].logprobs.content or ())
+                for c in chunks
+                if c.choices and c.choices[0].logprobs
+            )
+            == 60
+        )
 
         _wait_for(lambda: _engine_idle(server.url), 120, "every answer generated or cancelled")
         sampling.set()
         sampler.join()
         dropped = _slow_clients(server.url, "budget_full")
-        assert dropped >= NUM_NON_READERS - BUDGET_BYTES // (60 * 1024)  # most were dropped early ...
+        assert dropped >= NUM_NON_READERS - BUDGET_BYTES // (
+            60 * 1024
+        )  # most were dropped early ...
         assert _slow_clients(server.url, "write_timeout") == 0  # ... not by the write timeout
         assert len(held) >= 5 and 0 < max(held) <= BUDGET_BYTES
     finally:
@@ -261,8 +344,12 @@ def test_non_readers_past_the_total_budget_are_dropped_early_while_a_reader_is_s
     assert len(entries) == dropped  # each logged once, as 408, with the tokens produced for it
     for entry in entries:
         assert 0 < int(entry["completion_tokens"]) <= 60
-        assert entry["finish_reason"] == ("length" if entry["completion_tokens"] == "60" else "cancelled")
-    print(f"\n{NUM_NON_READERS} non-readers, budget {BUDGET_BYTES // 1024} KiB: {dropped:.0f} dropped early "
-          f"(budget_full), the reader got its whole answer; held at most {max(held) / 1024:.0f} KiB over "
-          f"{len(held)} samples; logged "
-          f"{[(e['status'], e['finish_reason'], e['completion_tokens']) for e in entries]}")
+        assert entry["finish_reason"] == (
+            "length" if entry["completion_tokens"] == "60" else "cancelled"
+        )
+    print(
+        f"\n{NUM_NON_READERS} non-readers, budget {BUDGET_BYTES // 1024} KiB: {dropped:.0f} dropped early "
+        f"(budget_full), the reader got its whole answer; held at most {max(held) / 1024:.0f} KiB over "
+        f"{len(held)} samples; logged "
+        f"{[(e['status'], e['finish_reason'], e['completion_tokens']) for e in entries]}"
+    )

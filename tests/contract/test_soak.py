@@ -33,12 +33,18 @@ NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 
 
 def _question(rng: random.Random) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": f"Say the number {rng.randint(1, 10**6)}."}],
-            "max_tokens": rng.choice([4, 8, 12]), "temperature": rng.choice([0, 0.7])}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Say the number {rng.randint(1, 10**6)}."}],
+        "max_tokens": rng.choice([4, 8, 12]),
+        "temperature": rng.choice([0, 0.7]),
+    }
 
 
 def _valid_whole(url: str, rng: random.Random) -> tuple[str, str]:
-    response = httpx.post(f"{url}/v1/chat/completions", json=_question(rng), headers=NO_CACHE, timeout=120)
+    response = httpx.post(
+        f"{url}/v1/chat/completions", json=_question(rng), headers=NO_CACHE, timeout=120
+    )
     if response.status_code == 200:
         return "valid", "completed"
     return "valid", f"{response.status_code} {response.json()['error']['code']}"
@@ -54,19 +60,32 @@ def _valid_stream(url: str, rng: random.Random) -> tuple[str, str]:
     return "valid", f"{result.status} {result.error['code']}"
 
 
-INVALID_BODIES = [b"{not json", b'{"model": 7, "messages": "hi"}', b"\xff\xfe\x00garbage",
-                  json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}).encode(),
-                  json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}).encode(),
-                  json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "temperature": 1e-40}).encode(),
-                  json.dumps({"model": MODEL, "messages": []}).encode(),
-                  # what a hostile tenant sends (deep schemas, deep call arguments, 2,500 choices, ...)
-                  *(json.dumps(body).encode() for body in HOSTILE_BODIES.values())]
+INVALID_BODIES = [
+    b"{not json",
+    b'{"model": 7, "messages": "hi"}',
+    b"\xff\xfe\x00garbage",
+    json.dumps(
+        {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+    ).encode(),
+    json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}
+    ).encode(),
+    json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1e-40}
+    ).encode(),
+    json.dumps({"model": MODEL, "messages": []}).encode(),
+    # what a hostile tenant sends (deep schemas, deep call arguments, 2,500 choices, ...)
+    *(json.dumps(body).encode() for body in HOSTILE_BODIES.values()),
+]
 
 
 def _invalid(url: str, rng: random.Random) -> tuple[str, str]:
-    response = httpx.post(f"{url}/v1/chat/completions", content=rng.choice(INVALID_BODIES),
-                          headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=rng.choice(INVALID_BODIES),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     return "invalid", str(response.status_code)
 
 
@@ -88,7 +107,13 @@ def _disconnecting(url: str, rng: random.Random) -> tuple[str, str]:
     return "disconnecting", "left"
 
 
-KINDS = [(_valid_whole, 30), (_valid_stream, 25), (_invalid, 20), (_oversized, 5), (_disconnecting, 20)]
+KINDS = [
+    (_valid_whole, 30),
+    (_valid_stream, 25),
+    (_invalid, 20),
+    (_oversized, 5),
+    (_disconnecting, 20),
+]
 
 
 def _client(url: str, seed: int, until: float, outcomes: Counter, lock: threading.Lock) -> None:
@@ -104,18 +129,29 @@ def test_soak_with_redis_and_a_replica_killed(tmp_path):
     store = RedisServer(tmp_path).start()
     replicas = [ServerProcess(port=free_port(), log_dir=tmp_path) for _ in range(2)]
     prefix = f"ragllm-soak-{os.urandom(4).hex()}"
-    gateway = ServerProcess("--engine", "upstream", log_dir=tmp_path, env={
-        "RAGLLM_UPSTREAM__URLS": ",".join(r.url for r in replicas), "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.5",
-        "REDIS_URL": store.url, "RAGLLM_REDIS__PREFIX": prefix, "RAGLLM_SERVER__MAX_BODY_BYTES": str(BODY_LIMIT),
-        "RAGLLM_ENGINE__MAX_WAITING": "64"})
+    gateway = ServerProcess(
+        "--engine",
+        "upstream",
+        log_dir=tmp_path,
+        env={
+            "RAGLLM_UPSTREAM__URLS": ",".join(r.url for r in replicas),
+            "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.5",
+            "REDIS_URL": store.url,
+            "RAGLLM_REDIS__PREFIX": prefix,
+            "RAGLLM_SERVER__MAX_BODY_BYTES": str(BODY_LIMIT),
+            "RAGLLM_ENGINE__MAX_WAITING": "64",
+        },
+    )
     try:
         for server in (*replicas, gateway):
             server.wait_ready()
         outcomes, lock = Counter(), threading.Lock()
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-            clients = [pool.submit(_client, gateway.url, seed, started + LOAD_S, outcomes, lock)
-                       for seed in range(CLIENTS)]
+            clients = [
+                pool.submit(_client, gateway.url, seed, started + LOAD_S, outcomes, lock)
+                for seed in range(CLIENTS)
+            ]
             faults = _inject_faults(started, store, replicas[1])
             for client in clients:
                 client.result()
@@ -131,29 +167,51 @@ def _inject_faults(started: float, store: RedisServer, replica: ServerProcess) -
     def at(offset_s: float) -> None:
         time.sleep(max(0.0, started + offset_s - time.monotonic()))
 
-    redis_down, redis_up, replica_killed = (round(LOAD_S * share) for share in (10 / 45, 20 / 45, 28 / 45))
+    redis_down, redis_up, replica_killed = (
+        round(LOAD_S * share) for share in (10 / 45, 20 / 45, 28 / 45)
+    )
     at(redis_down)
     store.kill()
     at(redis_up)
     store.restart()
     at(replica_killed)
     replica.kill()
-    return [f"Redis killed at {redis_down} s, restarted at {redis_up} s",
-            f"replica 2 of 2 killed (SIGKILL) at {replica_killed} s"]
+    return [
+        f"Redis killed at {redis_down} s, restarted at {redis_up} s",
+        f"replica 2 of 2 killed (SIGKILL) at {replica_killed} s",
+    ]
 
 
 def _report(outcomes: Counter, faults: list[str]) -> None:
     rows = {f"{kind}: {outcome}": count for (kind, outcome), count in sorted(outcomes.items())}
-    print("\nsoak " + json.dumps({"load_s": LOAD_S, "clients": CLIENTS, "faults": faults, "outcomes": rows,
-                                  "requests": sum(outcomes.values())}))
+    print(
+        "\nsoak "
+        + json.dumps(
+            {
+                "load_s": LOAD_S,
+                "clients": CLIENTS,
+                "faults": faults,
+                "outcomes": rows,
+                "requests": sum(outcomes.values()),
+            }
+        )
+    )
 
 
-def _check(outcomes: Counter, gateway: ServerProcess, survivor: ServerProcess, store: RedisServer,
-           prefix: str) -> None:
+def _check(
+    outcomes: Counter,
+    gateway: ServerProcess,
+    survivor: ServerProcess,
+    store: RedisServer,
+    prefix: str,
+) -> None:
     for (kind, outcome), count in outcomes.items():
         if kind == "valid" and outcome != "completed":
             code = outcome.split()[-1]
-            assert code in DOCUMENTED_503 or outcome == "in-band engine_interrupted", (outcome, count)
+            assert code in DOCUMENTED_503 or outcome == "in-band engine_interrupted", (
+                outcome,
+                count,
+            )
         if kind == "invalid":
             assert outcome in ("400", "404"), (outcome, count)
         if kind == "oversized":
@@ -169,6 +227,8 @@ def _check(outcomes: Counter, gateway: ServerProcess, survivor: ServerProcess, s
         try:
             server.wait_until(lambda response: response.json()["running"] == 0, timeout_s=30)
         except TimeoutError:
-            raise AssertionError("requests still running 30 s after the load: gateway "
-                                 f"{httpx.get(f'{gateway.url}/health').text}, replica "
-                                 f"{httpx.get(f'{survivor.url}/health').text}") from None
+            raise AssertionError(
+                "requests still running 30 s after the load: gateway "
+                f"{httpx.get(f'{gateway.url}/health').text}, replica "
+                f"{httpx.get(f'{survivor.url}/health').text}"
+            ) from None

@@ -36,27 +36,51 @@ UPSTREAM_ERRORS = sorted(set(BEHAVIOURS) - {"good"})
 
 
 def _chat(content: str, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-            "temperature": 0, "stream": True, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        **extra,
+    }
 
 
 def _assert_ends_properly(result) -> None:
     assert result.status == 200
     assert result.raw.endswith(DONE) and result.raw.count(DONE) == 1
     last_event = result.events[-1]
-    assert "error" in last_event or any(c.get("finish_reason") for c in last_event.get("choices") or ()) \
-        or last_event.get("usage"), last_event
+    assert (
+        "error" in last_event
+        or any(c.get("finish_reason") for c in last_event.get("choices") or ())
+        or last_event.get("usage")
+    ), last_event
 
 
 def test_fresh_cached_rag_and_completion_streams_end_with_done(server):
     fresh = post_stream(server.url, _chat("Name a colour."))
     replay = post_stream(server.url, _chat("Name a colour."))  # deterministic: the cache answers
     assert replay.text == fresh.text
-    rag = post_stream(server.url, _chat("What colour is the door?", documents=[
-        {"id": "door", "text": "The front door is painted green."}]), NO_CACHE)
-    completion = post_stream(server.url, {"model": MODEL, "prompt": "Once upon", "max_tokens": 4,
-                                          "stream": True, "stream_options": {"include_usage": True}},
-                             NO_CACHE, path="/v1/completions")
+    rag = post_stream(
+        server.url,
+        _chat(
+            "What colour is the door?",
+            documents=[{"id": "door", "text": "The front door is painted green."}],
+        ),
+        NO_CACHE,
+    )
+    completion = post_stream(
+        server.url,
+        {
+            "model": MODEL,
+            "prompt": "Once upon",
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        NO_CACHE,
+        path="/v1/completions",
+    )
     for result in (fresh, replay, rag, completion):
         _assert_ends_properly(result)
     assert rag.finish_reason in ("stop", "length") and "rag" in rag.events[-1]
@@ -64,8 +88,12 @@ def test_fresh_cached_rag_and_completion_streams_end_with_done(server):
 
 def test_the_end_of_sequence_token_releases_held_back_text(server):
     """Text held back as a possible stop-string start is part of the answer when the answer ends."""
-    plain = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=60, json={
-        **_chat("Say hello.", stream=False), "max_tokens": 64}).json()["choices"][0]
+    plain = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers=NO_CACHE,
+        timeout=60,
+        json={**_chat("Say hello.", stream=False), "max_tokens": 64},
+    ).json()["choices"][0]
     assert plain["finish_reason"] == "stop"  # it ends on its own end-of-sequence token
     answer = plain["message"]["content"]
     # A stop string that is never completed but whose start is the answer's last character.
@@ -78,8 +106,16 @@ def test_the_end_of_sequence_token_releases_held_back_text(server):
 def gateway(tmp_path_factory, shared_redis_url):
     upstream = MisbehavingUpstream().start()
     prefix = f"ragllm-streams-{os.urandom(4).hex()}"
-    server = ServerProcess("--engine", "upstream", log_dir=tmp_path_factory.mktemp("gateway"), env={
-        "RAGLLM_UPSTREAM__URLS": upstream.url, "REDIS_URL": shared_redis_url, "RAGLLM_REDIS__PREFIX": prefix})
+    server = ServerProcess(
+        "--engine",
+        "upstream",
+        log_dir=tmp_path_factory.mktemp("gateway"),
+        env={
+            "RAGLLM_UPSTREAM__URLS": upstream.url,
+            "REDIS_URL": shared_redis_url,
+            "RAGLLM_REDIS__PREFIX": prefix,
+        },
+    )
     try:
         server.wait_ready()
         server.prefix, server.upstream = prefix, upstream
@@ -93,8 +129,15 @@ def gateway(tmp_path_factory, shared_redis_url):
 def one_json_gateway(tmp_path_factory):
     """A gateway that asks for whole answers as one JSON each (``stream_whole_answers`` off)."""
     upstream = MisbehavingUpstream().start()
-    server = ServerProcess("--engine", "upstream", log_dir=tmp_path_factory.mktemp("one-json-gateway"), env={
-        "RAGLLM_UPSTREAM__URLS": upstream.url, "RAGLLM_UPSTREAM__STREAM_WHOLE_ANSWERS": "false"})
+    server = ServerProcess(
+        "--engine",
+        "upstream",
+        log_dir=tmp_path_factory.mktemp("one-json-gateway"),
+        env={
+            "RAGLLM_UPSTREAM__URLS": upstream.url,
+            "RAGLLM_UPSTREAM__STREAM_WHOLE_ANSWERS": "false",
+        },
+    )
     try:
         server.wait_ready()
         server.upstream = upstream
@@ -116,7 +159,9 @@ def test_an_upstream_stream_relayed_whole_ends_with_done(gateway):
 
 
 @pytest.mark.parametrize("behaviour", UPSTREAM_ERRORS)
-def test_a_started_stream_whose_upstream_misbehaves_ends_with_an_error_event(gateway, behaviour, shared_redis_url):
+def test_a_started_stream_whose_upstream_misbehaves_ends_with_an_error_event(
+    gateway, behaviour, shared_redis_url
+):
     result = post_stream(gateway.url, _chat(behaviour), NO_CACHE)
     _assert_ends_properly(result)
     assert result.error is not None and result.error["type"] == "server_error", result.raw
@@ -139,17 +184,27 @@ def _entry(redis_url: str, prefix: str, request_id: str) -> dict:
 @pytest.mark.parametrize("asked_as", ["a stream", "one JSON"])
 def test_a_whole_answer_that_is_not_json_is_a_clear_error(gateway, one_json_gateway, asked_as):
     server = gateway if asked_as == "a stream" else one_json_gateway
-    response = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
-                          json=_chat("garbage", stream=False))
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers=NO_CACHE,
+        timeout=60,
+        json=_chat("garbage", stream=False),
+    )
     assert response.status_code == 500
     assert "malformed JSON" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("asked_as", ["a stream", "one JSON"])
-def test_a_whole_answer_is_relayed_with_the_upstreams_usage_either_way(gateway, one_json_gateway, asked_as):
+def test_a_whole_answer_is_relayed_with_the_upstreams_usage_either_way(
+    gateway, one_json_gateway, asked_as
+):
     server = gateway if asked_as == "a stream" else one_json_gateway
-    answer = httpx.post(f"{server.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
-                        json=_chat("good", stream=False)).json()
+    answer = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        headers=NO_CACHE,
+        timeout=60,
+        json=_chat("good", stream=False),
+    ).json()
     assert answer["choices"][0]["message"]["content"] == "".join(GOOD_TEXT)
     assert answer["choices"][0]["finish_reason"] == "stop"
     assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (7, 4)
@@ -158,22 +213,35 @@ def test_a_whole_answer_is_relayed_with_the_upstreams_usage_either_way(gateway, 
 
 def test_errors_in_started_streams_are_counted_as_errors(gateway):
     metrics = httpx.get(f"{gateway.url}/metrics").text
-    failed = metric_value(metrics, 'ragllm_requests_total{endpoint="/v1/chat/completions",status="500"}')
+    failed = metric_value(
+        metrics, 'ragllm_requests_total{endpoint="/v1/chat/completions",status="500"}'
+    )
     assert failed >= len(UPSTREAM_ERRORS)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("behaviour", sorted(REFUSALS))
-def test_an_upstream_refusal_with_an_integer_code_reaches_the_sdk_in_openais_envelope(gateway, behaviour, stream):
+def test_an_upstream_refusal_with_an_integer_code_reaches_the_sdk_in_openais_envelope(
+    gateway, behaviour, stream
+):
     """vLLM's envelope (``code: 400``, nested or flat): the SDK gets a string code, and the message."""
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": behaviour}],
-                                       max_tokens=8, stream=stream, extra_headers=NO_CACHE)
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": behaviour}],
+            max_tokens=8,
+            stream=stream,
+            extra_headers=NO_CACHE,
+        )
     error = caught.value.response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == "400" and caught.value.code == "400"
-    assert error["message"] == REFUSAL_MESSAGE and error["type"] == "BadRequestError" and error["param"] is None
+    assert (
+        error["message"] == REFUSAL_MESSAGE
+        and error["type"] == "BadRequestError"
+        and error["param"] is None
+    )
 
 
 @pytest.mark.parametrize("behaviour", ["flat-error-then-more", "nested-error-then-more"])
@@ -188,24 +256,50 @@ def test_an_upstream_error_inside_a_stream_ends_it_whatever_follows(gateway, beh
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
-    max_leaves=30)
-ERROR_FIELDS = st.dictionaries(st.sampled_from(["message", "type", "param", "code", "object"]), JSON_VALUES, max_size=5)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+ERROR_FIELDS = st.dictionaries(
+    st.sampled_from(["message", "type", "param", "code", "object"]), JSON_VALUES, max_size=5
+)
 # Written with the standard library's json, which writes integers of any size (orjson stops at 64 bits).
-REFUSAL_BODIES = (ERROR_FIELDS.map(lambda fields: json.dumps({"error": fields}))
-                  | ERROR_FIELDS.map(json.dumps) | JSON_VALUES.map(json.dumps) | st.text(max_size=200))
+REFUSAL_BODIES = (
+    ERROR_FIELDS.map(lambda fields: json.dumps({"error": fields}))
+    | ERROR_FIELDS.map(json.dumps)
+    | JSON_VALUES.map(json.dumps)
+    | st.text(max_size=200)
+)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(body=REFUSAL_BODIES, stream=st.booleans())
 @example(body="[" * 20_000 + "]" * 20_000, stream=False)  # nested past any JSON parser's depth
-@example(body=orjson.dumps({"error": {"message": "x" * 2_000_000, "code": 400}}).decode(), stream=True)
-@example(body='{"error": {"message": 42, "type": 7, "param": [1], "code": {"deep": [400]}}}', stream=False)
+@example(
+    body=orjson.dumps({"error": {"message": "x" * 2_000_000, "code": 400}}).decode(), stream=True
+)
+@example(
+    body='{"error": {"message": 42, "type": 7, "param": [1], "code": {"deep": [400]}}}',
+    stream=False,
+)
 @example(body="<html>400 from a proxy in the way</html>", stream=False)
-def test_whatever_an_upstream_refuses_with_reaches_the_client_as_openais_envelope(gateway, body, stream):
-    response = httpx.post(f"{gateway.url}/v1/chat/completions", headers=NO_CACHE, timeout=60,
-                          json=_chat(REFUSE_WITH + body, stream=stream))
+def test_whatever_an_upstream_refuses_with_reaches_the_client_as_openais_envelope(
+    gateway, body, stream
+):
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        headers=NO_CACHE,
+        timeout=60,
+        json=_chat(REFUSE_WITH + body, stream=stream),
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

@@ -55,9 +55,13 @@ def _health(server: ServerProcess) -> httpx.Response | None:
 
 def _ask(server: ServerProcess) -> str:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-    reply = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                           extra_headers={"Cache-Control": "no-store"})
+    reply = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=8,
+        temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        extra_headers={"Cache-Control": "no-store"},
+    )
     assert reply.model == MODEL
     return reply.choices[0].message.content
 
@@ -65,10 +69,18 @@ def _ask(server: ServerProcess) -> str:
 def test_child_is_started_awaited_restarted_and_stopped(tmp_path):
     pid_file = tmp_path / "child.pid"
     child_port = free_port()
-    server = ServerProcess("--engine", "vllm", log_dir=tmp_path, env={
-        "RAGLLM_VLLM__COMMAND": f"{sys.executable} {STANDIN}", "RAGLLM_VLLM__PORT": str(child_port),
-        "RAGLLM_VLLM__RESTART_BACKOFF_MAX_S": "1", "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.3",
-        "VLLM_STANDIN_PID_FILE": str(pid_file)})
+    server = ServerProcess(
+        "--engine",
+        "vllm",
+        log_dir=tmp_path,
+        env={
+            "RAGLLM_VLLM__COMMAND": f"{sys.executable} {STANDIN}",
+            "RAGLLM_VLLM__PORT": str(child_port),
+            "RAGLLM_VLLM__RESTART_BACKOFF_MAX_S": "1",
+            "RAGLLM_UPSTREAM__PROBE_INTERVAL_S": "0.3",
+            "VLLM_STANDIN_PID_FILE": str(pid_file),
+        },
+    )
     try:
         # Readiness wait: the service answers at once, 503 "starting" while the child loads its model.
         first = _wait(lambda: _health(server), 60, "the service never answered")
@@ -82,13 +94,18 @@ def test_child_is_started_awaited_restarted_and_stopped(tmp_path):
         # vLLM's own series come through, labelled with the child they came from.
         metrics = httpx.get(f"{server.url}/metrics").text
         assert f'upstream="http://127.0.0.1:{child_port}"' in metrics
-        assert any(line.startswith("vllm:num_requests_running{") and "upstream=" in line
-                   for line in metrics.splitlines())
+        assert any(
+            line.startswith("vllm:num_requests_running{") and "upstream=" in line
+            for line in metrics.splitlines()
+        )
 
         # Restart: a crash of the child is noticed, answered with 503, and repaired.
         os.kill(child, 9)
-        down = _wait(lambda: (h := _health(server)) is not None and h.status_code == 503 and h, 30,
-                     "the service did not notice the child's death")
+        down = _wait(
+            lambda: (h := _health(server)) is not None and h.status_code == 503 and h,
+            30,
+            "the service did not notice the child's death",
+        )
         assert "vllm" in down.json()["detail"]
         server.wait_ready()
         restarted = _read_pid(pid_file, other_than=child)
@@ -101,10 +118,19 @@ def test_child_is_started_awaited_restarted_and_stopped(tmp_path):
 
 
 def test_missing_vllm_is_reported_by_health(tmp_path):
-    server = ServerProcess("--engine", "vllm", log_dir=tmp_path, env={
-        "RAGLLM_VLLM__COMMAND": str(tmp_path / "no-such-vllm"), "RAGLLM_VLLM__PORT": str(free_port())})
+    server = ServerProcess(
+        "--engine",
+        "vllm",
+        log_dir=tmp_path,
+        env={
+            "RAGLLM_VLLM__COMMAND": str(tmp_path / "no-such-vllm"),
+            "RAGLLM_VLLM__PORT": str(free_port()),
+        },
+    )
     try:
-        health = server.wait_until(lambda r: r.status_code == 503 and "cannot start" in r.json()["detail"], 30)
+        health = server.wait_until(
+            lambda r: r.status_code == 503 and "cannot start" in r.json()["detail"], 30
+        )
         assert "is vLLM installed" in health.json()["detail"]
         assert health.json()["status"] != "ok"
     finally:

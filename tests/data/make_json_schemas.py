@@ -77,7 +77,18 @@ FIELD_KINDS = {
     "mentions": list[str],
     "nested_lists": list[list[int]],
 }
-NAMES = ["Answer", "Extraction", "Grade", "Route", "Summary", "Claim", "Entity", "Event", "Query", "Record"]
+NAMES = [
+    "Answer",
+    "Extraction",
+    "Grade",
+    "Route",
+    "Summary",
+    "Claim",
+    "Entity",
+    "Event",
+    "Query",
+    "Record",
+]
 
 
 def model(index: int, rng: random.Random) -> type[BaseModel]:
@@ -97,7 +108,11 @@ def main() -> None:
     for index in range(COUNT):
         built = model(index, rng)
         emitted_by = "langchain" if index % 3 == 0 else "pydantic"
-        schema = convert_to_json_schema(built) if emitted_by == "langchain" else built.model_json_schema()
+        schema = (
+            convert_to_json_schema(built)
+            if emitted_by == "langchain"
+            else built.model_json_schema()
+        )
         schemas.append({"name": built.__name__, "emitted_by": emitted_by, "schema": schema})
     OUT.write_text(json.dumps(schemas, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(schemas)} schemas to {OUT}")

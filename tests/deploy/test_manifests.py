@@ -18,10 +18,20 @@ from tests.support.vllm_standin import flag_values
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 TOOLS = Path(sys.executable).parent  # check-jsonschema, kubernetes-validate, hadolint: test extras
-COMPOSE_FILES = {"local": DEPLOY / "docker-compose.yml", "cloud": DEPLOY / "docker-compose.cloud.yml"}
-COMPARED_FLAGS = ("--max-num-seqs", "--max-num-batched-tokens", "--quantization", "--kv-cache-dtype",
-                  "--enable-chunked-prefill", "--tensor-parallel-size", "--gpu-memory-utilization",
-                  "--enable-prompt-tokens-details")
+COMPOSE_FILES = {
+    "local": DEPLOY / "docker-compose.yml",
+    "cloud": DEPLOY / "docker-compose.cloud.yml",
+}
+COMPARED_FLAGS = (
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--quantization",
+    "--kv-cache-dtype",
+    "--enable-chunked-prefill",
+    "--tensor-parallel-size",
+    "--gpu-memory-utilization",
+    "--enable-prompt-tokens-details",
+)
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess:
@@ -50,7 +60,9 @@ def test_compose_file_follows_the_compose_spec(path):
 
 def test_the_compose_schema_check_rejects_a_broken_file(tmp_path):
     broken = tmp_path / "compose.yml"
-    broken.write_text("services:\n  web:\n    image: nginx\n    restart: sometimes-maybe\n    portz: [80]\n")
+    broken.write_text(
+        "services:\n  web:\n    image: nginx\n    restart: sometimes-maybe\n    portz: [80]\n"
+    )
     result = _run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(broken))
     assert result.returncode != 0 and "portz" in result.stdout + result.stderr
 
@@ -64,20 +76,26 @@ def test_compose_vllm_flags_mirror_the_profile(profile, monkeypatch):
         command = [_with_defaults(str(arg)) for arg in service["command"]]
         flags = flag_values(command)
         model = next(arg for arg in command if "/" in arg and not arg.startswith("-"))
-        assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == _profile_flags(profile, monkeypatch, model)
+        assert {f: v for f, v in flags.items() if f in COMPARED_FLAGS} == _profile_flags(
+            profile, monkeypatch, model
+        )
         assert "--quantization" in flags  # the deploy files serve AWQ checkpoints
 
 
 def test_local_compose_is_host_networked_and_cloud_is_bridged():
     local = yaml.safe_load(COMPOSE_FILES["local"].read_text())["services"]
     assert all(service["network_mode"] == "host" for service in local.values())
-    assert local["rag-llm-service"]["environment"]["RAGLLM_UPSTREAM__URLS"] == "http://127.0.0.1:8000"
+    assert (
+        local["rag-llm-service"]["environment"]["RAGLLM_UPSTREAM__URLS"] == "http://127.0.0.1:8000"
+    )
     cloud = yaml.safe_load(COMPOSE_FILES["cloud"].read_text())["services"]
     assert not any("network_mode" in service for service in cloud.values())
     assert cloud["rag-llm-service"]["ports"] == ["8081:8081"]
     for name, service in {**local, **cloud}.items():
         assert service["restart"] == "unless-stopped", name
-        assert "healthcheck" in service or "build" in service, name  # the image has its own HEALTHCHECK
+        assert "healthcheck" in service or "build" in service, (
+            name
+        )  # the image has its own HEALTHCHECK
     upstreams = _with_defaults(cloud["rag-llm-service"]["environment"]["RAGLLM_UPSTREAM__URLS"])
     assert all(url.split("//")[1].split(":")[0] in cloud for url in upstreams.split(","))
 
@@ -91,12 +109,18 @@ def test_kubernetes_manifests_follow_the_api_schemas():
 
 def test_the_kubernetes_check_rejects_a_broken_manifest(tmp_path):
     broken = tmp_path / "broken.yaml"
-    broken.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replicas: two\n")
+    broken.write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replicas: two\n"
+    )
     assert _run("kubernetes-validate", "--strict", str(broken)).returncode != 0
 
 
 def test_kubernetes_vllm_flags_and_autoscaler_agree_with_the_service(monkeypatch):
-    documents = [doc for path in (DEPLOY / "k8s").glob("*.yaml") for doc in yaml.safe_load_all(path.read_text())]
+    documents = [
+        doc
+        for path in (DEPLOY / "k8s").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+    ]
     by_kind = {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
     container = by_kind[("StatefulSet", "vllm")]["spec"]["template"]["spec"]["containers"][0]
     env = {item["name"]: item.get("value", "") for item in container["env"]}
@@ -118,7 +142,11 @@ def test_kubernetes_vllm_flags_and_autoscaler_agree_with_the_service(monkeypatch
 
 
 def test_the_ingress_terminates_tls_and_routes_to_the_service():
-    documents = [doc for path in (DEPLOY / "k8s").glob("*.yaml") for doc in yaml.safe_load_all(path.read_text())]
+    documents = [
+        doc
+        for path in (DEPLOY / "k8s").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+    ]
     by_kind = {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
     ingress = by_kind[("Ingress", "rag-llm-service")]
     (tls,) = ingress["spec"]["tls"]
@@ -130,8 +158,12 @@ def test_the_ingress_terminates_tls_and_routes_to_the_service():
     assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
     annotations = ingress["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/ssl-redirect"] == "true"
-    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # streams pass as they come
-    assert "Bearer" in annotations["nginx.ingress.kubernetes.io/configuration-snippet"]  # auth at the edge
+    assert (
+        annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    )  # streams pass as they come
+    assert (
+        "Bearer" in annotations["nginx.ingress.kubernetes.io/configuration-snippet"]
+    )  # auth at the edge
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_a_non_root_user():

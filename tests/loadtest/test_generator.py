@@ -36,7 +36,9 @@ class DelayedTokenServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.requests = 0
         app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"])])
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     async def _chat(self, request):
@@ -49,15 +51,25 @@ class DelayedTokenServer:
             for index in range(NUM_TOKENS):
                 if index:
                     await asyncio.sleep(TOKEN_GAP_S)
-                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{index} "}, "finish_reason": None}]}
+                chunk = {
+                    "choices": [
+                        {"index": 0, "delta": {"content": f"t{index} "}, "finish_reason": None}
+                    ]
+                }
                 yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-            usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": NUM_TOKENS,
-                                              "total_tokens": 5 + NUM_TOKENS}}
+            usage = {
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": NUM_TOKENS,
+                    "total_tokens": 5 + NUM_TOKENS,
+                },
+            }
             yield b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def __enter__(self) -> "DelayedTokenServer":
+    def __enter__(self) -> DelayedTokenServer:
         self._thread.start()
         while not self._server.started:
             time.sleep(0.01)
@@ -75,7 +87,9 @@ def delayed_server():
 
 
 def test_timings_come_from_the_clients_own_timestamps(delayed_server):
-    level = asyncio.run(run_level(delayed_server.url, Workload(model="m"), Bounds(requests=6), concurrency=2))
+    level = asyncio.run(
+        run_level(delayed_server.url, Workload(model="m"), Bounds(requests=6), concurrency=2)
+    )
     assert level["completed"] == 6 and level["errors"] == 0
     assert FIRST_TOKEN_S * 1000 <= level["ttft_ms"]["p50"] <= FIRST_TOKEN_S * 1000 + 40
     assert TOKEN_GAP_S * 1000 <= level["itl_ms"]["p50"] <= TOKEN_GAP_S * 1000 + 15
@@ -87,39 +101,83 @@ def test_timings_come_from_the_clients_own_timestamps(delayed_server):
 
 def test_request_and_duration_bounds_are_honoured(delayed_server):
     before = delayed_server.requests
-    asyncio.run(run_level(delayed_server.url, Workload(model="m"), Bounds(requests=5), concurrency=3))
+    asyncio.run(
+        run_level(delayed_server.url, Workload(model="m"), Bounds(requests=5), concurrency=3)
+    )
     assert delayed_server.requests - before == 5
     started = time.perf_counter()
-    level = asyncio.run(run_level(delayed_server.url, Workload(model="m"), Bounds(duration_s=0.5), concurrency=2))
+    level = asyncio.run(
+        run_level(delayed_server.url, Workload(model="m"), Bounds(duration_s=0.5), concurrency=2)
+    )
     elapsed = time.perf_counter() - started
-    assert elapsed < 0.5 + 0.4  # the last requests started before the deadline finish, no new ones begin
+    assert (
+        elapsed < 0.5 + 0.4
+    )  # the last requests started before the deadline finish, no new ones begin
     assert level["completed"] >= 2
     with pytest.raises(ValueError, match="bounded"):
         Bounds()
 
 
 def test_open_loop_rate(delayed_server):
-    level = asyncio.run(run_level(delayed_server.url, Workload(model="m"), Bounds(requests=8), rate=40.0))
+    level = asyncio.run(
+        run_level(delayed_server.url, Workload(model="m"), Bounds(requests=8), rate=40.0)
+    )
     assert level["completed"] == 8 and level["rate"] == 40.0
 
 
 def test_cli_writes_table_and_json_and_compares(delayed_server, tmp_path, capsys):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(["loadtest", "--url", delayed_server.url, "--concurrency", "1,2", "--requests", "4",
-                 "--json", str(first)]) == 0
+    assert (
+        main(
+            [
+                "loadtest",
+                "--url",
+                delayed_server.url,
+                "--concurrency",
+                "1,2",
+                "--requests",
+                "4",
+                "--json",
+                str(first),
+            ]
+        )
+        == 0
+    )
     report = json.loads(first.read_text())
     png = first.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert [level["concurrency"] for level in report["levels"]] == [1, 2]
     assert all(level["completed"] == 4 for level in report["levels"])
-    assert main(["loadtest", "--url", delayed_server.url, "--concurrency", "1,2", "--requests", "4",
-                 "--json", str(second), "--compare", str(first)]) == 0
+    assert (
+        main(
+            [
+                "loadtest",
+                "--url",
+                delayed_server.url,
+                "--concurrency",
+                "1,2",
+                "--requests",
+                "4",
+                "--json",
+                str(second),
+                "--compare",
+                str(first),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "TTFT p50" in out and "change against the earlier report" in out
 
 
 def test_a_server_that_is_down_is_reported_as_errors(tmp_path):
-    level = asyncio.run(run_level(f"http://127.0.0.1:{free_port()}", Workload(model="m"), Bounds(requests=2),
-                                  concurrency=1))
+    level = asyncio.run(
+        run_level(
+            f"http://127.0.0.1:{free_port()}",
+            Workload(model="m"),
+            Bounds(requests=2),
+            concurrency=1,
+        )
+    )
     assert level["errors"] == 2 and level["completed"] == 0
     assert "ConnectError" in level["error_samples"][0]

@@ -13,13 +13,22 @@ from ragllm.rag.prompt import load_template, rank, render_messages, with_no_thin
 GOLDEN = Path(__file__).parents[1] / "golden" / "rag_default@1.txt"
 DOCUMENTS = [
     RagDocument(id="weather", title="Oslund weather", text="Oslund has mild summers.", score=0.2),
-    RagDocument(id="bridge", title="Verdant Bridge", source="https://example.org/bridge",
-                text="The Verdant Bridge in Oslund was completed in 1987.\n", score=0.9),
+    RagDocument(
+        id="bridge",
+        title="Verdant Bridge",
+        source="https://example.org/bridge",
+        text="The Verdant Bridge in Oslund was completed in 1987.\n",
+        score=0.9,
+    ),
     RagDocument(id="mayor", text="The mayor of Oslund is Ida Brenn."),
-    RagDocument(id="ferry", title="Ferry", text="A ferry crossed the river before the bridge.", score=0.9),
+    RagDocument(
+        id="ferry", title="Ferry", text="A ferry crossed the river before the bridge.", score=0.9
+    ),
 ]
-QUESTION = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "When was the Verdant Bridge completed?"}]
+QUESTION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "When was the Verdant Bridge completed?"},
+]
 
 
 def _prompt(tokenizer, documents) -> str:
@@ -50,6 +59,11 @@ def test_question_must_come_last_and_templates_must_exist():
 
 
 def test_no_think_goes_on_the_last_user_turn_only():
-    messages = with_no_think([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                              {"role": "user", "content": "c"}])
+    messages = with_no_think(
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ]
+    )
     assert [m["content"] for m in messages] == ["a", "b", "c /no_think"]

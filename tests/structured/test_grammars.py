@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.errors import ConstraintUnfollowable, InvalidRequest
 from ragllm.structured.grammars import Grammar, GrammarCompiler, GrammarViolation
-from ragllm.engines.inprocess.sample.masks import TokenMasks
 from ragllm.structured.spec import StructuredOutput, structured_output_of
 
 
@@ -31,8 +31,11 @@ def _walk(grammar, tokenizer, text: str) -> None:
 
 
 def test_a_valid_answer_passes_every_mask_and_completes_the_grammar(compiler, tokenizer):
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
-              "required": ["city", "n"]}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "n": {"type": "integer"}},
+        "required": ["city", "n"],
+    }
     grammar = compiler.grammar(StructuredOutput("json_schema", json.dumps(schema)))
     _walk(grammar, tokenizer, '{"city": "Paris", "n": 3}')
     assert grammar.finished
@@ -49,8 +52,12 @@ def test_a_token_outside_the_grammar_is_refused_and_masked(compiler, tokenizer):
         grammar.accept(maybe)
 
 
-@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
-def test_masks_leave_unconstrained_rows_and_the_callers_logits_alone(compiler, tokenizer, whole_batch):
+@pytest.mark.parametrize(
+    "whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"]
+)
+def test_masks_leave_unconstrained_rows_and_the_callers_logits_alone(
+    compiler, tokenizer, whole_batch
+):
     grammar = compiler.grammar(StructuredOutput("regex", "[0-9]{3}"))
     logits = torch.randn(3, len(tokenizer))
     original = logits.clone()
@@ -71,12 +78,24 @@ def test_grammars_are_compiled_once_per_constraint(compiler):
     assert first.matcher is not second.matcher  # each request gets its own position
 
 
-@pytest.mark.parametrize("spec, words", [
-    (StructuredOutput("json_schema", json.dumps({"type": "string", "format": "no-such-format"}),
-                      "response_format.json_schema.schema"), "no-such-format"),
-    (StructuredOutput("regex", "(unclosed", "guided_regex"), "regular expression"),
-    (StructuredOutput("grammar", "start: undefined_rule", "structured_outputs.grammar"), "grammar"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        (
+            StructuredOutput(
+                "json_schema",
+                json.dumps({"type": "string", "format": "no-such-format"}),
+                "response_format.json_schema.schema",
+            ),
+            "no-such-format",
+        ),
+        (StructuredOutput("regex", "(unclosed", "guided_regex"), "regular expression"),
+        (
+            StructuredOutput("grammar", "start: undefined_rule", "structured_outputs.grammar"),
+            "grammar",
+        ),
+    ],
+)
 def test_what_cannot_be_enforced_is_a_400_naming_the_field(compiler, spec, words):
     with pytest.raises(InvalidRequest) as caught:
         compiler.grammar(spec)
@@ -84,11 +103,20 @@ def test_what_cannot_be_enforced_is_a_400_naming_the_field(compiler, spec, words
     assert words in caught.value.message
 
 
-@pytest.mark.parametrize("spec", [
-    StructuredOutput("regex", "2\U0006815c", "guided_regex"),
-    StructuredOutput("choice", json.dumps(["a", "\U0006815c"], ensure_ascii=False), "guided_choice"),
-    StructuredOutput("json_schema", json.dumps({"const": "\U0006815c"}, ensure_ascii=False), "response_format"),
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        StructuredOutput("regex", "2\U0006815c", "guided_regex"),
+        StructuredOutput(
+            "choice", json.dumps(["a", "\U0006815c"], ensure_ascii=False), "guided_choice"
+        ),
+        StructuredOutput(
+            "json_schema",
+            json.dumps({"const": "\U0006815c"}, ensure_ascii=False),
+            "response_format",
+        ),
+    ],
+)
 def test_a_character_no_token_can_write_is_refused_before_decoding(compiler, spec):
     """The packaged vocabulary has no token holding byte 0xF1 (the lead byte of U+40000-U+BFFFF):
     a constraint demanding such a character would dead-end mid-answer."""
@@ -112,17 +140,21 @@ def test_gbnf_grammars_as_llama_cpp_writes_them_work(compiler, tokenizer):
     assert grammar.finished
 
 
-@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
+@pytest.mark.parametrize(
+    "whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"]
+)
 def test_a_failed_grammar_fails_only_its_row(compiler, tokenizer, whole_batch):
     broken = compiler.grammar(StructuredOutput("regex", "a+"))
-    broken.matcher.consume_token(tokenizer.encode("zzz", add_special_tokens=False)[0])  # now in error
+    broken.matcher.consume_token(
+        tokenizer.encode("zzz", add_special_tokens=False)[0]
+    )  # now in error
     healthy = compiler.grammar(StructuredOutput("regex", "b+"))
-    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch).apply(
-        torch.zeros(3, len(tokenizer)), [broken, None, healthy])
+    masked, failures = TokenMasks(
+        len(tokenizer), torch.device("cpu"), whole_batch=whole_batch
+    ).apply(torch.zeros(3, len(tokenizer)), [broken, None, healthy])
     assert isinstance(failures[0], GrammarViolation) and failures[1] is None and failures[2] is None
     assert torch.isfinite(masked[2]).any() and not torch.isfinite(masked[2]).all()
     assert torch.isfinite(masked[1]).all()
-
 
 
 class FailingMatcher:
@@ -136,16 +168,22 @@ class FailingMatcher:
         return False
 
 
-@pytest.mark.parametrize("whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"])
+@pytest.mark.parametrize(
+    "whole_batch", [False, True], ids=["constrained-rows", "whole-batch (as on a GPU)"]
+)
 def test_a_row_whose_mask_cannot_be_computed_fails_alone(compiler, tokenizer, whole_batch):
     healthy = compiler.grammar(StructuredOutput("regex", "b+"))
     failing = Grammar(FailingMatcher(), StructuredOutput("regex", "c+"))
-    masked, failures = TokenMasks(len(tokenizer), torch.device("cpu"), whole_batch=whole_batch).apply(
-        torch.zeros(3, len(tokenizer)), [failing, healthy, None])
+    masked, failures = TokenMasks(
+        len(tokenizer), torch.device("cpu"), whole_batch=whole_batch
+    ).apply(torch.zeros(3, len(tokenizer)), [failing, healthy, None])
     assert isinstance(failures[0], RuntimeError) and failures[1] is None and failures[2] is None
     allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
-    assert allowed and all(set(tokenizer.decode([token])) <= {"b"} for token in allowed
-                           if token not in (tokenizer.eos_token_id,))
+    assert allowed and all(
+        set(tokenizer.decode([token])) <= {"b"}
+        for token in allowed
+        if token not in (tokenizer.eos_token_id,)
+    )
     assert torch.isfinite(masked[2]).all()
 
 
@@ -169,7 +207,8 @@ print("llguidance.torch" in sys.modules)
 def test_the_first_mask_does_not_load_llguidances_torch_module():
     """Importing ``llguidance.torch`` runs torch.compile (1-2.5 s, measured), which the engine
     thread would pay at the first constrained step with every request waiting."""
-    result = subprocess.run([sys.executable, "-c", FIRST_FILL], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_FILL], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
-

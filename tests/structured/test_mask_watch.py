@@ -9,20 +9,24 @@ import time
 import pytest
 import torch
 
-from ragllm.structured.grammars import GrammarCompiler, MaskOverBudget
 from ragllm.engines.inprocess.sample.mask_watch import FLOOR_S, WINDOW, MaskWatch
 from ragllm.engines.inprocess.sample.masks import TokenMasks
+from ragllm.structured.grammars import GrammarCompiler, MaskOverBudget
 from ragllm.structured.spec import structured_output_of
 
 # Every parse of a string of 'a's is ambiguous in more ways each step: its masks cost more each step
 # (on the packaged tokenizer ~0.1 ms at first, ~2 ms after 80 'a's, ~20 ms after 160).
 AMBIGUOUS = 'start: s "."\ns: s s | s s s | "a" | "b" | "ab" | "ba" | "aa"\n'
-OTHER_WORK_S = 0.02  # what the rest of each step takes here (a CPU decode step of the packaged model)
+OTHER_WORK_S = (
+    0.02  # what the rest of each step takes here (a CPU decode step of the packaged model)
+)
 
 
 @pytest.fixture(scope="module")
 def compiler(tokenizer):
-    return GrammarCompiler(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}), mask_budget_s=0.5)
+    return GrammarCompiler(
+        tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}), mask_budget_s=0.5
+    )
 
 
 def _run(masks: TokenMasks, grammars: list, token: int, steps: int) -> tuple[int, list]:
@@ -42,7 +46,9 @@ def _run(masks: TokenMasks, grammars: list, token: int, steps: int) -> tuple[int
 def test_a_slow_row_beside_mates_ends_at_its_share_long_before_the_budget(compiler, tokenizer):
     a = tokenizer.encode("a", add_special_tokens=False)[0]
     pathological = compiler.grammar(structured_output_of({"guided_grammar": AMBIGUOUS}))
-    mates = [compiler.grammar(structured_output_of({"guided_regex": "[a-z ]{0,1000}"})) for _ in range(3)]
+    mates = [
+        compiler.grammar(structured_output_of({"guided_regex": "[a-z ]{0,1000}"})) for _ in range(3)
+    ]
     masks = TokenMasks(len(tokenizer), torch.device("cpu"), budget_s=1.0, step_share=0.1)
     step, failures = _run(masks, [pathological, *mates], a, 400)
     assert isinstance(failures[0], MaskOverBudget), "the ambiguous grammar was never ended"
@@ -59,15 +65,22 @@ def test_the_same_row_alone_is_held_to_the_budget_only(compiler, tokenizer):
     alone = compiler.grammar(structured_output_of({"guided_grammar": AMBIGUOUS}))
     masks = TokenMasks(len(tokenizer), torch.device("cpu"), budget_s=1.0, step_share=0.1)
     step, failures = _run(masks, [alone], a, 150)
-    assert (step, failures) == (150, [None]), "a row alone slows nobody: only the absolute budget ends it"
+    assert (step, failures) == (150, [None]), (
+        "a row alone slows nobody: only the absolute budget ends it"
+    )
 
 
 def test_ordinary_grammars_are_never_ended_at_the_floor(compiler, tokenizer):
     """A tiny share leaves the 1 ms floor: a JSON schema, a regex and a choice mask well under it."""
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "number"}}}
-    grammars = [compiler.grammar(structured_output_of({"guided_json": schema})),
-                compiler.grammar(structured_output_of({"guided_regex": "[a-z ]{0,1000}"})),
-                compiler.grammar(structured_output_of({"guided_regex": "(yes|no|maybe) [a-z ]{0,500}"}))]
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}, "score": {"type": "number"}},
+    }
+    grammars = [
+        compiler.grammar(structured_output_of({"guided_json": schema})),
+        compiler.grammar(structured_output_of({"guided_regex": "[a-z ]{0,1000}"})),
+        compiler.grammar(structured_output_of({"guided_regex": "(yes|no|maybe) [a-z ]{0,500}"})),
+    ]
     masks = TokenMasks(len(tokenizer), torch.device("cpu"), budget_s=1.0, step_share=1e-6)
     vocab = masks.words * 32
     for _ in range(60):
@@ -99,7 +112,9 @@ def test_the_share_follows_the_other_work_and_ignores_idle_gaps():
     watch.step_filled()
     clock.now += 5.0  # a pause between requests
     watch.step_started()
-    assert watch.allowance_s(alone=False) == pytest.approx(0.004)  # an idle gap is not a step's work
+    assert watch.allowance_s(alone=False) == pytest.approx(
+        0.004
+    )  # an idle gap is not a step's work
     clock.now += 0.0001
     watch.step_filled()
     clock.now += 0.001
@@ -113,7 +128,9 @@ def test_the_share_follows_the_other_work_and_ignores_idle_gaps():
 def test_a_suspect_within_its_allowance_is_trusted_again_and_one_that_left_is_forgotten():
     watch = MaskWatch(budget_s=None, step_share=0.1)
     watch.step_started()
-    watch.batch_filled([1, 2], elapsed_s=1.0, alone=False)  # no step measured: no bound, no suspects
+    watch.batch_filled(
+        [1, 2], elapsed_s=1.0, alone=False
+    )  # no step measured: no bound, no suspects
     assert not watch.is_suspect(1)
     watch = MaskWatch(budget_s=0.01, step_share=None, threads=1)
     watch.step_started()
@@ -137,8 +154,12 @@ def test_a_batch_within_one_rows_allowance_times_no_row_alone_and_one_past_it_ti
     watch.step_started()
     watch.batch_filled(keys, elapsed_s=0.005, alone=False)
     watch.step_started()
-    assert watch.sampled(keys, alone=False) is None  # every row was within its allowance: no hand-off
-    watch.batch_filled(keys, elapsed_s=0.015, alone=False)  # past one row's, within 8 rows on 4 threads
+    assert (
+        watch.sampled(keys, alone=False) is None
+    )  # every row was within its allowance: no hand-off
+    watch.batch_filled(
+        keys, elapsed_s=0.015, alone=False
+    )  # past one row's, within 8 rows on 4 threads
     assert not any(watch.is_suspect(key) for key in keys)
     picked = set()
     for _ in range(len(keys)):

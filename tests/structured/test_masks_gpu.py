@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.structured.grammars import GrammarCompiler
 from ragllm.engines.inprocess.sample.masks import TokenMasks
+from ragllm.structured.grammars import GrammarCompiler
 from ragllm.structured.spec import StructuredOutput
 
 pytestmark = [
@@ -30,13 +30,22 @@ def tokenizer():
 def test_gpu_masks_equal_cpu_masks_step_after_step(tokenizer):
     vocab = len(tokenizer) + 37  # a model's logits are often wider than its tokenizer
     stop = frozenset({tokenizer.eos_token_id})
-    specs = [StructuredOutput("json_schema", '{"type": "object", "properties": {"city": {"type": "string"}}}'),
-             None, StructuredOutput("regex", "[0-9]{2,6}"), StructuredOutput("choice", '["yes", "no"]')]
+    specs = [
+        StructuredOutput(
+            "json_schema", '{"type": "object", "properties": {"city": {"type": "string"}}}'
+        ),
+        None,
+        StructuredOutput("regex", "[0-9]{2,6}"),
+        StructuredOutput("choice", '["yes", "no"]'),
+    ]
     on_gpu = GrammarCompiler(tokenizer, vocab, stop)
     on_cpu = GrammarCompiler(tokenizer, vocab, stop)
     gpu_grammars = [on_gpu.grammar(s) if s else None for s in specs]
     cpu_grammars = [on_cpu.grammar(s) if s else None for s in specs]
-    gpu_masks, cpu_masks = TokenMasks(vocab, torch.device("cuda")), TokenMasks(vocab, torch.device("cpu"))
+    gpu_masks, cpu_masks = (
+        TokenMasks(vocab, torch.device("cuda")),
+        TokenMasks(vocab, torch.device("cpu")),
+    )
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):
         logits = torch.randn(len(specs), vocab, generator=generator)

@@ -51,7 +51,9 @@ class Grade(BaseModel):
     reason: str
 
 
-def search_documents(query: str, top_k: int = 5, filters: dict[str, str] | None = None) -> list[str]:
+def search_documents(
+    query: str, top_k: int = 5, filters: dict[str, str] | None = None
+) -> list[str]:
     """Search the knowledge base.
 
     Args:
@@ -68,12 +70,28 @@ REAL_SCHEMAS = [
     Person.model_json_schema(mode="serialization"),
     convert_to_openai_tool(search_documents)["function"]["parameters"],
     convert_to_openai_tool(Person)["function"]["parameters"],
-    {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
-     "definitions": {"a": {"type": "string"}}, "properties": {"x": {"$ref": "#/definitions/a"}}},
-    {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "array", "prefixItems": [{"type": "integer"}]},
-    {"type": "object", "properties": {"next": {"$ref": "#"}, "value": {"type": "integer"}}},  # a linked list
-    {"type": "object", "properties": {"not": {"type": "string"}, "$ref": {"type": "string"}}},  # keywords as names
-    {"anyOf": [{"type": "string"}, {"$ref": "#"}]},  # any string satisfies it: a way out of the cycle
+    {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "definitions": {"a": {"type": "string"}},
+        "properties": {"x": {"$ref": "#/definitions/a"}},
+    },
+    {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "array",
+        "prefixItems": [{"type": "integer"}],
+    },
+    {
+        "type": "object",
+        "properties": {"next": {"$ref": "#"}, "value": {"type": "integer"}},
+    },  # a linked list
+    {
+        "type": "object",
+        "properties": {"not": {"type": "string"}, "$ref": {"type": "string"}},
+    },  # keywords as names
+    {
+        "anyOf": [{"type": "string"}, {"$ref": "#"}]
+    },  # any string satisfies it: a way out of the cycle
 ]
 
 
@@ -82,35 +100,49 @@ def test_schemas_that_client_libraries_write_pass(schema):
     check_schema(schema, PARAM, LIMITS)
 
 
-@pytest.mark.parametrize("schema, where", [
-    ({"type": "object", "properties": {"e": {"type": "string", "format": ["email"]}}}, "/properties/e/format"),
-    ({"type": "string", "format": {}}, "/format"),
-    ({"type": "strin"}, "/type"),
-    ({"required": "a"}, "/required"),
-    ({"properties": []}, "/properties"),
-    ({"$ref": 5}, "/$ref"),
-    ({"minLength": -1}, "/minLength"),
-    ({"enum": 1}, "/enum"),
-])
+@pytest.mark.parametrize(
+    "schema, where",
+    [
+        (
+            {"type": "object", "properties": {"e": {"type": "string", "format": ["email"]}}},
+            "/properties/e/format",
+        ),
+        ({"type": "string", "format": {}}, "/format"),
+        ({"type": "strin"}, "/type"),
+        ({"required": "a"}, "/required"),
+        ({"properties": []}, "/properties"),
+        ({"$ref": 5}, "/$ref"),
+        ({"minLength": -1}, "/minLength"),
+        ({"enum": 1}, "/enum"),
+    ],
+)
 def test_a_keyword_of_the_wrong_kind_is_a_400_saying_where(schema, where):
     with pytest.raises(InvalidRequest) as refusal:
         check_schema(schema, PARAM, LIMITS)
     assert refusal.value.param == PARAM and f"at {where}," in refusal.value.message
 
 
-@pytest.mark.parametrize("dialect", ["http://127.0.0.1:9/schema", "file:///etc/passwd", 7, "draft-07"])
+@pytest.mark.parametrize(
+    "dialect", ["http://127.0.0.1:9/schema", "file:///etc/passwd", 7, "draft-07"]
+)
 def test_a_dialect_other_than_a_published_draft_is_refused_without_being_fetched(dialect):
     with pytest.raises(InvalidRequest) as refusal:
         check_schema({"$schema": dialect, "type": "string"}, PARAM, LIMITS)
     assert "$schema" in refusal.value.message
 
 
-@pytest.mark.parametrize("schema", [
-    {"$ref": "#"},
-    {"allOf": [{"type": "object"}, {"$ref": "#"}]},
-    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"},
-    {"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}},
-])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#"},
+        {"allOf": [{"type": "object"}, {"$ref": "#"}]},
+        {
+            "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}},
+            "$ref": "#/$defs/a",
+        },
+        {"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}},
+    ],
+)
 def test_a_ref_that_leads_back_without_a_value_in_between_is_refused(schema):
     with pytest.raises(InvalidRequest) as refusal:
         check_schema(schema, PARAM, LIMITS)
@@ -128,10 +160,12 @@ def test_a_schema_over_the_size_limit_is_refused():
 
 def test_every_carrier_of_a_schema_checks_it():
     bad = {"type": "object", "properties": {"e": {"type": "string", "format": ["email"]}}}
-    for fields, param in [({"response_format": {"type": "json_schema", "json_schema": {"schema": bad}}}, PARAM),
-                          ({"guided_json": bad}, "guided_json"),
-                          ({"guided_json": '{"type": "string", "format": {}}'}, "guided_json"),
-                          ({"structured_outputs": {"json": bad}}, "structured_outputs.json")]:
+    for fields, param in [
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": bad}}}, PARAM),
+        ({"guided_json": bad}, "guided_json"),
+        ({"guided_json": '{"type": "string", "format": {}}'}, "guided_json"),
+        ({"structured_outputs": {"json": bad}}, "structured_outputs.json"),
+    ]:
         with pytest.raises(InvalidRequest) as refusal:
             structured_output_of(fields, LIMITS)
         assert refusal.value.param == param
@@ -142,13 +176,42 @@ def test_every_carrier_of_a_schema_checks_it():
 
 
 schemas = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=8)
     | st.sampled_from(["#", "#/$defs/a", "#/properties/x", "string", "object", "email"]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["type", "properties", "items", "$ref", "$defs", "a", "x", "anyOf", "allOf", "not", "if",
-                         "format", "required", "enum", "$schema", "minLength", "pattern", "additionalProperties"]),
-        children, max_size=5),
-    max_leaves=30)
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "properties",
+                    "items",
+                    "$ref",
+                    "$defs",
+                    "a",
+                    "x",
+                    "anyOf",
+                    "allOf",
+                    "not",
+                    "if",
+                    "format",
+                    "required",
+                    "enum",
+                    "$schema",
+                    "minLength",
+                    "pattern",
+                    "additionalProperties",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))

@@ -43,6 +43,7 @@ def _install_faults() -> None:
             if faulty_rows(params):
                 raise FloatingPointError("injected fault: probabilities are not finite")
             return sample(logits, params, *args, **kwargs)
+
         return sampler_with_fault
 
     # The sampler's batched choice, and the row-by-row retry in the sampling module.
@@ -55,7 +56,9 @@ def _install_faults() -> None:
     def decode_with_fault(self, decoding, results):
         running = self.scheduler.running
         if any(s.params.seed == DEVICE_FAULT_SEED and s.prefill_done for s in running):
-            raise RuntimeError("injected fault: CUDA error: an illegal memory access was encountered")
+            raise RuntimeError(
+                "injected fault: CUDA error: an illegal memory access was encountered"
+            )
         if any(s.params.seed == HANG_FAULT_SEED and s.prefill_done for s in running):
             time.sleep(3600)
         return decode(self, decoding, results)

@@ -31,19 +31,29 @@ PROMPTS = [[1, 2, 3], list(range(10, 60)), [7, 8], list(range(100, 130)), [44] *
 MAX_TOKENS = [12, 5, 20, 8, 15, 3]
 
 
-def make_worker(kv: KVCacheOptions = KVCacheOptions(block_size=16, num_blocks=400), **limits) -> Worker:
+def make_worker(
+    kv: KVCacheOptions = KVCacheOptions(block_size=16, num_blocks=400), **limits
+) -> Worker:
     """A worker over ``MODEL`` on the CPU runner; ``limits`` override the scheduler's defaults."""
-    defaults = dict(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False)
+    defaults = dict(
+        max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False
+    )
     runner = ModelRunner(MODEL, max_model_len=512, kv=kv)
     return Worker(runner, SchedulerLimits(**{**defaults, **limits}), deliver=lambda results: None)
 
 
 def greedy_sequence(request_id: str, prompt: list[int], max_tokens: int, stop=()) -> Sequence:
     """A greedy request that stops at token 0 (or at one of ``stop``'s strings)."""
-    return Sequence(request_id=request_id, prompt_ids=prompt, params=SamplingParams(temperature=0.0, stop=stop),
-                    max_tokens=max_tokens, stop_token_ids=frozenset({0}),
-                    detokenizer=IncrementalDetokenizer(LetterTokenizer(), prompt),
-                    stop_matcher=StopMatcher(stop), sink=None)
+    return Sequence(
+        request_id=request_id,
+        prompt_ids=prompt,
+        params=SamplingParams(temperature=0.0, stop=stop),
+        max_tokens=max_tokens,
+        stop_token_ids=frozenset({0}),
+        detokenizer=IncrementalDetokenizer(LetterTokenizer(), prompt),
+        stop_matcher=StopMatcher(stop),
+        sink=None,
+    )
 
 
 def seeded_sequence(request_id: str, prompt: list[int], max_tokens: int, seed: int) -> Sequence:
@@ -54,7 +64,9 @@ def seeded_sequence(request_id: str, prompt: list[int], max_tokens: int, seed: i
     return sequence
 
 
-def choices_of(request_id: str, prompt: list[int], max_tokens: int, seeds: list[int]) -> list[Sequence]:
+def choices_of(
+    request_id: str, prompt: list[int], max_tokens: int, seeds: list[int]
+) -> list[Sequence]:
     """One request of several choices: the first leads, the rest follow it."""
     group = [seeded_sequence(request_id, prompt, max_tokens, seed) for seed in seeds]
     for index, follower in enumerate(group[1:], start=1):
@@ -66,8 +78,13 @@ def choices_of(request_id: str, prompt: list[int], max_tokens: int, seeds: list[
 def reference_tokens(prompt: list[int], max_tokens: int) -> list[int]:
     """transformers' own greedy decoding, stopping at token 0 like the sequences above."""
     with torch.no_grad():
-        out = MODEL.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=0, pad_token_id=0)[0, len(prompt):].tolist()
+        out = MODEL.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=0,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     return out
 
 

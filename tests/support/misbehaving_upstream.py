@@ -26,8 +26,13 @@ GOOD_TEXT = ["The ", "answer ", "is ", "42."]
 
 def _chunk(text: str | None = None, finish: str | None = None) -> bytes:
     delta = {"content": text} if text is not None else {}
-    event = {"id": "up-1", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    event = {
+        "id": "up-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + orjson.dumps(event) + b"\n\n"
 
 
@@ -39,8 +44,12 @@ REFUSAL_MESSAGE = "This model's maximum context length is 2048 tokens."
 
 
 def vllm_error(message: str, status: int, nested: bool) -> dict:
-    fields = {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
-              "param": None, "code": status}
+    fields = {
+        "message": message,
+        "type": "BadRequestError" if status < 500 else "InternalServerError",
+        "param": None,
+        "code": status,
+    }
     return {"error": fields} if nested else {"object": "error", **fields}
 
 
@@ -53,14 +62,29 @@ _AFTER_ERROR = [_chunk("answer "), _chunk(finish="stop"), USAGE, b"data: [DONE]\
 BEHAVIOURS: dict[str, list[bytes]] = {
     "good": [_chunk(t) for t in GOOD_TEXT] + [_chunk(finish="stop"), USAGE, b"data: [DONE]\n\n"],
     "garbage": [_chunk("The "), _chunk("answer "), b"data: {this is not json\n\n"],
-    "string-error": [_chunk("The "), b'data: {"error": "upstream exploded"}\n\n', b"data: [DONE]\n\n"],
+    "string-error": [
+        _chunk("The "),
+        b'data: {"error": "upstream exploded"}\n\n',
+        b"data: [DONE]\n\n",
+    ],
     "not-an-object": [_chunk("The "), b"data: [1, 2, 3]\n\n", b"data: [DONE]\n\n"],
     "no-finish": [_chunk("The "), _chunk("answer "), b"data: [DONE]\n\n"],
-    "bad-usage": [_chunk("The "), _chunk(finish="stop"), b'data: {"usage": "lots"}\n\n', b"data: [DONE]\n\n"],
-    "flat-error-then-more": [_chunk("The "), _event(vllm_error(STREAM_ERROR_MESSAGE, 500, nested=False)),
-                             *_AFTER_ERROR],
-    "nested-error-then-more": [_chunk("The "), _event(vllm_error(STREAM_ERROR_MESSAGE, 500, nested=True)),
-                               *_AFTER_ERROR],
+    "bad-usage": [
+        _chunk("The "),
+        _chunk(finish="stop"),
+        b'data: {"usage": "lots"}\n\n',
+        b"data: [DONE]\n\n",
+    ],
+    "flat-error-then-more": [
+        _chunk("The "),
+        _event(vllm_error(STREAM_ERROR_MESSAGE, 500, nested=False)),
+        *_AFTER_ERROR,
+    ],
+    "nested-error-then-more": [
+        _chunk("The "),
+        _event(vllm_error(STREAM_ERROR_MESSAGE, 500, nested=True)),
+        *_AFTER_ERROR,
+    ],
 }
 # Questions the upstream refuses outright (a 400 before any answer), streaming or not.
 REFUSALS: dict[str, dict] = {
@@ -78,13 +102,27 @@ async def _chat(request: Request) -> Response:
     if behaviour in REFUSALS:
         return JSONResponse(REFUSALS[behaviour], status_code=400)
     if behaviour.startswith(REFUSE_WITH):
-        return Response(behaviour.removeprefix(REFUSE_WITH), status_code=400, media_type="application/json")
+        return Response(
+            behaviour.removeprefix(REFUSE_WITH), status_code=400, media_type="application/json"
+        )
     if not body.get("stream"):
         if behaviour == "good":
-            return JSONResponse({"id": "up-1", "object": "chat.completion", "created": 0, "model": MODEL,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(GOOD_TEXT)},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 7, "completion_tokens": 4}})
+            return JSONResponse(
+                {
+                    "id": "up-1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": MODEL,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(GOOD_TEXT)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 4},
+                }
+            )
         return Response(b"<html>502 from a proxy in the way</html>", media_type="text/html")
 
     async def events():
@@ -100,7 +138,9 @@ async def _health(request: Request) -> Response:
 
 
 async def _models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 2048}]})
+    return JSONResponse(
+        {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 2048}]}
+    )
 
 
 # What its /metrics serves: one vLLM series, so a gateway's merged exposition can be checked.
@@ -113,12 +153,19 @@ class MisbehavingUpstream:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_scrapes = 0  # GET /metrics received
-        app = Starlette(routes=[Route("/health", _health), Route("/v1/models", _models),
-                                Route("/v1/chat/completions", _chat, methods=["POST"]),
-                                Route("/metrics", self._metrics)])
+        app = Starlette(
+            routes=[
+                Route("/health", _health),
+                Route("/v1/models", _models),
+                Route("/v1/chat/completions", _chat, methods=["POST"]),
+                Route("/metrics", self._metrics),
+            ]
+        )
         self.received: list[dict] = []  # chat request bodies, in arrival order
         app.state.received = self.received
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     async def _metrics(self, request: Request) -> Response:
@@ -126,7 +173,7 @@ class MisbehavingUpstream:
         await asyncio.sleep(METRICS_DELAY_S)
         return Response(METRICS_TEXT, media_type="text/plain")
 
-    def start(self) -> "MisbehavingUpstream":
+    def start(self) -> MisbehavingUpstream:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:

@@ -8,9 +8,20 @@ from pathlib import Path
 
 import jsonschema
 
-SCHEMAS = json.loads((Path(__file__).parents[1] / "data" / "openai_response_schemas.json").read_text())
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}}}
+SCHEMAS = json.loads(
+    (Path(__file__).parents[1] / "data" / "openai_response_schemas.json").read_text()
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 def validate(instance: dict, definition: str) -> None:

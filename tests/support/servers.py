@@ -24,21 +24,34 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log_dir: Path | None = None,
-                 port: int | None = None, command: tuple[str, ...] = ("-m", "ragllm.cli", "serve")) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+        port: int | None = None,
+        command: tuple[str, ...] = ("-m", "ragllm.cli", "serve"),
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_path = (log_dir or Path("/tmp")) / f"ragllm-serve-{self.port}.log"
         command = [sys.executable, *command, "--port", str(self.port), *args]
         self._log = open(self._log_path, "wb")
-        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_until(self, predicate, timeout_s: float = READY_TIMEOUT_S) -> httpx.Response:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             try:
                 response = httpx.get(f"{self.url}/health", timeout=2)
                 if predicate(response):
@@ -46,9 +59,11 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"server not in the expected state after {timeout_s}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"server not in the expected state after {timeout_s}s:\n{self.log_tail()}"
+        )
 
-    def wait_ready(self) -> "ServerProcess":
+    def wait_ready(self) -> ServerProcess:
         self.wait_until(lambda response: response.status_code == 200)
         return self
 
@@ -90,8 +105,10 @@ def send_chat_raw(url: str, body: dict, small_window: bool = False) -> socket.so
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000)
     connection.connect((host, int(port)))
-    connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                       b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+    connection.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Cache-Control: no-cache, no-store\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+    )
     return connection
 
 
@@ -117,11 +134,26 @@ class RedisServer:
         self.directory = directory
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -136,7 +168,7 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
 
-    def restart(self) -> "RedisServer":
+    def restart(self) -> RedisServer:
         """After a kill: the same port and data directory (what was persisted comes back)."""
         self.kill()
         return self.start()

@@ -16,7 +16,9 @@ class StreamResult:
     raw: bytes
     text: str = ""
     finish_reason: str | None = None
-    error: dict | None = None  # the error object of an in-band error event (or of a refused request)
+    error: dict | None = (
+        None  # the error object of an in-band error event (or of a refused request)
+    )
     events: list[dict] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -43,9 +45,16 @@ def parse(status: int, raw: bytes) -> StreamResult:
     return result
 
 
-def post_stream(url: str, payload: dict, headers: dict | None = None, path: str = "/v1/chat/completions",
-                timeout: float = 120) -> StreamResult:
-    with httpx.stream("POST", f"{url}{path}", json=payload, headers=headers, timeout=timeout) as response:
+def post_stream(
+    url: str,
+    payload: dict,
+    headers: dict | None = None,
+    path: str = "/v1/chat/completions",
+    timeout: float = 120,
+) -> StreamResult:
+    with httpx.stream(
+        "POST", f"{url}{path}", json=payload, headers=headers, timeout=timeout
+    ) as response:
         result = parse(response.status_code, response.read())
         result.headers = dict(response.headers)
         return result

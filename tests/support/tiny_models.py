@@ -17,9 +17,16 @@ def tiny_model(architecture: str, seed: int = 0, dtype: torch.dtype = torch.floa
         Qwen3ForCausalLM,
     )
 
-    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rope_theta=10000.0)
+    common = dict(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
     config_class, model_class = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # q/k/v projections carry biases

@@ -13,11 +13,24 @@ import sys
 # `vllm serve --help` (vLLM's CLI reference): the flags rag-llm-service uses, and whether each takes
 # a value. --model is vLLM's older spelling of the positional model, still accepted; compose uses it.
 DOCUMENTED: dict[str, bool] = {
-    "--model": True, "--host": True, "--port": True, "--served-model-name": True, "--download-dir": True,
-    "--tensor-parallel-size": True, "--max-num-seqs": True, "--max-num-batched-tokens": True,
-    "--gpu-memory-utilization": True, "--enable-prompt-tokens-details": False, "--enable-chunked-prefill": False,
-    "--max-model-len": True, "--quantization": True, "--kv-cache-dtype": True, "--otlp-traces-endpoint": True,
-    "--block-size": True, "--no-enable-prefix-caching": False, "--num-gpu-blocks-override": True,
+    "--model": True,
+    "--host": True,
+    "--port": True,
+    "--served-model-name": True,
+    "--download-dir": True,
+    "--tensor-parallel-size": True,
+    "--max-num-seqs": True,
+    "--max-num-batched-tokens": True,
+    "--gpu-memory-utilization": True,
+    "--enable-prompt-tokens-details": False,
+    "--enable-chunked-prefill": False,
+    "--max-model-len": True,
+    "--quantization": True,
+    "--kv-cache-dtype": True,
+    "--otlp-traces-endpoint": True,
+    "--block-size": True,
+    "--no-enable-prefix-caching": False,
+    "--num-gpu-blocks-override": True,
     "--kv-cache-memory-bytes": True,
 }
 
@@ -50,8 +63,20 @@ def main() -> None:
     if pid_file := os.environ.get("VLLM_STANDIN_PID_FILE"):
         with open(pid_file, "w") as handle:
             handle.write(str(os.getpid()))
-    argv = [sys.executable, "-m", "ragllm.cli", "serve", "--engine", "transformers", "--host", args.host,
-            "--port", args.port, "--model", args.model]
+    argv = [
+        sys.executable,
+        "-m",
+        "ragllm.cli",
+        "serve",
+        "--engine",
+        "transformers",
+        "--host",
+        args.host,
+        "--port",
+        args.port,
+        "--model",
+        args.model,
+    ]
     if args.served_model_name:
         argv += ["--served-model-name", args.served_model_name]
     os.execv(sys.executable, argv)

@@ -58,15 +58,28 @@ def collector():
 
 
 def test_request_span_tree_continues_the_callers_trace(collector, tmp_path):
-    server = ServerProcess(env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100",
-                                "RAGLLM_SERVER__LOG_FORMAT": "json"}, log_dir=tmp_path)
+    server = ServerProcess(
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "RAGLLM_SERVER__LOG_FORMAT": "json",
+        },
+        log_dir=tmp_path,
+    )
     try:
         server.wait_ready()
         traceparent = f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"
-        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60,
-                              headers={"traceparent": traceparent},
-                              json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
-                                    "max_tokens": 4, "temperature": 0})
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=60,
+            headers={"traceparent": traceparent},
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        )
         assert response.status_code == 200
         assert response.headers["x-trace-id"] == CALLER_TRACE_ID
         deadline = time.monotonic() + 10
@@ -85,20 +98,32 @@ def test_request_span_tree_continues_the_callers_trace(collector, tmp_path):
         assert spans["prefill"].end_time_unix_nano <= spans["decode"].start_time_unix_nano + 1
         attributes = {a.key: a.value for a in root.attributes}
         assert attributes["http.response.status_code"].int_value == 200
-        assert attributes["gen_ai.usage.output_tokens"].int_value == response.json()["usage"]["completion_tokens"]
-        lines = [json.loads(raw) for raw in server.log_tail_full().splitlines() if '"ragllm.requests"' in raw]
+        assert (
+            attributes["gen_ai.usage.output_tokens"].int_value
+            == response.json()["usage"]["completion_tokens"]
+        )
+        lines = [
+            json.loads(raw)
+            for raw in server.log_tail_full().splitlines()
+            if '"ragllm.requests"' in raw
+        ]
         assert lines[-1]["trace_id"] == CALLER_TRACE_ID
     finally:
         server.stop()
 
 
 def test_a_request_without_traceparent_starts_a_new_trace(collector, tmp_path):
-    server = ServerProcess(env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"},
-                           log_dir=tmp_path)
+    server = ServerProcess(
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"},
+        log_dir=tmp_path,
+    )
     try:
         server.wait_ready()
-        response = httpx.post(f"{server.url}/v1/completions", timeout=60,
-                              json={"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+        response = httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=60,
+            json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
+        )
         trace_id = response.headers["x-trace-id"]
         assert len(trace_id) == 32 and trace_id != CALLER_TRACE_ID
         deadline = time.monotonic() + 10

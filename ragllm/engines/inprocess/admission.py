@@ -20,8 +20,10 @@ class AdmissionCounter:
         """Count one more request, or raise EngineOverloaded at capacity."""
         with self._lock:
             if self.count >= self.max_num_seqs + self.max_waiting:
-                raise EngineOverloaded(f"the engine is at capacity ({self.max_num_seqs} running, "
-                                       f"{self.max_waiting} waiting); retry shortly")
+                raise EngineOverloaded(
+                    f"the engine is at capacity ({self.max_num_seqs} running, "
+                    f"{self.max_waiting} waiting); retry shortly"
+                )
             self.count += 1
 
     def release(self) -> None:

@@ -15,16 +15,23 @@ from ragllm.generation import GenerationRequest, SamplingParams
 
 
 class Canary:
-    def __init__(self, worker: Any, sequences: SequenceBuilder, token_id: int, interval_s: float,
-                 timeout_s: float) -> None:
+    def __init__(
+        self,
+        worker: Any,
+        sequences: SequenceBuilder,
+        token_id: int,
+        interval_s: float,
+        timeout_s: float,
+    ) -> None:
         self.worker = worker
         self.sequences = sequences
         self.token_id = token_id  # any valid id serves as the prompt
         self.interval_s = interval_s
         self.timeout_s = timeout_s
 
-    async def run_while(self, ready: Callable[[], bool], idle: Callable[[], bool],
-                        on_failure: Callable[[str], None]) -> None:
+    async def run_while(
+        self, ready: Callable[[], bool], idle: Callable[[], bool], on_failure: Callable[[str], None]
+    ) -> None:
         """Check whenever the engine is ``idle`` and has made no progress for ``interval_s``, for as long
         as it is ``ready``; a failed check is reported to ``on_failure`` (and ends the watch)."""
         while ready():
@@ -38,14 +45,17 @@ class Canary:
 
     async def check(self) -> BaseException | None:
         """One canary generation; the error it ended with, or None if a token came in time."""
-        request = GenerationRequest("canary-" + os.urandom(6).hex(), SamplingParams(max_tokens=1, temperature=0.0),
-                                    prompt_token_ids=[self.token_id])
+        request = GenerationRequest(
+            "canary-" + os.urandom(6).hex(),
+            SamplingParams(max_tokens=1, temperature=0.0),
+            prompt_token_ids=[self.token_id],
+        )
         sequence = self.sequences.new_sequence(request, [self.token_id])
         sequence.for_client = False
         self.worker.submit(sequence)
         try:
             answer = await asyncio.wait_for(sequence.sink.get(), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.worker.abort(request.request_id)
             return TimeoutError(f"no token within {self.timeout_s:g} s")
         return answer if isinstance(answer, BaseException) else None

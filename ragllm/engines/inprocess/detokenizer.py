@@ -101,5 +101,9 @@ class StopMatcher:
         """Where the answer ends: at the stop string that completes first (as generation would have
         stopped there, however the text was split into tokens); of several completing at once, the
         longest. A stop's first occurrence is also where it first completes."""
-        ends = [(index + len(stop), -len(stop), index) for stop in self._stops if (index := buffer.find(stop)) >= 0]
+        ends = [
+            (index + len(stop), -len(stop), index)
+            for stop in self._stops
+            if (index := buffer.find(stop)) >= 0
+        ]
         return min(ends)[2] if ends else None

@@ -14,18 +14,32 @@ import time
 from typing import Any
 
 from ragllm.config import EngineSettings, Settings
-from ragllm.generation import Delta, EngineHealth, EngineState, EngineStats, GenerationRequest, KVCacheStats, ModelCard, SamplingParams, Usage
-from ragllm.generation import DeltaStream
 from ragllm.engines.base import Engine
 from ragllm.engines.inprocess.admission import AdmissionCounter
 from ragllm.engines.inprocess.canary import Canary
-from ragllm.engines.inprocess.model_facts import choosable_ids, fingerprint, logits_width, max_token_bytes
+from ragllm.engines.inprocess.model_facts import (
+    choosable_ids,
+    fingerprint,
+    logits_width,
+    max_token_bytes,
+)
 from ragllm.engines.inprocess.request_stream import RequestStream
 from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.engines.inprocess.sequence_builder import SequenceBuilder
+from ragllm.errors import EngineNotReady, InvalidRequest
+from ragllm.generation import (
+    Delta,
+    DeltaStream,
+    EngineHealth,
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    KVCacheStats,
+    ModelCard,
+    Usage,
+)
 from ragllm.structured.grammars import GrammarCompiler
 from ragllm.tools.formats import format_of_template
-from ragllm.errors import EngineNotReady, InvalidRequest
 
 logger = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -50,7 +64,7 @@ class TransformersEngine(Engine):
         self._canary_task: asyncio.Task | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "TransformersEngine":
+    def from_settings(cls, settings: Settings) -> TransformersEngine:
         return cls(settings.engine)
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -59,16 +73,22 @@ class TransformersEngine(Engine):
         try:
             await asyncio.to_thread(self._load)
         except ImportError as exc:
-            self._health = EngineHealth(EngineState.BROKEN, f"the in-process engine needs {exc.name or exc}: "
-                                                             "pip install 'ragllm[engine]'")
+            self._health = EngineHealth(
+                EngineState.BROKEN,
+                f"the in-process engine needs {exc.name or exc}: pip install 'ragllm[engine]'",
+            )
             raise
         except Exception as exc:
             self._health = EngineHealth(EngineState.BROKEN, f"model failed to load: {exc}")
             raise
         self._health = EngineHealth(EngineState.READY)
-        self._canary_task = asyncio.create_task(self._canary.run_while(
-            ready=lambda: self._health.state is EngineState.READY, idle=lambda: self.admission.count == 0,
-            on_failure=self._mark_broken))
+        self._canary_task = asyncio.create_task(
+            self._canary.run_while(
+                ready=lambda: self._health.state is EngineState.READY,
+                idle=lambda: self.admission.count == 0,
+                on_failure=self._mark_broken,
+            )
+        )
 
     def _load(self) -> None:
         from ragllm.engines.inprocess.loading import load_model_and_tokenizer
@@ -82,14 +102,26 @@ class TransformersEngine(Engine):
         choosable = choosable_ids(loaded.tokenizer, logits_width(loaded.model))
         budget_ms = self.settings.grammar_mask_budget_ms
         mask_budget_s = None if budget_ms is None else budget_ms / 1000
-        grammars = GrammarCompiler(loaded.tokenizer, choosable, loaded.stop_token_ids,
-                                   cache_bytes=self.settings.grammar_cache_bytes, mask_budget_s=mask_budget_s)
+        grammars = GrammarCompiler(
+            loaded.tokenizer,
+            choosable,
+            loaded.stop_token_ids,
+            cache_bytes=self.settings.grammar_cache_bytes,
+            mask_budget_s=mask_budget_s,
+        )
         max_model_len = self.settings.max_model_len or loaded.max_position_embeddings
-        self._sequences = SequenceBuilder(loaded.tokenizer, loaded.device,
-                                          loaded.model.get_input_embeddings().num_embeddings,
-                                          loaded.stop_token_ids, max_model_len, grammars,
-                                          self.settings.default_max_tokens)
-        runner = build_runner(loaded.model, loaded.device, max_model_len, str(loaded.path), self.settings)
+        self._sequences = SequenceBuilder(
+            loaded.tokenizer,
+            loaded.device,
+            loaded.model.get_input_embeddings().num_embeddings,
+            loaded.stop_token_ids,
+            max_model_len,
+            grammars,
+            self.settings.default_max_tokens,
+        )
+        runner = build_runner(
+            loaded.model, loaded.device, max_model_len, str(loaded.path), self.settings
+        )
         limits = SchedulerLimits(
             max_num_seqs=self.settings.max_num_seqs,
             max_batch_size=self.settings.max_batch_size,
@@ -100,14 +132,26 @@ class TransformersEngine(Engine):
             grammar_mask_step_share=self.settings.grammar_mask_step_share,
             max_prefill_while_decoding=self.settings.max_prefill_tokens_while_decoding,
         )
-        self.worker = Worker(runner, limits, self._deliver_from_engine_thread, on_fatal=self._on_fatal,
-                             choosable=choosable)
-        self._canary = Canary(self.worker, self._sequences, next(iter(loaded.stop_token_ids), 0),
-                              self.settings.canary_interval_s, self.settings.stall_timeout_s)
+        self.worker = Worker(
+            runner,
+            limits,
+            self._deliver_from_engine_thread,
+            on_fatal=self._on_fatal,
+            choosable=choosable,
+        )
+        self._canary = Canary(
+            self.worker,
+            self._sequences,
+            next(iter(loaded.stop_token_ids), 0),
+            self.settings.canary_interval_s,
+            self.settings.stall_timeout_s,
+        )
         self._card = ModelCard(
             id=self.settings.public_model_name,
             max_model_len=max_model_len,
-            fingerprint=fingerprint(loaded.path, loaded.dtype_name, loaded.device, self._tokenizer.chat_template),
+            fingerprint=fingerprint(
+                loaded.path, loaded.dtype_name, loaded.device, self._tokenizer.chat_template
+            ),
             sampling_defaults=loaded.sampling_defaults,
             thinking_switch="enable_thinking" in (self._tokenizer.chat_template or ""),
             tool_call_format=format_of_template(self._tokenizer.chat_template)[0],
@@ -120,7 +164,13 @@ class TransformersEngine(Engine):
             # (a prefill takes a few ms) doubled the time to first token. 0.5 ms costs nothing there.
             sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self.worker.start()
-        logger.info("model %s ready on %s (%s), context %d", self._card.id, loaded.device, loaded.dtype_name, max_model_len)
+        logger.info(
+            "model %s ready on %s (%s), context %d",
+            self._card.id,
+            loaded.device,
+            loaded.dtype_name,
+            max_model_len,
+        )
 
     async def aclose(self) -> None:
         if self._canary_task is not None:
@@ -164,25 +214,42 @@ class TransformersEngine(Engine):
 
     def _broken_now(self) -> EngineHealth | None:
         if not self.worker.is_alive():
-            return EngineHealth(EngineState.BROKEN, "engine thread has stopped", restart_needed=True)
+            return EngineHealth(
+                EngineState.BROKEN, "engine thread has stopped", restart_needed=True
+            )
         stalled_for = time.monotonic() - self.worker.last_progress
         if self.admission.count and stalled_for > self.settings.stall_timeout_s:
-            return EngineHealth(EngineState.BROKEN, f"the engine has completed no step for {stalled_for:.0f} s "
-                                                    f"with {self.admission.count} requests admitted", restart_needed=True)
+            return EngineHealth(
+                EngineState.BROKEN,
+                f"the engine has completed no step for {stalled_for:.0f} s "
+                f"with {self.admission.count} requests admitted",
+                restart_needed=True,
+            )
         return None
 
     def stats(self) -> EngineStats:
         if self.worker is None:
             return EngineStats()
         running = self.worker.scheduler.num_running
-        blocks = self.worker.scheduler.blocks  # plain counters read off the engine thread: a moment's view
-        kv = KVCacheStats(block_size=blocks.block_size, blocks_total=blocks.pool.num_usable,
-                          blocks_free=blocks.pool.num_free, prefix_cache_queries=blocks.pool.queries,
-                          prefix_cache_hits=blocks.pool.hits, num_preemptions=blocks.num_preemptions,
-                          dtype=str(self.worker.runner.cache_dtype).removeprefix("torch."))
+        blocks = (
+            self.worker.scheduler.blocks
+        )  # plain counters read off the engine thread: a moment's view
+        kv = KVCacheStats(
+            block_size=blocks.block_size,
+            blocks_total=blocks.pool.num_usable,
+            blocks_free=blocks.pool.num_free,
+            prefix_cache_queries=blocks.pool.queries,
+            prefix_cache_hits=blocks.pool.hits,
+            num_preemptions=blocks.num_preemptions,
+            dtype=str(self.worker.runner.cache_dtype).removeprefix("torch."),
+        )
         produced = Usage(self.worker.num_prompt_tokens_started, self.worker.num_tokens_sampled)
-        return EngineStats(num_running=running, num_waiting=max(0, self.admission.count - running), kv_cache=kv,
-                           produced=produced)
+        return EngineStats(
+            num_running=running,
+            num_waiting=max(0, self.admission.count - running),
+            kv_cache=kv,
+            produced=produced,
+        )
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
         health = self.health()
@@ -190,14 +257,21 @@ class TransformersEngine(Engine):
             raise EngineNotReady(health.detail or "engine is not ready")
         choices = request.params.n
         if choices > self.settings.max_num_seqs:
-            raise InvalidRequest(f"n={choices} needs {choices} engine slots at once; this engine has "
-                                 f"max_num_seqs={self.settings.max_num_seqs}", param="n")
+            raise InvalidRequest(
+                f"n={choices} needs {choices} engine slots at once; this engine has "
+                f"max_num_seqs={self.settings.max_num_seqs}",
+                param="n",
+            )
         self.admission.reserve()
         try:
             prompt_ids, grammars, block_hashes = await asyncio.to_thread(
-                self._sequences.prompt_and_grammars, request, self.worker.scheduler.blocks)
+                self._sequences.prompt_and_grammars, request, self.worker.scheduler.blocks
+            )
             sink: asyncio.Queue = asyncio.Queue()
-            sequences = [self._sequences.new_sequence(request, prompt_ids, index, sink) for index in range(choices)]
+            sequences = [
+                self._sequences.new_sequence(request, prompt_ids, index, sink)
+                for index in range(choices)
+            ]
         except BaseException:
             self.release_admission()
             raise
@@ -219,7 +293,9 @@ class TransformersEngine(Engine):
         self.admission.release()
 
     # -- engine thread → event loop ---------------------------------------------------------------
-    def _deliver_from_engine_thread(self, results: list[tuple[Sequence, Delta | BaseException]]) -> None:
+    def _deliver_from_engine_thread(
+        self, results: list[tuple[Sequence, Delta | BaseException]]
+    ) -> None:
         self._loop.call_soon_threadsafe(_dispatch, results)
 
     def abort(self, request_id: str) -> asyncio.Future[None]:
@@ -248,5 +324,3 @@ def _resolve(future: asyncio.Future[None]) -> None:
 def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
     for sequence, item in results:
         sequence.sink.put_nowait(item)
-
-

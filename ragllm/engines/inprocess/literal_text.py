@@ -38,8 +38,12 @@ def special_token_texts(tokenizer: Any) -> list[str]:
     control tokens. Added tokens that are not special (Qwen's ``<tool_call>``, ``<think>``) are
     ordinary vocabulary and stay as they are."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    texts = {str(token) for token in decoder.values() if getattr(token, "special", False) and str(token)}
-    return sorted(texts, key=lambda text: (-len(text), text))  # longest first, as the tokenizer matches
+    texts = {
+        str(token) for token in decoder.values() if getattr(token, "special", False) and str(token)
+    }
+    return sorted(
+        texts, key=lambda text: (-len(text), text)
+    )  # longest first, as the tokenizer matches
 
 
 class LiteralText:
@@ -50,10 +54,19 @@ class LiteralText:
         if len(special_tokens) > MAX_TOKENS or any(_private(token) for token in special_tokens):
             special_tokens = []  # no room for escapes: nothing is escaped (never happens with real vocabularies)
         self.special_tokens = list(special_tokens)
-        self._escapes = {token: ESCAPE + chr(FIRST_TOKEN + i) for i, token in enumerate(self.special_tokens)}
-        self._texts = {ESCAPE: ESCAPE, BREAK: "", **{chr(FIRST_TOKEN + i): token
-                                                     for i, token in enumerate(self.special_tokens)}}
-        self._pattern = re.compile("|".join(re.escape(t) for t in self.special_tokens)) if special_tokens else None
+        self._escapes = {
+            token: ESCAPE + chr(FIRST_TOKEN + i) for i, token in enumerate(self.special_tokens)
+        }
+        self._texts = {
+            ESCAPE: ESCAPE,
+            BREAK: "",
+            **{chr(FIRST_TOKEN + i): token for i, token in enumerate(self.special_tokens)},
+        }
+        self._pattern = (
+            re.compile("|".join(re.escape(t) for t in self.special_tokens))
+            if special_tokens
+            else None
+        )
         self._first_chars = frozenset(token[0] for token in self.special_tokens)
         self._heads = frozenset(t[:k] for t in self.special_tokens for k in range(1, len(t)))
         self._tails = frozenset(t[-k:] for t in self.special_tokens for k in range(1, len(t)))
@@ -74,14 +87,18 @@ class LiteralText:
             return text
         if ESCAPE in text:
             text = text.replace(ESCAPE, ESCAPE + ESCAPE)
-        if any(char in text for char in self._first_chars):  # most text holds no special token's first char
+        if any(
+            char in text for char in self._first_chars
+        ):  # most text holds no special token's first char
             text = self._pattern.sub(lambda match: self._escapes[match.group()], text)
         return self._broken_edges(text)
 
     def unescape(self, text: str) -> str:
         if ESCAPE not in text:
             return text
-        return _ESCAPE_SEQUENCE.sub(lambda match: self._texts.get(match.group(1), match.group()), text)
+        return _ESCAPE_SEQUENCE.sub(
+            lambda match: self._texts.get(match.group(1), match.group()), text
+        )
 
     def _broken_edges(self, text: str) -> str:
         """A break after the first character of every tail that begins a special token, and before the

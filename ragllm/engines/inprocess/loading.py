@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ragllm.config import EngineSettings
-from ragllm.generation import REQUEST_TEMPLATE_KEY, GenerationRequest
 from ragllm.engines.inprocess.literal_text import LiteralText
 from ragllm.engines.inprocess.prompt_tokens import PromptTokenizer
 from ragllm.errors import InvalidRequest, ModelLoadError
+from ragllm.generation import REQUEST_TEMPLATE_KEY, GenerationRequest
 from ragllm.models import resolve_model
 from ragllm.tools.formats import format_of_template
 from ragllm.tools.rendering import template_inputs
@@ -117,15 +117,22 @@ def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def prompt_token_ids(tokenizer: Any, request: GenerationRequest, prompts: PromptTokenizer | None = None) -> list[int]:
+def prompt_token_ids(
+    tokenizer: Any, request: GenerationRequest, prompts: PromptTokenizer | None = None
+) -> list[int]:
     """Token ids of the request's prompt: chat template for messages, plain text or given ids.
     ``prompts`` tokenizes the rendered chat prompt (reusing pieces); in a chat, only the template's own
     special tokens are control tokens, the client's text is text. A completion's ``prompt`` is the
     whole prompt, written by the client: its special tokens are read as such (as vLLM does)."""
     if request.messages is not None:
         prompts = prompts or PromptTokenizer(tokenizer)
-        text = _chat_prompt_text(tokenizer, prompts.literal, request.messages, request.chat_template_kwargs or {},
-                                 request.tools)
+        text = _chat_prompt_text(
+            tokenizer,
+            prompts.literal,
+            request.messages,
+            request.chat_template_kwargs or {},
+            request.tools,
+        )
         return prompts.encode(text, request.cache_scope.digest())
     if request.prompt_token_ids is not None:
         _check_token_ids(tokenizer, request.prompt_token_ids)
@@ -136,22 +143,36 @@ def prompt_token_ids(tokenizer: Any, request: GenerationRequest, prompts: Prompt
     return ids
 
 
-def _chat_prompt_text(tokenizer: Any, literal: LiteralText, messages: list[dict[str, Any]],
-                      template_kwargs: dict[str, Any], tools: list[dict[str, Any]] | None = None) -> str:
+def _chat_prompt_text(
+    tokenizer: Any,
+    literal: LiteralText,
+    messages: list[dict[str, Any]],
+    template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
     _, renders_tools = format_of_template(tokenizer.chat_template)
     try:
         # Escaped after the tools are written into the conversation, so that text joined there is escaped whole.
         messages, tools = literal.escape(template_inputs(messages, tools, renders_tools))
-    except RecursionError as exc:  # a tool schema nested hundreds deep: writing it out recurses as deep
-        raise InvalidRequest("the tools or messages are nested too deeply to render", param="tools") from exc
+    except (
+        RecursionError
+    ) as exc:  # a tool schema nested hundreds deep: writing it out recurses as deep
+        raise InvalidRequest(
+            "the tools or messages are nested too deeply to render", param="tools"
+        ) from exc
     # A template the request supplies (where the server allows it) is the template, not content.
-    template_kwargs = {key: value if key == REQUEST_TEMPLATE_KEY else literal.escape(value)
-                       for key, value in template_kwargs.items()}
+    template_kwargs = {
+        key: value if key == REQUEST_TEMPLATE_KEY else literal.escape(value)
+        for key, value in template_kwargs.items()
+    }
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
-                                             **template_kwargs)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False, **template_kwargs
+        )
     except Exception as exc:  # templates raise on conversations they do not accept
-        raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
+        raise InvalidRequest(
+            f"the model's chat template rejected the messages: {exc}", param="messages"
+        ) from exc
     return text
 
 
@@ -161,4 +182,6 @@ def _check_token_ids(tokenizer: Any, ids: list[int]) -> None:
     vocab_size = len(tokenizer)
     bad = next((token for token in ids if not 0 <= token < vocab_size), None)
     if bad is not None:
-        raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param="prompt")
+        raise InvalidRequest(
+            f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param="prompt"
+        )

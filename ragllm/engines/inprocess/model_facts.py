@@ -22,7 +22,11 @@ def choosable_ids(tokenizer: Any, logits_width: int) -> int:
 
 def max_token_bytes(tokenizer: Any) -> int:
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return max(len(tokenizer.convert_tokens_to_string([token]).encode()) for token in tokens if token is not None)
+    return max(
+        len(tokenizer.convert_tokens_to_string([token]).encode())
+        for token in tokens
+        if token is not None
+    )
 
 
 def fingerprint(path: Any, dtype_name: str, device: Any, chat_template: str) -> str:

@@ -29,11 +29,17 @@ MIN_PREFILL_CHUNK = 16
 class PrefillPolicy:
     step_tokens: int  # max_num_batched_tokens: decode rows and prefill tokens of one step
     chunked: bool  # every prompt in chunks; otherwise a prompt is prefilled whole where it may be
-    max_while_decoding: int | None = None  # prefill tokens a step while rows decode; None: half a step
+    max_while_decoding: int | None = (
+        None  # prefill tokens a step while rows decode; None: half a step
+    )
 
     @property
     def cap(self) -> int:
-        cap = self.max_while_decoding if self.max_while_decoding is not None else self.step_tokens // 2
+        cap = (
+            self.max_while_decoding
+            if self.max_while_decoding is not None
+            else self.step_tokens // 2
+        )
         return max(MIN_PREFILL_CHUNK, min(cap, self.step_tokens))
 
     def budget(self, num_decoding: int) -> int:

@@ -27,15 +27,21 @@ import copy
 import re
 import threading
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ragllm.engines.inprocess.literal_text import ESCAPE, LiteralText, special_token_texts
 
 # Pieces shorter than this are tokenized on every request (a cache lookup would cost about as much).
 MIN_CACHED_CHARS = 1024
 DEFAULT_MAX_CACHED_CHARS = 32 << 20
-_PROBE_BODIES = ("You are helpful.\n\nDocuments:\n[1] Paris is the capital of France. 3.14 !",
-                 "  leading spaces and trailing  ", "\nnewline first", "word", " café naïve 東京 🙂\t")
+_PROBE_BODIES = (
+    "You are helpful.\n\nDocuments:\n[1] Paris is the capital of France. 3.14 !",
+    "  leading spaces and trailing  ",
+    "\nnewline first",
+    "word",
+    " café naïve 東京 🙂\t",
+)
 
 
 class PromptTokenizer:
@@ -45,7 +51,9 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Any, max_cached_chars: int = DEFAULT_MAX_CACHED_CHARS) -> None:
         self._tokenizer = tokenizer
         self._max_cached_chars = max_cached_chars
-        self._cached: OrderedDict[tuple[bytes, str], list[int]] = OrderedDict()  # (scope, piece) → ids
+        self._cached: OrderedDict[tuple[bytes, str], list[int]] = (
+            OrderedDict()
+        )  # (scope, piece) → ids
         self._cached_chars = 0
         self._lock = threading.Lock()  # prompts are tokenized on several worker threads
         self._specials = _special_token_ids(tokenizer)
@@ -53,7 +61,9 @@ class PromptTokenizer:
         self.segmented = self._splitter is not None and self._agrees_on_probes()
         self.hits = 0
         self.literal = LiteralText(special_token_texts(tokenizer))
-        self._control_ids = {token: tokenizer.convert_tokens_to_ids(token) for token in self.literal.special_tokens}
+        self._control_ids = {
+            token: tokenizer.convert_tokens_to_ids(token) for token in self.literal.special_tokens
+        }
         self._control_splitter = _splitter(self._control_ids)
         self._plain = _plain_encoder(tokenizer)
 
@@ -61,14 +71,23 @@ class PromptTokenizer:
         """Ids of a rendered prompt; client text in it (escaped) is tokenized as plain text. Pieces are
         reused only within ``scope`` (the request's cache scope: tenant and salt)."""
         if ESCAPE in text and self._control_splitter is not None:
-            return self._by_pieces(text, lambda piece: self._piece_with_literals(piece, scope),
-                                   self._control_splitter, self._control_ids)
+            return self._by_pieces(
+                text,
+                lambda piece: self._piece_with_literals(piece, scope),
+                self._control_splitter,
+                self._control_ids,
+            )
         if not self.segmented:
             return self._whole(text)
         return self._by_pieces(text, lambda piece: self._piece(piece, scope))
 
-    def _by_pieces(self, text: str, piece_ids: Callable[[str], list[int]], splitter: re.Pattern[str] | None = None,
-                   specials: dict[str, int] | None = None) -> list[int]:
+    def _by_pieces(
+        self,
+        text: str,
+        piece_ids: Callable[[str], list[int]],
+        splitter: re.Pattern[str] | None = None,
+        specials: dict[str, int] | None = None,
+    ) -> list[int]:
         """Special tokens as their ids, the text between them through ``piece_ids``."""
         splitter, specials = splitter or self._splitter, specials or self._specials
         ids: list[int] = []
@@ -80,10 +99,14 @@ class PromptTokenizer:
 
     def _piece_with_literals(self, piece: str, scope: bytes) -> list[int]:
         if ESCAPE in piece:
-            return self._piece(piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped)))
+            return self._piece(
+                piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped))
+            )
         return self._piece(piece, scope) if self.segmented else self._whole(piece)
 
-    def _piece(self, piece: str, scope: bytes = b"", encode: Callable[[str], list[int]] | None = None) -> list[int]:
+    def _piece(
+        self, piece: str, scope: bytes = b"", encode: Callable[[str], list[int]] | None = None
+    ) -> list[int]:
         """Keyed by the piece's text as rendered: an escaped piece never equals a plain one (it holds
         U+E000, which plain pieces never do), so the two kinds of ids cannot be mixed up."""
         encode = encode or self._whole
@@ -132,7 +155,11 @@ def _special_token_ids(tokenizer: Any) -> dict[str, int]:
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     tokens: dict[str, int] = {}
     for token_id, token in decoder.items():
-        if getattr(token, "lstrip", False) or getattr(token, "rstrip", False) or getattr(token, "single_word", False):
+        if (
+            getattr(token, "lstrip", False)
+            or getattr(token, "rstrip", False)
+            or getattr(token, "single_word", False)
+        ):
             return {}
         if getattr(token, "normalized", False) and not getattr(token, "special", False):
             return {}
@@ -149,7 +176,9 @@ def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
         plain = copy.deepcopy(backend)
         plain.encode_special_tokens = True
         return lambda text: plain.encode(text, add_special_tokens=False).ids
-    return lambda text: tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    return lambda text: (
+        tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    )
 
 
 def _splitter(specials: dict[str, int]) -> re.Pattern[str] | None:

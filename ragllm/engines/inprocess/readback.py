@@ -17,7 +17,7 @@ class TokenReadback:
         self._tokens: torch.Tensor | None = None
         self._count = 0
 
-    def start(self, tokens: "torch.Tensor") -> "TokenReadback":
+    def start(self, tokens: torch.Tensor) -> TokenReadback:
         self._count = len(tokens)
         if self._cuda:
             self._host[: self._count].copy_(tokens, non_blocking=True)

@@ -47,7 +47,9 @@ class RequestStream(DeltaStream):
         self._queue: asyncio.Queue = sequences[0].sink
         self._unfinished = len(sequences)
         self._done = False
-        self._removed: asyncio.Future[None] | None = None  # the engine's word that the abort is done
+        self._removed: asyncio.Future[None] | None = (
+            None  # the engine's word that the abort is done
+        )
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         while not self._done:
@@ -81,8 +83,12 @@ class RequestStream(DeltaStream):
         deadline = loop.time() + self._engine.stall_timeout_s
         while not self._removed.done() and self._engine.is_running():
             if loop.time() >= deadline:
-                logger.warning("request %s: the engine did not confirm its abort within %g s; billing what "
-                               "it had produced by then", self.request_id, self._engine.stall_timeout_s)
+                logger.warning(
+                    "request %s: the engine did not confirm its abort within %g s; billing what "
+                    "it had produced by then",
+                    self.request_id,
+                    self._engine.stall_timeout_s,
+                )
                 return
             await asyncio.wait({self._removed}, timeout=ABORT_POLL_S)
 

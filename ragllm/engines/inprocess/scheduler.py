@@ -44,9 +44,15 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     chunked_prefill: bool
     max_queue_wait_s: float | None = None  # None: a request may wait for its prefill indefinitely
-    grammar_mask_budget_s: float | None = None  # one row's token mask a step; over it the row ends alone
-    grammar_mask_step_share: float | None = None  # of a step's other work, what one row's masks may add
-    max_prefill_while_decoding: int | None = None  # prefill tokens a step while rows decode; None: half
+    grammar_mask_budget_s: float | None = (
+        None  # one row's token mask a step; over it the row ends alone
+    )
+    grammar_mask_step_share: float | None = (
+        None  # of a step's other work, what one row's masks may add
+    )
+    max_prefill_while_decoding: int | None = (
+        None  # prefill tokens a step while rows decode; None: half
+    )
 
 
 @dataclass
@@ -54,7 +60,9 @@ class PrefillChunkPlan:
     """Part of one prompt to compute this step."""
 
     sequence: Sequence  # a leader (its other choices start from its prompt once it is done)
-    target: list[int]  # what it prefills: its prompt, or prompt and answer so far after a preemption
+    target: list[
+        int
+    ]  # what it prefills: its prompt, or prompt and answer so far after a preemption
     start: int  # the first position computed now (tokens before it are cached or computed)
     num_tokens: int  # how many are computed now
 
@@ -90,12 +98,17 @@ class Scheduler:
     copies a KV block's contents (the only device work a decision needs: a choice forking off its
     leader's partial last block)."""
 
-    def __init__(self, limits: SchedulerLimits, blocks: BlockTables,
-                 copy_block: Callable[[int, int], None] = lambda src, dst: None) -> None:
+    def __init__(
+        self,
+        limits: SchedulerLimits,
+        blocks: BlockTables,
+        copy_block: Callable[[int, int], None] = lambda src, dst: None,
+    ) -> None:
         self.limits = limits
         self.blocks = blocks
-        self.prefill_policy = PrefillPolicy(limits.max_num_batched_tokens, limits.chunked_prefill,
-                                            limits.max_prefill_while_decoding)
+        self.prefill_policy = PrefillPolicy(
+            limits.max_num_batched_tokens, limits.chunked_prefill, limits.max_prefill_while_decoding
+        )
         self._copy_block = copy_block
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
@@ -125,8 +138,14 @@ class Scheduler:
         plan.prefill = self._prefill_chunks(len(plan.decode))
         for chunk in plan.prefill:
             for member in (chunk.sequence, *chunk.sequence.followers):
-                if member.mark_scheduled() and member is chunk.sequence and chunk.sequence.for_client:
-                    plan.num_prompt_tokens_started += chunk.sequence.num_prompt_tokens  # once a request
+                if (
+                    member.mark_scheduled()
+                    and member is chunk.sequence
+                    and chunk.sequence.for_client
+                ):
+                    plan.num_prompt_tokens_started += (
+                        chunk.sequence.num_prompt_tokens
+                    )  # once a request
         return plan
 
     def _expire_overdue(self, plan: StepPlan) -> None:
@@ -144,8 +163,10 @@ class Scheduler:
             overdue.append(sequence)
         overdue += [s for s in self.running if s.queue_time_s is None and s.arrival_time < deadline]
         for sequence in overdue:
-            refusal = EngineOverloaded(f"the request waited {limit:g} s for the engine without starting; "
-                                       "retry shortly or on another replica")
+            refusal = EngineOverloaded(
+                f"the request waited {limit:g} s for the engine without starting; "
+                "retry shortly or on another replica"
+            )
             self._remove(sequence)
             plan.refused.append((sequence, refusal))
 
@@ -175,14 +196,18 @@ class Scheduler:
         return ContextLengthExceeded(
             f"this request needs more KV cache than the engine has ({len(group)} choices of "
             f"{group[0].num_prompt_tokens} prompt tokens; {pool.num_usable} blocks of {pool.block_size} "
-            "tokens); lower n or the prompt", param="n" if len(group) > 1 else "messages")
+            "tokens); lower n or the prompt",
+            param="n" if len(group) > 1 else "messages",
+        )
 
     def _room_to_decode(self, plan: StepPlan) -> list[Sequence]:
         """A block for every decoding sequence's next position, oldest first, preempting the newest
         running sequences while none is free; returns the sequences still decoding."""
         decoding = [s for s in self.running if s.status is SequenceStatus.DECODING]
         for sequence in decoding:
-            while sequence.status is SequenceStatus.DECODING and not self.blocks.grow(sequence, sequence.next_position):
+            while sequence.status is SequenceStatus.DECODING and not self.blocks.grow(
+                sequence, sequence.next_position
+            ):
                 plan.preempted.append(self._preempt_newest())
         return [s for s in decoding if s.status is SequenceStatus.DECODING]
 
@@ -196,7 +221,11 @@ class Scheduler:
             self.blocks.preempt(member)
             member.status = SequenceStatus.WAITING
         self.waiting.appendleft(victim)
-        logger.info("request %s preempted: no free KV block (%d running)", victim.request_id, len(self.running))
+        logger.info(
+            "request %s preempted: no free KV block (%d running)",
+            victim.request_id,
+            len(self.running),
+        )
         return victim
 
     def _prefill_chunks(self, num_decoding: int) -> list[PrefillChunkPlan]:
@@ -207,8 +236,12 @@ class Scheduler:
             if sequence.status is not SequenceStatus.PREFILLING or sequence.leader is not None:
                 continue  # a follower's prompt is its leader's: it starts when the leader's is done
             target = sequence.prefill_ids()
-            size = policy.chunk(len(target) - sequence.num_computed, budget, head=not chunks,
-                                decoding=num_decoding > 0)
+            size = policy.chunk(
+                len(target) - sequence.num_computed,
+                budget,
+                head=not chunks,
+                decoding=num_decoding > 0,
+            )
             if size <= 0:
                 break  # first come, first served: no later prompt overtakes this one
             budget -= size
@@ -219,8 +252,11 @@ class Scheduler:
         """Whether the next step can only decode ``decoding`` again (nothing waits, nothing prefills)
         and each has a block for the position after next: then it may be launched before this step's
         tokens are read back."""
-        return not self.waiting and all(s.status is SequenceStatus.DECODING for s in self.running) \
+        return (
+            not self.waiting
+            and all(s.status is SequenceStatus.DECODING for s in self.running)
             and all(self.blocks.grow(s, s.next_position + 1) for s in decoding)
+        )
 
     # -- after the step -------------------------------------------------------------------------
     def update(self, plan: StepPlan) -> list[list[Sequence]]:
@@ -245,7 +281,10 @@ class Scheduler:
             return
         block_size = self.blocks.block_size
         for sequence in decoding:
-            if sequence.next_position % block_size == 0 and sequence.status is SequenceStatus.DECODING:
+            if (
+                sequence.next_position % block_size == 0
+                and sequence.status is SequenceStatus.DECODING
+            ):
                 self.blocks.register_full(sequence, sequence.next_position)
 
     def _start_followers(self, leader: Sequence) -> list[Sequence]:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ragllm.generation import Delta, FinishReason, SamplingParams, TokenLogprob
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
+from ragllm.generation import Delta, FinishReason, SamplingParams, TokenLogprob
 from ragllm.structured.grammars import Grammar
 
 
@@ -54,8 +54,8 @@ class Sequence:
     for_client: bool = True
     # Choices 1..n-1 of the request, which wait for this sequence's prompt to be prefilled and then
     # start from a copy of its cache (the prompt is prefilled once).
-    followers: list["Sequence"] = field(default_factory=list)
-    leader: "Sequence | None" = None  # for a follower: the sequence that prefills its prompt
+    followers: list[Sequence] = field(default_factory=list)
+    leader: Sequence | None = None  # for a follower: the sequence that prefills its prompt
     # The KV blocks holding its positions, in order; they only grow while the sequence runs (a
     # preemption replaces the list), which lets a runner tell a changed table by length.
     block_table: list[int] = field(default_factory=list)
@@ -64,7 +64,9 @@ class Sequence:
     # cache_salt), so only requests of the same scope share its blocks. Empty: the unscoped chain.
     scope_salt: bytes = b""
     num_registered: int = 0  # leading full blocks registered for prefix sharing
-    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
+    num_cached_tokens: int | None = (
+        None  # prompt tokens found in the prefix cache when first admitted
+    )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,15 +95,20 @@ class Sequence:
         self.queue_time_s = time.monotonic() - self.arrival_time
         return True
 
-    def append_token(self, token_id: int, scores: "TokenScores | None" = None) -> Delta | None:
+    def append_token(self, token_id: int, scores: TokenScores | None = None) -> Delta | None:
         """Record a sampled token (with its log probabilities, when asked for); returns a delta when
         there is something to tell the consumer."""
         self.output_ids.append(token_id)
         self.tokens_since_delta += 1
         if scores is not None and self.token_text is not None:
             logprob, top = scores
-            self.logprobs_since_delta.append(TokenLogprob(
-                self.token_text(token_id), logprob, tuple((self.token_text(i), value) for i, value in top)))
+            self.logprobs_since_delta.append(
+                TokenLogprob(
+                    self.token_text(token_id),
+                    logprob,
+                    tuple((self.token_text(i), value) for i, value in top),
+                )
+            )
         if token_id in self.stop_token_ids:
             # The end-of-sequence token adds no text, but text held back so far (an unfinished
             # character, a possible stop-string prefix) is part of the answer.
@@ -111,7 +118,9 @@ class Sequence:
         text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
         if hit_stop:
             return self._finish(FinishReason.STOP, text)
-        if self.grammar is not None and self.grammar.finished:  # complete: only the end could follow
+        if (
+            self.grammar is not None and self.grammar.finished
+        ):  # complete: only the end could follow
             tail, _ = self._flush_held_back()
             return self._finish(FinishReason.STOP, text + tail)
         if len(self.output_ids) >= self.max_tokens:

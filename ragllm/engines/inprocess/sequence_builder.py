@@ -20,8 +20,16 @@ class SequenceBuilder:
     """For one loaded model: ``tokenizer``, the rows of its embedding, the ids that stop an answer,
     its context window and the grammars its structured outputs compile to."""
 
-    def __init__(self, tokenizer: Any, device: Any, embedding_rows: int, stop_token_ids: frozenset[int],
-                 max_model_len: int, grammars: GrammarCompiler, default_max_tokens: int | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        device: Any,
+        embedding_rows: int,
+        stop_token_ids: frozenset[int],
+        max_model_len: int,
+        grammars: GrammarCompiler,
+        default_max_tokens: int | None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.grammars = grammars
         self.max_model_len = max_model_len
@@ -32,16 +40,22 @@ class SequenceBuilder:
         self._prompt_tokenizer = PromptTokenizer(tokenizer)
         # A token's own text, for logprobs (decoded once per id, on the engine thread).
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
-            lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
+            lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
+        )
 
-    def prompt_and_grammars(self, request: GenerationRequest, blocks: Any) -> tuple[list[int], list[Any], list[bytes]]:
+    def prompt_and_grammars(
+        self, request: GenerationRequest, blocks: Any
+    ) -> tuple[list[int], list[Any], list[bytes]]:
         """Off the event loop in one hop: the prompt's ids, each choice's position in the structured
         output's grammar (None each where there is none), and the prompt's block hashes for the
         prefix cache (hashed here rather than on the engine thread, which every stream waits on)."""
         prompt_ids = self.prompt_ids(request)
         structured = request.params.structured
-        grammars = [None] * request.params.n if structured is None else \
-            [self.grammars.grammar(structured) for _ in range(request.params.n)]
+        grammars = (
+            [None] * request.params.n
+            if structured is None
+            else [self.grammars.grammar(structured) for _ in range(request.params.n)]
+        )
         return prompt_ids, grammars, blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -51,19 +65,28 @@ class SequenceBuilder:
         # A tokenizer with tokens the model has no embedding for would crash the device (CUDA asserts
         # on an out-of-range index and the context is lost): refuse the request instead.
         if max(ids) >= self._embedding_rows:
-            raise EngineFailure(f"the tokenizer produced token id {max(ids)}, but the model embeds only "
-                                f"{self._embedding_rows} tokens: the tokenizer does not match the model")
+            raise EngineFailure(
+                f"the tokenizer produced token id {max(ids)}, but the model embeds only "
+                f"{self._embedding_rows} tokens: the tokenizer does not match the model"
+            )
         return ids
 
-    def new_sequence(self, request: GenerationRequest, prompt_ids: list[int], index: int = 0,
-                      sink: asyncio.Queue | None = None) -> Sequence:
+    def new_sequence(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        index: int = 0,
+        sink: asyncio.Queue | None = None,
+    ) -> Sequence:
         """Choice ``index`` of the request; with a seed it samples with seed + index, as vLLM's do."""
         import torch
 
         max_tokens = self.max_tokens(len(prompt_ids), request.params.max_tokens)
         generator = None
         if request.params.seed is not None and not request.params.greedy:
-            generator = torch.Generator(device=self._device).manual_seed((request.params.seed + index) % 2**64)
+            generator = torch.Generator(device=self._device).manual_seed(
+                (request.params.seed + index) % 2**64
+            )
         return Sequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids,

@@ -68,22 +68,33 @@ def _acknowledge(abort: _Abort) -> None:
 @dataclass
 class _LaunchedStep:
     batch: list[Sequence]  # the decoding sequences, in slot order, it was launched for
-    logits: "torch.Tensor"
+    logits: torch.Tensor
 
 
 class Worker:
-    def __init__(self, runner: ModelRunner, limits: SchedulerLimits, deliver: Deliver,
-                 launch_ahead: bool | None = None,
-                 on_fatal: Callable[[BaseException], None] = lambda exc: None,
-                 choosable: int | None = None) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        limits: SchedulerLimits,
+        deliver: Deliver,
+        launch_ahead: bool | None = None,
+        on_fatal: Callable[[BaseException], None] = lambda exc: None,
+        choosable: int | None = None,
+    ) -> None:
         self.runner = runner
         self.limits = limits
-        pool = BlockPool(runner.cache.num_blocks, runner.block_size, runner.kv_options.prefix_caching)
+        pool = BlockPool(
+            runner.cache.num_blocks, runner.block_size, runner.kv_options.prefix_caching
+        )
         self.scheduler = Scheduler(limits, BlockTables(pool, runner.kv_salt), runner.copy_block)
-        self.sampler = Sampler(choosable, limits.grammar_mask_budget_s, limits.grammar_mask_step_share)
+        self.sampler = Sampler(
+            choosable, limits.grammar_mask_budget_s, limits.grammar_mask_step_share
+        )
         self.deliver = deliver
         self._on_fatal = on_fatal
-        self.fatal: BaseException | None = None  # set once a step failed for no sequence in particular
+        self.fatal: BaseException | None = (
+            None  # set once a step failed for no sequence in particular
+        )
         self.last_progress = time.monotonic()  # when a step last completed (or the loop last idled)
         self.num_sequence_faults = 0
         # What the engine produced for clients, counted here as it happens (not from what was billed):
@@ -92,7 +103,9 @@ class Worker:
         self.num_tokens_sampled = 0
         self.num_steps = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._ahead: _LaunchedStep | None = None  # a decode step launched before its batch was certain
+        self._ahead: _LaunchedStep | None = (
+            None  # a decode step launched before its batch was certain
+        )
         self._held: Results = []  # see _hand_over
         on_gpu = runner.device.type == "cuda"
         self.readback = TokenReadback(limits.max_batch_size, on_gpu)
@@ -191,8 +204,10 @@ class Worker:
         self.fatal = exc
         if first:
             self._on_fatal(exc)
-        refusal = EngineNotReady(f"the engine failed ({type(exc).__name__}: {exc}) and is out of service "
-                                 "until the server restarts; retry on another replica or shortly")
+        refusal = EngineNotReady(
+            f"the engine failed ({type(exc).__name__}: {exc}) and is out of service "
+            "until the server restarts; retry on another replica or shortly"
+        )
         self._ahead = None
         return self.scheduler.fail_all(refusal)
 
@@ -222,9 +237,16 @@ class Worker:
             self._ahead = None  # launched for a batch that no longer holds its blocks
         self._decode(plan.decode, results)
         self.num_prompt_tokens_started += plan.num_prompt_tokens_started
-        all_logits = self.runner.prefill_many(
-            [PrefillChunk(c.sequence.block_table, c.token_ids, c.start) for c in plan.prefill]) if plan.prefill else []
-        completed = {id(c.sequence): logits for c, logits in zip(plan.prefill, all_logits) if c.completes}
+        all_logits = (
+            self.runner.prefill_many(
+                [PrefillChunk(c.sequence.block_table, c.token_ids, c.start) for c in plan.prefill]
+            )
+            if plan.prefill
+            else []
+        )
+        completed = {
+            id(c.sequence): logits for c, logits in zip(plan.prefill, all_logits) if c.completes
+        }
         for group in self.scheduler.update(plan):
             # Every choice draws its first token from the same last-position logits.
             logits = completed[id(group[0])]
@@ -239,8 +261,11 @@ class Worker:
         self._ahead = None
         for first in range(0, len(decoding), batch_size):
             batch = decoding[first : first + batch_size]
-            logits = self.runner.decode([s.block_table for s in batch], [s.output_ids[-1] for s in batch],
-                                        [s.next_position for s in batch])
+            logits = self.runner.decode(
+                [s.block_table for s in batch],
+                [s.output_ids[-1] for s in batch],
+                [s.next_position for s in batch],
+            )
             self._sample_and_record(batch, logits, results)
 
     def _decode_pipelined(self, decoding: list[Sequence], results: Results) -> None:
@@ -254,8 +279,11 @@ class Worker:
         if ahead is not None and ahead.batch == decoding:
             logits = ahead.logits
         else:
-            logits = self.runner.decode([s.block_table for s in decoding], [s.output_ids[-1] for s in decoding],
-                                        [s.next_position for s in decoding])
+            logits = self.runner.decode(
+                [s.block_table for s in decoding],
+                [s.output_ids[-1] for s in decoding],
+                [s.next_position for s in decoding],
+            )
         logits = self.sampler.choosable_columns(logits)
         masked, failures = self.sampler.constrain(decoding, logits)
         tokens = self.sampler.choose_on_device(decoding, masked)
@@ -268,18 +296,27 @@ class Worker:
         scores = scores_on_device(decoding, tokens, logits)
         host_tokens = self.readback.start(tokens)
         if self.launch_ahead and scores is None and self.scheduler.can_run_ahead(decoding):
-            next_logits = self.runner.decode([s.block_table for s in decoding], tokens,
-                                             [s.next_position + 1 for s in decoding])
+            next_logits = self.runner.decode(
+                [s.block_table for s in decoding], tokens, [s.next_position + 1 for s in decoding]
+            )
             self._ahead = _LaunchedStep(decoding, next_logits)
         self._hand_over_held()  # the consumers' turn while this step's tokens are computed
-        self.record(decoding, with_failures(host_tokens.finish(), failures), results,
-                     scores_on_host(decoding, scores))
+        self.record(
+            decoding,
+            with_failures(host_tokens.finish(), failures),
+            results,
+            scores_on_host(decoding, scores),
+        )
 
-    def _sample_and_record(self, batch: list[Sequence], logits: "torch.Tensor", results: Results) -> None:
+    def _sample_and_record(
+        self, batch: list[Sequence], logits: torch.Tensor, results: Results
+    ) -> None:
         tokens, scores = self.sampler.sample(batch, logits)
         self.record(batch, tokens, results, scores)
 
-    def record(self, batch: list[Sequence], tokens: list, results: Results, scores: list | None = None) -> None:
+    def record(
+        self, batch: list[Sequence], tokens: list, results: Results, scores: list | None = None
+    ) -> None:
         for sequence, token, token_scores in zip(batch, tokens, scores or [None] * len(batch)):
             try:
                 for outcome in (token, token_scores):
@@ -304,12 +341,25 @@ class Worker:
             logger.warning("request %s: %s", sequence.request_id, error.message)
             results.append((sequence, error))
             return
-        logger.error("request %s failed alone: %s: %s", sequence.request_id, type(exc).__name__, exc)
-        results.append((sequence, EngineFailure(f"generating this answer failed ({type(exc).__name__}: {exc}); "
-                                                "other requests were not affected")))
+        logger.error(
+            "request %s failed alone: %s: %s", sequence.request_id, type(exc).__name__, exc
+        )
+        results.append(
+            (
+                sequence,
+                EngineFailure(
+                    f"generating this answer failed ({type(exc).__name__}: {exc}); "
+                    "other requests were not affected"
+                ),
+            )
+        )
 
 
 def _holdable(item: Delta | BaseException) -> bool:
     """A delta that may wait a step: neither a request's first (its time to first token: the one
     that carries every token so far) nor its last, nor an error."""
-    return isinstance(item, Delta) and item.finish_reason is None and item.num_tokens < item.completion_tokens
+    return (
+        isinstance(item, Delta)
+        and item.finish_reason is None
+        and item.num_tokens < item.completion_tokens
+    )

@@ -12,8 +12,8 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class DiscoveredName:
     path: str
 
     @classmethod
-    def parse(cls, entry: str) -> "DiscoveredName":
+    def parse(cls, entry: str) -> DiscoveredName:
         parts = urlsplit(entry.removeprefix(DNS_PREFIX))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{entry!r}: expected dns+http://name:port or dns+https://name:port")
@@ -52,7 +52,9 @@ async def resolve_addresses(host: str, port: int) -> list[str]:
 class ReplicaDiscovery:
     def __init__(self, entries: list[str], resolve: Resolver = resolve_addresses) -> None:
         self.static = [entry for entry in entries if not entry.startswith(DNS_PREFIX)]
-        self.names = [DiscoveredName.parse(entry) for entry in entries if entry.startswith(DNS_PREFIX)]
+        self.names = [
+            DiscoveredName.parse(entry) for entry in entries if entry.startswith(DNS_PREFIX)
+        ]
         self.resolve = resolve
         self._last: dict[str, list[str]] = {}
 
@@ -71,9 +73,13 @@ class ReplicaDiscovery:
     async def _urls_of(self, name: DiscoveredName) -> list[str]:
         try:
             addresses = await self.resolve(name.host, name.port)
-        except (OSError, asyncio.TimeoutError) as exc:
-            logger.warning("could not resolve %s (%s); keeping its %d known replicas", name.host, exc,
-                           len(self._last.get(name.entry, [])))
+        except (TimeoutError, OSError) as exc:
+            logger.warning(
+                "could not resolve %s (%s); keeping its %d known replicas",
+                name.host,
+                exc,
+                len(self._last.get(name.entry, [])),
+            )
             return self._last.get(name.entry, [])
         urls = [name.url_for(address) for address in addresses]
         if urls != self._last.get(name.entry):

@@ -18,8 +18,6 @@ from typing import Any
 import orjson
 
 from ragllm.config import EngineSettings, Settings, UpstreamSettings
-from ragllm.generation import EngineHealth, EngineState, EngineStats, GenerationRequest, ModelCard
-from ragllm.generation import DeltaStream
 from ragllm.engines.base import Engine
 from ragllm.engines.upstream.discovery import ReplicaDiscovery, Resolver, resolve_addresses
 from ragllm.engines.upstream.envelope import error_fields
@@ -27,6 +25,14 @@ from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
 from ragllm.engines.upstream.scrape_cache import ScrapeCache
 from ragllm.engines.upstream.stream import UpstreamStream
 from ragllm.errors import EngineNotReady, RagLLMError
+from ragllm.generation import (
+    DeltaStream,
+    EngineHealth,
+    EngineState,
+    EngineStats,
+    GenerationRequest,
+    ModelCard,
+)
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 8192  # when an upstream does not report max_model_len
@@ -51,23 +57,31 @@ class _RetryElsewhere(Exception):
 class UpstreamEngine(Engine):
     name = "upstream"
 
-    def __init__(self, settings: EngineSettings, upstream: UpstreamSettings, resolve: Resolver | None = None) -> None:
+    def __init__(
+        self, settings: EngineSettings, upstream: UpstreamSettings, resolve: Resolver | None = None
+    ) -> None:
         """``resolve``: how ``dns+`` names become addresses (default: the system's resolver)."""
         self.settings = settings
         self.upstream = upstream
         if not self.upstream.urls:
-            raise ValueError("the upstream engine needs RAGLLM_UPSTREAM__URLS (one or more base URLs)")
+            raise ValueError(
+                "the upstream engine needs RAGLLM_UPSTREAM__URLS (one or more base URLs)"
+            )
         self.discovery = ReplicaDiscovery(self.upstream.urls, resolve or resolve_addresses)
-        self.pool = ReplicaPool(self.discovery.static, self.upstream.affinity_slack,
-                                self.upstream.eject_after_failures, self.upstream.eject_for_s,
-                                prefill_slack=self.upstream.affinity_prefill_slack)
+        self.pool = ReplicaPool(
+            self.discovery.static,
+            self.upstream.affinity_slack,
+            self.upstream.eject_after_failures,
+            self.upstream.eject_for_s,
+            prefill_slack=self.upstream.affinity_prefill_slack,
+        )
         self._session: Any = None
         self._probes: asyncio.Task | None = None
         self._cards: list[ModelCard] = []
         self._metrics = ScrapeCache(self._scrape_all, self.upstream.metrics_cache_s)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "UpstreamEngine":
+    def from_settings(cls, settings: Settings) -> UpstreamEngine:
         return cls(settings.engine, settings.upstream)
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -78,10 +92,14 @@ class UpstreamEngine(Engine):
         if self.upstream.api_key:
             headers["authorization"] = f"Bearer {self.upstream.api_key.get_secret_value()}"
         self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-            timeout=aiohttp.ClientTimeout(total=self.upstream.total_timeout_s,
-                                          sock_connect=self.upstream.connect_timeout_s,
-                                          sock_read=self.upstream.idle_timeout_s))
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(
+                total=self.upstream.total_timeout_s,
+                sock_connect=self.upstream.connect_timeout_s,
+                sock_read=self.upstream.idle_timeout_s,
+            ),
+        )
         await self._probe_all()
         self._probes = asyncio.create_task(self._probe_forever())
 
@@ -110,13 +128,19 @@ class UpstreamEngine(Engine):
         probe_timeout = aiohttp.ClientTimeout(total=self.upstream.connect_timeout_s + 1)
         try:
             # /health is 200 only once a model is loaded (vLLM, llama.cpp's server, ragllm).
-            async with self._session.get(f"{replica.url}/health", timeout=probe_timeout) as response:
+            async with self._session.get(
+                f"{replica.url}/health", timeout=probe_timeout
+            ) as response:
                 ok = response.status == 200
             if ok:
-                async with self._session.get(f"{replica.url}/v1/models", timeout=probe_timeout) as response:
-                    replica.models = (await response.json()).get("data", []) if response.status == 200 else []
+                async with self._session.get(
+                    f"{replica.url}/v1/models", timeout=probe_timeout
+                ) as response:
+                    replica.models = (
+                        (await response.json()).get("data", []) if response.status == 200 else []
+                    )
                     ok = bool(replica.models)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             ok = False
         if ok != replica.probe_ok:
             logger.info("upstream %s is %s", replica.url, "up" if ok else "down")
@@ -127,10 +151,16 @@ class UpstreamEngine(Engine):
         for replica in self.pool.replicas:
             for model in replica.models:
                 name = self.settings.served_model_name or model["id"]
-                cards.setdefault(name, ModelCard(
-                    id=name, max_model_len=int(model.get("max_model_len") or DEFAULT_CONTEXT),
-                    owned_by=model.get("owned_by", "upstream"),
-                    fingerprint="fp_up_" + hashlib.sha256(model["id"].encode()).hexdigest()[:10]))
+                cards.setdefault(
+                    name,
+                    ModelCard(
+                        id=name,
+                        max_model_len=int(model.get("max_model_len") or DEFAULT_CONTEXT),
+                        owned_by=model.get("owned_by", "upstream"),
+                        fingerprint="fp_up_"
+                        + hashlib.sha256(model["id"].encode()).hexdigest()[:10],
+                    ),
+                )
         return list(cards.values()) or self._cards
 
     # -- the seam -------------------------------------------------------------------------------
@@ -167,10 +197,12 @@ class UpstreamEngine(Engine):
         import aiohttp
 
         try:
-            async with self._session.get(f"{replica.url}/metrics",
-                                         timeout=aiohttp.ClientTimeout(total=METRICS_SCRAPE_TIMEOUT_S)) as response:
+            async with self._session.get(
+                f"{replica.url}/metrics",
+                timeout=aiohttp.ClientTimeout(total=METRICS_SCRAPE_TIMEOUT_S),
+            ) as response:
                 return await response.text() if response.status == 200 else ""
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return ""
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -197,13 +229,17 @@ class UpstreamEngine(Engine):
         while True:
             replica = self.pool.pick(affinity, exclude=tried)
             if replica is None:
-                raise EngineNotReady("no upstream could take the request: "
-                                     + ", ".join(f"{r.url}" for r in self.pool.replicas))
+                raise EngineNotReady(
+                    "no upstream could take the request: "
+                    + ", ".join(f"{r.url}" for r in self.pool.replicas)
+                )
             tried.add(replica)
             try:
                 return await self._open(replica, request)
             except _RetryElsewhere as exc:
-                logger.warning("upstream %s failed before answering (%s); trying another", replica.url, exc)
+                logger.warning(
+                    "upstream %s failed before answering (%s); trying another", replica.url, exc
+                )
 
     def _upstream_model(self, name: str | None = None) -> str:
         for replica in self.pool.replicas:
@@ -211,7 +247,7 @@ class UpstreamEngine(Engine):
                 return replica.models[0]["id"]
         return name or self.settings.model
 
-    async def _open(self, replica: Replica, request: GenerationRequest) -> "UpstreamStream":
+    async def _open(self, replica: Replica, request: GenerationRequest) -> UpstreamStream:
         import aiohttp
 
         path, body = self._payload(request)
@@ -219,8 +255,11 @@ class UpstreamEngine(Engine):
         replica.awaiting_first_token += 1
         stream = None
         try:
-            response = await self._session.post(f"{replica.url}{path}", data=orjson.dumps(body),
-                                                headers={"content-type": "application/json"})
+            response = await self._session.post(
+                f"{replica.url}{path}",
+                data=orjson.dumps(body),
+                headers={"content-type": "application/json"},
+            )
             if response.status >= 500:
                 text = await response.text()
                 response.release()
@@ -230,19 +269,28 @@ class UpstreamEngine(Engine):
                 response.release()
                 raise UpstreamError(response.status, envelope)
             streamed = body["stream"]
-            stream = UpstreamStream(response, request.request_id, replica.url,
-                                    release=functools.partial(self._release, replica, failed=False),
-                                    replica_failed=functools.partial(self.pool.failed, replica),
-                                    incremental=streamed, wants_logprobs=request.params.logprobs is not None)
+            stream = UpstreamStream(
+                response,
+                request.request_id,
+                replica.url,
+                release=functools.partial(self._release, replica, failed=False),
+                replica_failed=functools.partial(self.pool.failed, replica),
+                incremental=streamed,
+                wants_logprobs=request.params.logprobs is not None,
+            )
             # A whole answer arrives at its end, so the total bound applies rather than the first-token one.
-            first_delta_timeout = self.upstream.first_token_timeout_s if streamed else self.upstream.total_timeout_s
+            first_delta_timeout = (
+                self.upstream.first_token_timeout_s if streamed else self.upstream.total_timeout_s
+            )
             await asyncio.wait_for(stream.prefetch(), first_delta_timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, _RetryElsewhere) as exc:
+        except (TimeoutError, aiohttp.ClientError, _RetryElsewhere) as exc:
             self._release(replica, failed=True)
             if stream is not None:
                 stream.response.close()
             raise _RetryElsewhere(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:  # the client left (cancelled) or the upstream refused: stop its work now
+        except (
+            BaseException
+        ):  # the client left (cancelled) or the upstream refused: stop its work now
             self._release(replica, failed=False)
             if stream is not None:
                 stream.response.close()  # closing the connection is how vLLM (and we) learn to abort
@@ -290,7 +338,9 @@ class UpstreamEngine(Engine):
             if params.logprobs is not None:
                 body.update(logprobs=True, top_logprobs=params.logprobs)
             return "/v1/chat/completions", body
-        body["prompt"] = request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+        body["prompt"] = (
+            request.prompt_token_ids if request.prompt_token_ids is not None else request.prompt
+        )
         if params.logprobs is not None:
             body["logprobs"] = params.logprobs
         return "/v1/completions", body

@@ -40,7 +40,8 @@ def error_fields(envelope: Any) -> UpstreamErrorFields:
     else:
         error, message = {}, envelope
     return UpstreamErrorFields(
-        message=_text(message if message is not None else envelope, MAX_MESSAGE_CHARS) or "the upstream failed",
+        message=_text(message if message is not None else envelope, MAX_MESSAGE_CHARS)
+        or "the upstream failed",
         type=_identifier(error.get("type")),
         param=_identifier(error.get("param")),
         code=_code(error.get("code")),

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(eq=False)
@@ -41,8 +41,15 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, urls: list[str], slack: int, eject_after: int, eject_for_s: float,
-                 clock: Callable[[], float] = time.monotonic, prefill_slack: int = 0) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        slack: int,
+        eject_after: int,
+        eject_for_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        prefill_slack: int = 0,
+    ) -> None:
         """``clock``: seconds, monotonic (a simulation passes its virtual time)."""
         self.replicas = [Replica(url) for url in urls]
         self._slack = slack
@@ -65,10 +72,15 @@ class ReplicaPool:
         least = min(candidates, key=lambda r: (r.outstanding, r.picks))
         chosen = least
         if affinity is not None:
-            fewest_waiting = min(candidates, key=lambda r: (r.awaiting_first_token, r.outstanding, r.picks))
+            fewest_waiting = min(
+                candidates, key=lambda r: (r.awaiting_first_token, r.outstanding, r.picks)
+            )
             preferred = max(candidates, key=lambda r: rendezvous_weight(affinity, r.url))
-            if (preferred.outstanding <= least.outstanding + self._slack
-                    and preferred.awaiting_first_token <= fewest_waiting.awaiting_first_token + self._prefill_slack):
+            if (
+                preferred.outstanding <= least.outstanding + self._slack
+                and preferred.awaiting_first_token
+                <= fewest_waiting.awaiting_first_token + self._prefill_slack
+            ):
                 chosen = preferred
             else:
                 chosen = fewest_waiting
@@ -87,7 +99,9 @@ class ReplicaPool:
         replica.probe_ok = ok
         if ok and replica.consecutive_failures >= self._eject_after:
             replica.consecutive_failures = 0
-            replica.ejected_until = 0.0  # the probe saw it healthy again: no need to wait out the ejection
+            replica.ejected_until = (
+                0.0  # the probe saw it healthy again: no need to wait out the ejection
+            )
 
     def any_available(self) -> bool:
         now = self._clock()
@@ -96,10 +110,14 @@ class ReplicaPool:
 
 def rendezvous_weight(affinity: str, url: str) -> int:
     """The replica with the largest weight for a key is its rendezvous (highest random weight) choice."""
-    return int.from_bytes(hashlib.blake2b(f"{affinity}|{url}".encode(), digest_size=8).digest(), "big")
+    return int.from_bytes(
+        hashlib.blake2b(f"{affinity}|{url}".encode(), digest_size=8).digest(), "big"
+    )
 
 
-def affinity_key(messages: list[dict] | None, prompt: str | None, minimum_chars: int = 256) -> str | None:
+def affinity_key(
+    messages: list[dict] | None, prompt: str | None, minimum_chars: int = 256
+) -> str | None:
     """The shared prefix worth keeping on one replica: the first message (the RAG system message
     with its documents) or the start of a prompt; short prefixes are not worth an affinity."""
     if messages:

@@ -17,13 +17,19 @@ T = TypeVar("T")
 
 
 class ScrapeCache(Generic[T]):
-    def __init__(self, fetch: Callable[[], Awaitable[T]], max_age_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[T]],
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._fetch = fetch
         self._max_age_s = max_age_s
         self._clock = clock
         self._value: T | None = None
-        self._fetched_at = float("-inf")  # when the last fan-out started: they start max_age_s apart at least
+        self._fetched_at = float(
+            "-inf"
+        )  # when the last fan-out started: they start max_age_s apart at least
         self._in_flight: asyncio.Future[T] | None = None
         self.num_fetches = 0
 

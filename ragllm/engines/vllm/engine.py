@@ -10,10 +10,10 @@ from __future__ import annotations
 import shlex
 
 from ragllm.config import Settings
-from ragllm.generation import EngineHealth, EngineState
-from ragllm.engines.vllm.supervisor import ChildState, ChildSupervisor, SupervisorTimings
 from ragllm.engines.upstream.engine import UpstreamEngine
 from ragllm.engines.vllm.flags import vllm_serve_args
+from ragllm.engines.vllm.supervisor import ChildState, ChildSupervisor, SupervisorTimings
+from ragllm.generation import EngineHealth, EngineState
 
 
 class VllmEngine(UpstreamEngine):
@@ -25,13 +25,15 @@ class VllmEngine(UpstreamEngine):
         upstream = settings.upstream.model_copy(update={"urls": [child_url], "eject_for_s": 1.0})
         super().__init__(settings.engine, upstream)
         command = vllm_serve_args(settings, executable=shlex.split(settings.vllm.command))
-        timings = SupervisorTimings(startup_timeout_s=settings.vllm.startup_timeout_s,
-                                    restart_backoff_max_s=settings.vllm.restart_backoff_max_s,
-                                    stop_grace_s=settings.vllm.stop_grace_s)
+        timings = SupervisorTimings(
+            startup_timeout_s=settings.vllm.startup_timeout_s,
+            restart_backoff_max_s=settings.vllm.restart_backoff_max_s,
+            stop_grace_s=settings.vllm.stop_grace_s,
+        )
         self.supervisor = ChildSupervisor(command, f"{child_url}/health", timings, name="vllm")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "VllmEngine":
+    def from_settings(cls, settings: Settings) -> VllmEngine:
         return cls(settings)
 
     async def start(self) -> None:
@@ -42,8 +44,11 @@ class VllmEngine(UpstreamEngine):
     def health(self) -> EngineHealth:
         child = self.supervisor
         if child.state is ChildState.FAILED:
-            return EngineHealth(EngineState.BROKEN, child.detail + " (is vLLM installed? pip install vllm, "
-                                                                   "or set RAGLLM_VLLM__COMMAND)")
+            return EngineHealth(
+                EngineState.BROKEN,
+                child.detail + " (is vLLM installed? pip install vllm, "
+                "or set RAGLLM_VLLM__COMMAND)",
+            )
         if child.state is not ChildState.READY:
             return EngineHealth(EngineState.LOADING, child.detail)
         return super().health()

@@ -31,16 +31,30 @@ from ragllm.config import Settings
 def vllm_serve_args(settings: Settings, executable: list[str] | None = None) -> list[str]:
     """The child's argv: ``executable`` (default ``["vllm"]``), ``serve``, the model, then flags."""
     engine, vllm = settings.engine, settings.vllm
-    args = [*(executable or ["vllm"]), "serve", engine.model,
-            "--host", "127.0.0.1", "--port", str(vllm.port),
-            "--served-model-name", engine.public_model_name,
-            "--download-dir", str(engine.model_cache_dir),
-            "--tensor-parallel-size", str(engine.tensor_parallel_size),
-            "--max-num-seqs", str(engine.max_num_seqs),
-            "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
-            "--gpu-memory-utilization", str(engine.gpu_memory_utilization),
-            "--block-size", str(engine.block_size),
-            "--enable-prompt-tokens-details"]
+    args = [
+        *(executable or ["vllm"]),
+        "serve",
+        engine.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(vllm.port),
+        "--served-model-name",
+        engine.public_model_name,
+        "--download-dir",
+        str(engine.model_cache_dir),
+        "--tensor-parallel-size",
+        str(engine.tensor_parallel_size),
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(engine.max_num_batched_tokens),
+        "--gpu-memory-utilization",
+        str(engine.gpu_memory_utilization),
+        "--block-size",
+        str(engine.block_size),
+        "--enable-prompt-tokens-details",
+    ]
     if not engine.enable_prefix_caching:
         args.append("--no-enable-prefix-caching")
     if engine.num_kv_blocks is not None:

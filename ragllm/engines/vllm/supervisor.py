@@ -39,8 +39,13 @@ class SupervisorTimings:
 
 
 class ChildSupervisor:
-    def __init__(self, command: Sequence[str], health_url: str, timings: SupervisorTimings = SupervisorTimings(),
-                 name: str = "child") -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        health_url: str,
+        timings: SupervisorTimings = SupervisorTimings(),
+        name: str = "child",
+    ) -> None:
         self.command = list(command)
         self.health_url = health_url
         self.timings = timings
@@ -89,7 +94,9 @@ class ChildSupervisor:
                 backoff = self.timings.restart_backoff_s
             self.restarts += 1
             self.state = ChildState.RESTARTING
-            self.detail = f"{self.name} exited with {returncode}; restart {self.restarts} in {backoff:.0f} s"
+            self.detail = (
+                f"{self.name} exited with {returncode}; restart {self.restarts} in {backoff:.0f} s"
+            )
             logger.error("%s", self.detail)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.timings.restart_backoff_max_s)
@@ -99,7 +106,8 @@ class ChildSupervisor:
         try:
             # Its own session, so a stop reaches the workers it forks (vLLM runs one per GPU).
             self.process = await asyncio.create_subprocess_exec(
-                *self.command, start_new_session=True, preexec_fn=_die_with_parent)
+                *self.command, start_new_session=True, preexec_fn=_die_with_parent
+            )
         except OSError as exc:
             self.state = ChildState.FAILED
             self.detail = f"cannot start {self.name} ({' '.join(self.command[:2])}): {exc}"
@@ -113,9 +121,15 @@ class ChildSupervisor:
         """Wait for readiness (or give up on it), then for the child's exit; returns its exit code."""
         exited = asyncio.create_task(self.process.wait())
         try:
-            healthy = await asyncio.wait_for(self._until_healthy(exited), self.timings.startup_timeout_s)
-        except asyncio.TimeoutError:
-            logger.error("%s was not ready within %.0f s; killing it", self.name, self.timings.startup_timeout_s)
+            healthy = await asyncio.wait_for(
+                self._until_healthy(exited), self.timings.startup_timeout_s
+            )
+        except TimeoutError:
+            logger.error(
+                "%s was not ready within %.0f s; killing it",
+                self.name,
+                self.timings.startup_timeout_s,
+            )
             await self._terminate()
             healthy = False
         if healthy and not exited.done():
@@ -145,8 +159,10 @@ class ChildSupervisor:
         _signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), self.timings.stop_grace_s)
-        except asyncio.TimeoutError:
-            logger.warning("%s ignored SIGTERM for %.0f s; killing it", self.name, self.timings.stop_grace_s)
+        except TimeoutError:
+            logger.warning(
+                "%s ignored SIGTERM for %.0f s; killing it", self.name, self.timings.stop_grace_s
+            )
             _signal_group(process.pid, signal.SIGKILL)
             await process.wait()
 

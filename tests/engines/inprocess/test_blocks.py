@@ -65,8 +65,20 @@ def test_the_same_tokens_computed_twice_keep_the_first_copy():
 def test_cache_scopes_name_tenant_and_salt_without_ambiguity():
     from ragllm.generation import CacheScope
 
-    assert CacheScope().digest() == b""  # unscoped: the model's salt alone, as before scopes existed
-    digests = {CacheScope(group, salt).digest() for group, salt in
-               [("a", None), ("a", "b:c"), ("a:b", "c"), ('a", "b', None), ("a", '", "b'), (None, "a"), ("b", None)]}
+    assert (
+        CacheScope().digest() == b""
+    )  # unscoped: the model's salt alone, as before scopes existed
+    digests = {
+        CacheScope(group, salt).digest()
+        for group, salt in [
+            ("a", None),
+            ("a", "b:c"),
+            ("a:b", "c"),
+            ('a", "b', None),
+            ("a", '", "b'),
+            (None, "a"),
+            ("b", None),
+        ]
+    }
     assert len(digests) == 7 and all(len(d) == 32 for d in digests)
     assert CacheScope("a", "x").digest() == CacheScope("a", "x").digest()

@@ -7,35 +7,59 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.generation import SamplingParams
-from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, PrefillChunk
-from ragllm.engines.inprocess.sample.choice import filtered_probabilities, filtered_probabilities_batched
+from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
+from ragllm.engines.inprocess.sample.choice import (
+    filtered_probabilities,
+    filtered_probabilities_batched,
+)
 from ragllm.engines.inprocess.scheduler import SchedulerLimits
 from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import ModelLoadError
+from ragllm.generation import SamplingParams
 from tests.support.block_tables import scattered_tables
-from tests.support.letter_model import MAX_TOKENS, PROMPTS, choices_of, greedy_sequence, seeded_sequence
+from tests.support.letter_model import (
+    MAX_TOKENS,
+    PROMPTS,
+    choices_of,
+    greedy_sequence,
+    seeded_sequence,
+)
 from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
-CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                         reason="needs a CUDA GPU")])
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ],
+)
 DEVICES = ["cpu", CUDA]
 # Relative to the largest reference logit: float32 agrees to rounding; bf16 to its 8-bit mantissa.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 
 
-def _runner(model, max_model_len=512, max_batch_size=4, num_blocks=300, prefix_caching=True,
-            **options) -> CudaGraphRunner:
+def _runner(
+    model, max_model_len=512, max_batch_size=4, num_blocks=300, prefix_caching=True, **options
+) -> CudaGraphRunner:
     kv = KVCacheOptions(block_size=16, num_blocks=num_blocks, prefix_caching=prefix_caching)
-    return CudaGraphRunner(model, max_model_len,
-                           CudaRunnerOptions(max_batch_size=max_batch_size, max_num_batched_tokens=1024, **options), kv)
+    return CudaGraphRunner(
+        model,
+        max_model_len,
+        CudaRunnerOptions(max_batch_size=max_batch_size, max_num_batched_tokens=1024, **options),
+        kv,
+    )
 
 
 def _worker(runner: CudaGraphRunner, launch_ahead: bool = False) -> Worker:
-    return Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                             chunked_prefill=False), deliver=lambda results: None,
-                     launch_ahead=launch_ahead)
+    return Worker(
+        runner,
+        SchedulerLimits(
+            max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False
+        ),
+        deliver=lambda results: None,
+        launch_ahead=launch_ahead,
+    )
 
 
 def _reference(model, ids: list[int]) -> torch.Tensor:
@@ -46,16 +70,22 @@ def _reference(model, ids: list[int]) -> torch.Tensor:
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     scale = expected.abs().max()
     error = (actual.float() - expected).abs().max()
-    assert error <= TOLERANCE[dtype] * scale, f"max error {float(error):.3g} vs scale {float(scale):.3g}"
+    assert error <= TOLERANCE[dtype] * scale, (
+        f"max error {float(error):.3g} vs scale {float(scale):.3g}"
+    )
 
 
 def _assert_each_equals_its_solo_run(model, sequences, device: str) -> None:
     """transformers' own greedy decoding of each prompt alone, stopping at token 0 as the sequences do."""
     for sequence in sequences:
         with torch.no_grad():
-            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
-                                      max_new_tokens=sequence.max_tokens, eos_token_id=0,
-                                      pad_token_id=0)[0, len(sequence.prompt_ids):].tolist()
+            expected = model.generate(
+                torch.tensor([sequence.prompt_ids], device=device),
+                do_sample=False,
+                max_new_tokens=sequence.max_tokens,
+                eos_token_id=0,
+                pad_token_id=0,
+            )[0, len(sequence.prompt_ids) :].tolist()
         assert sequence.output_ids == expected, sequence.request_id
 
 
@@ -71,14 +101,20 @@ def test_teacher_forced_logits_match_transformers_at_every_step(device, architec
     for dtype in _dtypes(device):
         model = tiny_model(architecture, dtype=dtype).to(device)
         runner = _runner(model)
-        prompts = [list(range(10, 50)), list(range(60, 95)), [7] * 44]  # close lengths: one padded batch
+        prompts = [
+            list(range(10, 50)),
+            list(range(60, 95)),
+            [7] * 44,
+        ]  # close lengths: one padded batch
         tables = scattered_tables([len(p) + 8 for p in prompts])
         chunks = [PrefillChunk(table, p, 0) for table, p in zip(tables, prompts)]
         for logits, prompt in zip(runner.prefill_many(chunks), prompts):
             _assert_close(logits, _reference(model, prompt), dtype)
         sequences = [list(p) + [int(_reference(model, p).argmax())] for p in prompts]
         for _ in range(6):
-            logits = runner.decode(tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+            logits = runner.decode(
+                tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences]
+            )
             for row, sequence in enumerate(sequences):
                 expected = _reference(model, sequence)
                 _assert_close(logits[row], expected, dtype)
@@ -92,8 +128,13 @@ def test_greedy_tokens_equal_transformers_generate_in_float32(device):
     prompt = list(range(20, 60))
     table = [12, 3, 7, 30]
     with torch.no_grad():
-        expected = model.generate(torch.tensor([prompt], device=device), max_new_tokens=16, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = model.generate(
+            torch.tensor([prompt], device=device),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     tokens = [int(runner.prefill(table, prompt, 0).argmax())]
     for step in range(15):
         tokens.append(int(runner.decode([table], [tokens[-1]], [len(prompt) + step]).argmax()))
@@ -114,7 +155,9 @@ def test_a_shared_prefix_gives_the_same_logits_as_computing_it(device):
         logits = runner.prefill(second_table, second[64:], 64)
         _assert_close(logits, _reference(model, second), dtype)
         token = int(logits.argmax())
-        after = runner.decode([[5, 9, 2, 14, 20], second_table], [0, token], [len(first), len(second)])[1]
+        after = runner.decode(
+            [[5, 9, 2, 14, 20], second_table], [0, token], [len(first), len(second)]
+        )[1]
         _assert_close(after, _reference(model, second + [token]), dtype)
 
 
@@ -149,7 +192,9 @@ def test_a_continuation_longer_than_any_graph_runs_eagerly_and_matches(device):
         table = list(range(200, 100, -1))
         runner.prefill(table, prompt[:300], 0)
         if device == "cuda":
-            assert runner._prefill_graphs.run(table, prompt[300:], 300) is None  # 1,200 tokens: no graph
+            assert (
+                runner._prefill_graphs.run(table, prompt[300:], 300) is None
+            )  # 1,200 tokens: no graph
         _assert_close(runner.prefill(table, prompt[300:], 300), _reference(model, prompt), dtype)
 
 
@@ -162,9 +207,17 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
     shared = list(range(30, 30 + 72))
     prompts = PROMPTS + [shared + [5, 6], shared + [9]]
     max_tokens = MAX_TOKENS + [10, 10]
-    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
-    arrivals = {0: sequences[:2], 2: sequences[2:4], 3: sequences[4:5], 5: sequences[6:7], 6: sequences[5:6],
-                9: sequences[7:]}
+    sequences = [
+        greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))
+    ]
+    arrivals = {
+        0: sequences[:2],
+        2: sequences[2:4],
+        3: sequences[4:5],
+        5: sequences[6:7],
+        6: sequences[5:6],
+        9: sequences[7:],
+    }
     for step in range(400):
         for sequence in arrivals.pop(step, []):
             worker.submit(sequence)
@@ -178,20 +231,30 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo(device):
 def test_batched_filtering_equals_row_by_row():
     torch.manual_seed(0)
     logits = torch.randn(5, 300) * 3
-    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=20),
-              SamplingParams(temperature=1.3, top_p=0.8), SamplingParams(temperature=0.9, min_p=0.05),
-              SamplingParams(temperature=0.5, top_k=50, top_p=0.9, min_p=0.01)]
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=20),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=0.9, min_p=0.05),
+        SamplingParams(temperature=0.5, top_k=50, top_p=0.9, min_p=0.01),
+    ]
     batched = filtered_probabilities_batched(logits, params)
     for row, row_params in enumerate(params):
-        assert torch.allclose(batched[row], filtered_probabilities(logits[row], row_params), atol=1e-6)
+        assert torch.allclose(
+            batched[row], filtered_probabilities(logits[row], row_params), atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("device", [CUDA])
 def test_a_cache_that_does_not_fit_is_refused_at_start(device):
     model = tiny_model("llama").to(device)
     with pytest.raises(ModelLoadError, match="less than one .*-token context window"):
-        CudaGraphRunner(model, 512, CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=1024),
-                        KVCacheOptions(memory_bytes=1 << 16))
+        CudaGraphRunner(
+            model,
+            512,
+            CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=1024),
+            KVCacheOptions(memory_bytes=1 << 16),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,8 +276,13 @@ def test_preemption_with_steps_launched_ahead_gives_the_same_tokens(device):
     assert worker.scheduler.blocks.num_preemptions > 0
     for sequence in sequences:
         with torch.no_grad():
-            expected = model.generate(torch.tensor([sequence.prompt_ids], device=device), do_sample=False,
-                                      max_new_tokens=60, eos_token_id=None, pad_token_id=0)[0, len(sequence.prompt_ids):]
+            expected = model.generate(
+                torch.tensor([sequence.prompt_ids], device=device),
+                do_sample=False,
+                max_new_tokens=60,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(sequence.prompt_ids) :]
         assert sequence.output_ids == expected.tolist(), sequence.request_id
     assert worker.scheduler.blocks.pool.num_free == worker.scheduler.blocks.pool.num_usable
 
@@ -225,7 +293,9 @@ def test_steps_launched_ahead_give_the_same_tokens(device):
     with sequences finishing, joining and being aborted mid-run: every output equals its solo run."""
     model = tiny_model("llama", seed=3).to(device)
     worker = _worker(_runner(model), launch_ahead=True)
-    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    sequences = [
+        greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))
+    ]
     doomed = greedy_sequence("aborted", [3, 1, 4, 1, 5], 40)
     arrivals = {0: sequences[:2] + [doomed], 3: sequences[2:4], 7: sequences[4:]}
     launched_ahead = 0
@@ -258,7 +328,9 @@ def test_logprobs_with_steps_launched_ahead_are_the_models_own(device):
     for sequence in (*plain, scored):
         worker.submit(sequence)
     for _ in range(100):
-        entries += [e for s, item in worker.run_once() if s is scored for e in (item.logprobs or ())]
+        entries += [
+            e for s, item in worker.run_once() if s is scored for e in (item.logprobs or ())
+        ]
         launched_ahead += worker._ahead is not None
         if not worker.scheduler.running:
             break
@@ -314,15 +386,27 @@ def test_split_decode_attention_equals_one_pass_and_the_plain_twin(device):
     torch.manual_seed(0)
     heads, kv_heads, head_dim, block = 6, 2, 64, 16
     positions = torch.tensor([0, 700, 1500, 3001, 4095], device=device)
-    tables = torch.stack([torch.randperm(600, device=device)[:256] + 1 for _ in positions])  # 4,096 positions each
+    tables = torch.stack(
+        [torch.randperm(600, device=device)[:256] + 1 for _ in positions]
+    )  # 4,096 positions each
     for dtype in (torch.float32, torch.bfloat16):
         keys = torch.randn(601, kv_heads, block, head_dim, device=device, dtype=dtype)
         values = torch.randn_like(keys)
-        qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+        qkv = torch.randn(
+            len(positions), (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype
+        )
         args = (qkv, keys, values, tables, positions, heads, kv_heads, head_dim)
         split, one_pass = decode_attention(*args, split=True), decode_attention(*args, split=False)
-        plain = decode_attention(qkv.cpu(), keys.cpu(), values.cpu(), tables.cpu(), positions.cpu(), heads, kv_heads,
-                                 head_dim)
+        plain = decode_attention(
+            qkv.cpu(),
+            keys.cpu(),
+            values.cpu(),
+            tables.cpu(),
+            positions.cpu(),
+            heads,
+            kv_heads,
+            head_dim,
+        )
         _assert_close(split.cpu(), plain.float(), dtype)
         _assert_close(one_pass.cpu(), plain.float(), dtype)
 
@@ -333,13 +417,18 @@ def test_long_context_decode_graphs_match_transformers(device):
     for dtype in _dtypes(device):
         model = tiny_model("qwen2", dtype=dtype).to(device)
         runner = _runner(model, max_model_len=4096, num_blocks=600)
-        prompts = [[(3 * i + r) % 200 + 1 for i in range(length)] for r, length in enumerate((1500, 40, 2100))]
+        prompts = [
+            [(3 * i + r) % 200 + 1 for i in range(length)]
+            for r, length in enumerate((1500, 40, 2100))
+        ]
         tables = scattered_tables([len(p) + 8 for p in prompts])
         for table, prompt in zip(tables, prompts):
             runner.prefill(table, prompt, 0)
         sequences = [list(p) + [int(_reference(model, p).argmax())] for p in prompts]
         for _ in range(3):
-            logits = runner.decode(tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
+            logits = runner.decode(
+                tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences]
+            )
             for row, sequence in enumerate(sequences):
                 expected = _reference(model, sequence)
                 _assert_close(logits[row], expected, dtype)
@@ -377,8 +466,15 @@ def test_a_question_after_a_long_cached_prefix_matches_transformers(device):
         documents = [(13 * i + 7) % 200 + 1 for i in range(3000)]
         table = scattered_tables([3700, 90])[0]
         runner.prefill(table, documents, 0)
-        for question in ([5, 9, 11] * 13, [(3 * i) % 200 + 1 for i in range(600)]):  # a graph, then eager
-            _assert_close(runner.prefill(table, question, 3000), _reference(model, documents + question), dtype)
+        for question in (
+            [5, 9, 11] * 13,
+            [(3 * i) % 200 + 1 for i in range(600)],
+        ):  # a graph, then eager
+            _assert_close(
+                runner.prefill(table, question, 3000),
+                _reference(model, documents + question),
+                dtype,
+            )
 
 
 @pytest.mark.gpu

@@ -7,11 +7,14 @@ import pytest
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 
 
-@pytest.mark.parametrize("text", [
-    "Plain ASCII words, with punctuation!",
-    "Ünïcödé: 東京は日本の首都です 🚀🔥 — done",
-    "👩‍👩‍👧 family emoji and ∑∫√ maths",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Plain ASCII words, with punctuation!",
+        "Ünïcödé: 東京は日本の首都です 🚀🔥 — done",
+        "👩‍👩‍👧 family emoji and ∑∫√ maths",
+    ],
+)
 def test_deltas_never_split_a_character_and_add_up_to_the_text(tokenizer, text):
     prompt = tokenizer("Say:").input_ids
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -30,11 +33,15 @@ class PythonOnlyTokenizer:
         self.decode = tokenizer.decode
 
 
-@pytest.mark.parametrize("text", ["Ünïcödé: 東京は日本の首都です 🚀🔥 — done", "split emoji at the end 🚀"])
+@pytest.mark.parametrize(
+    "text", ["Ünïcödé: 東京は日本の首都です 🚀🔥 — done", "split emoji at the end 🚀"]
+)
 def test_stream_decoding_gives_the_deltas_of_window_decoding(tokenizer, text):
     prompt = tokenizer("Say:").input_ids
     ids = tokenizer(text, add_special_tokens=False).input_ids[:-1]  # may end inside a character
-    ids[3:3] = [len(tokenizer) + 5]  # an id past the vocabulary (logits can be wider) decodes to nothing
+    ids[3:3] = [
+        len(tokenizer) + 5
+    ]  # an id past the vocabulary (logits can be wider) decodes to nothing
     streamed = IncrementalDetokenizer(tokenizer, prompt)
     windowed = IncrementalDetokenizer(PythonOnlyTokenizer(tokenizer), prompt)
     assert streamed._stream is not None and windowed._stream is None

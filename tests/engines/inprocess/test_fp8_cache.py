@@ -7,25 +7,37 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
-from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, kv_storage_dtype
 from ragllm.engines.inprocess.kv.paged_cache import FP8, FP8_MAX, PagedKVCache
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, kv_storage_dtype
+from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
 from ragllm.errors import ModelLoadError
 from tests.support.tiny_models import ARCHITECTURES, tiny_model
 
-ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ON_CUDA = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 # Measured (prefill of 150 tokens, then 50 teacher-forced decode steps, tiny random models): the
 # largest logit difference was 0.4-1.1% of the largest logit on the CPU's twins (float32) and
 # 0.8-1.5% through the Triton kernels on an H200 (bf16); greedy choices agreed at 98-100% of steps.
 LOGIT_TOLERANCE = {"cpu": 3e-2, "cuda": 3e-2}
 # e4m3 keeps 3 mantissa bits: a value rounds to within 2^-4 of itself.
-E4M3_RELATIVE_STEP = 2.0 ** -4
+E4M3_RELATIVE_STEP = 2.0**-4
 
 
 def _cache(dtype: torch.dtype, key_scale: float = 1.0) -> PagedKVCache:
-    return PagedKVCache(num_layers=1, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=32,
-                        device=torch.device("cpu"), dtype=dtype, compute_dtype=torch.float32,
-                        key_scale=key_scale, value_scale=key_scale)
+    return PagedKVCache(
+        num_layers=1,
+        num_blocks=4,
+        block_size=16,
+        num_kv_heads=2,
+        head_dim=32,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        compute_dtype=torch.float32,
+        key_scale=key_scale,
+        value_scale=key_scale,
+    )
 
 
 def test_values_come_back_within_e4m3_precision_and_scaled():
@@ -36,7 +48,7 @@ def test_values_come_back_within_e4m3_precision_and_scaled():
         cache.write(0, rows, keys, -keys)
         read_keys, read_values = cache.read(0, torch.tensor([[1, 2]]), 20)
         stored = read_keys[0].transpose(0, 1)  # [positions, heads, dim]
-        tiny = scale * 2.0 ** -9  # e4m3's subnormal step, times the scale
+        tiny = scale * 2.0**-9  # e4m3's subnormal step, times the scale
         assert ((stored - keys).abs() <= E4M3_RELATIVE_STEP * keys.abs() + tiny).all()
         assert torch.equal(read_values[0].transpose(0, 1), -stored)
 
@@ -50,8 +62,9 @@ def test_out_of_range_values_saturate_rather_than_become_nan():
 
 
 def test_an_fp8_block_is_half_a_bf16_block():
-    assert PagedKVCache.bytes_per_block(28, 16, 2, 128, FP8) * 2 == \
-        PagedKVCache.bytes_per_block(28, 16, 2, 128, torch.bfloat16)
+    assert PagedKVCache.bytes_per_block(28, 16, 2, 128, FP8) * 2 == PagedKVCache.bytes_per_block(
+        28, 16, 2, 128, torch.bfloat16
+    )
 
 
 def test_kv_cache_dtype_names_are_vllms():
@@ -70,10 +83,14 @@ def _teacher_forced_logits(runner, ids: list[int], prompt: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("device, runner_kind", [
-    ("cpu", "plain"), ("cpu", "cuda-path"), pytest.param("cuda", "cuda-path", marks=ON_CUDA)])
+@pytest.mark.parametrize(
+    "device, runner_kind",
+    [("cpu", "plain"), ("cpu", "cuda-path"), pytest.param("cuda", "cuda-path", marks=ON_CUDA)],
+)
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_logits_over_an_fp8_cache_stay_near_the_full_precision_caches(device, architecture, runner_kind):
+def test_logits_over_an_fp8_cache_stay_near_the_full_precision_caches(
+    device, architecture, runner_kind
+):
     """The plain runner is the CPU's; on CUDA the engine runs the CUDA path."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = tiny_model(architecture).to(device, dtype)
@@ -84,7 +101,9 @@ def test_logits_over_an_fp8_cache_stay_near_the_full_precision_caches(device, ar
         if runner_kind == "plain":
             runner = ModelRunner(model, 512, kv)
         else:
-            runner = CudaGraphRunner(model, 512, CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=512), kv)
+            runner = CudaGraphRunner(
+                model, 512, CudaRunnerOptions(max_batch_size=4, max_num_batched_tokens=512), kv
+            )
         assert runner.cache.storage.dtype == (cache_dtype or dtype)
         logits[name] = _teacher_forced_logits(runner, ids, 150)
     error = (logits["fp8"] - logits["full"]).abs().max() / logits["full"].abs().max()

@@ -47,8 +47,13 @@ def test_cuda_greedy_tokens_equal_transformers_generate_in_float32():
     prompt = list(range(20, 60))
     table = [9, 2, 31, 4]
     with torch.no_grad():
-        expected = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=12, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = model.generate(
+            torch.tensor([prompt], device="cuda"),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     tokens = [int(runner.prefill(table, prompt, 0).argmax())]
     for step in range(11):
         tokens.append(int(runner.decode([table], [tokens[-1]], [len(prompt) + step]).argmax()))

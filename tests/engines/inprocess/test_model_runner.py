@@ -23,7 +23,9 @@ def test_prefill_matches_transformers(architecture):
     model = tiny_model(architecture)
     runner = ModelRunner(model, max_model_len=512, kv=KV)
     ids = [5, 17, 42, 99, 3, 150, 7, 8, 9, 10]
-    torch.testing.assert_close(runner.prefill([7], ids, 0), _reference_logits(model, ids)[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        runner.prefill([7], ids, 0), _reference_logits(model, ids)[-1], atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -50,7 +52,9 @@ def test_batched_decode_of_mixed_lengths_matches_transformers_at_every_step(arch
     for _ in range(6):  # teacher-forced: feed tokens of our choosing, compare every step's logits
         logits = runner.decode(tables, [s[-1] for s in sequences], [len(s) - 1 for s in sequences])
         for row, sequence in enumerate(sequences):
-            torch.testing.assert_close(logits[row], _reference_logits(model, sequence)[-1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                logits[row], _reference_logits(model, sequence)[-1], atol=1e-4, rtol=1e-4
+            )
             sequence.append((sequence[-1] * 7 + row) % 200 + 1)
 
 
@@ -62,12 +66,16 @@ def test_a_shared_prefix_block_and_a_copied_partial_block_serve_a_second_sequenc
     runner.copy_block(8, 11)
     token = int(_reference_logits(model, prompt)[-1].argmax())
     logits = runner.decode([[4, 11]], [token], [len(prompt)])
-    torch.testing.assert_close(logits[0], _reference_logits(model, prompt + [token])[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits[0], _reference_logits(model, prompt + [token])[-1], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_pool_smaller_than_one_context_window_is_refused():
     with pytest.raises(ModelLoadError, match="cannot hold one sequence"):
-        ModelRunner(tiny_model("llama"), max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=20))
+        ModelRunner(
+            tiny_model("llama"), max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=20)
+        )
     with pytest.raises(ModelLoadError, match="less than one 512-token context window"):
         ModelRunner(tiny_model("llama"), max_model_len=512, kv=KVCacheOptions(memory_bytes=1000))
 

@@ -27,16 +27,21 @@ def _rag_prompts(count: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     template = [rng.randrange(1, 200) for _ in range(21)]
     documents = [[rng.randrange(1, 200) for _ in range(40 + 13 * d)] for d in range(3)]
-    return [template + documents[i % 3] + [rng.randrange(1, 200) for _ in range(rng.randrange(3, 12))]
-            for i in range(count)]
+    return [
+        template + documents[i % 3] + [rng.randrange(1, 200) for _ in range(rng.randrange(3, 12))]
+        for i in range(count)
+    ]
 
 
 def _run(prefix_caching: bool, prompts: list[list[int]], **limits):
-    worker = make_worker(KVCacheOptions(block_size=BLOCK, num_blocks=200, prefix_caching=prefix_caching),
-                         **limits)
+    worker = make_worker(
+        KVCacheOptions(block_size=BLOCK, num_blocks=200, prefix_caching=prefix_caching), **limits
+    )
     sequences = [greedy_sequence(f"r{i}", prompt, 6 + i % 5) for i, prompt in enumerate(prompts)]
     shared_while_running = 0
-    arrivals = {2 * i: [sequence] for i, sequence in enumerate(sequences)}  # join one by one, leave as they end
+    arrivals = {
+        2 * i: [sequence] for i, sequence in enumerate(sequences)
+    }  # join one by one, leave as they end
     for step in range(500):
         for sequence in arrivals.pop(step, []):
             worker.submit(sequence)
@@ -55,10 +60,20 @@ def test_greedy_tokens_are_the_same_with_prefix_caching_on_and_off():
     assert [s.output_ids for s in cached] == [s.output_ids for s in uncached]
     check_against_reference(cached)
     pool = on.scheduler.blocks.pool
-    assert pool.hits >= 6 * 3 * BLOCK  # the last six prompts find at least template and first documents
-    assert off.scheduler.blocks.pool.hits == 0 and shared > 0  # running sequences held the same blocks at once
-    assert [s.num_cached_tokens for s in cached[:3]] == [0, BLOCK, BLOCK]  # the template's one full block
-    assert all(s.num_cached_tokens % BLOCK == 0 and s.num_cached_tokens >= 3 * BLOCK for s in cached[3:])
+    assert (
+        pool.hits >= 6 * 3 * BLOCK
+    )  # the last six prompts find at least template and first documents
+    assert (
+        off.scheduler.blocks.pool.hits == 0 and shared > 0
+    )  # running sequences held the same blocks at once
+    assert [s.num_cached_tokens for s in cached[:3]] == [
+        0,
+        BLOCK,
+        BLOCK,
+    ]  # the template's one full block
+    assert all(
+        s.num_cached_tokens % BLOCK == 0 and s.num_cached_tokens >= 3 * BLOCK for s in cached[3:]
+    )
 
 
 def test_a_reported_cache_hit_is_what_the_prefill_skipped(monkeypatch):
@@ -66,12 +81,23 @@ def test_a_reported_cache_hit_is_what_the_prefill_skipped(monkeypatch):
     prompts = _rag_prompts(4)
     prefilled: list[int] = []
     real_prefill_many = worker.runner.prefill_many
-    monkeypatch.setattr(worker.runner, "prefill_many", lambda chunks: (
-        prefilled.extend(len(chunk.token_ids) for chunk in chunks), real_prefill_many(chunks))[1])
-    first, repeat = greedy_sequence("a", prompts[0], 3), greedy_sequence("b", prompts[3], 3)  # same documents
+    monkeypatch.setattr(
+        worker.runner,
+        "prefill_many",
+        lambda chunks: (
+            prefilled.extend(len(chunk.token_ids) for chunk in chunks),
+            real_prefill_many(chunks),
+        )[1],
+    )
+    first, repeat = (
+        greedy_sequence("a", prompts[0], 3),
+        greedy_sequence("b", prompts[3], 3),
+    )  # same documents
     results = results_by_request(worker, {0: [first], 5: [repeat]})
     last = results["b"][-1]
-    assert last.cached_tokens == repeat.num_cached_tokens > 0 and results["a"][-1].cached_tokens == 0
+    assert (
+        last.cached_tokens == repeat.num_cached_tokens > 0 and results["a"][-1].cached_tokens == 0
+    )
     assert prefilled == [len(prompts[0]), len(prompts[3]) - last.cached_tokens]
 
 
@@ -86,8 +112,9 @@ def test_a_whole_prompt_in_the_cache_still_computes_its_last_token():
 
 def test_preempted_sequences_are_recomputed_and_give_the_same_tokens():
     # 40 blocks: one 512-token window and a little more; four sequences growing to ~30 blocks together.
-    worker = make_worker(KVCacheOptions(block_size=BLOCK, num_blocks=40), max_num_seqs=4,
-                         max_num_batched_tokens=512)
+    worker = make_worker(
+        KVCacheOptions(block_size=BLOCK, num_blocks=40), max_num_seqs=4, max_num_batched_tokens=512
+    )
     prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
     sequences = [greedy_sequence(f"r{r}", prompt, 60) for r, prompt in enumerate(prompts)]
     for sequence in sequences:
@@ -96,8 +123,13 @@ def test_preempted_sequences_are_recomputed_and_give_the_same_tokens():
     assert worker.scheduler.blocks.num_preemptions > 0
     for sequence in sequences:
         with torch.no_grad():
-            expected = MODEL.generate(torch.tensor([sequence.prompt_ids]), do_sample=False, max_new_tokens=60,
-                                      eos_token_id=None, pad_token_id=0)[0, len(sequence.prompt_ids):]
+            expected = MODEL.generate(
+                torch.tensor([sequence.prompt_ids]),
+                do_sample=False,
+                max_new_tokens=60,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(sequence.prompt_ids) :]
         assert sequence.output_ids == expected.tolist(), sequence.request_id
     assert worker.scheduler.blocks.pool.num_free == worker.scheduler.blocks.pool.num_usable
 
@@ -116,8 +148,12 @@ def test_choices_share_their_prompts_full_blocks_and_copy_the_partial_one():
 
 
 def test_a_storm_of_cancelled_requests_leaks_no_block():
-    worker = make_worker(KVCacheOptions(block_size=BLOCK, num_blocks=60), max_num_seqs=4, chunked_prefill=True,
-                         max_num_batched_tokens=32)
+    worker = make_worker(
+        KVCacheOptions(block_size=BLOCK, num_blocks=60),
+        max_num_seqs=4,
+        chunked_prefill=True,
+        max_num_batched_tokens=32,
+    )
     pool = worker.scheduler.blocks.pool
     rng = random.Random(5)
     prompts = _rag_prompts(40, seed=5)
@@ -147,8 +183,12 @@ def test_a_storm_of_cancelled_requests_leaks_no_block():
 def test_a_request_larger_than_the_whole_pool_is_refused_and_the_engine_goes_on():
     from ragllm.errors import ContextLengthExceeded
 
-    worker = make_worker(KVCacheOptions(block_size=BLOCK, num_blocks=34), max_num_seqs=8)  # one window
-    prompt = [(5 * i) % 200 + 1 for i in range(500)]  # 32 blocks, the last partial: 7 copies for n=8
+    worker = make_worker(
+        KVCacheOptions(block_size=BLOCK, num_blocks=34), max_num_seqs=8
+    )  # one window
+    prompt = [
+        (5 * i) % 200 + 1 for i in range(500)
+    ]  # 32 blocks, the last partial: 7 copies for n=8
     choices = choices_of("huge", prompt, 4, list(range(8)))
     worker.submit(choices[0])
     refused = worker.run_once()
@@ -161,7 +201,9 @@ def test_a_request_larger_than_the_whole_pool_is_refused_and_the_engine_goes_on(
 
 
 # -- cache scopes: tenants (and their cache_salt) never share blocks -------------------------------
-def _scoped(request_id: str, prompt: list[int], max_tokens: int, group: str | None, salt: str | None = None):
+def _scoped(
+    request_id: str, prompt: list[int], max_tokens: int, group: str | None, salt: str | None = None
+):
     from ragllm.generation import CacheScope
 
     sequence = greedy_sequence(request_id, prompt, max_tokens)
@@ -173,20 +215,38 @@ def test_a_prompt_cached_by_one_scope_is_a_miss_for_another_and_a_hit_for_its_ow
     worker = make_worker(KVCacheOptions(block_size=BLOCK, num_blocks=200))
     prompt = _rag_prompts(1)[0]
     first = _scoped("a1", prompt, 3, "tenant-a")
-    other_tenant, other_salt = _scoped("b1", list(prompt), 3, "tenant-b"), _scoped("a2", list(prompt), 3, "tenant-a", "x")
-    unscoped, again = _scoped("n1", list(prompt), 3, None), _scoped("a3", list(prompt), 3, "tenant-a")
-    run_to_completion(worker, {0: [first], 6: [other_tenant], 12: [other_salt], 18: [unscoped], 24: [again]})
+    other_tenant, other_salt = (
+        _scoped("b1", list(prompt), 3, "tenant-b"),
+        _scoped("a2", list(prompt), 3, "tenant-a", "x"),
+    )
+    unscoped, again = (
+        _scoped("n1", list(prompt), 3, None),
+        _scoped("a3", list(prompt), 3, "tenant-a"),
+    )
+    run_to_completion(
+        worker, {0: [first], 6: [other_tenant], 12: [other_salt], 18: [unscoped], 24: [again]}
+    )
     assert first.num_cached_tokens == 0
-    assert other_tenant.num_cached_tokens == other_salt.num_cached_tokens == unscoped.num_cached_tokens == 0
+    assert (
+        other_tenant.num_cached_tokens
+        == other_salt.num_cached_tokens
+        == unscoped.num_cached_tokens
+        == 0
+    )
     assert again.num_cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK > 0
-    check_against_reference([first, other_tenant, other_salt, unscoped, again])  # the same answer each time
+    check_against_reference(
+        [first, other_tenant, other_salt, unscoped, again]
+    )  # the same answer each time
 
 
 def test_preempted_scoped_sequences_resume_from_their_own_blocks_and_give_the_same_tokens():
-    worker = make_worker(KVCacheOptions(block_size=BLOCK, num_blocks=40), max_num_seqs=4,
-                         max_num_batched_tokens=512)
+    worker = make_worker(
+        KVCacheOptions(block_size=BLOCK, num_blocks=40), max_num_seqs=4, max_num_batched_tokens=512
+    )
     prompts = [[(7 * i + r) % 200 + 1 for i in range(100 + 20 * r)] for r in range(4)]
-    sequences = [_scoped(f"r{r}", prompt, 60, f"tenant-{r % 2}") for r, prompt in enumerate(prompts)]
+    sequences = [
+        _scoped(f"r{r}", prompt, 60, f"tenant-{r % 2}") for r, prompt in enumerate(prompts)
+    ]
     for sequence in sequences:
         sequence.stop_token_ids = frozenset()
     run_to_completion(worker, {0: sequences})
@@ -194,7 +254,10 @@ def test_preempted_scoped_sequences_resume_from_their_own_blocks_and_give_the_sa
     check_against_reference(sequences)
     assert worker.scheduler.blocks.pool.num_free == worker.scheduler.blocks.pool.num_usable
     # What they registered is under their own scope: the same tenant finds it, the other does not.
-    mine, theirs = _scoped("m", list(prompts[1]), 2, "tenant-1"), _scoped("t", list(prompts[1]), 2, "tenant-0")
+    mine, theirs = (
+        _scoped("m", list(prompts[1]), 2, "tenant-1"),
+        _scoped("t", list(prompts[1]), 2, "tenant-0"),
+    )
     run_to_completion(worker, {0: [mine], 4: [theirs]})
     assert mine.num_cached_tokens > 0 and theirs.num_cached_tokens == 0
 
@@ -206,7 +269,10 @@ def test_choices_register_their_blocks_under_their_requests_scope():
     for choice in choices:
         choice.scope_salt = _scoped("-", prompt, 1, "tenant-a").scope_salt
     run_to_completion(worker, {0: [choices[0]]})
-    same, other = _scoped("s", list(prompt), 2, "tenant-a"), _scoped("o", list(prompt), 2, "tenant-b")
+    same, other = (
+        _scoped("s", list(prompt), 2, "tenant-a"),
+        _scoped("o", list(prompt), 2, "tenant-b"),
+    )
     run_to_completion(worker, {0: [same], 4: [other]})
     assert same.num_cached_tokens == 2 * BLOCK and other.num_cached_tokens == 0
     assert worker.scheduler.blocks.pool.num_free == worker.scheduler.blocks.pool.num_usable

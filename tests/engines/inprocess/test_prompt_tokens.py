@@ -3,8 +3,6 @@ tokenizers that cannot be split used whole."""
 
 from __future__ import annotations
 
-import pytest
-
 from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS, PromptTokenizer
 from ragllm.loadtest.workload import Workload
 from tests.support.sentencepiece_tokenizer import sentencepiece_style_tokenizer
@@ -16,8 +14,12 @@ def _whole(tokenizer, text: str) -> list[int]:
 
 def test_rag_prompts_get_the_whole_texts_ids_and_repeated_documents_are_reused(tokenizer):
     prompts = PromptTokenizer(tokenizer)
-    assert prompts.segmented  # the packaged tokenizer (byte-level BPE) tokenizes pieces independently
-    workload = Workload(model="m", max_tokens=1, context_words=600, doc_sets=3, repeat_rate=0.7, seed=3)
+    assert (
+        prompts.segmented
+    )  # the packaged tokenizer (byte-level BPE) tokenizes pieces independently
+    workload = Workload(
+        model="m", max_tokens=1, context_words=600, doc_sets=3, repeat_rate=0.7, seed=3
+    )
     repeats = 0
     for _ in range(12):
         messages, repeated = workload.next_request()
@@ -32,7 +34,9 @@ def test_text_around_and_between_special_tokens_matches(tokenizer):
     long_piece = " documents with ünïcödé 東京 and 3.14\n\n" * (MIN_CACHED_CHARS // 20)
     texts = [
         "<|im_start|><|im_end|>",
-        "<|im_start|>system\n" + long_piece + "<|im_end|>\n<|im_start|>user\n  two  spaces<|im_end|>",
+        "<|im_start|>system\n"
+        + long_piece
+        + "<|im_end|>\n<|im_start|>user\n  two  spaces<|im_end|>",
         long_piece + "<|im_end|>" + long_piece,  # the same piece twice in one prompt
         "<|im_start|" + long_piece + "|im_end|>",  # near-misses of special tokens are plain text
         "",
@@ -59,7 +63,9 @@ def test_pieces_are_reused_only_within_the_scope_that_sent_them(tokenizer):
     first = prompts.encode(text, scope=b"tenant-a")
     assert prompts.encode(text, scope=b"tenant-b") == first and prompts.hits == 0
     assert prompts.encode(text, scope=b"tenant-a") == first and prompts.hits == 1
-    assert prompts.encode(text) == first and prompts.hits == 1  # the unscoped requests are a scope too
+    assert (
+        prompts.encode(text) == first and prompts.hits == 1
+    )  # the unscoped requests are a scope too
 
 
 def test_a_tokenizer_whose_pieces_depend_on_their_place_is_used_whole():

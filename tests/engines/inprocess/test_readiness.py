@@ -7,12 +7,14 @@ import asyncio
 import time
 
 from ragllm.config import load_settings
-from ragllm.generation import EngineState
 from ragllm.engines.inprocess.engine import TransformersEngine
+from ragllm.generation import EngineState
 
 
 async def test_an_idle_engine_runs_canaries_and_a_hung_one_is_reported(monkeypatch):
-    settings = load_settings().engine.model_copy(update={"canary_interval_s": 0.2, "stall_timeout_s": 1.0})
+    settings = load_settings().engine.model_copy(
+        update={"canary_interval_s": 0.2, "stall_timeout_s": 1.0}
+    )
     engine = TransformersEngine(settings)
     await engine.start()
     try:
@@ -21,7 +23,9 @@ async def test_an_idle_engine_runs_canaries_and_a_hung_one_is_reported(monkeypat
         await asyncio.sleep(1.0)
         assert worker.num_steps > steps  # canaries ran with no request in sight
         assert engine.health().state is EngineState.READY
-        monkeypatch.setattr(worker, "step", lambda plan, results: time.sleep(5))  # the model stops answering
+        monkeypatch.setattr(
+            worker, "step", lambda plan, results: time.sleep(5)
+        )  # the model stops answering
         await asyncio.sleep(2.5)
         health = engine.health()
         assert health.state is EngineState.BROKEN and health.restart_needed

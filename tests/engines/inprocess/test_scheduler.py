@@ -28,18 +28,30 @@ class LetterTokenizer:
 
 
 def _scheduler(num_blocks: int = 64, copied: list | None = None, **limits) -> Scheduler:
-    settings = dict(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=32, chunked_prefill=False)
+    settings = dict(
+        max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=32, chunked_prefill=False
+    )
     blocks = BlockTables(BlockPool(num_blocks, BLOCK, prefix_caching=True), b"policy-test")
-    copy = (lambda src, dst: copied.append((src, dst))) if copied is not None else (lambda src, dst: None)
+    copy = (
+        (lambda src, dst: copied.append((src, dst)))
+        if copied is not None
+        else (lambda src, dst: None)
+    )
     return Scheduler(SchedulerLimits(**{**settings, **limits}), blocks, copy)
 
 
 def _sequence(request_id: str, num_prompt: int, max_tokens: int = 50, first: int = 1) -> Sequence:
     prompt = list(range(first, first + num_prompt))
-    return Sequence(request_id=request_id, prompt_ids=prompt, params=SamplingParams(temperature=0.0),
-                    max_tokens=max_tokens, stop_token_ids=frozenset({0}),
-                    detokenizer=IncrementalDetokenizer(LetterTokenizer(), prompt), stop_matcher=StopMatcher(()),
-                    sink=None)
+    return Sequence(
+        request_id=request_id,
+        prompt_ids=prompt,
+        params=SamplingParams(temperature=0.0),
+        max_tokens=max_tokens,
+        stop_token_ids=frozenset({0}),
+        detokenizer=IncrementalDetokenizer(LetterTokenizer(), prompt),
+        stop_matcher=StopMatcher(()),
+        sink=None,
+    )
 
 
 def _step(scheduler: Scheduler) -> StepPlan:
@@ -142,7 +154,9 @@ def test_a_request_that_waited_past_the_bound_is_refused_but_a_preempted_one_is_
     plan = _step(scheduler)
     assert [(s.request_id, type(e)) for s, e in plan.refused] == [("late", EngineOverloaded)]
     assert not scheduler.waiting and scheduler.running == [first]
-    first.arrival_time = time.monotonic() - 1.0  # it started: waiting again after a preemption is no refusal
+    first.arrival_time = (
+        time.monotonic() - 1.0
+    )  # it started: waiting again after a preemption is no refusal
     assert _step(scheduler).refused == []
 
 
@@ -157,11 +171,15 @@ def test_choices_prefill_once_then_fork_off_the_leader_and_abort_together():
     scheduler.add(leader)
     plan = _step(scheduler)
     assert [c.sequence for c in plan.prefill] == [leader]  # the prompt once
-    assert all(s.status is SequenceStatus.DECODING and s.output_ids == [7] for s in (leader, *followers))
+    assert all(
+        s.status is SequenceStatus.DECODING and s.output_ids == [7] for s in (leader, *followers)
+    )
     assert len(copied) == 2  # each copied the leader's partial last block (6 tokens in blocks of 4)
     assert len(_step(scheduler).decode) == 3
     scheduler.abort("r")
-    assert not scheduler.running and scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+    assert (
+        not scheduler.running and scheduler.blocks.pool.num_free == scheduler.blocks.pool.num_usable
+    )
 
 
 def test_finished_sequences_leave_at_the_end_of_the_step_and_their_blocks_return():

@@ -6,16 +6,16 @@ import time
 
 import torch
 
-from ragllm.engines.inprocess.sample import choice as sampling_module
 from ragllm.engines.inprocess import worker as worker_module
-from ragllm.engines.inprocess.sample import sampler as sampler_module
-from ragllm.generation import Delta, FinishReason, SamplingParams
+from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner
+from ragllm.engines.inprocess.sample import choice as sampling_module
+from ragllm.engines.inprocess.sample import sampler as sampler_module
 from ragllm.engines.inprocess.scheduler import SchedulerLimits
+from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.engines.inprocess.worker import Worker
 from ragllm.errors import EngineFailure, EngineNotReady, EngineOverloaded
-from ragllm.engines.inprocess.sequence import Sequence
-from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer
+from ragllm.generation import Delta, FinishReason, SamplingParams
 from tests.support.letter_model import (
     MAX_TOKENS,
     MODEL,
@@ -34,7 +34,9 @@ from tests.support.letter_model import (
 
 def test_sequences_joining_and_leaving_mid_batch_match_solo_greedy():
     worker = make_worker(max_num_seqs=4, max_batch_size=4)
-    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    sequences = [
+        greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))
+    ]
     # Arrivals spread over steps; with 4 slots, the last ones wait for earlier ones to leave.
     arrivals = {0: sequences[:2], 2: sequences[2:4], 3: sequences[4:5], 6: sequences[5:]}
     run_to_completion(worker, arrivals)
@@ -43,15 +45,21 @@ def test_sequences_joining_and_leaving_mid_batch_match_solo_greedy():
 
 
 def test_micro_batches_and_chunked_prefill_give_the_same_tokens():
-    worker = make_worker(max_num_seqs=6, max_batch_size=2, max_num_batched_tokens=16, chunked_prefill=True)
-    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+    worker = make_worker(
+        max_num_seqs=6, max_batch_size=2, max_num_batched_tokens=16, chunked_prefill=True
+    )
+    sequences = [
+        greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS))
+    ]
     run_to_completion(worker, {0: sequences})
     check_against_reference(sequences)
 
 
 def test_whole_prompt_prefill_respects_the_step_budget_but_never_starves():
     worker = make_worker(max_num_batched_tokens=32)
-    long_prompt = greedy_sequence("long", list(range(1, 101)), 3)  # longer than a whole step's budget
+    long_prompt = greedy_sequence(
+        "long", list(range(1, 101)), 3
+    )  # longer than a whole step's budget
     worker.submit(long_prompt)
     worker.run_once()
     assert long_prompt.prefill_done and len(long_prompt.output_ids) == 1
@@ -102,7 +110,9 @@ def test_an_abort_is_acknowledged_once_the_request_is_out_and_nothing_more_is_sa
 
 def test_the_engine_counts_prompts_once_and_every_sampled_token_but_not_its_canary():
     worker = make_worker(max_num_seqs=2)
-    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:4], MAX_TOKENS[:4]))]
+    sequences = [
+        greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:4], MAX_TOKENS[:4]))
+    ]
     canary = greedy_sequence("canary", [5], 1)
     canary.for_client = False
     run_to_completion(worker, {0: sequences[:3], 1: [canary, sequences[3]]})
@@ -142,7 +152,9 @@ def test_finish_reasons_and_stop_strings():
     for _ in range(20):
         results.extend(worker.run_once())
     finals = {s.request_id: d for s, d in results if d.finish_reason is not None}
-    assert finals["len"].finish_reason is FinishReason.LENGTH and finals["len"].completion_tokens == 12
+    assert (
+        finals["len"].finish_reason is FinishReason.LENGTH and finals["len"].completion_tokens == 12
+    )
     assert finals["stop"].finish_reason is FinishReason.STOP
     stop_text = "".join(d.text for s, d in results if s.request_id == "stop")
     assert stop_text == text[: text.index(stop)]
@@ -151,11 +163,19 @@ def test_finish_reasons_and_stop_strings():
 
 
 def test_blocks_freed_by_a_finished_sequence_serve_the_next_and_all_return():
-    worker = make_worker(KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False), max_num_seqs=3,
-                         max_batch_size=3, max_num_batched_tokens=512)
+    worker = make_worker(
+        KVCacheOptions(block_size=16, num_blocks=34, prefix_caching=False),
+        max_num_seqs=3,
+        max_batch_size=3,
+        max_num_batched_tokens=512,
+    )
     free_at_start = worker.scheduler.blocks.pool.num_free
-    sequences = [greedy_sequence("short", [1, 2, 3], 2), greedy_sequence("long", [i % 200 + 1 for i in range(300)], 6),
-                 greedy_sequence("mid", [5, 6], 10), greedy_sequence("late", [i % 150 + 2 for i in range(200)], 5)]
+    sequences = [
+        greedy_sequence("short", [1, 2, 3], 2),
+        greedy_sequence("long", [i % 200 + 1 for i in range(300)], 6),
+        greedy_sequence("mid", [5, 6], 10),
+        greedy_sequence("late", [i % 150 + 2 for i in range(200)], 5),
+    ]
     run_to_completion(worker, {0: sequences[:3], 1: sequences[3:]})  # "late" needs "long"'s blocks
     check_against_reference(sequences)
     assert worker.scheduler.blocks.pool.num_free == free_at_start
@@ -189,7 +209,9 @@ def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkey
             calls_with_the_faulty_row += 1
             if calls_with_the_faulty_row > 1:
                 for row, generator in enumerate(generators):
-                    torch.multinomial(torch.softmax(logits[row].float(), -1), 1, generator=generator)
+                    torch.multinomial(
+                        torch.softmax(logits[row].float(), -1), 1, generator=generator
+                    )
                 raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_sampler(logits, params, histories, generators)
 
@@ -202,7 +224,11 @@ def test_a_faulty_row_fails_alone_and_seeded_rows_keep_their_exact_tokens(monkey
     assert [s.output_ids for s in sequences] == [expected[11], expected[12]]
     assert isinstance(results["s13"][-1], EngineFailure) and len(faulty.output_ids) == 1
     assert calls_with_the_faulty_row == 3  # its prefill token, the failed batch, then alone
-    assert worker.num_sequence_faults == 1 and worker.fatal is None and worker.scheduler.num_running == 0
+    assert (
+        worker.num_sequence_faults == 1
+        and worker.fatal is None
+        and worker.scheduler.num_running == 0
+    )
 
 
 def test_a_detokenizer_fault_ends_only_its_sequence():
@@ -212,17 +238,23 @@ def test_a_detokenizer_fault_ends_only_its_sequence():
     worker = make_worker()
     results = results_by_request(worker, {0: [healthy, broken]})
     assert healthy.output_ids == reference_tokens([1, 2, 3], 8)
-    assert isinstance(results["broken"][-1], EngineFailure) and "UnicodeDecodeError" in str(results["broken"][-1])
+    assert isinstance(results["broken"][-1], EngineFailure) and "UnicodeDecodeError" in str(
+        results["broken"][-1]
+    )
 
 
 def test_a_failed_forward_pass_is_fatal_and_refuses_everything_after(monkeypatch):
     fatal: list[BaseException] = []
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(num_blocks=100))
-    worker = Worker(runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append)
+    worker = Worker(
+        runner, SchedulerLimits(4, 4, 256, False), deliver=lambda r: None, on_fatal=fatal.append
+    )
     first, queued = greedy_sequence("a", [1, 2, 3], 20), greedy_sequence("b", [4, 5], 20)
     worker.submit(first)
     worker.run_once()
-    monkeypatch.setattr(runner, "decode", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost")))
+    monkeypatch.setattr(
+        runner, "decode", lambda *args: (_ for _ in ()).throw(RuntimeError("device lost"))
+    )
     worker.submit(queued)
     results = worker.run_once()
     assert {s.request_id for s, _ in results} == {"a", "b"}
@@ -241,7 +273,9 @@ def test_a_request_that_waits_past_the_bound_is_refused_with_503():
     worker.run_once()
     waiting.arrival_time -= 1.0  # as if it had waited a second
     results = worker.run_once()
-    assert [(s.request_id, type(item)) for s, item in results if s is waiting] == [("late", EngineOverloaded)]
+    assert [(s.request_id, type(item)) for s, item in results if s is waiting] == [
+        ("late", EngineOverloaded)
+    ]
     assert worker.scheduler.num_waiting == 0 and worker.scheduler.num_running == 1
 
 
@@ -269,8 +303,14 @@ def test_the_prefill_cap_while_decoding_sets_the_chunks_and_lifts_when_decoding_
     worker = make_worker(max_num_seqs=4, max_num_batched_tokens=256, max_prefill_while_decoding=40)
     prefilled: list[int] = []
     real_prefill_many = worker.runner.prefill_many
-    monkeypatch.setattr(worker.runner, "prefill_many", lambda chunks: (
-        prefilled.extend(len(chunk.token_ids) for chunk in chunks), real_prefill_many(chunks))[1])
+    monkeypatch.setattr(
+        worker.runner,
+        "prefill_many",
+        lambda chunks: (
+            prefilled.extend(len(chunk.token_ids) for chunk in chunks),
+            real_prefill_many(chunks),
+        )[1],
+    )
     decoding = greedy_sequence("d", [3, 4], 4)
     decoding.stop_token_ids = frozenset()  # exactly 4 tokens: it decodes through the next 3 steps
     _run_steps(worker, [decoding], 1)
@@ -315,9 +355,14 @@ def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_write():
     among them: a padded id (Qwen2.5 pads 151,665 ids to 151,936 columns) is never listed."""
     choosable = MODEL.config.vocab_size // 2
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
-    worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                                  chunked_prefill=False),
-                          deliver=lambda results: None, choosable=choosable)
+    worker = Worker(
+        runner,
+        SchedulerLimits(
+            max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False
+        ),
+        deliver=lambda results: None,
+        choosable=choosable,
+    )
     top = 8
     asked = greedy_sequence("asked", PROMPTS[1], 6)
     asked.params = SamplingParams(temperature=0.0, logprobs=top)
@@ -331,13 +376,17 @@ def test_logprobs_leave_out_the_ids_the_tokenizer_cannot_write():
             logits = MODEL(torch.tensor([ids])).logits[0, -1].float()
             logprobs = torch.log_softmax(logits[:choosable], dim=-1)
             assert abs(entry.logprob - float(logprobs[token])) < 1e-4
-            assert [t for t, _ in entry.top] == [f"<{int(i)}>" for i in torch.topk(logprobs, top).indices]
+            assert [t for t, _ in entry.top] == [
+                f"<{int(i)}>" for i in torch.topk(logprobs, top).indices
+            ]
             listed |= {int(t[1:-1]) for t, _ in entry.top}
             ids.append(token)
     assert max(listed) < choosable
     # Over every column, padded ids would have been listed: the cut is what kept them out.
     with torch.no_grad():
-        full = torch.log_softmax(MODEL(torch.tensor([list(asked.prompt_ids)])).logits[0, -1].float(), dim=-1)
+        full = torch.log_softmax(
+            MODEL(torch.tensor([list(asked.prompt_ids)])).logits[0, -1].float(), dim=-1
+        )
     assert int(torch.topk(full, top).indices.max()) >= choosable
 
 
@@ -353,10 +402,17 @@ def test_choices_prefill_their_prompt_once_and_each_decodes_as_alone(monkeypatch
     worker = make_worker(max_num_seqs=4, chunked_prefill=True, max_num_batched_tokens=16)
     prefilled = []
     real_prefill_many = worker.runner.prefill_many
-    monkeypatch.setattr(worker.runner, "prefill_many", lambda items: (
-        prefilled.extend(len(ids) for _, ids, _ in items), real_prefill_many(items))[1])
+    monkeypatch.setattr(
+        worker.runner,
+        "prefill_many",
+        lambda items: (prefilled.extend(len(ids) for _, ids, _ in items), real_prefill_many(items))[
+            1
+        ],
+    )
     choices = choices_of("r", prompt, 10, [5, 6, 7])
-    other = greedy_sequence("other", [1, 2, 3], 12)  # decodes beside them, and frees its slot mid-way
+    other = greedy_sequence(
+        "other", [1, 2, 3], 12
+    )  # decodes beside them, and frees its slot mid-way
     results = results_by_request(worker, {0: [other], 1: [choices[0]]})
     assert [c.output_ids for c in choices] == expected
     assert other.output_ids == reference_tokens([1, 2, 3], 12)
@@ -373,7 +429,9 @@ def test_choices_wait_until_all_their_slots_are_free_and_leave_together_on_abort
     worker.run_once()
     worker.submit(choices[0])
     worker.run_once()
-    assert worker.scheduler.num_running == 1 and worker.scheduler.num_waiting == 1  # 3 slots needed, 2 free
+    assert (
+        worker.scheduler.num_running == 1 and worker.scheduler.num_waiting == 1
+    )  # 3 slots needed, 2 free
     while blocker.status.value != "finished":
         worker.run_once()
     worker.run_once()
@@ -388,9 +446,15 @@ def test_tokens_are_chosen_only_among_the_ids_the_tokenizer_can_write():
     still decode greedily over the ids that remain, decode and prefill alike."""
     choosable = MODEL.config.vocab_size // 2
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
-    worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                                  chunked_prefill=False),
-                          deliver=lambda results: None, launch_ahead=True, choosable=choosable)
+    worker = Worker(
+        runner,
+        SchedulerLimits(
+            max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False
+        ),
+        deliver=lambda results: None,
+        launch_ahead=True,
+        choosable=choosable,
+    )
     sequences = [greedy_sequence(f"r{i}", p, 12) for i, p in enumerate(PROMPTS[:4])]
     run_to_completion(worker, {0: sequences})
     # Unconstrained, some of these answers would use ids past the cut: the limit is what changed them.
@@ -413,12 +477,20 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
     step is launched, before its tokens are awaited); a request's first and last deltas go at once."""
     runner = ModelRunner(MODEL, max_model_len=512, kv=KVCacheOptions(block_size=16, num_blocks=400))
     passes = [0]
-    delivered: list[tuple[int, Sequence, object]] = []  # (pass it was handed over in, sequence, item)
-    worker = Worker(runner, SchedulerLimits(max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256,
-                                                  chunked_prefill=False),
-                          deliver=lambda results: delivered.extend((passes[0], s, item) for s, item in results),
-                          launch_ahead=True)
-    sequences = [greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))]
+    delivered: list[
+        tuple[int, Sequence, object]
+    ] = []  # (pass it was handed over in, sequence, item)
+    worker = Worker(
+        runner,
+        SchedulerLimits(
+            max_num_seqs=4, max_batch_size=4, max_num_batched_tokens=256, chunked_prefill=False
+        ),
+        deliver=lambda results: delivered.extend((passes[0], s, item) for s, item in results),
+        launch_ahead=True,
+    )
+    sequences = [
+        greedy_sequence(f"r{i}", p, m) for i, (p, m) in enumerate(zip(PROMPTS[:3], (12, 20, 6)))
+    ]
     produced: dict[int, int] = {}  # id(delta) → the pass that made it
     run_once = worker.run_once
 
@@ -442,7 +514,8 @@ def test_ordinary_deltas_wait_for_the_next_steps_launch_and_none_is_lost_or_reor
     for sequence in sequences:
         mine = [(at, item) for at, s, item in delivered if s is sequence]
         assert "".join(item.text for _, item in mine) == LetterTokenizer().decode(
-            [t for t in sequence.output_ids if t != 0])  # every delta, once, in order
+            [t for t in sequence.output_ids if t != 0]
+        )  # every delta, once, in order
         assert mine[0][0] == produced[id(mine[0][1])]  # the first token is not held
         assert mine[-1][1].finish_reason is not None and mine[-1][0] == produced[id(mine[-1][1])]
         late += sum(at == produced[id(item)] + 1 for at, item in mine[1:-1])
@@ -455,8 +528,17 @@ def test_a_delta_is_held_only_when_it_is_neither_an_answers_first_text_nor_its_l
     character yet); it carries every token so far, and is never held, nor is a last delta or an error."""
     from ragllm.engines.inprocess.worker import _holdable
 
-    assert not _holdable(Delta(text="é", num_tokens=3, prompt_tokens=9, completion_tokens=3))  # first text
+    assert not _holdable(
+        Delta(text="é", num_tokens=3, prompt_tokens=9, completion_tokens=3)
+    )  # first text
     assert _holdable(Delta(text="x", num_tokens=1, prompt_tokens=9, completion_tokens=4))
-    assert not _holdable(Delta(text="", num_tokens=1, prompt_tokens=9, completion_tokens=5,
-                               finish_reason=FinishReason.STOP))
+    assert not _holdable(
+        Delta(
+            text="",
+            num_tokens=1,
+            prompt_tokens=9,
+            completion_tokens=5,
+            finish_reason=FinishReason.STOP,
+        )
+    )
     assert not _holdable(EngineFailure("a fault of this row"))

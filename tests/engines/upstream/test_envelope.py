@@ -14,26 +14,56 @@ from ragllm.engines.upstream.envelope import (
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
-    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=10), children, max_size=6),
-    max_leaves=40)
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=10), children, max_size=6)
+    ),
+    max_leaves=40,
+)
 FIELD_NAMES = st.sampled_from(["message", "type", "param", "code", "detail", "object", "error"])
-ENVELOPES = JSON | st.dictionaries(FIELD_NAMES, JSON, max_size=6) | st.fixed_dictionaries(
-    {"error": st.dictionaries(FIELD_NAMES, JSON, max_size=6)})
+ENVELOPES = (
+    JSON
+    | st.dictionaries(FIELD_NAMES, JSON, max_size=6)
+    | st.fixed_dictionaries({"error": st.dictionaries(FIELD_NAMES, JSON, max_size=6)})
+)
 
 
 def test_vllms_integer_code_becomes_a_string_in_either_shape():
-    for envelope in ({"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}},
-                     {"object": "error", "message": "too long", "type": "BadRequestError", "param": None,
-                      "code": 400}):
+    for envelope in (
+        {"error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}},
+        {
+            "object": "error",
+            "message": "too long",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    ):
         fields = error_fields(envelope)
-        assert (fields.message, fields.type, fields.param, fields.code) == ("too long", "BadRequestError", None, "400")
+        assert (fields.message, fields.type, fields.param, fields.code) == (
+            "too long",
+            "BadRequestError",
+            None,
+            "400",
+        )
 
 
 def test_openais_own_envelope_passes_unchanged():
-    fields = error_fields({"error": {"message": "m", "type": "invalid_request_error", "param": "messages",
-                                     "code": "invalid_value"}})
-    assert (fields.message, fields.type, fields.param, fields.code) == ("m", "invalid_request_error", "messages",
-                                                                         "invalid_value")
+    fields = error_fields(
+        {
+            "error": {
+                "message": "m",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "invalid_value",
+            }
+        }
+    )
+    assert (fields.message, fields.type, fields.param, fields.code) == (
+        "m",
+        "invalid_request_error",
+        "messages",
+        "invalid_value",
+    )
 
 
 def test_error_events_are_told_from_answers():
@@ -51,7 +81,9 @@ def _deep(depth: int) -> object:
 
 @settings(max_examples=300, deadline=None)
 @given(ENVELOPES)
-@example({"error": {"message": "x" * 1_000_000, "code": "c" * 10_000, "type": ["not", "a", "string"]}})
+@example(
+    {"error": {"message": "x" * 1_000_000, "code": "c" * 10_000, "type": ["not", "a", "string"]}}
+)
 @example({"error": {"message": ["a", {"list": "message"}], "code": True, "param": 7}})
 @example({"error": {"message": None, "code": 10**30}})
 @example(_deep(3000))

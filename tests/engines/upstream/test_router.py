@@ -6,7 +6,9 @@ from ragllm.engines.upstream.router import ReplicaPool, affinity_key
 
 
 def _pool(slack: int = 1) -> ReplicaPool:
-    pool = ReplicaPool(["http://a", "http://b", "http://c"], slack=slack, eject_after=2, eject_for_s=60)
+    pool = ReplicaPool(
+        ["http://a", "http://b", "http://c"], slack=slack, eject_after=2, eject_for_s=60
+    )
     for replica in pool.replicas:
         pool.probed(replica, True)
     return pool
@@ -15,7 +17,14 @@ def _pool(slack: int = 1) -> ReplicaPool:
 def test_least_outstanding_wins_and_ties_rotate():
     pool = _pool()
     picked = [pool.pick(None).url for _ in range(6)]
-    assert sorted(picked) == ["http://a", "http://a", "http://b", "http://b", "http://c", "http://c"]
+    assert sorted(picked) == [
+        "http://a",
+        "http://a",
+        "http://b",
+        "http://b",
+        "http://c",
+        "http://c",
+    ]
     pool.replicas[0].outstanding, pool.replicas[1].outstanding = 3, 1
     assert pool.pick(None).url == "http://c"
 
@@ -24,7 +33,9 @@ def test_affinity_is_stable_and_yields_past_the_slack():
     pool = _pool(slack=1)
     key = affinity_key([{"role": "system", "content": "documents " * 100}], None)
     preferred = pool.pick(key)
-    assert all(pool.pick(key) is preferred for _ in range(5))  # nothing outstanding: always the same
+    assert all(
+        pool.pick(key) is preferred for _ in range(5)
+    )  # nothing outstanding: always the same
     preferred.outstanding = 1  # one beyond the least loaded: still within the slack
     assert pool.pick(key) is preferred
     preferred.outstanding = 2  # two beyond: the least-loaded replica takes it
@@ -66,7 +77,9 @@ def test_affinity_yields_to_a_replica_with_fewer_prompts_awaiting_their_first_to
 
 
 def test_a_prefill_slack_lets_affinity_wait_behind_prefills():
-    pool = ReplicaPool(["http://a", "http://b"], slack=4, eject_after=2, eject_for_s=60, prefill_slack=2)
+    pool = ReplicaPool(
+        ["http://a", "http://b"], slack=4, eject_after=2, eject_for_s=60, prefill_slack=2
+    )
     key = affinity_key([{"role": "system", "content": "documents " * 100}], None)
     preferred = pool.pick(key)
     preferred.awaiting_first_token = preferred.outstanding = 2
@@ -77,7 +90,9 @@ def test_a_prefill_slack_lets_affinity_wait_behind_prefills():
 
 def test_a_virtual_clock_drives_ejection():
     now = [100.0]
-    pool = ReplicaPool(["http://a", "http://b"], slack=1, eject_after=1, eject_for_s=5, clock=lambda: now[0])
+    pool = ReplicaPool(
+        ["http://a", "http://b"], slack=1, eject_after=1, eject_for_s=5, clock=lambda: now[0]
+    )
     a = pool.replicas[0]
     pool.failed(a)
     assert all(pool.pick(None) is not a for _ in range(4))

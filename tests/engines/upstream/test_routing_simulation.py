@@ -12,12 +12,18 @@ LOAD = Load()
 
 @pytest.fixture(scope="module")
 def zipf_runs() -> dict:
-    return {name: simulate(name, 8, "zipf", 6.0, LOAD, slack=2, seed=1)
-            for name in ("least_outstanding", "consistent_hash", "ours")}
+    return {
+        name: simulate(name, 8, "zipf", 6.0, LOAD, slack=2, seed=1)
+        for name in ("least_outstanding", "consistent_hash", "ours")
+    }
 
 
 def test_ours_keeps_the_cache_without_a_hotspot_or_a_worse_tail(zipf_runs):
-    ours, least, hashing = zipf_runs["ours"], zipf_runs["least_outstanding"], zipf_runs["consistent_hash"]
+    ours, least, hashing = (
+        zipf_runs["ours"],
+        zipf_runs["least_outstanding"],
+        zipf_runs["consistent_hash"],
+    )
     assert ours["max_over_mean_load"] <= 1.25
     assert ours["hit_rate"] >= least["hit_rate"] + 0.10
     assert ours["ttft_p99_ms"] <= least["ttft_p99_ms"]

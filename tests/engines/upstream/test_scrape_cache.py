@@ -40,7 +40,9 @@ async def test_concurrent_scrapes_share_one_fan_out_and_the_period_serves_it_aga
     waiting = [asyncio.ensure_future(cache.get()) for _ in range(50)]
     await asyncio.sleep(0)
     upstreams.release.set()
-    assert {str(result) for result in await asyncio.gather(*waiting)} == {str([("http://up", "scrape 1")])}
+    assert {str(result) for result in await asyncio.gather(*waiting)} == {
+        str([("http://up", "scrape 1")])
+    }
     assert upstreams.calls == 1
     clock.now += 4.9
     assert await cache.get() == [("http://up", "scrape 1")] and upstreams.calls == 1
@@ -67,4 +69,6 @@ async def test_a_failed_fan_out_reaches_its_waiters_and_is_not_cached_as_a_resul
     with pytest.raises(ConnectionError):
         await cache.get()
     upstreams.fail = False
-    assert await cache.get() == [("http://up", "scrape 2")]  # with nothing to serve, the next scrape tries again
+    assert await cache.get() == [
+        ("http://up", "scrape 2")
+    ]  # with nothing to serve, the next scrape tries again

@@ -6,7 +6,6 @@ import pytest
 
 from ragllm.config import load_settings
 from ragllm.engines.vllm.flags import vllm_serve_args
-
 from tests.support.vllm_standin import flag_values
 
 
@@ -16,8 +15,15 @@ def _flags(args: list[str]) -> dict[str, str | None]:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("LLM_MODEL_ID", "VLLM_MAX_NUM_SEQS", "VLLM_MAX_BATCH_SIZE", "TENSOR_PARALLEL_SIZE",
-                 "MODEL_CACHE_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT", "RAGLLM_PROFILE"):
+    for name in (
+        "LLM_MODEL_ID",
+        "VLLM_MAX_NUM_SEQS",
+        "VLLM_MAX_BATCH_SIZE",
+        "TENSOR_PARALLEL_SIZE",
+        "MODEL_CACHE_DIR",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "RAGLLM_PROFILE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -48,7 +54,9 @@ def test_cloud_profile_with_the_readme_variables(monkeypatch):
 def test_max_batch_size_has_no_vllm_flag(monkeypatch):
     monkeypatch.setenv("VLLM_MAX_BATCH_SIZE", "3")
     args = vllm_serve_args(load_settings(profile="cloud"))
-    assert "3" not in args[3:]  # documented: vLLM decodes all running sequences; --max-num-seqs bounds it
+    assert (
+        "3" not in args[3:]
+    )  # documented: vLLM decodes all running sequences; --max-num-seqs bounds it
 
 
 def test_quantization_flags_follow_the_checkpoint(monkeypatch, tmp_path):
@@ -57,7 +65,9 @@ def test_quantization_flags_follow_the_checkpoint(monkeypatch, tmp_path):
     assert "--quantization" not in flags and "--kv-cache-dtype" not in flags  # a bf16 checkpoint
     local_awq = tmp_path / "my-model"
     local_awq.mkdir()
-    (local_awq / "config.json").write_text('{"quantization_config": {"quant_method": "awq", "bits": 4}}')
+    (local_awq / "config.json").write_text(
+        '{"quantization_config": {"quant_method": "awq", "bits": 4}}'
+    )
     monkeypatch.setenv("LLM_MODEL_ID", str(local_awq))
     flags = _flags(vllm_serve_args(load_settings(profile="local")))
     assert flags["--quantization"] == "awq" and flags["--kv-cache-dtype"] == "fp8"
@@ -69,9 +79,15 @@ def test_quantization_flags_follow_the_checkpoint(monkeypatch, tmp_path):
 def test_kv_cache_settings_reach_vllm_by_its_own_flags(monkeypatch):
     assert _flags(vllm_serve_args(load_settings(profile="local")))["--block-size"] == "16"
     assert "--no-enable-prefix-caching" not in vllm_serve_args(load_settings(profile="local"))
-    for name, value in (("BLOCK_SIZE", "32"), ("ENABLE_PREFIX_CACHING", "false"), ("NUM_KV_BLOCKS", "4096"),
-                        ("KV_CACHE_MEMORY_BYTES", str(8 << 30))):
+    for name, value in (
+        ("BLOCK_SIZE", "32"),
+        ("ENABLE_PREFIX_CACHING", "false"),
+        ("NUM_KV_BLOCKS", "4096"),
+        ("KV_CACHE_MEMORY_BYTES", str(8 << 30)),
+    ):
         monkeypatch.setenv(f"RAGLLM_ENGINE__{name}", value)
     flags = _flags(vllm_serve_args(load_settings(profile="cloud")))
     assert flags["--block-size"] == "32" and "--no-enable-prefix-caching" in flags
-    assert flags["--num-gpu-blocks-override"] == "4096" and flags["--kv-cache-memory-bytes"] == str(8 << 30)
+    assert flags["--num-gpu-blocks-override"] == "4096" and flags["--kv-cache-memory-bytes"] == str(
+        8 << 30
+    )

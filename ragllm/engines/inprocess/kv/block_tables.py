@@ -51,7 +51,9 @@ class BlockTables:
         if self.pool.prefix_caching:
             extend_block_hashes(leader.block_hashes, tokens, self.block_size, self._root(leader))
             # At least the last token is computed: its logits choose the next one.
-            cached = self.pool.cached_prefix(leader.block_hashes[: (len(tokens) - 1) // self.block_size])
+            cached = self.pool.cached_prefix(
+                leader.block_hashes[: (len(tokens) - 1) // self.block_size]
+            )
         fresh = self.blocks_for(len(tokens)) - len(cached)
         copies = len(group) - 1 if len(leader.prompt_ids) % self.block_size else 0
         margin = 0 if alone else self._watermark
@@ -85,7 +87,9 @@ class BlockTables:
         if full <= sequence.num_registered or not self.pool.prefix_caching:
             return
         if len(sequence.block_hashes) < full:
-            extend_block_hashes(sequence.block_hashes, sequence.history(), self.block_size, self._root(sequence))
+            extend_block_hashes(
+                sequence.block_hashes, sequence.history(), self.block_size, self._root(sequence)
+            )
         for block in range(sequence.num_registered, full):
             self.pool.register(sequence.block_table[block], sequence.block_hashes[block])
         sequence.num_registered = full
@@ -95,7 +99,9 @@ class BlockTables:
         concatenation is unambiguous) and the sequence's scope."""
         return self._salt + sequence.scope_salt
 
-    def fork(self, leader: Sequence, follower: Sequence, copy_block: Callable[[int, int], None]) -> None:
+    def fork(
+        self, leader: Sequence, follower: Sequence, copy_block: Callable[[int, int], None]
+    ) -> None:
         """A follower takes its leader's prompt: the full blocks shared, the partial one copied into
         the block reserved for it at admission."""
         full = leader.num_prompt_tokens // self.block_size

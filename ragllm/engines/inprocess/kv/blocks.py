@@ -18,17 +18,21 @@ import numpy as np
 SCRATCH_BLOCK = 0
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int, salt: bytes) -> None:
+def extend_block_hashes(
+    hashes: list[bytes], token_ids: list[int], block_size: int, salt: bytes
+) -> None:
     """Append the hash of every full block of ``token_ids`` past those ``hashes`` already holds."""
     first, end = len(hashes), len(token_ids) // block_size
     if first >= end:
         return
     # One conversion for all the new blocks (per block it cost more than the hashing).
-    data = memoryview(np.asarray(token_ids[first * block_size:end * block_size], dtype=np.int64).tobytes())
+    data = memoryview(
+        np.asarray(token_ids[first * block_size : end * block_size], dtype=np.int64).tobytes()
+    )
     width = block_size * 8
     parent = hashes[-1] if hashes else salt
     for offset in range(0, len(data), width):
-        parent = hashlib.blake2b(parent + data[offset:offset + width], digest_size=16).digest()
+        parent = hashlib.blake2b(parent + data[offset : offset + width], digest_size=16).digest()
         hashes.append(parent)
 
 
@@ -40,8 +44,12 @@ class BlockPool:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self._refs = [0] * num_blocks
-        self._free: deque[int] = deque(range(1, num_blocks))  # never cached, or evicted: taken first
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached and unreferenced, oldest first
+        self._free: deque[int] = deque(
+            range(1, num_blocks)
+        )  # never cached, or evicted: taken first
+        self._evictable: OrderedDict[int, None] = (
+            OrderedDict()
+        )  # cached and unreferenced, oldest first
         self._by_hash: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
         self.queries = 0  # prompt tokens looked up in the prefix cache

@@ -25,9 +25,19 @@ FP8_MAX = 448.0
 
 
 class PagedKVCache:
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype | None = None,
-                 key_scale: float = 1.0, value_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        compute_dtype: torch.dtype | None = None,
+        key_scale: float = 1.0,
+        value_scale: float = 1.0,
+    ) -> None:
         """``dtype``: what is stored; ``compute_dtype``: what attention reads (the model's)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -36,14 +46,23 @@ class PagedKVCache:
         self.compute_dtype = compute_dtype or dtype
         self.key_scale, self.value_scale = key_scale, value_scale
         # Zeros, not empty: positions read but masked out must hold finite numbers (0 * NaN is NaN).
-        self.storage = torch.zeros(num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim,
-                                   device=device, dtype=dtype)
+        self.storage = torch.zeros(
+            num_layers,
+            2,
+            num_blocks,
+            num_kv_heads,
+            block_size,
+            head_dim,
+            device=device,
+            dtype=dtype,
+        )
         self.keys = [self.storage[layer, 0] for layer in range(num_layers)]
         self.values = [self.storage[layer, 1] for layer in range(num_layers)]
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
     @torch.inference_mode()
@@ -59,21 +78,31 @@ class PagedKVCache:
     def row_of(self, table: Seq[int], position: int) -> int:
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def write(self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(
+        self, layer: int, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
         """Keys and values [tokens, kv_heads, head_dim] into flat ``rows``."""
         self.write_rows(self.keys[layer], rows, keys, self.key_scale)
         self.write_rows(self.values[layer], rows, values, self.value_scale)
 
-    def read(self, layer: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, layer: int, tables: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions ``0..length-1`` of each table's sequence, in the model's dtype:
         two [rows, kv_heads, length, head_dim]."""
-        return (self.gather(self.keys[layer], tables, length, self.compute_dtype, self.key_scale),
-                self.gather(self.values[layer], tables, length, self.compute_dtype, self.value_scale))
+        return (
+            self.gather(self.keys[layer], tables, length, self.compute_dtype, self.key_scale),
+            self.gather(self.values[layer], tables, length, self.compute_dtype, self.value_scale),
+        )
 
     @staticmethod
-    def write_rows(layer_cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor, scale: float = 1.0) -> None:
+    def write_rows(
+        layer_cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor, scale: float = 1.0
+    ) -> None:
         block_size = PagedKVCache.block_size_of(layer_cache)
-        if layer_cache.dtype == FP8:  # torch's cast to e4m3 does not saturate: out of range would be NaN
+        if (
+            layer_cache.dtype == FP8
+        ):  # torch's cast to e4m3 does not saturate: out of range would be NaN
             states = (states.float() / scale).clamp(-FP8_MAX, FP8_MAX)
         layer_cache[rows // block_size, :, rows % block_size] = states.to(layer_cache.dtype)
 
@@ -92,14 +121,23 @@ class PagedKVCache:
         return torch.tensor(padded, dtype=torch.long, device=self.device)
 
     @staticmethod
-    def gather(layer_cache: torch.Tensor, tables: torch.Tensor, length: int, dtype: torch.dtype | None = None,
-               scale: float = 1.0) -> torch.Tensor:
+    def gather(
+        layer_cache: torch.Tensor,
+        tables: torch.Tensor,
+        length: int,
+        dtype: torch.dtype | None = None,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
         """Positions ``0..length-1`` of each table's sequence: [rows, kv_heads, length, head_dim], in
         ``dtype`` (default: as stored) times ``scale``."""
         rows = tables.shape[0]
         block_size = PagedKVCache.block_size_of(layer_cache)
-        blocks = layer_cache[tables[:, : -(-length // block_size)]]  # [rows, width, heads, block_size, dim]
-        spread = blocks.transpose(1, 2).reshape(rows, blocks.shape[2], -1, blocks.shape[-1])[:, :, :length]
+        blocks = layer_cache[
+            tables[:, : -(-length // block_size)]
+        ]  # [rows, width, heads, block_size, dim]
+        spread = blocks.transpose(1, 2).reshape(rows, blocks.shape[2], -1, blocks.shape[-1])[
+            :, :, :length
+        ]
         if dtype is not None and dtype != spread.dtype:
             spread = spread.to(dtype)
         return spread * scale if scale != 1.0 else spread

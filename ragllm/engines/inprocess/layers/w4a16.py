@@ -33,13 +33,23 @@ from dataclasses import dataclass
 
 import torch
 
-from ragllm.engines.inprocess.layers.kernels import add_rms_norm, dependent_launch, silu_and_mul, triton, use_triton
+from ragllm.engines.inprocess.layers.kernels import (
+    add_rms_norm,
+    dependent_launch,
+    silu_and_mul,
+    triton,
+    use_triton,
+)
 from ragllm.engines.inprocess.quantized.awq_format import AwqWeights, dequantise
 
 if triton is not None:
     import triton.language as tl
 
-    from ragllm.engines.inprocess.layers.kernels import after_previous_kernel, inverse_rms_of, rms_normed
+    from ragllm.engines.inprocess.layers.kernels import (
+        after_previous_kernel,
+        inverse_rms_of,
+        rms_normed,
+    )
 
 DECODE_ROWS = 64
 # The nibble mask, passed to the kernels at run time (see ``_mantissa_values``).
@@ -55,7 +65,7 @@ HALF_PAIRS_FROM_WORDS = 16
 # In float16 pairs the input is scaled by 2^-7 before it meets the weights, so that a
 # thread's eight float16 products of a group stay finite for inputs up to ±69,000 (8 * 15 * 69,000 *
 # 2^-7 < 65,504, float16's largest value); the scale is exact and undone with the group's scales.
-HALF_INPUT_SCALE = 2.0 ** -7
+HALF_INPUT_SCALE = 2.0**-7
 # Seven instructions make eight 16-bit values ``magic + q`` of a packed word: each 32-bit AND-OR (lop3)
 # takes two nibbles 16 bits apart (AWQ's columns 2j and 2j + 1) into the low mantissa bits of a pair
 # whose other bits are ``magic``'s; three shifts bring the other pairs down. The magic numbers are 1024
@@ -85,6 +95,7 @@ _HALF_PRODUCT_ASM = "{ .reg .b32 d; sub.rn.f16x2 d, $1, $2; mul.rn.f16x2 $0, d, 
 class W4A16Tuning:
     """Block shapes and pipelining; the defaults are the fastest of ``bench/w4a16_kernels.py``'s sweep
     over Qwen2.5-1.5B's projections (on an H100, 2026-11-27; BENCHMARKS.md)."""
+
     # One row (a single stream) runs without tensor cores, each program reading ``gemv_words`` packed
     # words (8 outputs each) of every input row: from ``HALF_PAIRS_FROM_WORDS`` words on in float16
     # pairs, below that in float32 over tiles of ``gemv_block_k`` inputs (a divisor of the group size).
@@ -137,7 +148,9 @@ def counters_for(out_features: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(-(-out_features // 16), dtype=torch.int32, device=device)
 
 
-def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None) -> torch.Tensor:
+def awq_matmul(
+    x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x`` [M, K] → [M, N] in ``x``'s dtype: ``x @ W + bias`` with W the dequantised int4 weights."""
     if not use_triton(x):
         out = x @ dequantise(weights, x.dtype).t()
@@ -148,19 +161,38 @@ def awq_matmul(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | No
         return _decode_product(x, weights, counters)
     if TUNING.prefill_mode == "dequantise":
         return _dequantised_product(x, weights)
-    return _tiled_product(x, weights, TUNING.prefill_block_m, TUNING.prefill_block_n, 1, None,
-                          TUNING.prefill_warps, TUNING.prefill_stages, False)
+    return _tiled_product(
+        x,
+        weights,
+        TUNING.prefill_block_m,
+        TUNING.prefill_block_n,
+        1,
+        None,
+        TUNING.prefill_warps,
+        TUNING.prefill_stages,
+        False,
+    )
 
 
 def folds_norms(hidden: torch.Tensor) -> bool:
     """Whether a step over ``hidden`` [rows, hidden] folds RMSNorm and the residual add into its int4
     products (``awq_normed_matmul``, ``awq_add_product``): one row on the GPU, where every kernel of the
     chain costs its launch and its wait more than its work."""
-    return use_triton(hidden) and hidden.shape[0] == 1 and bool(TUNING.gemv_words) and TUNING.gemv_folds_norms
+    return (
+        use_triton(hidden)
+        and hidden.shape[0] == 1
+        and bool(TUNING.gemv_words)
+        and TUNING.gemv_folds_norms
+    )
 
 
-def awq_normed_matmul(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: AwqWeights,
-                      counters: torch.Tensor | None = None) -> torch.Tensor:
+def awq_normed_matmul(
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weights: AwqWeights,
+    counters: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``RMSNorm(residual) @ W + bias``, RMSNorm as ``kernels.add_rms_norm`` computes and rounds it. Where
     ``folds_norms``, every program of the product normalises the row itself (one kernel fewer)."""
     if folds_norms(residual) and residual.stride(-1) == 1:
@@ -170,31 +202,56 @@ def awq_normed_matmul(residual: torch.Tensor, norm_weight: torch.Tensor, eps: fl
     return awq_matmul(normed, weights, counters)
 
 
-def awq_add_product(residual: torch.Tensor, x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None,
-                    gated: bool = False) -> torch.Tensor:
+def awq_add_product(
+    residual: torch.Tensor,
+    x: torch.Tensor,
+    weights: AwqWeights,
+    counters: torch.Tensor | None = None,
+    gated: bool = False,
+) -> torch.Tensor:
     """``residual += x @ W + bias`` in place (the product rounded to the residual's dtype, then the sum,
     as torch's ops round); ``gated``: the product of ``SiLU(gate) * up`` of ``x`` (``awq_gated_matmul``).
     Where ``folds_norms``, the product's last program of each strip adds its outputs in (one kernel fewer)."""
     if folds_norms(x) and x.stride(-1) == 1 and residual.is_contiguous():
         groups = weights.in_features // weights.group_size
-        _single_row_product(x, weights, counters, groups, gate_offset=weights.in_features if gated else 0,
-                            accumulate_into=residual)
+        _single_row_product(
+            x,
+            weights,
+            counters,
+            groups,
+            gate_offset=weights.in_features if gated else 0,
+            accumulate_into=residual,
+        )
         return residual
     product = awq_gated_matmul(x, weights, counters) if gated else awq_matmul(x, weights, counters)
     return residual.add_(product)
 
 
-def awq_gated_matmul(gate_up: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None) -> torch.Tensor:
+def awq_gated_matmul(
+    gate_up: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None = None
+) -> torch.Tensor:
     """``SiLU(gate) * up`` of ``gate_up`` [M, 2K] (gate then up, as ``kernels.silu_and_mul``), times W.
     One row on the GPU reads ``gate_up`` inside the product, which saves a kernel a layer; otherwise
     the activation runs first."""
-    if use_triton(gate_up) and gate_up.shape[0] == 1 and TUNING.gemv_words and gate_up.stride(-1) == 1:
-        return _single_row_product(gate_up, weights, counters, weights.in_features // weights.group_size,
-                                   gate_offset=weights.in_features)
+    if (
+        use_triton(gate_up)
+        and gate_up.shape[0] == 1
+        and TUNING.gemv_words
+        and gate_up.stride(-1) == 1
+    ):
+        return _single_row_product(
+            gate_up,
+            weights,
+            counters,
+            weights.in_features // weights.group_size,
+            gate_offset=weights.in_features,
+        )
     return awq_matmul(silu_and_mul(gate_up), weights, counters)
 
 
-def _split_for(blocks: int, groups: int, per_sm: int, counters: torch.Tensor | None, device: torch.device) -> int:
+def _split_for(
+    blocks: int, groups: int, per_sm: int, counters: torch.Tensor | None, device: torch.device
+) -> int:
     """The split-K factor: the largest divisor of ``groups`` that keeps programs within ``per_sm`` per
     multiprocessor (1 without counters to reduce with)."""
     if counters is None or counters.numel() < blocks:
@@ -205,23 +262,44 @@ def _split_for(blocks: int, groups: int, per_sm: int, counters: torch.Tensor | N
 @functools.cache
 def _largest_split(blocks: int, groups: int, target: int) -> int:
     """Cached: a step that is not replayed from a graph asks this for every product of every layer."""
-    return max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or blocks * d <= target))
+    return max(
+        d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or blocks * d <= target)
+    )
 
 
-def _decode_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None) -> torch.Tensor:
+def _decode_product(
+    x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None
+) -> torch.Tensor:
     rows, n = x.shape[0], weights.out_features
     groups = weights.in_features // weights.group_size
     if rows == 1 and TUNING.gemv_words:
         return _single_row_product(x, weights, counters, groups)
-    split = _split_for(triton.cdiv(n, TUNING.rows_block_n), groups, TUNING.rows_programs_per_sm, counters, x.device)
+    split = _split_for(
+        triton.cdiv(n, TUNING.rows_block_n), groups, TUNING.rows_programs_per_sm, counters, x.device
+    )
     block_m = max(16, triton.next_power_of_2(rows))
-    return _tiled_product(x, weights, block_m, TUNING.rows_block_n, split, counters, TUNING.rows_warps,
-                          TUNING.rows_stages, TUNING.rows_swapped)
+    return _tiled_product(
+        x,
+        weights,
+        block_m,
+        TUNING.rows_block_n,
+        split,
+        counters,
+        TUNING.rows_warps,
+        TUNING.rows_stages,
+        TUNING.rows_swapped,
+    )
 
 
-def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Tensor | None, groups: int,
-                        gate_offset: int = 0, norm: tuple[torch.Tensor, float] | None = None,
-                        accumulate_into: torch.Tensor | None = None) -> torch.Tensor:
+def _single_row_product(
+    x: torch.Tensor,
+    weights: AwqWeights,
+    counters: torch.Tensor | None,
+    groups: int,
+    gate_offset: int = 0,
+    norm: tuple[torch.Tensor, float] | None = None,
+    accumulate_into: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``gate_offset``: ``x`` is a gate/up output whose up half starts that many columns after its gate
     half, and the product's input is SiLU(gate) * up. ``norm`` (weight, epsilon): the input is RMSNorm
     of ``x``. ``accumulate_into``: the outputs are added to it, in place, and it is returned."""
@@ -231,24 +309,52 @@ def _single_row_product(x: torch.Tensor, weights: AwqWeights, counters: torch.Te
     halves = words >= HALF_PAIRS_FROM_WORDS and x.dtype != torch.float32
     blocks = triton.cdiv(n // 8, words)
     split = _split_for(blocks, groups, TUNING.gemv_programs_per_sm, counters, x.device)
-    out = accumulate_into if accumulate_into is not None else torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = (
+        accumulate_into
+        if accumulate_into is not None
+        else torch.empty(1, n, dtype=x.dtype, device=x.device)
+    )
     partial = torch.empty(split, n, dtype=torch.float32, device=x.device) if split > 1 else out
     bias = weights.bias if weights.bias is not None else out
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     early = TUNING.gemv_early_loads and halves and groups == split
-    registers = {"maxnreg": TUNING.gemv_early_registers} if early and TUNING.gemv_early_registers else {}
+    registers = (
+        {"maxnreg": TUNING.gemv_early_registers} if early and TUNING.gemv_early_registers else {}
+    )
     _awq_gemv_kernel[(blocks, split)](
-        x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, norm_weight, eps, n, NIBBLE, GROUP=weights.group_size,
-        BLOCK_K=_tile_rows(words, weights.group_size, halves), WORDS=words, GROUPS_PER_SPLIT=groups // split,
-        SPLIT_K=split, HAS_BIAS=weights.bias is not None,
+        x,
+        weights.qweight,
+        weights.qzeros,
+        weights.scales,
+        bias,
+        out,
+        partial,
+        counters if counters is not None else out,
+        norm_weight,
+        eps,
+        n,
+        NIBBLE,
+        GROUP=weights.group_size,
+        BLOCK_K=_tile_rows(words, weights.group_size, halves),
+        WORDS=words,
+        GROUPS_PER_SPLIT=groups // split,
+        SPLIT_K=split,
+        HAS_BIAS=weights.bias is not None,
         UNROLLED=TUNING.gemv_unrolled and groups // split <= UNROLL_LIMIT,
         HALVES=halves,
-        HALF_SCALE=HALF_INPUT_SCALE, GATE_OFFSET=gate_offset, NORMED=norm is not None,
-        INPUTS_PAD=triton.next_power_of_2(weights.in_features), ACCUMULATE=accumulate_into is not None,
-        EARLY=early, PREFETCH=TUNING.gemv_prefetch,
-        PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size), num_warps=TUNING.gemv_warps,
-        num_stages=TUNING.gemv_stages, **registers, **dependent_launch(x))
+        HALF_SCALE=HALF_INPUT_SCALE,
+        GATE_OFFSET=gate_offset,
+        NORMED=norm is not None,
+        INPUTS_PAD=triton.next_power_of_2(weights.in_features),
+        ACCUMULATE=accumulate_into is not None,
+        EARLY=early,
+        PREFETCH=TUNING.gemv_prefetch,
+        PREFETCH_ROWS=triton.next_power_of_2(groups // split * weights.group_size),
+        num_warps=TUNING.gemv_warps,
+        num_stages=TUNING.gemv_stages,
+        **registers,
+        **dependent_launch(x),
+    )
     return out
 
 
@@ -256,28 +362,59 @@ def _row_words(out_features: int, groups: int, device: torch.device) -> int:
     """Packed words per program and input row for a one-row product (``W4A16Tuning``): wide rows
     where the product still has enough programs at one input group each."""
     wide = TUNING.gemv_wide_words
-    if wide and triton.cdiv(out_features // 8, wide) * groups >= (TUNING.gemv_min_wide_programs_per_sm
-                                                                    * _multiprocessors(device)):
+    if wide and triton.cdiv(out_features // 8, wide) * groups >= (
+        TUNING.gemv_min_wide_programs_per_sm * _multiprocessors(device)
+    ):
         return wide
     return TUNING.gemv_words
 
 
-def _tiled_product(x: torch.Tensor, weights: AwqWeights, block_m: int, block_n: int, split: int,
-                   counters: torch.Tensor | None, warps: int, stages: int, swapped: bool) -> torch.Tensor:
+def _tiled_product(
+    x: torch.Tensor,
+    weights: AwqWeights,
+    block_m: int,
+    block_n: int,
+    split: int,
+    counters: torch.Tensor | None,
+    warps: int,
+    stages: int,
+    swapped: bool,
+) -> torch.Tensor:
     if x.dtype == torch.float32:  # tiles twice the size: two stages fit shared memory
         stages = min(stages, 2)
     rows, n = x.shape[0], weights.out_features
     groups = weights.in_features // weights.group_size
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    partial = (
+        torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    )
     bias = weights.bias if weights.bias is not None else out
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n), split)
     _awq_rows_kernel[grid](
-        x, weights.qweight, weights.qzeros, weights.scales, bias, out, partial,
-        counters if counters is not None else out, rows, x.stride(0), out.stride(0), N=n, GROUP=weights.group_size,
-        GROUPS_PER_SPLIT=groups // split, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=block_n,
-        INPUT=_INPUT_KINDS[x.dtype], SWAPPED=swapped, HAS_BIAS=weights.bias is not None, num_warps=warps,
-        num_stages=stages, **dependent_launch(x))
+        x,
+        weights.qweight,
+        weights.qzeros,
+        weights.scales,
+        bias,
+        out,
+        partial,
+        counters if counters is not None else out,
+        rows,
+        x.stride(0),
+        out.stride(0),
+        N=n,
+        GROUP=weights.group_size,
+        GROUPS_PER_SPLIT=groups // split,
+        SPLIT_K=split,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        INPUT=_INPUT_KINDS[x.dtype],
+        SWAPPED=swapped,
+        HAS_BIAS=weights.bias is not None,
+        num_warps=warps,
+        num_stages=stages,
+        **dependent_launch(x),
+    )
     return out
 
 
@@ -291,8 +428,17 @@ def _dequantised_product(x: torch.Tensor, weights: AwqWeights) -> torch.Tensor:
     matrix = torch.empty(k, n, dtype=x.dtype, device=x.device)
     block_n = 128
     _awq_dequantise_kernel[(k // weights.group_size, triton.cdiv(n, block_n))](
-        weights.qweight, weights.qzeros, weights.scales, matrix, n, NIBBLE, GROUP=weights.group_size, BLOCK_N=block_n,
-        num_warps=TUNING.dequantise_warps, **dependent_launch(x))
+        weights.qweight,
+        weights.qzeros,
+        weights.scales,
+        matrix,
+        n,
+        NIBBLE,
+        GROUP=weights.group_size,
+        BLOCK_N=block_n,
+        num_warps=TUNING.dequantise_warps,
+        **dependent_launch(x),
+    )
     if weights.bias is None:
         return x @ matrix
     # The bias added before the product's rounding, as ``F.linear`` adds it on the bf16 path (a separate
@@ -353,39 +499,119 @@ if triton is not None:
         return values, field
 
     @triton.jit
-    def _group_terms(qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, col_mask, NIBBLE,
-                     BLOCK_N: tl.constexpr):
+    def _group_terms(
+        qzeros_ptr,
+        scales_ptr,
+        group,
+        N,
+        words,
+        word_mask,
+        cols,
+        col_mask,
+        NIBBLE,
+        BLOCK_N: tl.constexpr,
+    ):
         """One input group's zero points in the same ``2^23 + z * 2^f`` form and its scales divided by
         ``2^f``, as [1, BLOCK_N]: ``(value - zero) * scale`` is then exactly ``(q - z) * s``."""
-        packed_zeros = tl.load(qzeros_ptr + group * (N // 8) + words[None, :], mask=word_mask[None, :], other=0)
+        packed_zeros = tl.load(
+            qzeros_ptr + group * (N // 8) + words[None, :], mask=word_mask[None, :], other=0
+        )
         zeros, field = _mantissa_values(_spread(packed_zeros), NIBBLE, BLOCK_N)
-        scales = tl.load(scales_ptr + group * N + cols[None, :], mask=col_mask[None, :], other=0.0).to(tl.float32)
+        scales = tl.load(
+            scales_ptr + group * N + cols[None, :], mask=col_mask[None, :], other=0.0
+        ).to(tl.float32)
         return zeros, scales * tl.exp2(-field.to(tl.float32))[None, :]
 
     @triton.jit
-    def _gemv_one_group(acc, x_at, norm_at, inverse_rms, weights_at, zeros_at, scales_at, word_mask, col_mask,
-                        NIBBLE, HALVES: tl.constexpr, HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr,
-                        NORMED: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+    def _gemv_one_group(
+        acc,
+        x_at,
+        norm_at,
+        inverse_rms,
+        weights_at,
+        zeros_at,
+        scales_at,
+        word_mask,
+        col_mask,
+        NIBBLE,
+        HALVES: tl.constexpr,
+        HALF_SCALE: tl.constexpr,
+        GATE_OFFSET: tl.constexpr,
+        NORMED: tl.constexpr,
+        ROW_WORDS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """``acc`` plus one input group's products, [BLOCK_K, BLOCK_N]. ``x_at`` and ``norm_at`` (scalars),
         ``weights_at`` and ``zeros_at`` [1, WORDS] and ``scales_at`` [1, BLOCK_N] point at the group's first
         row; rows add constants to them, which the loads take as immediate offsets."""
         if HALVES:
-            packed, packed_zeros, scales = _group_loads(weights_at, zeros_at, scales_at, word_mask, col_mask,
-                                                        ROW_WORDS, GROUP)
-            return _gemv_group_in_halves(acc, x_at, norm_at, inverse_rms, packed, packed_zeros, scales, HALF_SCALE,
-                                         GATE_OFFSET, NORMED, GROUP, BLOCK_K, BLOCK_N)
-        return _gemv_group(acc, x_at, norm_at, inverse_rms, weights_at, zeros_at, scales_at, word_mask, col_mask,
-                           NIBBLE, GATE_OFFSET, NORMED, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
+            packed, packed_zeros, scales = _group_loads(
+                weights_at, zeros_at, scales_at, word_mask, col_mask, ROW_WORDS, GROUP
+            )
+            return _gemv_group_in_halves(
+                acc,
+                x_at,
+                norm_at,
+                inverse_rms,
+                packed,
+                packed_zeros,
+                scales,
+                HALF_SCALE,
+                GATE_OFFSET,
+                NORMED,
+                GROUP,
+                BLOCK_K,
+                BLOCK_N,
+            )
+        return _gemv_group(
+            acc,
+            x_at,
+            norm_at,
+            inverse_rms,
+            weights_at,
+            zeros_at,
+            scales_at,
+            word_mask,
+            col_mask,
+            NIBBLE,
+            GATE_OFFSET,
+            NORMED,
+            ROW_WORDS,
+            GROUP,
+            BLOCK_K,
+            BLOCK_N,
+        )
 
     @triton.jit
-    def _gemv_group(acc, x_at, norm_at, inverse_rms, weights_at, zeros_at, scales_at, word_mask, col_mask, NIBBLE,
-                    GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr, ROW_WORDS: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _gemv_group(
+        acc,
+        x_at,
+        norm_at,
+        inverse_rms,
+        weights_at,
+        zeros_at,
+        scales_at,
+        word_mask,
+        col_mask,
+        NIBBLE,
+        GATE_OFFSET: tl.constexpr,
+        NORMED: tl.constexpr,
+        ROW_WORDS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """One weight an instruction in float32: unscaled over the group's BLOCK_K-row steps, then scaled
         once (``_mantissa_values`` makes the zero points and scales agree with the values' form)."""
-        zeros, field = _mantissa_values(_spread(tl.load(zeros_at, mask=word_mask, other=0)), NIBBLE, BLOCK_N)
-        scales = tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32) * tl.exp2(-field.to(tl.float32))[None, :]
+        zeros, field = _mantissa_values(
+            _spread(tl.load(zeros_at, mask=word_mask, other=0)), NIBBLE, BLOCK_N
+        )
+        scales = (
+            tl.load(scales_at, mask=col_mask, other=0.0).to(tl.float32)
+            * tl.exp2(-field.to(tl.float32))[None, :]
+        )
         part = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         rows = tl.arange(0, BLOCK_K)
         weight_rows = weights_at + (rows * ROW_WORDS)[:, None]
@@ -397,8 +623,15 @@ if triton is not None:
         return acc + part * scales
 
     @triton.jit
-    def _group_loads(weights_at, zeros_at, scales_at, word_mask, col_mask, ROW_WORDS: tl.constexpr,
-                     GROUP: tl.constexpr):
+    def _group_loads(
+        weights_at,
+        zeros_at,
+        scales_at,
+        word_mask,
+        col_mask,
+        ROW_WORDS: tl.constexpr,
+        GROUP: tl.constexpr,
+    ):
         """A one-row program's packed weights [GROUP, WORDS], packed zero points [1, WORDS] and scales
         [1, BLOCK_N] of the input group at the pointers. The whole group is one load, so every load is
         issued before the first product: read in row steps, the compiler spread the loads between the
@@ -410,9 +643,22 @@ if triton is not None:
         return packed, packed_zeros, scales
 
     @triton.jit
-    def _gemv_group_in_halves(acc, x_at, norm_at, inverse_rms, packed, packed_zeros, scales, HALF_SCALE: tl.constexpr,
-                              GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr, GROUP: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EARLY: tl.constexpr = False):
+    def _gemv_group_in_halves(
+        acc,
+        x_at,
+        norm_at,
+        inverse_rms,
+        packed,
+        packed_zeros,
+        scales,
+        HALF_SCALE: tl.constexpr,
+        GATE_OFFSET: tl.constexpr,
+        NORMED: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        EARLY: tl.constexpr = False,
+    ):
         """Two weights an instruction: ``(1024 + q) - (1024 + z)`` is exact in float16, and its product
         with the scaled input is one rounding. ``_group_loads`` gives the group's weights. Rows r,
         r + BLOCK_K, r + 2 * BLOCK_K, ... lie in one thread: their products (at most eight) are summed in
@@ -426,10 +672,17 @@ if triton is not None:
             packed = _once_arrived(packed, x)
         values = _half_values(_spread(packed))
         products = tl.inline_asm_elementwise(
-            HALF_PRODUCT_ASM, "=r,r,r,r",
-            [values, tl.broadcast_to(zeros, values.shape),
-             tl.broadcast_to(_to_half(x * HALF_SCALE)[:, None], values.shape)],
-            dtype=tl.float16, is_pure=True, pack=2)
+            HALF_PRODUCT_ASM,
+            "=r,r,r,r",
+            [
+                values,
+                tl.broadcast_to(zeros, values.shape),
+                tl.broadcast_to(_to_half(x * HALF_SCALE)[:, None], values.shape),
+            ],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=2,
+        )
         products = tl.reshape(products, (GROUP // BLOCK_K, BLOCK_K, BLOCK_N))
         return acc + tl.sum(products, axis=0).to(tl.float32) * scales
 
@@ -440,12 +693,20 @@ if triton is not None:
         waiting for the kernel before this one were otherwise all turned into values while the inputs
         were on their way, every value held in a register (168 a thread, against 69). An infinite or NaN
         input spoils its row's weights, whose products it makes NaN anyway."""
-        zero = tl.inline_asm_elementwise("fma.rn.f32 $0, $1, 0f00000000, 0f00000000;", "=r,r", [x],
-                                         dtype=tl.int32, is_pure=True, pack=1)
+        zero = tl.inline_asm_elementwise(
+            "fma.rn.f32 $0, $1, 0f00000000, 0f00000000;",
+            "=r,r",
+            [x],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
         return packed | zero[:, None]
 
     @triton.jit
-    def _inputs(x_at, norm_at, inverse_rms, offsets, GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr):
+    def _inputs(
+        x_at, norm_at, inverse_rms, offsets, GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr
+    ):
         """The product's inputs at ``offsets`` from ``x_at``, in float32: x itself; SiLU(gate) * up of a
         gate/up output whose up half starts ``GATE_OFFSET`` after its gate half; or (NORMED) x times
         ``inverse_rms`` times the norm's weights at ``norm_at``. Each is rounded to the input's dtype where
@@ -458,31 +719,52 @@ if triton is not None:
             return (activated * up).to(dtype).to(tl.float32)
         x = tl.load(x_at + offsets).to(tl.float32)
         if NORMED:
-            x = rms_normed(x, inverse_rms, tl.load(norm_at + offsets).to(tl.float32), dtype).to(tl.float32)
+            x = rms_normed(x, inverse_rms, tl.load(norm_at + offsets).to(tl.float32), dtype).to(
+                tl.float32
+            )
         return x
 
     @triton.jit
     def _inverse_rms(x_ptr, eps, INPUTS: tl.constexpr, INPUTS_PAD: tl.constexpr):
         """1 / RMS of the INPUTS values at ``x_ptr`` (``kernels.inverse_rms_of``)."""
         offsets = tl.arange(0, INPUTS_PAD)
-        return inverse_rms_of(tl.load(x_ptr + offsets, mask=offsets < INPUTS, other=0.0).to(tl.float32), INPUTS, eps)
+        return inverse_rms_of(
+            tl.load(x_ptr + offsets, mask=offsets < INPUTS, other=0.0).to(tl.float32), INPUTS, eps
+        )
 
     @triton.jit
     def _to_half(x):
         """float32 → float16, rounded to nearest. Written out so that the compiler cannot move the scaling
         before it into float16, where a large input would overflow first."""
-        return tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,r", [x], dtype=tl.float16, is_pure=True,
-                                         pack=1)
+        return tl.inline_asm_elementwise(
+            "cvt.rn.f16.f32 $0, $1;", "=h,r", [x], dtype=tl.float16, is_pure=True, pack=1
+        )
 
     @triton.jit
     def _half_values(spread):
         """Spread words [R, C] (``_spread``) → float16 ``1024 + q`` per column."""
-        return tl.inline_asm_elementwise(HALF_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [spread],
-                                         dtype=tl.float16, is_pure=True, pack=8)
+        return tl.inline_asm_elementwise(
+            HALF_VALUES_ASM,
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+            [spread],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=8,
+        )
 
     @triton.jit
-    def _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP: tl.constexpr,
-                        GROUPS: tl.constexpr, ROWS_PAD: tl.constexpr, WORDS: tl.constexpr):
+    def _prefetch_share(
+        qweight_ptr,
+        qzeros_ptr,
+        scales_ptr,
+        first,
+        N,
+        pid_n,
+        GROUP: tl.constexpr,
+        GROUPS: tl.constexpr,
+        ROWS_PAD: tl.constexpr,
+        WORDS: tl.constexpr,
+    ):
         """Asks for a one-row program's packed weights, zero points and scales (GROUPS input groups from
         ``first``) to be brought into the L2 cache: one request per input row (the program's part of a
         row is at most one 128-byte line), and no registers held for them."""
@@ -494,17 +776,47 @@ if triton is not None:
 
     @triton.jit
     def _prefetch_l2(pointers):
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0 unused", "=r,l", [pointers.to(tl.int64)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // $0 unused",
+            "=r,l",
+            [pointers.to(tl.int64)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
 
     @triton.jit
-    def _awq_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
-                         norm_ptr, eps, N: tl.constexpr, NIBBLE, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                         WORDS: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, UNROLLED: tl.constexpr, HALVES: tl.constexpr,
-                         HALF_SCALE: tl.constexpr, GATE_OFFSET: tl.constexpr, NORMED: tl.constexpr,
-                         INPUTS_PAD: tl.constexpr, ACCUMULATE: tl.constexpr, EARLY: tl.constexpr,
-                         PREFETCH: tl.constexpr, PREFETCH_ROWS: tl.constexpr, DEPENDENT: tl.constexpr):
+    def _awq_gemv_kernel(
+        x_ptr,
+        qweight_ptr,
+        qzeros_ptr,
+        scales_ptr,
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counters_ptr,
+        norm_ptr,
+        eps,
+        N: tl.constexpr,
+        NIBBLE,
+        GROUP: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        WORDS: tl.constexpr,
+        GROUPS_PER_SPLIT: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        UNROLLED: tl.constexpr,
+        HALVES: tl.constexpr,
+        HALF_SCALE: tl.constexpr,
+        GATE_OFFSET: tl.constexpr,
+        NORMED: tl.constexpr,
+        INPUTS_PAD: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        EARLY: tl.constexpr,
+        PREFETCH: tl.constexpr,
+        PREFETCH_ROWS: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         """One row, without tensor cores: program (n, k) computes 8 * WORDS outputs over its share of the
         input groups. Products accumulate elementwise over a [BLOCK_K, 8 * WORDS] tile (each thread its
         own), unscaled within a group and scaled once per group, and are summed over the inputs once at
@@ -530,11 +842,22 @@ if triton is not None:
         # The weights need nothing from the kernel before this one: EARLY, a share of one group is loaded
         # into registers before waiting for it; otherwise asked into the L2 cache.
         if EARLY:
-            packed, packed_zeros, scales = _group_loads(weights_at, zeros_at, scales_at, word_mask, col_mask[None, :],
-                                                        ROW_WORDS, GROUP)
+            packed, packed_zeros, scales = _group_loads(
+                weights_at, zeros_at, scales_at, word_mask, col_mask[None, :], ROW_WORDS, GROUP
+            )
         elif DEPENDENT and PREFETCH:
-            _prefetch_share(qweight_ptr, qzeros_ptr, scales_ptr, first, N, pid_n, GROUP, GROUPS_PER_SPLIT,
-                            PREFETCH_ROWS, WORDS)
+            _prefetch_share(
+                qweight_ptr,
+                qzeros_ptr,
+                scales_ptr,
+                first,
+                N,
+                pid_n,
+                GROUP,
+                GROUPS_PER_SPLIT,
+                PREFETCH_ROWS,
+                WORDS,
+            )
         after_previous_kernel(DEPENDENT)
         if NORMED:
             inverse_rms = _inverse_rms(x_ptr, eps, GROUPS_PER_SPLIT * SPLIT_K * GROUP, INPUTS_PAD)
@@ -542,28 +865,105 @@ if triton is not None:
             inverse_rms = 1.0
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         if EARLY:
-            acc = _gemv_group_in_halves(acc, x_at, norm_at, inverse_rms, packed, packed_zeros, scales, HALF_SCALE,
-                                        GATE_OFFSET, NORMED, GROUP, BLOCK_K, BLOCK_N, EARLY=True)
+            acc = _gemv_group_in_halves(
+                acc,
+                x_at,
+                norm_at,
+                inverse_rms,
+                packed,
+                packed_zeros,
+                scales,
+                HALF_SCALE,
+                GATE_OFFSET,
+                NORMED,
+                GROUP,
+                BLOCK_K,
+                BLOCK_N,
+                EARLY=True,
+            )
         elif UNROLLED:  # every load of the program's share in flight at once
             for index in tl.static_range(GROUPS_PER_SPLIT):
-                acc = _gemv_one_group(acc, x_at + index * GROUP, norm_at + index * GROUP, inverse_rms,
-                                      weights_at + index * GROUP * ROW_WORDS, zeros_at + index * ROW_WORDS,
-                                      scales_at + index * N, word_mask, col_mask[None, :], NIBBLE, HALVES, HALF_SCALE,
-                                      GATE_OFFSET, NORMED, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
+                acc = _gemv_one_group(
+                    acc,
+                    x_at + index * GROUP,
+                    norm_at + index * GROUP,
+                    inverse_rms,
+                    weights_at + index * GROUP * ROW_WORDS,
+                    zeros_at + index * ROW_WORDS,
+                    scales_at + index * N,
+                    word_mask,
+                    col_mask[None, :],
+                    NIBBLE,
+                    HALVES,
+                    HALF_SCALE,
+                    GATE_OFFSET,
+                    NORMED,
+                    ROW_WORDS,
+                    GROUP,
+                    BLOCK_K,
+                    BLOCK_N,
+                )
         else:  # software-pipelined over the groups
             for index in range(GROUPS_PER_SPLIT):
-                acc = _gemv_one_group(acc, x_at + index * GROUP, norm_at + index * GROUP, inverse_rms,
-                                      weights_at + index * GROUP * ROW_WORDS, zeros_at + index * ROW_WORDS,
-                                      scales_at + index * N, word_mask, col_mask[None, :], NIBBLE, HALVES, HALF_SCALE,
-                                      GATE_OFFSET, NORMED, ROW_WORDS, GROUP, BLOCK_K, BLOCK_N)
-        _finish(tl.sum(acc, axis=0), out_ptr + cols, partial_ptr + cols, N, col_mask, bias_ptr + cols, col_mask,
-                counters_ptr + pid_n, pid_k, SPLIT_K, HAS_BIAS, ACCUMULATE)
+                acc = _gemv_one_group(
+                    acc,
+                    x_at + index * GROUP,
+                    norm_at + index * GROUP,
+                    inverse_rms,
+                    weights_at + index * GROUP * ROW_WORDS,
+                    zeros_at + index * ROW_WORDS,
+                    scales_at + index * N,
+                    word_mask,
+                    col_mask[None, :],
+                    NIBBLE,
+                    HALVES,
+                    HALF_SCALE,
+                    GATE_OFFSET,
+                    NORMED,
+                    ROW_WORDS,
+                    GROUP,
+                    BLOCK_K,
+                    BLOCK_N,
+                )
+        _finish(
+            tl.sum(acc, axis=0),
+            out_ptr + cols,
+            partial_ptr + cols,
+            N,
+            col_mask,
+            bias_ptr + cols,
+            col_mask,
+            counters_ptr + pid_n,
+            pid_k,
+            SPLIT_K,
+            HAS_BIAS,
+            ACCUMULATE,
+        )
 
     @triton.jit
-    def _awq_rows_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, partial_ptr, counters_ptr,
-                         M, stride_xm, stride_om, N: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_SPLIT: tl.constexpr,
-                         SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT: tl.constexpr,
-                         SWAPPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEPENDENT: tl.constexpr):
+    def _awq_rows_kernel(
+        x_ptr,
+        qweight_ptr,
+        qzeros_ptr,
+        scales_ptr,
+        bias_ptr,
+        out_ptr,
+        partial_ptr,
+        counters_ptr,
+        M,
+        stride_xm,
+        stride_om,
+        N: tl.constexpr,
+        GROUP: tl.constexpr,
+        GROUPS_PER_SPLIT: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        INPUT: tl.constexpr,
+        SWAPPED: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         """On tensor cores: program (m, n, k) computes a [BLOCK_M, BLOCK_N] tile of the output over its share
         of the input groups. Per group, the packed weights become the exact differences ``q - z`` in the
         input's 16-bit type, under one and a half instructions a weight (``_differences``); one tensor-core
@@ -602,41 +1002,77 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for index in range(GROUPS_PER_SPLIT):
             x = tl.load(x_at + index * GROUP, mask=x_mask, other=0.0)
-            packed = tl.load(weights_at + index * GROUP * ROW_WORDS, mask=word_mask[None, :], other=0)
+            packed = tl.load(
+                weights_at + index * GROUP * ROW_WORDS, mask=word_mask[None, :], other=0
+            )
             zeros = tl.load(zeros_at + index * ROW_WORDS, mask=word_mask[None, :], other=0)
             scales = tl.load(scales_at + index * N, mask=col_mask, other=0.0).to(tl.float32)
             # The exact differences in the input's 16-bit type (bfloat16 for float32 inputs).
             if INPUT == 1:
-                differences = _differences(packed, zeros, HALF_VALUES_ASM, HALF_NEGATIVE_VALUES_ASM,
-                                           HALF_DIFFERENCE_ASM).to(tl.float16, bitcast=True)
+                differences = _differences(
+                    packed, zeros, HALF_VALUES_ASM, HALF_NEGATIVE_VALUES_ASM, HALF_DIFFERENCE_ASM
+                ).to(tl.float16, bitcast=True)
             else:
-                differences = _differences(packed, zeros, BF16_VALUES_ASM, BF16_NEGATIVE_VALUES_ASM,
-                                           BF16_DIFFERENCE_ASM).to(tl.bfloat16, bitcast=True)
+                differences = _differences(
+                    packed, zeros, BF16_VALUES_ASM, BF16_NEGATIVE_VALUES_ASM, BF16_DIFFERENCE_ASM
+                ).to(tl.bfloat16, bitcast=True)
             if SWAPPED:
                 acc += _exact_dot(tl.trans(differences), x, INPUT) * scales[:, None]
             else:
                 acc += _exact_dot(x, differences, INPUT) * scales[None, :]
         if SWAPPED:
             acc = tl.trans(acc)
-        _finish(acc, out_ptr + rows[:, None] * stride_om + cols[None, :],
-                partial_ptr + rows[:, None] * N + cols[None, :], M * N, row_mask[:, None] & col_mask[None, :],
-                bias_ptr + cols[None, :], col_mask[None, :], counters_ptr + pid_m * tl.num_programs(1) + pid_n,
-                pid_k, SPLIT_K, HAS_BIAS, False)
+        _finish(
+            acc,
+            out_ptr + rows[:, None] * stride_om + cols[None, :],
+            partial_ptr + rows[:, None] * N + cols[None, :],
+            M * N,
+            row_mask[:, None] & col_mask[None, :],
+            bias_ptr + cols[None, :],
+            col_mask[None, :],
+            counters_ptr + pid_m * tl.num_programs(1) + pid_n,
+            pid_k,
+            SPLIT_K,
+            HAS_BIAS,
+            False,
+        )
 
     @triton.jit
-    def _differences(packed, zeros, VALUES_ASM: tl.constexpr, NEGATIVE_VALUES_ASM: tl.constexpr,
-                     DIFFERENCE_ASM: tl.constexpr):
+    def _differences(
+        packed,
+        zeros,
+        VALUES_ASM: tl.constexpr,
+        NEGATIVE_VALUES_ASM: tl.constexpr,
+        DIFFERENCE_ASM: tl.constexpr,
+    ):
         """Packed weights [R, W] and their group's packed zero points [1, W] → ``q - z`` [R, 8W], exact, as
         16-bit patterns (int16) of the type whose magic numbers and addition the three strings use (the
         caller reinterprets them: the compiler takes no 16-bit float type for the strings' outputs but a
         literal one)."""
-        values = tl.inline_asm_elementwise(VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [_spread(packed)],
-                                           dtype=tl.int16, is_pure=True, pack=8)
-        negative_zeros = tl.inline_asm_elementwise(NEGATIVE_VALUES_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
-                                                   [_spread(zeros)], dtype=tl.int16, is_pure=True, pack=8)
-        return tl.inline_asm_elementwise(DIFFERENCE_ASM, "=r,r,r",
-                                         [values, tl.broadcast_to(negative_zeros, values.shape)],
-                                         dtype=tl.int16, is_pure=True, pack=2)
+        values = tl.inline_asm_elementwise(
+            VALUES_ASM,
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+            [_spread(packed)],
+            dtype=tl.int16,
+            is_pure=True,
+            pack=8,
+        )
+        negative_zeros = tl.inline_asm_elementwise(
+            NEGATIVE_VALUES_ASM,
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+            [_spread(zeros)],
+            dtype=tl.int16,
+            is_pure=True,
+            pack=8,
+        )
+        return tl.inline_asm_elementwise(
+            DIFFERENCE_ASM,
+            "=r,r,r",
+            [values, tl.broadcast_to(negative_zeros, values.shape)],
+            dtype=tl.int16,
+            is_pure=True,
+            pack=2,
+        )
 
     @triton.jit
     def _exact_dot(a, b, INPUT: tl.constexpr):
@@ -649,8 +1085,20 @@ if triton is not None:
         return product
 
     @triton.jit
-    def _finish(total, out_ptrs, share_ptrs, share_stride, mask, bias_ptrs, bias_mask, counter_ptr, pid_k,
-                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    def _finish(
+        total,
+        out_ptrs,
+        share_ptrs,
+        share_stride,
+        mask,
+        bias_ptrs,
+        bias_mask,
+        counter_ptr,
+        pid_k,
+        SPLIT_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+    ):
         """Writes a program's float32 ``total`` (plus the bias; ACCUMULATE: plus what ``out_ptrs`` holds, see
         ``_store_biased``) to ``out_ptrs``. Under split-K it is one
         share of the strip: stored at ``share_ptrs + pid_k * share_stride``, and the last of the strip's
@@ -676,41 +1124,79 @@ if triton is not None:
     @triton.jit
     def _share(share_ptrs, split, share_stride, mask):
         """One program's share of a split strip, read past L1 (another program wrote it)."""
-        return tl.load(share_ptrs + split * share_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        return tl.load(
+            share_ptrs + split * share_stride, mask=mask, other=0.0, cache_modifier=".cg"
+        )
 
     @triton.jit
-    def _store_biased(total, out_ptrs, mask, bias_ptrs, bias_mask, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr):
+    def _store_biased(
+        total,
+        out_ptrs,
+        mask,
+        bias_ptrs,
+        bias_mask,
+        HAS_BIAS: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+    ):
         """ACCUMULATE: the output (rounded to its dtype) is added to what ``out_ptrs`` holds and the sum
         rounded again, as torch's product followed by its in-place add would round."""
         dtype = out_ptrs.dtype.element_ty
         if HAS_BIAS:
             total += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
         if ACCUMULATE:
-            total = total.to(dtype).to(tl.float32) + tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+            total = total.to(dtype).to(tl.float32) + tl.load(out_ptrs, mask=mask, other=0.0).to(
+                tl.float32
+            )
         tl.store(out_ptrs, total.to(dtype), mask=mask)
 
     @triton.jit
-    def _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+    def _dequantised_group(
+        qweight_ptr,
+        qzeros_ptr,
+        scales_ptr,
+        group,
+        N,
+        pid_n,
+        NIBBLE,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """Input group ``group``'s weights of output block ``pid_n``, dequantised: float32 [GROUP, BLOCK_N]."""
         k = group * GROUP + tl.arange(0, GROUP)
         words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         word_mask = words < N // 8
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        packed = tl.load(qweight_ptr + k[:, None] * (N // 8) + words[None, :], mask=word_mask[None, :], other=0)
+        packed = tl.load(
+            qweight_ptr + k[:, None] * (N // 8) + words[None, :], mask=word_mask[None, :], other=0
+        )
         values, _ = _mantissa_values(_spread(packed), NIBBLE, BLOCK_N)
-        zeros, scales = _group_terms(qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, cols < N, NIBBLE,
-                                     BLOCK_N)
+        zeros, scales = _group_terms(
+            qzeros_ptr, scales_ptr, group, N, words, word_mask, cols, cols < N, NIBBLE, BLOCK_N
+        )
         return (values - zeros) * scales
 
     @triton.jit
-    def _awq_dequantise_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, NIBBLE, GROUP: tl.constexpr,
-                               BLOCK_N: tl.constexpr, DEPENDENT: tl.constexpr):
+    def _awq_dequantise_kernel(
+        qweight_ptr,
+        qzeros_ptr,
+        scales_ptr,
+        out_ptr,
+        N,
+        NIBBLE,
+        GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         after_previous_kernel(DEPENDENT)
         group = tl.program_id(0)
         pid_n = tl.program_id(1)
         k = group * GROUP + tl.arange(0, GROUP)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        weights = _dequantised_group(qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP, BLOCK_N)
-        tl.store(out_ptr + k[:, None] * N + cols[None, :], weights.to(out_ptr.dtype.element_ty),
-                 mask=(cols < N)[None, :])
+        weights = _dequantised_group(
+            qweight_ptr, qzeros_ptr, scales_ptr, group, N, pid_n, NIBBLE, GROUP, BLOCK_N
+        )
+        tl.store(
+            out_ptr + k[:, None] * N + cols[None, :],
+            weights.to(out_ptr.dtype.element_ty),
+            mask=(cols < N)[None, :],
+        )

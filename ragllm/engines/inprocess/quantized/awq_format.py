@@ -34,7 +34,7 @@ class AwqConfig:
     modules_to_not_convert: tuple[str, ...] = ()
 
     @classmethod
-    def from_checkpoint_config(cls, config: dict[str, Any]) -> "AwqConfig | None":
+    def from_checkpoint_config(cls, config: dict[str, Any]) -> AwqConfig | None:
         """The AWQ settings in a config.json's ``quantization_config``; None for a checkpoint that is not
         AWQ; ModelLoadError for an AWQ variant this engine does not run."""
         declared = config.get("quantization_config") or {}
@@ -44,16 +44,27 @@ class AwqConfig:
         group_size = declared.get("group_size", declared.get("q_group_size"))
         version = str(declared.get("version", "gemm")).lower()
         zero_point = declared.get("zero_point", True)
-        if bits != 4 or version != "gemm" or not zero_point or not isinstance(group_size, int) or group_size <= 0:
+        if (
+            bits != 4
+            or version != "gemm"
+            or not zero_point
+            or not isinstance(group_size, int)
+            or group_size <= 0
+        ):
             raise ModelLoadError(
                 f"AWQ checkpoints run here with 4 bits, zero points and GEMM packing; this one declares bits={bits}, "
-                f"zero_point={zero_point}, version={version}, group_size={group_size}")
-        return cls(group_size=group_size, modules_to_not_convert=tuple(declared.get("modules_to_not_convert") or ()))
+                f"zero_point={zero_point}, version={version}, group_size={group_size}"
+            )
+        return cls(
+            group_size=group_size,
+            modules_to_not_convert=tuple(declared.get("modules_to_not_convert") or ()),
+        )
 
 
 @dataclass
 class AwqWeights:
     """One linear layer's packed weights (see the module's docstring)."""
+
     qweight: torch.Tensor
     qzeros: torch.Tensor
     scales: torch.Tensor
@@ -70,15 +81,22 @@ class AwqWeights:
 
     def check(self, name: str, in_features: int, out_features: int) -> None:
         groups = in_features // self.group_size
-        expected = {"qweight": (in_features, out_features // PACK), "qzeros": (groups, out_features // PACK),
-                    "scales": (groups, out_features)}
+        expected = {
+            "qweight": (in_features, out_features // PACK),
+            "qzeros": (groups, out_features // PACK),
+            "scales": (groups, out_features),
+        }
         for key, shape in expected.items():
             actual = tuple(getattr(self, key).shape)
             if actual != shape:
-                raise ModelLoadError(f"{name}.{key} has shape {actual}; the model's config implies {shape}")
+                raise ModelLoadError(
+                    f"{name}.{key} has shape {actual}; the model's config implies {shape}"
+                )
         if in_features % self.group_size or out_features % PACK:
-            raise ModelLoadError(f"{name}: {in_features} inputs and {out_features} outputs do not divide into "
-                                 f"groups of {self.group_size} and packs of {PACK}")
+            raise ModelLoadError(
+                f"{name}: {in_features} inputs and {out_features} outputs do not divide into "
+                f"groups of {self.group_size} and packs of {PACK}"
+            )
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -114,5 +132,10 @@ def quantise(weight: torch.Tensor, group_size: int) -> AwqWeights:
     scales = ((high - low) / 15).clamp(min=1e-6).half().float()  # rounded as stored, before use
     zeros = (-low / scales).round().clamp(0, 15)
     values = (grouped / scales[:, None] + zeros[:, None]).round().clamp(0, 15).reshape(k, n)
-    return AwqWeights(qweight=pack(values), qzeros=pack(zeros), scales=scales.to(torch.float16), bias=None,
-                      group_size=group_size)
+    return AwqWeights(
+        qweight=pack(values),
+        qzeros=pack(zeros),
+        scales=scales.to(torch.float16),
+        bias=None,
+        group_size=group_size,
+    )

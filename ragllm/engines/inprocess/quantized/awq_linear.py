@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ragllm.engines.inprocess.layers.w4a16 import awq_add_product, awq_gated_matmul, awq_matmul, awq_normed_matmul, counters_for
+from ragllm.engines.inprocess.layers.w4a16 import (
+    awq_add_product,
+    awq_gated_matmul,
+    awq_matmul,
+    awq_normed_matmul,
+    counters_for,
+)
 from ragllm.engines.inprocess.quantized.awq_format import AwqWeights
 
 
@@ -19,13 +25,20 @@ class AwqLinear(torch.nn.Module):
         self.register_buffer("qzeros", weights.qzeros)
         self.register_buffer("scales", weights.scales)
         self.register_buffer("bias", weights.bias)
-        self.register_buffer("counters", counters_for(self.out_features, weights.qweight.device), persistent=False)
+        self.register_buffer(
+            "counters", counters_for(self.out_features, weights.qweight.device), persistent=False
+        )
 
     @property
     def weights(self) -> AwqWeights:
         # A layer fused into another holds column views; the kernels read whole rows.
-        return AwqWeights(self.qweight.contiguous(), self.qzeros.contiguous(), self.scales.contiguous(),
-                          None if self.bias is None else self.bias.contiguous(), self.group_size)
+        return AwqWeights(
+            self.qweight.contiguous(),
+            self.qzeros.contiguous(),
+            self.scales.contiguous(),
+            None if self.bias is None else self.bias.contiguous(),
+            self.group_size,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -36,7 +49,9 @@ class AwqLinear(torch.nn.Module):
         product on the GPU applies the activation as it reads its input (one kernel fewer)."""
         return awq_gated_matmul(gate_up, self.weights, self.counters)
 
-    def forward_normed(self, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward_normed(
+        self, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
         """``forward(RMSNorm(residual))`` for [tokens, in_features]; one token on the GPU normalises inside
         the product (``w4a16.folds_norms``)."""
         return awq_normed_matmul(residual, norm_weight, eps, self.weights, self.counters)
@@ -47,26 +62,33 @@ class AwqLinear(torch.nn.Module):
         return awq_add_product(residual, x, self.weights, self.counters, gated)
 
     @classmethod
-    def concatenated(cls, layers: list["AwqLinear"]) -> "AwqLinear":
+    def concatenated(cls, layers: list[AwqLinear]) -> AwqLinear:
         """One layer computing the outputs of several that share an input (q/k/v, gate/up)."""
-        biases = [layer.bias if layer.bias is not None
-                  else torch.zeros(layer.out_features, dtype=layer.scales.dtype, device=layer.scales.device)
-                  for layer in layers]
-        fused = cls(AwqWeights(
-            qweight=torch.cat([layer.qweight for layer in layers], dim=1),
-            qzeros=torch.cat([layer.qzeros for layer in layers], dim=1),
-            scales=torch.cat([layer.scales for layer in layers], dim=1),
-            bias=torch.cat(biases) if any(layer.bias is not None for layer in layers) else None,
-            group_size=layers[0].group_size,
-        ))
+        biases = [
+            layer.bias
+            if layer.bias is not None
+            else torch.zeros(
+                layer.out_features, dtype=layer.scales.dtype, device=layer.scales.device
+            )
+            for layer in layers
+        ]
+        fused = cls(
+            AwqWeights(
+                qweight=torch.cat([layer.qweight for layer in layers], dim=1),
+                qzeros=torch.cat([layer.qzeros for layer in layers], dim=1),
+                scales=torch.cat([layer.scales for layer in layers], dim=1),
+                bias=torch.cat(biases) if any(layer.bias is not None for layer in layers) else None,
+                group_size=layers[0].group_size,
+            )
+        )
         # The layers keep views of the fused tensors, so the weights are held once.
         offset = 0
         for layer in layers:
             width = layer.out_features
-            layer.qweight = fused.qweight[:, offset // 8:(offset + width) // 8]
-            layer.qzeros = fused.qzeros[:, offset // 8:(offset + width) // 8]
-            layer.scales = fused.scales[:, offset:offset + width]
-            layer.bias = None if layer.bias is None else fused.bias[offset:offset + width]
+            layer.qweight = fused.qweight[:, offset // 8 : (offset + width) // 8]
+            layer.qzeros = fused.qzeros[:, offset // 8 : (offset + width) // 8]
+            layer.scales = fused.scales[:, offset : offset + width]
+            layer.bias = None if layer.bias is None else fused.bias[offset : offset + width]
             offset += width
         return fused
 

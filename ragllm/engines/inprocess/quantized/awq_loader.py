@@ -6,8 +6,9 @@ everywhere."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -19,11 +20,17 @@ _PACKED_KEYS = ("qweight", "qzeros", "scales")
 
 def checkpoint_awq_config(path: Path) -> AwqConfig | None:
     config = path / "config.json"
-    return AwqConfig.from_checkpoint_config(json.loads(config.read_text())) if config.is_file() else None
+    return (
+        AwqConfig.from_checkpoint_config(json.loads(config.read_text()))
+        if config.is_file()
+        else None
+    )
 
 
 @torch.no_grad()  # not inference_mode: the weights stay ordinary tensors, usable outside it
-def load_awq_model(path: Path, awq: AwqConfig, dtype: torch.dtype, device: torch.device, packed: bool) -> Any:
+def load_awq_model(
+    path: Path, awq: AwqConfig, dtype: torch.dtype, device: torch.device, packed: bool
+) -> Any:
     """The model at ``path`` with its weights loaded; ``packed``: keep int4 weights (``AwqLinear``),
     else dequantise them to ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -31,7 +38,9 @@ def load_awq_model(path: Path, awq: AwqConfig, dtype: torch.dtype, device: torch
     from ragllm.engines.inprocess.quantized.awq_linear import AwqLinear
 
     config = AutoConfig.from_pretrained(path)
-    config.__dict__.pop("quantization_config", None)  # the layers are ours; transformers must not quantise
+    config.__dict__.pop(
+        "quantization_config", None
+    )  # the layers are ours; transformers must not quantise
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = dict(_read_tensors(path))
@@ -53,11 +62,15 @@ def load_awq_model(path: Path, awq: AwqConfig, dtype: torch.dtype, device: torch
     plain = {key: value for key, value in tensors.items() if key in expected}
     model.load_state_dict(plain, strict=False)
     loaded.update(plain)
-    if device.type == "cuda":  # the dense layers replaced above: give their memory back for the KV cache
+    if (
+        device.type == "cuda"
+    ):  # the dense layers replaced above: give their memory back for the KV cache
         torch.cuda.empty_cache()
     missing = sorted(key for key in expected - loaded if not _tied(model, key))
     if missing:
-        raise ModelLoadError(f"the AWQ checkpoint at {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise ModelLoadError(
+            f"the AWQ checkpoint at {path} lacks {len(missing)} tensors, e.g. {missing[:3]}"
+        )
     return model.eval()
 
 
@@ -78,16 +91,24 @@ def _layer_weights(tensors: dict[str, torch.Tensor], name: str, group_size: int)
         qweight, qzeros, scales = (tensors.pop(f"{name}.{key}") for key in _PACKED_KEYS)
     except KeyError as exc:
         raise ModelLoadError(f"the AWQ layer {name} lacks {exc.args[0]}") from None
-    return AwqWeights(qweight=qweight, qzeros=qzeros, scales=scales, bias=tensors.pop(f"{name}.bias", None),
-                      group_size=group_size)
+    return AwqWeights(
+        qweight=qweight,
+        qzeros=qzeros,
+        scales=scales,
+        bias=tensors.pop(f"{name}.bias", None),
+        group_size=group_size,
+    )
 
 
 def _on(weights: AwqWeights, device: torch.device, dtype: torch.dtype) -> AwqWeights:
     # Scales keep the checkpoint's 16 bits (float16 as published): the kernels compute in float32.
-    return AwqWeights(qweight=weights.qweight.to(device), qzeros=weights.qzeros.to(device),
-                      scales=weights.scales.to(device),
-                      bias=None if weights.bias is None else weights.bias.to(device, dtype),
-                      group_size=weights.group_size)
+    return AwqWeights(
+        qweight=weights.qweight.to(device),
+        qzeros=weights.qzeros.to(device),
+        scales=weights.scales.to(device),
+        bias=None if weights.bias is None else weights.bias.to(device, dtype),
+        group_size=weights.group_size,
+    )
 
 
 def _replace(model: Any, name: str, module: torch.nn.Module) -> None:

@@ -23,8 +23,13 @@ def save_awq_checkpoint(model: Any, directory: Path, group_size: int = 128) -> N
     for name, module in model.model.layers.named_modules(prefix="model.layers"):
         if isinstance(module, torch.nn.Linear):
             packed = quantise(module.weight, group_size)
-            tensors.update({f"{name}.qweight": packed.qweight, f"{name}.qzeros": packed.qzeros,
-                            f"{name}.scales": packed.scales})
+            tensors.update(
+                {
+                    f"{name}.qweight": packed.qweight,
+                    f"{name}.qzeros": packed.qzeros,
+                    f"{name}.scales": packed.scales,
+                }
+            )
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach().half()
     quantised = {name.rsplit(".", 1)[0] for name in tensors}
@@ -32,13 +37,24 @@ def save_awq_checkpoint(model: Any, directory: Path, group_size: int = 128) -> N
         tied = name == "lm_head.weight" and model.config.tie_word_embeddings
         if name.rsplit(".", 1)[0] not in quantised and not tied:
             tensors[name] = tensor.half()
-    save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
-              str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = model.config.to_dict()
     config.pop("dtype", None)
-    config.update(torch_dtype="float16", quantization_config={
-        "bits": 4, "group_size": group_size, "modules_to_not_convert": None, "quant_method": "awq",
-        "version": "gemm", "zero_point": True})
+    config.update(
+        torch_dtype="float16",
+        quantization_config={
+            "bits": 4,
+            "group_size": group_size,
+            "modules_to_not_convert": None,
+            "quant_method": "awq",
+            "version": "gemm",
+            "zero_point": True,
+        },
+    )
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)

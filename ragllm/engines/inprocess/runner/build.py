@@ -9,14 +9,19 @@ from ragllm.checkpoints import resolved_kv_cache_dtype
 from ragllm.config import EngineSettings
 
 
-def build_runner(model: Any, device: Any, max_model_len: int, model_path: str, settings: EngineSettings) -> Any:
+def build_runner(
+    model: Any, device: Any, max_model_len: int, model_path: str, settings: EngineSettings
+) -> Any:
     # Imported here: they import torch, which `import ragllm` must not.
     from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, kv_storage_dtype
 
-    kv = KVCacheOptions(block_size=settings.block_size, num_blocks=settings.num_kv_blocks,
-                        memory_bytes=settings.kv_cache_memory_bytes,
-                        prefix_caching=settings.enable_prefix_caching,
-                        dtype=kv_storage_dtype(resolved_kv_cache_dtype(settings.kv_cache_dtype, model_path)))
+    kv = KVCacheOptions(
+        block_size=settings.block_size,
+        num_blocks=settings.num_kv_blocks,
+        memory_bytes=settings.kv_cache_memory_bytes,
+        prefix_caching=settings.enable_prefix_caching,
+        dtype=kv_storage_dtype(resolved_kv_cache_dtype(settings.kv_cache_dtype, model_path)),
+    )
     if device.type != "cuda":
         return ModelRunner(model, max_model_len, kv)
     from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions

@@ -30,7 +30,11 @@ DEFAULT_CPU_KV_BYTES = 1 * GIB
 _SPAN_QUANTUM = 64
 # On CUDA, cuDNN's attention rebuilds its plan for every new shape (measured: ~1.8 ms of CPU per
 # call on an H100); the other fused kernels do not.
-_CUDA_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_CUDA_ATTENTION_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,9 @@ class KVCacheOptions:
     num_blocks: int | None = None  # an exact pool size (tests, benchmarks); else sized from memory
     memory_bytes: int | None = None  # the pool's byte budget; None: the runner's default
     prefix_caching: bool = True
-    dtype: torch.dtype | None = None  # what the cache stores; None: the model's dtype; or FP8 (e4m3)
+    dtype: torch.dtype | None = (
+        None  # what the cache stores; None: the model's dtype; or FP8 (e4m3)
+    )
     key_scale: float = 1.0  # fp8 only: stored = value / scale
     value_scale: float = 1.0
 
@@ -52,12 +58,15 @@ def kv_storage_dtype(name: str | None) -> torch.dtype | None:
     try:
         return _KV_STORAGE_DTYPES[name]
     except KeyError:
-        raise ModelLoadError(f"kv_cache_dtype {name!r} is not supported by the in-process engine; use fp8 "
-                             f"(e4m3) or leave it unset for the model's dtype") from None
+        raise ModelLoadError(
+            f"kv_cache_dtype {name!r} is not supported by the in-process engine; use fp8 "
+            f"(e4m3) or leave it unset for the model's dtype"
+        ) from None
 
 
 class PrefillChunk(NamedTuple):
     """Prompt tokens at positions ``start..`` of the sequence whose blocks ``block_table`` names."""
+
     block_table: list[int]
     token_ids: list[int]
     start: int
@@ -66,11 +75,15 @@ class PrefillChunk(NamedTuple):
 class ModelRunner:
     """Prefill and decode forward passes of one model over a ``PagedKVCache``."""
 
-    def __init__(self, model: Any, max_model_len: int, kv: KVCacheOptions = KVCacheOptions()) -> None:
+    def __init__(
+        self, model: Any, max_model_len: int, kv: KVCacheOptions = KVCacheOptions()
+    ) -> None:
         architecture = type(model).__name__
         if architecture not in SUPPORTED_ARCHITECTURES:
             supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-            raise ModelLoadError(f"architecture {architecture} is not supported (supported: {supported})")
+            raise ModelLoadError(
+                f"architecture {architecture} is not supported (supported: {supported})"
+            )
         config = model.config
         self.model = model
         self.device = next(model.parameters()).device
@@ -87,15 +100,25 @@ class ModelRunner:
         self.kv_options = kv
         self.block_size = kv.block_size
         self.max_blocks_per_sequence = -(-max_model_len // kv.block_size)
-        self.cache = PagedKVCache(len(self.layers), self._num_blocks(kv), kv.block_size, self.num_kv_heads,
-                                  self.head_dim, self.device, self.cache_dtype, self.dtype, kv.key_scale,
-                                  kv.value_scale)
+        self.cache = PagedKVCache(
+            len(self.layers),
+            self._num_blocks(kv),
+            kv.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.device,
+            self.cache_dtype,
+            self.dtype,
+            kv.key_scale,
+            kv.value_scale,
+        )
         self.cos, self.sin = self._rotary_tables(model, max_model_len)
 
     @property
     def bytes_per_block(self) -> int:
-        return PagedKVCache.bytes_per_block(len(self.layers), self.block_size, self.num_kv_heads, self.head_dim,
-                                            self.cache_dtype)
+        return PagedKVCache.bytes_per_block(
+            len(self.layers), self.block_size, self.num_kv_heads, self.head_dim, self.cache_dtype
+        )
 
     def _num_blocks(self, kv: KVCacheOptions) -> int:
         """Blocks in the pool: as asked, or what the byte budget holds; always at least one whole
@@ -103,8 +126,10 @@ class ModelRunner:
         least = self.max_blocks_per_sequence + 1
         if kv.num_blocks is not None:
             if kv.num_blocks < least:
-                raise ModelLoadError(f"{kv.num_blocks} KV blocks cannot hold one sequence of the "
-                                     f"{self.max_model_len}-token context window ({least} needed)")
+                raise ModelLoadError(
+                    f"{kv.num_blocks} KV blocks cannot hold one sequence of the "
+                    f"{self.max_model_len}-token context window ({least} needed)"
+                )
             return kv.num_blocks
         budget = kv.memory_bytes if kv.memory_bytes is not None else self._default_kv_bytes()
         blocks = budget // self.bytes_per_block
@@ -113,7 +138,8 @@ class ModelRunner:
                 raise ModelLoadError(
                     f"a KV cache of {budget / GIB:.2f} GiB holds {blocks * self.block_size} tokens, less than "
                     f"one {self.max_model_len}-token context window; raise RAGLLM_ENGINE__KV_CACHE_MEMORY_BYTES "
-                    f"or lower RAGLLM_ENGINE__MAX_MODEL_LEN")
+                    f"or lower RAGLLM_ENGINE__MAX_MODEL_LEN"
+                )
             blocks = least
         return blocks
 
@@ -155,24 +181,41 @@ class ModelRunner:
         hidden = self.model.model.embed_tokens(ids)
         with self._attention_backends():
             for layer_index, layer in enumerate(self.layers):
-                hidden = self._layer(layer, layer_index, hidden, cos, sin, lambda q, k, v, li=layer_index:
-                                     self._prefill_attention(q, k, v, li, rows, table, causal))
+                hidden = self._layer(
+                    layer,
+                    layer_index,
+                    hidden,
+                    cos,
+                    sin,
+                    lambda q, k, v, li=layer_index: self._prefill_attention(
+                        q, k, v, li, rows, table, causal
+                    ),
+                )
         return self._logits(hidden[:, -1])[0]
 
     def blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
 
     @torch.inference_mode()
-    def decode(self, block_tables: list[list[int]], token_ids: "list[int] | torch.Tensor",
-               positions: list[int]) -> torch.Tensor:
+    def decode(
+        self,
+        block_tables: list[list[int]],
+        token_ids: list[int] | torch.Tensor,
+        positions: list[int],
+    ) -> torch.Tensor:
         """One token for each sequence, at ``positions``, its blocks named by ``block_tables``; returns
         logits [batch, vocab]. ``token_ids`` may be a tensor on the device (the previous step's choice,
         not yet read back)."""
         max_end = min(-(-(max(positions) + 1) // _SPAN_QUANTUM) * _SPAN_QUANTUM, self.max_model_len)
         ids = _as_ids(token_ids, self.device)[:, None]
         position_tensor = torch.tensor(positions, device=self.device)
-        rows = torch.tensor([self.cache.row_of(table, position) for table, position in zip(block_tables, positions)],
-                            device=self.device)
+        rows = torch.tensor(
+            [
+                self.cache.row_of(table, position)
+                for table, position in zip(block_tables, positions)
+            ],
+            device=self.device,
+        )
         tables = self.cache.tables_tensor(block_tables, self.blocks_for(max_end))
         cos = self.cos[position_tensor][:, None, None]
         sin = self.sin[position_tensor][:, None, None]
@@ -181,12 +224,27 @@ class ModelRunner:
         hidden = self.model.model.embed_tokens(ids)
         with self._attention_backends():
             for layer_index, layer in enumerate(self.layers):
-                hidden = self._layer(layer, layer_index, hidden, cos, sin, lambda q, k, v, li=layer_index:
-                                     self._decode_attention(q, k, v, li, rows, tables, max_end, mask))
+                hidden = self._layer(
+                    layer,
+                    layer_index,
+                    hidden,
+                    cos,
+                    sin,
+                    lambda q, k, v, li=layer_index: self._decode_attention(
+                        q, k, v, li, rows, tables, max_end, mask
+                    ),
+                )
         return self._logits(hidden[:, 0])
 
-    def _layer(self, layer: Any, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, attend: Any) -> torch.Tensor:
+    def _layer(
+        self,
+        layer: Any,
+        layer_index: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Any,
+    ) -> torch.Tensor:
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
@@ -201,21 +259,38 @@ class ModelRunner:
         hidden = hidden + attention.o_proj(attended)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-    def _prefill_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           layer_index: int, rows: torch.Tensor, table: torch.Tensor,
-                           causal: torch.Tensor | None) -> torch.Tensor:
+    def _prefill_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer_index: int,
+        rows: torch.Tensor,
+        table: torch.Tensor,
+        causal: torch.Tensor | None,
+    ) -> torch.Tensor:
         length = key.shape[2]
         self.cache.write(layer_index, rows, key[0].transpose(0, 1), value[0].transpose(0, 1))
         if causal is None:  # the whole prompt in one chunk: no need to read the cache back
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
         else:
             keys, values = self.cache.read(layer_index, table, causal.shape[1])
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=causal, enable_gqa=True
+            )
         return out.transpose(1, 2).reshape(1, length, self.num_heads * self.head_dim)
 
-    def _decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          layer_index: int, rows: torch.Tensor, tables: torch.Tensor, max_end: int,
-                          mask: torch.Tensor) -> torch.Tensor:
+    def _decode_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer_index: int,
+        rows: torch.Tensor,
+        tables: torch.Tensor,
+        max_end: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         batch = query.shape[0]
         self.cache.write(layer_index, rows, key[:, :, 0], value[:, :, 0])
         keys, values = self.cache.read(layer_index, tables, max_end)
@@ -229,7 +304,7 @@ class ModelRunner:
         return self.model.lm_head(self.model.model.norm(last_hidden)).float()
 
 
-def _as_ids(token_ids: "list[int] | torch.Tensor", device: torch.device) -> torch.Tensor:
+def _as_ids(token_ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Decode inputs come as a list, or as a tensor already on the device (tokens chosen there)."""
     if isinstance(token_ids, torch.Tensor):
         return token_ids.to(device)

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from ragllm.engines.inprocess.layers.attention import decode_attention, extend_attention, split_from
-from ragllm.engines.inprocess.runner.decode_graphs import DecodeGraphs
 from ragllm.engines.inprocess.layers.kernels import add_rms_norm, rope_and_cache, triton
+from ragllm.engines.inprocess.layers.w4a16 import folds_norms
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, PrefillChunk
+from ragllm.engines.inprocess.runner.decode_graphs import DecodeGraphs
 from ragllm.engines.inprocess.runner.memory import kv_cache_budget
 from ragllm.engines.inprocess.runner.prefill_graphs import PrefillGraphs, graph_buckets
-from ragllm.engines.inprocess.layers.w4a16 import folds_norms
 from ragllm.engines.inprocess.runner.weights import NormWeights, fuse_layers
-from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, PrefillChunk
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,13 @@ class CudaRunnerOptions:
 
 
 class CudaGraphRunner(ModelRunner):
-    def __init__(self, model: Any, max_model_len: int, options: CudaRunnerOptions,
-                 kv: KVCacheOptions = KVCacheOptions()) -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_model_len: int,
+        options: CudaRunnerOptions,
+        kv: KVCacheOptions = KVCacheOptions(),
+    ) -> None:
         self.options = options
         super().__init__(model, max_model_len, kv)
         self._fused, self._final_norm = fuse_layers(model)
@@ -63,9 +68,13 @@ class CudaGraphRunner(ModelRunner):
             # earlier runner, in tests) now rather than let the collector run in the middle of one.
             gc.collect()
             width = self.max_blocks_per_sequence
-            self._decode_graphs = DecodeGraphs(options.max_batch_size, width, self.block_size, self.device)
+            self._decode_graphs = DecodeGraphs(
+                options.max_batch_size, width, self.block_size, self.device
+            )
             self._decode_graphs.capture(self._decode_forward, capture_stream, pool)
-            self._prefill_graphs = PrefillGraphs(self._prefill_graph_limit, width, self.block_size, self.device)
+            self._prefill_graphs = PrefillGraphs(
+                self._prefill_graph_limit, width, self.block_size, self.device
+            )
             self._prefill_graphs.capture(self._prefill_forward, capture_stream, pool)
 
     @property
@@ -83,12 +92,18 @@ class CudaGraphRunner(ModelRunner):
         prefill_tokens = self.options.max_num_batched_tokens
         if self._uses_graphs:
             prefill_tokens += max(graph_buckets(self._prefill_graph_limit, whole=True), default=0)
-        return kv_cache_budget(self.device, self.model.config, self.dtype, self.options.gpu_memory_utilization,
-                               prefill_tokens)
+        return kv_cache_budget(
+            self.device,
+            self.model.config,
+            self.dtype,
+            self.options.gpu_memory_utilization,
+            prefill_tokens,
+        )
 
     # -- the layer stack over flat tokens ---------------------------------------------------------------
-    def _forward_tokens(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-                        attend: Any) -> torch.Tensor:
+    def _forward_tokens(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, attend: Any
+    ) -> torch.Tensor:
         """Tokens [T] at ``positions``, their k/v written to the cache's flat ``rows``, through every
         layer; ``attend(layer_index, qkv)`` returns attention output [T, heads * head_dim].
         Returns the final-normed hidden states [T, hidden]."""
@@ -102,9 +117,22 @@ class CudaGraphRunner(ModelRunner):
             qkv, residual = _normed_product(fused.qkv, fused.input_norm, hidden, residual)
             if hasattr(layer.self_attn, "q_norm"):  # Qwen3 normalises each head before rope
                 self._qk_norm(layer.self_attn, qkv)
-            rope_and_cache(qkv, positions, rows, self.cos, self.sin, self.cache.keys[layer_index],
-                           self.cache.values[layer_index], heads, kv_heads, head_dim, *self._kv_scales)
-            hidden, residual = _added_product(fused.o_proj, attend(layer_index, qkv), residual, fold)
+            rope_and_cache(
+                qkv,
+                positions,
+                rows,
+                self.cos,
+                self.sin,
+                self.cache.keys[layer_index],
+                self.cache.values[layer_index],
+                heads,
+                kv_heads,
+                head_dim,
+                *self._kv_scales,
+            )
+            hidden, residual = _added_product(
+                fused.o_proj, attend(layer_index, qkv), residual, fold
+            )
             gate_up, residual = _normed_product(fused.gate_up, fused.post_norm, hidden, residual)
             hidden, residual = _added_product(fused.down, gate_up, residual, fold)
         if hidden is None:
@@ -120,11 +148,13 @@ class CudaGraphRunner(ModelRunner):
         tokens, q_width = qkv.shape[0], self.num_heads * self.head_dim
         k_width = self.num_kv_heads * self.head_dim
         query = qkv[:, :q_width].view(tokens, self.num_heads, self.head_dim)
-        key = qkv[:, q_width:q_width + k_width].view(tokens, self.num_kv_heads, self.head_dim)
+        key = qkv[:, q_width : q_width + k_width].view(tokens, self.num_kv_heads, self.head_dim)
         query.copy_(attention.q_norm(query))
         key.copy_(attention.k_norm(key))
 
-    def _split(self, qkv: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _split(
+        self, qkv: torch.Tensor, batch: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of q, k, v as [batch, heads, length, head_dim] from flat tokens (batch-major)."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         per_head = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
@@ -146,7 +176,9 @@ class CudaGraphRunner(ModelRunner):
     def prefill(self, block_table: list[int], token_ids: list[int], start: int) -> torch.Tensor:
         length = len(token_ids)
         if start + length > self.max_model_len:
-            raise ValueError(f"{start + length} positions exceed the context window of {self.max_model_len}")
+            raise ValueError(
+                f"{start + length} positions exceed the context window of {self.max_model_len}"
+            )
         if self._prefill_graphs is not None:
             logits = self._prefill_graphs.run(block_table, token_ids, start)
             if logits is not None:
@@ -158,45 +190,85 @@ class CudaGraphRunner(ModelRunner):
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
         return self._prefill_forward(ids, positions, rows, last, table, start == 0)[0]
 
-    def _prefill_forward(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
-                         table: torch.Tensor, whole: bool) -> torch.Tensor:
+    def _prefill_forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        last: torch.Tensor,
+        table: torch.Tensor,
+        whole: bool,
+    ) -> torch.Tensor:
         """One sequence's prompt chunk; logits [1, vocab] of the token at index ``last``. ``whole``: the
         chunk starts the prompt, so attention stays within it; otherwise it reads the sequence's blocks."""
+
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
             if whole:
                 return self._causal_attention(qkv, 1, ids.shape[0])
-            return extend_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index],
-                                    positions, table, self.num_heads, self.num_kv_heads, self.head_dim,
-                                    *self._kv_scales)
+            return extend_attention(
+                qkv,
+                self.cache.keys[layer_index],
+                self.cache.values[layer_index],
+                positions,
+                table,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                *self._kv_scales,
+            )
 
         normed = self._forward_tokens(ids, positions, rows, attend)
         return self._logits_of(normed.index_select(0, last))
 
     # -- decode -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, block_tables: list[list[int]], token_ids: list[int] | torch.Tensor,
-               positions: list[int]) -> torch.Tensor:
+    def decode(
+        self,
+        block_tables: list[list[int]],
+        token_ids: list[int] | torch.Tensor,
+        positions: list[int],
+    ) -> torch.Tensor:
         graphs = self._decode_graphs
         if graphs is not None and len(positions) <= graphs.largest:
             return graphs.run(block_tables, token_ids, positions)
-        ids = token_ids.to(self.device) if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids,
-                                                                                              device=self.device)
-        rows = [self.cache.row_of(table, position) for table, position in zip(block_tables, positions)]
+        ids = (
+            token_ids.to(self.device)
+            if isinstance(token_ids, torch.Tensor)
+            else torch.tensor(token_ids, device=self.device)
+        )
+        rows = [
+            self.cache.row_of(table, position) for table, position in zip(block_tables, positions)
+        ]
         inputs = torch.cat([ids[None], torch.tensor([positions, rows], device=self.device)])
         tables = self.cache.tables_tensor(block_tables, self.blocks_for(max(positions) + 1))
-        split = triton is not None and self.device.type == "cuda" and max(positions) >= split_from(len(positions))
+        split = (
+            triton is not None
+            and self.device.type == "cuda"
+            and max(positions) >= split_from(len(positions))
+        )
         return self._decode_forward(inputs, tables, split)
 
-    def _decode_forward(self, inputs: torch.Tensor, tables: torch.Tensor, split: bool = False) -> torch.Tensor:
+    def _decode_forward(
+        self, inputs: torch.Tensor, tables: torch.Tensor, split: bool = False
+    ) -> torch.Tensor:
         """One decode step: ``inputs`` [3, rows] holds each row's token, position and cache row to
         write; ``tables`` [rows, width] its block table; ``split``: attention in partitions (long
         contexts). Captured as a graph per batch bucket and split."""
         ids, positions, rows = inputs
 
         def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
-            return decode_attention(qkv, self.cache.keys[layer_index], self.cache.values[layer_index], tables,
-                                    positions, self.num_heads, self.num_kv_heads, self.head_dim, split,
-                                    *self._kv_scales)
+            return decode_attention(
+                qkv,
+                self.cache.keys[layer_index],
+                self.cache.values[layer_index],
+                tables,
+                positions,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                split,
+                *self._kv_scales,
+            )
 
         return self._logits_of(self._forward_tokens(ids, positions, rows, attend))
 
@@ -221,20 +293,39 @@ class CudaGraphRunner(ModelRunner):
         # Right padding: with a causal mask every real token sees only real tokens. The padded
         # positions write into the scratch block.
         batch, longest = len(chunks), max(len(c.token_ids) for c in chunks)
-        ids = torch.tensor([c.token_ids + [0] * (longest - len(c.token_ids)) for c in chunks],
-                           device=self.device).view(-1)
+        ids = torch.tensor(
+            [c.token_ids + [0] * (longest - len(c.token_ids)) for c in chunks], device=self.device
+        ).view(-1)
         positions = torch.arange(longest, device=self.device).repeat(batch)
-        rows = torch.cat([torch.cat([self.cache.rows_of(c.block_table, 0, len(c.token_ids)),
-                                     torch.zeros(longest - len(c.token_ids), dtype=torch.long, device=self.device)])
-                          for c in chunks])
-        normed = self._forward_tokens(ids, positions, rows,
-                                      lambda layer_index, qkv: self._causal_attention(qkv, batch, longest))
-        last = torch.tensor([row * longest + len(c.token_ids) - 1 for row, c in enumerate(chunks)], device=self.device)
+        rows = torch.cat(
+            [
+                torch.cat(
+                    [
+                        self.cache.rows_of(c.block_table, 0, len(c.token_ids)),
+                        torch.zeros(
+                            longest - len(c.token_ids), dtype=torch.long, device=self.device
+                        ),
+                    ]
+                )
+                for c in chunks
+            ]
+        )
+        normed = self._forward_tokens(
+            ids,
+            positions,
+            rows,
+            lambda layer_index, qkv: self._causal_attention(qkv, batch, longest),
+        )
+        last = torch.tensor(
+            [row * longest + len(c.token_ids) - 1 for row, c in enumerate(chunks)],
+            device=self.device,
+        )
         return self._logits_of(normed[last])
 
 
-def _normed_product(projection: Any, norm: NormWeights, hidden: torch.Tensor | None,
-                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _normed_product(
+    projection: Any, norm: NormWeights, hidden: torch.Tensor | None, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``projection(RMSNorm(hidden + residual))`` and the new residual; ``hidden`` None: the residual
     already holds every addition and the (packed) projection normalises it itself."""
     if hidden is None:
@@ -243,8 +334,9 @@ def _normed_product(projection: Any, norm: NormWeights, hidden: torch.Tensor | N
     return projection(normed), residual
 
 
-def _added_product(projection: Any, x: torch.Tensor, residual: torch.Tensor,
-                   fold: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _added_product(
+    projection: Any, x: torch.Tensor, residual: torch.Tensor, fold: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``projection(x)`` and the residual; folded, the (packed) projection adds its product to the
     residual itself and None stands for it."""
     if fold:
@@ -252,7 +344,9 @@ def _added_product(projection: Any, x: torch.Tensor, residual: torch.Tensor,
     return projection(x), residual
 
 
-def _similar_length_groups(indices: list[int], lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+def _similar_length_groups(
+    indices: list[int], lengths: list[int], max_padding: float = 0.25
+) -> list[list[int]]:
     """Indices grouped so that padding to a group's longest adds at most ``max_padding`` of its tokens."""
     groups: list[list[int]] = []
     for index in sorted(indices, key=lambda i: lengths[i]):

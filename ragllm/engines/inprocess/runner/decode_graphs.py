@@ -37,7 +37,9 @@ UPDATE_SLOTS = 128
 
 
 class DecodeGraphs:
-    def __init__(self, max_batch_size: int, table_width: int, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self, max_batch_size: int, table_width: int, block_size: int, device: torch.device
+    ) -> None:
         self.buckets = batch_buckets(max_batch_size)
         self._block_size = block_size
         self._device = device
@@ -47,7 +49,7 @@ class DecodeGraphs:
         size = 3 * largest + 3 * UPDATE_SLOTS
         self._inputs = torch.zeros(size, dtype=torch.long, device=device)
         self._steps = self._inputs[: 3 * largest].view(3, largest)
-        self._updates = self._inputs[3 * largest:].view(3, UPDATE_SLOTS)
+        self._updates = self._inputs[3 * largest :].view(3, UPDATE_SLOTS)
         # One row more than the batch: unused update slots write there.
         self._tables = torch.zeros(largest + 1, table_width, dtype=torch.long, device=device)
         # Staged through pinned memory: a copy from pageable memory would wait for the device to
@@ -59,7 +61,9 @@ class DecodeGraphs:
         self._staging = [torch.zeros(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self._staging_read = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else []
         self._host_tables = np.zeros((largest, table_width), dtype=np.int64)
-        self._staged: list[tuple[list[int] | None, int]] = [(None, 0)] * largest  # per row: table, length
+        self._staged: list[tuple[list[int] | None, int]] = [
+            (None, 0)
+        ] * largest  # per row: table, length
         self._num_runs = 0
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._positions = table_width * block_size  # a row's positions are below this
@@ -74,7 +78,9 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # capture must not run on the default stream
             for split in (False, True):
-                for bucket in reversed(self.buckets):  # the largest first: the others reuse its pool memory
+                for bucket in reversed(
+                    self.buckets
+                ):  # the largest first: the others reuse its pool memory
                     if split and self._positions <= split_from(bucket):
                         continue  # its rows never reach the split
                     self._step(forward, bucket, split)  # warm-up: lazy workspaces, kernel selection
@@ -84,15 +90,21 @@ class DecodeGraphs:
                     self._graphs[(bucket, split)] = (graph, logits)
         torch.cuda.current_stream(self._device).wait_stream(side)
         torch.cuda.synchronize(self._device)
-        logger.info("captured %d decode graphs (batch %s; split attention for %s)", len(self._graphs), self.buckets,
-                    [bucket for bucket, split in self._graphs if split])
+        logger.info(
+            "captured %d decode graphs (batch %s; split attention for %s)",
+            len(self._graphs),
+            self.buckets,
+            [bucket for bucket, split in self._graphs if split],
+        )
 
     def _step(self, forward: DecodeForward, bucket: int, split: bool) -> torch.Tensor:
         self._tables.index_put_((self._updates[0], self._updates[1]), self._updates[2])
         return forward(self._steps[:, :bucket], self._tables[:bucket], split)
 
     @torch.inference_mode()
-    def run(self, tables: Sequence[list[int]], token_ids: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+    def run(
+        self, tables: Sequence[list[int]], token_ids: list[int] | torch.Tensor, positions: list[int]
+    ) -> torch.Tensor:
         batch = len(positions)
         bucket = self.buckets[bisect.bisect_left(self.buckets, batch)]
         turn = self._num_runs % 2
@@ -105,20 +117,26 @@ class DecodeGraphs:
         host = flat[: 3 * largest].reshape(3, largest)
         host[1, :batch] = positions
         host[1, batch:bucket] = 0
-        host[2, :batch] = [table[p // size] * size + p % size for table, p in zip(tables, positions)]
+        host[2, :batch] = [
+            table[p // size] * size + p % size for table, p in zip(tables, positions)
+        ]
         host[2, batch:bucket] = 0  # padding rows write into the scratch block
         if not isinstance(token_ids, torch.Tensor):
             host[0, :batch] = token_ids
-        copied_rows = self._stage_tables(tables, flat[3 * largest:].reshape(3, UPDATE_SLOTS))
+        copied_rows = self._stage_tables(tables, flat[3 * largest :].reshape(3, UPDATE_SLOTS))
         self._inputs.copy_(staging, non_blocking=True)
         self._staging_read[turn].record()
-        if isinstance(token_ids, torch.Tensor):  # the previous step's choice, never read back to the host
+        if isinstance(
+            token_ids, torch.Tensor
+        ):  # the previous step's choice, never read back to the host
             self._steps[0, :batch].copy_(token_ids)
         if copied_rows:
             # Rows rewritten whole (a sequence joined), up to the longest of them. A pinned copy from
             # the caching host allocator is not handed out again before the copy ran.
             rows, columns = len(tables), max(len(tables[row]) for row in copied_rows)
-            staged = torch.from_numpy(np.ascontiguousarray(self._host_tables[:rows, :columns])).pin_memory()
+            staged = torch.from_numpy(
+                np.ascontiguousarray(self._host_tables[:rows, :columns])
+            ).pin_memory()
             self._tables[:rows, :columns].copy_(staged, non_blocking=True)
         graph, logits = self._graphs[(bucket, max(positions) >= split_from(bucket))]
         graph.replay()
@@ -136,7 +154,7 @@ class DecodeGraphs:
             if staged is table and length == len(table):
                 continue
             start = length if staged is table else 0
-            self._host_tables[row, start:len(table)] = table[start:]
+            self._host_tables[row, start : len(table)] = table[start:]
             self._staged[row] = (table, len(table))
             if start:
                 appended.extend((row, column, table[column]) for column in range(start, len(table)))

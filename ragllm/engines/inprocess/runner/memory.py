@@ -16,8 +16,9 @@ GIB = 1 << 30
 FIXED_RESERVE_BYTES = 1 * GIB
 
 
-def kv_cache_budget(device: torch.device, config: Any, dtype: torch.dtype, utilization: float,
-                    prefill_tokens: int) -> int:
+def kv_cache_budget(
+    device: torch.device, config: Any, dtype: torch.dtype, utilization: float, prefill_tokens: int
+) -> int:
     """Bytes left for the KV cache. ``prefill_tokens``: the most tokens one forward pass holds
     activations for (the step budget plus the largest captured prefill graph's pool)."""
     free, total = torch.cuda.mem_get_info(device)
@@ -28,7 +29,12 @@ def kv_cache_budget(device: torch.device, config: Any, dtype: torch.dtype, utili
     per_token = (4 * config.hidden_size + 3 * config.intermediate_size) * dtype.itemsize
     reserve = FIXED_RESERVE_BYTES + prefill_tokens * per_token
     budget = int(allowed - reserve)
-    logger.info("GPU memory: %.1f GiB total, %.1f GiB allowed after the weights, %.1f GiB reserved for "
-                "activations: %.2f GiB for the KV cache", total / GIB, allowed / GIB, reserve / GIB,
-                max(budget, 0) / GIB)
+    logger.info(
+        "GPU memory: %.1f GiB total, %.1f GiB allowed after the weights, %.1f GiB reserved for "
+        "activations: %.2f GiB for the KV cache",
+        total / GIB,
+        allowed / GIB,
+        reserve / GIB,
+        max(budget, 0) / GIB,
+    )
     return max(budget, 0)

@@ -32,8 +32,9 @@ _WHOLE_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560
 _CONTINUATION_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 # forward(ids, positions, write rows, last, block table, whole) → logits [1, vocab] of the token at ``last``
-PrefillForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
-                          torch.Tensor]
+PrefillForward = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor
+]
 
 
 def graph_buckets(limit: int, whole: bool) -> list[int]:
@@ -44,7 +45,9 @@ def graph_buckets(limit: int, whole: bool) -> list[int]:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: torch.Tensor  # on the device: ids, positions, write rows, index of the last token, block table
+    inputs: (
+        torch.Tensor
+    )  # on the device: ids, positions, write rows, index of the last token, block table
     logits: torch.Tensor  # [1, vocab]
 
 
@@ -64,21 +67,39 @@ class PrefillGraphs:
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):  # capture must not run on the default stream
             for whole, buckets in self._buckets.items():
-                for bucket in reversed(buckets):  # the largest first: the others reuse its pool memory
-                    self._graphs[(whole, bucket)] = self._capture_one(forward, whole, bucket, pool, side)
+                for bucket in reversed(
+                    buckets
+                ):  # the largest first: the others reuse its pool memory
+                    self._graphs[(whole, bucket)] = self._capture_one(
+                        forward, whole, bucket, pool, side
+                    )
         torch.cuda.current_stream(self._device).wait_stream(side)
         torch.cuda.synchronize(self._device)
-        logger.info("captured %d prefill graphs (whole prompts %s, continuations %s)", len(self._graphs),
-                    self._buckets[True], self._buckets[False])
+        logger.info(
+            "captured %d prefill graphs (whole prompts %s, continuations %s)",
+            len(self._graphs),
+            self._buckets[True],
+            self._buckets[False],
+        )
 
-    def _capture_one(self, forward: PrefillForward, whole: bool, bucket: int, pool: tuple,
-                     stream: torch.cuda.Stream) -> _Graph:
+    def _capture_one(
+        self,
+        forward: PrefillForward,
+        whole: bool,
+        bucket: int,
+        pool: tuple,
+        stream: torch.cuda.Stream,
+    ) -> _Graph:
         # Zeros: warm-up and capture write only to the scratch block.
-        inputs = torch.zeros(3 * bucket + 1 + self._table_width, dtype=torch.long, device=self._device)
+        inputs = torch.zeros(
+            3 * bucket + 1 + self._table_width, dtype=torch.long, device=self._device
+        )
         ids, positions, rows, last, table = _views(inputs, bucket)
         if whole:
             positions.copy_(torch.arange(bucket))
-        forward(ids, positions, rows, last, table, whole)  # warm-up: lazy workspaces, kernel selection
+        forward(
+            ids, positions, rows, last, table, whole
+        )  # warm-up: lazy workspaces, kernel selection
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             logits = forward(ids, positions, rows, last, table, whole)
@@ -107,7 +128,7 @@ class PrefillGraphs:
             positions[:length] = np.arange(start, start + length)
             positions[length:] = start  # padding rows attend to a short span and are discarded
         table[: len(block_table)] = block_table
-        table[len(block_table):] = 0
+        table[len(block_table) :] = 0
         real = positions[:length]
         rows[:length] = table[real // self._block_size] * self._block_size + real % self._block_size
         rows[length:] = 0  # padding rows write into the scratch block
@@ -120,5 +141,10 @@ class PrefillGraphs:
 
 def _views(flat, bucket: int):
     """ids, positions, write rows, last index, block table"""
-    return (flat[:bucket], flat[bucket : 2 * bucket], flat[2 * bucket : 3 * bucket], flat[3 * bucket : 3 * bucket + 1],
-            flat[3 * bucket + 1 :])
+    return (
+        flat[:bucket],
+        flat[bucket : 2 * bucket],
+        flat[2 * bucket : 3 * bucket],
+        flat[3 * bucket : 3 * bucket + 1],
+        flat[3 * bucket + 1 :],
+    )

@@ -6,8 +6,9 @@ can fold its norms and residual adds into them (``FusedLayer.folds_norms``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ class DenseProjection:
 class GatedAwqDown:
     """An AWQ down projection of a gate/up output: applies SiLU(gate) * up itself where it can, and can
     add its product to the residual in place."""
+
     linear: AwqLinear
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,9 @@ class FusedLayer:
     qkv: Projection
     o_proj: Projection
     gate_up: Projection
-    down: Projection  # gate/up output [tokens, 2 * intermediate] → SiLU(gate) * up → down projection
+    down: (
+        Projection  # gate/up output [tokens, 2 * intermediate] → SiLU(gate) * up → down projection
+    )
     input_norm: NormWeights
     post_norm: NormWeights
 
@@ -58,8 +62,12 @@ class FusedLayer:
     def folds_norms(self) -> bool:
         """Every projection is packed int4 and can take RMSNorm (q/k/v, gate/up) or the residual add (o,
         down) into its product (``w4a16.folds_norms`` says when a step does)."""
-        return (isinstance(self.qkv, AwqLinear) and isinstance(self.o_proj, AwqLinear)
-                and isinstance(self.gate_up, AwqLinear) and isinstance(self.down, GatedAwqDown))
+        return (
+            isinstance(self.qkv, AwqLinear)
+            and isinstance(self.o_proj, AwqLinear)
+            and isinstance(self.gate_up, AwqLinear)
+            and isinstance(self.down, GatedAwqDown)
+        )
 
 
 @torch.inference_mode()
@@ -68,14 +76,19 @@ def fuse_layers(model: Any) -> tuple[list[FusedLayer], NormWeights]:
     layers = []
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        layers.append(FusedLayer(
-            qkv=_fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
-            o_proj=attention.o_proj,
-            gate_up=_fuse_linears([mlp.gate_proj, mlp.up_proj]),
-            down=_gated(mlp.down_proj),
-            input_norm=(layer.input_layernorm.weight, _eps(layer.input_layernorm)),
-            post_norm=(layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm)),
-        ))
+        layers.append(
+            FusedLayer(
+                qkv=_fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj]),
+                o_proj=attention.o_proj,
+                gate_up=_fuse_linears([mlp.gate_proj, mlp.up_proj]),
+                down=_gated(mlp.down_proj),
+                input_norm=(layer.input_layernorm.weight, _eps(layer.input_layernorm)),
+                post_norm=(
+                    layer.post_attention_layernorm.weight,
+                    _eps(layer.post_attention_layernorm),
+                ),
+            )
+        )
     norm = model.model.norm
     return layers, (norm.weight, _eps(norm))
 
@@ -84,7 +97,9 @@ def _fuse_linears(linears: list[Any]) -> Projection:
     """One projection for several of the same input; the modules keep views of its weights."""
     if all(isinstance(linear, AwqLinear) for linear in linears):
         return AwqLinear.concatenated(linears)
-    if any(isinstance(linear, AwqLinear) for linear in linears):  # some left unquantised by the checkpoint
+    if any(
+        isinstance(linear, AwqLinear) for linear in linears
+    ):  # some left unquantised by the checkpoint
         return lambda hidden: torch.cat([linear(hidden) for linear in linears], dim=-1)
     weight = torch.cat([linear.weight for linear in linears])
     biases = [linear.bias for linear in linears]
@@ -92,9 +107,9 @@ def _fuse_linears(linears: list[Any]) -> Projection:
     offset = 0
     for linear in linears:
         rows = linear.weight.shape[0]
-        linear.weight.data = weight[offset:offset + rows]
+        linear.weight.data = weight[offset : offset + rows]
         if bias is not None:
-            linear.bias.data = bias[offset:offset + rows]
+            linear.bias.data = bias[offset : offset + rows]
         offset += rows
     return DenseProjection(weight, bias)
 

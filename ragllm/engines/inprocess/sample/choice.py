@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def sample_next_tokens(
     logits: torch.Tensor,
-    params: Sequence["SamplingParams"],
+    params: Sequence[SamplingParams],
     histories: Sequence[list[int]],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
@@ -22,14 +22,19 @@ def sample_next_tokens(
     Rows ``sample_on_device`` can choose are chosen there together (one set of kernels, no sync per
     row: what a GPU needs); the rest (seeded or penalised) row by row, each with its own generator.
     """
-    on_host = [row for row, (p, generator) in enumerate(zip(params, generators))
-               if not _choosable_on_device(p, generator)]
+    on_host = [
+        row
+        for row, (p, generator) in enumerate(zip(params, generators))
+        if not _choosable_on_device(p, generator)
+    ]
     tokens = sample_on_device(logits, params, skip=on_host).tolist()
     for row in on_host:
         row_params = params[row]
         row_logits = logits[row].float()
         if row_params.repetition_penalty != 1.0:
-            row_logits = apply_repetition_penalty(row_logits, histories[row], row_params.repetition_penalty)
+            row_logits = apply_repetition_penalty(
+                row_logits, histories[row], row_params.repetition_penalty
+            )
         if row_params.greedy:
             tokens[row] = int(row_logits.argmax())
             continue
@@ -40,7 +45,7 @@ def sample_next_tokens(
 
 def sample_row_by_row(
     logits: torch.Tensor,
-    params: Sequence["SamplingParams"],
+    params: Sequence[SamplingParams],
     histories: Sequence[list[int]],
     generators: Sequence[torch.Generator | None],
 ) -> list[int | Exception]:
@@ -49,24 +54,29 @@ def sample_row_by_row(
     tokens: list[int | Exception] = []
     for row, (row_params, history, generator) in enumerate(zip(params, histories, generators)):
         try:
-            tokens += sample_next_tokens(logits[row : row + 1], [row_params], [history], [generator])
+            tokens += sample_next_tokens(
+                logits[row : row + 1], [row_params], [history], [generator]
+            )
         except Exception as exc:
             tokens.append(exc)
     return tokens
 
 
-def _choosable_on_device(params: "SamplingParams", generator: torch.Generator | None) -> bool:
+def _choosable_on_device(params: SamplingParams, generator: torch.Generator | None) -> bool:
     # A repetition penalty needs the history, a per-request seed the row's own generator.
     return params.repetition_penalty == 1.0 and (params.greedy or generator is None)
 
 
-def samplable_on_device(params: Sequence["SamplingParams"], generators: Sequence[torch.Generator | None]) -> bool:
+def samplable_on_device(
+    params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> bool:
     """Every row can be chosen without the host."""
     return all(_choosable_on_device(p, generator) for p, generator in zip(params, generators))
 
 
-def sample_on_device(logits: torch.Tensor, params: Sequence["SamplingParams"],
-                     skip: Sequence[int] = ()) -> torch.Tensor:
+def sample_on_device(
+    logits: torch.Tensor, params: Sequence[SamplingParams], skip: Sequence[int] = ()
+) -> torch.Tensor:
     """Next tokens [batch] on the logits' device, without a sync: greedy rows by argmax, the others
     drawn together after temperature, top-k, top-p and min-p. Rows in ``skip`` are left to the caller."""
     chosen = logits.argmax(dim=-1)
@@ -74,26 +84,36 @@ def sample_on_device(logits: torch.Tensor, params: Sequence["SamplingParams"],
     sampled = [row for row, p in enumerate(params) if not p.greedy and row not in skipped]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
-        probs = filtered_probabilities_batched(logits[rows].float(), [params[row] for row in sampled])
+        probs = filtered_probabilities_batched(
+            logits[rows].float(), [params[row] for row in sampled]
+        )
         chosen[rows] = torch.multinomial(probs, 1)[:, 0]
     return chosen
 
 
-def filtered_probabilities_batched(logits: torch.Tensor, params: Sequence["SamplingParams"]) -> torch.Tensor:
+def filtered_probabilities_batched(
+    logits: torch.Tensor, params: Sequence[SamplingParams]
+) -> torch.Tensor:
     """``filtered_probabilities`` for every row at once, each row with its own parameters."""
     device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([p.temperature for p in params], device=device)
     logits = logits / temperature[:, None]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if min(top_k) < vocab:
-        kth = torch.topk(logits, max(top_k)).values.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        kth = torch.topk(logits, max(top_k)).values.gather(
+            1, torch.tensor(top_k, device=device)[:, None] - 1
+        )
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     top_p = [p.top_p for p in params]
     if min(top_p) < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
-        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= torch.tensor(top_p, device=device)[:, None]
-        outside[:, 0] = False  # the most likely token always stays (a tiny top_p rounds to 0 in float32)
+        outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= torch.tensor(
+            top_p, device=device
+        )[:, None]
+        outside[:, 0] = (
+            False  # the most likely token always stays (a tiny top_p rounds to 0 in float32)
+        )
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(outside, 0.0))
     min_p = [p.min_p for p in params]
     if max(min_p) > 0.0:
@@ -102,7 +122,9 @@ def filtered_probabilities_batched(logits: torch.Tensor, params: Sequence["Sampl
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: list[int], penalty: float
+) -> torch.Tensor:
     """CTRL-style penalty (as in transformers and vLLM): seen tokens' logits move towards zero-probability."""
     if not history:
         return logits
@@ -113,7 +135,7 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     return logits
 
 
-def filtered_probabilities(logits: torch.Tensor, params: "SamplingParams") -> torch.Tensor:
+def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering; returns a probability vector."""
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:

@@ -26,7 +26,9 @@ class StepScores:
     top_ids: torch.Tensor | None
 
 
-def scores_on_device(batch: list["Sequence"], tokens: torch.Tensor | list, logits: torch.Tensor) -> StepScores | None:
+def scores_on_device(
+    batch: list[Sequence], tokens: torch.Tensor | list, logits: torch.Tensor
+) -> StepScores | None:
     """None when no row asks for logprobs (the common case costs nothing)."""
     rows = [row for row, sequence in enumerate(batch) if sequence.params.logprobs is not None]
     if isinstance(tokens, list):  # chosen row by row: a failed row holds its exception, not a token
@@ -47,15 +49,20 @@ def scores_on_device(batch: list["Sequence"], tokens: torch.Tensor | list, logit
     return StepScores(rows, chosen, top.values, top.indices)
 
 
-def scores_on_host(batch: list["Sequence"], scores: StepScores | None) -> list["TokenScores | None"]:
+def scores_on_host(batch: list[Sequence], scores: StepScores | None) -> list[TokenScores | None]:
     """Per row: (chosen log probability, [(token id, log probability), ...]) or None."""
     per_row: list[TokenScores | None] = [None] * len(batch)
     if scores is None:
         return per_row
     chosen = scores.chosen.tolist()
-    values = scores.top_values.tolist() if scores.top_values is not None else [[] for _ in scores.rows]
+    values = (
+        scores.top_values.tolist() if scores.top_values is not None else [[] for _ in scores.rows]
+    )
     ids = scores.top_ids.tolist() if scores.top_ids is not None else [[] for _ in scores.rows]
     for position, row in enumerate(scores.rows):
         wanted = batch[row].params.logprobs
-        per_row[row] = (chosen[position], list(zip(ids[position][:wanted], values[position][:wanted])))
+        per_row[row] = (
+            chosen[position],
+            list(zip(ids[position][:wanted], values[position][:wanted])),
+        )
     return per_row

@@ -32,19 +32,32 @@ def masked_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         return logits.masked_fill(~unpacked(bitmask)[:, :vocab], float("-inf"))
     out = torch.empty_like(logits)
     _masked_logits_kernel[(rows, triton.cdiv(vocab, BLOCK))](
-        logits, bitmask, out, vocab, logits.stride(0), bitmask.stride(0), out.stride(0), BLOCK=BLOCK)
+        logits, bitmask, out, vocab, logits.stride(0), bitmask.stride(0), out.stride(0), BLOCK=BLOCK
+    )
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _masked_logits_kernel(logits_ptr, bitmask_ptr, out_ptr, vocab, logits_stride, bitmask_stride, out_stride,
-                              BLOCK: tl.constexpr):
+    def _masked_logits_kernel(
+        logits_ptr,
+        bitmask_ptr,
+        out_ptr,
+        vocab,
+        logits_stride,
+        bitmask_stride,
+        out_stride,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         tokens = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = tokens < vocab
         words = tl.load(bitmask_ptr + row * bitmask_stride + tokens // 32, mask=inside, other=0)
         allowed = ((words >> (tokens % 32)) & 1) != 0
         logits = tl.load(logits_ptr + row * logits_stride + tokens, mask=inside)
-        tl.store(out_ptr + row * out_stride + tokens, tl.where(allowed, logits, float("-inf")), mask=inside)
+        tl.store(
+            out_ptr + row * out_stride + tokens,
+            tl.where(allowed, logits, float("-inf")),
+            mask=inside,
+        )

@@ -30,7 +30,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-WINDOW = 8  # steps a row's mask cost is summed over: one slow step of an ordinary grammar ends nothing
+WINDOW = (
+    8  # steps a row's mask cost is summed over: one slow step of an ordinary grammar ends nothing
+)
 FLOOR_S = 0.001  # the least a row may spend a step, however fast the step
 IDLE_S = 1.0  # a longer gap between two constrained steps was idle time, not the work of a step
 
@@ -50,24 +52,37 @@ class MaskWatch:
     """Bounds for the rows of one engine's batches: ``budget_s`` per mask (None: none) and
     ``step_share`` of the step's other work per row (None: none)."""
 
-    def __init__(self, budget_s: float | None, step_share: float | None, threads: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        budget_s: float | None,
+        step_share: float | None,
+        threads: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.budget_s = budget_s
         self.step_share = step_share
         self.threads = threads or mask_threads()
         self._clock = clock
-        self._others: deque[float] = deque(maxlen=WINDOW)  # the other work of the last steps, seconds
+        self._others: deque[float] = deque(
+            maxlen=WINDOW
+        )  # the other work of the last steps, seconds
         self._last_fill_end: float | None = None
         self._suspects: dict[int, _Suspect] = {}
         self._step = 0
-        self._sample_next = False  # the last batch call took longer than one row may: time one alone
+        self._sample_next = (
+            False  # the last batch call took longer than one row may: time one alone
+        )
 
     def step_started(self) -> None:
         """A constrained step's masks are about to be filled: what passed since the last fill ended
         was the rest of the last step."""
         self._step += 1
         # A suspect absent for a window of steps has left (finished, aborted): forget it.
-        for key in [key for key, suspect in self._suspects.items() if self._step - suspect.last_step > WINDOW]:
+        for key in [
+            key
+            for key, suspect in self._suspects.items()
+            if self._step - suspect.last_step > WINDOW
+        ]:
             del self._suspects[key]
         now = self._clock()
         if self._last_fill_end is not None and now - self._last_fill_end < IDLE_S:
@@ -92,7 +107,11 @@ class MaskWatch:
         becomes a suspect."""
         allowance = self.allowance_s(alone)
         self._sample_next = bool(keys) and allowance is not None and elapsed_s > allowance
-        if keys and allowance is not None and elapsed_s > allowance * math.ceil(len(keys) / self.threads):
+        if (
+            keys
+            and allowance is not None
+            and elapsed_s > allowance * math.ceil(len(keys) / self.threads)
+        ):
             for key in keys:
                 self._suspects.setdefault(key, _Suspect(self._step))
 
@@ -117,15 +136,23 @@ class MaskWatch:
         suspect.costs.append(cost_s)
         suspect.last_step = self._step
         if self.budget_s is not None and cost_s > self.budget_s:
-            return (f"computing its token mask took {cost_s * 1000:.0f} ms, over the "
-                    f"{self.budget_s * 1000:g} ms a step may spend on one row")
+            return (
+                f"computing its token mask took {cost_s * 1000:.0f} ms, over the "
+                f"{self.budget_s * 1000:g} ms a step may spend on one row"
+            )
         allowance = self.allowance_s(alone)
-        if self.step_share is not None and allowance is not None and not alone \
-                and sum(suspect.costs) > allowance * WINDOW:
-            return (f"its token masks took {sum(suspect.costs) * 1000:.1f} ms over its last "
-                    f"{len(suspect.costs)} steps, more than the {self.step_share:.0%} of the batch's "
-                    f"other work ({allowance * WINDOW * 1000:.1f} ms over {WINDOW} steps) a row may "
-                    "slow the requests beside it by")
+        if (
+            self.step_share is not None
+            and allowance is not None
+            and not alone
+            and sum(suspect.costs) > allowance * WINDOW
+        ):
+            return (
+                f"its token masks took {sum(suspect.costs) * 1000:.1f} ms over its last "
+                f"{len(suspect.costs)} steps, more than the {self.step_share:.0%} of the batch's "
+                f"other work ({allowance * WINDOW * 1000:.1f} ms over {WINDOW} steps) a row may "
+                "slow the requests beside it by"
+            )
         if len(suspect.costs) == WINDOW and (allowance is None or max(suspect.costs) <= allowance):
             del self._suspects[key]  # a window within its allowance: trusted again
         return None

@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ragllm.structured.grammars import Grammar, GrammarViolation, MaskOverBudget
 from ragllm.engines.inprocess.sample.mask_kernel import BITS, masked_logits
 from ragllm.engines.inprocess.sample.mask_watch import MaskWatch
+from ragllm.structured.grammars import Grammar, GrammarViolation, MaskOverBudget
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,14 @@ class TokenMasks:
     one row's mask may take in a step and ``step_share`` the share of a step's other work a row's
     masks may add to its batch (None: no bound; see ``mask_watch``)."""
 
-    def __init__(self, vocab_size: int, device: torch.device, whole_batch: bool | None = None,
-                 budget_s: float | None = None, step_share: float | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device,
+        whole_batch: bool | None = None,
+        budget_s: float | None = None,
+        step_share: float | None = None,
+    ) -> None:
         self.device = device
         self.watch = MaskWatch(budget_s, step_share)
         self.num_over_budget = 0  # rows ended for a slow mask, for tests and logs
@@ -46,7 +52,9 @@ class TokenMasks:
         self._turn = 0
         self._executor = None  # llguidance's, made on first use
 
-    def apply(self, logits: torch.Tensor, grammars: Sequence[Grammar | None]) -> tuple[torch.Tensor, list[Exception | None]]:
+    def apply(
+        self, logits: torch.Tensor, grammars: Sequence[Grammar | None]
+    ) -> tuple[torch.Tensor, list[Exception | None]]:
         """``logits`` [rows, vocab] with every constrained row's disallowed tokens at -inf (a copy;
         the caller's logits stay as the model gave them, for log probabilities), and for each row the
         error that ends it alone (its grammar failed or allows nothing), else None."""
@@ -60,25 +68,39 @@ class TokenMasks:
             bitmask = self._buffer(len(grammars))
             if len(rows) < len(grammars):  # llguidance writes every constrained row whole
                 free = [row for row, grammar in enumerate(grammars) if grammar is None]
-                bitmask.numpy()[free] = -1  # numpy: one thread; torch would wake its CPU pool beside the fill
+                bitmask.numpy()[
+                    free
+                ] = -1  # numpy: one thread; torch would wake its CPU pool beside the fill
             self.fill(bitmask, grammars, failures, alone=len(grammars) == 1)
             return masked_logits(logits, bitmask.to(self.device, non_blocking=True)), failures
         bitmask = self._buffer(len(rows))
-        self.fill(bitmask, [grammars[row] for row in rows], failures, rows, alone=len(grammars) == 1)
+        self.fill(
+            bitmask, [grammars[row] for row in rows], failures, rows, alone=len(grammars) == 1
+        )
         index = torch.tensor(rows)
         masked = logits.clone()
         masked[index] = masked_logits(masked[index], bitmask)
         return masked, failures
 
-    def fill(self, bitmask: torch.Tensor, grammars: Sequence[Grammar | None], failures: list,
-              rows: list[int] | None = None, alone: bool = False) -> None:
+    def fill(
+        self,
+        bitmask: torch.Tensor,
+        grammars: Sequence[Grammar | None],
+        failures: list,
+        rows: list[int] | None = None,
+        alone: bool = False,
+    ) -> None:
         """Each grammar's mask into its row of ``bitmask``; ``rows`` maps them to the batch's rows
         (None: one to one, rows without a grammar left as they are); ``alone``: the batch has no
         other row to slow."""
         rows = rows if rows is not None else list(range(len(grammars)))
         present = [(i, grammar) for i, grammar in enumerate(grammars) if grammar is not None]
-        suspects = [(i, grammar) for i, grammar in present if self.watch.is_suspect(id(grammar.matcher))]
-        together = [(i, grammar) for i, grammar in present if not self.watch.is_suspect(id(grammar.matcher))]
+        suspects = [
+            (i, grammar) for i, grammar in present if self.watch.is_suspect(id(grammar.matcher))
+        ]
+        together = [
+            (i, grammar) for i, grammar in present if not self.watch.is_suspect(id(grammar.matcher))
+        ]
         self.watch.step_started()
         started = time.perf_counter()
         sampled = self.watch.sampled([id(grammar.matcher) for _, grammar in together], alone)
@@ -86,8 +108,9 @@ class TokenMasks:
         together = [(i, grammar) for i, grammar in together if id(grammar.matcher) != sampled]
         if together:
             self.fill_batch(bitmask, together, failures, rows)
-        self.watch.batch_filled([id(grammar.matcher) for _, grammar in together], time.perf_counter() - started,
-                                alone)
+        self.watch.batch_filled(
+            [id(grammar.matcher) for _, grammar in together], time.perf_counter() - started, alone
+        )
         self._fill_alone(bitmask, sample, failures, rows, self.watch.sample_filled, alone)
         self._fill_alone(bitmask, suspects, failures, rows, self.watch.suspect_filled, alone)
         self.fill_seconds.append(time.perf_counter() - started)
@@ -97,11 +120,18 @@ class TokenMasks:
         for i, grammar in present:
             error = grammar.error()
             if failures[rows[i]] is None and (error or empty[i]):
-                failures[rows[i]] = GrammarViolation(f"structured output: {error or 'no token can continue'}")
+                failures[rows[i]] = GrammarViolation(
+                    f"structured output: {error or 'no token can continue'}"
+                )
                 bitmask[i] = -1  # its tokens are not used; an all-masked row would only make NaNs
 
-    def fill_batch(self, bitmask: torch.Tensor, present: list[tuple[int, Grammar]], failures: list,
-                   rows: list[int]) -> None:
+    def fill_batch(
+        self,
+        bitmask: torch.Tensor,
+        present: list[tuple[int, Grammar]],
+        failures: list,
+        rows: list[int],
+    ) -> None:
         """Every present grammar's mask, in one call that drops the GIL once and spreads the rows
         over llguidance's threads (80% of the CPUs, at most 32).
 
@@ -118,11 +148,17 @@ class TokenMasks:
             self._executor = llguidance.LLExecutor()
         row_bytes = bitmask.shape[1] * bitmask.element_size()
         try:
-            self._executor.unsafe_compute_mask_ptr([(grammar.matcher, i) for i, grammar in present],
-                                                   bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+            self._executor.unsafe_compute_mask_ptr(
+                [(grammar.matcher, i) for i, grammar in present],
+                bitmask.data_ptr(),
+                row_bytes,
+                bitmask.shape[0],
+            )
             return
         except Exception:  # a misused matcher: row by row, so that only its own row fails
-            logger.warning("filling token masks as one batch failed; filling row by row", exc_info=True)
+            logger.warning(
+                "filling token masks as one batch failed; filling row by row", exc_info=True
+            )
         for i, grammar in present:
             try:
                 grammar.matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
@@ -130,8 +166,15 @@ class TokenMasks:
                 failures[rows[i]] = exc
                 bitmask[i] = -1
 
-    def _fill_alone(self, bitmask: torch.Tensor, alone_rows: list[tuple[int, Grammar]], failures: list,
-                    rows: list[int], judge: Callable[[int, float, bool], str | None], alone: bool) -> None:
+    def _fill_alone(
+        self,
+        bitmask: torch.Tensor,
+        alone_rows: list[tuple[int, Grammar]],
+        failures: list,
+        rows: list[int],
+        judge: Callable[[int, float, bool], str | None],
+        alone: bool,
+    ) -> None:
         """Each row's mask in a call of its own, timed on this thread's CPU clock and judged by the
         watch: a row over its allowance ends alone. One call per row costs a GIL hand-off each (see
         ``fill_batch``), paid by suspects and one sampled row a step."""
@@ -155,7 +198,9 @@ class TokenMasks:
     def _buffer(self, num_rows: int) -> torch.Tensor:
         if not self._buffers or self._buffers[0].shape[0] < num_rows:
             size = max(num_rows, 2 * self._buffers[0].shape[0] if self._buffers else 8)
-            self._buffers = [torch.empty((size, self.words), dtype=torch.int32, pin_memory=self._pinned)
-                             for _ in range(2)]
+            self._buffers = [
+                torch.empty((size, self.words), dtype=torch.int32, pin_memory=self._pinned)
+                for _ in range(2)
+            ]
         self._turn ^= 1
         return self._buffers[self._turn][:num_rows]

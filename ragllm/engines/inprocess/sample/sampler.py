@@ -12,10 +12,10 @@ import logging
 from typing import TYPE_CHECKING
 
 from ragllm.engines.inprocess.sample.choice import (
+    samplable_on_device,
     sample_next_tokens,
     sample_on_device,
     sample_row_by_row,
-    samplable_on_device,
 )
 from ragllm.engines.inprocess.sample.logprobs import scores_on_device, scores_on_host
 from ragllm.engines.inprocess.sample.masks import TokenMasks
@@ -33,14 +33,18 @@ class Sampler:
     ids); a padded id is no text and no token a grammar knows, so it is never a choice. Grammar masks
     are bounded per row by ``mask_budget_s`` and ``mask_step_share`` (``mask_watch``)."""
 
-    def __init__(self, choosable: int | None = None, mask_budget_s: float | None = None,
-                 mask_step_share: float | None = None) -> None:
+    def __init__(
+        self,
+        choosable: int | None = None,
+        mask_budget_s: float | None = None,
+        mask_step_share: float | None = None,
+    ) -> None:
         self.choosable = choosable
         self._mask_budget_s = mask_budget_s
         self._mask_step_share = mask_step_share
         self.masks: TokenMasks | None = None  # made when a structured-output request first runs
 
-    def sample(self, batch: list[Sequence], logits: "torch.Tensor") -> tuple[list, list | None]:
+    def sample(self, batch: list[Sequence], logits: torch.Tensor) -> tuple[list, list | None]:
         """Each row's token (or the error that ends it alone) and its scores, chosen on the host's
         terms (any sampling parameters)."""
         logits = self.choosable_columns(logits)
@@ -53,7 +57,7 @@ class Sampler:
         """Whether the batch's tokens can be chosen on the device (no host-side parameters)."""
         return samplable_on_device([s.params for s in batch], [s.generator for s in batch])
 
-    def choosable_columns(self, logits: "torch.Tensor") -> "torch.Tensor":
+    def choosable_columns(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits' columns of ids the tokenizer can write, cut once where a step's logits come in:
         what tokens are chosen from and log probabilities are normalised over (a padded id is no
         candidate, as in vLLM's logits)."""
@@ -61,22 +65,30 @@ class Sampler:
             return logits[:, : self.choosable]  # a view: no copy, no launch
         return logits
 
-    def constrain(self, batch: list[Sequence], logits: "torch.Tensor") -> tuple["torch.Tensor", list | None]:
+    def constrain(
+        self, batch: list[Sequence], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, list | None]:
         """The logits to choose from (structured-output rows masked to what their grammar allows) and
         the rows whose grammar failed (None when no row follows one: the common case costs nothing)."""
         if all(s.grammar is None for s in batch):
             return logits, None
         if self.masks is None:
-            self.masks = TokenMasks(logits.shape[-1], logits.device, budget_s=self._mask_budget_s,
-                                    step_share=self._mask_step_share)
+            self.masks = TokenMasks(
+                logits.shape[-1],
+                logits.device,
+                budget_s=self._mask_budget_s,
+                step_share=self._mask_step_share,
+            )
         try:
             return self.masks.apply(logits, [s.grammar for s in batch])
-        except Exception as exc:  # the masks themselves failed: the constrained rows end, the rest go on
+        except (
+            Exception
+        ) as exc:  # the masks themselves failed: the constrained rows end, the rest go on
             logger.warning("computing token masks failed", exc_info=True)
             return logits, [exc if s.grammar is not None else None for s in batch]
 
     @staticmethod
-    def choose_on_device(batch: list[Sequence], masked: "torch.Tensor") -> "torch.Tensor | None":
+    def choose_on_device(batch: list[Sequence], masked: torch.Tensor) -> torch.Tensor | None:
         """The batch's tokens chosen on the device, left there (None: that failed; choose row by row)."""
         try:
             return sample_on_device(masked, [s.params for s in batch])
@@ -85,16 +97,18 @@ class Sampler:
             return None
 
     @staticmethod
-    def scores(batch: list[Sequence], tokens: list, logits: "torch.Tensor") -> list:
+    def scores(batch: list[Sequence], tokens: list, logits: torch.Tensor) -> list:
         try:
             return scores_on_host(batch, scores_on_device(batch, tokens, logits))
         except Exception:  # scoring failed: the rows that asked for it fail alone, when recorded
             logger.warning("scoring logprobs failed", exc_info=True)
-            return [RuntimeError("computing logprobs failed") if s.params.logprobs is not None else None
-                    for s in batch]
+            return [
+                RuntimeError("computing logprobs failed") if s.params.logprobs is not None else None
+                for s in batch
+            ]
 
 
-def choose(batch: list[Sequence], logits: "torch.Tensor") -> list:
+def choose(batch: list[Sequence], logits: torch.Tensor) -> list:
     """One token a row, chosen together; if that fails, each row alone (a fault then ends only its own
     row), seeded rows from their generator state before the failed attempt."""
     generators = [s.generator for s in batch]
@@ -109,8 +123,10 @@ def choose(batch: list[Sequence], logits: "torch.Tensor") -> list:
         return choose_row_by_row(batch, logits)
 
 
-def choose_row_by_row(batch: list[Sequence], logits: "torch.Tensor") -> list:
-    return sample_row_by_row(logits, [s.params for s in batch], _histories(batch), [s.generator for s in batch])
+def choose_row_by_row(batch: list[Sequence], logits: torch.Tensor) -> list:
+    return sample_row_by_row(
+        logits, [s.params for s in batch], _histories(batch), [s.generator for s in batch]
+    )
 
 
 def with_failures(tokens: list, failures: list | None) -> list:
