@@ -210,6 +210,35 @@ class EngineSettings(BaseModel):
         "slow grammar slows the requests beside it by about this share at most. A row "
         "alone in its batch is held to grammar_mask_budget_ms only. None: no bound.",
     )
+    grammar_close_early: bool = Field(
+        True,
+        description="Structured answers (JSON modes, tool calls, patterns, grammars) that near the "
+        "end of their budget (max_tokens or the context's end) are steered onto the shortest way "
+        "out their grammar accepts, so they still parse; finish_reason stays 'length' and the "
+        "response says it was closed early. False: they are cut where the budget ends.",
+    )
+    grammar_close_window_tokens: int = Field(
+        48,
+        ge=1,
+        le=1024,
+        description="Budget left (tokens) below which a structured answer looks for its way out, "
+        "each step; the search is bounded to 64 tokens.",
+    )
+    grammar_close_margin_tokens: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Tokens kept spare when a structured answer is closed early: one token the "
+        "model writes (an opened bracket, a new key) can lengthen the way out before the next look.",
+    )
+    grammar_string_repeat_tokens: int = Field(
+        16,
+        ge=0,
+        le=4096,
+        description="A string inside a structured answer whose last tokens repeat one unit of at "
+        "most 8 tokens at least 3 times over this many tokens is a runaway: it is closed there and "
+        "the answer goes on. 0: never.",
+    )
     no_think_suffix: bool = Field(
         False,
         description="The model understands '/no_think' in the user turn (thinking models without a "

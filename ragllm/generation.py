@@ -139,6 +139,9 @@ class Delta:
     # a relayed upstream may split one call over several entries of the same index).
     tool_calls: list[dict[str, Any]] | None = None
     cached_tokens: int = 0  # of ``prompt_tokens``, those whose KV came from the prefix cache
+    # The answer was closed early under its grammar because its budget was ending: it is complete
+    # (it parses), and its finish_reason is "length".
+    closed_early: bool = False
 
 
 @dataclass(frozen=True, slots=True)

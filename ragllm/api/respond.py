@@ -32,7 +32,7 @@ from ragllm.errors import (
 )
 from ragllm.generation import Delta, DeltaStream, FinishReason
 from ragllm.serving.cache_plan import CachePlan, cache_plan
-from ragllm.serving.outcome import ChoiceOutcome, Outcome, Tally
+from ragllm.serving.outcome import ChoiceOutcome, Outcome, Tally, closed_early
 from ragllm.serving.prepare import PreparedRequest
 from ragllm.telemetry.metrics import RequestTimer
 from ragllm.telemetry.tracing import child_span
@@ -113,7 +113,8 @@ class Responder:
             cached.prompt_tokens,
             cached.completion_tokens,
         )
-        extensions = self._extensions(cached.text)
+        closed = [0] if cached.closed_early else []
+        extensions = self._extensions(cached.text, closed)
         tool_calls = [dict(call) for call in cached.tool_calls]
         if not prepared.stream:
             choice = ChoiceOutcome(
@@ -124,7 +125,9 @@ class Responder:
             )
             body = full_response(prepared, Outcome([choice], last), extensions)
             return Response(
-                body, media_type="application/json", headers={**headers, **record.timing_headers()}
+                body,
+                media_type="application/json",
+                headers={**headers, **record.timing_headers(), **closed_early_header(closed)},
             )
         encoder = ChunkEncoder(prepared)
         entries = [{"index": index, **call} for index, call in enumerate(tool_calls)]
@@ -176,11 +179,14 @@ class Responder:
                 if run == MAX_INTERRUPTED_RUNS:
                     raise
                 stream, timer = await self._opened()
-        await self._finished(outcome.text, outcome.last, outcome.choices[0].tool_calls)
+        await self._finished(
+            outcome.text, outcome.last, outcome.choices[0].tool_calls, outcome.choices[0]
+        )
+        closed = outcome.closed_early
         return Response(
-            full_response(prepared, outcome, self._extensions(outcome.text)),
+            full_response(prepared, outcome, self._extensions(outcome.text, closed)),
             media_type="application/json",
-            headers={**headers, **record.timing_headers()},
+            headers={**headers, **record.timing_headers(), **closed_early_header(closed)},
         )
 
     async def _events(self, stream: DeltaStream, timer: RequestTimer) -> AsyncIterator[bytes]:
@@ -220,14 +226,18 @@ class Responder:
                     events += encoder.finish(
                         delta.finish_reason.value,
                         index,
-                        self._extensions(answer) if tally.done else None,
+                        self._extensions(answer, closed_early(tally.choices))
+                        if tally.done
+                        else None,
                         usage,
                     )
                 if tally.done:
                     summary = tally.summary()
                     started = True
                     yield events + encoder.end(summary)
-                    await self._finished(answer, summary, tally.choices[0].tool_calls)
+                    await self._finished(
+                        answer, summary, tally.choices[0].tool_calls, tally.choices[0]
+                    )
                     break
                 if events:
                     started = True
@@ -245,7 +255,13 @@ class Responder:
                 _bill_produced(record, tally)
             await deltas.aclose()
 
-    async def _finished(self, text: str, last: Delta, tool_calls: list[dict] | None = None) -> None:
+    async def _finished(
+        self,
+        text: str,
+        last: Delta,
+        tool_calls: list[dict] | None = None,
+        first: ChoiceOutcome | None = None,
+    ) -> None:
         record, plan = self.record, self.plan
         record.finished_at = time.perf_counter()
         record.finish_reason = last.finish_reason.value
@@ -261,13 +277,18 @@ class Responder:
                 last.completion_tokens,
                 tuple(tool_calls or ()),
                 last.cached_tokens,
+                first is not None and first.closed_early,
             )
             await self.state.cache.put(plan.key, cached, self.state.settings.cache.ttl_s)
 
-    def _extensions(self, answer: str) -> dict | None:
-        """Extension fields of a finished answer: the RAG report with its checked citations."""
+    def _extensions(self, answer: str, closed: list[int] | None = None) -> dict | None:
+        """Extension fields of a finished answer: the RAG report with its checked citations, and the
+        choices closed early under their grammar because their budget was ending."""
         rag = self.prepared.rag
-        return {"rag": rag.report(answer)} if rag is not None else None
+        extensions = {"rag": rag.report(answer)} if rag is not None else {}
+        if closed:
+            extensions["structured"] = {"closed_early": closed}
+        return extensions or None
 
     def _abandoned(self) -> bytes:
         """A stream the server stops serving (its shutdown grace is over): recorded as the 503 it is, and
@@ -330,3 +351,12 @@ def _as_reported(exc: Exception) -> RagLLMError:
         return exc
     logger.exception("a stream failed")
     return EngineFailure(f"the answer failed part-way ({type(exc).__name__}); it is incomplete")
+
+
+CLOSED_EARLY_HEADER = "x-ragllm-closed-early"
+
+
+def closed_early_header(closed: list[int]) -> dict[str, str]:
+    """A whole answer's header saying a choice was closed early under its grammar (a stream says it
+    in its last finish event: its headers are sent before the answer ends)."""
+    return {CLOSED_EARLY_HEADER: "1"} if closed else {}

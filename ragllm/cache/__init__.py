@@ -18,11 +18,14 @@ class CachedResponse:
     completion_tokens: int
     tool_calls: tuple[dict, ...] = ()  # in message form
     cached_tokens: int = 0  # the original answer's prefix-cache hit, replayed as it was reported
+    closed_early: bool = False  # closed under its grammar because its budget was ending
 
     def dumps(self) -> bytes:
         fields = [self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens]
-        if self.tool_calls or self.cached_tokens:
+        if self.tool_calls or self.cached_tokens or self.closed_early:
             fields += [list(self.tool_calls), self.cached_tokens]
+        if self.closed_early:
+            fields.append(True)
         return orjson.dumps(fields)
 
     @classmethod
@@ -36,6 +39,7 @@ class CachedResponse:
             completion_tokens,
             tool_calls,
             rest[1] if len(rest) > 1 else 0,
+            len(rest) > 2 and rest[2] is True,
         )
 
 

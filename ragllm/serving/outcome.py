@@ -19,12 +19,18 @@ class ChoiceOutcome:
     )  # every token's, when the request asked
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # in message form
     completion_tokens: int = 0
+    closed_early: bool = False  # closed under its grammar because its budget was ending
 
 
 @dataclass(slots=True)
 class Outcome:
     choices: list[ChoiceOutcome]
     last: Delta  # the request's summary: usage (the prompt once, every choice's tokens), first finish reason
+
+    @property
+    def closed_early(self) -> list[int]:
+        """The choices closed early under their grammar because their budget was ending."""
+        return closed_early(self.choices)
 
     @property
     def text(self) -> str:
@@ -74,6 +80,7 @@ class Tally:
             self.queue_time_s = delta.queue_time_s
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
+            choice.closed_early = delta.closed_early
             if self._parts is not None:
                 choice.text = "".join(self._parts[delta.index])
             self._unfinished -= 1
@@ -93,3 +100,7 @@ class Tally:
             queue_time_s=self.queue_time_s,
             cached_tokens=self.cached_tokens,
         )
+
+
+def closed_early(choices: list[ChoiceOutcome]) -> list[int]:
+    return [index for index, choice in enumerate(choices) if choice.closed_early]

@@ -85,6 +85,7 @@ class GrammarCompiler:
     ) -> None:
         self._hf_tokenizer = tokenizer
         self._vocab_size = vocab_size
+        self.vocab_size = vocab_size  # the ids a grammar may choose among
         self._stop_token_ids = sorted(stop_token_ids)
         self._mask_budget_s = mask_budget_s  # a first mask slower than this refuses the grammar
         self.cache = GrammarCache(cache_bytes)  # constraint → checked grammar

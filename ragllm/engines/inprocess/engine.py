@@ -38,6 +38,7 @@ from ragllm.generation import (
     ModelCard,
     Usage,
 )
+from ragllm.structured.closing import ClosingSettings
 from ragllm.structured.grammars import GrammarCompiler
 from ragllm.tools.formats import format_of_template
 
@@ -118,7 +119,10 @@ class TransformersEngine(Engine):
             max_model_len,
             grammars,
             self.settings.default_max_tokens,
+            closing_settings(self.settings),
         )
+        if self._sequences.closing is not None:
+            self._sequences.closing_search()  # read the vocabulary now, not at a first request
         runner = build_runner(
             loaded.model, loaded.device, max_model_len, str(loaded.path), self.settings
         )
@@ -279,6 +283,7 @@ class TransformersEngine(Engine):
         leader.block_hashes = block_hashes
         for sequence, grammar in zip(sequences, grammars):
             sequence.grammar = grammar
+            sequence.closer = self._sequences.closer(grammar)
             if sequence is not leader:
                 sequence.leader = leader
                 leader.followers.append(sequence)
@@ -324,3 +329,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
 def _dispatch(results: list[tuple[Sequence, Delta | BaseException]]) -> None:
     for sequence, item in results:
         sequence.sink.put_nowait(item)
+
+
+def closing_settings(settings: EngineSettings) -> ClosingSettings | None:
+    """How structured answers are closed before their budget ends (None: they are not)."""
+    if not settings.grammar_close_early:
+        return None
+    return ClosingSettings(
+        window=settings.grammar_close_window_tokens,
+        margin=settings.grammar_close_margin_tokens,
+        repeat_tokens=settings.grammar_string_repeat_tokens,
+    )

@@ -12,6 +12,7 @@ import torch
 
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragllm.generation import Delta, FinishReason, SamplingParams, TokenLogprob
+from ragllm.structured.closing import Closer
 from ragllm.structured.grammars import Grammar
 
 
@@ -49,6 +50,7 @@ class Sequence:
     token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
     logprobs_since_delta: list[TokenLogprob] = field(default_factory=list)
     grammar: Grammar | None = None  # the structured output the answer must follow
+    closer: Closer | None = None  # steers it to a complete answer before its budget ends
     index: int = 0  # the choice this sequence answers (of its request's n)
     # A client's request, whose tokens the engine counts as produced; the engine's own canary is not.
     for_client: bool = True
@@ -67,6 +69,11 @@ class Sequence:
     num_cached_tokens: int | None = (
         None  # prompt tokens found in the prefix cache when first admitted
     )
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Tokens this answer may still take, the next one included (max_tokens within the context)."""
+        return self.max_tokens - len(self.output_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -115,9 +122,15 @@ class Sequence:
             return self._finish(FinishReason.STOP, self._flush_held_back()[0])
         if self.grammar is not None:
             self.grammar.accept(token_id)
+            if self.closer is not None:
+                self.closer.accepted(token_id)
         text, hit_stop = self.stop_matcher.feed(self.detokenizer.push(token_id))
         if hit_stop:
             return self._finish(FinishReason.STOP, text)
+        if self.closer is not None and self.closer.closed:
+            # Closed because the budget was ending: a complete answer, but a shortened one.
+            tail, _ = self._flush_held_back()
+            return self._finish(FinishReason.LENGTH, text + tail)
         if (
             self.grammar is not None and self.grammar.finished
         ):  # complete: only the end could follow
@@ -147,6 +160,9 @@ class Sequence:
             completion_tokens=len(self.output_ids),
             finish_reason=reason,
             queue_time_s=self.queue_time_s,
+            closed_early=reason is FinishReason.LENGTH
+            and self.closer is not None
+            and self.closer.closed,
             logprobs=self.logprobs_since_delta or None,
             index=self.index,
             cached_tokens=self.num_cached_tokens or 0,

@@ -13,7 +13,8 @@ from ragllm.engines.inprocess.prompt_tokens import PromptTokenizer
 from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.errors import ContextLengthExceeded, EngineFailure
 from ragllm.generation import GenerationRequest
-from ragllm.structured.grammars import GrammarCompiler
+from ragllm.structured.closing import Closer, ClosingSearch, ClosingSettings
+from ragllm.structured.grammars import Grammar, GrammarCompiler
 
 
 class SequenceBuilder:
@@ -29,6 +30,7 @@ class SequenceBuilder:
         max_model_len: int,
         grammars: GrammarCompiler,
         default_max_tokens: int | None,
+        closing: ClosingSettings | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.grammars = grammars
@@ -37,6 +39,8 @@ class SequenceBuilder:
         self._embedding_rows = embedding_rows
         self._stop_token_ids = stop_token_ids
         self._default_max_tokens = default_max_tokens
+        self.closing = closing  # None: structured answers are cut where their budget ends
+        self._closing_search: ClosingSearch | None = None
         self._prompt_tokenizer = PromptTokenizer(tokenizer)
         # A token's own text, for logprobs (decoded once per id, on the engine thread).
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
@@ -57,6 +61,21 @@ class SequenceBuilder:
             else [self.grammars.grammar(structured) for _ in range(request.params.n)]
         )
         return prompt_ids, grammars, blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
+
+    def closing_search(self) -> ClosingSearch:
+        """The way-out search over this tokenizer, read from its vocabulary on first use (about a
+        second: call it off the event loop, as the engine's load does)."""
+        if self._closing_search is None:
+            self._closing_search = ClosingSearch(
+                self.grammars.tokenizer_index(), self.grammars.vocab_size
+            )
+        return self._closing_search
+
+    def closer(self, grammar: Grammar | None) -> Closer | None:
+        """What closes ``grammar``'s answer before its budget ends (None: nothing, or closing is off)."""
+        if grammar is None or self.closing is None:
+            return None
+        return Closer(grammar.matcher, self.closing_search(), self.closing)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.inprocess.loading import prompt_token_ids

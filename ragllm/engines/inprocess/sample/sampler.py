@@ -80,12 +80,13 @@ class Sampler:
                 step_share=self._mask_step_share,
             )
         try:
-            return self.masks.apply(logits, [s.grammar for s in batch])
+            masked, failures = self.masks.apply(logits, [s.grammar for s in batch])
         except (
             Exception
         ) as exc:  # the masks themselves failed: the constrained rows end, the rest go on
             logger.warning("computing token masks failed", exc_info=True)
             return logits, [exc if s.grammar is not None else None for s in batch]
+        return force_closing(batch, logits, masked, failures), failures
 
     @staticmethod
     def choose_on_device(batch: list[Sequence], masked: torch.Tensor) -> torch.Tensor | None:
@@ -106,6 +107,29 @@ class Sampler:
                 RuntimeError("computing logprobs failed") if s.params.logprobs is not None else None
                 for s in batch
             ]
+
+
+def force_closing(
+    batch: list[Sequence], logits: torch.Tensor, masked: torch.Tensor, failures: list
+) -> torch.Tensor:
+    """Rows whose closer says they must take a token now (their budget is ending, or a string of
+    theirs runs away) are left that one token; the others keep their grammar's mask. A closer that
+    fails gives up on its row, which goes on under its grammar alone."""
+    for row, sequence in enumerate(batch):
+        closer = sequence.closer
+        if closer is None or failures[row] is not None:
+            continue
+        try:
+            token = closer.forced(sequence.remaining_tokens)
+        except Exception:
+            logger.warning("closing request %s early failed", sequence.request_id, exc_info=True)
+            closer.hopeless = True
+            continue
+        if token is not None:
+            kept = logits[row, token].clone()
+            masked[row] = float("-inf")
+            masked[row, token] = kept
+    return masked
 
 
 def choose(batch: list[Sequence], logits: torch.Tensor) -> list:
