@@ -256,10 +256,27 @@ class ChatChoice(_Wire):
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
+class StructuredReport(_Wire):
+    """The ``structured`` object of a response (in a stream: of its last finish event)."""
+
+    closed_early: list[int] = Field(
+        description="The choices whose budget (max_tokens or the context's end) was ending, so "
+        "their answer was closed under its structured output or tool-call grammar: complete "
+        "(it parses), with finish_reason 'length'."
+    )
+
+
+_STRUCTURED_DOC = (
+    "Extension: present when a structured answer was closed early because its budget was ending "
+    "(in-process engine; also said by the x-ragllm-closed-early header of a whole answer)."
+)
+
+
 class ChatCompletion(_Wire):
     rag: RagReport | None = Field(
         None, description="Extension: present when the request carried documents."
     )
+    structured: StructuredReport | None = Field(None, description=_STRUCTURED_DOC)
     id: str
     object: Literal["chat.completion"]
     created: int
@@ -284,6 +301,7 @@ class CompletionChoice(_Wire):
 
 
 class Completion(_Wire):
+    structured: StructuredReport | None = Field(None, description=_STRUCTURED_DOC)
     id: str
     object: Literal["text_completion"]
     created: int

@@ -55,3 +55,10 @@ def test_an_entry_keeps_its_prefix_cache_hit_and_older_entries_still_load():
         "Paris.", "stop", 37, 3
     )
     assert CachedResponse.loads(b'["x","tool_calls",5,2,[{"id":"c"}]]').tool_calls == ({"id": "c"},)
+
+
+def test_an_entry_keeps_its_closed_early_signal_and_older_entries_load_without_it():
+    entry = CachedResponse('{"a": ""}', "length", 20, 40, closed_early=True)
+    assert CachedResponse.loads(entry.dumps()) == entry
+    assert not CachedResponse.loads(b'["x","length",5,2,[],3]').closed_early
+    assert not CachedResponse("x", "length", 5, 2).dumps().endswith(b"true]")

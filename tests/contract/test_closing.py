@@ -183,3 +183,57 @@ def test_a_cached_answer_replays_its_closed_early_signal(server, model):
     assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
     assert again.json().get("structured") == first.json().get("structured")
     assert again.headers.get("x-ragllm-closed-early") == first.headers.get("x-ragllm-closed-early")
+
+
+def test_openapi_documents_the_closed_early_extension(server):
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    for response in ("ChatCompletion", "Completion"):
+        assert "Extension" in schemas[response]["properties"]["structured"]["description"]
+    assert "closed_early" in schemas["StructuredReport"]["properties"]
+
+
+def _nested(depth: int, width: int) -> dict:
+    """An object ``depth`` levels deep with ``width`` required properties at each level."""
+    if depth == 0:
+        return {"type": "string", "minLength": 3}
+    props = {f"p{i}": _nested(depth - 1, width) for i in range(width)}
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+@pytest.mark.parametrize(
+    ("schema", "max_tokens"),
+    [
+        (SCHEMA, 1),
+        (SCHEMA, 3),
+        (SCHEMA, 5),
+        (_nested(4, 3), 40),  # the shortest answer needs far more than the budget
+        (_nested(2, 12), 60),
+    ],
+    ids=["1-token", "3-tokens", "5-tokens", "deep", "wide"],
+)
+def test_a_budget_no_answer_fits_ends_at_length_without_the_signal(
+    server, model, schema, max_tokens
+):
+    response = _post(
+        server,
+        {
+            "model": model,
+            "max_tokens": max_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": schema},
+            },
+        },
+    )
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert response.json()["usage"]["completion_tokens"] == max_tokens
+    _assert_signalled_only_if_complete(response, choice, schema)
+
+
+def _assert_signalled_only_if_complete(response: httpx.Response, choice: dict, schema: dict):
+    closed = response.json().get("structured", {}).get("closed_early", [])
+    if closed:
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    else:
+        assert "x-ragllm-closed-early" not in response.headers
