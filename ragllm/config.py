@@ -225,11 +225,11 @@ class EngineSettings(BaseModel):
         "each step; the search is bounded to 64 tokens.",
     )
     grammar_close_margin_tokens: int = Field(
-        4,
+        2,
         ge=0,
         le=64,
-        description="Tokens kept spare when a structured answer is closed early: one token the "
-        "model writes (an opened bracket, a new key) can lengthen the way out before the next look.",
+        description="Tokens a structured answer closed early keeps spare: it is held to its way out "
+        "once the budget left is the way out's length plus this.",
     )
     grammar_string_repeat_tokens: int = Field(
         16,

@@ -14,10 +14,15 @@ at an accepting position or gives up after ``MAX_CLOSING_TOKENS``: a grammar wit
 reads where a JSON string is open from the bytes written, only to order the candidates; every token
 of the path is one the matcher accepted.
 
+A look stops after ``LOOK_BUDGET_S`` of CPU time, and a row whose look found no way out stops
+looking: a grammar that is slow to walk costs its batch one bounded look, once.
+
 The path is greedy: short, not always the shortest. It is recomputed each step while the row's
 remaining budget is within ``window`` tokens, and forced once the budget left equals its length plus
-``margin`` (a token the model writes can lengthen the way out by a few tokens before the next
-look: an opened bracket, a new key).
+``margin``. Meanwhile each token the model chooses in the window is vetted: one that would leave no
+way out within the budget (``, {"`` opening an object of required properties a few tokens before the
+end) is replaced by the way out's next token. Vetting reads the chosen token on the host, so rows in
+their window are sampled there rather than on the device.
 
 Runaway repetition inside a string ("architecture-architecture-...") ends the string early: when the
 last tokens of an open string repeat one unit of at most ``MAX_REPEAT_UNIT`` tokens at least
@@ -28,6 +33,7 @@ back that many times.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +42,9 @@ import numpy as np
 MAX_CLOSING_TOKENS = 64  # the longest way out searched for; past it the grammar keeps today's end
 MAX_REPEAT_UNIT = 8  # tokens in the longest unit a runaway string is found repeating
 MIN_REPEATS = 3  # a unit repeated fewer times back to back is not a runaway
+# CPU time one look may take: past it the row has no way out worth its step (a grammar whose masks
+# grow slow, say) and stops looking, so a look never stalls the batch it runs in.
+LOOK_BUDGET_S = 0.005
 
 # Ranked structural candidates: closing a string, closing brackets, separators, minimal values.
 _QUOTE_CLOSERS = b'"}]'
@@ -52,7 +61,7 @@ class ClosingSettings:
     that ends it (0: never)."""
 
     window: int = 48
-    margin: int = 4
+    margin: int = 2
     repeat_tokens: int = 16
 
 
@@ -104,16 +113,21 @@ class ClosingSearch:
         return [where[s] for s in spellings if s in where]
 
     def path(
-        self, matcher: Any, strings: StringState, limit: int = MAX_CLOSING_TOKENS
+        self,
+        matcher: Any,
+        strings: StringState,
+        limit: int = MAX_CLOSING_TOKENS,
+        budget_s: float = LOOK_BUDGET_S,
     ) -> list[int]:
         """The tokens that take ``matcher``'s position (a copy; the row's is left alone) to one
         where its grammar is complete, at most ``limit`` of them; empty if it is complete already.
-        Raises ``NoWayOut`` where none was found within the limit."""
+        Raises ``NoWayOut`` where none was found within the limit or ``budget_s`` of CPU time."""
+        deadline = time.thread_time() + budget_s
         probe = matcher.deep_copy()
         strings = strings.copy()
         path: list[int] = []
         while not (probe.is_accepting() or probe.is_stopped()):
-            if probe.is_error() or len(path) >= limit:
+            if probe.is_error() or len(path) >= limit or time.thread_time() > deadline:
                 raise NoWayOut(len(path))
             forced = probe.compute_ff_tokens()[: limit - len(path)]
             taken = probe.try_consume_tokens(forced) if forced else 0
@@ -155,6 +169,7 @@ class Closer:
         self.closing = False  # the budget's end is being closed: the answer ends with the path
         self.hopeless = False  # no short way out exists from here on: nothing is forced
         self._string_tokens: list[int] = []  # the tokens of the string open now
+        self._way_out: list[int] | None = None  # this step's, while the model chooses
         self._repeating = False
 
     def forced(self, remaining: int) -> int | None:
@@ -175,11 +190,34 @@ class Closer:
             # Within the window a path longer than the budget left only grows: stop looking.
             self.hopeless = True
             return None
+        self._way_out = path
         if path and remaining <= len(path) + self.settings.margin:
             self.pending = path
             self.closing = True
             return path[0]
         return None
+
+    def vetting(self, remaining: int) -> bool:
+        """Whether the token chosen with ``remaining`` tokens left must pass ``vetted`` before use."""
+        return not self.hopeless and remaining <= self.settings.window
+
+    def vetted(self, token: int, remaining: int) -> int:
+        """``token``, chosen freely with ``remaining`` tokens left, or the way out's next token where
+        ``token`` would leave no way out within the budget: one token outside a string (``, {"``)
+        can lengthen the way out by a whole object of required properties."""
+        way_out, self._way_out = self._way_out, None
+        if self.pending or not way_out or not self.vetting(remaining):
+            return token
+        probe = self.matcher.deep_copy()
+        if probe.try_consume_tokens([token]) != 1:
+            return token  # the grammar refuses it and says so when the row takes it
+        strings = self.strings.copy()
+        strings.feed(self.search.token_bytes[token])
+        try:
+            self.search.path(probe, strings, min(remaining - 1, MAX_CLOSING_TOKENS))
+        except NoWayOut:
+            return way_out[0]
+        return token
 
     def _close_string(self) -> int | None:
         """The tokens that leave the open string, forced; the model goes on after them."""

@@ -49,12 +49,15 @@ class Sampler:
         terms (any sampling parameters)."""
         logits = self.choosable_columns(logits)
         masked, failures = self.constrain(batch, logits)
-        tokens = with_failures(choose(batch, masked), failures)
+        tokens = vetted(batch, with_failures(choose(batch, masked), failures))
         return tokens, self.scores(batch, tokens, logits)
 
     @staticmethod
     def on_device(batch: list[Sequence]) -> bool:
-        """Whether the batch's tokens can be chosen on the device (no host-side parameters)."""
+        """Whether the batch's tokens can be chosen on the device (no host-side parameters, and no
+        row whose closer must vet its token before it is used, see ``vetted``)."""
+        if any(s.closer is not None and s.closer.vetting(s.remaining_tokens) for s in batch):
+            return False
         return samplable_on_device([s.params for s in batch], [s.generator for s in batch])
 
     def choosable_columns(self, logits: torch.Tensor) -> torch.Tensor:
@@ -130,6 +133,22 @@ def force_closing(
             masked[row] = float("-inf")
             masked[row, token] = kept
     return masked
+
+
+def vetted(batch: list[Sequence], tokens: list) -> list:
+    """Each row's token, or where its closer finds that the token would leave no way out within
+    the budget (``, {"`` opening an object of required properties a few tokens before the end), the
+    way out's next token instead. A closer that fails gives up on its row."""
+    for row, sequence in enumerate(batch):
+        closer, token = sequence.closer, tokens[row]
+        if closer is None or not isinstance(token, int):
+            continue
+        try:
+            tokens[row] = closer.vetted(token, sequence.remaining_tokens)
+        except Exception:
+            logger.warning("closing request %s early failed", sequence.request_id, exc_info=True)
+            closer.hopeless = True
+    return tokens
 
 
 def choose(batch: list[Sequence], logits: torch.Tensor) -> list:
