@@ -89,7 +89,13 @@ class Sampler:
         ) as exc:  # the masks themselves failed: the constrained rows end, the rest go on
             logger.warning("computing token masks failed", exc_info=True)
             return logits, [exc if s.grammar is not None else None for s in batch]
-        return force_closing(batch, logits, masked, failures), failures
+        watch = self.masks.watch
+        slow = [s.grammar is not None and watch.is_suspect(id(s.grammar.matcher)) for s in batch]
+        try:
+            return force_closing(batch, logits, masked, failures, slow), failures
+        except Exception:  # closing is a courtesy: without it the rows go on under their masks
+            logger.warning("closing structured answers early failed", exc_info=True)
+            return masked, failures
 
     @staticmethod
     def choose_on_device(batch: list[Sequence], masked: torch.Tensor) -> torch.Tensor | None:
@@ -113,14 +119,20 @@ class Sampler:
 
 
 def force_closing(
-    batch: list[Sequence], logits: torch.Tensor, masked: torch.Tensor, failures: list
+    batch: list[Sequence],
+    logits: torch.Tensor,
+    masked: torch.Tensor,
+    failures: list,
+    slow: list[bool],
 ) -> torch.Tensor:
     """Rows whose closer says they must take a token now (their budget is ending, or a string of
-    theirs runs away) are left that one token; the others keep their grammar's mask. A closer that
-    fails gives up on its row, which goes on under its grammar alone."""
+    theirs runs away) are left that one token; the others keep their grammar's mask. A row whose
+    grammar failed is not looked at, nor one whose masks are ``slow`` (a suspect of ``mask_watch``:
+    a look would cost as much as a mask, beyond what the watch allows) unless it is being closed. A closer that fails gives up on its row,
+    which goes on under its grammar alone."""
     for row, sequence in enumerate(batch):
         closer = sequence.closer
-        if closer is None or failures[row] is not None:
+        if closer is None or failures[row] is not None or (slow[row] and not closer.pending):
             continue
         try:
             token = closer.forced(sequence.remaining_tokens)
