@@ -10,6 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.support.openai_schema import validate
 from tests.support.sse import parse
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
@@ -84,6 +85,7 @@ def test_a_strict_json_schema_parses_and_validates_at_every_budget(server, model
     assert response.json()["usage"]["completion_tokens"] <= max_tokens
     if max_tokens == 40:  # three strings of a detailed description cannot fit 40 tokens
         assert choice["finish_reason"] == "length"
+    validate(response.json(), "CreateChatCompletionResponse")  # the extension breaks no client
 
 
 @pytest.mark.parametrize("max_tokens", BUDGETS)
@@ -165,6 +167,8 @@ def test_a_stream_says_it_was_closed_early_in_its_last_finish_event(server, mode
     finish = [e for e in result.events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert [e["choices"][0]["finish_reason"] for e in finish] == ["length"]
     assert finish[0]["structured"] == {"closed_early": [0]}
+    for event in result.events:
+        validate(event, "CreateChatCompletionStreamResponse")
     assert not any("structured" in e for e in result.events if e is not finish[0])
 
 
