@@ -400,6 +400,18 @@ class InputSettings(BaseModel):
     )
 
 
+class RagSettings(BaseModel):
+    """Defaults of the RAG contract a request may override (its ``rag`` object)."""
+
+    # The values of ragllm.rag.contract.RagOrder (settings import nothing from the layers above).
+    order: Literal["relevance", "stable"] = Field(
+        "relevance",
+        description='How packed documents are laid out when a request sets no rag.order: "relevance" '
+        '(score, highest first) or "stable" (by id: the same document set renders the same bytes '
+        "whatever the question or the scores, so prefix caches and replica affinity hit).",
+    )
+
+
 class RequestLogSettings(BaseModel):
     enabled: bool = True
     stream: str = Field("requests", description="Redis Stream name (after the prefix).")
@@ -429,6 +441,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     input: InputSettings = Field(default_factory=InputSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 

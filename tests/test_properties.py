@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException
 
 from ragllm.api.body import parsed_body
 from ragllm.config import InputSettings
-from ragllm.engines.base import Engine
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragllm.errors import RagLLMError
 from ragllm.generation import ModelCard
@@ -26,6 +25,7 @@ from ragllm.rag.packing import PackRequest, pack
 from ragllm.rag.prompt import load_template, rank
 from ragllm.serving.bounds import check_chat
 from ragllm.thinking import ThinkStripper
+from tests.support.word_counting import WordCountingEngine
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -174,30 +174,6 @@ def test_streamed_think_stripping_equals_stripping_the_whole_text(pieces, cuts):
 
 
 # -- packing --------------------------------------------------------------------------------------
-class WordCountingEngine(Engine):
-    """Test double of an engine for packing: a prompt's tokens are its words (packing is the subject)."""
-
-    name = "words"
-
-    async def start(self) -> None: ...
-    async def generate(self, request):
-        raise NotImplementedError
-
-    def models(self):
-        return []
-
-    def health(self):
-        raise NotImplementedError
-
-    def stats(self):
-        raise NotImplementedError
-
-    async def aclose(self) -> None: ...
-
-    async def count_prompt_tokens(self, request) -> int:
-        return sum(len(str(m["content"]).split()) for m in request.messages)
-
-
 documents_strategy = st.lists(
     st.builds(
         RagDocument,

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# How packed documents are laid out in the prompt: "relevance" by score, highest first; "stable" by
+# id, so the same document set renders the same bytes whatever the question or the scores.
+RagOrder = Literal["relevance", "stable"]
+
 
 class RagDocument(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -39,6 +43,13 @@ class RagOptions(BaseModel):
     )
     reasoning: bool = Field(
         False, description="Let thinking models think (and keep <think> output)."
+    )
+    order: RagOrder | None = Field(
+        None,
+        description='How packed documents are laid out: "relevance" (score, highest first) or '
+        '"stable" (by id: the same document set renders the same bytes whatever the question or '
+        "the scores, so prefix caches and replica affinity hit). Which documents fit is decided "
+        "by score either way. null: the server's default (RAGLLM_RAG__ORDER).",
     )
 
 

@@ -2,7 +2,8 @@
 
 Whole documents are dropped, lowest-ranked first; the instruction and the question never are. When
 even they do not fit beside the room kept for the answer, the request is refused (400): nothing is
-ever truncated silently.
+ever truncated silently. Which documents are kept is a relevance decision whatever the request's
+``rag.order``; the order only lays the kept ones out (``prompt.arrange``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
 from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 from ragllm.rag.citations import parse_citations
-from ragllm.rag.contract import RagDocument, RagOptions
-from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
+from ragllm.rag.contract import RagDocument, RagOptions, RagOrder
+from ragllm.rag.document_set import document_set_key
+from ragllm.rag.prompt import RagTemplate, arrange, render_messages, with_no_think
 
 T = TypeVar("T")
 
@@ -48,10 +50,13 @@ class RagContext:
 
     template: str
     documents: dict[str, RagDocument]  # every supplied document, by id
-    used: list[str]
-    dropped: list[str]
+    used: list[str]  # in the order the prompt holds them
+    dropped: list[str]  # lowest-ranked last
     context_tokens: int
     citations: bool | str  # True, False or "constrained" (RagOptions.citations)
+    # The packed documents as a set (``document_set.document_set_key``): an upstream router's
+    # affinity; None when none was packed.
+    document_set: str | None = None
 
     def report(self, answer: str) -> dict[str, Any]:
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
@@ -81,6 +86,7 @@ class PackRequest:
     max_tokens: int | None
     options: RagOptions
     no_think: bool
+    order: RagOrder = "relevance"  # the request's, or the server's default
 
 
 async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any]], RagContext]:
@@ -90,7 +96,8 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
     budget = window - reserve
 
     def render_sync(count: int) -> list[dict[str, Any]]:
-        messages = render_messages(request.template, request.ranked[:count], request.messages)
+        documents = arrange(request.ranked[:count], request.order)
+        messages = render_messages(request.template, documents, request.messages)
         return with_no_think(messages) if request.no_think else messages
 
     heavy = is_heavy(request.ranked)
@@ -157,11 +164,13 @@ def within_reach(ranked: list[RagDocument], token_room: int, max_token_bytes: in
 
 
 def _context(request: PackRequest, used: int, context_tokens: int) -> RagContext:
+    packed = request.ranked[:used]
     return RagContext(
         template=request.template.name,
         documents={d.id: d for d in request.ranked},
-        used=[d.id for d in request.ranked[:used]],
+        used=[d.id for d in arrange(packed, request.order)],
         dropped=[d.id for d in request.ranked[used:]],
         context_tokens=context_tokens,
         citations=request.options.citations,
+        document_set=document_set_key(request.template.name, packed),
     )

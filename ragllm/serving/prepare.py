@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragllm.bounded_json import JsonLimits
-from ragllm.config import InputSettings
+from ragllm.config import InputSettings, RagSettings
 from ragllm.engines.base import Engine
 from ragllm.errors import (
     ContextLengthExceeded,
@@ -101,11 +101,17 @@ class RequestPreparer:
     """Prepares OpenAI requests for the engine, and opens the engine's stream for a prepared one."""
 
     def __init__(
-        self, engine: Engine, metrics: Metrics, bounds: InputSettings | None = None
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        bounds: InputSettings | None = None,
+        rag: RagSettings | None = None,
     ) -> None:
+        """``rag``: the RAG contract's defaults, for fields a request's ``rag`` leaves out."""
         self.engine = engine
         self.metrics = metrics
         self.bounds = bounds or InputSettings()
+        self.rag_defaults = rag or RagSettings()
         self.schema_limits = JsonLimits.schema(self.bounds)
 
     # -- preparing ------------------------------------------------------------------------------
@@ -158,6 +164,7 @@ class RequestPreparer:
                     max_tokens=max_tokens,
                     options=options,
                     no_think=no_think,
+                    order=options.order or self.rag_defaults.order,
                 ),
             )
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
@@ -185,6 +192,7 @@ class RequestPreparer:
             tools=list(tools.functions) if tools is not None else None,
             sampling_set=sampling_set(body),
             cache_scope=CacheScope(cache_group, body.cache_salt),
+            document_set=rag_context.document_set if rag_context is not None else None,
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools

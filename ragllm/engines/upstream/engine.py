@@ -224,7 +224,7 @@ class UpstreamEngine(Engine):
     async def generate(self, request: GenerationRequest) -> DeltaStream:
         if self._session is None:
             raise EngineNotReady("probing upstreams")
-        affinity = affinity_key(request.messages, request.prompt)
+        affinity = affinity_key(request.messages, request.prompt, document_set=request.document_set)
         tried: set[Replica] = set()
         while True:
             replica = self.pool.pick(affinity, exclude=tried)
