@@ -8,6 +8,7 @@ removed ("1,987" is 1987; "19870" is not).
 
     python bench/rag_eval.py                         # starts a server with the packaged model
     python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER] [--citations parsed]
+    python bench/rag_eval.py --citations parsed --order both   # documents by score, then by id
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--citations", choices=("both", "parsed", "constrained"), default="both")
+    parser.add_argument(
+        "--order",
+        choices=("relevance", "stable", "both"),
+        default="relevance",
+        help="rag.order: documents laid out by score, by id, or each in turn",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/rag_eval.json"))
     return parser.parse_args()
 
@@ -73,7 +80,9 @@ def fact_found(value: str, text: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(normal(value))}(?!\w)", normal(text)) is not None
 
 
-def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str) -> dict:
+def evaluate(
+    client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str, order: str
+) -> dict:
     rows = []
     for case in cases:
         answer = client.answer(
@@ -81,7 +90,7 @@ def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: b
             [Document(**d) for d in case["documents"]],
             temperature=0,
             max_tokens=max_tokens,
-            options=RagOptions(citations=citations),
+            options=RagOptions(citations=citations, order=order),
             extra_headers={"Cache-Control": "no-cache, no-store"},
         )
         found = [value for value in case["expected"] if fact_found(value, answer.text)]
@@ -126,6 +135,7 @@ def main() -> None:
     args = parse_args()
     cases = json.loads(CASES.read_text())["cases"]
     modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
+    orders = {"both": ("relevance", "stable")}.get(args.order, (args.order,))
     report = {
         "benchmark": "rag_eval",
         "cases_file": str(CASES),
@@ -137,13 +147,14 @@ def main() -> None:
             client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=300)
             for mode in modes:
                 citations = "constrained" if mode == "constrained" else True
-                report["runs"][f"{model} / {mode}"] = evaluate(
-                    client, cases, args.max_tokens, citations
-                )
+                for order in orders:
+                    report["runs"][f"{model} / {mode} / {order}"] = evaluate(
+                        client, cases, args.max_tokens, citations, order
+                    )
             client.close()
     print(f"\nrag_eval  {len(cases)} cases  max_tokens={args.max_tokens}  greedy")
     header = (
-        f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
+        f"{'model / citations / order':<60} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
         f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7}"
     )
     print(header)
@@ -151,7 +162,7 @@ def main() -> None:
     for name, result in report["runs"].items():
         s = result["summary"]
         print(
-            f"{name:<48} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
+            f"{name:<60} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
             f"{s['unanswerable_declined']:>15.0%} {s['unanswerable_cited']:>12.0%} "
             f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} {s['mean_tokens']:>7}"
         )

@@ -28,7 +28,8 @@ def _documents(scores: list[float]) -> list[dict]:
         {
             "id": f"doc-{letter}",
             "title": f"Archive {letter.upper()}",
-            "text": f"The {words[i : i + 5]} archive of region {letter} lists {100 + 7 * i} records, "
+            "text": f"The {words[i : i + 5]} archive of region {letter} lists {100 + 7 * i} "
+            "records, "
             f"kept since {1900 + 11 * i} in the {words[i + 5 : i + 9]} hall by {3 + i} clerks.",
             "score": score,
         }
@@ -37,7 +38,7 @@ def _documents(scores: list[float]) -> list[dict]:
 
 
 def _rescored(documents: list[dict], scores: list[float], seed: int) -> list[dict]:
-    """The same documents with other scores, in another order (as another question retrieves them)."""
+    """The same documents with other scores, in another order (as another question retrieves)."""
     rescored = [{**d, "score": s} for d, s in zip(documents, scores)]
     random.Random(seed).shuffle(rescored)
     return rescored

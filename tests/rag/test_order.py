@@ -152,7 +152,7 @@ def test_the_key_follows_the_set_not_its_order_or_scores():
     titles=st.lists(st.none() | st.text(max_size=10), min_size=2, max_size=2),
 )
 def test_no_choice_of_fields_spells_another_documents_key(texts, titles):
-    """Fields are encoded apart: moving text into the title (or across documents) changes the key."""
+    """Fields are encoded apart: text moved into the title (or across documents) changes the key."""
     one = [
         RagDocument(id="x", text=texts[0], title=titles[0]),
         RagDocument(id="y", text=texts[1], title=titles[1]),
