@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
 from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
-from ragllm.rag.citations import parse_citations
+from ragllm.rag.citations import declines, parse_citations
 from ragllm.rag.contract import RagDocument, RagOptions
+from ragllm.rag.outcome import RagOutcome
 from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
 
 T = TypeVar("T")
@@ -52,6 +53,7 @@ class RagContext:
     dropped: list[str]
     context_tokens: int
     citations: bool | str  # True, False or "constrained" (RagOptions.citations)
+    decline: str = ""  # the template's sentence for an answer the documents do not hold
 
     def report(self, answer: str) -> dict[str, Any]:
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
@@ -69,6 +71,22 @@ class RagContext:
             if self.citations
             else "off",
         }
+
+    def answered(self, answer: str) -> tuple[dict[str, Any], RagOutcome]:
+        """The response's ``rag`` report of ``answer``, and its counts for telemetry."""
+        report = self.report(answer)
+        outcome = RagOutcome(
+            template=self.template,
+            citation_mode=report["citation_mode"],
+            documents_received=len(self.documents),
+            documents_used=len(self.used),
+            documents_dropped=len(self.dropped),
+            context_tokens=self.context_tokens,
+            citations_valid=len(report["citations"]),
+            citations_unknown=len(report["unknown_citations"]),
+            declined=bool(self.decline) and declines(answer, self.decline),
+        )
+        return report, outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,4 +182,5 @@ def _context(request: PackRequest, used: int, context_tokens: int) -> RagContext
         dropped=[d.id for d in request.ranked[used:]],
         context_tokens=context_tokens,
         citations=request.options.citations,
+        decline=request.template.decline,
     )
