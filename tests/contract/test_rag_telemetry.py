@@ -257,7 +257,7 @@ seen_ids: set[str] = set()  # every document id sent so far
 
 
 @settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
