@@ -38,15 +38,20 @@ DOCUMENTS = [
 ]
 SMALL_WINDOW = 320
 TIGHT_KEY = "tight-s3cret"
+OPEN_KEY = "open-s3cret"
+OPEN = {"Authorization": f"Bearer {OPEN_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def small_window(tmp_path_factory):
-    """A 320-token context: a long answer's room leaves too little for every document. One API key
-    with a limit of 3 requests a minute; requests without a key are anonymous and unlimited."""
+    """A 320-token context: a long answer's room leaves too little for every document. Keys on: one
+    with a limit of 3 requests a minute, one unlimited (the key every other request here sends; a
+    server without keys ignores it)."""
     log_dir = tmp_path_factory.mktemp("dry-run")
     keys_file = log_dir / "keys.json"
-    keys_file.write_text(json.dumps([{"id": "tight", "key": TIGHT_KEY, "rpm": 3}]))
+    keys_file.write_text(
+        json.dumps([{"id": "tight", "key": TIGHT_KEY, "rpm": 3}, {"id": "open", "key": OPEN_KEY}])
+    )
     server = ServerProcess(
         "--max-model-len",
         str(SMALL_WINDOW),
@@ -60,12 +65,14 @@ def small_window(tmp_path_factory):
 
 
 def _tokenize(url: str, **fields) -> httpx.Response:
-    return httpx.post(f"{url}/tokenize", json={"model": MODEL, **fields}, timeout=60)
+    return httpx.post(f"{url}/tokenize", json={"model": MODEL, **fields}, headers=OPEN, timeout=60)
 
 
 def _chat(url: str, **fields) -> dict:
     body = {"model": MODEL, "temperature": 0, **fields}
-    response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=NO_CACHE, timeout=120)
+    response = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={**NO_CACHE, **OPEN}, timeout=120
+    )
     assert response.status_code == 200, response.text
     return response.json()
 

@@ -252,8 +252,12 @@ class UpstreamEngine(Engine):
         if replica is None or self._session is None:
             raise EngineNotReady("no upstream is reachable")
         async with self._session.post(f"{replica.url}{path}", json=body) as response:
-            if response.status in (404, 405):
-                raise NotSupportedByEngine(f"the upstream has no {path} route", param=param)
+            if response.status in (404, 405):  # the upstream's own model is named: a route it lacks
+                said = error_fields(await _json(response)).message
+                raise NotSupportedByEngine(
+                    f"the upstream has no {path} (it answered {response.status}: {said})",
+                    param=param,
+                )
             if response.status != 200:
                 raise UpstreamError(response.status, await _json(response))
             answer = await _json(response)
