@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 request_logger = logging.getLogger("ragllm.requests")
 
-RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"})
+RECORDED_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"}
+)
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 SCOPE_KEY = "ragllm.record"
 

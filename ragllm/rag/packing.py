@@ -54,6 +54,11 @@ class RagContext:
     context_tokens: int
     citations: bool | str  # True, False or "constrained" (RagOptions.citations)
     decline: str = ""  # the template's sentence for an answer the documents do not hold
+    # The budget it packed within, and the whole prompt's tokens it settled on (what a dry run reports).
+    prompt_tokens: int = 0
+    max_model_len: int = 0
+    reserved_for_answer: int = 0
+    max_context_tokens: int | None = None
 
     def report(self, answer: str) -> dict[str, Any]:
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
@@ -154,6 +159,8 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
         best_count = low
     messages, tokens = best
     context = await off_loop_if(heavy, _context, request, best_count, tokens - bare)
+    context.prompt_tokens, context.max_model_len = tokens, window
+    context.reserved_for_answer, context.max_context_tokens = reserve, cap
     return messages, context
 
 
