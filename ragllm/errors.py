@@ -68,6 +68,15 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class NotSupportedByEngine(RagLLMError):
+    """A valid request the serving engine cannot answer (an upstream without a tokenizer route, say);
+    the same request may succeed on another engine (501)."""
+
+    status_code = 501
+    error_type = "invalid_request_error"
+    code = "not_supported_by_engine"
+
+
 class ModelNotFound(RagLLMError):
     """The requested model is not served here (404)."""
 

@@ -161,6 +161,14 @@ class Usage:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """A prompt's token ids as the engine would run them, and each id's token string when asked."""
+
+    ids: list[int]
+    strings: list[str] | None = None
+
+
 class DeltaStream(abc.ABC):
     """An admitted generation; iterate for deltas, ``aclose()`` to cancel and free its slot."""
 

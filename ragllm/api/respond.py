@@ -265,9 +265,13 @@ class Responder:
             await self.state.cache.put(plan.key, cached, self.state.settings.cache.ttl_s)
 
     def _extensions(self, answer: str) -> dict | None:
-        """Extension fields of a finished answer: the RAG report with its checked citations."""
+        """Extension fields of a finished answer: the RAG report with its checked citations. The
+        request record keeps the report's counts, for metrics, the request log and the trace."""
         rag = self.prepared.rag
-        return {"rag": rag.report(answer)} if rag is not None else None
+        if rag is None:
+            return None
+        report, self.record.rag = rag.answered(answer)
+        return {"rag": report}
 
     def _abandoned(self) -> bytes:
         """A stream the server stops serving (its shutdown grace is over): recorded as the 503 it is, and

@@ -70,3 +70,32 @@ class RagReport(BaseModel):
     unknown_citations: list[str] = []
     cited: bool = False
     citation_mode: Literal["parsed", "constrained", "off"] = "parsed"
+
+
+class DocumentTokens(BaseModel):
+    id: str
+    tokens: int = Field(
+        description="The document as the template renders it, tokenized alone: its share of "
+        "context_tokens, give or take the few tokens where it joins the rest."
+    )
+
+
+class RagBudget(BaseModel):
+    max_model_len: int = Field(description="The model's context window in tokens.")
+    reserved_for_answer: int = Field(
+        description="Tokens kept free for the answer: max_tokens, or 512 when unset."
+    )
+    max_context_tokens: int | None = Field(
+        None, description="rag.max_context_tokens, the cap on tokens spent on documents."
+    )
+
+
+class DryRunReport(BaseModel):
+    """The ``rag`` object of a /tokenize response: what packing would do, nothing generated."""
+
+    template: str
+    used_documents: list[DocumentTokens]
+    dropped_documents: list[DocumentTokens]
+    context_tokens: int = Field(description="Tokens the packed documents add to the prompt.")
+    prompt_tokens: int = Field(description="The whole prompt, as the completion would count it.")
+    budget: RagBudget

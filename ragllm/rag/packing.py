@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
 from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
-from ragllm.rag.citations import parse_citations
+from ragllm.rag.citations import declines, parse_citations
 from ragllm.rag.contract import RagDocument, RagOptions, RagOrder
 from ragllm.rag.document_set import document_set_key
+from ragllm.rag.outcome import RagOutcome
 from ragllm.rag.prompt import RagTemplate, arrange, render_messages, with_no_think
 
 T = TypeVar("T")
@@ -54,6 +55,12 @@ class RagContext:
     dropped: list[str]  # lowest-ranked last
     context_tokens: int
     citations: bool | str  # True, False or "constrained" (RagOptions.citations)
+    decline: str = ""  # the template's sentence for an answer the documents do not hold
+    # The budget it packed within, and the whole prompt's tokens it settled on (what a dry run reports).
+    prompt_tokens: int = 0
+    max_model_len: int = 0
+    reserved_for_answer: int = 0
+    max_context_tokens: int | None = None
     # The packed documents as a set (``document_set.document_set_key``): an upstream router's
     # affinity; None when none was packed.
     document_set: str | None = None
@@ -74,6 +81,22 @@ class RagContext:
             if self.citations
             else "off",
         }
+
+    def answered(self, answer: str) -> tuple[dict[str, Any], RagOutcome]:
+        """The response's ``rag`` report of ``answer``, and its counts for telemetry."""
+        report = self.report(answer)
+        outcome = RagOutcome(
+            template=self.template,
+            citation_mode=report["citation_mode"],
+            documents_received=len(self.documents),
+            documents_used=len(self.used),
+            documents_dropped=len(self.dropped),
+            context_tokens=self.context_tokens,
+            citations_valid=len(report["citations"]),
+            citations_unknown=len(report["unknown_citations"]),
+            declined=bool(self.decline) and declines(answer, self.decline),
+        )
+        return report, outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +166,8 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
         best_count = low
     messages, tokens = best
     context = await off_loop_if(heavy, _context, request, best_count, tokens - bare)
+    context.prompt_tokens, context.max_model_len = tokens, window
+    context.reserved_for_answer, context.max_context_tokens = reserve, cap
     return messages, context
 
 
@@ -173,4 +198,5 @@ def _context(request: PackRequest, used: int, context_tokens: int) -> RagContext
         context_tokens=context_tokens,
         citations=request.options.citations,
         document_set=document_set_key(request.template.name, packed),
+        decline=request.template.decline,
     )

@@ -73,14 +73,7 @@ def render_messages(
     """One system message (instruction, the caller's system text, the documents), then the
     conversation, whose last user turn is the question."""
     caller_system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
-    rendered = [
-        _tidy(
-            template.document.format(
-                id=d.id, title=d.title or "", source=d.source or "", text=d.text.strip()
-            )
-        )
-        for d in documents
-    ]
+    rendered = [render_document(template, d) for d in documents]
     block = template.document_separator.join(rendered) if rendered else "(no documents)"
     system = "\n\n".join(
         [template.instruction, *caller_system, f"{template.documents_header}\n\n{block}"]
@@ -89,6 +82,18 @@ def render_messages(
     if not conversation or conversation[-1]["role"] != "user":
         raise InvalidRequest("a RAG request ends with the user's question", param="messages")
     return [{"role": "system", "content": system}, *conversation]
+
+
+def render_document(template: RagTemplate, document: RagDocument) -> str:
+    """One document as the template writes it into the system message."""
+    return _tidy(
+        template.document.format(
+            id=document.id,
+            title=document.title or "",
+            source=document.source or "",
+            text=document.text.strip(),
+        )
+    )
 
 
 def _tidy(text: str) -> str:

@@ -63,6 +63,7 @@ def test_no_server_errors_and_responses_match_the_schema(api_schema, mode):
         "POST /v1/chat/completions",
         "POST /v1/completions",
         "POST /tokenize",
+        "POST /detokenize",
         "GET /v1/models",
         "GET /health",
     }
