@@ -168,3 +168,25 @@ def test_hostile_orders_are_a_400_in_the_openai_envelope(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         one(http)
         assert http.get("/health").status_code == 200
+
+
+def test_the_dry_run_lays_documents_out_as_the_completion_does(server, client):
+    documents = _documents([0.2, 0.9, 0.1, 0.8, 0.7, 0.3])
+    for order in ("stable", "relevance"):
+        dry = httpx.post(
+            f"{server.url}/tokenize",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Which region?"}],
+                "documents": documents,
+                "rag": {"order": order},
+                "max_tokens": 4,
+            },
+            timeout=60,
+        ).json()
+        completion = _ask(client, documents, "Which region?", order)
+        used = [d["id"] for d in dry["rag"]["used_documents"]]
+        assert used == completion.model_extra["rag"]["used_documents"]
+        assert dry["count"] == completion.usage.prompt_tokens
+        expected = sorted(_by_score(documents)) if order == "stable" else _by_score(documents)
+        assert used == expected
