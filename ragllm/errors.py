@@ -93,6 +93,15 @@ class AuthenticationFailed(RagLLMError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(RagLLMError):
+    """A valid key that may not do this: an admin route called with a tenant's key, or admin routes
+    with no admin key configured (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
 class RateLimited(RagLLMError):
     """A per-key window is spent (429); ``error_type`` says which: requests or tokens."""
 
@@ -130,6 +139,16 @@ class ShuttingDown(RagLLMError):
     status_code = 503
     error_type = "server_error"
     code = "server_shutting_down"
+    retry_after_s = 1
+
+
+class CacheUnavailable(RagLLMError):
+    """The response cache's store cannot be reached for an operation that must not fail silently
+    (an invalidation); retrying later is safe (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "cache_unavailable"
     retry_after_s = 1
 
 

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# A document's id: cited as [id] in answers, and what a cache invalidation names.
+DocumentId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^\[\],\s]+$",
+        description="Cited as [id]; no spaces, commas or brackets.",
+    ),
+]
+MAX_VERSION_LENGTH = 128
 
 # How packed documents are laid out in the prompt: "relevance" by score, highest first; "stable" by
 # id, so the same document set renders the same bytes whatever the question or the scores.
@@ -14,18 +26,20 @@ RagOrder = Literal["relevance", "stable"]
 class RagDocument(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(
-        min_length=1,
-        max_length=128,
-        pattern=r"^[^\[\],\s]+$",
-        description="Cited as [id]; no spaces, commas or brackets.",
-    )
+    id: DocumentId
     text: str
     title: str | None = None
     source: str | None = Field(
         None, description="Where it came from (URL, path); returned with citations."
     )
     score: float | None = Field(None, description="Retrieval score; higher ranks first.")
+    version: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_VERSION_LENGTH,
+        description="Extension: the document's revision (an etag, a timestamp, a content hash). Not "
+        "shown to the model; an answer cached for one version is never served for another.",
+    )
 
 
 class RagOptions(BaseModel):

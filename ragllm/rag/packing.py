@@ -65,6 +65,12 @@ class RagContext:
     # affinity; None when none was packed.
     document_set: str | None = None
 
+    def packed(self) -> tuple[tuple[str, str | None], ...]:
+        """The id and version of each document the prompt holds, in its order: what shaped the answer.
+        Dropped documents are not among them: the prompt, hence the answer, is the same whatever they
+        say (an edit that lets one fit changes the prompt, so the request misses the cache anyway)."""
+        return tuple((id_, self.documents[id_].version) for id_ in self.used)
+
     def report(self, answer: str) -> dict[str, Any]:
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
         return {
