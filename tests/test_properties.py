@@ -71,6 +71,7 @@ chat_like = st.fixed_dictionaries(
         "max_tokens": json_values,
         "seed": json_values,
         "documents": json_values,
+        "rag": json_values | st.fixed_dictionaries({"order": json_values}),
         "chat_template_kwargs": json_values,
         "top_k": json_values,
         "n": json_values,
