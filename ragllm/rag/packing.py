@@ -18,6 +18,7 @@ from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 from ragllm.rag.citations import parse_citations
 from ragllm.rag.contract import RagDocument, RagOptions
 from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
+from ragllm.thinking import answer_after_thinking
 
 T = TypeVar("T")
 
@@ -54,6 +55,8 @@ class RagContext:
     citations: bool | str  # True, False or "constrained" (RagOptions.citations)
 
     def report(self, answer: str) -> dict[str, Any]:
+        # Citations are the answer's: brackets in the thinking (kept with rag.reasoning) are notes.
+        answer = answer_after_thinking(answer)
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
         return {
             "template": self.template,
