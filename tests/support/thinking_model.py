@@ -16,6 +16,8 @@ QWEN3_TEMPLATE = (
     "{% endif %}"
 )
 # Qwen3's thinking variant (and DeepSeek-R1's): the prompt opens the block.
+# The residual dimension held at 1, read only by the favoured rows of the output head.
+_HELD = 0
 OPENED_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
@@ -38,7 +40,12 @@ def thinking_tokenizer(template: str = QWEN3_TEMPLATE):
 
 def build_thinking_model(directory: Path, seed: int = 0) -> Path:
     """A random-weight Qwen3 checkpoint (two small layers) with ``thinking_tokenizer()``, written to
-    ``directory`` (reused when present)."""
+    ``directory`` (reused when present).
+
+    Its output head favours the end of the answer, "." and brackets, where the answer allows them: near-flat
+    random logits would choose among 49,000 tokens for hundreds of steps before either came, so a
+    constrained answer would never finish. One residual dimension is held at 1 (every token's
+    embedding sets it, no layer writes it) and only those rows of the head read it."""
     if (directory / "config.json").is_file():
         return directory
     import torch
@@ -54,12 +61,25 @@ def build_thinking_model(directory: Path, seed: int = 0) -> Path:
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).eval()
+    # The end of the answer first where it may come, then a full stop, then a citation's brackets.
+    favoured = {tokenizer.eos_token_id: 3.0, tokenizer.convert_tokens_to_ids("."): 2.0}
+    for bracket in ("[", " [", "]"):
+        (bracket_id,) = tokenizer.encode(bracket, add_special_tokens=False)
+        favoured[bracket_id] = 1.0
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, _HELD] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[_HELD] = 0.0
+            layer.mlp.down_proj.weight[_HELD] = 0.0
+        model.lm_head.weight[:, _HELD] = 0.0
+        for token_id, weight in favoured.items():
+            model.lm_head.weight[token_id, _HELD] = weight
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
