@@ -230,3 +230,38 @@ def test_the_thinking_budget_leaves_the_answer_room(
 )
 def test_the_answer_is_told_apart_from_its_thinking(text, answer):
     assert answer_after_thinking(text) == answer
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    requested=st.none() | st.integers(min_value=0, max_value=2**31 - 1),
+    default=st.integers(min_value=0, max_value=2**31 - 1),
+    max_tokens=st.integers(min_value=1, max_value=2**31 - 1),
+    opened=st.booleans(),
+)
+def test_the_budget_always_leaves_the_markers_and_an_answer_room(
+    requested, default, max_tokens, opened
+):
+    """Hypothesis: whatever the budgets, thinking never takes the tokens the markers and at least
+    one answer token need, never more than asked, and by default never more than half."""
+    budget = thinking_tokens(requested, default, max_tokens, opened)
+    markers = 1 if opened else 2
+    assert 0 <= budget <= (requested if requested is not None else default)
+    assert budget + markers + 1 <= max_tokens or budget == 0
+    if requested is None:
+        assert budget <= max_tokens // 2
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    words=st.lists(st.integers(min_value=0, max_value=49151), max_size=40),
+    ending=st.sampled_from(["none", "open", "close"]),
+)
+def test_any_prompt_has_the_shape_of_its_ending(tokenizer, markers, words, ending):
+    """Hypothesis: whatever precedes it, a prompt ending in <think> opens the thinking, one ending in
+    </think> closed it, and one with no marker leaves the answer to open it."""
+    tail = {"none": [], "open": [markers.open_id], "close": [markers.close_id]}[ending]
+    expected = {"none": False, "open": True, "close": None}[ending]
+    assert prompt_opens_thinking([*words, *tail], markers, tokenizer.decode) is expected
