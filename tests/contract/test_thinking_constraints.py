@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 import regex
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ragllm.rag.citations import citation_pattern
@@ -201,6 +201,17 @@ def test_hostile_budgets_are_a_400_naming_the_field(thinker, budget, max_tokens)
     assert "thinking_token_budget" in (error["param"] or "") + error["message"]
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@example(budget=_nested(400), max_tokens=4, thinking=True)  # deep
+@example(budget=list(range(20_000)), max_tokens=4, thinking=None)  # wide
+@example(budget="9" * 100_000, max_tokens=4, thinking=True)  # oversized
+@example(budget=3, max_tokens=4, thinking=True)  # the largest budget max_tokens leaves room for
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -236,6 +247,8 @@ def test_any_budget_is_an_answer_or_a_400_never_a_500(thinker, budget, max_token
         headers={"Content-Type": "application/json", **NO_CACHE},
         timeout=60,
     )
-    assert response.status_code in (200, 400), response.text
-    if response.status_code == 400:
+    assert response.status_code in (200, 400, 413), response.text
+    if response.status_code != 200:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    elif isinstance(budget, int) and not isinstance(budget, bool):
+        assert 0 <= budget < max_tokens  # anything else is refused
