@@ -210,6 +210,14 @@ class EngineSettings(BaseModel):
         "slow grammar slows the requests beside it by about this share at most. A row "
         "alone in its batch is held to grammar_mask_budget_ms only. None: no bound.",
     )
+    default_thinking_token_budget: int = Field(
+        1024,
+        ge=0,
+        le=2**31 - 1,
+        description="Tokens a thinking model may think before a structured answer (response_format, "
+        "constrained citations, required tools) when the request sets no thinking_token_budget; "
+        "never more than half of the answer's max_tokens. Then </think> is forced.",
+    )
     no_think_suffix: bool = Field(
         False,
         description="The model understands '/no_think' in the user turn (thinking models without a "

@@ -203,6 +203,15 @@ class ChatCompletionRequest(SamplingFields):
         description="Extension: switches passed to the chat template: enable_thinking, thinking, "
         "reasoning_effort (chat_template only where the server allows it).",
     )
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_INT32,
+        description="Extension (as in vLLM): tokens a thinking model may think before </think> is "
+        "forced; less than max_tokens. A structured answer (response_format, constrained "
+        "citations, required tools) follows the thinking; without this field the engine's "
+        "default budget applies to those (at most half of max_tokens).",
+    )
 
 
 class CompletionRequest(SamplingFields):

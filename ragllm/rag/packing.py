@@ -21,6 +21,7 @@ from ragllm.rag.contract import RagDocument, RagOptions, RagOrder
 from ragllm.rag.document_set import document_set_key
 from ragllm.rag.outcome import RagOutcome
 from ragllm.rag.prompt import RagTemplate, arrange, render_messages, with_no_think
+from ragllm.thinking import answer_after_thinking
 
 T = TypeVar("T")
 
@@ -72,6 +73,8 @@ class RagContext:
         return tuple((id_, self.documents[id_].version) for id_ in self.used)
 
     def report(self, answer: str) -> dict[str, Any]:
+        # Citations are the answer's: brackets in the thinking (kept with rag.reasoning) are notes.
+        answer = answer_after_thinking(answer)
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
         return {
             "template": self.template,
@@ -100,7 +103,7 @@ class RagContext:
             context_tokens=self.context_tokens,
             citations_valid=len(report["citations"]),
             citations_unknown=len(report["unknown_citations"]),
-            declined=bool(self.decline) and declines(answer, self.decline),
+            declined=bool(self.decline) and declines(answer_after_thinking(answer), self.decline),
         )
         return report, outcome
 

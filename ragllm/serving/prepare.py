@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ragllm.bounded_json import JsonLimits
@@ -50,6 +50,7 @@ from ragllm.serving.bounds import (
 )
 from ragllm.serving.documents import pack_documents
 from ragllm.serving.messages import single_prompt, template_message
+from ragllm.serving.reasoning import thinking_first
 from ragllm.serving.sampling import (
     chat_logprobs,
     refuse_unsupported_sampling,
@@ -74,6 +75,7 @@ PASSTHROUGH_FIELDS = (
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "thinking_token_budget",
 )
 
 
@@ -152,8 +154,15 @@ class RequestPreparer:
         template_kwargs = dict(body.chat_template_kwargs or {})
         strip_thinking = template_kwargs.get("enable_thinking") is False
         rag_context = None
+        options = body.rag or RagOptions()
+        thinking = thinking_first(
+            model,
+            template_kwargs,
+            rag_requested and not options.reasoning,
+            body.thinking_token_budget,
+            max_tokens,
+        )
         if rag_requested:
-            options = body.rag or RagOptions()
             strip_thinking = strip_thinking or not options.reasoning
             packed = await pack_documents(
                 self.engine,
@@ -180,13 +189,14 @@ class RequestPreparer:
         if tools is not None and tools.must_call and model.tool_call_format is not None:
             structured = _tool_call_constraint(model.tool_call_format, tools, structured)
         if rag_context is not None and rag_context.citations == "constrained":
-            structured, passthrough = _constrained_citations(
-                rag_context, body, structured, passthrough
-            )
+            structured, passthrough = _constrained_citations(rag_context, structured, passthrough)
         generation = GenerationRequest(
             request_id=request_id,
-            params=sampling_params(
-                body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured
+            params=replace(
+                sampling_params(
+                    body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured
+                ),
+                thinking=thinking,
             ),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
@@ -376,22 +386,16 @@ def _tool_call_constraint(
 
 def _constrained_citations(
     context: RagContext,
-    body: ChatCompletionRequest,
     structured: StructuredOutput | None,
     passthrough: dict[str, Any] | None,
 ) -> tuple[StructuredOutput, dict[str, Any]]:
     """The answer may cite only the packed documents, and must cite one unless it declines: as a
-    regular expression, enforced in process or by the upstream (vLLM's structured_outputs.regex)."""
+    regular expression, enforced in process or by the upstream (vLLM's structured_outputs.regex).
+    With rag.reasoning on a thinking model the pattern holds the answer after the thinking."""
     if structured is not None:
         raise InvalidRequest(
             "rag.citations 'constrained' cannot be combined with another structured output "
             f"({structured.param})",
-            param="rag.citations",
-        )
-    if body.rag is not None and body.rag.reasoning:
-        raise InvalidRequest(
-            "rag.citations 'constrained' cannot be combined with rag.reasoning: the thinking "
-            "would be held to the citation pattern too",
             param="rag.citations",
         )
     pattern = citation_pattern(context.used, load_template(context.template).decline)

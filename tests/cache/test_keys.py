@@ -9,6 +9,7 @@ import pytest
 from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 from ragllm.structured.spec import StructuredOutput
+from ragllm.structured.thinking_first import ThinkingFirst
 
 MODEL = ModelCard(id="m", max_model_len=100, fingerprint="fp_1")
 BASE = GenerationRequest(
@@ -30,6 +31,7 @@ CHANGED_PARAMS = {
     "logprobs": 2,
     "structured": StructuredOutput("regex", "[ab]+"),
     "n": 2,
+    "thinking": ThinkingFirst(64),
 }
 
 

@@ -122,6 +122,7 @@ class TransformersEngine(Engine):
             max_model_len,
             grammars,
             self.settings.default_max_tokens,
+            self.settings.default_thinking_token_budget,
         )
         runner = build_runner(
             loaded.model, loaded.device, max_model_len, str(loaded.path), self.settings
@@ -159,6 +160,7 @@ class TransformersEngine(Engine):
             sampling_defaults=loaded.sampling_defaults,
             thinking_switch="enable_thinking" in (self._tokenizer.chat_template or ""),
             tool_call_format=format_of_template(self._tokenizer.chat_template)[0],
+            thinks=self._sequences.thinking_markers is not None,
             no_think_suffix=self.settings.no_think_suffix,
             max_token_bytes=max_token_bytes(self._tokenizer),
         )
