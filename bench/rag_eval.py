@@ -208,8 +208,9 @@ def print_table(report: dict, per_kind: int | None) -> None:
         f"\nrag_eval  {report['cases']} of {report['cases_in_file']} cases ({bound}evenly spread)  "
         f"max_tokens={report['max_tokens']}  greedy"
     )
+    width = max([48, *(len(name) for name in report["runs"])])
     header = (
-        f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
+        f"{'model / citations':<{width}} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
         f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7} {'seconds':>8}"
     )
     print(header)
@@ -217,7 +218,7 @@ def print_table(report: dict, per_kind: int | None) -> None:
     for name, result in report["runs"].items():
         s = result["summary"]
         print(
-            f"{name:<48} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
+            f"{name:<{width}} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
             f"{s['unanswerable_declined']:>15.0%} {s['unanswerable_cited']:>12.0%} "
             f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} "
             f"{s['mean_tokens']:>7} {s['seconds']:>8}"
