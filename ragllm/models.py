@@ -79,11 +79,14 @@ def _download(model_id: str, cache_dir: Path, hf_token: str | None) -> Path:
         ) from exc
 
 
+GgufDtype = Literal["float32", "bfloat16", "float16"]
+
+
 def converted_gguf(
     gguf_path: Path,
     cache_dir: Path,
     sampling_defaults: dict | None = None,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    dtype: GgufDtype = "float32",
 ) -> Path:
     """Dequantise ``gguf_path`` to safetensors once; later calls return the cached directory.
 
@@ -93,6 +96,18 @@ def converted_gguf(
     # float32 keeps its old directory name, so caches converted before the option stay valid.
     suffix = "" if dtype == "float32" else f"-{dtype}"
     target = cache_dir / "converted" / f"{gguf_path.stem}-{_file_digest(gguf_path)}{suffix}"
+    return converted_gguf_into(gguf_path, target, sampling_defaults, dtype)
+
+
+def converted_gguf_into(
+    gguf_path: Path,
+    target: Path,
+    sampling_defaults: dict | None = None,
+    dtype: GgufDtype = "float32",
+) -> Path:
+    """Dequantise ``gguf_path`` into the directory ``target`` unless it already holds a checkpoint;
+    for callers that know the file's identity (a verified hash) and so can name the place
+    themselves. Written beside ``target`` and renamed onto it, so it is whole or absent."""
     if (target / "config.json").is_file():
         return target
     from filelock import FileLock

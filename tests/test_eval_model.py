@@ -21,6 +21,7 @@ from ragllm.eval_model import (
     file_matches,
     installed_parts,
     join_parts,
+    prepared_checkpoint,
     prepared_gguf,
 )
 
@@ -211,6 +212,19 @@ def test_a_joined_file_that_does_not_match_is_joined_again(tmp_path, monkeypatch
     stale.write_bytes(b"x" * model.size)  # right size, wrong bytes
     assert not file_matches(model, stale)
     assert prepared_gguf(model, tmp_path / "cache").read_bytes() == b"".join(CONTENTS)
+
+
+def test_a_converted_checkpoint_is_used_without_the_parts_or_the_joined_file(tmp_path):
+    """Once converted, the checkpoint stands alone: parts uninstalled and the GGUF deleted, it is
+    still found, and nothing is joined or converted again."""
+    model = split_model(CONTENTS, prefix="ragllm_eval_absent_part")
+    checkpoint = tmp_path / "cache" / "eval" / model.name
+    with pytest.raises(ModelLoadError, match="not installed"):
+        prepared_checkpoint(model, tmp_path / "cache")
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    assert prepared_checkpoint(model, tmp_path / "cache") == checkpoint
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [model.name]
 
 
 def requirement_entries() -> list[tuple[str, list[str]]]:
