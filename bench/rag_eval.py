@@ -14,6 +14,7 @@ each answer; both are printed and stored in the JSON, with the seconds each run 
     python bench/rag_eval.py --serve default --serve ~/.cache/ragllm/eval/Qwen2.5-Coder-1.5B-Instruct \
         --per-kind 4 --max-tokens 64                 # one server per model (make eval-model), in turn
     python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER] [--citations parsed]
+    python bench/rag_eval.py --citations parsed --order both   # documents by score, then by id
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def parse_args() -> argparse.Namespace:
         "--per-kind", type=int, help="cases of each kind, evenly spread (default: all 44)"
     )
     parser.add_argument("--citations", choices=("both", "parsed", "constrained"), default="both")
+    parser.add_argument(
+        "--order",
+        choices=("relevance", "stable", "both"),
+        default="relevance",
+        help="rag.order: documents laid out by score, by id, or each in turn",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/rag_eval.json"))
     return parser.parse_args()
 
@@ -102,7 +109,9 @@ def sample(cases: list[dict], per_kind: int | None) -> list[dict]:
     return chosen
 
 
-def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str) -> dict:
+def evaluate(
+    client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str, order: str
+) -> dict:
     rows = []
     started = time.monotonic()
     for case in cases:
@@ -111,7 +120,7 @@ def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: b
             [Document(**d) for d in case["documents"]],
             temperature=0,
             max_tokens=max_tokens,
-            options=RagOptions(citations=citations),
+            options=RagOptions(citations=citations, order=order),
             extra_headers={"Cache-Control": "no-cache, no-store"},
         )
         found = [value for value in case["expected"] if fact_found(value, answer.text)]
@@ -179,6 +188,7 @@ def main() -> None:
     all_cases = json.loads(CASES.read_text())["cases"]
     cases = sample(all_cases, args.per_kind)
     modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
+    orders = {"both": ("relevance", "stable")}.get(args.order, (args.order,))
     report = {
         "benchmark": "rag_eval",
         "cases_file": str(CASES),
@@ -194,9 +204,10 @@ def main() -> None:
             client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=900)
             for mode in modes:
                 citations = "constrained" if mode == "constrained" else True
-                run = evaluate(client, cases, args.max_tokens, citations)
-                report["runs"][f"{model} / {mode}"] = run
-                print(f"{model} / {mode}: {run['summary']['seconds']} s", flush=True)
+                for order in orders:
+                    run = evaluate(client, cases, args.max_tokens, citations, order)
+                    report["runs"][f"{model} / {mode} / {order}"] = run
+                    print(f"{model} / {mode} / {order}: {run['summary']['seconds']} s", flush=True)
             client.close()
     print_table(report, per_kind=args.per_kind)
     write_report(args.json, report)
@@ -208,10 +219,11 @@ def print_table(report: dict, per_kind: int | None) -> None:
         f"\nrag_eval  {report['cases']} of {report['cases_in_file']} cases ({bound}evenly spread)  "
         f"max_tokens={report['max_tokens']}  greedy"
     )
-    width = max([48, *(len(name) for name in report["runs"])])
+    width = max([60, *(len(name) for name in report["runs"])])
     header = (
-        f"{'model / citations':<{width}} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
-        f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7} {'seconds':>8}"
+        f"{'model / citations / order':<{width}} {'ans fact':>9} {'ans cites':>10} "
+        f"{'unans declined':>15} {'unans cited':>12} {'contra both':>12} {'contra cites':>13} "
+        f"{'tokens':>7} {'seconds':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -226,7 +238,7 @@ def print_table(report: dict, per_kind: int | None) -> None:
     print(
         "\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no "
         "unknown id; unans: unanswerable questions; contra both: contradiction cases whose answer "
-        "gives both values; seconds: the whole run of that model and mode"
+        "gives both values; seconds: the whole run of that model, mode and order"
     )
 
 

@@ -343,6 +343,12 @@ class CacheSettings(BaseModel):
     enabled: bool = True
     ttl_s: int = Field(3600, ge=1, description="How long a cached response is served.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Bound of the in-memory backend.")
+    max_answers_per_document: int = Field(
+        10_000,
+        ge=1,
+        description="Cached answers listed under one document of one cache group, for "
+        "invalidation; past it the answers that expire first are evicted (never kept unlisted).",
+    )
 
 
 class AuthSettings(BaseModel):
@@ -352,6 +358,11 @@ class AuthSettings(BaseModel):
         None,
         description="JSON list of {id, key | sha256, rpm?, tpm?, "
         "cache_group?}; keys of one cache_group share a prefix cache.",
+    )
+    admin_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated id:secret pairs of admin keys, for the /admin routes only (they "
+        "cannot generate); none: the /admin routes are refused (403).",
     )
 
 
@@ -400,6 +411,18 @@ class InputSettings(BaseModel):
     )
 
 
+class RagSettings(BaseModel):
+    """Defaults of the RAG contract a request may override (its ``rag`` object)."""
+
+    # The values of ragllm.rag.contract.RagOrder (settings import nothing from the layers above).
+    order: Literal["relevance", "stable"] = Field(
+        "relevance",
+        description='How packed documents are laid out when a request sets no rag.order: "relevance" '
+        '(score, highest first) or "stable" (by id: the same document set renders the same bytes '
+        "whatever the question or the scores, so prefix caches and replica affinity hit).",
+    )
+
+
 class RequestLogSettings(BaseModel):
     enabled: bool = True
     stream: str = Field("requests", description="Redis Stream name (after the prefix).")
@@ -429,6 +452,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     input: InputSettings = Field(default_factory=InputSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 

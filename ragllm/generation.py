@@ -95,6 +95,10 @@ class GenerationRequest:
     sampling_set: frozenset[str] = frozenset()
     # Which requests may share this one's cached prompt work (see ``CacheScope``).
     cache_scope: CacheScope = CacheScope()
+    # A RAG request's packed documents as a set (``ragllm.rag.document_set``): an upstream router
+    # keeps requests with the same set on one replica, whatever their question or the order the
+    # documents render in. None: the router keys on the prompt's head.
+    document_set: str | None = None
 
 
 class FinishReason(str, enum.Enum):
@@ -155,6 +159,14 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """A prompt's token ids as the engine would run them, and each id's token string when asked."""
+
+    ids: list[int]
+    strings: list[str] | None = None
 
 
 class DeltaStream(abc.ABC):
