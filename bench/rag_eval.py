@@ -6,8 +6,15 @@ unanswerable (declined, any citation), contradiction (both values given), and to
 Facts match strictly: on word boundaries, case aside, numbers with their thousands separators
 removed ("1,987" is 1987; "19870" is not).
 
+On a CPU a 1.5B model decodes 2-4 tokens a second, so a run can be bounded: ``--per-kind N`` takes N
+cases of each kind, evenly spread over the file (the same ones every run), and ``--max-tokens`` caps
+each answer; both are printed and stored in the JSON, with the seconds each run took.
+
     python bench/rag_eval.py                         # starts a server with the packaged model
+    python bench/rag_eval.py --serve default --serve ~/.cache/ragllm/eval/Qwen2.5-Coder-1.5B-Instruct \
+        --per-kind 4 --max-tokens 64                 # one server per model (make eval-model), in turn
     python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER] [--citations parsed]
+    python bench/rag_eval.py --citations parsed --order both   # documents by score, then by id
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import json
 import re
 import statistics
 import sys
-from contextlib import nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,8 +62,23 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="server base URL; default: start one with the packaged model")
     parser.add_argument("--model", action="append", help="served model name (repeatable)")
+    parser.add_argument(
+        "--serve",
+        action="append",
+        help="model to start a server with, as `ragllm serve --model` takes it: 'default', a "
+        "checkpoint directory or a .gguf (repeatable; each runs alone, one after the other)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--per-kind", type=int, help="cases of each kind, evenly spread (default: all 44)"
+    )
     parser.add_argument("--citations", choices=("both", "parsed", "constrained"), default="both")
+    parser.add_argument(
+        "--order",
+        choices=("relevance", "stable", "both"),
+        default="relevance",
+        help="rag.order: documents laid out by score, by id, or each in turn",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/rag_eval.json"))
     return parser.parse_args()
 
@@ -73,15 +97,30 @@ def fact_found(value: str, text: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(normal(value))}(?!\w)", normal(text)) is not None
 
 
-def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str) -> dict:
+def sample(cases: list[dict], per_kind: int | None) -> list[dict]:
+    """``per_kind`` cases of each kind, evenly spread over the file's order; all when None."""
+    if per_kind is None:
+        return cases
+    chosen = []
+    for kind in dict.fromkeys(case["kind"] for case in cases):
+        of_kind = [case for case in cases if case["kind"] == kind]
+        count = min(per_kind, len(of_kind))
+        chosen += [of_kind[i * len(of_kind) // count] for i in range(count)]
+    return chosen
+
+
+def evaluate(
+    client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str, order: str
+) -> dict:
     rows = []
+    started = time.monotonic()
     for case in cases:
         answer = client.answer(
             case["question"],
             [Document(**d) for d in case["documents"]],
             temperature=0,
             max_tokens=max_tokens,
-            options=RagOptions(citations=citations),
+            options=RagOptions(citations=citations, order=order),
             extra_headers={"Cache-Control": "no-cache, no-store"},
         )
         found = [value for value in case["expected"] if fact_found(value, answer.text)]
@@ -95,9 +134,11 @@ def evaluate(client: RagClient, cases: list[dict], max_tokens: int, citations: b
                 "unknown_citations": answer.unknown_citations,
                 "declined": declined(answer.text),
                 "tokens": answer.prompt_tokens + answer.completion_tokens,
+                "completion_tokens": answer.completion_tokens,
             }
         )
-    return {"summary": summarize(rows), "answers": rows}
+    seconds = time.monotonic() - started
+    return {"summary": summarize(rows) | {"seconds": round(seconds, 1)}, "answers": rows}
 
 
 def _share(rows: list[dict], test) -> float:
@@ -119,47 +160,86 @@ def summarize(rows: list[dict]) -> dict:
         "contradiction_valid_citations": _share(contradictions, valid),
         "any_unknown_citation": _share(rows, lambda r: r["unknown_citations"]),
         "mean_tokens": round(statistics.mean(r["tokens"] for r in rows), 1),
+        "mean_completion_tokens": round(statistics.mean(r["completion_tokens"] for r in rows), 1),
     }
+
+
+def models(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(what ``ragllm serve --model`` takes, the name clients send) for each model to evaluate."""
+    if args.url:
+        return [("", model) for model in args.model or [DEFAULT_MODEL]]
+    specs = args.serve or ["default"]
+    return [(spec, DEFAULT_MODEL if spec == "default" else Path(spec).name) for spec in specs]
+
+
+@contextmanager
+def reachable(args: argparse.Namespace, spec: str, name: str) -> Iterator[str]:
+    """The base URL serving ``name``: ``--url``, or a server started for this model alone, so two
+    models never share the CPU or the memory."""
+    if args.url:
+        yield args.url
+        return
+    with served({"LLM_MODEL_ID": spec, "RAGLLM_ENGINE__SERVED_MODEL_NAME": name}) as url:
+        yield url
 
 
 def main() -> None:
     args = parse_args()
-    cases = json.loads(CASES.read_text())["cases"]
+    all_cases = json.loads(CASES.read_text())["cases"]
+    cases = sample(all_cases, args.per_kind)
     modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
+    orders = {"both": ("relevance", "stable")}.get(args.order, (args.order,))
     report = {
         "benchmark": "rag_eval",
         "cases_file": str(CASES),
+        "cases": len(cases),
+        "cases_in_file": len(all_cases),
+        "per_kind": args.per_kind,
+        "case_ids": [case["id"] for case in cases],
         "max_tokens": args.max_tokens,
         "runs": {},
     }
-    with nullcontext(args.url) if args.url else served() as url:
-        for model in args.model or [DEFAULT_MODEL]:
-            client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=300)
+    for spec, model in models(args):
+        with reachable(args, spec, model) as url:
+            client = RagClient(f"{url}/v1", model=model, max_retries=0, timeout=900)
             for mode in modes:
                 citations = "constrained" if mode == "constrained" else True
-                report["runs"][f"{model} / {mode}"] = evaluate(
-                    client, cases, args.max_tokens, citations
-                )
+                for order in orders:
+                    run = evaluate(client, cases, args.max_tokens, citations, order)
+                    report["runs"][f"{model} / {mode} / {order}"] = run
+                    print(f"{model} / {mode} / {order}: {run['summary']['seconds']} s", flush=True)
             client.close()
-    print(f"\nrag_eval  {len(cases)} cases  max_tokens={args.max_tokens}  greedy")
+    print_table(report, per_kind=args.per_kind)
+    write_report(args.json, report)
+
+
+def print_table(report: dict, per_kind: int | None) -> None:
+    bound = f"{per_kind} per kind, " if per_kind else ""
+    print(
+        f"\nrag_eval  {report['cases']} of {report['cases_in_file']} cases ({bound}evenly spread)  "
+        f"max_tokens={report['max_tokens']}  greedy"
+    )
+    width = max([60, *(len(name) for name in report["runs"])])
     header = (
-        f"{'model / citations':<48} {'ans fact':>9} {'ans cites':>10} {'unans declined':>15} "
-        f"{'unans cited':>12} {'contra both':>12} {'contra cites':>13} {'tokens':>7}"
+        f"{'model / citations / order':<{width}} {'ans fact':>9} {'ans cites':>10} "
+        f"{'unans declined':>15} {'unans cited':>12} {'contra both':>12} {'contra cites':>13} "
+        f"{'tokens':>7} {'seconds':>8}"
     )
     print(header)
     print("-" * len(header))
     for name, result in report["runs"].items():
         s = result["summary"]
         print(
-            f"{name:<48} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
+            f"{name:<{width}} {s['answerable_fact']:>9.0%} {s['answerable_valid_citations']:>10.0%} "
             f"{s['unanswerable_declined']:>15.0%} {s['unanswerable_cited']:>12.0%} "
-            f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} {s['mean_tokens']:>7}"
+            f"{s['contradiction_both_values']:>12.0%} {s['contradiction_valid_citations']:>13.0%} "
+            f"{s['mean_tokens']:>7} {s['seconds']:>8}"
         )
     print(
-        "\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no unknown id; "
-        "unans: unanswerable questions; contra both: contradiction cases whose answer gives both values"
+        "\nans fact: the expected fact, strictly matched; cites: cites a supplied document and no "
+        "unknown id; unans: unanswerable questions; contra both: contradiction cases whose answer "
+        "gives both values; seconds: the whole run of that model, mode and order"
     )
-    write_report(args.json, report)
 
 
 if __name__ == "__main__":

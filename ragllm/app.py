@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from ragllm import __version__
 from ragllm.access.keys import KeyRing
 from ragllm.access.rate_limits import RateLimiter
-from ragllm.api import health, routes
+from ragllm.api import admin, health, routes
 from ragllm.api.body_limit import BodyLimitMiddleware
 from ragllm.api.handlers import install_error_handlers
 from ragllm.api.outbox_budget import OutboxBudget
@@ -61,7 +61,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         settings=settings,
         engine=engine,
         metrics=metrics,
-        preparer=RequestPreparer(engine, metrics, settings.input),
+        preparer=RequestPreparer(engine, metrics, settings.input, settings.rag),
         redis=redis,
         cache=_response_cache(settings, redis),
         keys=keys,
@@ -107,6 +107,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     # through its per-request route context and dependency exit stacks, which they have no use for.
     app.router.routes.extend(routes.router.routes)
     app.include_router(health.router)
+    app.router.routes.extend(admin.router.routes)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.server.max_body_bytes)
     app.add_middleware(RequestRecordMiddleware, state=state)  # outermost: it records the 413s too
@@ -125,8 +126,8 @@ def _response_cache(settings: Settings, redis: RedisLink | None) -> ResponseCach
     if redis is not None:
         from ragllm.cache.redis_impl import RedisCache
 
-        return RedisCache(redis)
-    return MemoryCache(settings.cache.max_bytes)
+        return RedisCache(redis, settings.cache.max_answers_per_document)
+    return MemoryCache(settings.cache.max_bytes, settings.cache.max_answers_per_document)
 
 
 ENGINE_WATCH_INTERVAL_S = 0.5

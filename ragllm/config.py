@@ -239,6 +239,14 @@ class EngineSettings(BaseModel):
         "most 8 tokens at least 3 times over this many tokens is a runaway: it is closed there and "
         "the answer goes on. 0: never.",
     )
+    default_thinking_token_budget: int = Field(
+        1024,
+        ge=0,
+        le=2**31 - 1,
+        description="Tokens a thinking model may think before a structured answer (response_format, "
+        "constrained citations, required tools) when the request sets no thinking_token_budget; "
+        "never more than half of the answer's max_tokens. Then </think> is forced.",
+    )
     no_think_suffix: bool = Field(
         False,
         description="The model understands '/no_think' in the user turn (thinking models without a "
@@ -372,6 +380,12 @@ class CacheSettings(BaseModel):
     enabled: bool = True
     ttl_s: int = Field(3600, ge=1, description="How long a cached response is served.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=0, description="Bound of the in-memory backend.")
+    max_answers_per_document: int = Field(
+        10_000,
+        ge=1,
+        description="Cached answers listed under one document of one cache group, for "
+        "invalidation; past it the answers that expire first are evicted (never kept unlisted).",
+    )
 
 
 class AuthSettings(BaseModel):
@@ -381,6 +395,11 @@ class AuthSettings(BaseModel):
         None,
         description="JSON list of {id, key | sha256, rpm?, tpm?, "
         "cache_group?}; keys of one cache_group share a prefix cache.",
+    )
+    admin_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated id:secret pairs of admin keys, for the /admin routes only (they "
+        "cannot generate); none: the /admin routes are refused (403).",
     )
 
 
@@ -429,6 +448,18 @@ class InputSettings(BaseModel):
     )
 
 
+class RagSettings(BaseModel):
+    """Defaults of the RAG contract a request may override (its ``rag`` object)."""
+
+    # The values of ragllm.rag.contract.RagOrder (settings import nothing from the layers above).
+    order: Literal["relevance", "stable"] = Field(
+        "relevance",
+        description='How packed documents are laid out when a request sets no rag.order: "relevance" '
+        '(score, highest first) or "stable" (by id: the same document set renders the same bytes '
+        "whatever the question or the scores, so prefix caches and replica affinity hit).",
+    )
+
+
 class RequestLogSettings(BaseModel):
     enabled: bool = True
     stream: str = Field("requests", description="Redis Stream name (after the prefix).")
@@ -458,6 +489,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     input: InputSettings = Field(default_factory=InputSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
     request_log: RequestLogSettings = Field(default_factory=RequestLogSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 

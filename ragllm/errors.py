@@ -68,6 +68,15 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
+class NotSupportedByEngine(RagLLMError):
+    """A valid request the serving engine cannot answer (an upstream without a tokenizer route, say);
+    the same request may succeed on another engine (501)."""
+
+    status_code = 501
+    error_type = "invalid_request_error"
+    code = "not_supported_by_engine"
+
+
 class ModelNotFound(RagLLMError):
     """The requested model is not served here (404)."""
 
@@ -82,6 +91,15 @@ class AuthenticationFailed(RagLLMError):
     status_code = 401
     error_type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(RagLLMError):
+    """A valid key that may not do this: an admin route called with a tenant's key, or admin routes
+    with no admin key configured (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
 
 
 class RateLimited(RagLLMError):
@@ -121,6 +139,16 @@ class ShuttingDown(RagLLMError):
     status_code = 503
     error_type = "server_error"
     code = "server_shutting_down"
+    retry_after_s = 1
+
+
+class CacheUnavailable(RagLLMError):
+    """The response cache's store cannot be reached for an operation that must not fail silently
+    (an invalidation); retrying later is safe (503)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "cache_unavailable"
     retry_after_s = 1
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragllm.structured.spec import StructuredOutput
+from ragllm.structured.thinking_first import ThinkingFirst
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class SamplingParams:
         None  # the answer must follow this schema, pattern or grammar
     )
     n: int = 1  # choices, each sampled from the same prompt (choice i with seed + i)
+    # The answer opens with the model's thinking: ``structured`` holds only what follows it, and the
+    # thinking is bounded (structured/thinking_first.py). None: no thinking expected.
+    thinking: ThinkingFirst | None = None
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +99,10 @@ class GenerationRequest:
     sampling_set: frozenset[str] = frozenset()
     # Which requests may share this one's cached prompt work (see ``CacheScope``).
     cache_scope: CacheScope = CacheScope()
+    # A RAG request's packed documents as a set (``ragllm.rag.document_set``): an upstream router
+    # keeps requests with the same set on one replica, whatever their question or the order the
+    # documents render in. None: the router keys on the prompt's head.
+    document_set: str | None = None
 
 
 class FinishReason(str, enum.Enum):
@@ -158,6 +166,14 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedPrompt:
+    """A prompt's token ids as the engine would run them, and each id's token string when asked."""
+
+    ids: list[int]
+    strings: list[str] | None = None
 
 
 class DeltaStream(abc.ABC):
@@ -238,6 +254,9 @@ class ModelCard:
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     # The chat template has a thinking switch (``enable_thinking``, as Qwen3's do).
     thinking_switch: bool = False
+    # The model writes its thinking between ``<think>`` and ``</think>``, each a token of its own
+    # vocabulary (in-process engine; False where unknown: an upstream keeps its own reasoning parser).
+    thinks: bool = False
     # The model understands a trailing ``/no_think`` in the user turn (set per model in settings).
     no_think_suffix: bool = False
     # UTF-8 bytes of the vocabulary's longest token (None: unknown): a lower bound on the tokens a

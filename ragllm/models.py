@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from ragllm.config import DEFAULT_MODEL
 from ragllm.errors import ModelLoadError
@@ -78,9 +79,35 @@ def _download(model_id: str, cache_dir: Path, hf_token: str | None) -> Path:
         ) from exc
 
 
-def converted_gguf(gguf_path: Path, cache_dir: Path, sampling_defaults: dict | None = None) -> Path:
-    """Dequantise ``gguf_path`` to safetensors once; later calls return the cached directory."""
-    target = cache_dir / "converted" / f"{gguf_path.stem}-{_file_digest(gguf_path)}"
+GgufDtype = Literal["float32", "bfloat16", "float16"]
+
+
+def converted_gguf(
+    gguf_path: Path,
+    cache_dir: Path,
+    sampling_defaults: dict | None = None,
+    dtype: GgufDtype = "float32",
+) -> Path:
+    """Dequantise ``gguf_path`` to safetensors once; later calls return the cached directory.
+
+    ``dtype`` is what the weights are saved in: float32 (exact for the packaged 135M model), or
+    bfloat16 for larger models, whose float32 copy would be four bytes a weight on disk.
+    """
+    # float32 keeps its old directory name, so caches converted before the option stay valid.
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    target = cache_dir / "converted" / f"{gguf_path.stem}-{_file_digest(gguf_path)}{suffix}"
+    return converted_gguf_into(gguf_path, target, sampling_defaults, dtype)
+
+
+def converted_gguf_into(
+    gguf_path: Path,
+    target: Path,
+    sampling_defaults: dict | None = None,
+    dtype: GgufDtype = "float32",
+) -> Path:
+    """Dequantise ``gguf_path`` into the directory ``target`` unless it already holds a checkpoint;
+    for callers that know the file's identity (a verified hash) and so can name the place
+    themselves. Written beside ``target`` and renamed onto it, so it is whole or absent."""
     if (target / "config.json").is_file():
         return target
     from filelock import FileLock
@@ -88,7 +115,7 @@ def converted_gguf(gguf_path: Path, cache_dir: Path, sampling_defaults: dict | N
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # two servers starting at once convert only once
         if not (target / "config.json").is_file():
-            _convert(gguf_path, target, sampling_defaults or {})
+            _convert(gguf_path, target, sampling_defaults or {}, dtype)
     return target
 
 
@@ -98,7 +125,7 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def _convert(gguf_path: Path, target: Path, sampling_defaults: dict) -> None:
+def _convert(gguf_path: Path, target: Path, sampling_defaults: dict, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
@@ -108,7 +135,7 @@ def _convert(gguf_path: Path, target: Path, sampling_defaults: dict) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype)
         )
     except Exception as exc:
         raise ModelLoadError(f"could not read GGUF model {gguf_path}: {exc}") from exc

@@ -1,5 +1,6 @@
 """Thinking models' ``<think>...</think>`` blocks, removed from answers that did not ask for reasoning
-(a RAG request without ``rag.reasoning``, a request whose template turned thinking off)."""
+(a RAG request without ``rag.reasoning``, a request whose template turned thinking off), and the
+answer told apart from its thinking where the thinking is kept (citations are read from the answer)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,10 @@ class ThinkStripper:
 def strip_thinking(text: str) -> str:
     stripper = ThinkStripper()
     return stripper.feed(text) + stripper.flush()
+
+
+def answer_after_thinking(text: str) -> str:
+    """``text`` without its thinking: what follows the first ``</think>`` (a template may open the
+    block in the prompt, so the answer need not hold ``<think>``), else ``text`` less any block."""
+    _, closed, answer = text.partition(ThinkStripper._CLOSE)
+    return answer.lstrip() if closed else strip_thinking(text)

@@ -29,6 +29,7 @@ def clean_env(monkeypatch):
         "REDIS_URL",
         "RAGLLM_SERVER__STREAM_BUFFER_BYTES",
         "RAGLLM_SERVER__STREAM_BUFFER_TOTAL_BYTES",
+        "RAGLLM_RAG__ORDER",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -86,6 +87,16 @@ def test_cli_flags_override_environment(monkeypatch):
 def test_batch_size_never_exceeds_running_sequences(monkeypatch):
     monkeypatch.setenv("VLLM_MAX_NUM_SEQS", "2")
     assert load_settings(profile="cloud").engine.max_batch_size == 2
+
+
+def test_the_rag_order_default_is_per_profile_and_overridable(monkeypatch):
+    assert load_settings().rag.order == "relevance"
+    assert load_settings(profile="cloud").rag.order == "stable"
+    monkeypatch.setenv("RAGLLM_RAG__ORDER", "stable")
+    assert load_settings().rag.order == "stable"
+    monkeypatch.setenv("RAGLLM_RAG__ORDER", "by-id")
+    with pytest.raises(ValidationError):
+        load_settings()
 
 
 def test_unknown_profile_is_refused():

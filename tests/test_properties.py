@@ -1,5 +1,6 @@
-"""Property tests (Hypothesis) for the pure parts that face client input: wire models and bounds,
-the stop-string matcher, the UTF-8-safe detokenizer, the think stripper and document packing."""
+"""Property tests (Hypothesis) for the pure parts that face client input: wire models and bounds
+(the admin routes' bodies among them), cache keys of versioned documents, the stop-string matcher,
+the UTF-8-safe detokenizer, the think stripper and document packing."""
 
 from __future__ import annotations
 
@@ -15,17 +16,19 @@ from hypothesis import strategies as st
 from starlette.exceptions import HTTPException
 
 from ragllm.api.body import parsed_body
+from ragllm.cache.keys import cache_key
 from ragllm.config import InputSettings
-from ragllm.engines.base import Engine
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
 from ragllm.errors import RagLLMError
-from ragllm.generation import ModelCard
+from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
+from ragllm.protocol.admin import MAX_INVALIDATED_DOCUMENTS, CacheInvalidation
 from ragllm.protocol.openai import ChatCompletionRequest, CompletionRequest
 from ragllm.rag.contract import RagDocument, RagOptions
 from ragllm.rag.packing import PackRequest, pack
 from ragllm.rag.prompt import load_template, rank
 from ragllm.serving.bounds import check_chat
 from ragllm.thinking import ThinkStripper
+from tests.support.word_counting import WordCountingEngine
 
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -68,6 +71,7 @@ chat_like = st.fixed_dictionaries(
         "max_tokens": json_values,
         "seed": json_values,
         "documents": json_values,
+        "rag": json_values | st.fixed_dictionaries({"order": json_values}),
         "chat_template_kwargs": json_values,
         "top_k": json_values,
         "n": json_values,
@@ -99,6 +103,66 @@ def test_any_bytes_are_a_request_or_a_clear_client_error(raw):
         asyncio.run(parsed_body(raw, ChatCompletionRequest, InputSettings()))
     except (RequestValidationError, RagLLMError, HTTPException):
         pass
+
+
+@PROPERTY_SETTINGS
+@given(
+    version=json_values | st.text(min_size=100, max_size=300),
+    documents=st.lists(json_values, max_size=3),
+)
+def test_a_document_version_is_a_bounded_string_or_a_clear_client_error(version, documents):
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "q"}],
+        "documents": [{"id": "d", "text": "t", "version": version}, *documents],
+    }
+    try:
+        request = asyncio.run(
+            parsed_body(orjson.dumps(body), ChatCompletionRequest, InputSettings())
+        )
+    except (RequestValidationError, RagLLMError, HTTPException):
+        assert not (version is None or (isinstance(version, str) and 1 <= len(version) <= 128)) or (
+            documents
+        )
+        return
+    assert request.documents[0].version == version
+
+
+@PROPERTY_SETTINGS
+@given(
+    body=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {"document_ids": json_values | st.lists(st.text(max_size=140), max_size=8)},
+            optional={"cache_group": json_values, "extra": json_values},
+        ),
+    )
+)
+def test_any_invalidation_body_is_either_a_request_or_a_clear_client_error(body):
+    try:
+        request = asyncio.run(parsed_body(orjson.dumps(body), CacheInvalidation, InputSettings()))
+    except (RequestValidationError, RagLLMError, HTTPException):
+        return
+    assert 1 <= len(request.document_ids) <= MAX_INVALIDATED_DOCUMENTS
+    for id_ in request.document_ids:  # every id it takes is one a document can have
+        assert RagDocument(id=id_, text="").id == id_
+    assert set(body) <= {"document_ids", "cache_group"}
+
+
+@PROPERTY_SETTINGS
+@given(
+    first=st.lists(st.tuples(st.sampled_from("abc"), st.none() | st.text(max_size=3)), max_size=3),
+    second=st.lists(st.tuples(st.sampled_from("abc"), st.none() | st.text(max_size=3)), max_size=3),
+)
+def test_two_answers_share_a_cache_key_only_if_their_packed_documents_and_versions_match(
+    first, second
+):
+    request = GenerationRequest("r", SamplingParams(temperature=0.0), messages=[])
+    model = ModelCard("m", 100)
+    same = cache_key(model, request, "t", tuple(first)) == cache_key(
+        model, request, "t", tuple(second)
+    )
+    assert same == (first == second)
 
 
 # -- stop strings ---------------------------------------------------------------------------------
@@ -174,30 +238,6 @@ def test_streamed_think_stripping_equals_stripping_the_whole_text(pieces, cuts):
 
 
 # -- packing --------------------------------------------------------------------------------------
-class WordCountingEngine(Engine):
-    """Test double of an engine for packing: a prompt's tokens are its words (packing is the subject)."""
-
-    name = "words"
-
-    async def start(self) -> None: ...
-    async def generate(self, request):
-        raise NotImplementedError
-
-    def models(self):
-        return []
-
-    def health(self):
-        raise NotImplementedError
-
-    def stats(self):
-        raise NotImplementedError
-
-    async def aclose(self) -> None: ...
-
-    async def count_prompt_tokens(self, request) -> int:
-        return sum(len(str(m["content"]).split()) for m in request.messages)
-
-
 documents_strategy = st.lists(
     st.builds(
         RagDocument,

@@ -3,6 +3,9 @@
 Keys are kept as SHA-256 digests and compared in constant time. Each key belongs to a cache group
 (its own id unless the key file names one): only requests of one group share prefix-cache blocks,
 so no tenant can learn from a cache hit what another sent.
+
+Admin keys (``auth.admin_keys``) are a separate set: they open the ``/admin`` routes and nothing
+else, and a tenant's key never opens those. With none configured the admin routes are refused.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ragllm.config import AuthSettings, LimitsSettings
-from ragllm.errors import AuthenticationFailed
+from ragllm.errors import AuthenticationFailed, PermissionDenied
 
 ANONYMOUS = "anonymous"
 
@@ -47,10 +50,17 @@ def digest(secret: str) -> bytes:
 
 
 class KeyRing:
-    def __init__(self, keys: list[ApiKey], required: bool, limits: LimitsSettings) -> None:
+    def __init__(
+        self,
+        keys: list[ApiKey],
+        required: bool,
+        limits: LimitsSettings,
+        admin_keys: list[ApiKey] | None = None,
+    ) -> None:
         self._keys = keys
         self.required = required
         self._limits = limits
+        self._admin_keys = admin_keys or []
 
     @classmethod
     def from_settings(cls, auth: AuthSettings, limits: LimitsSettings) -> KeyRing:
@@ -62,7 +72,14 @@ class KeyRing:
                 "API keys are required (auth.required) but none are configured: set "
                 "RAGLLM_AUTH__KEYS=id:secret[,...] or RAGLLM_AUTH__KEYS_FILE"
             )
-        return cls(keys, auth.required or bool(keys), limits)
+        admin_keys = (
+            _keys_from_env(auth.admin_keys.get_secret_value(), "RAGLLM_AUTH__ADMIN_KEYS")
+            if auth.admin_keys
+            else []
+        )
+        if any(_matching(admin.digest, keys) for admin in admin_keys):
+            raise ValueError("an admin key's secret is also an API key's: give admins their own")
+        return cls(keys, auth.required or bool(keys), limits, admin_keys)
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not self.required:
@@ -70,11 +87,7 @@ class KeyRing:
         secret = _bearer(authorization)
         if secret is None:
             raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")
-        presented = digest(secret)
-        match = None
-        for key in self._keys:  # compare against every key, always: no early exit to time
-            if hmac.compare_digest(presented, key.digest):
-                match = key
+        match = _matching(digest(secret), self._keys)
         if match is None:
             raise AuthenticationFailed("incorrect API key provided")
         return Principal(
@@ -83,6 +96,43 @@ class KeyRing:
             match.tpm or self._limits.tpm,
             match.cache_group or match.key_id,
         )
+
+    def authenticate_admin(self, authorization: str | None) -> str:
+        """The admin key's id; 403 with no admin key configured or for a tenant's key, 401 for a
+        missing or unknown one."""
+        if not self._admin_keys:
+            raise PermissionDenied(
+                "admin routes are disabled: no admin key is configured (RAGLLM_AUTH__ADMIN_KEYS)",
+                code="admin_disabled",
+            )
+        secret = _bearer(authorization)
+        if secret is None:
+            raise AuthenticationFailed("missing admin key: send 'Authorization: Bearer <key>'")
+        presented = digest(secret)
+        admin = _matching(presented, self._admin_keys)
+        if admin is not None:
+            return admin.key_id
+        if _matching(presented, self._keys) is not None:
+            raise PermissionDenied(
+                "this API key is not an admin key; admin routes take one of RAGLLM_AUTH__ADMIN_KEYS",
+                code="admin_key_required",
+            )
+        raise AuthenticationFailed("incorrect API key provided")
+
+    def cache_groups(self) -> list[str | None]:
+        """Every cache group a request can belong to: each key's (its own id unless it names one),
+        or the single group of anonymous requests (None) when keys are off."""
+        if not self.required:
+            return [None]
+        return sorted({key.cache_group or key.key_id for key in self._keys})
+
+
+def _matching(presented: bytes, keys: list[ApiKey]) -> ApiKey | None:
+    match = None
+    for key in keys:  # compare against every key, always: no early exit to time
+        if hmac.compare_digest(presented, key.digest):
+            match = key
+    return match
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -94,12 +144,12 @@ def _bearer(authorization: str | None) -> str | None:
     return value.strip() or None
 
 
-def _keys_from_env(spec: str) -> list[ApiKey]:
+def _keys_from_env(spec: str, name: str = "RAGLLM_AUTH__KEYS") -> list[ApiKey]:
     keys = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key_id, sep, secret = item.partition(":")
         if not sep or not secret:
-            raise ValueError("RAGLLM_AUTH__KEYS entries are id:secret")
+            raise ValueError(f"{name} entries are id:secret")
         keys.append(ApiKey(key_id, digest(secret)))
     return keys
 

@@ -17,12 +17,15 @@ if TYPE_CHECKING:
     from ragllm.access.keys import Principal
     from ragllm.api.state import AppState
     from ragllm.generation import DeltaStream
+    from ragllm.rag.outcome import RagOutcome
     from ragllm.telemetry.metrics import Metrics, RequestTimer
     from ragllm.telemetry.tracing import RequestSpan
 
 request_logger = logging.getLogger("ragllm.requests")
 
-RECORDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"})
+RECORDED_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"}
+)
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 SCOPE_KEY = "ragllm.record"
 
@@ -49,6 +52,7 @@ class RequestRecord:
     completion: str | None = None
     span: RequestSpan | None = None  # when tracing is on
     finished_at: float | None = None  # perf_counter time of the last token
+    rag: RagOutcome | None = None  # a RAG answer's counts, once the answer is finished
     # Every engine stream opened for the request (a whole answer that broke off is run again): what
     # the request is billed comes from them, not from what reached the client.
     engine_streams: list[DeltaStream] = field(default_factory=list)
@@ -123,6 +127,7 @@ class RequestRecord:
             "latency_ms": _ms(time.perf_counter() - self.started),
             "time": round(time.time(), 3),
             "trace_id": self.span.trace_id if self.span else "",
+            **(self.rag.fields() if self.rag is not None else {}),
         }
 
     def end_span(self) -> None:
@@ -149,6 +154,7 @@ class RequestRecord:
                 "gen_ai.response.finish_reasons": self.finish_reason,
                 "ragllm.cache": self.cache,
                 "ragllm.key_id": self.principal.key_id if self.principal else None,
+                **(self.rag.span_attributes() if self.rag is not None else {}),
             }
         )
 
@@ -208,6 +214,8 @@ class RequestRecordMiddleware:
         if record.cache != "hit":  # vLLM's token counters: what the engine prefilled and generated
             self.state.metrics.prompt_tokens_for_model.inc(record.prompt_tokens)
             self.state.metrics.generation_tokens_for_model.inc(record.completion_tokens)
+        if record.rag is not None:  # cache hits too: the RAG series describe answers served
+            self.state.metrics.rag.observe(record.model, record.rag)
         entry = record.entry()
         self.state.request_log.append(entry)
         if self.state.settings.server.log_requests:

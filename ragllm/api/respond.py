@@ -48,12 +48,13 @@ class Responder:
     The request record learns what happened (usage, finish, timings, a client gone), the cache keeps
     what it may, and an answer that ends early is billed for what the engine produced."""
 
-    __slots__ = ("state", "request", "prepared", "record", "plan")
+    __slots__ = ("state", "request", "prepared", "record", "plan", "read_at")
 
     def __init__(self, state: AppState, request: Request, prepared: PreparedRequest) -> None:
         self.state, self.request, self.prepared = state, request, prepared
         self.record = record_of(request)
         self.plan: CachePlan | None = None
+        self.read_at: float | None = None  # the cache's clock at the lookup (cache/index.py)
 
     async def respond(self, principal: Principal, allowance: Allowance | None) -> Response:
         """The response, headed with the request's id, the caller's rate limits and what the cache did."""
@@ -71,12 +72,15 @@ class Responder:
             principal.key_id,
             self.request.headers.get("cache-control"),
             state.settings.cache.enabled,
+            principal.cache_group,
         )
         headers = {"x-request-id": prepared.id, **(allowance.headers() if allowance else {})}
-        if plan.read:
+        if plan.read or plan.write:
             with child_span(record.span, "cache_lookup"):
-                cached = await state.cache.get(plan.key)
-            state.metrics.cache_lookups.labels("hit" if cached else "miss").inc()
+                lookup = await state.cache.lookup(plan.key if plan.read else None)
+            self.read_at, cached = lookup.as_of, lookup.response
+            if plan.read:
+                state.metrics.cache_lookups.labels("hit" if cached else "miss").inc()
             if cached is not None:
                 return self._replay(cached, {**headers, "x-ragllm-cache": "hit"})
         record.cache = "miss" if plan.key else "bypass"
@@ -269,7 +273,9 @@ class Responder:
         record.queue_s = last.queue_time_s
         if record.prompt is not None:
             record.completion = text
-        if plan.write:
+        # An answer listed under documents needs the lookup's time, to be checked against
+        # invalidations that came while it was generated.
+        if plan.write and (self.read_at is not None or not plan.documents):
             cached = CachedResponse(
                 text,
                 last.finish_reason.value,
@@ -279,13 +285,17 @@ class Responder:
                 last.cached_tokens,
                 first is not None and first.closed_early,
             )
-            await self.state.cache.put(plan.key, cached, self.state.settings.cache.ttl_s)
+            await self.state.cache.put(
+                plan.key, cached, self.state.settings.cache.ttl_s, plan.documents, self.read_at
+            )
 
     def _extensions(self, answer: str, closed: list[int] | None = None) -> dict | None:
-        """Extension fields of a finished answer: the RAG report with its checked citations, and the
-        choices closed early under their grammar because their budget was ending."""
-        rag = self.prepared.rag
-        extensions = {"rag": rag.report(answer)} if rag is not None else {}
+        """Extension fields of a finished answer: the RAG report with its checked citations (the
+        request record keeps the report's counts, for metrics, the request log and the trace), and
+        the choices closed early under their grammar because their budget was ending."""
+        rag, extensions = self.prepared.rag, {}
+        if rag is not None:
+            extensions["rag"], self.record.rag = rag.answered(answer)
         if closed:
             extensions["structured"] = {"closed_early": closed}
         return extensions or None

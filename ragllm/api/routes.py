@@ -21,10 +21,13 @@ from ragllm.protocol.openai import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     TokenizeRequest,
     TokenizeResponse,
 )
+from ragllm.serving.tokenize import tokenize_answer
 
 router = APIRouter(route_class=AdmittedRoute)
 
@@ -82,19 +85,41 @@ async def completions(
     return await Responder(state, request, prepared).respond(principal, allowance)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+# The tokenizer routes also say 501 where the engine cannot (an upstream without token ids).
+_TOKENIZER_ERRORS = {**_ERRORS, 501: {"model": ErrorResponse}}
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_TOKENIZER_ERRORS)
 async def tokenize(
     body: TokenizeRequest,
     request: Request,
     principal: Principal = Depends(authenticated),
     allowance: Allowance | None = Depends(admitted),
 ) -> Response:
-    """Token counts as vLLM's /tokenize gives them (what an upstream gateway budgets RAG prompts with)."""
+    """Token counts as vLLM's /tokenize gives them (what an upstream gateway budgets RAG prompts
+    with); the prompt's ids with return_token_ids; with documents, a dry run of the chat
+    completion's packing: which documents it would use and drop, and the budget, nothing generated."""
     state = app_state(request)
-    model, generation = await state.preparer.prepare_tokenize(body)
-    count = await state.engine.count_prompt_tokens(generation)
+    prepared = await state.preparer.prepare_tokenize(body)
+    return _json(await tokenize_answer(state.engine, prepared, body), allowance)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_TOKENIZER_ERRORS)
+async def detokenize(
+    body: DetokenizeRequest,
+    request: Request,
+    principal: Principal = Depends(authenticated),
+    allowance: Allowance | None = Depends(admitted),
+) -> Response:
+    """vLLM's /detokenize: token ids back to their text, special tokens written out."""
+    state = app_state(request)
+    state.preparer.prepare_detokenize(body)
+    return _json({"prompt": await state.engine.detokenize(body.tokens)}, allowance)
+
+
+def _json(answer: dict, allowance: Allowance | None) -> Response:
     return Response(
-        orjson.dumps({"count": count, "max_model_len": model.max_model_len}),
+        orjson.dumps(answer),
         media_type="application/json",
         headers=allowance.headers() if allowance else None,
     )

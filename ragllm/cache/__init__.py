@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,9 +44,36 @@ class CachedResponse:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What a lookup found, and when, by the cache's own clock: an answer stored later for the same
+    request is refused if one of its documents was invalidated since (``cache/index.py``)."""
+
+    response: CachedResponse | None
+    as_of: float | None  # None: the cache could not be read (Redis away)
+
+
 class ResponseCache(Protocol):
     name: str
 
     async def get(self, key: str) -> CachedResponse | None: ...
 
-    async def put(self, key: str, value: CachedResponse, ttl_s: int) -> None: ...
+    async def lookup(self, key: str | None) -> Lookup:
+        """The entry under ``key`` (None: only the clock) and the time of the reading."""
+        ...
+
+    async def put(
+        self,
+        key: str,
+        value: CachedResponse,
+        ttl_s: int,
+        documents: Sequence[str] = (),
+        as_of: float | None = None,
+    ) -> None:
+        """Store ``value``, listed under each of ``documents`` (``index.document_index`` names),
+        unless one of them was invalidated at or after ``as_of`` (None: now)."""
+        ...
+
+    async def invalidate(self, documents: Sequence[str]) -> int:
+        """Evict every answer listed under any of ``documents``; how many were evicted."""
+        ...

@@ -2,9 +2,10 @@
 
 The key covers the model's identity (id and fingerprint: weights, dtype, chat template, engine
 version), the whole engine request (messages or prompt, every sampling parameter, extensions
-included, since they are read field by field from the dataclass), the tenant, and the client's
-``cache_salt`` (a salted request is answered from its own salt's entries only). ``stream`` and the
-request id are not part of it.
+included, since they are read field by field from the dataclass), the tenant, the client's
+``cache_salt`` (a salted request is answered from its own salt's entries only), and the id and
+``version`` of each RAG document packed into the prompt (the rendered messages hold their text, but
+not their version). ``stream`` and the request id are not part of it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,18 @@ import orjson
 
 from ragllm.generation import GenerationRequest, ModelCard
 
-KEY_VERSION = 3  # bump when the material below changes meaning
+# Bump when the material below changes meaning. 4: packed documents' versions; entries stored
+# before it carry no document index, so they must never be reachable again (see cache/index.py).
+KEY_VERSION = 4
 
 
-def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) -> str:
+def cache_key(
+    model: ModelCard,
+    request: GenerationRequest,
+    tenant: str | None,
+    documents: tuple[tuple[str, str | None], ...] = (),
+) -> str:
+    """``documents``: the id and version of each packed RAG document (``RagContext.packed``)."""
     material = {
         "v": KEY_VERSION,
         "model": model.id,
@@ -35,6 +44,7 @@ def cache_key(model: ModelCard, request: GenerationRequest, tenant: str | None) 
             request.sampling_set
         ),  # what the client left to an upstream's defaults
         "params": dataclasses.asdict(request.params),
+        "documents": documents,
     }
     if request.cache_scope.salt is not None:  # only when set, so unsalted requests keep their keys
         material["cache_salt"] = request.cache_scope.salt

@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ragllm.config import load_settings
@@ -31,6 +31,32 @@ def parse_duration(text: str) -> float:
 
 
 @dataclass
+class RagSummary:
+    """RAG answers' counts from their ``rag_*`` fields (requests without documents have none)."""
+
+    answers: int = 0
+    documents_received: int = 0
+    documents_dropped: int = 0
+    citations_missing: int = 0
+    declined: int = 0
+
+    @classmethod
+    def of(cls, entries: list[dict[str, str]]) -> RagSummary:
+        answers = [e for e in entries if e.get("rag_template")]
+
+        def total(name: str) -> int:
+            return sum(int(e.get(name) or 0) for e in answers)
+
+        return cls(
+            answers=len(answers),
+            documents_received=total("rag_documents_received"),
+            documents_dropped=total("rag_documents_dropped"),
+            citations_missing=total("rag_citations_missing"),
+            declined=total("rag_declined"),
+        )
+
+
+@dataclass
 class Summary:
     requests: int
     errors: int
@@ -43,6 +69,7 @@ class Summary:
     tokens_per_s: float
     cache_hits: int
     cache_lookups: int
+    rag: RagSummary = field(default_factory=RagSummary)
 
     @property
     def error_rate(self) -> float:
@@ -72,6 +99,7 @@ def summarize(entries: list[dict[str, str]], window_s: float) -> Summary:
         tokens_per_s=tokens / window_s if window_s else 0.0,
         cache_hits=sum(1 for e in lookups if e["cache"] == "hit"),
         cache_lookups=len(lookups),
+        rag=RagSummary.of(entries),
     )
 
 
@@ -102,9 +130,22 @@ def render(summary: Summary, since: str) -> str:
             if hit_rate is None
             else f"{hit_rate:.1%} ({summary.cache_hits}/{summary.cache_lookups})",
         ),
+        *_rag_rows(summary.rag),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _rag_rows(rag: RagSummary) -> list[tuple[str, str]]:
+    def share(part: int, whole: int) -> str:
+        return "-" if not whole else f"{part / whole:.1%} ({part}/{whole})"
+
+    return [
+        ("RAG answers", str(rag.answers)),
+        ("RAG docs dropped", share(rag.documents_dropped, rag.documents_received)),
+        ("RAG uncited", share(rag.citations_missing, rag.answers)),
+        ("RAG declined", share(rag.declined, rag.answers)),
+    ]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,11 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ragllm.rag.contract import RagDocument, RagOptions, RagReport
+from ragllm.rag.contract import DryRunReport, RagDocument, RagOptions, RagReport
 
 MAX_STOP_SEQUENCES = 16
 MAX_CACHE_SALT_CHARS = 256
 MAX_INT32 = 2**31 - 1
+# Token ids one /detokenize may carry whatever the model (a served model's own max_model_len is the
+# tighter bound): past it a list is refused while it is validated, not after.
+MAX_DETOKENIZE_TOKENS = 1 << 20
 # Request lists stop at their first invalid item: validation would otherwise build one error per
 # item, 0.3 s of the event loop for a list of 100,000 wrong values, only to report the first.
 FAIL_FAST = Field(fail_fast=True)
@@ -200,6 +203,15 @@ class ChatCompletionRequest(SamplingFields):
         description="Extension: switches passed to the chat template: enable_thinking, thinking, "
         "reasoning_effort (chat_template only where the server allows it).",
     )
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_INT32,
+        description="Extension (as in vLLM): tokens a thinking model may think before </think> is "
+        "forced; less than max_tokens. A structured answer (response_format, constrained "
+        "citations, required tools) follows the thinking; without this field the engine's "
+        "default budget applies to those (at most half of max_tokens).",
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -336,18 +348,68 @@ class ErrorResponse(_Wire):
 
 
 class TokenizeRequest(_Wire):
-    """vLLM's /tokenize: count the tokens of a chat (template applied) or of a prompt."""
+    """vLLM's /tokenize: count the tokens of a chat (template applied) or of a prompt; with
+    ``documents``, a dry run of the RAG packing the same chat completion would do."""
 
     model: str
     messages: Annotated[list[ChatMessage], FAIL_FAST] | None = None
     prompt: str | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    return_token_ids: bool = Field(
+        False, description="Extension: also return the prompt's token ids as tokens."
+    )
+    return_token_strs: bool = Field(
+        False, description="As in vLLM: also return each token's string as token_strs."
+    )
+    documents: Annotated[list[RagDocument], FAIL_FAST] | None = Field(
+        None,
+        description="Extension: retrieved documents, as in a chat completion: the response's rag "
+        "object says which would be packed and which dropped, without generating.",
+    )
+    rag: RagOptions | None = Field(
+        None, description="Extension: RAG options, as in a chat completion."
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INT32,
+        description="Extension: with documents, the room the chat completion keeps for its answer.",
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="Preferred spelling of max_tokens."
+    )
 
 
 class TokenizeResponse(_Wire):
     count: int
     max_model_len: int
+    tokens: list[int] | None = Field(
+        None, description="With return_token_ids (or return_token_strs): the prompt's token ids."
+    )
+    token_strs: list[str] | None = Field(
+        None, description="With return_token_strs: each token's string."
+    )
+    rag: DryRunReport | None = Field(
+        None, description="Extension: present when the request carried documents or rag."
+    )
+
+
+class DetokenizeRequest(_Wire):
+    """vLLM's /detokenize: token ids back to text (special tokens written out)."""
+
+    model: str
+    tokens: Annotated[
+        list[Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]],
+        Field(max_length=MAX_DETOKENIZE_TOKENS, fail_fast=True),
+    ] = Field(
+        description=f"Token ids of the model's vocabulary; at most the model's context length "
+        f"(max_model_len) and never more than {MAX_DETOKENIZE_TOKENS}."
+    )
+
+
+class DetokenizeResponse(_Wire):
+    prompt: str
 
 
 class KVCacheHealth(_Wire):

@@ -4,5 +4,6 @@
 - ``prompt``: templates as data (``templates/<name>.toml``), the documents' canonical order, rendering
   them and the question into messages.
 - ``packing``: as many top-ranked documents as the model's context holds, counted with its tokenizer.
+- ``document_set``: a set of documents' key, whatever their order or scores (replica affinity).
 - ``citations``: the ``[id]`` marker, read out of answers and, when asked for, enforced while decoding.
 """

@@ -44,6 +44,12 @@ def citation_pattern(document_ids: Sequence[str], decline: str) -> str:
     return rf"{_FIRST_SENTENCE} ?{cite}(?:{_NEXT_SENTENCE} ?{cite})*|{_escape(decline)}"
 
 
+def declines(answer: str, decline: str) -> bool:
+    """The answer is the template's decline sentence, as the citation pattern's other branch allows it:
+    exactly that sentence, nothing else (blanks around it aside, which an unconstrained model may add)."""
+    return answer.strip() == decline
+
+
 def _escape(text: str) -> str:
     return "".join(f"\\{char}" if char in _META else char for char in text)
 

@@ -2,7 +2,8 @@
 
 Whole documents are dropped, lowest-ranked first; the instruction and the question never are. When
 even they do not fit beside the room kept for the answer, the request is refused (400): nothing is
-ever truncated silently.
+ever truncated silently. Which documents are kept is a relevance decision whatever the request's
+``rag.order``; the order only lays the kept ones out (``prompt.arrange``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from typing import Any, TypeVar
 from ragllm.engines.base import Engine
 from ragllm.errors import ContextLengthExceeded
 from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
-from ragllm.rag.citations import parse_citations
-from ragllm.rag.contract import RagDocument, RagOptions
-from ragllm.rag.prompt import RagTemplate, render_messages, with_no_think
+from ragllm.rag.citations import declines, parse_citations
+from ragllm.rag.contract import RagDocument, RagOptions, RagOrder
+from ragllm.rag.document_set import document_set_key
+from ragllm.rag.outcome import RagOutcome
+from ragllm.rag.prompt import RagTemplate, arrange, render_messages, with_no_think
+from ragllm.thinking import answer_after_thinking
 
 T = TypeVar("T")
 
@@ -48,12 +52,29 @@ class RagContext:
 
     template: str
     documents: dict[str, RagDocument]  # every supplied document, by id
-    used: list[str]
-    dropped: list[str]
+    used: list[str]  # in the order the prompt holds them
+    dropped: list[str]  # lowest-ranked last
     context_tokens: int
     citations: bool | str  # True, False or "constrained" (RagOptions.citations)
+    decline: str = ""  # the template's sentence for an answer the documents do not hold
+    # The budget it packed within, and the whole prompt's tokens it settled on (what a dry run reports).
+    prompt_tokens: int = 0
+    max_model_len: int = 0
+    reserved_for_answer: int = 0
+    max_context_tokens: int | None = None
+    # The packed documents as a set (``document_set.document_set_key``): an upstream router's
+    # affinity; None when none was packed.
+    document_set: str | None = None
+
+    def packed(self) -> tuple[tuple[str, str | None], ...]:
+        """The id and version of each document the prompt holds, in its order: what shaped the answer.
+        Dropped documents are not among them: the prompt, hence the answer, is the same whatever they
+        say (an edit that lets one fit changes the prompt, so the request misses the cache anyway)."""
+        return tuple((id_, self.documents[id_].version) for id_ in self.used)
 
     def report(self, answer: str) -> dict[str, Any]:
+        # Citations are the answer's: brackets in the thinking (kept with rag.reasoning) are notes.
+        answer = answer_after_thinking(answer)
         citations, unknown = parse_citations(answer, self.documents) if self.citations else ([], [])
         return {
             "template": self.template,
@@ -70,6 +91,22 @@ class RagContext:
             else "off",
         }
 
+    def answered(self, answer: str) -> tuple[dict[str, Any], RagOutcome]:
+        """The response's ``rag`` report of ``answer``, and its counts for telemetry."""
+        report = self.report(answer)
+        outcome = RagOutcome(
+            template=self.template,
+            citation_mode=report["citation_mode"],
+            documents_received=len(self.documents),
+            documents_used=len(self.used),
+            documents_dropped=len(self.dropped),
+            context_tokens=self.context_tokens,
+            citations_valid=len(report["citations"]),
+            citations_unknown=len(report["unknown_citations"]),
+            declined=bool(self.decline) and declines(answer_after_thinking(answer), self.decline),
+        )
+        return report, outcome
+
 
 @dataclass(frozen=True, slots=True)
 class PackRequest:
@@ -81,6 +118,7 @@ class PackRequest:
     max_tokens: int | None
     options: RagOptions
     no_think: bool
+    order: RagOrder = "relevance"  # the request's, or the server's default
 
 
 async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any]], RagContext]:
@@ -90,7 +128,8 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
     budget = window - reserve
 
     def render_sync(count: int) -> list[dict[str, Any]]:
-        messages = render_messages(request.template, request.ranked[:count], request.messages)
+        documents = arrange(request.ranked[:count], request.order)
+        messages = render_messages(request.template, documents, request.messages)
         return with_no_think(messages) if request.no_think else messages
 
     heavy = is_heavy(request.ranked)
@@ -136,6 +175,8 @@ async def pack(engine: Engine, request: PackRequest) -> tuple[list[dict[str, Any
         best_count = low
     messages, tokens = best
     context = await off_loop_if(heavy, _context, request, best_count, tokens - bare)
+    context.prompt_tokens, context.max_model_len = tokens, window
+    context.reserved_for_answer, context.max_context_tokens = reserve, cap
     return messages, context
 
 
@@ -157,11 +198,14 @@ def within_reach(ranked: list[RagDocument], token_room: int, max_token_bytes: in
 
 
 def _context(request: PackRequest, used: int, context_tokens: int) -> RagContext:
+    packed = request.ranked[:used]
     return RagContext(
         template=request.template.name,
         documents={d.id: d for d in request.ranked},
-        used=[d.id for d in request.ranked[:used]],
+        used=[d.id for d in arrange(packed, request.order)],
         dropped=[d.id for d in request.ranked[used:]],
         context_tokens=context_tokens,
         citations=request.options.citations,
+        document_set=document_set_key(request.template.name, packed),
+        decline=request.template.decline,
     )

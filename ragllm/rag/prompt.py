@@ -1,8 +1,10 @@
 """The RAG prompt, pure: documents and a question in, messages out.
 
 - Templates are data (``ragllm/rag/templates/<name>.toml``), versioned by name (``default@1``).
-- Documents are put in a canonical order (score, highest first; then id), so the same documents
-  always render the same bytes and engine prefix caches hit.
+- Documents are ranked (score, highest first; then id): the ranking decides which documents fit.
+  They are then laid out in the request's order: by rank ("relevance") or by id ("stable", so the
+  same document set renders the same bytes whatever the question or the scores, and engine prefix
+  caches hit across questions).
 - Citations are ``[id]`` markers (several ids may share brackets: ``[a, b]``), read back by
   ``citations``; ``<think>...</think>`` is removed from answers by ``ragllm.thinking`` unless
   reasoning was asked for.
@@ -18,7 +20,7 @@ from importlib import resources
 from typing import Any
 
 from ragllm.errors import InvalidRequest
-from ragllm.rag.contract import RagDocument
+from ragllm.rag.contract import RagDocument, RagOrder
 
 NO_THINK = "/no_think"
 
@@ -57,20 +59,21 @@ def rank(documents: list[RagDocument]) -> list[RagDocument]:
     return sorted(documents, key=lambda d: (d.score is None, -(d.score or 0.0), d.id))
 
 
+def arrange(ranked: list[RagDocument], order: RagOrder) -> list[RagDocument]:
+    """The packed documents in the order the prompt lays them out. Ids are required and unique
+    (``rank`` refuses duplicates), so "stable" is a total order on the set alone."""
+    if order == "stable":
+        return sorted(ranked, key=lambda d: d.id)
+    return ranked
+
+
 def render_messages(
     template: RagTemplate, documents: list[RagDocument], messages: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """One system message (instruction, the caller's system text, the documents), then the
     conversation, whose last user turn is the question."""
     caller_system = [m["content"] for m in messages if m["role"] == "system" and m["content"]]
-    rendered = [
-        _tidy(
-            template.document.format(
-                id=d.id, title=d.title or "", source=d.source or "", text=d.text.strip()
-            )
-        )
-        for d in documents
-    ]
+    rendered = [render_document(template, d) for d in documents]
     block = template.document_separator.join(rendered) if rendered else "(no documents)"
     system = "\n\n".join(
         [template.instruction, *caller_system, f"{template.documents_header}\n\n{block}"]
@@ -79,6 +82,18 @@ def render_messages(
     if not conversation or conversation[-1]["role"] != "user":
         raise InvalidRequest("a RAG request ends with the user's question", param="messages")
     return [{"role": "system", "content": system}, *conversation]
+
+
+def render_document(template: RagTemplate, document: RagDocument) -> str:
+    """One document as the template writes it into the system message."""
+    return _tidy(
+        template.document.format(
+            id=document.id,
+            title=document.title or "",
+            source=document.source or "",
+            text=document.text.strip(),
+        )
+    )
 
 
 def _tidy(text: str) -> str:

@@ -21,9 +21,11 @@ from ragllm.protocol.openai import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
 )
+from ragllm.rag.contract import RagDocument
 
 # Below these a temperature or a repetition penalty divides logits into overflow (inf, then NaN
 # probabilities); a temperature of 0 is greedy.
@@ -81,16 +83,8 @@ def check_chat(body: ChatCompletionRequest, bounds: InputSettings) -> PromptText
         content=sum(_content_bytes(message.content) for message in body.messages),
         structure=_calls_bytes(body.messages) + _json_bytes(body.tools),
         schemas=_schema_bytes(body),
-        documents=sum(
-            _utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in body.documents or ()
-        ),
+        documents=_documents_bytes(body.documents, bounds),
     )
-    if text.documents > bounds.max_documents_bytes:
-        raise RequestTooLarge(
-            f"the documents hold {text.documents} bytes; at most {bounds.max_documents_bytes} "
-            "are allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)",
-            param="documents",
-        )
     _check_text_bytes(text, "messages", bounds)
     check_template_kwargs(body.chat_template_kwargs, bounds)
     check_sampling(body, bounds)
@@ -113,14 +107,26 @@ def check_completion(body: CompletionRequest, bounds: InputSettings) -> PromptTe
 def check_tokenize(body: TokenizeRequest, bounds: InputSettings) -> PromptText:
     text = PromptText(content=_utf8(body.prompt))
     if body.messages is not None:
-        check_raw({"messages": body.messages}, bounds)
+        check_raw({"messages": body.messages, "documents": body.documents}, bounds)
         text = PromptText(
             content=sum(_content_bytes(message.content) for message in body.messages),
             structure=_calls_bytes(body.messages),
+            documents=_documents_bytes(body.documents, bounds),
         )
     _check_text_bytes(text, "messages" if body.messages is not None else "prompt", bounds)
     check_template_kwargs(body.chat_template_kwargs, bounds)
     return text
+
+
+def check_detokenize(body: DetokenizeRequest, max_model_len: int) -> None:
+    """No more ids than the model's context holds: no prompt or answer of this model is longer."""
+    if len(body.tokens) > max_model_len:
+        raise InvalidRequest(
+            f"tokens has {len(body.tokens)} ids; at most {max_model_len} (this model's context "
+            "length) are allowed",
+            param="tokens",
+            code="array_above_max_length",
+        )
 
 
 def check_sampling(body: SamplingFields, bounds: InputSettings) -> None:
@@ -195,6 +201,17 @@ def _check_text_bytes(text: PromptText, param: str, bounds: InputSettings) -> No
             f"documents); at most {bounds.max_text_bytes} are allowed (RAGLLM_INPUT__MAX_TEXT_BYTES)",
             param=largest,
         )
+
+
+def _documents_bytes(documents: list[RagDocument] | None, bounds: InputSettings) -> int:
+    size = sum(_utf8(d.text) + _utf8(d.title) + _utf8(d.source) for d in documents or ())
+    if size > bounds.max_documents_bytes:
+        raise RequestTooLarge(
+            f"the documents hold {size} bytes; at most {bounds.max_documents_bytes} "
+            "are allowed (RAGLLM_INPUT__MAX_DOCUMENTS_BYTES)",
+            param="documents",
+        )
+    return size
 
 
 def _calls_bytes(messages: list[ChatMessage]) -> int:

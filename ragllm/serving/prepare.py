@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from ragllm.bounded_json import JsonLimits
-from ragllm.config import InputSettings
+from ragllm.config import InputSettings, RagSettings
 from ragllm.engines.base import Engine
 from ragllm.errors import (
     ContextLengthExceeded,
@@ -33,22 +33,24 @@ from ragllm.protocol.openai import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
 )
 from ragllm.rag.citations import citation_pattern
 from ragllm.rag.contract import RagOptions
-from ragllm.rag.packing import (
-    DEFAULT_ANSWER_TOKENS,
-    PackRequest,
-    RagContext,
-    is_heavy,
-    off_loop_if,
-    pack,
+from ragllm.rag.packing import DEFAULT_ANSWER_TOKENS, RagContext, off_loop_if
+from ragllm.rag.prompt import load_template
+from ragllm.serving.bounds import (
+    PromptText,
+    check_chat,
+    check_completion,
+    check_detokenize,
+    check_tokenize,
 )
-from ragllm.rag.prompt import load_template, rank
-from ragllm.serving.bounds import PromptText, check_chat, check_completion, check_tokenize
+from ragllm.serving.documents import pack_documents
 from ragllm.serving.messages import single_prompt, template_message
+from ragllm.serving.reasoning import thinking_first
 from ragllm.serving.sampling import (
     chat_logprobs,
     refuse_unsupported_sampling,
@@ -73,6 +75,7 @@ PASSTHROUGH_FIELDS = (
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "thinking_token_budget",
 )
 
 
@@ -97,15 +100,30 @@ class PreparedRequest:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedTokenize:
+    """What /tokenize counts: the prompt as it would run, and, with documents, how they were packed."""
+
+    model: ModelCard
+    generation: GenerationRequest
+    rag: RagContext | None = None
+
+
 class RequestPreparer:
     """Prepares OpenAI requests for the engine, and opens the engine's stream for a prepared one."""
 
     def __init__(
-        self, engine: Engine, metrics: Metrics, bounds: InputSettings | None = None
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        bounds: InputSettings | None = None,
+        rag: RagSettings | None = None,
     ) -> None:
+        """``rag``: the RAG contract's defaults, for fields a request's ``rag`` leaves out."""
         self.engine = engine
         self.metrics = metrics
         self.bounds = bounds or InputSettings()
+        self.rag_defaults = rag or RagSettings()
         self.schema_limits = JsonLimits.schema(self.bounds)
 
     # -- preparing ------------------------------------------------------------------------------
@@ -136,29 +154,30 @@ class RequestPreparer:
         template_kwargs = dict(body.chat_template_kwargs or {})
         strip_thinking = template_kwargs.get("enable_thinking") is False
         rag_context = None
+        options = body.rag or RagOptions()
+        thinking = thinking_first(
+            model,
+            template_kwargs,
+            rag_requested and not options.reasoning,
+            body.thinking_token_budget,
+            max_tokens,
+        )
         if rag_requested:
-            options = body.rag or RagOptions()
-            no_think = False
-            if not options.reasoning:
-                strip_thinking = True
-                if model.thinking_switch:
-                    template_kwargs.setdefault("enable_thinking", False)
-                else:
-                    no_think = model.no_think_suffix
-            documents = body.documents or []
-            ranked = await off_loop_if(is_heavy(documents), rank, documents)
-            messages, rag_context = await pack(
+            strip_thinking = strip_thinking or not options.reasoning
+            packed = await pack_documents(
                 self.engine,
-                PackRequest(
-                    model=model,
-                    template=load_template(options.template),
-                    ranked=ranked,
-                    messages=messages,
-                    template_kwargs=template_kwargs or None,
-                    max_tokens=max_tokens,
-                    options=options,
-                    no_think=no_think,
-                ),
+                model,
+                messages,
+                body.documents or [],
+                options,
+                template_kwargs,
+                max_tokens,
+                self.rag_defaults.order,
+            )
+            messages, template_kwargs, rag_context = (
+                packed.messages,
+                packed.template_kwargs,
+                packed.context,
             )
         request_id = f"chatcmpl-{os.urandom(16).hex()}"
         passthrough = _passthrough(body)
@@ -170,13 +189,14 @@ class RequestPreparer:
         if tools is not None and tools.must_call and model.tool_call_format is not None:
             structured = _tool_call_constraint(model.tool_call_format, tools, structured)
         if rag_context is not None and rag_context.citations == "constrained":
-            structured, passthrough = _constrained_citations(
-                rag_context, body, structured, passthrough
-            )
+            structured, passthrough = _constrained_citations(rag_context, structured, passthrough)
         generation = GenerationRequest(
             request_id=request_id,
-            params=sampling_params(
-                body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured
+            params=replace(
+                sampling_params(
+                    body, max_tokens, model.sampling_defaults, chat_logprobs(body), structured
+                ),
+                thinking=thinking,
             ),
             messages=messages,
             chat_template_kwargs=template_kwargs or None,
@@ -185,6 +205,7 @@ class RequestPreparer:
             tools=list(tools.functions) if tools is not None else None,
             sampling_set=sampling_set(body),
             cache_scope=CacheScope(cache_group, body.cache_salt),
+            document_set=rag_context.document_set if rag_context is not None else None,
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools
@@ -224,23 +245,61 @@ class RequestPreparer:
         )
         return self._prepared("completion", request_id, model, generation, body)
 
-    async def prepare_tokenize(self, body: TokenizeRequest) -> tuple[ModelCard, GenerationRequest]:
+    async def prepare_tokenize(self, body: TokenizeRequest) -> PreparedTokenize:
+        """The prompt a chat or completion would run; with documents, packed as the chat completion
+        would pack them (its ``max_tokens`` kept for the answer), nothing generated."""
         text = check_tokenize(body, self.bounds)
         model = self._model(body.model)
         if (body.messages is None) == (body.prompt is None):
             raise InvalidRequest("send either messages or prompt", param="messages")
+        rag_requested = body.documents is not None or body.rag is not None
+        if rag_requested and body.messages is None:
+            raise InvalidRequest(
+                "documents and rag go with messages, as in a chat completion", param="documents"
+            )
+        max_tokens = (
+            body.max_completion_tokens
+            if body.max_completion_tokens is not None
+            else body.max_tokens
+        )
+        if rag_requested:
+            param = "messages" if max_tokens is None else "max_tokens"
+            _refuse_unfittable(model, text, max_tokens or DEFAULT_ANSWER_TOKENS, param)
         messages = None
         if body.messages is not None:
             messages = await off_loop_if(
                 text.total > LARGE_TEXT_BYTES, self._template_messages, body.messages
             )
-        return model, GenerationRequest(
+        template_kwargs, rag_context = dict(body.chat_template_kwargs or {}), None
+        if rag_requested and messages is not None:
+            packed = await pack_documents(
+                self.engine,
+                model,
+                messages,
+                body.documents or [],
+                body.rag or RagOptions(),
+                template_kwargs,
+                max_tokens,
+                self.rag_defaults.order,
+            )
+            messages, template_kwargs, rag_context = (
+                packed.messages,
+                packed.template_kwargs,
+                packed.context,
+            )
+        generation = GenerationRequest(
             "tokenize",
             SamplingParams(),
             messages=messages,
             prompt=body.prompt,
-            chat_template_kwargs=body.chat_template_kwargs,
+            chat_template_kwargs=template_kwargs or None,
         )
+        return PreparedTokenize(model, generation, rag_context)
+
+    def prepare_detokenize(self, body: DetokenizeRequest) -> ModelCard:
+        model = self._model(body.model)
+        check_detokenize(body, model.max_model_len)
+        return model
 
     def _prepared(
         self,
@@ -327,22 +386,16 @@ def _tool_call_constraint(
 
 def _constrained_citations(
     context: RagContext,
-    body: ChatCompletionRequest,
     structured: StructuredOutput | None,
     passthrough: dict[str, Any] | None,
 ) -> tuple[StructuredOutput, dict[str, Any]]:
     """The answer may cite only the packed documents, and must cite one unless it declines: as a
-    regular expression, enforced in process or by the upstream (vLLM's structured_outputs.regex)."""
+    regular expression, enforced in process or by the upstream (vLLM's structured_outputs.regex).
+    With rag.reasoning on a thinking model the pattern holds the answer after the thinking."""
     if structured is not None:
         raise InvalidRequest(
             "rag.citations 'constrained' cannot be combined with another structured output "
             f"({structured.param})",
-            param="rag.citations",
-        )
-    if body.rag is not None and body.rag.reasoning:
-        raise InvalidRequest(
-            "rag.citations 'constrained' cannot be combined with rag.reasoning: the thinking "
-            "would be held to the citation pattern too",
             param="rag.citations",
         )
     pattern = citation_pattern(context.used, load_template(context.template).decline)

@@ -20,6 +20,7 @@ from ragllm.structured.grammar_cache import GrammarCache
 from ragllm.structured.parser_limits import parser_limits
 from ragllm.structured.schema_check import SCHEMA_LISTS, SCHEMA_MAPS, SCHEMA_VALUES
 from ragllm.structured.spec import StructuredOutput
+from ragllm.structured.thinking_first import ThinkingGrammar, after_thinking
 
 # Compact JSON with one space after separators, as models write it; no free whitespace, so a model
 # cannot run away in blanks between tokens.
@@ -95,21 +96,28 @@ class GrammarCompiler:
         self._missing_bytes: frozenset[int] = frozenset()
         self.num_compiled = 0  # cache misses, for tests and metrics
 
-    def grammar(self, spec: StructuredOutput) -> Grammar:
-        """A fresh position at the start of ``spec``'s grammar; 400 if it cannot be compiled.
+    def grammar(self, spec: StructuredOutput, thinking: ThinkingGrammar | None = None) -> Grammar:
+        """A fresh position at the start of ``spec``'s grammar (held after the model's thinking when
+        ``thinking`` is given, see ``thinking_first``); 400 if it cannot be compiled.
 
         The cache keeps each constraint's grammar, checked; every request gets a matcher of its own
         made from it (1-3 ms, off the event loop). Copies of one matcher would cost less to make but
         share its lexer behind a lock, so a batch's masks could only be computed one row at a time:
         measured on 16 cores, 32 copies filled in 2.0-2.7 ms a step on 1-16 threads, 32 matchers of
         their own in 0.86 ms on 16 (``bench/mask_fill.py``)."""
-        compiled = self.cache.get(spec)
+        key = spec if thinking is None else (spec, thinking)
+        compiled = self.cache.get(key)
         if compiled is not None:
             return Grammar(self._matcher(compiled), spec)
         compiled, matcher = self._compile(spec)
+        if thinking is not None:
+            # The constraint was checked alone, its first mask included: held after the thinking,
+            # that mask would come too late for a 400 before the answer starts.
+            compiled = after_thinking(compiled, thinking)
+            matcher = self._checked(spec, compiled)
         with self._lock:
             self.num_compiled += 1
-        self.cache.put(spec, compiled)
+        self.cache.put(key, compiled)
         return Grammar(
             matcher, spec
         )  # the matcher that checked the grammar serves the first request
@@ -144,13 +152,17 @@ class GrammarCompiler:
                 f"it needs the character U+{ord(unwritable):04X}, which this model's "
                 "vocabulary cannot write",
             )
+        return compiled, self._checked(spec, compiled)
+
+    def _checked(self, spec: StructuredOutput, compiled: str) -> Any:
+        """A matcher at the start of ``compiled``, which it checks; 400 where it fails."""
         # Building the matcher checks the grammar (within INITIAL_LEXER_FUEL); llguidance's own
         # validate_grammar would build it a second time for the same verdict.
         matcher = self._matcher(compiled)
         if matcher.is_error():
             raise _refusal(spec, matcher.get_error())
         self._check_first_mask(spec, matcher)
-        return compiled, matcher
+        return matcher
 
     def _check_first_mask(self, spec: StructuredOutput, matcher: Any) -> None:
         """Computes the grammar's first mask: some grammars fail only there (the parser's item

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from ragllm.generation import Delta, EngineStats
+from ragllm.telemetry.rag_metrics import RagMetrics
 
 # Buckets as vLLM uses them, so percentiles line up with vLLM's own panels.
 TTFT_BUCKETS = (
@@ -182,6 +183,7 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.rag = RagMetrics(r)
         # Children bound to this model once: ``labels()`` takes a lock and a dict lookup per call,
         # and the histograms below are observed on every token.
         self.ttft_for_model = self.time_to_first_token.labels(model_name)

@@ -57,6 +57,20 @@ FIELDS = (
     "ttft_ms",
     "latency_ms",
     "time",
+    "trace_id",
+)
+# Fields a RAG answer adds (``RagOutcome.fields``): counts only, never the client's document ids.
+RAG_FIELDS = (
+    "rag_template",
+    "rag_citation_mode",
+    "rag_documents_received",
+    "rag_documents_used",
+    "rag_documents_dropped",
+    "rag_context_tokens",
+    "rag_citations_valid",
+    "rag_citations_unknown",
+    "rag_citations_missing",
+    "rag_declined",
 )
 
 

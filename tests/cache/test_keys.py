@@ -9,6 +9,7 @@ import pytest
 from ragllm.cache.keys import cache_key, is_deterministic
 from ragllm.generation import GenerationRequest, ModelCard, SamplingParams
 from ragllm.structured.spec import StructuredOutput
+from ragllm.structured.thinking_first import ThinkingFirst
 
 MODEL = ModelCard(id="m", max_model_len=100, fingerprint="fp_1")
 BASE = GenerationRequest(
@@ -30,6 +31,7 @@ CHANGED_PARAMS = {
     "logprobs": 2,
     "structured": StructuredOutput("regex", "[ab]+"),
     "n": 2,
+    "thinking": ThinkingFirst(64),
 }
 
 
@@ -112,3 +114,29 @@ def test_equal_constraints_share_a_key_and_different_ones_do_not():
     )
     assert keyed(StructuredOutput("regex", "a+")) != keyed(StructuredOutput("regex", "b+"))
     assert keyed(StructuredOutput("choice", '["a"]')) != keyed(StructuredOutput("grammar", '["a"]'))
+
+
+def test_a_packed_documents_version_changes_the_key_and_the_documents_enter_it():
+    key = cache_key(MODEL, BASE, "t", (("doc1", None),))
+    assert cache_key(MODEL, BASE, "t", (("doc1", "v2"),)) != key
+    assert cache_key(MODEL, BASE, "t", (("doc1", "v2"),)) != cache_key(
+        MODEL, BASE, "t", (("doc1", "v3"),)
+    )
+    assert cache_key(MODEL, BASE, "t", (("doc1", "v2"),)) == cache_key(
+        MODEL, BASE, "t", (("doc1", "v2"),)
+    )
+    assert cache_key(MODEL, BASE, "t", (("doc2", None),)) != key
+    assert cache_key(MODEL, BASE, "t") != key  # no documents: a key of its own
+
+
+def test_a_rag_context_packs_the_used_documents_versions_only():
+    from ragllm.rag.contract import RagDocument
+    from ragllm.rag.packing import RagContext
+
+    documents = {
+        "a": RagDocument(id="a", text="x", version="7"),
+        "b": RagDocument(id="b", text="y"),
+        "c": RagDocument(id="c", text="z", version="1"),
+    }
+    context = RagContext("default@1", documents, ["a", "b"], ["c"], 10, True)
+    assert context.packed() == (("a", "7"), ("b", None))  # a dropped document shaped nothing

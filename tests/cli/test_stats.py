@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from ragllm.cli import main
-from ragllm.cli.stats import parse_duration, summarize
+from ragllm.cli.stats import parse_duration, render, summarize
 from ragllm.config import RedisSettings, RequestLogSettings
 from ragllm.redis_link import RedisLink
 from ragllm.telemetry.request_log import RequestLog
@@ -37,6 +37,29 @@ def test_summary_percentiles_rates_and_tokens():
     assert summary.completion_tokens == 20 * 10 + 3  # cache hits generated nothing
     assert summary.tokens_per_s == pytest.approx(20.3)
     assert summary.cache_hits == 1 and summary.cache_lookups == 22
+
+
+def test_rag_answers_are_summarised_from_their_fields():
+    def rag(received, dropped, missing, declined, cache="miss"):
+        return {
+            **_entry(cache=cache),
+            "rag_template": "default@1",
+            "rag_documents_received": str(received),
+            "rag_documents_dropped": str(dropped),
+            "rag_citations_missing": str(missing),
+            "rag_declined": str(declined),
+        }
+
+    entries = [rag(4, 1, 1, 0), rag(4, 3, 0, 1), rag(2, 0, 0, 0, cache="hit"), _entry()]
+    summary = summarize(entries, window_s=10)
+    assert (summary.rag.answers, summary.rag.documents_received) == (3, 10)
+    assert (summary.rag.documents_dropped, summary.rag.citations_missing) == (4, 1)
+    assert summary.rag.declined == 1
+    rendered = render(summary, "5m")
+    assert "RAG docs dropped    40.0% (4/10)" in rendered
+    assert "RAG uncited         33.3% (1/3)" in rendered
+    assert "RAG declined        33.3% (1/3)" in rendered
+    assert "RAG declined        -" in render(summarize([_entry()], window_s=10), "5m")
 
 
 def test_durations():

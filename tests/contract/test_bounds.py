@@ -16,7 +16,7 @@ KEY = "tester:s3cret"
 AUTH = {"Authorization": "Bearer s3cret"}
 BODY_LIMIT = 4 * 1024 * 1024
 TEXT_LIMIT = 3 * 1024 * 1024
-POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize")
+POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def test_openapi_documents_extension_fields(server):
     schema = httpx.get(f"{server.url}/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"]
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    for field in ("top_k", "min_p", "repetition_penalty"):
+    for field in ("top_k", "min_p", "repetition_penalty", "thinking_token_budget"):
         assert "Extension" in chat[field]["description"]
 
 

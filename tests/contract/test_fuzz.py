@@ -39,7 +39,7 @@ def fuzzed_server(tmp_path_factory):
         "--max-model-len",
         "64",
         log_dir=tmp_path_factory.mktemp("fuzzed"),
-        env={"RAGLLM_ENGINE__MAX_WAITING": "64"},
+        env={"RAGLLM_ENGINE__MAX_WAITING": "64", "RAGLLM_AUTH__ADMIN_KEYS": "ops:fuzz-admin"},
     )
     try:
         yield server.wait_ready()
@@ -63,8 +63,10 @@ def test_no_server_errors_and_responses_match_the_schema(api_schema, mode):
         "POST /v1/chat/completions",
         "POST /v1/completions",
         "POST /tokenize",
+        "POST /detokenize",
         "GET /v1/models",
         "GET /health",
+        "POST /admin/cache/invalidate",
     }
     statuses: Counter[tuple[str, int]] = Counter()
     for operation in operations:
@@ -104,10 +106,11 @@ def _fuzz(operation, mode: GenerationMode, statuses: Counter) -> None:
             and zlib.crc32(repr(case.body).encode()) % 5
         ):
             case.body["model"] = MODEL
+        headers = {"Cache-Control": "no-store"}
+        if operation.path.startswith("/admin/"):  # past the admin key, to the body's validation
+            headers["Authorization"] = "Bearer fuzz-admin"
         response = case.call_and_validate(
-            checks=[not_a_server_error, response_schema_conformance],
-            headers={"Cache-Control": "no-store"},
-            timeout=60,
+            checks=[not_a_server_error, response_schema_conformance], headers=headers, timeout=60
         )
         statuses[(operation.label, response.status_code)] += 1
 

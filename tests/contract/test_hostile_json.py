@@ -149,6 +149,7 @@ PLACEMENTS = {
     "tool_calls[].function.arguments": None,  # inside messages: see _body
     "documents": '"documents": {}',
     "documents[].text": '"documents": [{"id": "d1", "text": {}}]',
+    "documents[].version": '"documents": [{"id": "d1", "text": "t", "version": {}}]',
     "chat_template_kwargs": '"chat_template_kwargs": {}',
     "stop": '"stop": {}',
     "logit_bias": '"logit_bias": {}',

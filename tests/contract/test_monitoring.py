@@ -16,7 +16,7 @@ SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 def _queried_metrics() -> set[str]:
     dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
-    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     expressions += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     return {name for expression in expressions for name in METRIC.findall(expression)}
 
@@ -37,6 +37,38 @@ def test_every_dashboard_metric_is_exported(server):
     }
     missing = sorted(name for name in queried if _family(name) not in families)
     assert not missing, f"queried by the dashboard but not exported: {missing}"
+
+
+def test_the_rag_row_charts_every_rag_series_but_the_plain_counts():
+    """Dropped documents, context tokens, citation validity and declines, per model and template."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    panels = dashboard["panels"]
+    [start] = [
+        i for i, p in enumerate(panels) if p["type"] == "row" and p["title"].startswith("RAG")
+    ]
+    below = []  # the row's panels: those after it, up to the next row
+    for panel in panels[start + 1 :]:
+        if panel["type"] == "row":
+            break
+        below.append(panel)
+    rag = {
+        _family(name)
+        for panel in below
+        for target in panel["targets"]
+        for name in METRIC.findall(target["expr"])
+    }
+    assert rag == {
+        "ragllm_rag_documents_dropped",
+        "ragllm_rag_documents_received",
+        "ragllm_rag_context_tokens",
+        "ragllm_rag_citations_valid",
+        "ragllm_rag_citations_unknown",
+        "ragllm_rag_citations_missing",
+        "ragllm_rag_answers_declined",
+        "ragllm_rag_answers",
+    }
+    expressions = [t["expr"] for panel in below for t in panel["targets"]]
+    assert all("by (" in e and "template" in e and "model_name" in e for e in expressions)
 
 
 def test_prometheus_config_scrapes_the_service():

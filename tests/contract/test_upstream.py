@@ -7,6 +7,7 @@ is the gateway in front of them.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import re
 import socket
@@ -193,6 +194,32 @@ def test_affinity_keeps_a_document_set_on_one_replica_within_the_bound(cluster):
         list(pool.map(ask, range(8)))
     shares = sorted(a - b for a, b in zip(cluster.served(), before))
     assert sum(shares) == 8 and shares[0] >= 1, shares
+
+
+def test_a_document_set_keeps_its_replica_whatever_its_scores_and_order(cluster):
+    """Each question retrieves the same documents with other scores, so under rag.order "relevance"
+    each renders another first message; the router keys on the set, so one replica answers them all
+    (keyed on the first message, eight different ones would all meet on one of two replicas with a
+    chance of 1 in 128)."""
+    documents = [
+        {"id": f"part-{i}", "text": f"Part {i} of the Verdant Bridge was cast in {1980 + i}. " * 6}
+        for i in range(4)
+    ]
+    layouts = []
+    cluster.wait_all_upstreams_up()
+    before = cluster.served()
+    for i in range(8):  # one at a time: the preferred replica is never busier than the other
+        scores = list(itertools.permutations([0.9, 0.7, 0.5, 0.3]))[i * 3]  # 8 of the 24 rankings
+        rescored = [{**d, "score": s} for d, s in zip(documents, scores)]
+        completion = _chat(
+            cluster.gateway,
+            f"Question {i}: when was part {i % 4} cast?",
+            extra_body={"documents": rescored[i % 4 :] + rescored[: i % 4]},
+        )
+        layouts.append(tuple(completion.model_extra["rag"]["used_documents"]))
+    shares = sorted(a - b for a, b in zip(cluster.served(), before))
+    assert len(set(layouts)) == 8  # eight different renderings of one set
+    assert shares == [0, 8], shares
 
 
 def test_killing_an_upstream_loses_no_request_and_the_pool_recovers(cluster):

@@ -26,6 +26,7 @@ from ragllm.engines.inprocess.model_facts import (
 from ragllm.engines.inprocess.request_stream import RequestStream
 from ragllm.engines.inprocess.sequence import Sequence
 from ragllm.engines.inprocess.sequence_builder import SequenceBuilder
+from ragllm.engines.inprocess.vocabulary import Vocabulary
 from ragllm.errors import EngineNotReady, InvalidRequest
 from ragllm.generation import (
     Delta,
@@ -36,6 +37,7 @@ from ragllm.generation import (
     GenerationRequest,
     KVCacheStats,
     ModelCard,
+    TokenizedPrompt,
     Usage,
 )
 from ragllm.structured.closing import ClosingSettings
@@ -55,6 +57,7 @@ class TransformersEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.worker: Any = None  # the engine thread (``worker.Worker``), made once the model loads
         self._tokenizer: Any = None
+        self._vocabulary: Vocabulary | None = None
         self._device: Any = None
         self.dtype_name = ""
         self._card: ModelCard | None = None
@@ -99,6 +102,7 @@ class TransformersEngine(Engine):
 
         loaded = load_model_and_tokenizer(self.settings)
         self._tokenizer, self._device = loaded.tokenizer, loaded.device
+        self._vocabulary = Vocabulary(loaded.tokenizer)
         self.dtype_name = loaded.dtype_name
         choosable = choosable_ids(loaded.tokenizer, logits_width(loaded.model))
         budget_ms = self.settings.grammar_mask_budget_ms
@@ -119,7 +123,8 @@ class TransformersEngine(Engine):
             max_model_len,
             grammars,
             self.settings.default_max_tokens,
-            closing_settings(self.settings),
+            default_thinking_budget=self.settings.default_thinking_token_budget,
+            closing=closing_settings(self.settings),
         )
         if self._sequences.closing is not None:
             self._sequences.closing_search()  # read the vocabulary now, not at a first request
@@ -159,6 +164,7 @@ class TransformersEngine(Engine):
             sampling_defaults=loaded.sampling_defaults,
             thinking_switch="enable_thinking" in (self._tokenizer.chat_template or ""),
             tool_call_format=format_of_template(self._tokenizer.chat_template)[0],
+            thinks=self._sequences.thinking_markers is not None,
             no_think_suffix=self.settings.no_think_suffix,
             max_token_bytes=max_token_bytes(self._tokenizer),
         )
@@ -293,6 +299,24 @@ class TransformersEngine(Engine):
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(await asyncio.to_thread(self._sequences.prompt_ids, request))
+
+    async def count_text_tokens(self, texts: list[str]) -> list[int]:
+        return await asyncio.to_thread(self._loaded_vocabulary().count, texts)
+
+    async def tokenize(self, request: GenerationRequest, strings: bool = False) -> TokenizedPrompt:
+        def prompt() -> TokenizedPrompt:
+            ids = self._sequences.prompt_ids(request)
+            return TokenizedPrompt(ids, self._loaded_vocabulary().strings(ids) if strings else None)
+
+        return await asyncio.to_thread(prompt)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await asyncio.to_thread(self._loaded_vocabulary().decode, token_ids)
+
+    def _loaded_vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            raise EngineNotReady("model is loading")
+        return self._vocabulary
 
     def release_admission(self) -> None:
         self.admission.release()

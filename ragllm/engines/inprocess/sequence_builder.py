@@ -15,6 +15,14 @@ from ragllm.errors import ContextLengthExceeded, EngineFailure
 from ragllm.generation import GenerationRequest
 from ragllm.structured.closing import Closer, ClosingSearch, ClosingSettings
 from ragllm.structured.grammars import Grammar, GrammarCompiler
+from ragllm.structured.spec import StructuredOutput
+from ragllm.structured.thinking_first import (
+    FREE_ANSWER,
+    ThinkingGrammar,
+    prompt_opens_thinking,
+    thinking_markers,
+    thinking_tokens,
+)
 
 
 class SequenceBuilder:
@@ -31,6 +39,7 @@ class SequenceBuilder:
         grammars: GrammarCompiler,
         default_max_tokens: int | None,
         closing: ClosingSettings | None = None,
+        default_thinking_budget: int = 1024,
     ) -> None:
         self.tokenizer = tokenizer
         self.grammars = grammars
@@ -41,6 +50,8 @@ class SequenceBuilder:
         self._default_max_tokens = default_max_tokens
         self.closing = closing  # None: structured answers are cut where their budget ends
         self._closing_search: ClosingSearch | None = None
+        self._default_thinking_budget = default_thinking_budget
+        self.thinking_markers = thinking_markers(tokenizer)
         self._prompt_tokenizer = PromptTokenizer(tokenizer)
         # A token's own text, for logprobs (decoded once per id, on the engine thread).
         self._token_text = functools.lru_cache(maxsize=1 << 16)(
@@ -54,11 +65,12 @@ class SequenceBuilder:
         output's grammar (None each where there is none), and the prompt's block hashes for the
         prefix cache (hashed here rather than on the engine thread, which every stream waits on)."""
         prompt_ids = self.prompt_ids(request)
-        structured = request.params.structured
+        thinking = self.thinking_grammar(request, prompt_ids)
+        structured = _answer_constraint(request, thinking)
         grammars = (
             [None] * request.params.n
             if structured is None
-            else [self.grammars.grammar(structured) for _ in range(request.params.n)]
+            else [self.grammars.grammar(structured, thinking) for _ in range(request.params.n)]
         )
         return prompt_ids, grammars, blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
 
@@ -72,10 +84,26 @@ class SequenceBuilder:
         return self._closing_search
 
     def closer(self, grammar: Grammar | None) -> Closer | None:
-        """What closes ``grammar``'s answer before its budget ends (None: nothing, or closing is off)."""
-        if grammar is None or self.closing is None:
+        """What closes ``grammar``'s answer before its budget ends (None: nothing, closing is off, or
+        the answer is free text that only bounds its thinking, which has nothing to close)."""
+        if grammar is None or self.closing is None or grammar.spec == FREE_ANSWER:
             return None
         return Closer(grammar.matcher, self.closing_search(), self.closing)
+
+    def thinking_grammar(
+        self, request: GenerationRequest, prompt_ids: list[int]
+    ) -> ThinkingGrammar | None:
+        """How the answer's thinking is shaped, where the request expects thinking and this model
+        writes it with markers of its own; None where the prompt closed the block (thinking off)."""
+        thinking, markers = request.params.thinking, self.thinking_markers
+        if thinking is None or markers is None:
+            return None
+        opened = prompt_opens_thinking(prompt_ids, markers, self.tokenizer.decode)
+        if opened is None:
+            return None
+        max_tokens = self.max_tokens(len(prompt_ids), request.params.max_tokens)
+        budget = thinking_tokens(thinking.budget, self._default_thinking_budget, max_tokens, opened)
+        return ThinkingGrammar(markers, opened, budget)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         from ragllm.engines.inprocess.loading import prompt_token_ids
@@ -143,3 +171,14 @@ class SequenceBuilder:
                 param="max_tokens",
             )
         return requested
+
+
+def _answer_constraint(
+    request: GenerationRequest, thinking: ThinkingGrammar | None
+) -> StructuredOutput | None:
+    """What the answer follows: the request's constraint, or, for a request that only bounds its
+    thinking, any token after a bounded thinking."""
+    structured = request.params.structured
+    if structured is None and thinking is not None and request.params.thinking.budget is not None:
+        return FREE_ANSWER
+    return structured

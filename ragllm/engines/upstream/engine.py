@@ -24,7 +24,7 @@ from ragllm.engines.upstream.envelope import error_fields
 from ragllm.engines.upstream.router import Replica, ReplicaPool, affinity_key
 from ragllm.engines.upstream.scrape_cache import ScrapeCache
 from ragllm.engines.upstream.stream import UpstreamStream
-from ragllm.errors import EngineNotReady, RagLLMError
+from ragllm.errors import EngineFailure, EngineNotReady, NotSupportedByEngine, RagLLMError
 from ragllm.generation import (
     DeltaStream,
     EngineHealth,
@@ -32,6 +32,7 @@ from ragllm.generation import (
     EngineStats,
     GenerationRequest,
     ModelCard,
+    TokenizedPrompt,
 )
 
 logger = logging.getLogger(__name__)
@@ -206,25 +207,68 @@ class UpstreamEngine(Engine):
             return ""
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        body: dict[str, Any] = {"model": self._upstream_model()}
+        count = (await self._tokenized(request)).get("count")
+        if type(count) is not int:
+            raise EngineFailure("the upstream's /tokenize sent no count")
+        return count
+
+    async def tokenize(self, request: GenerationRequest, strings: bool = False) -> TokenizedPrompt:
+        """From the upstream's /tokenize: vLLM always sends ``tokens`` (another ragllm when asked);
+        an upstream that sends none cannot give ids, and says so plainly rather than a wrong count."""
+        answer = await self._tokenized(request, return_token_ids=True, return_token_strs=strings)
+        ids, names = answer.get("tokens"), answer.get("token_strs")
+        if not _ints(ids) or (strings and not _strs(names, len(ids))):
+            raise NotSupportedByEngine(
+                "the upstream's /tokenize returns no token ids"
+                + (" or token strings" if strings else ""),
+                param="return_token_strs" if _ints(ids) else "return_token_ids",
+            )
+        return TokenizedPrompt(list(ids), list(names) if strings else None)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The upstream's /detokenize (vLLM's); the upstream checks the ids against its vocabulary."""
+        answer = await self._upstream_post(
+            "/detokenize", {"model": self._upstream_model(), "tokens": token_ids}, param="tokens"
+        )
+        if not isinstance(answer.get("prompt"), str):
+            raise NotSupportedByEngine("the upstream's /detokenize returns no text", param="tokens")
+        return answer["prompt"]
+
+    async def _tokenized(self, request: GenerationRequest, **options: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self._upstream_model(), **options}
         if request.messages is not None:
             body.update(messages=request.messages, add_generation_prompt=True)
             if request.chat_template_kwargs:
                 body["chat_template_kwargs"] = request.chat_template_kwargs
         else:
             body["prompt"] = request.prompt or ""
+        return await self._upstream_post("/tokenize", body, param=None)
+
+    async def _upstream_post(
+        self, path: str, body: dict[str, Any], param: str | None
+    ) -> dict[str, Any]:
+        """One replica's JSON answer to a small request; its refusal passed on, a missing route a 501."""
         replica = self.pool.pick(None)
-        if replica is None:
+        if replica is None or self._session is None:
             raise EngineNotReady("no upstream is reachable")
-        async with self._session.post(f"{replica.url}/tokenize", json=body) as response:
+        async with self._session.post(f"{replica.url}{path}", json=body) as response:
+            if response.status in (404, 405):  # the upstream's own model is named: a route it lacks
+                said = error_fields(await _json(response)).message
+                raise NotSupportedByEngine(
+                    f"the upstream has no {path} (it answered {response.status}: {said})",
+                    param=param,
+                )
             if response.status != 200:
                 raise UpstreamError(response.status, await _json(response))
-            return int((await response.json())["count"])
+            answer = await _json(response)
+        if not isinstance(answer, dict):
+            raise EngineFailure(f"the upstream's {path} sent no JSON object")
+        return answer
 
     async def generate(self, request: GenerationRequest) -> DeltaStream:
         if self._session is None:
             raise EngineNotReady("probing upstreams")
-        affinity = affinity_key(request.messages, request.prompt)
+        affinity = affinity_key(request.messages, request.prompt, document_set=request.document_set)
         tried: set[Replica] = set()
         while True:
             replica = self.pool.pick(affinity, exclude=tried)
@@ -359,6 +403,18 @@ class UpstreamEngine(Engine):
 
 def _now() -> float:
     return time.monotonic()
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(type(item) is int for item in value)
+
+
+def _strs(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(item, str) for item in value)
+    )
 
 
 async def _json(response: Any) -> dict:

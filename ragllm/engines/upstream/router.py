@@ -116,10 +116,17 @@ def rendezvous_weight(affinity: str, url: str) -> int:
 
 
 def affinity_key(
-    messages: list[dict] | None, prompt: str | None, minimum_chars: int = 256
+    messages: list[dict] | None,
+    prompt: str | None,
+    minimum_chars: int = 256,
+    document_set: str | None = None,
 ) -> str | None:
-    """The shared prefix worth keeping on one replica: the first message (the RAG system message
-    with its documents) or the start of a prompt; short prefixes are not worth an affinity."""
+    """The shared prefix worth keeping on one replica. A RAG request's document set (its key, from
+    ``ragllm.rag.document_set``) when it carries documents: the same set lands on the same replica
+    whatever the question, the scores or the order they render in. Otherwise the first message or
+    the start of a prompt; short prefixes are not worth an affinity."""
+    if document_set is not None:
+        return document_set
     if messages:
         head = str(messages[0].get("content") or "")
     else:

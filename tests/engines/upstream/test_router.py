@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ragllm.engines.upstream.router import ReplicaPool, affinity_key
+from ragllm.generation import ModelCard
+from ragllm.rag.contract import RagDocument, RagOptions
+from ragllm.rag.packing import PackRequest, pack
+from ragllm.rag.prompt import load_template, rank
+from tests.support.word_counting import WordCountingEngine
 
 
 def _pool(slack: int = 1) -> ReplicaPool:
@@ -45,6 +52,47 @@ def test_affinity_is_stable_and_yields_past_the_slack():
 def test_short_prefixes_carry_no_affinity():
     assert affinity_key([{"role": "user", "content": "hi"}], None) is None
     assert affinity_key(None, "x" * 300) is not None
+
+
+def test_a_document_set_keeps_its_replica_whatever_the_question_scores_or_order():
+    """Requests that carry the same documents render different first messages (another question,
+    other scores, so another order); their affinity follows the set, so they meet its cache."""
+
+    def request(question: str, scores: list[float]) -> tuple[str, str | None]:
+        documents = [
+            RagDocument(id=f"doc{i}", text=f"Archive {i} lists {100 + i} records. " * 20, score=s)
+            for i, s in enumerate(scores)
+        ]
+        packing = PackRequest(
+            model=ModelCard("m", 8192),
+            template=load_template("default@1"),
+            ranked=rank(documents),
+            messages=[{"role": "user", "content": question}],
+            template_kwargs=None,
+            max_tokens=16,
+            options=RagOptions(),
+            no_think=False,
+        )
+        messages, context = asyncio.run(pack(WordCountingEngine(), packing))
+        return (
+            affinity_key(messages, None),
+            affinity_key(messages, None, document_set=context.document_set),
+        )
+
+    asked = [
+        request("Which archive is largest?", [0.9, 0.5, 0.1, 0.3]),
+        request("How many records in archive 2?", [0.2, 0.4, 0.8, 0.6]),
+        request("Summarise archive 3.", [0.1, 0.2, 0.3, 0.9]),
+    ]
+    by_head = {head for head, _ in asked}
+    assert len(by_head) == 3  # the rendered heads differ: keyed on them, the set would scatter
+    (by_set,) = {key for _, key in asked}
+    assert by_set is not None
+    pool = _pool(slack=1)
+    preferred = pool.pick(by_set)
+    assert all(pool.pick(key) is preferred for _, key in asked)
+    other = request("Which archive is largest?", [0.9, 0.5, 0.1])[1]  # one document fewer
+    assert other != by_set
 
 
 def test_failures_eject_and_a_good_probe_brings_back():
