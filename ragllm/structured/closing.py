@@ -160,8 +160,17 @@ class Closer:
     string: ``forced(remaining)`` before each step says which token the row must take (None: the
     model chooses), ``accepted(token)`` after it keeps count."""
 
-    def __init__(self, matcher: Any, search: ClosingSearch, settings: ClosingSettings) -> None:
+    def __init__(
+        self,
+        matcher: Any,
+        search: ClosingSearch,
+        settings: ClosingSettings,
+        thinking_end: int | None = None,
+    ) -> None:
         self.matcher = matcher
+        # An answer that opens with thinking: its free text is no JSON, so strings are read (and
+        # runaways looked for) only once this marker has been taken.
+        self.thinking_end = thinking_end
         self.search = search
         self.settings = settings
         self.strings = StringState()
@@ -237,6 +246,11 @@ class Closer:
         """The row took ``token`` (its grammar already moved on)."""
         if self.pending:
             self.pending = self.pending[1:] if self.pending[0] == token else []
+        if self.thinking_end is not None:
+            if token == self.thinking_end:
+                self.thinking_end = None
+                self.strings = StringState()
+            return
         was_open = self.strings.open
         self.strings.feed(self.search.token_bytes[token])
         if not (was_open and self.strings.open):

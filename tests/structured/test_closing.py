@@ -311,3 +311,17 @@ def test_a_slow_grammar_costs_one_bounded_look_then_none(compiler, tokenizer, se
         closer.accepted(forced if forced is not None else a)
     assert max(looks) < 0.05
     assert closer.hopeless or closer.closing
+
+
+def test_strings_are_read_only_after_the_thinking(compiler, search, tokenizer):
+    grammar = compiler.grammar(_schema(SCHEMA))
+    # The packaged tokenizer has no </think> token: any id stands for it here.
+    end = tokenizer.encode("X", add_special_tokens=False)[0]
+    closer = Closer(grammar.matcher, search, ClosingSettings(), thinking_end=end)
+    quote, word = (tokenizer.encode(t, add_special_tokens=False)[0] for t in ('"', "architecture"))
+    for token in [quote] + [word] * 20:  # a quote in the thinking, then a repeated word
+        closer.accepted(token)
+    assert not closer.strings.open and closer.forced(400) is None  # no runaway string seen
+    closer.accepted(end)
+    closer.accepted(quote)
+    assert closer.strings.open

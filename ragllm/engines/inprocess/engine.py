@@ -274,7 +274,7 @@ class TransformersEngine(Engine):
             )
         self.admission.reserve()
         try:
-            prompt_ids, grammars, block_hashes = await asyncio.to_thread(
+            prompt_ids, grammars, block_hashes, closers = await asyncio.to_thread(
                 self._sequences.prompt_and_grammars, request, self.worker.scheduler.blocks
             )
             sink: asyncio.Queue = asyncio.Queue()
@@ -287,9 +287,8 @@ class TransformersEngine(Engine):
             raise
         leader = sequences[0]
         leader.block_hashes = block_hashes
-        for sequence, grammar in zip(sequences, grammars):
-            sequence.grammar = grammar
-            sequence.closer = self._sequences.closer(grammar)
+        for sequence, grammar, closer in zip(sequences, grammars, closers):
+            sequence.grammar, sequence.closer = grammar, closer
             if sequence is not leader:
                 sequence.leader = leader
                 leader.followers.append(sequence)

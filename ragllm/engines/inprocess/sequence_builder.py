@@ -60,10 +60,11 @@ class SequenceBuilder:
 
     def prompt_and_grammars(
         self, request: GenerationRequest, blocks: Any
-    ) -> tuple[list[int], list[Any], list[bytes]]:
+    ) -> tuple[list[int], list[Any], list[bytes], list[Closer | None]]:
         """Off the event loop in one hop: the prompt's ids, each choice's position in the structured
-        output's grammar (None each where there is none), and the prompt's block hashes for the
-        prefix cache (hashed here rather than on the engine thread, which every stream waits on)."""
+        output's grammar (None each where there is none), the prompt's block hashes for the
+        prefix cache (hashed here rather than on the engine thread, which every stream waits on),
+        and each choice's closer (``closer``)."""
         prompt_ids = self.prompt_ids(request)
         thinking = self.thinking_grammar(request, prompt_ids)
         structured = _answer_constraint(request, thinking)
@@ -72,7 +73,9 @@ class SequenceBuilder:
             if structured is None
             else [self.grammars.grammar(structured, thinking) for _ in range(request.params.n)]
         )
-        return prompt_ids, grammars, blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
+        closers = [self.closer(grammar, thinking) for grammar in grammars]
+        hashes = blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
+        return prompt_ids, grammars, hashes, closers
 
     def closing_search(self) -> ClosingSearch:
         """The way-out search over this tokenizer, read from its vocabulary on first use (about a
@@ -83,12 +86,16 @@ class SequenceBuilder:
             )
         return self._closing_search
 
-    def closer(self, grammar: Grammar | None) -> Closer | None:
+    def closer(
+        self, grammar: Grammar | None, thinking: ThinkingGrammar | None = None
+    ) -> Closer | None:
         """What closes ``grammar``'s answer before its budget ends (None: nothing, closing is off, or
-        the answer is free text that only bounds its thinking, which has nothing to close)."""
+        the answer is free text that only bounds its thinking, which has nothing to close). Behind
+        ``thinking``, strings are read only from the end-of-thinking marker on."""
         if grammar is None or self.closing is None or grammar.spec == FREE_ANSWER:
             return None
-        return Closer(grammar.matcher, self.closing_search(), self.closing)
+        thinking_end = thinking.markers.close_id if thinking is not None else None
+        return Closer(grammar.matcher, self.closing_search(), self.closing, thinking_end)
 
     def thinking_grammar(
         self, request: GenerationRequest, prompt_ids: list[int]
