@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_engine_arguments(parser, concurrency="1,8", json_name="structured_outputs.json")
     parser.add_argument(
+        "--no-close-early",
+        action="store_true",
+        help="engine.grammar_close_early off: no closing search, and rows near their budget are "
+        "sampled on the device like the rest (to weigh what closing costs)",
+    )
+    parser.add_argument(
         "--tokenizer", type=Path, help="with --random: a directory with a byte-level tokenizer"
     )
     parser.add_argument(
@@ -271,6 +277,7 @@ async def main(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=max(1024, args.prompt_tokens),
         max_waiting=widest,
         max_queue_wait_s=None,
+        grammar_close_early=not args.no_close_early,
     )
     engine = TransformersEngine(settings)
     await engine.start()
