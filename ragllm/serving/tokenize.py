@@ -31,7 +31,7 @@ async def tokenize_answer(
     else:
         answer["count"] = await engine.count_prompt_tokens(prepared.generation)
     if prepared.rag is not None:
-        answer["rag"] = await dry_run_report(engine, prepared.rag)
+        answer["rag"] = await dry_run_report(engine, prepared.rag, prepared.model)
     return answer
 
 

@@ -227,3 +227,21 @@ def test_token_ids_are_only_returned_for_a_prompt_that_fits_the_context(server):
             "/tokenize", json={"model": MODEL, "prompt": "x " * 100, "return_token_strs": True}
         ).json()
         assert fits["count"] == len(fits["tokens"]) == len(fits["token_strs"]) > 100
+
+
+def test_a_dry_run_does_not_count_megabytes_of_documents_no_prompt_could_hold(server):
+    """8 MB of documents past the context once cost the dry run 14 s of CPU and half a gigabyte on
+    the tokenizer, where the completion's packing never reads them: now they are reported uncounted."""
+    documents = [{"id": f"d{i:04}", "text": "x " * 4000} for i in range(1000)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "documents": documents}
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        started = time.perf_counter()
+        response = client.post("/tokenize", json=body)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text[:300]
+    report = response.json()["rag"]
+    assert len(report["used_documents"]) + len(report["dropped_documents"]) == 1000
+    assert all(isinstance(d["tokens"], int) for d in report["used_documents"])
+    uncounted = [d for d in report["dropped_documents"] if d["tokens"] is None]
+    assert len(uncounted) > 900
+    assert elapsed < 6.0, elapsed
