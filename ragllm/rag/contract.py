@@ -88,9 +88,10 @@ class RagReport(BaseModel):
 
 class DocumentTokens(BaseModel):
     id: str
-    tokens: int = Field(
+    tokens: int | None = Field(
         description="The document as the template renders it, tokenized alone: its share of "
-        "context_tokens, give or take the few tokens where it joins the rest."
+        "context_tokens, give or take the few tokens where it joins the rest. null for a dropped "
+        "document ranked past what any prompt of the model could hold (not counted)."
     )
 
 

@@ -265,6 +265,10 @@ class RequestPreparer:
         if rag_requested:
             param = "messages" if max_tokens is None else "max_tokens"
             _refuse_unfittable(model, text, max_tokens or DEFAULT_ANSWER_TOKENS, param)
+        elif body.return_token_ids or body.return_token_strs:
+            # Ids and strings only for a prompt the model could run (tokenize_answer checks its
+            # tokens): megabytes of text would cost seconds, a gigabyte and an answer of tens of MB.
+            _refuse_unfittable(model, text, 0, "messages" if body.messages else "prompt")
         messages = None
         if body.messages is not None:
             messages = await off_loop_if(

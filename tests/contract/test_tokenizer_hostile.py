@@ -194,3 +194,54 @@ def test_hostile_detokenize_bodies_are_a_4xx_never_a_5xx(server):
         one_request(client)
     print("\n" + ", ".join(f"{f} {s}: {n}" for (f, s), n in sorted(statuses.items())))
     assert statuses[("tokens", 200)] >= 1 and statuses[("tokens", 400)] >= 1
+
+
+def test_token_ids_are_only_returned_for_a_prompt_that_fits_the_context(server):
+    """Counting any prompt stays vLLM's /tokenize, but its ids and token strings come back only for a
+    prompt the model could run: 8 MiB of text once cost 13 s of CPU, 1.7 GB of memory and a 43 MB
+    answer, unbilled. Past the context it is a 400, refused from the bytes alone where it can be."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        max_model_len = client.post("/tokenize", json={"model": MODEL, "prompt": "hi"}).json()[
+            "max_model_len"
+        ]
+        huge = "x " * 4_000_000
+        for flag in ("return_token_ids", "return_token_strs"):
+            started = time.perf_counter()
+            response = client.post("/tokenize", json={"model": MODEL, "prompt": huge, flag: True})
+            assert response.status_code == 400, response.text[:300]
+            assert response.json()["error"]["code"] == "context_length_exceeded"
+            assert time.perf_counter() - started < 2.0
+        # Past the context by tokens but not by bytes: counted, then refused before any string.
+        over = "x " * (max_model_len + 100)
+        counted = client.post("/tokenize", json={"model": MODEL, "prompt": over})
+        assert counted.status_code == 200 and counted.json()["count"] > max_model_len
+        for messages in (None, [{"role": "user", "content": over}]):
+            body = {"model": MODEL, "return_token_strs": True}
+            body |= {"messages": messages} if messages else {"prompt": over}
+            response = client.post("/tokenize", json=body)
+            assert response.status_code == 400, response.text[:300]
+            error = response.json()["error"]
+            assert error["code"] == "context_length_exceeded"
+            assert error["param"] == ("messages" if messages else "prompt")
+        fits = client.post(
+            "/tokenize", json={"model": MODEL, "prompt": "x " * 100, "return_token_strs": True}
+        ).json()
+        assert fits["count"] == len(fits["tokens"]) == len(fits["token_strs"]) > 100
+
+
+def test_a_dry_run_does_not_count_megabytes_of_documents_no_prompt_could_hold(server):
+    """8 MB of documents past the context once cost the dry run 14 s of CPU and half a gigabyte on
+    the tokenizer, where the completion's packing never reads them: now they are reported uncounted."""
+    documents = [{"id": f"d{i:04}", "text": "x " * 4000} for i in range(1000)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "q"}], "documents": documents}
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        started = time.perf_counter()
+        response = client.post("/tokenize", json=body)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200, response.text[:300]
+    report = response.json()["rag"]
+    assert len(report["used_documents"]) + len(report["dropped_documents"]) == 1000
+    assert all(isinstance(d["tokens"], int) for d in report["used_documents"])
+    uncounted = [d for d in report["dropped_documents"] if d["tokens"] is None]
+    assert len(uncounted) > 900
+    assert elapsed < 6.0, elapsed
