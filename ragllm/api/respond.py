@@ -75,7 +75,9 @@ class Responder:
             principal.cache_group,
         )
         headers = {"x-request-id": prepared.id, **(allowance.headers() if allowance else {})}
-        if plan.read or plan.write:
+        # A write-only plan needs the cache's clock only for an answer listed under documents: other
+        # answers are stored without it, so they cost no round trip before generating.
+        if plan.read or (plan.write and plan.documents):
             with child_span(record.span, "cache_lookup"):
                 lookup = await state.cache.lookup(plan.key if plan.read else None)
             self.read_at, cached = lookup.as_of, lookup.response
