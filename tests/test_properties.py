@@ -28,6 +28,7 @@ from ragllm.rag.packing import PackRequest, pack
 from ragllm.rag.prompt import load_template, rank
 from ragllm.serving.bounds import check_chat
 from ragllm.thinking import ThinkStripper
+from tests.support.rag_documents import document_lists
 from tests.support.word_counting import WordCountingEngine
 
 PROPERTY_SETTINGS = settings(
@@ -238,16 +239,7 @@ def test_streamed_think_stripping_equals_stripping_the_whole_text(pieces, cuts):
 
 
 # -- packing --------------------------------------------------------------------------------------
-documents_strategy = st.lists(
-    st.builds(
-        RagDocument,
-        id=st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True),
-        text=st.text("xy ", min_size=1, max_size=80),
-        score=st.none() | st.floats(0, 1),
-    ),
-    max_size=12,
-    unique_by=lambda d: d.id,
-)
+documents_strategy = document_lists(max_size=12, max_text=80)
 
 
 @PROPERTY_SETTINGS

@@ -17,6 +17,7 @@ from ragllm.rag.contract import RagDocument, RagOptions
 from ragllm.rag.document_set import document_set_key
 from ragllm.rag.packing import PackRequest, pack
 from ragllm.rag.prompt import arrange, load_template, rank
+from tests.support.rag_documents import document_lists
 from tests.support.word_counting import WordCountingEngine
 
 PROPERTIES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -90,16 +91,7 @@ def test_the_order_is_a_closed_choice():
             RagOptions(order=wrong)
 
 
-documents_strategy = st.lists(
-    st.builds(
-        RagDocument,
-        id=st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True),
-        text=st.text("xy ", min_size=1, max_size=60),
-        score=st.none() | st.floats(0, 1),
-    ),
-    max_size=10,
-    unique_by=lambda d: d.id,
-)
+documents_strategy = document_lists(max_size=10, max_text=60)
 
 
 @PROPERTIES
