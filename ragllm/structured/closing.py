@@ -258,6 +258,11 @@ class Closer:
             return
         self._string_tokens.append(token)
         limit = self.settings.repeat_tokens
+        # ``repeats`` reads only the tail: a long string keeps no more of itself than that, so the
+        # per-token work and the row's memory stay bounded however long the string runs.
+        kept = max(limit, MAX_REPEAT_UNIT * MIN_REPEATS) + MAX_REPEAT_UNIT
+        if len(self._string_tokens) > 2 * kept:
+            del self._string_tokens[:-kept]
         if limit and not self.pending and repeats(self._string_tokens, limit):
             self._repeating = True
             self._string_tokens = []
