@@ -277,6 +277,8 @@ def repeats(tokens: list[int], span: int) -> bool:
     """Whether ``tokens`` end with one unit of at most ``MAX_REPEAT_UNIT`` tokens repeated back to
     back at least ``MIN_REPEATS`` times, over at least ``span`` tokens."""
     for unit in range(1, MAX_REPEAT_UNIT + 1):
+        if len(tokens) <= unit or tokens[-1] != tokens[-1 - unit]:
+            continue  # what nearly every token of a string settles, without building a tail
         length = max(span, unit * MIN_REPEATS)
         length -= length % unit  # whole units
         if length < span:
