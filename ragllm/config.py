@@ -179,6 +179,14 @@ class EngineSettings(BaseModel):
         description="Share the KV blocks of prompt prefixes across requests (the RAG template and documents "
         "a later request repeats are not computed again).",
     )
+    document_kv_recompute_share: float = Field(
+        0.15,
+        ge=0.0,
+        le=1.0,
+        description="Document KV reuse (rag.kv_reuse): the share of each reused document's tokens "
+        "whose KV is computed again in its new place, those whose keys deviate most from the "
+        "stored ones (CacheBlend's choice). 0: the stored KV as it is; 1: a full prefill.",
+    )
     cuda_graphs: bool = Field(
         True, description="CUDA: replay decode steps and single-prompt prefills as captured graphs."
     )
@@ -457,6 +465,11 @@ class RagSettings(BaseModel):
         description='How packed documents are laid out when a request sets no rag.order: "relevance" '
         '(score, highest first) or "stable" (by id: the same document set renders the same bytes '
         "whatever the question or the scores, so prefix caches and replica affinity hit).",
+    )
+    kv_reuse: bool = Field(
+        False,
+        description="Whether a request that sets no rag.kv_reuse reuses its documents' stored KV "
+        "at any position, blending them with selective recompute (in-process engine).",
     )
 
 

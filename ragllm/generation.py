@@ -103,6 +103,11 @@ class GenerationRequest:
     # keeps requests with the same set on one replica, whatever their question or the order the
     # documents render in. None: the router keys on the prompt's head.
     document_set: str | None = None
+    # The packed documents as the prompt renders them, in its order, when the request reuses their
+    # KV at any position (``rag.kv_reuse``): the in-process engine finds each in the rendered prompt,
+    # tokenizes it on its own and keeps or reuses its KV (``engines/inprocess/kv/document_store``).
+    # Empty: no reuse. An upstream ignores them.
+    reusable_documents: tuple[str, ...] = ()
 
 
 class FinishReason(str, enum.Enum):
@@ -238,6 +243,13 @@ class KVCacheStats:
     prefix_cache_hits: int  # of those, tokens found cached
     num_preemptions: int
     dtype: str = ""  # what the cache stores
+    # Document KV reuse (rag.kv_reuse): documents found stored and reused, documents computed and
+    # stored, their tokens reused as stored and recomputed by blending, and blocks the store holds.
+    document_hits: int = 0
+    document_misses: int = 0
+    document_tokens_reused: int = 0
+    document_tokens_recomputed: int = 0
+    document_blocks: int = 0
 
     @property
     def usage(self) -> float:

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from ragllm.api.deps import app_state, authenticated
 from ragllm.generation import EngineState, KVCacheStats
-from ragllm.protocol.openai import HealthResponse, KVCacheHealth, ModelList
+from ragllm.protocol.openai import DocumentStoreHealth, HealthResponse, KVCacheHealth, ModelList
 from ragllm.telemetry.metrics import exposition_with_upstreams
 
 router = APIRouter()
@@ -48,6 +48,13 @@ def _kv_cache_health(kv: KVCacheStats | None) -> KVCacheHealth | None:
         preemptions=kv.num_preemptions,
         dtype=kv.dtype,
         tokens_total=kv.blocks_total * kv.block_size,
+        document_store=DocumentStoreHealth(
+            blocks=kv.document_blocks,
+            hits=kv.document_hits,
+            misses=kv.document_misses,
+            tokens_reused=kv.document_tokens_reused,
+            tokens_recomputed=kv.document_tokens_recomputed,
+        ),
     )
 
 

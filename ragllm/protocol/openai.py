@@ -412,6 +412,16 @@ class DetokenizeResponse(_Wire):
     prompt: str
 
 
+class DocumentStoreHealth(_Wire):
+    """Documents' KV kept for reuse at any position (rag.kv_reuse), counted since start."""
+
+    blocks: int = Field(description="KV blocks holding stored documents now (evictable).")
+    hits: int = Field(description="Documents reused from the store.")
+    misses: int = Field(description="Documents computed and stored.")
+    tokens_reused: int = Field(description="Reused documents' tokens kept as stored.")
+    tokens_recomputed: int = Field(description="Reused documents' tokens computed again to blend.")
+
+
 class KVCacheHealth(_Wire):
     block_size: int
     blocks_total: int
@@ -427,6 +437,7 @@ class KVCacheHealth(_Wire):
     tokens_total: int = Field(
         0, description="Positions the whole pool holds (blocks_total × block_size)."
     )
+    document_store: DocumentStoreHealth | None = None
 
 
 class HealthResponse(_Wire):

@@ -65,6 +65,13 @@ class RagOptions(BaseModel):
         "the scores, so prefix caches and replica affinity hit). Which documents fit is decided "
         "by score either way. null: the server's default (RAGLLM_RAG__ORDER).",
     )
+    kv_reuse: bool | None = Field(
+        None,
+        description="Reuse each packed document's stored KV at whatever position it lands, "
+        "recomputing a share of its tokens to blend it with its neighbours (in-process engine; "
+        "docs/rag.md#document-kv-reuse): a much faster first token for documents seen before, an "
+        "approximation of a full prefill. null: the server's default (RAGLLM_RAG__KV_REUSE).",
+    )
 
 
 class Citation(BaseModel):

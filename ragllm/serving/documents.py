@@ -11,7 +11,7 @@ from ragllm.engines.base import Engine
 from ragllm.generation import ModelCard
 from ragllm.rag.contract import RagDocument, RagOptions, RagOrder
 from ragllm.rag.packing import PackRequest, RagContext, is_heavy, off_loop_if, pack
-from ragllm.rag.prompt import load_template, rank
+from ragllm.rag.prompt import load_template, rank, render_document
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,3 +56,10 @@ async def pack_documents(
         ),
     )
     return PackedChat(packed, kwargs, context)
+
+
+def rendered_documents(context: RagContext) -> tuple[str, ...]:
+    """The packed documents as the prompt holds them, in its order: what the in-process engine looks
+    for in the rendered prompt to reuse each one's KV (``GenerationRequest.reusable_documents``)."""
+    template = load_template(context.template)
+    return tuple(render_document(template, context.documents[id_]) for id_ in context.used)

@@ -48,7 +48,7 @@ from ragllm.serving.bounds import (
     check_detokenize,
     check_tokenize,
 )
-from ragllm.serving.documents import pack_documents
+from ragllm.serving.documents import pack_documents, rendered_documents
 from ragllm.serving.messages import single_prompt, template_message
 from ragllm.serving.reasoning import thinking_first
 from ragllm.serving.sampling import (
@@ -206,6 +206,7 @@ class RequestPreparer:
             sampling_set=sampling_set(body),
             cache_scope=CacheScope(cache_group, body.cache_salt),
             document_set=rag_context.document_set if rag_context is not None else None,
+            reusable_documents=self._reusable(rag_context, options),
         )
         prepared = self._prepared("chat", request_id, model, generation, body)
         prepared.rag, prepared.strip_thinking, prepared.tools = rag_context, strip_thinking, tools
@@ -341,6 +342,14 @@ class RequestPreparer:
             template_message(message, index, self.schema_limits)
             for index, message in enumerate(messages)
         ]
+
+    def _reusable(self, context: RagContext | None, options: RagOptions) -> tuple[str, ...]:
+        """The packed documents whose KV the engine may reuse at any position (rag.kv_reuse, else
+        the server's default); none for a request without documents or with reuse off."""
+        reuse = options.kv_reuse if options.kv_reuse is not None else self.rag_defaults.kv_reuse
+        if context is None or not reuse or not context.used:
+            return ()
+        return rendered_documents(context)
 
     def _model(self, name: str) -> ModelCard:
         health = self.engine.health()

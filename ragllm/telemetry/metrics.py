@@ -306,8 +306,36 @@ class _EngineStatsCollector(Collector):
                 "Sequences preempted for want of KV blocks.",
                 kv.num_preemptions,
             ),
+            (
+                "ragllm_document_kv_hits",
+                "Documents whose stored KV a prompt reused at its position (rag.kv_reuse).",
+                kv.document_hits,
+            ),
+            (
+                "ragllm_document_kv_misses",
+                "Documents computed and stored because no stored KV was found (rag.kv_reuse).",
+                kv.document_misses,
+            ),
+            (
+                "ragllm_document_kv_reused_tokens",
+                "Reused documents' tokens whose stored KV was kept as it was.",
+                kv.document_tokens_reused,
+            ),
+            (
+                "ragllm_document_kv_recomputed_tokens",
+                "Reused documents' tokens computed again to blend them into their new prompt.",
+                kv.document_tokens_recomputed,
+            ),
         ):
             yield self._family(CounterMetricFamily(name, doc, labels=["model_name"]), value)
+        yield self._family(
+            GaugeMetricFamily(
+                "ragllm_document_kv_blocks",
+                "KV blocks holding stored documents (cached: evicted when memory is needed).",
+                labels=["model_name"],
+            ),
+            kv.document_blocks,
+        )
 
     def _family(
         self, family: GaugeMetricFamily | CounterMetricFamily, value: float

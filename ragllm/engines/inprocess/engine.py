@@ -252,6 +252,11 @@ class TransformersEngine(Engine):
             prefix_cache_hits=blocks.pool.hits,
             num_preemptions=blocks.num_preemptions,
             dtype=str(self.worker.runner.cache_dtype).removeprefix("torch."),
+            document_hits=blocks.documents.hits,
+            document_misses=blocks.documents.misses,
+            document_tokens_reused=blocks.documents.tokens_reused,
+            document_tokens_recomputed=blocks.documents.tokens_recomputed,
+            document_blocks=blocks.documents.num_blocks,
         )
         produced = Usage(self.worker.num_prompt_tokens_started, self.worker.num_tokens_sampled)
         return EngineStats(
@@ -274,7 +279,7 @@ class TransformersEngine(Engine):
             )
         self.admission.reserve()
         try:
-            prompt_ids, grammars, block_hashes, closers = await asyncio.to_thread(
+            prompt_ids, grammars, block_hashes, closers, documents = await asyncio.to_thread(
                 self._sequences.prompt_and_grammars, request, self.worker.scheduler.blocks
             )
             sink: asyncio.Queue = asyncio.Queue()
@@ -286,7 +291,7 @@ class TransformersEngine(Engine):
             self.release_admission()
             raise
         leader = sequences[0]
-        leader.block_hashes = block_hashes
+        leader.block_hashes, leader.documents = block_hashes, documents
         for sequence, grammar, closer in zip(sequences, grammars, closers):
             sequence.grammar, sequence.closer = grammar, closer
             if sequence is not leader:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ragllm.config import EngineSettings
+from ragllm.engines.inprocess.document_prompt import DocumentTokens, tokenize_with_documents
 from ragllm.engines.inprocess.literal_text import LiteralText
 from ragllm.engines.inprocess.prompt_tokens import PromptTokenizer
 from ragllm.errors import InvalidRequest, ModelLoadError
@@ -125,15 +126,7 @@ def prompt_token_ids(
     special tokens are control tokens, the client's text is text. A completion's ``prompt`` is the
     whole prompt, written by the client: its special tokens are read as such (as vLLM does)."""
     if request.messages is not None:
-        prompts = prompts or PromptTokenizer(tokenizer)
-        text = _chat_prompt_text(
-            tokenizer,
-            prompts.literal,
-            request.messages,
-            request.chat_template_kwargs or {},
-            request.tools,
-        )
-        return prompts.encode(text, request.cache_scope.digest())
+        return chat_prompt_tokens(tokenizer, request, prompts).ids
     if request.prompt_token_ids is not None:
         _check_token_ids(tokenizer, request.prompt_token_ids)
         return list(request.prompt_token_ids)
@@ -141,6 +134,31 @@ def prompt_token_ids(
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
     return ids
+
+
+def chat_prompt_tokens(
+    tokenizer: Any, request: GenerationRequest, prompts: PromptTokenizer | None = None
+) -> DocumentTokens:
+    """A chat's prompt ids; where the request reuses its documents' KV, each document found in the
+    rendered prompt is tokenized on its own and its span returned (``document_prompt``)."""
+    assert request.messages is not None
+    prompts = prompts or PromptTokenizer(tokenizer)
+    text = _chat_prompt_text(
+        tokenizer,
+        prompts.literal,
+        request.messages,
+        request.chat_template_kwargs or {},
+        request.tools,
+    )
+    scope = request.cache_scope.digest()
+    if not request.reusable_documents:
+        return DocumentTokens(prompts.encode(text, scope), [])
+    return tokenize_with_documents(
+        text,
+        request.reusable_documents,
+        lambda piece: prompts.encode(piece, scope),
+        prompts.literal.escape_text,
+    )
 
 
 def _chat_prompt_text(

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ragllm.engines.inprocess.kv.block_tables import BlockTables
+from ragllm.engines.inprocess.kv.document_store import DocumentBlend
 from ragllm.engines.inprocess.prefill_policy import PrefillPolicy
 from ragllm.engines.inprocess.sequence import Sequence, SequenceStatus
 from ragllm.errors import ContextLengthExceeded, EngineOverloaded
@@ -91,6 +92,13 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)
     # Prompt tokens of requests whose prefill starts this step (each request counted once).
     num_prompt_tokens_started: int = 0
+
+
+def blend_cost(blend: DocumentBlend, remaining: int) -> int:
+    """Tokens a blend computes, roughly, for the step budget: everything but the stored documents
+    it reuses, plus a quarter of those (the layers computed whole, the share recomputed)."""
+    reused = sum(p.span.length for p in blend.placements if not p.fill)
+    return remaining - reused + reused // 4
 
 
 class Scheduler:
@@ -236,12 +244,17 @@ class Scheduler:
             if sequence.status is not SequenceStatus.PREFILLING or sequence.leader is not None:
                 continue  # a follower's prompt is its leader's: it starts when the leader's is done
             target = sequence.prefill_ids()
-            size = policy.chunk(
-                len(target) - sequence.num_computed,
-                budget,
-                head=not chunks,
-                decoding=num_decoding > 0,
-            )
+            remaining = len(target) - sequence.num_computed
+            if sequence.blend is not None:
+                # A blend runs whole (it chooses what to recompute over the whole prompt); it costs
+                # what it computes, which is mostly not the documents it reuses.
+                cost = blend_cost(sequence.blend, remaining)
+                if chunks and cost > budget:
+                    break
+                budget -= cost
+                chunks.append(PrefillChunkPlan(sequence, target, sequence.num_computed, remaining))
+                continue
+            size = policy.chunk(remaining, budget, head=not chunks, decoding=num_decoding > 0)
             if size <= 0:
                 break  # first come, first served: no later prompt overtakes this one
             budget -= size
@@ -268,6 +281,7 @@ class Scheduler:
         for chunk in plan.prefill:
             sequence = chunk.sequence
             sequence.num_computed += chunk.num_tokens
+            self.blocks.blended(sequence)
             self.blocks.register_full(sequence, sequence.num_computed)
             if chunk.completes:
                 sequence.status = SequenceStatus.DECODING

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ragllm.engines.inprocess.detokenizer import IncrementalDetokenizer, StopMatcher
+from ragllm.engines.inprocess.kv.document_store import DocumentBlend, DocumentSpan
 from ragllm.generation import Delta, FinishReason, SamplingParams, TokenLogprob
 from ragllm.structured.closing import Closer
 from ragllm.structured.grammars import Grammar
@@ -69,6 +70,14 @@ class Sequence:
     num_cached_tokens: int | None = (
         None  # prompt tokens found in the prefix cache when first admitted
     )
+    # Documents of the prompt whose KV may be reused at any position (rag.kv_reuse), and what the
+    # next prefill reuses of them (set at admission, cleared once it has run).
+    documents: list[DocumentSpan] = field(default_factory=list)
+    blend: DocumentBlend | None = None
+    # Positions from here on hold KV blended from stored documents (or computed after it): an
+    # approximation, so their blocks are never registered for prefix sharing. None: all exact.
+    exact_until: int | None = None
+    documents_counted: bool = False  # the first blend's reused tokens are in num_cached_tokens
 
     @property
     def remaining_tokens(self) -> int:

@@ -60,12 +60,13 @@ class SequenceBuilder:
 
     def prompt_and_grammars(
         self, request: GenerationRequest, blocks: Any
-    ) -> tuple[list[int], list[Any], list[bytes], list[Closer | None]]:
+    ) -> tuple[list[int], list[Any], list[bytes], list[Closer | None], list[Any]]:
         """Off the event loop in one hop: the prompt's ids, each choice's position in the structured
         output's grammar (None each where there is none), the prompt's block hashes for the
         prefix cache (hashed here rather than on the engine thread, which every stream waits on),
-        and each choice's closer (``closer``)."""
-        prompt_ids = self.prompt_ids(request)
+        each choice's closer (``closer``) and the prompt's documents whose KV may be reused at any
+        position (``kv.document_store.DocumentSpan``; none unless the request asks)."""
+        prompt_ids, spans = self.prompt_ids_and_documents(request)
         thinking = self.thinking_grammar(request, prompt_ids)
         structured = _answer_constraint(request, thinking)
         grammars = (
@@ -74,8 +75,10 @@ class SequenceBuilder:
             else [self.grammars.grammar(structured, thinking) for _ in range(request.params.n)]
         )
         closers = [self.closer(grammar, thinking) for grammar in grammars]
-        hashes = blocks.prompt_hashes(prompt_ids, request.cache_scope.digest())
-        return prompt_ids, grammars, hashes, closers
+        scope = request.cache_scope.digest()
+        hashes = blocks.prompt_hashes(prompt_ids, scope)
+        documents = blocks.document_spans(prompt_ids, spans, scope)
+        return prompt_ids, grammars, hashes, closers, documents
 
     def closing_search(self) -> ClosingSearch:
         """The way-out search over this tokenizer, read from its vocabulary on first use (about a
@@ -113,9 +116,21 @@ class SequenceBuilder:
         return ThinkingGrammar(markers, opened, budget)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        from ragllm.engines.inprocess.loading import prompt_token_ids
+        return self.prompt_ids_and_documents(request)[0]
 
-        ids = prompt_token_ids(self.tokenizer, request, self._prompt_tokenizer)
+    def prompt_ids_and_documents(
+        self, request: GenerationRequest
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The prompt's ids and the token span of each document it reuses (none unless the request
+        lists ``reusable_documents``)."""
+        from ragllm.engines.inprocess.loading import chat_prompt_tokens, prompt_token_ids
+
+        spans: list[tuple[int, int]] = []
+        if request.messages is not None and request.reusable_documents:
+            tokens = chat_prompt_tokens(self.tokenizer, request, self._prompt_tokenizer)
+            ids, spans = tokens.ids, tokens.spans
+        else:
+            ids = prompt_token_ids(self.tokenizer, request, self._prompt_tokenizer)
         # A tokenizer with tokens the model has no embedding for would crash the device (CUDA asserts
         # on an out-of-range index and the context is lost): refuse the request instead.
         if max(ids) >= self._embedding_rows:
@@ -123,7 +138,7 @@ class SequenceBuilder:
                 f"the tokenizer produced token id {max(ids)}, but the model embeds only "
                 f"{self._embedding_rows} tokens: the tokenizer does not match the model"
             )
-        return ids
+        return ids, spans
 
     def new_sequence(
         self,

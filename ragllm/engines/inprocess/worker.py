@@ -237,16 +237,21 @@ class Worker:
             self._ahead = None  # launched for a batch that no longer holds its blocks
         self._decode(plan.decode, results)
         self.num_prompt_tokens_started += plan.num_prompt_tokens_started
+        plain = [c for c in plan.prefill if c.sequence.blend is None]
         all_logits = (
             self.runner.prefill_many(
-                [PrefillChunk(c.sequence.block_table, c.token_ids, c.start) for c in plan.prefill]
+                [PrefillChunk(c.sequence.block_table, c.token_ids, c.start) for c in plain]
             )
-            if plan.prefill
+            if plain
             else []
         )
-        completed = {
-            id(c.sequence): logits for c, logits in zip(plan.prefill, all_logits) if c.completes
-        }
+        completed = {id(c.sequence): logits for c, logits in zip(plain, all_logits) if c.completes}
+        for chunk in plan.prefill:
+            blend = chunk.sequence.blend
+            if blend is not None:  # documents reused at any position: one whole chunk
+                completed[id(chunk.sequence)] = self.runner.blend(
+                    chunk.sequence.block_table, chunk.target, chunk.start, blend
+                )
         for group in self.scheduler.update(plan):
             # Every choice draws its first token from the same last-position logits.
             logits = completed[id(group[0])]

@@ -15,6 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ragllm.engines.inprocess.kv.blocks import BlockPool, extend_block_hashes
+from ragllm.engines.inprocess.kv.document_store import (
+    DocumentBlend,
+    DocumentPlacement,
+    DocumentSpan,
+    DocumentStore,
+    StoredDocument,
+    document_spans,
+)
 from ragllm.engines.inprocess.sequence import Sequence
 
 # Blocks kept free at admission (1% of the pool, at least one) so that sequences just admitted do
@@ -25,6 +33,7 @@ WATERMARK_SHARE = 0.01
 class BlockTables:
     def __init__(self, pool: BlockPool, salt: bytes) -> None:
         self.pool = pool
+        self.documents = DocumentStore(pool)
         self.block_size = pool.block_size
         self._salt = salt
         self._watermark = max(1, int(pool.num_usable * WATERMARK_SHARE))
@@ -42,6 +51,12 @@ class BlockTables:
             extend_block_hashes(hashes, prompt_ids, self.block_size, self._salt + scope_salt)
         return hashes
 
+    def document_spans(
+        self, prompt_ids: list[int], spans: list[tuple[int, int]], scope_salt: bytes = b""
+    ) -> list[DocumentSpan]:
+        """Keys of a prompt's documents for reuse at any position (pure, like ``prompt_hashes``)."""
+        return document_spans(prompt_ids, spans, self._salt + scope_salt)
+
     def admit(self, group: list[Sequence], alone: bool) -> bool:
         """Give a waiting sequence (and its followers, not yet started) the blocks it needs; False,
         touching nothing, when they are not free. ``alone``: nothing runs, so no watermark is kept."""
@@ -57,10 +72,14 @@ class BlockTables:
         fresh = self.blocks_for(len(tokens)) - len(cached)
         copies = len(group) - 1 if len(leader.prompt_ids) % self.block_size else 0
         margin = 0 if alone else self._watermark
-        if fresh + copies + margin > self.pool.num_free - self.pool.num_unreferenced(cached):
+        room = self.pool.num_free - self.pool.num_unreferenced(cached) - (fresh + copies + margin)
+        if room < 0:
             return False
         self.pool.take(cached)
+        found, missing = self._documents_to_reuse(leader, len(cached) * self.block_size, room)
         leader.block_table = cached + self.pool.allocate(fresh)
+        leader.blend = self._reserve_documents(found, missing)
+        leader.exact_until = leader.blend.first if leader.blend is not None else None
         leader.num_registered = len(cached)
         leader.num_computed = len(cached) * self.block_size
         if leader.num_cached_tokens is None:  # what the client is told: the first admission's hit
@@ -70,6 +89,62 @@ class BlockTables:
         for follower in group[1:]:
             follower.block_table = self.pool.allocate(1) if copies else []
         return True
+
+    def _documents_to_reuse(
+        self, leader: Sequence, start: int, room: int
+    ) -> tuple[list[tuple[DocumentSpan, StoredDocument]], list[DocumentSpan]]:
+        """The leader's documents past its cached prefix: those stored (their blocks taken now, so
+        that nothing evicts them before the blend) and those to compute and store, as many as ``room``
+        blocks allow (the rest are computed with the prompt, as without reuse)."""
+        found: list[tuple[DocumentSpan, StoredDocument]] = []
+        missing: list[DocumentSpan] = []
+        for span in leader.documents:
+            if span.start < start:
+                continue  # in the cached prefix: exact already
+            stored = self.documents.find(span.key)
+            if stored is None:
+                cost = self.documents.blocks_to_fill(span)
+                if cost <= room:
+                    room -= cost
+                    missing.append(span)
+                continue
+            cost = self.pool.num_unreferenced(list(stored.blocks))
+            if cost <= room:
+                room -= cost
+                self.pool.take(list(stored.blocks))
+                found.append((span, stored))
+        return found, missing
+
+    def _reserve_documents(
+        self, found: list[tuple[DocumentSpan, StoredDocument]], missing: list[DocumentSpan]
+    ) -> DocumentBlend | None:
+        placements = [DocumentPlacement(span, stored, fill=False) for span, stored in found]
+        held = [block for _, stored in found for block in stored.blocks]
+        for span in missing:
+            blocks = self.pool.allocate(self.documents.blocks_to_fill(span))
+            held += blocks
+            placements.append(DocumentPlacement(span, self.documents.reserve(span, blocks), True))
+        if not placements:
+            return None
+        placements.sort(key=lambda placement: placement.span.start)
+        return DocumentBlend(placements, held)
+
+    def blended(self, sequence: Sequence) -> None:
+        """The sequence's blend has run: documents it computed are stored, the blocks it held go
+        back (stored ones stay cached), and its first blend's reused tokens count as cached."""
+        blend = sequence.blend
+        if blend is None:
+            return
+        for placement in blend.placements:
+            if placement.fill:
+                self.documents.keep(placement.span, placement.stored)
+        self.documents.count(blend)
+        self.pool.release(blend.held)
+        sequence.blend = None
+        if not sequence.documents_counted:
+            sequence.documents_counted = True
+            reused = sum(p.span.length - p.recomputed for p in blend.placements if not p.fill)
+            sequence.num_cached_tokens = (sequence.num_cached_tokens or 0) + reused
 
     def grow(self, sequence: Sequence, position: int) -> bool:
         """Make sure a block holds ``position``; False when none is free."""
@@ -83,6 +158,8 @@ class BlockTables:
     def register_full(self, sequence: Sequence, num_positions: int) -> None:
         """The first ``num_positions`` positions hold their final keys and values: register the full
         blocks among them for sharing."""
+        if sequence.exact_until is not None:
+            num_positions = min(num_positions, sequence.exact_until)
         full = num_positions // self.block_size
         if full <= sequence.num_registered or not self.pool.prefix_caching:
             return
@@ -115,6 +192,9 @@ class BlockTables:
         follower.num_cached_tokens = leader.num_cached_tokens
 
     def free(self, sequence: Sequence) -> None:
+        if sequence.blend is not None:  # admitted, its blend not run: what it held goes back
+            self.pool.release(sequence.blend.held)
+            sequence.blend = None
         self.pool.release(sequence.block_table)
         sequence.block_table = []
         sequence.num_registered = 0

@@ -115,6 +115,16 @@ class BlockPool:
         self._by_hash[block_hash] = block
         self._hash_of[block] = block_hash
 
+    def keep(self, block: int, block_hash: bytes) -> None:
+        """Register a block under a key of its own (a stored document's, ``document_store``), whether
+        or not prefix caching is on: unreferenced, it is cached and evicted like any other."""
+        if block not in self._hash_of and block_hash not in self._by_hash:
+            self._by_hash[block_hash] = block
+            self._hash_of[block] = block_hash
+
+    def block_of(self, block_hash: bytes) -> int | None:
+        return self._by_hash.get(block_hash)
+
     def num_unreferenced(self, blocks: list[int]) -> int:
         """How many of ``blocks`` count as free now (cached, but no sequence holds them)."""
         return sum(1 for block in blocks if self._refs[block] == 0)

@@ -95,6 +95,12 @@ class PagedKVCache:
             self.gather(self.values[layer], tables, length, self.compute_dtype, self.value_scale),
         )
 
+    def values_at(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Values at flat ``rows`` of one layer, in the model's dtype: [rows, kv_heads, head_dim]."""
+        values = self.values[layer][rows // self.block_size, :, rows % self.block_size]
+        values = values.to(self.compute_dtype)
+        return values * self.value_scale if self.value_scale != 1.0 else values
+
     @staticmethod
     def write_rows(
         layer_cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor, scale: float = 1.0

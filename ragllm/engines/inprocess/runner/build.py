@@ -21,6 +21,7 @@ def build_runner(
         memory_bytes=settings.kv_cache_memory_bytes,
         prefix_caching=settings.enable_prefix_caching,
         dtype=kv_storage_dtype(resolved_kv_cache_dtype(settings.kv_cache_dtype, model_path)),
+        document_recompute_share=settings.document_kv_recompute_share,
     )
     if device.type != "cuda":
         return ModelRunner(model, max_model_len, kv)

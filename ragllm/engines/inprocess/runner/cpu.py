@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ragllm.engines.inprocess.kv.document_store import DocumentBlend
 from ragllm.engines.inprocess.kv.paged_cache import FP8, PagedKVCache
+from ragllm.engines.inprocess.runner.document_blend import DocumentBlender
 from ragllm.errors import ModelLoadError
 
 # Architectures whose decoder layer is: norm → attention (rope, GQA) → residual → norm → MLP.
@@ -48,6 +50,8 @@ class KVCacheOptions:
     )
     key_scale: float = 1.0  # fp8 only: stored = value / scale
     value_scale: float = 1.0
+    # Document KV reuse: the share of a reused document's tokens recomputed (``document_blend``).
+    document_recompute_share: float = 0.15
 
 
 # vLLM's --kv-cache-dtype names this engine stores (fp8 is e4m3, as in vLLM); None or "auto": the model's.
@@ -113,6 +117,7 @@ class ModelRunner:
             kv.value_scale,
         )
         self.cos, self.sin = self._rotary_tables(model, max_model_len)
+        self.blender = DocumentBlender(self, kv.document_recompute_share)
 
     @property
     def bytes_per_block(self) -> int:
@@ -153,7 +158,7 @@ class ModelRunner:
         """``prefill`` of each chunk; a runner may batch them."""
         return [self.prefill(*chunk) for chunk in chunks]
 
-    def _attention_backends(self) -> contextlib.AbstractContextManager:
+    def attention_backends(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
             return sdpa_kernel(_CUDA_ATTENTION_BACKENDS)
         return contextlib.nullcontext()
@@ -179,7 +184,7 @@ class ModelRunner:
         if start:
             causal = torch.arange(end, device=self.device)[None, :] <= positions[:, None]
         hidden = self.model.model.embed_tokens(ids)
-        with self._attention_backends():
+        with self.attention_backends():
             for layer_index, layer in enumerate(self.layers):
                 hidden = self._layer(
                     layer,
@@ -191,7 +196,13 @@ class ModelRunner:
                         q, k, v, li, rows, table, causal
                     ),
                 )
-        return self._logits(hidden[:, -1])[0]
+        return self.logits(hidden[:, -1])[0]
+
+    def blend(
+        self, block_table: list[int], target: list[int], start: int, blend: DocumentBlend
+    ) -> torch.Tensor:
+        """``prefill`` of ``target[start:]`` reusing stored documents' KV (``document_blend``)."""
+        return self.blender.blend(block_table, target, start, blend)
 
     def blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
@@ -222,7 +233,7 @@ class ModelRunner:
         visible = torch.arange(max_end, device=self.device)[None, :] <= position_tensor[:, None]
         mask = visible[:, None, None, :]  # [batch, 1, 1, keys]
         hidden = self.model.model.embed_tokens(ids)
-        with self._attention_backends():
+        with self.attention_backends():
             for layer_index, layer in enumerate(self.layers):
                 hidden = self._layer(
                     layer,
@@ -234,7 +245,7 @@ class ModelRunner:
                         q, k, v, li, rows, tables, max_end, mask
                     ),
                 )
-        return self._logits(hidden[:, 0])
+        return self.logits(hidden[:, 0])
 
     def _layer(
         self,
@@ -300,7 +311,7 @@ class ModelRunner:
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
         return out.reshape(batch, 1, self.num_heads * self.head_dim)
 
-    def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(last_hidden)).float()
 
 

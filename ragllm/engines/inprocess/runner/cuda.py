@@ -164,7 +164,7 @@ class CudaGraphRunner(ModelRunner):
     def _causal_attention(self, qkv: torch.Tensor, batch: int, length: int) -> torch.Tensor:
         """Attention within each of ``batch`` whole prompts of ``length`` tokens (flat, batch-major)."""
         query, key, value = self._split(qkv, batch, length)
-        with self._attention_backends():
+        with self.attention_backends():
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, enable_gqa=True)
         return out.transpose(1, 2).reshape(batch * length, self.num_heads * self.head_dim)
 

@@ -1,0 +1,223 @@
+"""Document KV reuse at any position (rag.kv_reuse) in the worker, on a tiny random model in float32:
+stored documents placed at new positions, blended with a share recomputed; with the whole share
+recomputed the answer is a full prefill's, tenants never share, an edited document is another
+document, and the store's blocks are ordinary cached blocks that pressure evicts."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ragllm.engines.inprocess.runner.cpu import KVCacheOptions
+from ragllm.engines.inprocess.sequence import Sequence
+from tests.support.letter_model import (
+    MODEL,
+    check_against_reference,
+    choices_of,
+    greedy_sequence,
+    make_worker,
+    run_to_completion,
+)
+
+BLOCK = 16
+RNG = random.Random(11)
+TEMPLATE = [
+    RNG.randrange(1, 200) for _ in range(21)
+]  # not a whole block: documents start mid-block
+DOCUMENTS = [[RNG.randrange(1, 200) for _ in range(30 + 11 * d)] for d in range(6)]
+SEPARATOR = [5, 6]
+
+
+def rag_prompt(order: list[int], question: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    ids, spans = list(TEMPLATE), []
+    for index in order:
+        spans.append((len(ids), len(ids) + len(DOCUMENTS[index])))
+        ids += DOCUMENTS[index] + SEPARATOR
+    return ids + question, spans
+
+
+def reusing(worker, request_id: str, order: list[int], question: list[int], scope=b"") -> Sequence:
+    ids, spans = rag_prompt(order, question)
+    sequence = greedy_sequence(request_id, ids, 6)
+    sequence.scope_salt = scope
+    sequence.documents = worker.scheduler.blocks.document_spans(ids, spans, scope)
+    return sequence
+
+
+def worker_with(share: float, num_blocks: int = 200, **limits):
+    return make_worker(
+        KVCacheOptions(block_size=BLOCK, num_blocks=num_blocks, document_recompute_share=share),
+        **limits,
+    )
+
+
+def full_prefill_logits(ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return MODEL(torch.tensor([ids])).logits[0, -1].float()
+
+
+def blended_logits(worker, sequence: Sequence) -> torch.Tensor:
+    """The logits the blend hands to sampling for ``sequence`` (its prompt's last position)."""
+    seen: list[torch.Tensor] = []
+    real = worker.runner.blend
+    worker.runner.blend = lambda *args: seen.append(real(*args)) or seen[-1]
+    try:
+        run_to_completion(worker, {0: [sequence]})
+    finally:
+        worker.runner.blend = real
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_documents_in_a_new_order_are_reused_and_with_everything_recomputed_answer_as_a_full_prefill():
+    worker = worker_with(share=1.0)
+    first = reusing(worker, "a", [0, 1, 2], [7, 8, 9])
+    run_to_completion(worker, {0: [first]})
+    again = reusing(worker, "b", [2, 0, 1], [9, 8])
+    run_to_completion(worker, {0: [again]})
+    store = worker.scheduler.blocks.documents
+    assert (store.misses, store.hits) == (3, 3)
+    assert store.tokens_reused == 0  # everything recomputed: nothing kept as stored
+    check_against_reference([first, again])
+
+
+def test_kv_of_a_reused_document_matches_a_full_prefill():
+    """Share 1: every layer's keys and values of the placed documents equal a full prefill's; share
+    0.15: the next token's distribution stays within a KL of 0.05 of the full prefill's."""
+    for share, bound in ((1.0, 1e-6), (0.15, 0.05)):
+        worker = worker_with(share)
+        run_to_completion(worker, {0: [reusing(worker, "store", [3, 4, 5], [1])]})
+        sequence = reusing(worker, "reuse", [5, 3, 4], [4, 2, 2])
+        logits = blended_logits(worker, sequence)
+        expected = full_prefill_logits(sequence.prompt_ids)
+        divergence = torch.nn.functional.kl_div(
+            logits.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="sum"
+        )
+        assert float(divergence) <= bound, (share, float(divergence))
+        assert worker.scheduler.blocks.documents.hits == 3
+
+
+def test_share_one_writes_the_full_prefills_keys_and_values():
+    worker = worker_with(share=1.0)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1], [1])]})
+    sequence = reusing(worker, "reuse", [1, 0], [3])
+    sequence.stop_token_ids = frozenset()
+    cache = worker.runner.cache
+    captured = {}
+    real = worker.runner.blend
+
+    def capture(table, target, start, blend):
+        logits = real(table, target, start, blend)
+        rows = cache.rows_of(table, 0, len(target))
+        captured["kv"] = cache.storage[:, :, rows // BLOCK, :, rows % BLOCK].clone()
+        return logits
+
+    worker.runner.blend = capture
+    run_to_completion(worker, {0: [sequence]})
+    # A full prefill of the same prompt into fresh blocks of another runner, read back the same way.
+    reference = worker_with(share=1.0).runner
+    table = list(range(1, 1 + -(-len(sequence.prompt_ids) // BLOCK)))
+    reference.prefill(table, sequence.prompt_ids, 0)
+    rows = reference.cache.rows_of(table, 0, len(sequence.prompt_ids))
+    expected = reference.cache.storage[:, :, rows // BLOCK, :, rows % BLOCK]
+    torch.testing.assert_close(captured["kv"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reuse_never_crosses_tenants():
+    worker = worker_with(share=0.15)
+    run_to_completion(worker, {0: [reusing(worker, "a", [0, 1], [1], scope=b"tenant-a")]})
+    other = reusing(worker, "b", [1, 0], [1], scope=b"tenant-b")
+    run_to_completion(worker, {0: [other]})
+    store = worker.scheduler.blocks.documents
+    assert (store.hits, store.misses) == (0, 4)
+    assert other.num_cached_tokens == 0  # not even the template: prefix blocks are scoped too
+    same = reusing(worker, "c", [1, 0], [2], scope=b"tenant-a")
+    run_to_completion(worker, {0: [same]})
+    assert store.hits == 2 and same.num_cached_tokens > 0
+
+
+def test_a_document_changed_by_one_token_is_not_reused():
+    worker = worker_with(share=0.15)
+    run_to_completion(worker, {0: [reusing(worker, "a", [0, 1], [1])]})
+    ids, spans = rag_prompt([1, 0], [1])
+    ids[spans[1][0] + 7] += 1  # one token of document 0 differs
+    edited = greedy_sequence("b", ids, 4)
+    edited.documents = worker.scheduler.blocks.document_spans(ids, spans)
+    run_to_completion(worker, {0: [edited]})
+    store = worker.scheduler.blocks.documents
+    assert (store.hits, store.misses) == (1, 3)
+
+
+def test_reused_tokens_count_as_cached_and_blended_blocks_are_never_shared_as_a_prefix():
+    worker = worker_with(share=0.15)
+    run_to_completion(worker, {0: [reusing(worker, "a", [0, 1, 2], [1])]})
+    again = reusing(worker, "b", [2, 1, 0], [1])
+    run_to_completion(worker, {0: [again]})
+    store = worker.scheduler.blocks.documents
+    template_blocks = len(TEMPLATE) // BLOCK * BLOCK
+    assert again.num_cached_tokens == template_blocks + store.tokens_reused
+    # The same prompt again: only the exact prefix (the template's full block) comes from the
+    # prefix cache; the blended documents are reused from the store, not shared as a prefix.
+    third = reusing(worker, "c", [2, 1, 0], [1])
+    run_to_completion(worker, {0: [third]})
+    assert store.hits == 6
+    assert worker.scheduler.blocks.pool.hits == 2 * template_blocks  # b's and c's
+
+
+def test_store_blocks_are_evicted_under_pressure_and_nothing_leaks():
+    # 40 blocks: one 512-token window and a little more; each prompt stores 3 documents of its own.
+    worker = worker_with(share=0.15, num_blocks=40, max_num_batched_tokens=512)
+    pool, store = worker.scheduler.blocks.pool, worker.scheduler.blocks.documents
+    for round_ in range(4):
+        for order in ([0, 1, 2], [3, 4, 5], [2, 4, 0]):
+            sequence = reusing(worker, f"r{round_}{order}", order, [round_ + 1])
+            run_to_completion(worker, {0: [sequence]})
+            assert store.num_blocks <= pool.num_usable
+            assert pool.num_free == pool.num_usable  # stored blocks are free to evict
+    assert store.misses > 6  # pressure evicted stored documents, which were computed again
+    assert store.hits > 0
+
+
+def test_a_blend_survives_preemption_and_choices_fork_off_it():
+    worker = worker_with(share=1.0, num_blocks=40, max_num_seqs=4, max_num_batched_tokens=512)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1], [1])]})
+    sequences = [reusing(worker, f"r{r}", [1, 0], [r + 1] * (10 + 20 * r)) for r in range(4)]
+    for sequence in sequences:
+        sequence.max_tokens = 90
+        sequence.stop_token_ids = frozenset()
+    run_to_completion(worker, {0: sequences})
+    assert worker.scheduler.blocks.num_preemptions > 0
+    for sequence in sequences:
+        with torch.no_grad():
+            expected = MODEL.generate(
+                torch.tensor([sequence.prompt_ids]),
+                do_sample=False,
+                max_new_tokens=90,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(sequence.prompt_ids) :]
+        assert sequence.output_ids == expected.tolist(), sequence.request_id
+    ids, spans = rag_prompt([0, 1], [3])
+    group = choices_of("n", ids, 5, [1, 2, 3])
+    group[0].documents = worker.scheduler.blocks.document_spans(ids, spans)
+    run_to_completion(worker, {0: [group[0]]})
+    assert all(len(choice.output_ids) == 5 for choice in group)
+    pool = worker.scheduler.blocks.pool
+    assert pool.num_free == pool.num_usable
+
+
+def test_an_aborted_request_gives_back_the_blocks_its_blend_held():
+    worker = worker_with(share=0.15, max_num_batched_tokens=64, chunked_prefill=True)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1], [1])]})
+    busy = greedy_sequence("busy", list(range(1, 200)), 30)  # prefills in chunks, ahead in line
+    sequence = reusing(worker, "gone", [1, 0, 2], [2])
+    worker.submit(busy)
+    worker.submit(sequence)
+    worker.run_once()
+    assert sequence.blend is not None and sequence.blend.held  # admitted, its blend not yet run
+    worker.abort("gone")
+    run_to_completion(worker, {})
+    pool = worker.scheduler.blocks.pool
+    assert pool.num_free == pool.num_usable
+    assert worker.scheduler.blocks.documents.misses == 2  # only the first request's documents
