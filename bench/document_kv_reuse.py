@@ -164,7 +164,7 @@ async def engine_with(args: argparse.Namespace, model: str, share: float) -> Tra
             model=model,
             device=args.device,
             document_kv_recompute_share=share,
-            max_num_batched_tokens=max(2048, args.documents * args.doc_tokens * 2),
+            max_num_batched_tokens=max(8192, args.documents * args.doc_tokens * 6),
         )
     )
     await engine.start()

@@ -15,6 +15,7 @@ each answer; both are printed and stored in the JSON, with the seconds each run 
         --per-kind 4 --max-tokens 64                 # one server per model (make eval-model), in turn
     python bench/rag_eval.py --url http://host:8081 --model NAME [--model OTHER] [--citations parsed]
     python bench/rag_eval.py --citations parsed --order both   # documents by score, then by id
+    python bench/rag_eval.py --citations parsed --kv-reuse both  # full prefill, then reused KV
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def parse_args() -> argparse.Namespace:
         default="relevance",
         help="rag.order: documents laid out by score, by id, or each in turn",
     )
+    parser.add_argument(
+        "--kv-reuse",
+        choices=("off", "on", "both"),
+        default="off",
+        help="rag.kv_reuse: on sends each case's documents once in reverse order first, so the "
+        "scored request reuses their stored KV at new positions; both: off, then on",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/rag_eval.json"))
     return parser.parse_args()
 
@@ -110,18 +118,32 @@ def sample(cases: list[dict], per_kind: int | None) -> list[dict]:
 
 
 def evaluate(
-    client: RagClient, cases: list[dict], max_tokens: int, citations: bool | str, order: str
+    client: RagClient,
+    cases: list[dict],
+    max_tokens: int,
+    citations: bool | str,
+    order: str,
+    kv_reuse: bool = False,
 ) -> dict:
     rows = []
     started = time.monotonic()
+    options = RagOptions(citations=citations, order=order, kv_reuse=kv_reuse)
+    no_cache = {"Cache-Control": "no-cache, no-store"}
     for case in cases:
+        documents = [Document(**d) for d in case["documents"]]
+        if kv_reuse:  # store the documents' KV with another layout: reversed, unscored
+            reversed_ = [d.model_copy(update={"score": None}) for d in reversed(documents)]
+            stored = RagOptions(citations=False, order="relevance", kv_reuse=True)
+            client.answer(
+                case["question"], reversed_, max_tokens=1, options=stored, extra_headers=no_cache
+            )
         answer = client.answer(
             case["question"],
-            [Document(**d) for d in case["documents"]],
+            documents,
             temperature=0,
             max_tokens=max_tokens,
-            options=RagOptions(citations=citations, order=order),
-            extra_headers={"Cache-Control": "no-cache, no-store"},
+            options=options,
+            extra_headers=no_cache,
         )
         found = [value for value in case["expected"] if fact_found(value, answer.text)]
         rows.append(
@@ -189,6 +211,7 @@ def main() -> None:
     cases = sample(all_cases, args.per_kind)
     modes = {"both": ("parsed", "constrained")}.get(args.citations, (args.citations,))
     orders = {"both": ("relevance", "stable")}.get(args.order, (args.order,))
+    reuses = {"off": (False,), "on": (True,), "both": (False, True)}[args.kv_reuse]
     report = {
         "benchmark": "rag_eval",
         "cases_file": str(CASES),
@@ -205,9 +228,11 @@ def main() -> None:
             for mode in modes:
                 citations = "constrained" if mode == "constrained" else True
                 for order in orders:
-                    run = evaluate(client, cases, args.max_tokens, citations, order)
-                    report["runs"][f"{model} / {mode} / {order}"] = run
-                    print(f"{model} / {mode} / {order}: {run['summary']['seconds']} s", flush=True)
+                    for reuse in reuses:
+                        run = evaluate(client, cases, args.max_tokens, citations, order, reuse)
+                        name = f"{model} / {mode} / {order}" + (" / kv_reuse" if reuse else "")
+                        report["runs"][name] = run
+                        print(f"{name}: {run['summary']['seconds']} s", flush=True)
             client.close()
     print_table(report, per_kind=args.per_kind)
     write_report(args.json, report)

@@ -493,3 +493,37 @@ def test_decode_steps_queued_far_ahead_each_read_their_own_inputs():
         results[graphs] = torch.stack(steps)
     scale = results[False].abs().max()
     assert (results[True] - results[False]).abs().max() <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_blend_with_every_token_recomputed_matches_the_fused_prefill(device):
+    """Document reuse on the CUDA path's runner: a document stored after the context, placed at a
+    new position behind another and blended with the whole share recomputed, gives the logits of
+    the runner's own prefill of the same prompt."""
+    from ragllm.engines.inprocess.kv.document_store import (
+        DocumentBlend,
+        DocumentPlacement,
+        DocumentSpan,
+        StoredDocument,
+    )
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model("qwen2", seed=4, dtype=dtype).to(device)
+    runner = _runner(model)
+    runner.blender.share = 1.0
+    context, first, second, question = [3] * 21, list(range(30, 70)), list(range(80, 113)), [9, 8]
+    # ``second`` stored right after the context, in blocks 40.. (the context's blocks 1-2 shared).
+    runner.prefill([1, 2], context, 0)
+    runner.copy_block(2, 40)
+    runner.prefill([1, 40, 41, 42], second, len(context))
+    stored = StoredDocument((40, 41, 42), (), len(context) % 16, len(context), len(second))
+    prompt = context + first + second + question
+    table = list(range(100, 100 + -(-len(prompt) // 16)))
+    runner.prefill(table, context, 0)
+    span = DocumentSpan(len(context) + len(first), len(context) + len(first) + len(second), b"", 21)
+    blend = DocumentBlend([DocumentPlacement(span, stored, fill=False)])
+    blended = runner.blend(table, prompt, len(context), blend)
+    expected = runner.prefill(list(range(200, 200 + len(table))), prompt, 0)
+    scale = expected.abs().max()
+    torch.testing.assert_close(blended / scale, expected / scale, atol=TOLERANCE[dtype], rtol=0)
+    assert blend.placements[0].recomputed == len(second)

@@ -129,6 +129,13 @@ class BlockTables:
         placements.sort(key=lambda placement: placement.span.start)
         return DocumentBlend(placements, held)
 
+    def drop_blend(self, sequence: Sequence) -> None:
+        """Prefill the sequence without reuse after all: what its blend held goes back."""
+        if sequence.blend is not None:
+            self.pool.release(sequence.blend.held)
+            sequence.blend = None
+            sequence.exact_until = None
+
     def blended(self, sequence: Sequence) -> None:
         """The sequence's blend has run: documents it computed are stored, the blocks it held go
         back (stored ones stay cached), and its first blend's reused tokens count as cached."""
@@ -192,9 +199,7 @@ class BlockTables:
         follower.num_cached_tokens = leader.num_cached_tokens
 
     def free(self, sequence: Sequence) -> None:
-        if sequence.blend is not None:  # admitted, its blend not run: what it held goes back
-            self.pool.release(sequence.blend.held)
-            sequence.blend = None
+        self.drop_blend(sequence)  # admitted, its blend not run: what it held goes back
         self.pool.release(sequence.block_table)
         sequence.block_table = []
         sequence.num_registered = 0

@@ -40,6 +40,8 @@ CHECK_LAYER = 1
 # model (bench/document_kv_reuse.py, 10 prompts at a 0.15 share): the first answer token's KL
 # divergence from a full prefill fell from 0.059 to 0.009, identical answers rose from 1 in 10 to 8.
 HEAD_TOKENS = 16
+# Queries attended at once: a 32k-token prompt's mask is then 2,048 x 32k booleans, not 32k x 32k.
+QUERY_CHUNK = 2048
 
 
 class DocumentBlender:
@@ -93,30 +95,37 @@ class DocumentBlender:
             runner.prefill_many(chunks)
 
     def _place(self, block_table: list[int], placements: list[DocumentPlacement]) -> None:
-        """Every layer's stored keys and values into the prompt's rows, keys re-rotated."""
+        """Every layer's stored keys and values into the prompt's rows, keys re-rotated; one
+        document at a time (what it moves is [tokens, layers, 2, heads, head_dim])."""
         cache, block_size, device = self.runner.cache, self.runner.block_size, self.runner.device
-        sources, targets, shifts = [], [], []
+        storage = cache.storage  # [layers, 2, blocks, heads, block_size, dim]
         for placement in placements:
             stored, span = placement.stored, placement.span
             rows = torch.arange(stored.offset, stored.offset + span.length)
             blocks = torch.tensor(stored.blocks, dtype=torch.long)[rows // block_size]
-            sources.append(blocks * block_size + rows % block_size)
-            targets.append(cache.rows_of(block_table, span.start, span.end).cpu())
-            shifts.append(torch.full((span.length,), span.start - stored.base, dtype=torch.long))
-        source = torch.cat(sources).to(device)
-        target = torch.cat(targets).to(device)
-        shift = torch.cat(shifts).to(device)
-        storage = cache.storage  # [layers, 2, blocks, heads, block_size, dim]
-        moved = storage[:, :, source // block_size, :, source % block_size]  # [rows, L, 2, H, D]
-        keys = moved[:, :, 0].to(cache.compute_dtype)
+            source = (blocks * block_size + rows % block_size).to(device)
+            target = cache.rows_of(block_table, span.start, span.end)
+            moved = storage[:, :, source // block_size, :, source % block_size]
+            shift = span.start - stored.base
+            moved[:, :, 0] = self._rotated(moved[:, :, 0], shift)
+            storage[:, :, target // block_size, :, target % block_size] = moved
+
+    def _rotated(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+        """Stored keys (as the cache holds them) rotated ``shift`` positions further."""
+        cache = self.runner.cache
+        if shift == 0:
+            return keys
+        values = keys.to(cache.compute_dtype)
         if cache.dtype == FP8:
-            keys = keys * cache.key_scale
-        cos, sin = self._cos[shift][:, None, None], self._sin[shift][:, None, None]
-        keys = _rotate(keys, cos.to(keys.dtype), sin.to(keys.dtype))
+            values = values * cache.key_scale
+        # A document lands at or after where it was computed (the same context precedes both);
+        # a negative shift would rotate back: cos is even, sin odd.
+        cos = self._cos[abs(shift)].to(values.dtype)
+        sin = self._sin[abs(shift)].to(values.dtype) * (1 if shift > 0 else -1)
+        values = _rotate(values, cos, sin)
         if cache.dtype == FP8:
-            keys = (keys.float() / cache.key_scale).clamp(-FP8_MAX, FP8_MAX)
-        moved[:, :, 0] = keys.to(cache.dtype)
-        storage[:, :, target // block_size, :, target % block_size] = moved
+            values = (values.float() / cache.key_scale).clamp(-FP8_MAX, FP8_MAX)
+        return values.to(cache.dtype)
 
     def _forward(
         self,
@@ -187,10 +196,7 @@ class DocumentBlender:
             query, hidden = query[:, :, keep], hidden[:, keep]
             positions, rows = positions[keep], rows[keep]
         keys, values = runner.cache.read(index, table, end)
-        visible = torch.arange(end, device=positions.device)[None, :] <= positions[:, None]
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=visible, enable_gqa=True
-        )
+        out = _attend(query, keys, values, positions)
         out = out.transpose(1, 2).reshape(1, query.shape[2], runner.num_heads * runner.head_dim)
         hidden = hidden + attention.o_proj(out)
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -221,6 +227,24 @@ class DocumentBlender:
                 chosen[torch.topk(deviation[first:last], count).indices + first] = True
             placement.recomputed = int(chosen[first:last].sum())
         return torch.nonzero(chosen).flatten()
+
+
+def _attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Queries at ``positions`` over every key up to theirs, in runs of ``QUERY_CHUNK`` so that a
+    long prompt's mask stays small ([run, keys] booleans)."""
+    visible_up_to = torch.arange(keys.shape[2], device=positions.device)[None, :]
+    outputs = []
+    for first in range(0, query.shape[2], QUERY_CHUNK):
+        run = slice(first, first + QUERY_CHUNK)
+        mask = visible_up_to <= positions[run, None]
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, run], keys, values, attn_mask=mask, enable_gqa=True
+            )
+        )
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
 def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
