@@ -291,7 +291,8 @@ class TransformersEngine(Engine):
             self.release_admission()
             raise
         leader = sequences[0]
-        leader.block_hashes, leader.documents = block_hashes, documents
+        leader.block_hashes = block_hashes
+        leader.documents = documents if self.worker.runner.reuses_documents else []
         for sequence, grammar, closer in zip(sequences, grammars, closers):
             sequence.grammar, sequence.closer = grammar, closer
             if sequence is not leader:

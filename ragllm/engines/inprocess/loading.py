@@ -151,7 +151,9 @@ def chat_prompt_tokens(
         request.tools,
     )
     scope = request.cache_scope.digest()
-    if not request.reusable_documents:
+    # Cut only where the tokenizer tokenizes pieces independently (a SentencePiece tokenizer would
+    # mark each cut with a space): otherwise the prompt is tokenized whole and nothing is reused.
+    if not request.reusable_documents or not prompts.segmented:
         return DocumentTokens(prompts.encode(text, scope), [])
     return tokenize_with_documents(
         text,

@@ -94,11 +94,18 @@ class StepPlan:
     num_prompt_tokens_started: int = 0
 
 
+# The longest prompt (its tokens left to compute) a blend takes, in steps' token budgets: a blend
+# computes about a quarter of its tokens, so this keeps one near a step's work.
+MAX_BLEND_STEPS = 4
+
+
 def blend_cost(blend: DocumentBlend, remaining: int) -> int:
     """Tokens a blend computes, roughly, for the step budget: everything but the stored documents
-    it reuses, plus a quarter of those (the layers computed whole, the share recomputed)."""
+    it reuses, plus a quarter of those (the layers computed whole, the share recomputed), plus the
+    documents it computes and stores first (computed twice)."""
     reused = sum(p.span.length for p in blend.placements if not p.fill)
-    return remaining - reused + reused // 4
+    filled = sum(p.span.length for p in blend.placements if p.fill)
+    return remaining - reused + reused // 4 + filled
 
 
 class Scheduler:
@@ -245,6 +252,11 @@ class Scheduler:
                 continue  # a follower's prompt is its leader's: it starts when the leader's is done
             target = sequence.prefill_ids()
             remaining = len(target) - sequence.num_computed
+            if sequence.blend is not None and remaining > MAX_BLEND_STEPS * policy.step_tokens:
+                # A blend runs whole, its first layers over every token: one this long would hold a
+                # step, and the memory a step's activations may take, far past the budget; it is
+                # prefilled in chunks as without reuse.
+                self.blocks.drop_blend(sequence)
             if sequence.blend is not None:
                 # A blend runs whole (it chooses what to recompute over the whole prompt); it costs
                 # what it computes, which is mostly not the documents it reuses.

@@ -221,3 +221,55 @@ def test_an_aborted_request_gives_back_the_blocks_its_blend_held():
     pool = worker.scheduler.blocks.pool
     assert pool.num_free == pool.num_usable
     assert worker.scheduler.blocks.documents.misses == 2  # only the first request's documents
+
+
+def test_choices_of_a_blended_prompt_share_nothing_approximate_as_a_prefix():
+    """A later request that does not reuse documents, continuing one choice's answer, finds only the
+    exact prefix cached: neither the leader's nor a follower's blocks past the blend are shared."""
+    worker = worker_with(share=0.0)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1], [1])]})
+    ids, spans = rag_prompt([1, 0], [3])
+    group = choices_of("n", ids, 40, [1, 2])
+    for choice in group:
+        choice.stop_token_ids = frozenset()
+    group[0].documents = worker.scheduler.blocks.document_spans(ids, spans)
+    run_to_completion(worker, {0: [group[0]]})
+    assert all(choice.exact_until == spans[0][0] for choice in group)
+    exact = greedy_sequence("exact", ids, 1)  # the prompt's exact blocks, computed without reuse
+    run_to_completion(worker, {0: [exact]})
+    for choice in group:
+        probe = greedy_sequence(f"probe{choice.index}", choice.history() + [7], 1)
+        run_to_completion(worker, {0: [probe]})
+        assert probe.num_cached_tokens <= len(ids) // BLOCK * BLOCK
+
+
+def test_a_prompt_longer_than_a_blend_takes_is_prefilled_as_without_reuse():
+    worker = worker_with(share=0.15, max_num_batched_tokens=16, chunked_prefill=True)
+    run_to_completion(worker, {0: [reusing(worker, "a", [0, 1], [1])]})
+    again = reusing(worker, "b", [1, 0], [2])
+    run_to_completion(worker, {0: [again]})
+    store = worker.scheduler.blocks.documents
+    assert (store.hits, store.misses) == (0, 0)  # both over 4 steps' budget: no blend at all
+    check_against_reference([again])
+    assert worker.scheduler.blocks.pool.num_free == worker.scheduler.blocks.pool.num_usable
+
+
+def test_cached_tokens_never_exceed_the_prompt_and_a_readmission_counts_nothing_twice():
+    worker = worker_with(share=0.15, num_blocks=40, max_num_seqs=4, max_num_batched_tokens=512)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1], [1])]})
+    sequences = [reusing(worker, f"r{r}", [1, 0], [r + 1] * (10 + 20 * r)) for r in range(4)]
+    for sequence in sequences:
+        sequence.max_tokens, sequence.stop_token_ids = 90, frozenset()
+    first_counts = {}
+    real = worker.scheduler.blocks.blended
+
+    def note(sequence):
+        real(sequence)
+        first_counts.setdefault(sequence.request_id, sequence.num_cached_tokens)
+
+    worker.scheduler.blocks.blended = note
+    run_to_completion(worker, {0: sequences})
+    assert worker.scheduler.blocks.num_preemptions > 0
+    for sequence in sequences:
+        assert 0 < sequence.num_cached_tokens <= sequence.num_prompt_tokens
+        assert sequence.num_cached_tokens == first_counts[sequence.request_id]

@@ -84,6 +84,9 @@ class BlockTables:
         leader.num_computed = len(cached) * self.block_size
         if leader.num_cached_tokens is None:  # what the client is told: the first admission's hit
             leader.num_cached_tokens = min(leader.num_computed, leader.num_prompt_tokens)
+            # Only the first admission's reuse is told, as its prefix hit is (a readmission after a
+            # preemption recomputes what was already counted).
+            leader.documents_counted = leader.blend is None
         self.pool.queries += len(tokens)
         self.pool.hits += leader.num_computed
         for follower in group[1:]:
@@ -151,7 +154,8 @@ class BlockTables:
         if not sequence.documents_counted:
             sequence.documents_counted = True
             reused = sum(p.span.length - p.recomputed for p in blend.placements if not p.fill)
-            sequence.num_cached_tokens = (sequence.num_cached_tokens or 0) + reused
+            cached = (sequence.num_cached_tokens or 0) + reused
+            sequence.num_cached_tokens = min(cached, sequence.num_prompt_tokens)
 
     def grow(self, sequence: Sequence, position: int) -> bool:
         """Make sure a block holds ``position``; False when none is free."""
@@ -197,6 +201,8 @@ class BlockTables:
         follower.block_hashes = list(leader.block_hashes[:full])
         follower.num_registered = full
         follower.num_cached_tokens = leader.num_cached_tokens
+        # Its copied block and its answer's are computed over the leader's blended prompt.
+        follower.exact_until = leader.exact_until
 
     def free(self, sequence: Sequence) -> None:
         self.drop_blend(sequence)  # admitted, its blend not run: what it held goes back

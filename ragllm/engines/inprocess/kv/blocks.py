@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -52,6 +53,8 @@ class BlockPool:
         )  # cached and unreferenced, oldest first
         self._by_hash: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
+        # Told of each cached block evicted for reuse (the document store drops what it held).
+        self.on_evict: Callable[[int], None] | None = None
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of those, tokens found cached
 
@@ -93,6 +96,8 @@ class BlockPool:
             else:
                 block, _ = self._evictable.popitem(last=False)
                 del self._by_hash[self._hash_of.pop(block)]
+                if self.on_evict is not None:
+                    self.on_evict(block)
             self._refs[block] = 1
             blocks.append(block)
         return blocks
@@ -115,12 +120,15 @@ class BlockPool:
         self._by_hash[block_hash] = block
         self._hash_of[block] = block_hash
 
-    def keep(self, block: int, block_hash: bytes) -> None:
+    def keep(self, block: int, block_hash: bytes) -> bool:
         """Register a block under a key of its own (a stored document's, ``document_store``), whether
-        or not prefix caching is on: unreferenced, it is cached and evicted like any other."""
-        if block not in self._hash_of and block_hash not in self._by_hash:
-            self._by_hash[block_hash] = block
-            self._hash_of[block] = block_hash
+        or not prefix caching is on: unreferenced, it is cached and evicted like any other. False
+        (nothing done) when the block or the key is registered already."""
+        if block in self._hash_of or block_hash in self._by_hash:
+            return False
+        self._by_hash[block_hash] = block
+        self._hash_of[block] = block_hash
+        return True
 
     def block_of(self, block_hash: bytes) -> int | None:
         return self._by_hash.get(block_hash)

@@ -115,6 +115,9 @@ class DocumentStore:
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
         self._entries: dict[bytes, StoredDocument] = {}
+        self._key_of_block: dict[int, bytes] = {}  # blocks of stored documents, for eviction
+        self._num_blocks = 0
+        pool.on_evict = self._evicted
         self.hits = 0  # documents reused from the store
         self.misses = 0  # documents computed and stored
         self.tokens_reused = 0  # reused documents' tokens whose stored KV was kept as it was
@@ -122,14 +125,9 @@ class DocumentStore:
         self._fills = 0
 
     def find(self, key: bytes) -> StoredDocument | None:
-        """The stored KV of ``key``, if every one of its blocks is still in the pool."""
-        stored = self._entries.get(key)
-        if stored is None:
-            return None
-        if any(self.pool.block_of(h) != b for h, b in zip(stored.hashes, stored.blocks)):
-            del self._entries[key]  # a block was evicted and reused: the entry is gone
-            return None
-        return stored
+        """The stored KV of ``key``: every block of an entry is in the pool (an eviction drops the
+        entry at once, ``_evicted``)."""
+        return self._entries.get(key)
 
     def reserve(self, span: DocumentSpan, blocks: list[int]) -> StoredDocument:
         """Where a document missing from the store is computed: ``blocks`` freshly allocated, its
@@ -148,13 +146,27 @@ class DocumentStore:
     def keep(self, span: DocumentSpan, stored: StoredDocument) -> None:
         """A document computed by a blend: register its blocks so later prompts find it. The first
         copy stays when two prompts computed the same document at once."""
-        if self.find(span.key) is not None:
+        if span.key in self._entries:
             return
-        for block, block_hash in zip(stored.blocks, stored.hashes):
-            self.pool.keep(block, block_hash)
+        kept = [b for b, h in zip(stored.blocks, stored.hashes) if self.pool.keep(b, h)]
+        if len(kept) < len(stored.blocks):
+            return  # not all registered (cannot happen for fresh blocks): not stored
         self._entries[span.key] = stored
-        if len(self._entries) > self.pool.num_blocks:
-            self._sweep()
+        self._num_blocks += len(stored.blocks)
+        for block in stored.blocks:
+            self._key_of_block[block] = span.key
+
+    def _evicted(self, block: int) -> None:
+        """The pool reused a cached block: the stored document it belonged to is gone whole."""
+        key = self._key_of_block.pop(block, None)
+        stored = self._entries.get(key) if key is not None else None
+        if stored is None or block not in stored.blocks:
+            return
+        del self._entries[key]
+        self._num_blocks -= len(stored.blocks)
+        for other in stored.blocks:
+            if self._key_of_block.get(other) == key:
+                del self._key_of_block[other]
 
     def count(self, blend: DocumentBlend) -> None:
         for placement in blend.placements:
@@ -167,21 +179,9 @@ class DocumentStore:
 
     @property
     def num_blocks(self) -> int:
-        """Pool blocks holding stored documents now. Read from any thread: it only reads (a
-        snapshot of the entries, each checked against the pool)."""
-        return sum(len(stored.blocks) for stored in self._live())
+        """Pool blocks holding stored documents now (a counter: read from any thread)."""
+        return self._num_blocks
 
     @property
     def num_documents(self) -> int:
-        return len(self._live())
-
-    def _live(self) -> list[StoredDocument]:
-        return [
-            stored
-            for stored in list(self._entries.values())
-            if all(self.pool.block_of(h) == b for h, b in zip(stored.hashes, stored.blocks))
-        ]
-
-    def _sweep(self) -> None:
-        for key in list(self._entries):
-            self.find(key)
+        return len(self._entries)

@@ -198,6 +198,12 @@ class ModelRunner:
                 )
         return self.logits(hidden[:, -1])[0]
 
+    @property
+    def reuses_documents(self) -> bool:
+        """Whether blending can reuse anything: with no layer past the check layer, every layer is
+        computed for every token, so the engine prefills such a model as without reuse."""
+        return self.blender.reuses_anything
+
     def blend(
         self, block_table: list[int], target: list[int], start: int, blend: DocumentBlend
     ) -> torch.Tensor:

@@ -57,6 +57,10 @@ class DocumentBlender:
         scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
         self._cos, self._sin = runner.cos / scaling, runner.sin / scaling
 
+    @property
+    def reuses_anything(self) -> bool:
+        return len(self.runner.layers) > CHECK_LAYER + 1
+
     @torch.inference_mode()
     def blend(
         self, block_table: list[int], target: list[int], start: int, blend: DocumentBlend
