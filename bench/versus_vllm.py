@@ -28,7 +28,6 @@ import os
 import platform
 import random
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.document_kv_reuse import document_pool  # noqa: E402
 from bench.report import write_report  # noqa: E402
+from bench.server import stop  # noqa: E402
 from ragllm.rag.prompt import load_template, render_messages  # noqa: E402
 from ragllm.testing.random_checkpoints import build_random_checkpoint, word  # noqa: E402
 
@@ -105,13 +105,7 @@ def server(command: list[str], env: dict[str, str], log: Path):
             time.sleep(1)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process, timeout_s=60)
 
 
 def vllm_command(args: argparse.Namespace) -> list[str]:

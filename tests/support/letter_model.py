@@ -75,14 +75,15 @@ def choices_of(
     return group
 
 
-def reference_tokens(prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' own greedy decoding, stopping at token 0 like the sequences above."""
+def reference_tokens(prompt: list[int], max_tokens: int, stop_at_zero: bool = True) -> list[int]:
+    """transformers' own greedy decoding, stopping at token 0 like the sequences above (or running
+    to ``max_tokens``, for sequences without stop tokens)."""
     with torch.no_grad():
         out = MODEL.generate(
             torch.tensor([prompt]),
             max_new_tokens=max_tokens,
             do_sample=False,
-            eos_token_id=0,
+            eos_token_id=0 if stop_at_zero else None,
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
     return out

@@ -17,6 +17,7 @@ from tests.support.letter_model import (
     choices_of,
     greedy_sequence,
     make_worker,
+    reference_tokens,
     run_to_completion,
 )
 
@@ -189,15 +190,8 @@ def test_a_blend_survives_preemption_and_choices_fork_off_it():
     run_to_completion(worker, {0: sequences})
     assert worker.scheduler.blocks.num_preemptions > 0
     for sequence in sequences:
-        with torch.no_grad():
-            expected = MODEL.generate(
-                torch.tensor([sequence.prompt_ids]),
-                do_sample=False,
-                max_new_tokens=90,
-                eos_token_id=None,
-                pad_token_id=0,
-            )[0, len(sequence.prompt_ids) :]
-        assert sequence.output_ids == expected.tolist(), sequence.request_id
+        expected = reference_tokens(sequence.prompt_ids, 90, stop_at_zero=False)
+        assert sequence.output_ids == expected, sequence.request_id
     ids, spans = rag_prompt([0, 1], [3])
     group = choices_of("n", ids, 5, [1, 2, 3])
     group[0].documents = worker.scheduler.blocks.document_spans(ids, spans)
