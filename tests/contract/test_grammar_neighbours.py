@@ -82,7 +82,12 @@ def test_a_slow_grammar_slows_its_neighbour_by_at_most_a_fifth(server, model):
         slow, slow_companion, errors = _beside(server.url, model, {"guided_grammar": AMBIGUOUS})
         assert len(slow) == 120, "the neighbour lost tokens"
         assert len(errors) == 1 and errors[0]["code"] == "structured_output_failed", errors
-        assert "10% of the batch's other work" in errors[0]["message"], errors[0]["message"]
+        # Ended by its share of the batch's work, or, where a loaded machine makes one mask slower
+        # still, by the per-row budget first: either way the neighbour is protected.
+        message = errors[0]["message"]
+        assert (
+            "10% of the batch's other work" in message or "a step may spend on one row" in message
+        ), message
         # The gaps the neighbour waited while the slow grammar was in its batch, and as many beside
         # the ordinary one.
         shared = [
