@@ -63,7 +63,6 @@ def test_documents_are_found_in_order_and_one_not_in_the_prompt_is_skipped(promp
     result = tokenize_with_documents(text, ("[b] second", "[a] first", "[z] none"), prompts.encode)
     spans = result.spans
     assert len(spans) == 2 and spans[0][0] < spans[1][0]  # [a] found after [b], the last occurrence
-    assert prompts.encode("".join([])) == []
 
 
 def test_the_engine_tokenizes_a_reusing_request_at_its_documents(tokenizer):

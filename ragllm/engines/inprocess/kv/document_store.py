@@ -181,7 +181,3 @@ class DocumentStore:
     def num_blocks(self) -> int:
         """Pool blocks holding stored documents now (a counter: read from any thread)."""
         return self._num_blocks
-
-    @property
-    def num_documents(self) -> int:
-        return len(self._entries)

@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ragllm.engines.inprocess.kv.document_store import DocumentBlend
 from ragllm.engines.inprocess.kv.paged_cache import FP8, PagedKVCache
 from ragllm.engines.inprocess.runner.document_blend import DocumentBlender
+from ragllm.engines.inprocess.runner.rope import apply_rope
 from ragllm.errors import ModelLoadError
 
 # Architectures whose decoder layer is: norm → attention (rope, GQA) → residual → norm → MLP.
@@ -270,8 +271,8 @@ class ModelRunner:
         value = attention.v_proj(normed).view(batch, length, self.num_kv_heads, self.head_dim)
         if hasattr(attention, "q_norm"):  # Qwen3 normalises each head before rope
             query, key = attention.q_norm(query), attention.k_norm(key)
-        query = _apply_rope(query.transpose(1, 2), cos, sin)
-        key = _apply_rope(key.transpose(1, 2), cos, sin)
+        query = apply_rope(query.transpose(1, 2), cos, sin)
+        key = apply_rope(key.transpose(1, 2), cos, sin)
         attended = attend(query, key, value.transpose(1, 2))  # [batch, length, heads * head_dim]
         hidden = hidden + attention.o_proj(attended)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -326,9 +327,3 @@ def _as_ids(token_ids: list[int] | torch.Tensor, device: torch.device) -> torch.
     if isinstance(token_ids, torch.Tensor):
         return token_ids.to(device)
     return torch.tensor(token_ids, device=device)
-
-
-def _apply_rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = states.shape[-1] // 2
-    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
-    return states * cos + rotated * sin

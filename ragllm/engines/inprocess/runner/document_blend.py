@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ragllm.engines.inprocess.kv.document_store import DocumentBlend, DocumentPlacement
 from ragllm.engines.inprocess.kv.paged_cache import FP8, FP8_MAX
+from ragllm.engines.inprocess.runner.rope import apply_rope
 
 if TYPE_CHECKING:
     from ragllm.engines.inprocess.runner.cpu import ModelRunner
@@ -68,11 +69,10 @@ class DocumentBlender:
         """Compute ``target[start:]`` reusing ``blend``'s documents; returns the last position's
         logits and sets each placement's ``recomputed``."""
         runner = self.runner
-        context = blend.context
-        before = min(context, blend.first)
-        if start < before:  # the context first: missing documents are computed after it
-            runner.prefill(block_table, target[start:before], start)
-            start = before
+        context = blend.context  # at or before the first document placed
+        if start < context:  # the context first: missing documents are computed after it
+            runner.prefill(block_table, target[start:context], start)
+            start = context
         self._fill(block_table, target, blend.placements)
         self._place(block_table, blend.placements)
         return self._forward(block_table, target, start, blend.placements)
@@ -126,7 +126,7 @@ class DocumentBlender:
         # a negative shift would rotate back: cos is even, sin odd.
         cos = self._cos[abs(shift)].to(values.dtype)
         sin = self._sin[abs(shift)].to(values.dtype) * (1 if shift > 0 else -1)
-        values = _rotate(values, cos, sin)
+        values = apply_rope(values, cos, sin)
         if cache.dtype == FP8:
             values = (values.float() / cache.key_scale).clamp(-FP8_MAX, FP8_MAX)
         return values.to(cache.dtype)
@@ -190,8 +190,8 @@ class DocumentBlender:
         if hasattr(attention, "q_norm"):
             query, key = attention.q_norm(query), attention.k_norm(key)
         cos, sin = runner.cos[positions][None, None], runner.sin[positions][None, None]
-        query = _rotate(query.transpose(1, 2), cos, sin)
-        key = _rotate(key.transpose(1, 2), cos, sin)[0].transpose(0, 1)  # [tokens, heads, dim]
+        query = apply_rope(query.transpose(1, 2), cos, sin)
+        key = apply_rope(key.transpose(1, 2), cos, sin)[0].transpose(0, 1)  # [tokens, heads, dim]
         value = value[0]
         if index == CHECK_LAYER and keep is None:
             keep = self._choose(index, value, rows, reused, placements, start)
@@ -249,9 +249,3 @@ def _attend(
             )
         )
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-
-
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = states.shape[-1] // 2
-    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
-    return states * cos + rotated * sin
