@@ -336,8 +336,12 @@ def main(args: argparse.Namespace) -> dict:
         "clients": args.clients,
     }
     if not args.skip_vllm:
-        with server(vllm_command(args), {}, logs / "versus_vllm-vllm.log") as url:
-            report["vllm"] = measure(url, args, ours=False)
+        try:
+            with server(vllm_command(args), {}, logs / "versus_vllm-vllm.log") as url:
+                report["vllm"] = measure(url, args, ours=False)
+        except RuntimeError as error:  # still measure ours; the report says why vLLM is missing
+            report["vllm_error"] = str(error)
+        write_report(args.json, report)  # what is measured so far survives a later failure
     command, env = ragllm_command(args)
     with server(command, env, logs / "versus_vllm-ragllm.log") as url:
         report["ragllm"] = measure(url, args, ours=True)
@@ -347,6 +351,8 @@ def main(args: argparse.Namespace) -> dict:
 def print_table(report: dict) -> None:
     sides = [name for name in ("vllm", "ragllm") if name in report]
     print(f"{report['device']}, {report['model']}")
+    if "vllm_error" in report:
+        print(f"vLLM not measured: {report['vllm_error']}")
     for index, streams in enumerate(report["ragllm"]["ladder"]):
         cells = [f"{report[s]['ladder'][index]['tokens_per_s']:>9}" for s in sides]
         print(f"ladder {streams['streams']:>3} streams tok/s  " + "  ".join(cells))

@@ -8,6 +8,7 @@ live in the blocks its block table names; attention gathers them per step.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +39,11 @@ _CUDA_ATTENTION_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+# Queries attended at once by ``prefill_selecting``: a 32k-token prompt's mask is then 2,048 x 32k
+# booleans, not 32k x 32k.
+QUERY_CHUNK = 2048
+# (layer index, fresh values [tokens, kv_heads, head_dim], cache rows) → tokens kept, or None
+Selector = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,15 @@ class ModelRunner:
         sin: torch.Tensor,
         attend: Any,
     ) -> torch.Tensor:
+        query, key, value = self._attention_inputs(layer, hidden, cos, sin)
+        attended = attend(query, key, value)  # [batch, length, heads * head_dim]
+        return self._attention_output(layer, hidden, attended)
+
+    def _attention_inputs(
+        self, layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value of ``hidden`` [batch, length, hidden], rotated: [batch, heads, length,
+        head_dim] each."""
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
@@ -273,9 +288,43 @@ class ModelRunner:
             query, key = attention.q_norm(query), attention.k_norm(key)
         query = apply_rope(query.transpose(1, 2), cos, sin)
         key = apply_rope(key.transpose(1, 2), cos, sin)
-        attended = attend(query, key, value.transpose(1, 2))  # [batch, length, heads * head_dim]
-        hidden = hidden + attention.o_proj(attended)
+        return query, key, value.transpose(1, 2)
+
+    def _attention_output(
+        self, layer: Any, hidden: torch.Tensor, attended: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = hidden + layer.self_attn.o_proj(attended)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @torch.inference_mode()
+    def prefill_selecting(
+        self, block_table: list[int], token_ids: list[int], start: int, select: Selector | None
+    ) -> torch.Tensor:
+        """``prefill`` whose layers may narrow to some tokens: before a layer writes its keys and
+        values, ``select(layer_index, values, rows)`` sees the tokens' fresh values [tokens,
+        kv_heads, head_dim] and their cache rows; the first answer other than None (indices, the
+        last one included) is the tokens that run on from that layer's attention. The others' KV
+        in later layers is what the cache already holds. Returns the last token's logits."""
+        end = start + len(token_ids)
+        positions = torch.arange(start, end, device=self.device)
+        rows = self.cache.rows_of(block_table, start, end)
+        table = self.cache.tables_tensor([block_table], self.blocks_for(end))
+        hidden = self.model.model.embed_tokens(torch.tensor([token_ids], device=self.device))
+        with self.attention_backends():
+            for layer_index, layer in enumerate(self.layers):
+                cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
+                query, key, value = self._attention_inputs(layer, hidden, cos, sin)
+                key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
+                keep = select(layer_index, value, rows) if select is not None else None
+                self.cache.write(layer_index, rows, key, value)
+                if keep is not None:
+                    query, hidden = query[:, :, keep], hidden[:, keep]
+                    positions, rows, select = positions[keep], rows[keep], None
+                keys, values = self.cache.read(layer_index, table, end)
+                out = _attend_up_to(query, keys, values, positions)
+                attended = out.transpose(1, 2).reshape(1, query.shape[2], -1)
+                hidden = self._attention_output(layer, hidden, attended)
+        return self.logits(hidden[:, -1])[0]
 
     def _prefill_attention(
         self,
@@ -320,6 +369,24 @@ class ModelRunner:
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(last_hidden)).float()
+
+
+def _attend_up_to(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Queries at ``positions`` over every key up to theirs, in runs of ``QUERY_CHUNK`` so that a
+    long prompt's mask stays small ([run, keys] booleans)."""
+    visible_up_to = torch.arange(keys.shape[2], device=positions.device)[None, :]
+    outputs = []
+    for first in range(0, query.shape[2], QUERY_CHUNK):
+        run = slice(first, first + QUERY_CHUNK)
+        mask = visible_up_to <= positions[run, None]
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, run], keys, values, attn_mask=mask, enable_gqa=True
+            )
+        )
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
 def _as_ids(token_ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from ragllm.engines.inprocess.layers.attention import decode_attention, extend_attention, split_from
 from ragllm.engines.inprocess.layers.kernels import add_rms_norm, rope_and_cache, triton
 from ragllm.engines.inprocess.layers.w4a16 import folds_norms
-from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, ModelRunner, PrefillChunk
+from ragllm.engines.inprocess.runner.cpu import (
+    KVCacheOptions,
+    ModelRunner,
+    PrefillChunk,
+    Selector,
+)
 from ragllm.engines.inprocess.runner.decode_graphs import DecodeGraphs
 from ragllm.engines.inprocess.runner.memory import kv_cache_budget
 from ragllm.engines.inprocess.runner.prefill_graphs import PrefillGraphs, graph_buckets
@@ -102,11 +107,17 @@ class CudaGraphRunner(ModelRunner):
 
     # -- the layer stack over flat tokens ---------------------------------------------------------------
     def _forward_tokens(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, attend: Any
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        attend: Any,
+        select: Selector | None = None,
     ) -> torch.Tensor:
         """Tokens [T] at ``positions``, their k/v written to the cache's flat ``rows``, through every
-        layer; ``attend(layer_index, qkv)`` returns attention output [T, heads * head_dim].
-        Returns the final-normed hidden states [T, hidden]."""
+        layer; ``attend(layer_index, qkv, positions)`` returns attention output [T, heads * head_dim].
+        ``select`` may narrow the tokens from a layer on (``prefill_selecting``). Returns the
+        final-normed hidden states [T, hidden] (of the tokens kept)."""
         hidden, residual = self.model.model.embed_tokens(ids), None
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         # Folded (one row over packed int4 layers, ``w4a16.folds_norms``): o and down add their products to
@@ -117,6 +128,9 @@ class CudaGraphRunner(ModelRunner):
             qkv, residual = _normed_product(fused.qkv, fused.input_norm, hidden, residual)
             if hasattr(layer.self_attn, "q_norm"):  # Qwen3 normalises each head before rope
                 self._qk_norm(layer.self_attn, qkv)
+            keep = None
+            if select is not None:
+                keep = select(layer_index, self._values_of(qkv), rows)
             rope_and_cache(
                 qkv,
                 positions,
@@ -130,8 +144,11 @@ class CudaGraphRunner(ModelRunner):
                 head_dim,
                 *self._kv_scales,
             )
+            if keep is not None:  # the layer's KV is written for every token; from here, the kept
+                qkv, residual = qkv[keep], residual[keep]
+                positions, rows, select = positions[keep], rows[keep], None
             hidden, residual = _added_product(
-                fused.o_proj, attend(layer_index, qkv), residual, fold
+                fused.o_proj, attend(layer_index, qkv, positions), residual, fold
             )
             gate_up, residual = _normed_product(fused.gate_up, fused.post_norm, hidden, residual)
             hidden, residual = _added_product(fused.down, gate_up, residual, fold)
@@ -139,6 +156,11 @@ class CudaGraphRunner(ModelRunner):
             hidden, residual = residual, None
         normed, _ = add_rms_norm(hidden, residual, *self._final_norm)
         return normed
+
+    def _values_of(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The value part of flat q/k/v [T, ...] as [T, kv_heads, head_dim] (rotation leaves it)."""
+        start = (self.num_heads + self.num_kv_heads) * self.head_dim
+        return qkv[:, start:].unflatten(1, (self.num_kv_heads, self.head_dim))
 
     @property
     def _kv_scales(self) -> tuple[float, float]:
@@ -202,7 +224,7 @@ class CudaGraphRunner(ModelRunner):
         """One sequence's prompt chunk; logits [1, vocab] of the token at index ``last``. ``whole``: the
         chunk starts the prompt, so attention stays within it; otherwise it reads the sequence's blocks."""
 
-        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+        def attend(layer_index: int, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             if whole:
                 return self._causal_attention(qkv, 1, ids.shape[0])
             return extend_attention(
@@ -219,6 +241,34 @@ class CudaGraphRunner(ModelRunner):
 
         normed = self._forward_tokens(ids, positions, rows, attend)
         return self._logits_of(normed.index_select(0, last))
+
+    @torch.inference_mode()
+    def prefill_selecting(
+        self, block_table: list[int], token_ids: list[int], start: int, select: Selector | None
+    ) -> torch.Tensor:
+        """``ModelRunner.prefill_selecting`` through the fused layers: the kept tokens attend over
+        the block table at their own positions (the paged kernel needs no contiguous chunk)."""
+        end = start + len(token_ids)
+        ids = torch.tensor(token_ids, device=self.device)
+        positions = torch.arange(start, end, device=self.device)
+        rows = self.cache.rows_of(block_table, start, end)
+        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
+
+        def attend(layer_index: int, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return extend_attention(
+                qkv,
+                self.cache.keys[layer_index],
+                self.cache.values[layer_index],
+                positions,
+                table,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                *self._kv_scales,
+            )
+
+        normed = self._forward_tokens(ids, positions, rows, attend, select)
+        return self._logits_of(normed[-1:])[0]
 
     # -- decode -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -256,7 +306,7 @@ class CudaGraphRunner(ModelRunner):
         contexts). Captured as a graph per batch bucket and split."""
         ids, positions, rows = inputs
 
-        def attend(layer_index: int, qkv: torch.Tensor) -> torch.Tensor:
+        def attend(layer_index: int, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return decode_attention(
                 qkv,
                 self.cache.keys[layer_index],
@@ -314,7 +364,7 @@ class CudaGraphRunner(ModelRunner):
             ids,
             positions,
             rows,
-            lambda layer_index, qkv: self._causal_attention(qkv, batch, longest),
+            lambda layer_index, qkv, positions: self._causal_attention(qkv, batch, longest),
         )
         last = torch.tensor(
             [row * longest + len(c.token_ids) - 1 for row, c in enumerate(chunks)],

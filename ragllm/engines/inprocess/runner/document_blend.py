@@ -11,6 +11,8 @@ documents now before it. CacheBlend (EuroSys 2025) recovers that cross-attention
    token that is not a reused document's (the text between documents, the question).
 3. The remaining layers run only those tokens: their KV overwrites the stored KV in place, and they
    attend over everything (stored KV for the rest). The last token's logits start the answer.
+   The runner does this (``prefill_selecting``): on CUDA through its fused layers and paged
+   attention kernel, on the CPU through the model's modules.
 
 Positions before the prompt's first document (its context) are a plain prefill, as are documents
 missing from the store, computed after that context into blocks of their own and stored before they
@@ -20,10 +22,9 @@ are placed. Rows are copied whole-model at once: the store's blocks are never wr
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from ragllm.engines.inprocess.kv.document_store import DocumentBlend, DocumentPlacement
 from ragllm.engines.inprocess.kv.paged_cache import FP8, FP8_MAX
@@ -41,8 +42,6 @@ CHECK_LAYER = 1
 # model (bench/document_kv_reuse.py, 10 prompts at a 0.15 share): the first answer token's KL
 # divergence from a full prefill fell from 0.059 to 0.009, identical answers rose from 1 in 10 to 8.
 HEAD_TOKENS = 16
-# Queries attended at once: a 32k-token prompt's mask is then 2,048 x 32k booleans, not 32k x 32k.
-QUERY_CHUNK = 2048
 
 
 class DocumentBlender:
@@ -138,73 +137,20 @@ class DocumentBlender:
         start: int,
         placements: list[DocumentPlacement],
     ) -> torch.Tensor:
-        runner, device = self.runner, self.runner.device
-        end = len(target)
-        positions = torch.arange(start, end, device=device)
-        rows = runner.cache.rows_of(block_table, start, end)
-        reused = torch.zeros(end - start, dtype=torch.bool)
+        runner = self.runner
+        reused = torch.zeros(len(target) - start, dtype=torch.bool)
         for placement in placements:
             reused[placement.span.start - start : placement.span.end - start] = True
-        reused = reused.to(device)
-        table = runner.cache.tables_tensor([block_table], runner.blocks_for(end))
-        hidden = runner.model.model.embed_tokens(torch.tensor([target[start:]], device=device))
-        keep: torch.Tensor | None = None  # indices (into start..end) still computed
-        with runner.attention_backends():
-            for index, layer in enumerate(runner.layers):
-                hidden, keep, positions, rows = self._layer(
-                    index,
-                    layer,
-                    hidden,
-                    positions,
-                    rows,
-                    table,
-                    end,
-                    keep,
-                    reused,
-                    placements,
-                    start,
-                )
-        return runner.logits(hidden[:, -1])[0]
+        reused = reused.to(runner.device)
 
-    def _layer(
-        self,
-        index: int,
-        layer: Any,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        rows: torch.Tensor,
-        table: torch.Tensor,
-        end: int,
-        keep: torch.Tensor | None,
-        reused: torch.Tensor,
-        placements: list[DocumentPlacement],
-        start: int,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        runner = self.runner
-        attention = layer.self_attn
-        length = hidden.shape[1]
-        normed = layer.input_layernorm(hidden)
-        query = attention.q_proj(normed).view(1, length, runner.num_heads, runner.head_dim)
-        key = attention.k_proj(normed).view(1, length, runner.num_kv_heads, runner.head_dim)
-        value = attention.v_proj(normed).view(1, length, runner.num_kv_heads, runner.head_dim)
-        if hasattr(attention, "q_norm"):
-            query, key = attention.q_norm(query), attention.k_norm(key)
-        cos, sin = runner.cos[positions][None, None], runner.sin[positions][None, None]
-        query = apply_rope(query.transpose(1, 2), cos, sin)
-        key = apply_rope(key.transpose(1, 2), cos, sin)[0].transpose(0, 1)  # [tokens, heads, dim]
-        value = value[0]
-        if index == CHECK_LAYER and keep is None:
-            keep = self._choose(index, value, rows, reused, placements, start)
-        runner.cache.write(index, rows, key, value)
-        if keep is not None and index == CHECK_LAYER:  # from here on, only the chosen tokens
-            query, hidden = query[:, :, keep], hidden[:, keep]
-            positions, rows = positions[keep], rows[keep]
-        keys, values = runner.cache.read(index, table, end)
-        out = _attend(query, keys, values, positions)
-        out = out.transpose(1, 2).reshape(1, query.shape[2], runner.num_heads * runner.head_dim)
-        hidden = hidden + attention.o_proj(out)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, keep, positions, rows
+        def select(
+            layer: int, fresh_values: torch.Tensor, rows: torch.Tensor
+        ) -> torch.Tensor | None:
+            if layer != CHECK_LAYER:
+                return None
+            return self._choose(layer, fresh_values, rows, reused, placements, start)
+
+        return runner.prefill_selecting(block_table, target[start:], start, select)
 
     def _choose(
         self,
@@ -229,23 +175,9 @@ class DocumentBlender:
             count = min(last - first, math.ceil(self.share * (last - first)))
             if count:
                 chosen[torch.topk(deviation[first:last], count).indices + first] = True
-            placement.recomputed = int(chosen[first:last].sum())
-        return torch.nonzero(chosen).flatten()
-
-
-def _attend(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """Queries at ``positions`` over every key up to theirs, in runs of ``QUERY_CHUNK`` so that a
-    long prompt's mask stays small ([run, keys] booleans)."""
-    visible_up_to = torch.arange(keys.shape[2], device=positions.device)[None, :]
-    outputs = []
-    for first in range(0, query.shape[2], QUERY_CHUNK):
-        run = slice(first, first + QUERY_CHUNK)
-        mask = visible_up_to <= positions[run, None]
-        outputs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, run], keys, values, attn_mask=mask, enable_gqa=True
-            )
+        counts = torch.stack(
+            [chosen[p.span.start - start : p.span.end - start].sum() for p in placements]
         )
-    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        for placement, count in zip(placements, counts.tolist()):  # one read-back, not one each
+            placement.recomputed = count
+        return torch.nonzero(chosen).flatten()
