@@ -267,3 +267,26 @@ def test_cached_tokens_never_exceed_the_prompt_and_a_readmission_counts_nothing_
     for sequence in sequences:
         assert 0 < sequence.num_cached_tokens <= sequence.num_prompt_tokens
         assert sequence.num_cached_tokens == first_counts[sequence.request_id]
+
+
+def test_placed_keys_are_rotated_to_their_new_position():
+    """A first layer's key depends on its token and position only: a document's keys computed after
+    one context and rotated by the placement's shift equal its keys computed after a longer one."""
+    runner = worker_with(share=0.0).runner
+    document, shift = DOCUMENTS[2], 37
+    near, far = TEMPLATE, TEMPLATE + [3] * shift
+    tables = {}
+    for name, context, first_block in (("near", near, 1), ("far", far, 40)):
+        length = len(context) + len(document)
+        tables[name] = list(range(first_block, first_block + -(-length // BLOCK)))
+        runner.prefill(tables[name], context + document, 0)
+    cache = runner.cache
+
+    def first_layer_keys(table, start):
+        rows = cache.rows_of(table, start, start + len(document))
+        return cache.storage[0, 0, rows // BLOCK, :, rows % BLOCK]
+
+    rotated = runner.blender._rotated(first_layer_keys(tables["near"], len(near)), shift)
+    torch.testing.assert_close(
+        rotated, first_layer_keys(tables["far"], len(far)), atol=1e-5, rtol=1e-5
+    )
