@@ -286,7 +286,8 @@ def test_placed_keys_are_rotated_to_their_new_position():
         rows = cache.rows_of(table, start, start + len(document))
         return cache.storage[0, 0, rows // BLOCK, :, rows % BLOCK]
 
-    rotated = runner.blender._rotated(first_layer_keys(tables["near"], len(near)), shift)
+    shifts = torch.full((len(document),), shift)
+    rotated = runner.blender._rotated(first_layer_keys(tables["near"], len(near)), shifts)
     torch.testing.assert_close(
         rotated, first_layer_keys(tables["far"], len(far)), atol=1e-5, rtol=1e-5
     )
