@@ -527,3 +527,47 @@ def test_a_blend_with_every_token_recomputed_matches_the_fused_prefill(device):
     scale = expected.abs().max()
     torch.testing.assert_close(blended / scale, expected / scale, atol=TOLERANCE[dtype], rtol=0)
     assert blend.placements[0].recomputed == len(second)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_documents_filled_as_whole_prompts_store_what_a_continued_prefill_stores(device):
+    """The CUDA runner fills missing documents as whole prompts in one batch (the short context
+    computed again before each); their stored keys and values are those of a prefill continued
+    from the prompt's own context blocks."""
+    from ragllm.engines.inprocess.kv.document_store import (
+        DocumentBlend,
+        DocumentPlacement,
+        DocumentSpan,
+        StoredDocument,
+    )
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model("qwen2", seed=5, dtype=dtype).to(device)
+    context, documents = [3] * 21, [list(range(30, 70)), list(range(80, 118))]
+    prompt = context + documents[0] + documents[1] + [9, 8]
+    stored_kv = {}
+    for batched in (True, False):
+        runner = _runner(model)
+        runner.batches_whole_prompts = batched
+        table = list(range(100, 100 + -(-len(prompt) // 16)))
+        runner.prefill(table, context, 0)
+        placements, start = [], len(context)
+        for index, document in enumerate(documents):
+            blocks = tuple(range(40 + 10 * index, 43 + 10 * index))
+            stored = StoredDocument(blocks, (), len(context) % 16, len(context), len(document))
+            span = DocumentSpan(start, start + len(document), bytes([index]), len(context))
+            placements.append(DocumentPlacement(span, stored, fill=True))
+            start += len(document)
+        runner.blend(table, prompt, len(context), DocumentBlend(placements))
+        cache = runner.cache
+        rows = torch.cat(
+            [
+                cache.rows_of(p.stored.blocks, p.stored.offset, p.stored.offset + p.span.length)
+                for p in placements
+            ]
+        )
+        stored_kv[batched] = cache.storage[:, :, rows // 16, :, rows % 16].float().clone()
+    scale = stored_kv[False].abs().max()
+    torch.testing.assert_close(
+        stored_kv[True] / scale, stored_kv[False] / scale, atol=TOLERANCE[dtype], rtol=0
+    )

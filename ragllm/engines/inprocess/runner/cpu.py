@@ -86,6 +86,9 @@ class PrefillChunk(NamedTuple):
 class ModelRunner:
     """Prefill and decode forward passes of one model over a ``PagedKVCache``."""
 
+    # Whether ``prefill_many`` runs whole prompts as one batch (here: one after another).
+    batches_whole_prompts = False
+
     def __init__(
         self, model: Any, max_model_len: int, kv: KVCacheOptions = KVCacheOptions()
     ) -> None:

@@ -51,6 +51,8 @@ class CudaRunnerOptions:
 
 
 class CudaGraphRunner(ModelRunner):
+    batches_whole_prompts = True
+
     def __init__(
         self,
         model: Any,

@@ -42,6 +42,9 @@ CHECK_LAYER = 1
 # model (bench/document_kv_reuse.py, 10 prompts at a 0.15 share): the first answer token's KL
 # divergence from a full prefill fell from 0.059 to 0.009, identical answers rose from 1 in 10 to 8.
 HEAD_TOKENS = 16
+# A context up to this many tokens is computed again with each missing document on a runner that
+# batches whole prompts (``_fill``).
+FILL_CONTEXT_RECOMPUTED = 256
 # The tokens kept past the check layer are padded to a multiple of this (``_choose``).
 KEEP_QUANTUM = 128
 
@@ -81,7 +84,12 @@ class DocumentBlender:
     def _fill(
         self, block_table: list[int], target: list[int], placements: list[DocumentPlacement]
     ) -> None:
-        """Documents missing from the store, each computed after the context into its own blocks."""
+        """Documents missing from the store, each computed after the context into its own blocks.
+
+        A runner that batches whole prompts (CUDA) computes each as a whole prompt, the context
+        again before it (its rows before the document's first block go to the scratch block), when
+        the context is short: one batched forward instead of one continued prefill per document.
+        Otherwise each continues from the prompt's context blocks."""
         from ragllm.engines.inprocess.runner.cpu import PrefillChunk
 
         runner, block_size = self.runner, self.runner.block_size
@@ -90,12 +98,16 @@ class DocumentBlender:
             if not placement.fill:
                 continue
             span, stored = placement.span, placement.stored
+            document = target[span.start : span.end]
+            if runner.batches_whole_prompts and span.context <= FILL_CONTEXT_RECOMPUTED:
+                scratch = [0] * (span.context // block_size)
+                whole = target[: span.context] + document
+                chunks.append(PrefillChunk(scratch + list(stored.blocks), whole, 0))
+                continue
             head = block_table[: span.context // block_size]
             if span.context % block_size:  # the context's partial last block, for it to attend to
                 runner.copy_block(block_table[span.context // block_size], stored.blocks[0])
-            chunks.append(
-                PrefillChunk(head + list(stored.blocks), target[span.start : span.end], stored.base)
-            )
+            chunks.append(PrefillChunk(head + list(stored.blocks), document, stored.base))
         if chunks:
             runner.prefill_many(chunks)
 
