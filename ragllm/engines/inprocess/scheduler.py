@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ragllm.engines.inprocess.kv.block_tables import BlockTables
-from ragllm.engines.inprocess.kv.document_store import DocumentBlend
+from ragllm.engines.inprocess.kv.document_store import FILL_CONTEXT_RECOMPUTED, DocumentBlend
 from ragllm.engines.inprocess.prefill_policy import PrefillPolicy
 from ragllm.engines.inprocess.sequence import Sequence, SequenceStatus
 from ragllm.errors import ContextLengthExceeded, EngineOverloaded
@@ -102,9 +102,13 @@ MAX_BLEND_STEPS = 4
 def blend_cost(blend: DocumentBlend, remaining: int) -> int:
     """Tokens a blend computes, roughly, for the step budget: everything but the stored documents
     it reuses, plus a quarter of those (the layers computed whole, the share recomputed), plus the
-    documents it computes and stores first (computed twice)."""
+    documents it computes and stores first (computed twice; a short context again with each)."""
     reused = sum(p.span.length for p in blend.placements if not p.fill)
-    filled = sum(p.span.length for p in blend.placements if p.fill)
+    filled = sum(
+        p.span.length + min(p.span.context, FILL_CONTEXT_RECOMPUTED)
+        for p in blend.placements
+        if p.fill
+    )
     return remaining - reused + reused // 4 + filled
 
 

@@ -549,6 +549,9 @@ def test_documents_filled_as_whole_prompts_store_what_a_continued_prefill_stores
     for batched in (True, False):
         runner = _runner(model)
         runner.batches_whole_prompts = batched
+        padded_batches = []
+        real_padded = runner._prefill_padded
+        runner._prefill_padded = lambda chunks: padded_batches.append(chunks) or real_padded(chunks)
         table = list(range(100, 100 + -(-len(prompt) // 16)))
         runner.prefill(table, context, 0)
         placements, start = [], len(context)
@@ -567,6 +570,7 @@ def test_documents_filled_as_whole_prompts_store_what_a_continued_prefill_stores
             ]
         )
         stored_kv[batched] = cache.storage[:, :, rows // 16, :, rows % 16].float().clone()
+        assert [len(chunks) for chunks in padded_batches] == ([2] if batched else [])
     scale = stored_kv[False].abs().max()
     torch.testing.assert_close(
         stored_kv[True] / scale, stored_kv[False] / scale, atol=TOLERANCE[dtype], rtol=0

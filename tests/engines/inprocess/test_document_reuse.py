@@ -291,3 +291,33 @@ def test_placed_keys_are_rotated_to_their_new_position():
     torch.testing.assert_close(
         rotated, first_layer_keys(tables["far"], len(far)), atol=1e-5, rtol=1e-5
     )
+
+
+def test_placed_documents_hold_a_full_prefills_first_layer_keys_and_values():
+    """Right after placing (before any layer runs again), each document's first-layer keys and
+    values at its new rows are a full prefill's, since they depend on token and position only: the
+    gather, each document's own rotation and the scatter, checked together."""
+    worker = worker_with(share=0.0)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1, 2], [1])]})
+    sequence = reusing(worker, "reuse", [2, 0, 1], [3])
+    blender, cache = worker.runner.blender, worker.runner.cache
+    placed = []
+    real = blender._forward
+
+    def capture(table, target, start, placements):
+        for placement in placements:
+            rows = cache.rows_of(table, placement.span.start, placement.span.end)
+            placed.append((placement, cache.storage[0, :, rows // BLOCK, :, rows % BLOCK].clone()))
+        return real(table, target, start, placements)
+
+    blender._forward = capture
+    run_to_completion(worker, {0: [sequence]})
+    reference = worker_with(share=1.0).runner
+    table = list(range(1, 1 + -(-len(sequence.prompt_ids) // BLOCK)))
+    reference.prefill(table, sequence.prompt_ids, 0)
+    assert sorted(p.stored.base != p.span.start for p, _ in placed) == [False, True, True]
+    assert not any(p.fill for p, _ in placed)
+    for placement, kv in placed:
+        rows = reference.cache.rows_of(table, placement.span.start, placement.span.end)
+        expected = reference.cache.storage[0, :, rows // BLOCK, :, rows % BLOCK]
+        torch.testing.assert_close(kv, expected, atol=1e-5, rtol=1e-5)

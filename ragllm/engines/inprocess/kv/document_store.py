@@ -25,6 +25,9 @@ from ragllm.engines.inprocess.kv.blocks import BlockPool
 # Keys of stored documents live in the pool's hash space beside prefix-chain hashes; the tag keeps
 # the two from ever colliding.
 _DOCUMENT_TAG = b"document-kv\0"
+# A context up to this many tokens may be computed again with each document computed for the store
+# (a runner that batches whole prompts does: one batch instead of one continued prefill each).
+FILL_CONTEXT_RECOMPUTED = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ragllm.engines.inprocess.kv.document_store import DocumentBlend, DocumentPlacement
+from ragllm.engines.inprocess.kv.document_store import (
+    FILL_CONTEXT_RECOMPUTED,
+    DocumentBlend,
+    DocumentPlacement,
+)
 from ragllm.engines.inprocess.kv.paged_cache import FP8, FP8_MAX
 from ragllm.engines.inprocess.runner.rope import apply_rope
 
@@ -42,9 +46,6 @@ CHECK_LAYER = 1
 # model (bench/document_kv_reuse.py, 10 prompts at a 0.15 share): the first answer token's KL
 # divergence from a full prefill fell from 0.059 to 0.009, identical answers rose from 1 in 10 to 8.
 HEAD_TOKENS = 16
-# A context up to this many tokens is computed again with each missing document on a runner that
-# batches whole prompts (``_fill``).
-FILL_CONTEXT_RECOMPUTED = 256
 # The tokens kept past the check layer are padded to a multiple of this (``_choose``).
 KEEP_QUANTUM = 128
 
@@ -113,9 +114,9 @@ class DocumentBlender:
 
     def _place(self, block_table: list[int], placements: list[DocumentPlacement]) -> None:
         """Every layer's stored keys and values into the prompt's rows, keys re-rotated: all
-        documents in one gather and one scatter ([tokens, layers, 2, heads, head_dim]; measured on
-        an H100, one document at a time took 6.5 ms for 8 documents of ~550 tokens, CPU-bound). The
-        stored blocks are never among the prompt's, so reading them all first is safe."""
+        documents in one gather and one scatter per layer (measured on an H100, one document at a
+        time took 6.5 ms for 8 documents of ~550 tokens, CPU-bound; all layers at once would hold
+        every layer's copy at the peak). The stored blocks are never among the prompt's."""
         cache, block_size, device = self.runner.cache, self.runner.block_size, self.runner.device
         storage = cache.storage  # [layers, 2, blocks, heads, block_size, dim]
         sources, targets, shifts = [], [], []
@@ -128,9 +129,13 @@ class DocumentBlender:
             shifts.append(torch.full((span.length,), span.start - stored.base))
         source = torch.cat(sources).to(device)
         target = torch.cat(targets).to(device)
-        moved = storage[:, :, source // block_size, :, source % block_size]
-        moved[:, :, 0] = self._rotated(moved[:, :, 0], torch.cat(shifts).to(device))
-        storage[:, :, target // block_size, :, target % block_size] = moved
+        shift = torch.cat(shifts).to(device)
+        source_blocks, source_offsets = source // block_size, source % block_size
+        target_blocks, target_offsets = target // block_size, target % block_size
+        for layer in storage:  # one layer at a time: what moves is [tokens, 2, heads, head_dim]
+            moved = layer[:, source_blocks, :, source_offsets]
+            moved[:, 0] = self._rotated(moved[:, 0], shift)
+            layer[:, target_blocks, :, target_offsets] = moved
 
     def _rotated(self, keys: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         """Stored keys [tokens, ..., head_dim] (as the cache holds them) each rotated ``shifts``
@@ -203,5 +208,7 @@ class DocumentBlender:
         # Padded to a multiple of KEEP_QUANTUM with the last token again (its row written twice
         # with the same values): the layers' matrix shapes then repeat from blend to blend, and
         # a new shape cost ~0.2 ms of CPU per product on an H100 (cuBLAS picking its kernel).
+        if keep.shape[0] < KEEP_QUANTUM:  # a short prompt: padding would multiply its work
+            return keep
         padding = -keep.shape[0] % KEEP_QUANTUM
         return torch.cat([keep, keep[-1:].expand(padding)]) if padding else keep
