@@ -208,7 +208,7 @@ class DocumentBlender:
         # Padded to a multiple of KEEP_QUANTUM with the last token again (its row written twice
         # with the same values): the layers' matrix shapes then repeat from blend to blend, and
         # a new shape cost ~0.2 ms of CPU per product on an H100 (cuBLAS picking its kernel).
-        if keep.shape[0] < KEEP_QUANTUM:  # a short prompt: padding would multiply its work
-            return keep
+        if self.runner.device.type != "cuda" or keep.shape[0] < KEEP_QUANTUM:
+            return keep  # nothing to gain on the CPU; a short prompt's work would multiply
         padding = -keep.shape[0] % KEEP_QUANTUM
         return torch.cat([keep, keep[-1:].expand(padding)]) if padding else keep
