@@ -321,3 +321,25 @@ def test_placed_documents_hold_a_full_prefills_first_layer_keys_and_values():
         rows = reference.cache.rows_of(table, placement.span.start, placement.span.end)
         expected = reference.cache.storage[0, :, rows // BLOCK, :, rows % BLOCK]
         torch.testing.assert_close(kv, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_the_kept_tokens_changes_nothing_but_their_count():
+    """On CUDA the kept tokens are padded with the last one repeated (shapes then repeat from blend
+    to blend); here on the CPU with a quantum of 64: the same logits and recomputed counts."""
+    results = []
+    for quantum in (1, 64):
+        worker = worker_with(share=0.15)
+        worker.runner.blender.keep_quantum = quantum
+        run_to_completion(worker, {0: [reusing(worker, "store", [3, 4, 5], [1])]})
+        kept = []
+        real = worker.runner.blender._choose
+        worker.runner.blender._choose = lambda *args: kept.append(real(*args)) or kept[-1]
+        sequence = reusing(worker, "reuse", [5, 3, 4], [4, 2, 2])
+        logits = blended_logits(worker, sequence)
+        store = worker.scheduler.blocks.documents
+        results.append((logits, store.tokens_reused, store.tokens_recomputed, kept[0]))
+    (plain, *plain_counts, plain_kept), (padded, *padded_counts, padded_kept) = results
+    assert padded_kept.shape[0] % 64 == 0 and padded_kept.shape[0] > plain_kept.shape[0]
+    assert padded_kept.unique().tolist() == plain_kept.tolist()
+    assert padded_counts == plain_counts
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)

@@ -57,6 +57,8 @@ class DocumentBlender:
     def __init__(self, runner: ModelRunner, share: float) -> None:
         self.runner = runner
         self.share = share
+        # Padding the kept tokens pays on CUDA only (on the CPU a product's shape costs nothing).
+        self.keep_quantum = KEEP_QUANTUM if runner.device.type == "cuda" else 1
         # Rotation by a position difference: the model's tables divided by any attention scaling
         # folded into them (YaRN), so rotating twice does not scale twice.
         rotary = runner.model.model.rotary_emb
@@ -205,10 +207,10 @@ class DocumentBlender:
         for placement, count in zip(placements, counts.tolist()):  # one read-back, not one each
             placement.recomputed = count
         keep = torch.nonzero(chosen).flatten()
-        # Padded to a multiple of KEEP_QUANTUM with the last token again (its row written twice
+        # Padded to a multiple of ``keep_quantum`` with the last token again (its row written twice
         # with the same values): the layers' matrix shapes then repeat from blend to blend, and
         # a new shape cost ~0.2 ms of CPU per product on an H100 (cuBLAS picking its kernel).
-        if self.runner.device.type != "cuda" or keep.shape[0] < KEEP_QUANTUM:
-            return keep  # nothing to gain on the CPU; a short prompt's work would multiply
-        padding = -keep.shape[0] % KEEP_QUANTUM
+        if keep.shape[0] < self.keep_quantum:  # a short prompt's work would multiply
+            return keep
+        padding = -keep.shape[0] % self.keep_quantum
         return torch.cat([keep, keep[-1:].expand(padding)]) if padding else keep
