@@ -229,20 +229,26 @@ class CudaGraphRunner(ModelRunner):
         def attend(layer_index: int, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             if whole:
                 return self._causal_attention(qkv, 1, ids.shape[0])
-            return extend_attention(
-                qkv,
-                self.cache.keys[layer_index],
-                self.cache.values[layer_index],
-                positions,
-                table,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                *self._kv_scales,
-            )
+            return self._paged_attention(layer_index, qkv, positions, table)
 
         normed = self._forward_tokens(ids, positions, rows, attend)
         return self._logits_of(normed.index_select(0, last))
+
+    def _paged_attention(
+        self, layer_index: int, qkv: torch.Tensor, positions: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token's query over its sequence's cached keys up to its position (``table``)."""
+        return extend_attention(
+            qkv,
+            self.cache.keys[layer_index],
+            self.cache.values[layer_index],
+            positions,
+            table,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            *self._kv_scales,
+        )
 
     @torch.inference_mode()
     def prefill_selecting(
@@ -257,17 +263,7 @@ class CudaGraphRunner(ModelRunner):
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
 
         def attend(layer_index: int, qkv: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return extend_attention(
-                qkv,
-                self.cache.keys[layer_index],
-                self.cache.values[layer_index],
-                positions,
-                table,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                *self._kv_scales,
-            )
+            return self._paged_attention(layer_index, qkv, positions, table)
 
         normed = self._forward_tokens(ids, positions, rows, attend, select)
         return self._logits_of(normed[-1:])[0]
