@@ -313,9 +313,9 @@ class ModelRunner:
         rows = self.cache.rows_of(block_table, start, end)
         table = self.cache.tables_tensor([block_table], self.blocks_for(end))
         hidden = self.model.model.embed_tokens(torch.tensor([token_ids], device=self.device))
+        cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
         with self.attention_backends():
             for layer_index, layer in enumerate(self.layers):
-                cos, sin = self.cos[positions][None, None], self.sin[positions][None, None]
                 query, key, value = self._attention_inputs(layer, hidden, cos, sin)
                 key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)
                 keep = select(layer_index, value, rows) if select is not None else None
@@ -323,6 +323,7 @@ class ModelRunner:
                 if keep is not None:
                     query, hidden = query[:, :, keep], hidden[:, keep]
                     positions, rows, select = positions[keep], rows[keep], None
+                    cos, sin = cos[:, :, keep], sin[:, :, keep]
                 keys, values = self.cache.read(layer_index, table, end)
                 out = _attend_up_to(query, keys, values, positions)
                 attended = out.transpose(1, 2).reshape(1, query.shape[2], -1)

@@ -16,7 +16,7 @@ documents now before it. CacheBlend (EuroSys 2025) recovers that cross-attention
 
 Positions before the prompt's first document (its context) are a plain prefill, as are documents
 missing from the store, computed after that context into blocks of their own and stored before they
-are placed. Rows are copied whole-model at once: the store's blocks are never written in place.
+are placed. Rows are copied one layer at a time: the store's blocks are never written in place.
 """
 
 from __future__ import annotations
