@@ -7,6 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ragllm.engines.inprocess.kv.document_store import (
+    DocumentBlend,
+    DocumentPlacement,
+    DocumentSpan,
+    StoredDocument,
+)
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions, PrefillChunk
 from ragllm.engines.inprocess.runner.cuda import CudaGraphRunner, CudaRunnerOptions
 from ragllm.engines.inprocess.sample.choice import (
@@ -500,13 +506,6 @@ def test_a_blend_with_every_token_recomputed_matches_the_fused_prefill(device):
     """Document reuse on the CUDA path's runner: a document stored after the context, placed at a
     new position behind another and blended with the whole share recomputed, gives the logits of
     the runner's own prefill of the same prompt."""
-    from ragllm.engines.inprocess.kv.document_store import (
-        DocumentBlend,
-        DocumentPlacement,
-        DocumentSpan,
-        StoredDocument,
-    )
-
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = tiny_model("qwen2", seed=4, dtype=dtype).to(device)
     runner = _runner(model)
@@ -534,13 +533,6 @@ def test_documents_filled_as_whole_prompts_store_what_a_continued_prefill_stores
     """The CUDA runner fills missing documents as whole prompts in one batch (the short context
     computed again before each); their stored keys and values are those of a prefill continued
     from the prompt's own context blocks."""
-    from ragllm.engines.inprocess.kv.document_store import (
-        DocumentBlend,
-        DocumentPlacement,
-        DocumentSpan,
-        StoredDocument,
-    )
-
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = tiny_model("qwen2", seed=5, dtype=dtype).to(device)
     context, documents = [3] * 21, [list(range(30, 70)), list(range(80, 118))]
