@@ -30,9 +30,12 @@ def tokenize_with_documents(
     documents: tuple[str, ...],
     encode: Callable[[str], list[int]],
     escape: Callable[[str], str] = lambda document: document,
+    encode_document: Callable[[str], list[int]] | None = None,
 ) -> DocumentTokens:
     """``text`` cut at each of ``documents`` (as ``escape`` writes it into the prompt), the pieces
-    tokenized by ``encode`` one by one."""
+    tokenized one by one: the documents by ``encode_document`` (one that keeps their ids: they come
+    back), the text between them by ``encode``."""
+    encode_document = encode_document or encode
     cuts: list[tuple[int, int]] = []
     cursor = 0
     for document in documents:
@@ -51,7 +54,7 @@ def tokenize_with_documents(
         if begin > cursor:
             ids += encode(text[cursor:begin])
         start = len(ids)
-        ids += encode(text[begin:end])
+        ids += encode_document(text[begin:end])
         if len(ids) > start:
             spans.append((start, len(ids)))
         cursor = end

@@ -160,6 +160,7 @@ def chat_prompt_tokens(
         request.reusable_documents,
         lambda piece: prompts.encode(piece, scope),
         prompts.literal.escape_text,
+        lambda document: prompts.encode(document, scope, recurring=True),
     )
 
 

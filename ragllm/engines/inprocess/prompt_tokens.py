@@ -32,7 +32,8 @@ from typing import Any
 
 from ragllm.engines.inprocess.literal_text import ESCAPE, LiteralText, special_token_texts
 
-# Pieces shorter than this are tokenized on every request (a cache lookup would cost about as much).
+# Pieces shorter than this are tokenized on every request (a cache lookup would cost about as much),
+# except documents whose KV is reused (``encode(recurring=True)``): those come back by design.
 MIN_CACHED_CHARS = 1024
 DEFAULT_MAX_CACHED_CHARS = 32 << 20
 _PROBE_BODIES = (
@@ -67,19 +68,22 @@ class PromptTokenizer:
         self._control_splitter = _splitter(self._control_ids)
         self._plain = _plain_encoder(tokenizer)
 
-    def encode(self, text: str, scope: bytes = b"") -> list[int]:
+    def encode(self, text: str, scope: bytes = b"", recurring: bool = False) -> list[int]:
         """Ids of a rendered prompt; client text in it (escaped) is tokenized as plain text. Pieces are
-        reused only within ``scope`` (the request's cache scope: tenant and salt)."""
+        reused only within ``scope`` (the request's cache scope: tenant and salt). ``recurring``: the
+        text comes back by design (a document whose KV is reused), so its ids are kept whatever its
+        length."""
+        shortest = 1 if recurring else MIN_CACHED_CHARS
         if ESCAPE in text and self._control_splitter is not None:
             return self._by_pieces(
                 text,
-                lambda piece: self._piece_with_literals(piece, scope),
+                lambda piece: self._piece_with_literals(piece, scope, shortest),
                 self._control_splitter,
                 self._control_ids,
             )
         if not self.segmented:
             return self._whole(text)
-        return self._by_pieces(text, lambda piece: self._piece(piece, scope))
+        return self._by_pieces(text, lambda piece: self._piece(piece, scope, shortest=shortest))
 
     def _by_pieces(
         self,
@@ -97,20 +101,26 @@ class PromptTokenizer:
                 ids += [special] if special is not None else piece_ids(piece)
         return ids
 
-    def _piece_with_literals(self, piece: str, scope: bytes) -> list[int]:
+    def _piece_with_literals(self, piece: str, scope: bytes, shortest: int) -> list[int]:
         if ESCAPE in piece:
             return self._piece(
-                piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped))
+                piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped)), shortest
             )
-        return self._piece(piece, scope) if self.segmented else self._whole(piece)
+        return (
+            self._piece(piece, scope, shortest=shortest) if self.segmented else self._whole(piece)
+        )
 
     def _piece(
-        self, piece: str, scope: bytes = b"", encode: Callable[[str], list[int]] | None = None
+        self,
+        piece: str,
+        scope: bytes = b"",
+        encode: Callable[[str], list[int]] | None = None,
+        shortest: int = MIN_CACHED_CHARS,
     ) -> list[int]:
         """Keyed by the piece's text as rendered: an escaped piece never equals a plain one (it holds
         U+E000, which plain pieces never do), so the two kinds of ids cannot be mixed up."""
         encode = encode or self._whole
-        if len(piece) < MIN_CACHED_CHARS:
+        if len(piece) < shortest:
             return encode(piece)
         key = (scope, piece)
         with self._lock:

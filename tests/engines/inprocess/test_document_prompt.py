@@ -81,3 +81,36 @@ def test_the_engine_tokenizes_a_reusing_request_at_its_documents(tokenizer):
     assert tokenizer.decode(tokens.ids) == tokenizer.decode(prompt_token_ids(tokenizer, plain))
     assert len(tokens.spans) == 2  # the special-token text in d1 is escaped alike in both
     assert [tokenizer.decode(tokens.ids[a:b]) for a, b in tokens.spans] == list(documents)
+
+
+def test_a_reused_documents_ids_are_kept_whatever_its_length_and_only_for_its_scope(tokenizer):
+    """Documents come back by design: a short one (below the length from which prompt pieces are
+    kept) is tokenized once per scope, and its ids are the ones tokenizing it gives."""
+    from ragllm.engines.inprocess.loading import chat_prompt_tokens
+    from ragllm.engines.inprocess.prompt_tokens import MIN_CACHED_CHARS
+    from ragllm.generation import CacheScope
+
+    documents = ("[d1] One\nAlpha text.", "[d2] Two\nBeta <|im_end|> text.")
+    assert all(len(document) < MIN_CACHED_CHARS for document in documents)
+    prompts = PromptTokenizer(tokenizer)
+
+    def spans_of(order: tuple[str, ...], tenant: str) -> list[list[int]]:
+        messages = [
+            {"role": "system", "content": "Use these.\n\n" + "\n\n".join(order)},
+            {"role": "user", "content": "Which?"},
+        ]
+        request = GenerationRequest(
+            tenant + "".join(order),
+            SamplingParams(),
+            messages=messages,
+            reusable_documents=order,
+            cache_scope=CacheScope(group=tenant),
+        )
+        tokens = chat_prompt_tokens(tokenizer, request, prompts)
+        return [tokens.ids[a:b] for a, b in tokens.spans]
+
+    first = spans_of(documents, "a")
+    assert prompts.hits == 0
+    assert spans_of(documents[::-1], "a") == first[::-1] and prompts.hits == 2
+    assert spans_of(documents, "b") == first and prompts.hits == 2  # another tenant: tokenized anew
+    assert first == [prompts.encode(prompts.literal.escape_text(d)) for d in documents]
