@@ -343,3 +343,31 @@ def test_padding_the_kept_tokens_changes_nothing_but_their_count():
     assert padded_kept.unique().tolist() == plain_kept.tolist()
     assert padded_counts == plain_counts
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_first_document_whose_header_completes_a_cached_block_is_still_stored():
+    """Documents that start alike (a header such as ``[doc-``) complete the context's last block the
+    same way, so once a prompt without reuse has cached that block, it is cached whichever document
+    comes first. The first document is still stored: a later prompt that moves it elsewhere reuses
+    it rather than computing it again."""
+    header = [9] * (BLOCK - len(TEMPLATE) % BLOCK)  # fills the template's last block exactly
+    documents = [header + document for document in DOCUMENTS]
+    worker = worker_with(share=0.15)
+    store = worker.scheduler.blocks.documents
+
+    def run(request_id: str, order: list[int], reuse: bool = True) -> Sequence:
+        ids, spans = list(TEMPLATE), []
+        for index in order:
+            spans.append((len(ids), len(ids) + len(documents[index])))
+            ids += documents[index] + SEPARATOR
+        sequence = greedy_sequence(request_id, ids + [1], 4)
+        if reuse:
+            sequence.documents = worker.scheduler.blocks.document_spans(sequence.prompt_ids, spans)
+        run_to_completion(worker, {0: [sequence]})
+        return sequence
+
+    run("plain", [0, 1], reuse=False)  # caches the template's last block with a header in it
+    run("b", [3, 1])
+    assert (store.hits, store.misses) == (0, 2)  # 3 computed and stored, though it came first
+    run("c", [1, 3])
+    assert (store.hits, store.misses) == (2, 2)

@@ -66,8 +66,11 @@ class BlockTables:
         if self.pool.prefix_caching:
             extend_block_hashes(leader.block_hashes, tokens, self.block_size, self._root(leader))
             # At least the last token is computed: its logits choose the next one.
-            cached = self.pool.cached_prefix(
-                leader.block_hashes[: (len(tokens) - 1) // self.block_size]
+            cached = self._clear_of_first_document(
+                leader,
+                self.pool.cached_prefix(
+                    leader.block_hashes[: (len(tokens) - 1) // self.block_size]
+                ),
             )
         fresh = self.blocks_for(len(tokens)) - len(cached)
         copies = len(group) - 1 if len(leader.prompt_ids) % self.block_size else 0
@@ -92,6 +95,17 @@ class BlockTables:
         for follower in group[1:]:
             follower.block_table = self.pool.allocate(1) if copies else []
         return True
+
+    def _clear_of_first_document(self, leader: Sequence, cached: list[int]) -> list[int]:
+        """A cached prefix that ends with the block where the first document starts stops before
+        that block. The block holds the context's last tokens and the document's first, which every
+        document may share (a header such as ``[doc-``), so it is cached whichever document comes
+        first; taken, it would leave that document inside the prefix, computed in place and never
+        stored. Recomputing the one block lets it be placed, or computed and stored, like the rest."""
+        if not leader.documents:
+            return cached
+        first_block = leader.documents[0].start // self.block_size
+        return cached[:first_block] if len(cached) == first_block + 1 else cached
 
     def _documents_to_reuse(
         self, leader: Sequence, start: int, room: int
