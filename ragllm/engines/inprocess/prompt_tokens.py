@@ -1,4 +1,4 @@
-"""Prompt text → token ids, reusing the ids of long pieces seen before.
+"""Prompt text → token ids, reusing the ids of long pieces, and of reused documents, seen before.
 
 A rendered chat prompt is a run of pieces between special tokens (``<|im_start|>``, ``<|im_end|>``…):
 the system message with its documents, each turn, the question. Fast tokenizers split the special
@@ -6,7 +6,8 @@ tokens out first and tokenize each piece on its own, so a piece's ids do not dep
 neighbours. In RAG traffic the document piece comes back again and again while the question
 changes; tokenizing it is the largest per-request cost outside the model (measured: ~10 ms of CPU
 for a 4k-token prompt on a 2-core machine), so its ids are kept in a bounded LRU keyed by its text
-and the request's cache scope: a hit is faster, and a tenant who timed its own requests could
+and the request's cache scope (as are the ids of each document a request reuses the KV of, which
+``document_prompt`` tokenizes on its own, whatever its length): a hit is faster, and a tenant who timed its own requests could
 otherwise learn which documents another tenant had sent.
 
 Whether a tokenizer really tokenizes pieces independently is checked once, on probe texts; one that
@@ -36,6 +37,10 @@ from ragllm.engines.inprocess.literal_text import ESCAPE, LiteralText, special_t
 # except documents whose KV is reused (``encode(recurring=True)``): those come back by design.
 MIN_CACHED_CHARS = 1024
 DEFAULT_MAX_CACHED_CHARS = 32 << 20
+# Each entry is charged this many characters besides its text's: its key, list and ids cost memory
+# of their own (~440 bytes for a 20-character document), so many small entries cannot hold far more
+# memory than the bound says.
+ENTRY_OVERHEAD_CHARS = 256
 _PROBE_BODIES = (
     "You are helpful.\n\nDocuments:\n[1] Paris is the capital of France. 3.14 !",
     "  leading spaces and trailing  ",
@@ -73,17 +78,17 @@ class PromptTokenizer:
         reused only within ``scope`` (the request's cache scope: tenant and salt). ``recurring``: the
         text comes back by design (a document whose KV is reused), so its ids are kept whatever its
         length."""
-        shortest = 1 if recurring else MIN_CACHED_CHARS
+        min_chars = 1 if recurring else MIN_CACHED_CHARS
         if ESCAPE in text and self._control_splitter is not None:
             return self._by_pieces(
                 text,
-                lambda piece: self._piece_with_literals(piece, scope, shortest),
+                lambda piece: self._piece_with_literals(piece, scope, min_chars),
                 self._control_splitter,
                 self._control_ids,
             )
         if not self.segmented:
             return self._whole(text)
-        return self._by_pieces(text, lambda piece: self._piece(piece, scope, shortest=shortest))
+        return self._by_pieces(text, lambda piece: self._piece(piece, scope, min_chars=min_chars))
 
     def _by_pieces(
         self,
@@ -101,13 +106,13 @@ class PromptTokenizer:
                 ids += [special] if special is not None else piece_ids(piece)
         return ids
 
-    def _piece_with_literals(self, piece: str, scope: bytes, shortest: int) -> list[int]:
+    def _piece_with_literals(self, piece: str, scope: bytes, min_chars: int) -> list[int]:
         if ESCAPE in piece:
             return self._piece(
-                piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped)), shortest
+                piece, scope, lambda escaped: self._plain(self.literal.unescape(escaped)), min_chars
             )
         return (
-            self._piece(piece, scope, shortest=shortest) if self.segmented else self._whole(piece)
+            self._piece(piece, scope, min_chars=min_chars) if self.segmented else self._whole(piece)
         )
 
     def _piece(
@@ -115,12 +120,12 @@ class PromptTokenizer:
         piece: str,
         scope: bytes = b"",
         encode: Callable[[str], list[int]] | None = None,
-        shortest: int = MIN_CACHED_CHARS,
+        min_chars: int = MIN_CACHED_CHARS,
     ) -> list[int]:
         """Keyed by the piece's text as rendered: an escaped piece never equals a plain one (it holds
         U+E000, which plain pieces never do), so the two kinds of ids cannot be mixed up."""
         encode = encode or self._whole
-        if len(piece) < shortest:
+        if len(piece) < min_chars:
             return encode(piece)
         key = (scope, piece)
         with self._lock:
@@ -134,16 +139,17 @@ class PromptTokenizer:
         return ids
 
     def _remember(self, key: tuple[bytes, str], ids: list[int]) -> None:
-        if len(key[1]) > self._max_cached_chars:
+        cost = len(key[1]) + ENTRY_OVERHEAD_CHARS
+        if cost > self._max_cached_chars:
             return
         with self._lock:
             if key in self._cached:
                 return
             self._cached[key] = ids
-            self._cached_chars += len(key[1])
+            self._cached_chars += cost
             while self._cached_chars > self._max_cached_chars:
                 (_, evicted), _ = self._cached.popitem(last=False)
-                self._cached_chars -= len(evicted)
+                self._cached_chars -= len(evicted) + ENTRY_OVERHEAD_CHARS
 
     def _whole(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False).input_ids

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from ragllm.engines.inprocess.runner.cpu import KVCacheOptions
@@ -345,29 +346,50 @@ def test_padding_the_kept_tokens_changes_nothing_but_their_count():
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_a_first_document_whose_header_completes_a_cached_block_is_still_stored():
+@pytest.mark.parametrize("header_blocks", [0, 1])
+def test_a_first_document_whose_header_completes_a_cached_block_is_still_stored(header_blocks):
     """Documents that start alike (a header such as ``[doc-``) complete the context's last block the
-    same way, so once a prompt without reuse has cached that block, it is cached whichever document
-    comes first. The first document is still stored: a later prompt that moves it elsewhere reuses
-    it rather than computing it again."""
-    header = [9] * (BLOCK - len(TEMPLATE) % BLOCK)  # fills the template's last block exactly
-    documents = [header + document for document in DOCUMENTS]
+    same way, so once a prompt without reuse has cached that block (and any further blocks the
+    header fills), it is cached whichever document comes first. The first document is still
+    stored: a later prompt that moves it elsewhere reuses it rather than computing it again."""
+    header = [9] * (BLOCK - len(TEMPLATE) % BLOCK + header_blocks * BLOCK)
+    worker = worker_with(share=1.0)  # every token recomputed: answers checkable against a model
+    store, pool = worker.scheduler.blocks.documents, worker.scheduler.blocks.pool
+    sequences = [
+        header_prompt(worker, "plain", header, [0, 1], reuse=False),  # caches the header's blocks
+        header_prompt(worker, "b", header, [3, 1]),
+    ]
+    assert (store.hits, store.misses) == (0, 2)  # 3 computed and stored, though it came first
+    sequences.append(header_prompt(worker, "c", header, [1, 3]))
+    assert (store.hits, store.misses) == (2, 2)
+    check_against_reference(sequences)
+    assert pool.num_free == pool.num_usable
+
+
+def test_a_cached_prefix_holding_most_of_the_first_document_is_kept():
+    """The same first document again after a prompt without reuse: its cached blocks are exact and
+    cheaper than placing and blending it, so they are taken as they are (the document is stored
+    when a later prompt moves it)."""
     worker = worker_with(share=0.15)
     store = worker.scheduler.blocks.documents
+    header_prompt(worker, "plain", [], [3, 1], reuse=False)
+    again = header_prompt(worker, "b", [], [3, 2])
+    document_end = len(TEMPLATE) + len(DOCUMENTS[3])
+    assert document_end % BLOCK  # its last block differs (the next document): the prefix ends inside
+    assert again.num_cached_tokens == document_end // BLOCK * BLOCK
+    assert (store.hits, store.misses) == (0, 1)  # 2 only: 3 lay in the prefix
 
-    def run(request_id: str, order: list[int], reuse: bool = True) -> Sequence:
-        ids, spans = list(TEMPLATE), []
-        for index in order:
-            spans.append((len(ids), len(ids) + len(documents[index])))
-            ids += documents[index] + SEPARATOR
-        sequence = greedy_sequence(request_id, ids + [1], 4)
-        if reuse:
-            sequence.documents = worker.scheduler.blocks.document_spans(sequence.prompt_ids, spans)
-        run_to_completion(worker, {0: [sequence]})
-        return sequence
 
-    run("plain", [0, 1], reuse=False)  # caches the template's last block with a header in it
-    run("b", [3, 1])
-    assert (store.hits, store.misses) == (0, 2)  # 3 computed and stored, though it came first
-    run("c", [1, 3])
-    assert (store.hits, store.misses) == (2, 2)
+def header_prompt(
+    worker, request_id: str, header: list[int], order: list[int], reuse: bool = True
+) -> Sequence:
+    """A prompt of documents that all start with ``header``, run to completion."""
+    ids, spans = list(TEMPLATE), []
+    for index in order:
+        spans.append((len(ids), len(ids) + len(header) + len(DOCUMENTS[index])))
+        ids += header + DOCUMENTS[index] + SEPARATOR
+    sequence = greedy_sequence(request_id, ids + [1], 4)
+    if reuse:
+        sequence.documents = worker.scheduler.blocks.document_spans(sequence.prompt_ids, spans)
+    run_to_completion(worker, {0: [sequence]})
+    return sequence

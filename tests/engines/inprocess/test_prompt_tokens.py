@@ -85,3 +85,16 @@ def test_a_special_token_that_swallows_spaces_disables_splitting(tokenizer):
     text = "<doc>   " + "spaced words " * 100
     assert not prompts.segmented
     assert prompts.encode(text) == _whole(tokenizer, text)
+
+
+def test_many_small_documents_cannot_hold_more_entries_than_their_overhead_allows(tokenizer):
+    """Each entry is charged its text and a fixed overhead: small documents (a tenant varying its
+    cache_salt could send millions) fill the bound by count as well as by characters."""
+    from ragllm.engines.inprocess.prompt_tokens import ENTRY_OVERHEAD_CHARS
+
+    bound = 64 * (ENTRY_OVERHEAD_CHARS + 8)
+    prompts = PromptTokenizer(tokenizer, max_cached_chars=bound)
+    for i in range(1000):
+        prompts.encode(f"doc {i:04d}", scope=f"salt-{i}".encode(), recurring=True)
+    assert len(prompts._cached) <= 64
+    assert prompts._cached_chars <= bound

@@ -1,7 +1,8 @@
 """Each sequence's block table: which KV blocks hold its positions, kept by the scheduler's thread.
 
 A sequence is admitted with blocks for everything it must compute (its prompt; after a preemption
-its prompt and answer so far), the cached blocks of its longest cached prefix first; decoding adds
+its prompt and answer so far), the cached blocks of its longest cached prefix first (short of a
+first document whose KV it will reuse: ``_clear_of_first_document``); decoding adds
 one block whenever a position starts a new one. Full blocks are registered for prefix sharing as
 soon as their keys and values are written. Choices 1..n-1 of a request share their prompt's full
 blocks and start with a copy of its last, partial one.
@@ -97,15 +98,19 @@ class BlockTables:
         return True
 
     def _clear_of_first_document(self, leader: Sequence, cached: list[int]) -> list[int]:
-        """A cached prefix that ends with the block where the first document starts stops before
-        that block. The block holds the context's last tokens and the document's first, which every
-        document may share (a header such as ``[doc-``), so it is cached whichever document comes
-        first; taken, it would leave that document inside the prefix, computed in place and never
-        stored. Recomputing the one block lets it be placed, or computed and stored, like the rest."""
+        """A cached prefix that ends inside the first document, holding only its head, stops before
+        the block where that document starts. Documents may share a head (a header such as
+        ``[doc-``), which completes the context's last blocks the same way whichever document comes
+        first, so those blocks are cached for any of them; taken, they would leave the document
+        inside the prefix, computed in place and never stored. A prefix holding most of the document
+        (the same document came first before) is kept: it is exact, and computing the rest costs
+        less than placing and blending it."""
         if not leader.documents:
             return cached
-        first_block = leader.documents[0].start // self.block_size
-        return cached[:first_block] if len(cached) == first_block + 1 else cached
+        first, cached_end = leader.documents[0], len(cached) * self.block_size
+        if not first.start < cached_end < first.end or cached_end - first.start > first.length // 2:
+            return cached
+        return cached[: first.start // self.block_size]
 
     def _documents_to_reuse(
         self, leader: Sequence, start: int, room: int
