@@ -326,9 +326,9 @@ def test_placed_documents_hold_a_full_prefills_first_layer_keys_and_values():
 
 def test_padding_the_kept_tokens_changes_nothing_but_their_count():
     """On CUDA the kept tokens are padded with the last one repeated (shapes then repeat from blend
-    to blend); here on the CPU with a quantum of 64: the same logits and recomputed counts."""
+    to blend); here on the CPU with a quantum of 32: the same logits and recomputed counts."""
     results = []
-    for quantum in (1, 64):
+    for quantum in (1, 32):
         worker = worker_with(share=0.15)
         worker.runner.blender.keep_quantum = quantum
         run_to_completion(worker, {0: [reusing(worker, "store", [3, 4, 5], [1])]})
@@ -340,7 +340,7 @@ def test_padding_the_kept_tokens_changes_nothing_but_their_count():
         store = worker.scheduler.blocks.documents
         results.append((logits, store.tokens_reused, store.tokens_recomputed, kept[0]))
     (plain, *plain_counts, plain_kept), (padded, *padded_counts, padded_kept) = results
-    assert padded_kept.shape[0] % 64 == 0 and padded_kept.shape[0] > plain_kept.shape[0]
+    assert padded_kept.shape[0] % 32 == 0 and padded_kept.shape[0] > plain_kept.shape[0]
     assert padded_kept.unique().tolist() == plain_kept.tolist()
     assert padded_counts == plain_counts
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
@@ -375,7 +375,9 @@ def test_a_cached_prefix_holding_most_of_the_first_document_is_kept():
     header_prompt(worker, "plain", [], [3, 1], reuse=False)
     again = header_prompt(worker, "b", [], [3, 2])
     document_end = len(TEMPLATE) + len(DOCUMENTS[3])
-    assert document_end % BLOCK  # its last block differs (the next document): the prefix ends inside
+    assert (
+        document_end % BLOCK
+    )  # its last block differs (the next document): the prefix ends inside
     assert again.num_cached_tokens == document_end // BLOCK * BLOCK
     assert (store.hits, store.misses) == (0, 1)  # 2 only: 3 lay in the prefix
 
@@ -393,3 +395,35 @@ def header_prompt(
         sequence.documents = worker.scheduler.blocks.document_spans(sequence.prompt_ids, spans)
     run_to_completion(worker, {0: [sequence]})
     return sequence
+
+
+def test_a_document_at_the_position_it_was_computed_at_is_reused_exactly_and_not_recomputed():
+    """The first document right after the context it was computed after holds a full prefill's KV:
+    at a 0.15 share none of its tokens is recomputed, and its KV in every layer is still a full
+    prefill's."""
+    worker = worker_with(share=0.15)
+    run_to_completion(worker, {0: [reusing(worker, "store", [0, 1, 2], [1])]})
+    sequence = reusing(worker, "reuse", [0, 2, 1], [3])
+    cache = worker.runner.cache
+    captured = {}
+    real = worker.runner.blend
+
+    def capture(table, target, start, blend):
+        logits = real(table, target, start, blend)
+        captured["placements"] = list(blend.placements)
+        first = blend.placements[0].span
+        rows = cache.rows_of(table, first.start, first.end)
+        captured["kv"] = cache.storage[:, :, rows // BLOCK, :, rows % BLOCK].clone()
+        return logits
+
+    worker.runner.blend = capture
+    run_to_completion(worker, {0: [sequence]})
+    first, *moved = captured["placements"]
+    assert first.span.start == first.stored.base == len(TEMPLATE) and not first.fill
+    assert first.recomputed == 0 and all(p.recomputed > 0 for p in moved)
+    reference = worker_with(share=1.0).runner
+    table = list(range(1, 1 + -(-len(sequence.prompt_ids) // BLOCK)))
+    reference.prefill(table, sequence.prompt_ids, 0)
+    rows = reference.cache.rows_of(table, first.span.start, first.span.end)
+    expected = reference.cache.storage[:, :, rows // BLOCK, :, rows % BLOCK]
+    torch.testing.assert_close(captured["kv"], expected, atol=1e-5, rtol=1e-5)
