@@ -37,7 +37,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.server import stop  # noqa: E402
+from bench.server import stop, unwind_on_sigterm  # noqa: E402
 
 GATEWAY_CORE, CLIENT_CORE = 0, 1
 API_KEY = "bench-secret-key"
@@ -85,6 +85,7 @@ def _children(pid: int) -> list[int]:
 
 
 def start(command: list[str], core: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    unwind_on_sigterm()
     return subprocess.Popen(
         command,
         env={**os.environ, **(env or {})},

@@ -31,6 +31,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gateway_overhead import wait_ready  # noqa: E402
+from bench.server import unwind_on_sigterm  # noqa: E402
 from ragllm.testing.routing_simulation import Load, arrivals, simulate  # noqa: E402
 
 FILLER = "retrieved passage text "  # 23 characters; a prompt token is modelled as 4 characters
@@ -220,6 +221,7 @@ def run_http(replicas: int, load: Load, args: argparse.Namespace, log_dir: Path)
 
 
 def main() -> None:
+    unwind_on_sigterm()
     args = parse_args()
     load = replace(Load(), rate_per_replica=args.rate_per_replica, output_tokens=args.output_tokens)
     args.json.parent.mkdir(parents=True, exist_ok=True)

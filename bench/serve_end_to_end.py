@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bench.gpu_workload import DECODE_TOKENS, PROMPT_TOKENS
+from bench.server import unwind_on_sigterm
 from ragllm.testing.random_checkpoints import word
 
 
@@ -34,6 +35,7 @@ def serve_end_to_end(model_dir: Path, max_model_len: int, log_path: Path) -> dic
         "RAGLLM_ENGINE__DTYPE": "bfloat16",
         "RAGLLM_SERVER__LOG_REQUESTS": "false",
     }
+    unwind_on_sigterm()
     server = subprocess.Popen(
         [
             sys.executable,

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +17,19 @@ import httpx
 READY_TIMEOUT_S = 300  # a fresh machine converts the packaged model first
 
 
+def unwind_on_sigterm() -> None:
+    """Let SIGTERM (a ``timeout`` running out, a stopped job) unwind the benchmark like an exception:
+    servers it started in process groups of their own are then stopped on the way out, not left
+    running (holding a port, cores, a GPU's memory). Only the main thread may set a handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+
+
 @contextmanager
 def served(env: dict[str, str] | None = None) -> Iterator[str]:
-    """The server's base URL once it is ready; stopped (SIGTERM) on leaving."""
+    """The server's base URL once it is ready; stopped (SIGTERM) on leaving, or when the benchmark is
+    itself stopped by SIGTERM."""
+    unwind_on_sigterm()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

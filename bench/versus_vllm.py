@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.document_kv_reuse import document_pool  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from bench.server import stop  # noqa: E402
+from bench.server import stop, unwind_on_sigterm  # noqa: E402
 from ragllm.rag.prompt import load_template, render_messages  # noqa: E402
 from ragllm.testing.random_checkpoints import build_random_checkpoint, word  # noqa: E402
 
@@ -80,6 +80,7 @@ def server(command: list[str], env: dict[str, str], log: Path):
     """A server in its own process group, its base URL once /health answers 200; stopped after."""
     import httpx
 
+    unwind_on_sigterm()
     port = free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen(
