@@ -8,7 +8,9 @@ Quality: a reference engine blends with a recompute share of 1 (every token comp
 prefill of the same ids) and one engine per ``--shares`` value blends as served. Per prompt: the
 KL divergence of the first answer token's distribution (reference || reused, over the reference's
 top 20 tokens and the rest as one bucket: the engine reports 20 alternatives), and whether the
-greedy answers (``--answer-tokens``) are identical.
+greedy answers (``--answer-tokens``) are identical. ``--noise-floor`` adds an engine answering
+without reuse: the same ids, exactly computed by another path, show how often the greedy answers
+of two exact computations already differ.
 
 Speed: per document set, one request stores its documents; then the same documents in another
 order are timed to the first token with reuse and without it (a plain prefill, the prefix cache
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
     parser.add_argument("--shares", default="0.15", help="recompute shares compared (commas)")
     parser.add_argument("--answer-tokens", type=int, default=24)
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="quality: also compare a full prefill without reuse (another path to the same ids)",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -172,18 +179,23 @@ async def engine_with(args: argparse.Namespace, model: str, share: float) -> Tra
 
 
 async def quality(args: argparse.Namespace, model: str) -> list[dict]:
-    shares = [float(s) for s in args.shares.split(",")]
-    engines = [await engine_with(args, model, share) for share in [1.0, *shares]]
+    # (share, reuse): the shares blend; the noise floor is a full prefill without reuse, the
+    # same ids computed by another path (plain chunks, no blend), compared the same way.
+    compared = [(float(s), True) for s in args.shares.split(",")]
+    if args.noise_floor:
+        compared.append((1.0, False))
+    engines = [await engine_with(args, model, share) for share in [1.0, *(s for s, _ in compared)]]
     params = SamplingParams(max_tokens=args.answer_tokens, temperature=0.0, logprobs=20)
-    rows: list[list[dict]] = [[] for _ in shares]
+    rows: list[list[dict]] = [[] for _ in compared]
     try:
         for index, (documents, question) in enumerate(
             prompts(args, args.prompts, random.Random(args.seed))
         ):
             generation = request(f"q{index}", documents, question, params, reuse=True)
+            plain = request(f"q{index}", documents, question, params, reuse=False)
             reference = await answer(engines[0], generation)
-            for row, engine in zip(rows, engines[1:]):
-                reused = await answer(engine, generation)
+            for row, engine, (_, reuse) in zip(rows, engines[1:], compared):
+                reused = await answer(engine, generation if reuse else plain)
                 row.append(
                     {
                         "kl": kl_top(reference["first"], reused["first"]),
@@ -198,11 +210,11 @@ async def quality(args: argparse.Namespace, model: str) -> list[dict]:
         for engine in engines:
             await engine.aclose()
     summary = []
-    for share, row, kv in zip(shares, rows, stats):
+    for (share, reuse), row, kv in zip(compared, rows, stats):
         kls = sorted(r["kl"] for r in row)
         summary.append(
             {
-                "share": share,
+                "share": share if reuse else None,  # None: the noise floor, no reuse
                 "prompts": len(row),
                 "kl_median": round(statistics.median(kls), 5),
                 "kl_p95": round(kls[int(0.95 * (len(kls) - 1))], 5),
@@ -274,8 +286,9 @@ async def main(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     for row in report.get("quality", []):
+        label = "no reuse" if row["share"] is None else f"share {row['share']:.2f}"
         print(
-            f"share {row['share']:.2f}  {row['prompts']} prompts of ~{row['mean_prompt_tokens']} "
+            f"{label:<10}  {row['prompts']} prompts of ~{row['mean_prompt_tokens']} "
             f"tokens  KL median {row['kl_median']:.4f} p95 {row['kl_p95']:.4f}  identical answers "
             f"{100 * row['identical_answers']:.1f}%  same first token "
             f"{100 * row['same_first_token']:.1f}%  hits {row['document_hits']} misses "
