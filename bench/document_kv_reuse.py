@@ -9,8 +9,9 @@ prefill of the same ids) and one engine per ``--shares`` value blends as served.
 KL divergence of the first answer token's distribution (reference || reused, over the reference's
 top 20 tokens and the rest as one bucket: the engine reports 20 alternatives), and whether the
 greedy answers (``--answer-tokens``) are identical. ``--noise-floor`` adds an engine answering
-without reuse: the same ids, exactly computed by another path, show how often the greedy answers
-of two exact computations already differ.
+without reuse: the prompt tokenized whole (its ids differ from the reusing prompt's at document
+edges) and computed exactly, the same request a client would send with reuse off; how often its
+greedy answers differ from the reference's shows how sensitive the comparison is.
 
 Speed: per document set, one request stores its documents; then the same documents in another
 order are timed to the first token with reuse and without it (a plain prefill, the prefix cache
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--noise-floor",
         action="store_true",
-        help="quality: also compare a full prefill without reuse (another path to the same ids)",
+        help="quality: also compare the same request without reuse (tokenized whole, exact)",
     )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
@@ -179,8 +180,8 @@ async def engine_with(args: argparse.Namespace, model: str, share: float) -> Tra
 
 
 async def quality(args: argparse.Namespace, model: str) -> list[dict]:
-    # (share, reuse): the shares blend; the noise floor is a full prefill without reuse, the
-    # same ids computed by another path (plain chunks, no blend), compared the same way.
+    # (share, reuse): the shares blend; the noise floor is the request without reuse (tokenized
+    # whole, computed exactly), compared the same way.
     compared = [(float(s), True) for s in args.shares.split(",")]
     if args.noise_floor:
         compared.append((1.0, False))
