@@ -183,9 +183,10 @@ class EngineSettings(BaseModel):
         0.15,
         ge=0.0,
         le=1.0,
-        description="Document KV reuse (rag.kv_reuse): the share of each reused document's tokens "
-        "whose KV is computed again in its new place, those whose keys deviate most from the "
-        "stored ones (CacheBlend's choice). 0: the stored KV as it is; 1: a full prefill.",
+        description="Document KV reuse (rag.kv_reuse): the share of each moved document's tokens "
+        "whose KV is computed again in its new place past the second layer, those whose values "
+        "deviate most from the stored ones there (CacheBlend's choice), besides each moved "
+        "document's first 16 tokens. 0: only those; 1: a full prefill.",
     )
     cuda_graphs: bool = Field(
         True, description="CUDA: replay decode steps and single-prompt prefills as captured graphs."
