@@ -147,25 +147,23 @@ def _valid_stream(target: Target, tenant: str, rng: random.Random) -> tuple[str,
 
 def _cached(target: Target, tenant: str, rng: random.Random) -> tuple[str, str]:
     """The same deterministic question again and again: answered from the response cache, charged 0."""
-    response = httpx.post(
+    return "cacheable", str(_ask_cacheable(target, tenant).status_code)
+
+
+def _ask_cacheable(target: Target, tenant: str) -> httpx.Response:
+    return httpx.post(
         f"{target.url}/v1/chat/completions",
         json=ask("What is RAG?", temperature=0),
         headers=_auth(tenant),
         timeout=120,
     )
-    return "cacheable", str(response.status_code)
 
 
 def _until_a_cache_hit(target: Target, attempts: int = 8) -> list[tuple[str, str]]:
     """One tenant's cacheable question, asked until a response says it came from the cache."""
     outcomes = []
     for _ in range(attempts):
-        response = httpx.post(
-            f"{target.url}/v1/chat/completions",
-            json=ask("What is RAG?", temperature=0),
-            headers=_auth(TENANTS[0]),
-            timeout=120,
-        )
+        response = _ask_cacheable(target, TENANTS[0])
         outcomes.append(("cacheable", str(response.status_code)))
         if response.headers.get("x-ragllm-cache") == "hit":
             break

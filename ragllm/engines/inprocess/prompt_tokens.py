@@ -6,9 +6,10 @@ tokens out first and tokenize each piece on its own, so a piece's ids do not dep
 neighbours. In RAG traffic the document piece comes back again and again while the question
 changes; tokenizing it is the largest per-request cost outside the model (measured: ~10 ms of CPU
 for a 4k-token prompt on a 2-core machine), so its ids are kept in a bounded LRU keyed by its text
-and the request's cache scope (as are the ids of each document a request reuses the KV of, which
-``document_prompt`` tokenizes on its own, whatever its length): a hit is faster, and a tenant who timed its own requests could
-otherwise learn which documents another tenant had sent.
+and the request's cache scope, as are the ids of each document whose KV a request reuses
+(``document_prompt`` tokenizes those on their own, whatever their length). A hit is faster, and
+the scope matters: a tenant who timed its own requests could otherwise learn which documents
+another tenant had sent.
 
 Whether a tokenizer really tokenizes pieces independently is checked once, on probe texts; one that
 does not (a SentencePiece tokenizer that marks the first word of a piece, tokens that swallow the
